@@ -1,0 +1,3 @@
+from clickagg.cli.main import main
+
+main()

@@ -1,0 +1,70 @@
+"""Settings shared by the API process and the worker process.
+
+Durations are carried as integer milliseconds; the CLI parses "5m", "30s", "1h".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MINUTE_MS = 60_000
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": MINUTE_MS, "h": 60 * MINUTE_MS, "d": 24 * 60 * MINUTE_MS}
+
+
+def parse_duration_ms(text: str) -> int:
+    """Parse "5m", "30s", "1h", "250ms" or a bare number of seconds into milliseconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h)")
+    return int(match.group(1)) * _UNIT_MS[match.group(2) or "s"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    data_dir: Path
+    partitions: int = 8
+    allowed_lateness_ms: int = 5 * MINUTE_MS
+    # The stream remembers ids this long (by event time). It must cover the lateness, so
+    # that a copy arriving after its id is forgotten is always late and never recounted.
+    dedup_horizon_ms: int = 30 * MINUTE_MS
+    max_future_ms: int = 5 * MINUTE_MS
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_batch_events: int = 100_000
+    # Backpressure: appends waiting for the next group commit beyond this are refused (503).
+    max_pending_events: int = 500_000
+    segment_bytes: int = 64 * 1024 * 1024
+    retention_ms: int = 7 * 24 * 60 * MINUTE_MS
+    retention_bytes: int = 50 * 1024**3
+    micro_batch_events: int = 200_000
+    snapshot_interval_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.partitions <= 1024:
+            raise ValueError("partitions must be between 1 and 1024")
+        if self.allowed_lateness_ms < 0:
+            raise ValueError("allowed lateness must not be negative")
+        if self.dedup_horizon_ms < self.allowed_lateness_ms + MINUTE_MS:
+            raise ValueError(
+                "dedup horizon must be at least allowed lateness + 1 minute, "
+                "or a late copy of a counted event could be counted again"
+            )
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "log"
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "aggregates.duckdb"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def rpc_socket(self) -> Path:
+        return self.data_dir / "worker.sock"

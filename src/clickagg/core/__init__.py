@@ -1,0 +1,1 @@
+"""The pure core: events, ids, dedup, windows, sketches and aggregation. No I/O here."""

@@ -1,0 +1,1 @@
+"""The log role: partitioned, offset-addressed, durable. Adapters live one per module."""

@@ -1,0 +1,1 @@
+"""The aggregate-store role: minute rows, offsets, fates. Adapters live one per module."""

@@ -1,0 +1,119 @@
+"""The aggregate store as a Protocol, and the records that cross it.
+
+The worker hands the store one :class:`PartitionCommit` per micro-batch; the store applies
+all of it in ONE transaction, only if the partition's committed offset is still
+``from_offset`` (otherwise :class:`FencedError`: a stale owner lost the partition).
+Table layouts are documented in ``clickagg.core.aggregate`` where the deltas are made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import pyarrow as pa
+
+Granularity = Literal["minute", "hour", "day"]
+Dimension = Literal["country", "device", "browser"]
+
+
+class FencedError(RuntimeError):
+    """The partition's committed offset moved: this writer no longer owns the partition."""
+
+
+@dataclass(frozen=True)
+class PartitionCommit:
+    partition: int
+    from_offset: int
+    to_offset: int
+    minute_deltas: pa.Table  # clickagg.core.aggregate.MINUTE_SCHEMA
+    dimension_deltas: pa.Table  # clickagg.core.aggregate.DIMENSION_SCHEMA
+    fates: pa.Table  # clickagg.core.aggregate.FATE_SCHEMA
+    late_events: pa.Table  # clickagg.core.aggregate.LATE_SCHEMA
+    max_event_ms: int  # the partition's max event time after this batch (watermark source)
+    watermark_ms: int
+    counted: int
+    duplicates: int
+    late: int
+    invalid: int
+    committed_at_ms: int
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    partition: int
+    committed_offset: int
+    max_event_ms: int
+    watermark_ms: int
+    counted: int
+    duplicates: int
+    late: int
+    invalid: int
+    committed_at_ms: int
+
+
+@dataclass(frozen=True)
+class AggregateRow:
+    window_ms: int
+    group: str | None  # the group_by dimension's value, None without group_by
+    clicks: int
+    impressions: int
+    spend_micros: int
+    unique_users: int
+    invalid_clicks: int
+
+
+@dataclass(frozen=True)
+class Totals:
+    clicks: int
+    impressions: int
+    spend_micros: int
+    unique_users: int
+    invalid_clicks: int
+
+
+@dataclass(frozen=True)
+class Fate:
+    event_id: str
+    event_type: str
+    partition: int
+    offset: int
+    status: str  # counted | duplicate | late | invalid
+    reason: str | None
+    ad_id: str
+    ts_ms: int
+
+
+class AggregateStore(Protocol):
+    def committed_offsets(self) -> dict[int, int]:
+        """Committed offset per partition that has ever committed (others start at 0)."""
+        ...
+
+    def commit(self, commit: PartitionCommit) -> None:
+        """Apply deltas, fates, late events and the new offset atomically, or raise
+        FencedError (offset moved) leaving the store untouched."""
+        ...
+
+    def aggregates(
+        self,
+        *,
+        ad_id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+        group_by: Dimension | None = None,
+    ) -> list[AggregateRow]:
+        """Rows for windows starting in [start_ms, end_ms), oldest first (then by group)."""
+        ...
+
+    def totals(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
+        """Sums over minutes in [start_ms, end_ms) (for sliding windows and ad-hoc ranges)."""
+        ...
+
+    def fates(self, *, event_id: str) -> list[Fate]:
+        """Every recorded decision about this id (one per copy), in log order."""
+        ...
+
+    def partition_status(self) -> list[PartitionStatus]: ...
+
+    def close(self) -> None: ...
