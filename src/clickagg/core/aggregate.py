@@ -77,10 +77,18 @@ def _measure_exprs() -> list[pl.Expr]:
     return [
         valid_click.sum().cast(pl.Int64).alias("clicks"),
         (pl.col("event_type") == ids.IMPRESSION).sum().cast(pl.Int64).alias("impressions"),
-        pl.when(valid_click).then(pl.col("spend_micros")).otherwise(0).sum().cast(pl.Int64)
+        pl.when(valid_click)
+        .then(pl.col("spend_micros"))
+        .otherwise(0)
+        .sum()
+        .cast(pl.Int64)
         .alias("spend_micros"),
         (is_click & pl.col("invalid")).sum().cast(pl.Int64).alias("invalid_clicks"),
-        pl.col("user_hash").filter(pl.col("user_hash") != 0).unique().sort().head(sketch.K)
+        pl.col("user_hash")
+        .filter(pl.col("user_hash") != 0)
+        .unique()
+        .sort()
+        .head(sketch.K)
         .alias("user_hashes"),
     ]
 
@@ -90,7 +98,9 @@ def with_minute_and_spend(events: pl.DataFrame, cpc_micros: dict[str, int]) -> p
     cpc = pl.col("ad_id").replace_strict(cpc_micros, default=0, return_dtype=pl.Int64)
     return events.with_columns(
         (pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS).alias("minute_ms"),
-        pl.when(pl.col("cost_micros") >= 0).then(pl.col("cost_micros")).otherwise(cpc)
+        pl.when(pl.col("cost_micros") >= 0)
+        .then(pl.col("cost_micros"))
+        .otherwise(cpc)
         .alias("spend_micros"),
     )
 

@@ -244,8 +244,7 @@ def _event_type(event: IncomingEvent, default_type: int | None) -> int:
         code = ids.EVENT_TYPE_CODES[event.event_type]
         if default_type is not None and code != default_type:
             raise InvalidEvent(
-                f"event_type {event.event_type!r} does not match this endpoint "
-                "- at `$.event_type`"
+                f"event_type {event.event_type!r} does not match this endpoint - at `$.event_type`"
             )
         return code
     if default_type is None:

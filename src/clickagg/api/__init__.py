@@ -1,0 +1,1 @@
+"""The HTTP shell: parse, validate, hand a batch to the core, answer."""

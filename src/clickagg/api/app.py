@@ -1,0 +1,129 @@
+"""The ASGI application: routes, error handlers, and the lifespan that owns the log writer
+and the worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from clickagg.api import audit, health, ingest, openapi, queries
+from clickagg.api.committer import GroupCommitter
+from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
+from clickagg.api.state import AppState, IngestMetrics
+from clickagg.api.supervisor import WorkerSupervisor
+from clickagg.clock import Clock, SystemClock
+from clickagg.config import Settings
+from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
+from clickagg.store.rpc import QueryClient
+from clickagg.worker.snapshots import SnapshotStore
+
+log = logging.getLogger(__name__)
+RETENTION_INTERVAL_S = 60.0
+
+
+async def openapi_document(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+ROUTES = [
+    Route("/events/click", ingest.ingest_click, methods=["POST"]),
+    Route("/events/impression", ingest.ingest_impression, methods=["POST"]),
+    Route("/events/batch", ingest.ingest_batch, methods=["POST"]),
+    Route("/api/v1/events/click", ingest.ingest_click, methods=["POST"]),
+    Route("/api/v1/events/impression", ingest.ingest_impression, methods=["POST"]),
+    Route("/events/{event_id:path}", audit.event_fate, methods=["GET"]),
+    Route("/aggregates", queries.aggregates, methods=["GET"]),
+    Route("/aggregates/realtime", queries.realtime, methods=["GET"]),
+    Route("/api/v1/ads/{ad_id}/metrics", queries.ad_metrics, methods=["GET"]),
+    Route("/api/v1/ads/{ad_id}/metrics/realtime", queries.ad_realtime, methods=["GET"]),
+    Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/metrics", health.metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
+]
+
+
+async def _retention_loop(state: AppState, writer: SegmentLogWriter) -> None:
+    """Drop old segments, never one a restart could still need to replay."""
+    snapshots = SnapshotStore(state.settings.snapshot_dir)
+    while True:
+        await asyncio.sleep(RETENTION_INTERVAL_S)
+        try:
+            statuses = await state.queries.call("partition_status")
+        except Exception as exc:
+            log.warning("retention skipped: %s", exc)
+            continue
+        for status in statuses:
+            keep_from = snapshots.oldest_needed(status.partition, status.committed_offset)
+            async with state.committer.writer_lock:
+                await asyncio.to_thread(
+                    writer.apply_retention,
+                    status.partition,
+                    keep_from=keep_from,
+                    now_ms=state.clock.now_ms(),
+                )
+
+
+def create_app(
+    settings: Settings, *, clock: Clock | None = None, manage_worker: bool = True
+) -> Starlette:
+    """Build the app. ``manage_worker=False`` leaves starting workers to the caller."""
+    clock = clock or SystemClock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        writer = SegmentLogWriter(
+            settings.log_dir,
+            settings.partitions,
+            segment_bytes=settings.segment_bytes,
+            retention_ms=settings.retention_ms,
+            retention_bytes=settings.retention_bytes,
+        )
+        reader = SegmentLogReader(settings.log_dir)
+        committer = GroupCommitter(writer, max_pending_events=settings.max_pending_events)
+        committer.start()
+        supervisor = WorkerSupervisor(settings) if manage_worker else None
+        if supervisor is not None:
+            supervisor.start()
+        registry = CollectorRegistry()
+        state = AppState(
+            settings=settings,
+            clock=clock,
+            committer=committer,
+            reader=reader,
+            queries=QueryClient(settings.rpc_socket),
+            supervisor=supervisor,
+            registry=registry,
+            metrics=IngestMetrics(registry),
+        )
+        app.state.clickagg = state
+        retention = asyncio.create_task(_retention_loop(state, writer))
+        try:
+            yield
+        finally:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
+            await committer.stop()
+            if supervisor is not None:
+                await supervisor.stop()
+            await state.queries.close()
+            reader.close()
+            writer.close()
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler},
+    )
+    app.state.openapi = openapi.build()
+    return app

@@ -1,0 +1,116 @@
+"""Group commit: many concurrent requests share one append + fsync.
+
+Requests queue their columns; one background task takes everything queued, writes one
+frame per partition, syncs once, and only then answers every request in the group. While
+a sync runs, the next group gathers, so fsync cost is paid per group, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import msgspec
+
+from clickagg.core import columns
+from clickagg.core.columns import EventColumns
+from clickagg.log.base import LogFullError, LogWriter
+
+
+class Backpressure(RuntimeError):
+    """More is waiting for the log than it may hold: the client should retry later."""
+
+
+@dataclass
+class _Group:
+    by_partition: dict[int, list[EventColumns]] = field(default_factory=dict)
+    events: int = 0
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+def merge_columns(parts: list[EventColumns]) -> EventColumns:
+    """Concatenate column batches (bytes joined, lists extended): no per-event work."""
+    if len(parts) == 1:
+        return parts[0]
+    merged: dict[str, object] = {"count": sum(p.count for p in parts)}
+    for name in EventColumns.__struct_fields__:
+        if name == "count":
+            continue
+        values = [getattr(p, name) for p in parts]
+        if isinstance(values[0], bytes):
+            merged[name] = b"".join(values)
+        else:
+            merged[name] = [item for value in values for item in value]
+    return msgspec.convert(merged, EventColumns)
+
+
+class GroupCommitter:
+    def __init__(self, writer: LogWriter, *, max_pending_events: int) -> None:
+        self.writer = writer
+        self.max_pending_events = max_pending_events
+        self._group = _Group()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self.unavailable_reason: str | None = None
+        # Held while a thread uses the writer, so maintenance (retention) never overlaps it.
+        self.writer_lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def append(self, by_partition: dict[int, EventColumns]) -> None:
+        """Return once every event given is durable; raise Backpressure or LogFullError."""
+        count = sum(c.count for c in by_partition.values())
+        if count == 0:
+            return
+        if self._group.events + self._in_flight + count > self.max_pending_events:
+            raise Backpressure(
+                f"{self._group.events + self._in_flight} events are waiting for the log"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        group = self._group
+        for partition, cols in by_partition.items():
+            group.by_partition.setdefault(partition, []).append(cols)
+        group.events += count
+        group.waiters.append(waiter)
+        self._wakeup.set()
+        await waiter
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            group, self._group = self._group, _Group()
+            if not group.waiters:
+                continue
+            self._in_flight = group.events
+            try:
+                async with self.writer_lock:
+                    await asyncio.to_thread(self._write, group)
+            except Exception as exc:
+                if isinstance(exc, LogFullError):
+                    self.unavailable_reason = str(exc)
+                for waiter in group.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+            else:
+                self.unavailable_reason = None
+                for waiter in group.waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            finally:
+                self._in_flight = 0
+
+    def _write(self, group: _Group) -> None:
+        for partition, parts in sorted(group.by_partition.items()):
+            merged = merge_columns(parts)
+            self.writer.append(partition, columns.encode(merged), merged.count)
+        self.writer.sync()

@@ -1,0 +1,66 @@
+"""``/healthz`` and ``/metrics`` (Prometheus text)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from clickagg.api.queries import store_call
+from clickagg.api.state import state_of
+from clickagg.core.windows import NO_EVENT_MS
+from clickagg.store.base import PartitionStatus
+
+
+async def healthz(request: Request) -> Response:
+    state = state_of(request)
+    problems = []
+    if not await state.queries.ping():
+        problems.append("stream workers are not ready (recovering or restarting)")
+    if state.committer.unavailable_reason:
+        problems.append(f"log unavailable: {state.committer.unavailable_reason}")
+    if problems:
+        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    statuses: list[PartitionStatus] = await store_call(state, "partition_status")
+    by_partition = {s.partition: s for s in statuses}
+    registry = CollectorRegistry()
+    gauges = {
+        name: Gauge(f"clickagg_partition_{name}", help_text, ["partition"], registry=registry)
+        for name, help_text in (
+            ("durable_end_offset", "Offset one past the last durable event"),
+            ("committed_offset", "Offset up to which the stream has committed"),
+            ("lag_events", "Durable events not yet committed by the stream"),
+            ("watermark_delay_seconds", "Now minus the partition watermark"),
+            ("events_counted", "Events counted by the stream"),
+            ("events_duplicate", "Duplicate events dropped by the stream"),
+            ("events_late", "Late events sent to the late log"),
+            ("events_invalid", "Events flagged invalid"),
+        )
+    }
+    now = state.clock.now_ms()
+    for partition in range(state.settings.partitions):
+        label = str(partition)
+        end = state.reader.durable_end(partition)
+        status = by_partition.get(partition)
+        committed = status.committed_offset if status else 0
+        gauges["durable_end_offset"].labels(label).set(end)
+        gauges["committed_offset"].labels(label).set(committed)
+        gauges["lag_events"].labels(label).set(max(0, end - committed))
+        if status is None:
+            continue
+        if status.watermark_ms != NO_EVENT_MS:
+            gauges["watermark_delay_seconds"].labels(label).set((now - status.watermark_ms) / 1000)
+        gauges["events_counted"].labels(label).set(status.counted)
+        gauges["events_duplicate"].labels(label).set(status.duplicates)
+        gauges["events_late"].labels(label).set(status.late)
+        gauges["events_invalid"].labels(label).set(status.invalid)
+    restarts = Gauge("clickagg_worker_restarts", "Worker process restarts", registry=registry)
+    restarts.set(state.supervisor.restarts if state.supervisor else 0)
+    body = generate_latest(state.registry) + generate_latest(registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,175 @@
+"""Query endpoints in both seeds' shapes, all answered from the aggregate store."""
+
+from __future__ import annotations
+
+from typing import Any, cast, get_args
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from clickagg.api.errors import ApiError, bad_request
+from clickagg.api.state import AppState, state_of
+from clickagg.api.timefmt import iso, parse_span, parse_time
+from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS, window_start
+from clickagg.store.base import AggregateRow, Dimension, Granularity, Totals
+from clickagg.store.rpc import QueryError
+
+GRANULARITIES = get_args(Granularity)
+DIMENSIONS = get_args(Dimension)
+REALTIME_WINDOWS = {"1m": MINUTE_MS, "5m": 5 * MINUTE_MS, "1h": HOUR_MS}
+MAX_RANGE_MS = {"minute": 31 * DAY_MS, "hour": 366 * DAY_MS, "day": 10 * 366 * DAY_MS}
+DEFAULT_RANGE_MS = DAY_MS
+
+
+async def store_call(state: AppState, method: str, **kwargs: Any) -> Any:
+    try:
+        return await state.queries.call(method, **kwargs)
+    except (OSError, TimeoutError) as exc:
+        raise ApiError(
+            503,
+            "store unavailable",
+            f"the aggregate store did not answer ({exc}); retry",
+            headers={"Retry-After": "1"},
+        ) from None
+    except QueryError as exc:
+        raise ApiError(503, "store error", str(exc), headers={"Retry-After": "1"}) from None
+
+
+def _choice(request: Request, name: str, allowed: tuple[str, ...], default: str | None) -> Any:
+    value = request.query_params.get(name, default)
+    if value is not None and value not in allowed:
+        raise bad_request(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
+def _range(request: Request, state: AppState, granularity: str) -> tuple[int, int]:
+    """[start, end) from start/end, or the last N (``last=7d``) before end, default 1 day."""
+    params = request.query_params
+    now = state.clock.now_ms()
+    end = parse_time("end", params["end"]) if "end" in params else now + 1
+    if "start" in params:
+        start = parse_time("start", params["start"])
+    elif "last" in params:
+        start = end - parse_span("last", params["last"])
+    else:
+        start = end - DEFAULT_RANGE_MS
+    if start >= end:
+        raise bad_request(f"start ({iso(start)}) must be before end ({iso(end)})")
+    if end - start > MAX_RANGE_MS[granularity]:
+        raise bad_request(
+            f"range too long for granularity={granularity}: at most "
+            f"{MAX_RANGE_MS[granularity] // DAY_MS} days"
+        )
+    return start, end
+
+
+def _ad_id(request: Request) -> str:
+    ad_id = request.path_params.get("ad_id") or request.query_params.get("ad_id")
+    if not ad_id:
+        raise bad_request("ad_id is required")
+    if len(ad_id) > 256:
+        raise bad_request("ad_id is longer than 256 characters")
+    return str(ad_id)
+
+
+def _measures(clicks: int, impressions: int, spend_micros: int) -> dict[str, Any]:
+    return {
+        "clicks": clicks,
+        "impressions": impressions,
+        "ctr": round(clicks / impressions, 6) if impressions else None,
+        "spend": spend_micros / 1_000_000,
+        "spend_micros": spend_micros,
+    }
+
+
+def _row(row: AggregateRow, time_key: str, group_by: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {time_key: iso(row.window_ms)}
+    if group_by is not None:
+        body[group_by] = row.group
+    body.update(_measures(row.clicks, row.impressions, row.spend_micros))
+    body["unique_users"] = row.unique_users
+    body["invalid_clicks"] = row.invalid_clicks
+    body["final"] = False  # final once the batch layer closes the window's hour
+    return body
+
+
+async def _rows(request: Request) -> tuple[str, str, str | None, list[AggregateRow]]:
+    state = state_of(request)
+    ad_id = _ad_id(request)
+    granularity = cast(str, _choice(request, "granularity", GRANULARITIES, "hour"))
+    group_by = _choice(request, "group_by", DIMENSIONS, None)
+    start, end = _range(request, state, granularity)
+    size = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}[granularity]
+    rows = await store_call(
+        state,
+        "aggregates",
+        ad_id=ad_id,
+        start_ms=window_start(start, size),
+        end_ms=end,
+        granularity=granularity,
+        group_by=group_by,
+    )
+    return ad_id, granularity, group_by, rows
+
+
+async def aggregates(request: Request) -> Response:
+    """Seed 000: ``GET /aggregates?ad_id&start&end&granularity[&group_by]``."""
+    _, _, group_by, rows = await _rows(request)
+    return JSONResponse([_row(row, "window", group_by) for row in rows])
+
+
+async def ad_metrics(request: Request) -> Response:
+    """Seed 001: ``GET /api/v1/ads/{ad_id}/metrics``."""
+    ad_id, granularity, group_by, rows = await _rows(request)
+    return JSONResponse(
+        {
+            "ad_id": ad_id,
+            "granularity": granularity,
+            "metrics": [_row(row, "window_start", group_by) for row in rows],
+        }
+    )
+
+
+async def _sliding(state: AppState, ad_id: str, window_ms: int) -> Totals:
+    """Minute rows covering the last ``window_ms``, the current partial minute included."""
+    now = state.clock.now_ms()
+    start = window_start(now, MINUTE_MS) - window_ms + MINUTE_MS
+    totals: Totals = await store_call(
+        state, "totals", ad_id=ad_id, start_ms=start, end_ms=now + MINUTE_MS
+    )
+    return totals
+
+
+async def realtime(request: Request) -> Response:
+    """Seed 000: ``GET /aggregates/realtime?ad_id&window=1m|5m|1h``."""
+    state = state_of(request)
+    ad_id = _ad_id(request)
+    window = cast(str, _choice(request, "window", tuple(REALTIME_WINDOWS), "5m"))
+    totals = await _sliding(state, ad_id, REALTIME_WINDOWS[window])
+    return JSONResponse(
+        {
+            "ad_id": ad_id,
+            "window": window,
+            **_measures(totals.clicks, totals.impressions, totals.spend_micros),
+            "unique_users": totals.unique_users,
+            "as_of": iso(state.clock.now_ms()),
+        }
+    )
+
+
+async def ad_realtime(request: Request) -> Response:
+    """Seed 001: ``GET /api/v1/ads/{ad_id}/metrics/realtime``."""
+    state = state_of(request)
+    ad_id = _ad_id(request)
+    body: dict[str, Any] = {"ad_id": ad_id}
+    for suffix, window_ms in (
+        ("minute", MINUTE_MS),
+        ("5_minutes", 5 * MINUTE_MS),
+        ("hour", HOUR_MS),
+    ):
+        totals = await _sliding(state, ad_id, window_ms)
+        body[f"clicks_last_{suffix}"] = totals.clicks
+        body[f"impressions_last_{suffix}"] = totals.impressions
+        body[f"spend_last_{suffix}"] = totals.spend_micros / 1_000_000
+    body["as_of"] = iso(state.clock.now_ms())
+    return JSONResponse(body)

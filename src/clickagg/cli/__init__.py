@@ -1,0 +1,1 @@
+"""The terminal: ``clickagg serve | demo | query | trace``."""

@@ -1,0 +1,209 @@
+"""``clickagg`` command line: a thin shell over the server and the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from clickagg.config import Settings, parse_duration_ms
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_duration_ms(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="clickagg")
+def main() -> None:
+    """clickagg: exactly-once ad-click aggregation."""
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("clickagg-data"),
+    show_default=True,
+    help="Where the log, aggregates and snapshots live.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--partitions",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Log partitions (fixed when the data dir is created).",
+)
+@click.option(
+    "--allowed-lateness",
+    default="5m",
+    show_default=True,
+    callback=_duration,
+    help="How far behind the max event time an event may arrive and still count.",
+)
+@click.option(
+    "--dedup-horizon",
+    default="30m",
+    show_default=True,
+    callback=_duration,
+    help="How long (event time) the stream remembers ids.",
+)
+@click.option("--log-level", default="warning", show_default=True)
+def serve(
+    data_dir: Path,
+    host: str,
+    port: int,
+    partitions: int,
+    allowed_lateness: int,
+    dedup_horizon: int,
+    log_level: str,
+) -> None:
+    """Run ingest API, query API and stream workers on one machine, no services needed."""
+    from clickagg.server import run_server
+
+    try:
+        settings = Settings(
+            data_dir=data_dir,
+            partitions=partitions,
+            allowed_lateness_ms=allowed_lateness,
+            dedup_horizon_ms=dedup_horizon,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    run_server(settings, host=host, port=port, log_level=log_level)
+
+
+@main.command()
+@click.option("--seconds", default=30, show_default=True, type=int)
+@click.option("--rate", default=2_000, show_default=True, type=int, help="Events per second.")
+@click.option("--port", default=0, type=int, help="Port (0: pick a free one).")
+def demo(seconds: int, rate: int, port: int) -> None:
+    """Start clickagg on a temporary data dir, send realistic traffic, show the counts."""
+    from clickagg.cli.demo import run_demo
+
+    run_demo(seconds=seconds, rate=rate, port=port)
+
+
+def _get(url: str, path: str, params: dict[str, Any]) -> Any:
+    try:
+        response = httpx.get(url + path, params={k: v for k, v in params.items() if v}, timeout=30)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    if response.status_code >= 400:
+        raise click.ClickException(f"{response.status_code}: {response.text}")
+    return response.json()
+
+
+@main.command()
+@click.argument("ad_id")
+@click.option("--url", default=DEFAULT_URL, show_default=True)
+@click.option("--start", help="ISO-8601 or epoch s/ms.")
+@click.option("--end", help="ISO-8601 or epoch s/ms (default now).")
+@click.option("--last", help="Instead of --start: e.g. 7d, 1h.")
+@click.option(
+    "--granularity", type=click.Choice(["minute", "hour", "day"]), default="hour", show_default=True
+)
+@click.option("--group-by", type=click.Choice(["country", "device", "browser"]))
+@click.option("--realtime", is_flag=True, help="Sliding windows ending now instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def query(
+    ad_id: str,
+    url: str,
+    start: str | None,
+    end: str | None,
+    last: str | None,
+    granularity: str,
+    group_by: str | None,
+    realtime: bool,
+    as_json: bool,
+) -> None:
+    """Show an ad's aggregates."""
+    if realtime:
+        data = _get(url, f"/api/v1/ads/{ad_id}/metrics/realtime", {})
+        rows = [data]
+    else:
+        data = _get(
+            url,
+            "/aggregates",
+            {
+                "ad_id": ad_id,
+                "start": start,
+                "end": end,
+                "last": last,
+                "granularity": granularity,
+                "group_by": group_by,
+            },
+        )
+        rows = data
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    Console().print(rows_table(rows, title=f"{ad_id}"))
+
+
+def rows_table(rows: list[dict[str, Any]], *, title: str) -> Table:
+    table = Table(title=title)
+    if not rows:
+        table.add_column("no rows")
+        return table
+    columns = [key for key in rows[0] if key not in ("final", "spend_micros")]
+    for key in columns:
+        table.add_column(key, justify="left" if key in ("window", "ad_id") else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(key)) for key in columns))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.4f}".rstrip("0").rstrip(".")
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+@main.command()
+@click.argument("event_id")
+@click.option("--url", default=DEFAULT_URL, show_default=True)
+def trace(event_id: str, url: str) -> None:
+    """Say what happened to an event: partition, offset, status and reason."""
+    try:
+        response = httpx.get(f"{url}/events/{event_id}", timeout=30)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    data = response.json()
+    if response.status_code == 404:
+        click.echo(f"{event_id}: {data['detail']}")
+        sys.exit(1)
+    if response.status_code >= 400:
+        raise click.ClickException(f"{response.status_code}: {response.text}")
+    click.echo(
+        f"{event_id}: {data['status']}"
+        + (
+            f" (partition {data['partition']}, offset {data['offset']})"
+            if data.get("partition") is not None
+            else ""
+        )
+    )
+    if data.get("reason"):
+        click.echo(f"  reason: {data['reason']}")
+    for copy in data.get("copies", [])[1:]:
+        click.echo(
+            f"  copy at partition {copy['partition']}, offset {copy['offset']}: "
+            f"{copy['status']} ({copy['reason']})"
+        )

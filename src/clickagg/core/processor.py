@@ -1,0 +1,251 @@
+"""One partition's stream logic: decide each event's fate and compute aggregate deltas.
+
+Pure: it takes the events of a micro-batch (a DataFrame of log columns in offset order) and
+returns what to commit; it never touches the log or the store. Its state (remembered ids
+and the max event time) is a function of the events it has read, so replaying the same log
+range from the same snapshot rebuilds exactly the same state.
+
+Fate of an event, first match wins:
+1. duplicate: its (type, id) was already read within the dedup horizon;
+2. late: its event time is older than the watermark (max event time - allowed lateness);
+3. invalid: an invalid-traffic rule flags it (kept and counted as ``invalid_clicks``);
+4. counted.
+
+Why dedup stays exact with a bounded memory: ids are remembered by event minute for the
+horizon (≥ lateness + 1 minute) behind the max event time. An event whose minute has been
+forgotten is necessarily late, so a copy of a counted event is never counted again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+import pyarrow as pa
+
+from clickagg.core import aggregate, fates
+from clickagg.core.dedup import IdSet
+from clickagg.core.ids import EVENT_TYPES
+from clickagg.core.windows import MINUTE_MS, NO_EVENT_MS, late_mask, minute_start
+
+
+class Rule(Protocol):
+    """An invalid-traffic rule: flags events of a batch, with a reason per flagged event."""
+
+    name: str
+
+    def evaluate(self, events: pl.DataFrame) -> pl.Series:
+        """A String series aligned with ``events``: the reason, or null when not flagged."""
+        ...
+
+
+@dataclass
+class PartitionState:
+    partition: int
+    next_offset: int
+    max_event_ms: int
+    seen: IdSet
+
+    @classmethod
+    def empty(cls, partition: int, next_offset: int = 0) -> PartitionState:
+        return cls(partition, next_offset, NO_EVENT_MS, IdSet())
+
+    def snapshot(self) -> bytes:
+        return msgspec.msgpack.encode(
+            (self.partition, self.next_offset, self.max_event_ms, self.seen.snapshot())
+        )
+
+    @classmethod
+    def restore(cls, data: bytes) -> PartitionState:
+        partition, next_offset, max_event_ms, seen = msgspec.msgpack.decode(
+            data, type=tuple[int, int, int, bytes]
+        )
+        return cls(partition, next_offset, max_event_ms, IdSet.restore(seen))
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    from_offset: int
+    to_offset: int
+    minute_deltas: pa.Table
+    dimension_deltas: pa.Table
+    fates: pa.Table
+    late_events: pa.Table
+    max_event_ms: int
+    watermark_ms: int
+    counted: int
+    duplicates: int
+    late: int
+    invalid: int
+
+
+class PartitionProcessor:
+    def __init__(
+        self,
+        state: PartitionState,
+        *,
+        allowed_lateness_ms: int,
+        dedup_horizon_ms: int,
+        cpc_micros: Mapping[str, int] | None = None,
+        rules: Sequence[Rule] = (),
+    ) -> None:
+        if dedup_horizon_ms < allowed_lateness_ms + MINUTE_MS:
+            raise ValueError("dedup horizon must be at least allowed lateness + 1 minute")
+        self.state = state
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self.dedup_horizon_ms = dedup_horizon_ms
+        self.cpc_micros = dict(cpc_micros or {})
+        self.rules = list(rules)
+
+    @property
+    def watermark_ms(self) -> int:
+        if self.state.max_event_ms == NO_EVENT_MS:
+            return NO_EVENT_MS
+        return self.state.max_event_ms - self.allowed_lateness_ms
+
+    def process(self, events: pl.DataFrame, *, emit: bool = True) -> BatchOutcome | None:
+        """Read the next events of the partition (offsets must continue ``next_offset``).
+
+        With ``emit=False`` only the state advances (replay after a restart).
+        """
+        state = self.state
+        count = events.height
+        if count:
+            first = int(events["offset"][0])
+            if first != state.next_offset:
+                raise ValueError(f"expected offset {state.next_offset}, got {first}")
+        ts_ms = events["ts_ms"].to_numpy()
+        forget_before = self._forget_before(state.max_event_ms)
+        late, new_max = late_mask(
+            ts_ms, max_event_ms=state.max_event_ms, allowed_lateness_ms=self.allowed_lateness_ms
+        )
+        minutes = ts_ms - ts_ms % MINUTE_MS
+        duplicate = self._check_duplicates(events, minutes, forget_before)
+        state.max_event_ms = new_max
+        state.seen.expire_before(self._forget_before(new_max))
+        from_offset = state.next_offset
+        state.next_offset = from_offset + count
+        if not emit:
+            return None
+        return self._outcome(events, from_offset, duplicate, late)
+
+    def _forget_before(self, max_event_ms: int) -> int:
+        if max_event_ms == NO_EVENT_MS:
+            return NO_EVENT_MS
+        return minute_start(max_event_ms) - self.dedup_horizon_ms
+
+    def _check_duplicates(
+        self, events: pl.DataFrame, minutes: npt.NDArray[np.int64], forget_before: int
+    ) -> npt.NDArray[np.bool_]:
+        # Events of already-forgotten minutes are late (see module docstring): not checked.
+        eligible = minutes >= forget_before
+        duplicate = np.zeros(len(minutes), dtype=np.bool_)
+        if eligible.any():
+            duplicate[eligible] = self.state.seen.check_and_add(
+                events["fp_high"].to_numpy()[eligible],
+                events["fp_low"].to_numpy()[eligible],
+                minutes[eligible],
+            )
+        return duplicate
+
+    def _outcome(
+        self,
+        events: pl.DataFrame,
+        from_offset: int,
+        duplicate: npt.NDArray[np.bool_],
+        late: npt.NDArray[np.bool_],
+    ) -> BatchOutcome:
+        late = late & ~duplicate
+        fresh = ~duplicate & ~late
+        watermark_ms = self.watermark_ms
+        reasons = self._rule_reasons(events.filter(pl.Series(fresh)))
+        invalid = np.zeros(len(fresh), dtype=np.bool_)
+        invalid[np.flatnonzero(fresh)] = reasons.is_not_null().to_numpy()
+        reason_all = pl.Series("reason", [None] * len(fresh), dtype=pl.String)
+        if reasons.len():
+            reason_all = reason_all.scatter(np.flatnonzero(fresh), reasons)
+        status = np.where(
+            duplicate,
+            fates.DUPLICATE,
+            np.where(late, fates.LATE, np.where(invalid, fates.INVALID, fates.COUNTED)),
+        )
+        labelled = events.with_columns(
+            pl.Series("status", status, dtype=pl.String),
+            pl.Series("invalid", invalid),
+            reason_all,
+            pl.col("event_type")
+            .replace_strict(dict(enumerate(EVENT_TYPES)), return_dtype=pl.String)
+            .alias("event_type_name"),
+        )
+        kept = aggregate.with_minute_and_spend(labelled.filter(pl.Series(fresh)), self.cpc_micros)
+        late_rows = labelled.filter(pl.Series(late))
+        return BatchOutcome(
+            from_offset=from_offset,
+            to_offset=from_offset + events.height,
+            minute_deltas=aggregate.minute_deltas(kept),
+            dimension_deltas=aggregate.dimension_deltas(kept),
+            fates=_fates_table(labelled),
+            late_events=_late_table(late_rows),
+            max_event_ms=self.state.max_event_ms,
+            watermark_ms=watermark_ms,
+            counted=int(np.count_nonzero(fresh & ~invalid)),
+            duplicates=int(np.count_nonzero(duplicate)),
+            late=int(np.count_nonzero(late)),
+            invalid=int(np.count_nonzero(invalid)),
+        )
+
+    def _rule_reasons(self, fresh: pl.DataFrame) -> pl.Series:
+        reasons = pl.Series("reason", [None] * fresh.height, dtype=pl.String)
+        for rule in self.rules:
+            flagged = rule.evaluate(fresh).cast(pl.String)
+            named = pl.select(pl.concat_str(pl.lit(f"{rule.name}: "), flagged)).to_series()
+            reasons = reasons.fill_null(named)
+        return reasons
+
+
+def _fates_table(labelled: pl.DataFrame) -> pa.Table:
+    reason = (
+        pl.when(pl.col("status") == fates.DUPLICATE)
+        .then(pl.lit("id already seen within the dedup horizon"))
+        .when(pl.col("status") == fates.LATE)
+        .then(pl.lit("event time older than the partition watermark; left to the batch layer"))
+        .otherwise(pl.col("reason"))
+    )
+    table = labelled.select(
+        "event_id",
+        pl.col("event_type_name").alias("event_type"),
+        "partition",
+        "offset",
+        "status",
+        reason.alias("reason"),
+        "ad_id",
+        "ts_ms",
+    )
+    return table.to_arrow().cast(aggregate.FATE_SCHEMA)
+
+
+def _late_table(late_rows: pl.DataFrame) -> pa.Table:
+    table = late_rows.select(
+        "partition",
+        "offset",
+        "event_id",
+        pl.col("event_type_name").alias("event_type"),
+        "ad_id",
+        "ts_ms",
+        "received_ms",
+        "advertiser_id",
+        "campaign_id",
+        "user_id",
+        "ip",
+        "user_agent",
+        "country",
+        "device",
+        "browser",
+        pl.when(pl.col("cost_micros") >= 0).then(pl.col("cost_micros")).alias("cost_micros"),
+    )
+    return table.to_arrow().cast(aggregate.LATE_SCHEMA)

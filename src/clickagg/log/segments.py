@@ -1,0 +1,482 @@
+"""The embedded log: segment files on local disk, no services to run.
+
+Layout: ``<log_dir>/p0000/00000000000000000000.seg`` per partition, named by the base offset
+of their first frame; ``meta.json`` fixes the partition count; ``durable`` holds one
+little-endian uint64 per partition, the durable end, shared through mmap with readers in
+other processes. Readers trust only that file for how far to read: bytes beyond it may be
+unsynced, torn, or about to be rolled back.
+
+A frame is a ``<IIQI`` header (payload length, crc32, base offset, count) then the payload;
+the crc covers base offset, count and payload, so a torn or misplaced tail is detected.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import json
+import mmap
+import os
+import struct
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clickagg.log.base import Frame, LogFullError
+
+if sys.byteorder != "little":  # the durable file is little-endian, read via native casts
+    raise ImportError("clickagg.log.segments needs a little-endian host")
+
+HEADER = struct.Struct("<IIQI")
+_OFFSETS = struct.Struct("<QI")
+_HSIZE = HEADER.size
+_SUFFIX = ".seg"
+_FLUSH_BYTES = 1 << 20
+_READ_CHUNK = 1 << 20
+_FIRST_CHUNK = 64 << 10
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _crc(base: int, count: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(_OFFSETS.pack(base, count)))
+
+
+def _seg_path(pdir: Path, base: int) -> Path:
+    return pdir / f"{base:020d}{_SUFFIX}"
+
+
+def _list_segments(pdir: Path) -> list[int]:
+    try:
+        names = os.listdir(pdir)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[:-4]) for n in names if n.endswith(_SUFFIX) and n[:-4].isdigit())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_meta(log_dir: Path) -> int | None:
+    try:
+        meta = json.loads((log_dir / "meta.json").read_text())
+    except FileNotFoundError:
+        return None
+    if meta.get("format") != 1:
+        raise ValueError(f"{log_dir}/meta.json: unknown log format {meta.get('format')!r}")
+    return int(meta["partitions"])
+
+
+def _map_durable(path: Path, partitions: int, writable: bool) -> tuple[mmap.mmap, memoryview]:
+    size = 8 * partitions
+    with open(path, "r+b" if writable else "rb") as f:
+        if writable and os.fstat(f.fileno()).st_size < size:
+            f.truncate(size)
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+    # Native 8-byte aligned element stores: readers never see a half-updated end.
+    return mm, memoryview(mm).cast("Q")
+
+
+def _scan_valid(path: Path, base: int) -> tuple[int, int]:
+    """Length of the longest prefix of whole, crc-good, contiguous frames, and its end offset."""
+    pos, offset = 0, base
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while pos + _HSIZE <= size:
+            head = f.read(_HSIZE)
+            length, crc, fbase, count = HEADER.unpack(head)
+            if fbase != offset or count == 0 or pos + _HSIZE + length > size:
+                break
+            payload = f.read(length)
+            if len(payload) < length or _crc(fbase, count, payload) != crc:
+                break
+            pos += _HSIZE + length
+            offset += count
+    return pos, offset
+
+
+@dataclass
+class _Partition:
+    index: int
+    pdir: Path
+    segs: list[int]
+    fd: int
+    base: int  # active segment
+    size: int  # bytes in the active segment, buffered ones included
+    next: int
+    synced_base: int
+    synced_size: int
+    synced_next: int
+    buf: bytearray = field(default_factory=bytearray)
+    dirty: bool = False
+    new_entry: bool = False
+
+
+class SegmentLogWriter:
+    """The single writer. Frames are buffered until ``sync``; a failed append or sync
+    discards that partition's unsynced frames (every dirty one for sync) and the next
+    ``sync`` fails too, so nothing appended before a failure is ever acknowledged by
+    mistake and offsets stay contiguous."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        partitions: int,
+        *,
+        segment_bytes: int = 64 * 1024 * 1024,
+        retention_ms: int,
+        retention_bytes: int,
+    ) -> None:
+        if partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        self._dir = Path(log_dir)
+        self.partitions = partitions
+        self._segment_bytes = segment_bytes
+        self._retention_ms = retention_ms
+        self._retention_bytes = retention_bytes
+        self._parts: list[_Partition] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._lost: OSError | None = None
+        self._dead: str | None = None
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self._dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"another writer has the log at {self._dir} open") from None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        stored = _read_meta(self._dir)
+        if stored is None:
+            # The durable file exists before meta.json does, so a reader that finds the
+            # log can always map it.
+            (self._dir / "durable").write_bytes(bytes(8 * self.partitions))
+            tmp = self._dir / "meta.json.tmp"
+            tmp.write_text(json.dumps({"partitions": self.partitions, "format": 1}))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self._dir / "meta.json")
+        elif stored != self.partitions:
+            raise ValueError(
+                f"log at {self._dir} has {stored} partitions; cannot open it with {self.partitions}"
+            )
+        for p in range(self.partitions):
+            self._parts.append(self._recover(p))
+        for dirpath in [self._dir, *(st.pdir for st in self._parts)]:
+            _fsync_dir(dirpath)
+        self._map, self._ends = _map_durable(self._dir / "durable", self.partitions, True)
+        for st in self._parts:
+            self._ends[st.index] = st.next
+
+    def _recover(self, p: int) -> _Partition:
+        """Only the last segment can hold a torn tail: a roll fsyncs the old segment before
+        its successor exists, so every earlier segment is complete."""
+        pdir = self._dir / f"p{p:04d}"
+        pdir.mkdir(exist_ok=True)
+        segs = _list_segments(pdir) or [0]
+        base = segs[-1]
+        path = _seg_path(pdir, base)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        size, nxt = _scan_valid(path, base)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        return _Partition(p, pdir, segs, fd, base, size, nxt, base, size, nxt)
+
+    def _check(self) -> None:
+        if self._dead is not None:
+            raise RuntimeError(self._dead)
+
+    def append(self, partition: int, payload: bytes, count: int) -> int:
+        self._check()
+        if count < 1:
+            raise ValueError("a frame holds at least one event")
+        st = self._parts[partition]
+        base = st.next
+        n = _HSIZE + len(payload)
+        try:
+            if st.size > 0 and st.size + n > self._segment_bytes:
+                self._roll(st)
+            st.buf += HEADER.pack(len(payload), _crc(base, count, payload), base, count)
+            st.buf += payload
+            st.size += n
+            st.next += count
+            st.dirty = True
+            if len(st.buf) >= _FLUSH_BYTES:
+                self._flush(st)
+        except OSError as exc:
+            # Frames appended earlier to this partition go too: the next sync must fail.
+            raise self._fail(exc, [st], poison=base != st.synced_next) from exc
+        return base
+
+    def _flush(self, st: _Partition) -> None:
+        with memoryview(st.buf) as view:
+            done = 0
+            while done < len(view):
+                done += os.write(st.fd, view[done:])
+        st.buf.clear()
+
+    def _roll(self, st: _Partition) -> None:
+        """Make the old segment whole on disk before its successor exists (see _recover)."""
+        self._flush(st)
+        os.fdatasync(st.fd)
+        path = _seg_path(st.pdir, st.next)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        os.close(st.fd)
+        st.fd, st.base, st.size = fd, st.next, 0
+        st.segs.append(st.next)
+        st.new_entry = True
+
+    def sync(self) -> None:
+        self._check()
+        dirty = [st for st in self._parts if st.dirty]
+        if self._lost is not None:
+            lost, self._lost = self._lost, None
+            raise self._fail(lost, dirty, poison=False) from lost
+        if not dirty:
+            return
+        try:
+            for st in dirty:
+                self._flush(st)
+            if len(dirty) > 1:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(min(4, self.partitions), "log-fsync")
+                list(self._pool.map(os.fdatasync, [st.fd for st in dirty]))
+            else:
+                os.fdatasync(dirty[0].fd)
+            for st in dirty:
+                if st.new_entry:
+                    _fsync_dir(st.pdir)
+        except OSError as exc:
+            raise self._fail(exc, dirty, poison=False) from exc
+        for st in dirty:
+            st.synced_base, st.synced_size, st.synced_next = st.base, st.size, st.next
+            st.dirty = st.new_entry = False
+            self._ends[st.index] = st.next
+
+    def _fail(self, exc: OSError, parts: list[_Partition], *, poison: bool) -> OSError:
+        """Roll ``parts`` back to their last sync so no half frame can become durable later;
+        return the error to raise. ``poison`` makes the next sync fail: frames that callers
+        still wait on were dropped, and they must not be acknowledged."""
+        if poison:
+            self._lost = exc
+        try:
+            for st in parts:
+                self._rollback(st)
+        except OSError:
+            self.close()
+            self._dead = f"log writer gave up after failing to roll back from: {exc}"
+            raise
+        if isinstance(exc, LogFullError) or exc.errno not in _FULL:
+            return exc
+        return LogFullError(exc.errno, f"log full: {exc.strerror}", exc.filename)
+
+    def _rollback(self, st: _Partition) -> None:
+        st.buf.clear()
+        for base in [b for b in st.segs if b > st.synced_base]:
+            st.segs.remove(base)
+            _seg_path(st.pdir, base).unlink(missing_ok=True)
+        if st.base != st.synced_base:
+            os.close(st.fd)
+            st.fd = -1
+            st.fd = os.open(_seg_path(st.pdir, st.synced_base), os.O_WRONLY | os.O_APPEND)
+        os.ftruncate(st.fd, st.synced_size)
+        st.base, st.size, st.next = st.synced_base, st.synced_size, st.synced_next
+        st.dirty = st.new_entry = False
+
+    def apply_retention(self, partition: int, *, keep_from: int, now_ms: int) -> int:
+        """Deletes only a prefix of whole segments, so readers never meet a hole."""
+        self._check()
+        st = self._parts[partition]
+        keep_from = min(keep_from, st.synced_next)
+        limit = min(st.base, st.synced_base)
+        stats = {b: os.stat(_seg_path(st.pdir, b)) for b in st.segs if b != st.base}
+        total = st.size + sum(s.st_size for s in stats.values())
+        deleted = 0
+        for base, end in zip(list(st.segs), st.segs[1:], strict=False):
+            if base >= limit or end > keep_from:
+                break
+            old = stats[base].st_mtime_ns // 1_000_000 < now_ms - self._retention_ms
+            if not (old or total > self._retention_bytes):
+                break
+            _seg_path(st.pdir, base).unlink(missing_ok=True)
+            st.segs.remove(base)
+            total -= stats[base].st_size
+            deleted += 1
+        return deleted
+
+    def close(self) -> None:
+        """Unsynced frames may or may not survive a close; only sync() promises anything."""
+        if self._dead is not None:
+            return
+        self._dead = "log writer is closed"
+        if self._pool is not None:
+            self._pool.shutdown()
+        for st in self._parts:
+            if st.fd >= 0:
+                os.close(st.fd)
+        if hasattr(self, "_map"):
+            self._ends.release()
+            self._map.close()
+        os.close(self._lock_fd)  # releases the flock
+
+    def __enter__(self) -> SegmentLogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Cursor:
+    fd: int
+    base: int  # segment base
+    pos: int
+    next: int
+
+
+class SegmentLogReader:
+    """Reads durable frames, possibly from another process than the writer. A per-partition
+    cursor makes consecutive reads (``from_offset`` = previous end) cost no rescans."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._dir = Path(log_dir)
+        stored = _read_meta(self._dir)
+        if stored is None:
+            raise FileNotFoundError(f"no log at {self._dir} (no meta.json): start a writer first")
+        self.partitions = stored
+        self._map, self._ends = _map_durable(self._dir / "durable", stored, False)
+        self._cursors: dict[int, _Cursor] = {}
+
+    def _pdir(self, partition: int) -> Path:
+        if not 0 <= partition < self.partitions:
+            raise IndexError(f"partition {partition} out of range 0..{self.partitions - 1}")
+        return self._dir / f"p{partition:04d}"
+
+    def durable_end(self, partition: int) -> int:
+        self._pdir(partition)
+        return int(self._ends[partition])
+
+    def start_offset(self, partition: int) -> int:
+        segs = _list_segments(self._pdir(partition))
+        return segs[0] if segs else 0
+
+    def read(self, partition: int, from_offset: int, max_events: int) -> list[Frame]:
+        """A ``from_offset`` older than ``start_offset`` (deleted by retention) reads from
+        the oldest stored frame: the caller sees the gap from the first frame's offset."""
+        end = self.durable_end(partition)
+        if from_offset >= end:
+            return []
+        cur = self._cursors.get(partition)
+        if cur is None or cur.next != from_offset:
+            if cur is not None:
+                os.close(cur.fd)
+                del self._cursors[partition]
+            cur = self._seek(partition, from_offset)
+            if cur is None:
+                return []
+            self._cursors[partition] = cur
+        frames: list[Frame] = []
+        events = 0
+        chunk, chunk_pos, want = b"", 0, _FIRST_CHUNK
+        while cur.next < end and (not frames or events < max_events):
+            rel = cur.pos - chunk_pos
+            if rel < 0 or rel + _HSIZE > len(chunk):
+                chunk, chunk_pos, rel = os.pread(cur.fd, want, cur.pos), cur.pos, 0
+                want = min(2 * want, _READ_CHUNK)
+                if len(chunk) < _HSIZE:
+                    if not self._next_segment(partition, cur):
+                        break  # durable file ahead of the data: only after a power loss
+                    chunk = b""
+                    continue
+            length, crc, base, count = HEADER.unpack_from(chunk, rel)
+            stop = rel + _HSIZE + length
+            if stop > len(chunk):
+                chunk, chunk_pos = os.pread(cur.fd, max(want, stop - rel), cur.pos), cur.pos
+                rel, stop = 0, _HSIZE + length
+                if len(chunk) < stop:
+                    break
+            payload = chunk[rel + _HSIZE : stop]
+            if base != cur.next or _crc(base, count, payload) != crc:
+                raise ValueError(f"corrupt frame in partition {partition} at offset {cur.next}")
+            frames.append(Frame(partition, base, count, payload))
+            cur.pos += _HSIZE + length
+            cur.next += count
+            events += count
+        return frames
+
+    def _next_segment(self, partition: int, cur: _Cursor) -> bool:
+        """At a segment's end the next frame starts the segment named by its offset, unless
+        retention deleted it meanwhile: then go on at the oldest segment left, as read()
+        does for offsets below start_offset."""
+        pdir = self._pdir(partition)
+        for _ in range(3):
+            later = [b for b in _list_segments(pdir) if b >= cur.next]
+            if not later:
+                return False
+            try:
+                fd = os.open(_seg_path(pdir, later[0]), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            os.close(cur.fd)
+            cur.fd, cur.base, cur.pos, cur.next = fd, later[0], 0, later[0]
+            return True
+        return False
+
+    def _seek(self, partition: int, from_offset: int) -> _Cursor | None:
+        """Find the segment by name, then hop over whole frames reading headers only."""
+        pdir = self._pdir(partition)
+        for _ in range(3):  # a segment may vanish under retention between listing and open
+            segs = _list_segments(pdir)
+            if not segs:
+                return None
+            target = max(from_offset, segs[0])
+            base = segs[bisect.bisect_right(segs, target) - 1]
+            try:
+                fd = os.open(_seg_path(pdir, base), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            cur = _Cursor(fd, base, 0, base)
+            while True:
+                head = os.pread(cur.fd, _HSIZE, cur.pos)
+                if len(head) < _HSIZE:
+                    if self._next_segment(partition, cur):
+                        continue
+                    os.close(cur.fd)
+                    return None
+                length, _crc32, fbase, count = HEADER.unpack(head)
+                if fbase != cur.next:
+                    os.close(cur.fd)
+                    raise ValueError(f"corrupt frame in partition {partition} at {cur.next}")
+                if fbase + count > target:
+                    return cur
+                cur.pos += _HSIZE + length
+                cur.next += count
+        return None
+
+    def close(self) -> None:
+        for cur in self._cursors.values():
+            os.close(cur.fd)
+        self._cursors.clear()
+        if not self._map.closed:
+            self._ends.release()
+            self._map.close()
+
+    def __enter__(self) -> SegmentLogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,137 @@
+"""Queries of the embedded store across processes.
+
+DuckDB lets one process write a database file, and the worker process is that writer (its
+commits carry the exactly-once offsets). The API process therefore asks the worker process
+for query results over a Unix socket: a length-prefixed msgpack request ``[method, kwargs]``
+answered by ``[ok, result]``. Scale-out stores (PostgreSQL) need none of this: API
+processes query them directly through the same AggregateStore methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socketserver
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from clickagg.store.base import AggregateRow, AggregateStore, Fate, PartitionStatus, Totals
+
+_LENGTH = struct.Struct("<I")
+_RESULT_TYPES: dict[str, Any] = {
+    "ping": bool,
+    "aggregates": list[AggregateRow],
+    "totals": Totals,
+    "fates": list[Fate],
+    "partition_status": list[PartitionStatus],
+}
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any]])
+
+
+class QueryError(RuntimeError):
+    """The store could not answer (the message says why)."""
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        while True:
+            header = self.rfile.read(_LENGTH.size)
+            if len(header) < _LENGTH.size:
+                return
+            body = self.rfile.read(_LENGTH.unpack(header)[0])
+            reply = self.server.dispatch(body)
+            self.wfile.write(_LENGTH.pack(len(reply)) + reply)
+            self.wfile.flush()
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, store: AggregateStore) -> None:
+        self.store = store
+        super().__init__(path, _Handler)
+
+    def dispatch(self, body: bytes) -> bytes:
+        try:
+            method, kwargs = _request_decoder.decode(body)
+            if method not in _RESULT_TYPES:
+                raise QueryError(f"unknown method {method!r}")
+            result = True if method == "ping" else getattr(self.store, method)(**kwargs)
+            return _encoder.encode((True, result))
+        except Exception as exc:
+            return _encoder.encode((False, f"{type(exc).__name__}: {exc}"))
+
+
+class QueryServer:
+    """Serves a store's read methods on a Unix socket from a background thread."""
+
+    def __init__(self, path: Path, store: AggregateStore) -> None:
+        path.unlink(missing_ok=True)
+        self.path = path
+        self._server = _Server(str(path), store)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="query-server", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self.path.unlink(missing_ok=True)
+
+
+class QueryClient:
+    """Async client of :class:`QueryServer`, with a small pool of connections."""
+
+    def __init__(self, path: Path, *, pool_size: int = 8, timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._slots = asyncio.Semaphore(pool_size)
+        self._decoders = {
+            name: msgspec.msgpack.Decoder(tuple[bool, result_type | str])  # type: ignore[valid-type]
+            for name, result_type in _RESULT_TYPES.items()
+        }
+
+    async def call(self, method: str, **kwargs: Any) -> Any:
+        async with self._slots:
+            connection = self._idle.pop() if self._idle else None
+            if connection is None:
+                connection = await asyncio.open_unix_connection(str(self.path))
+            reader, writer = connection
+            try:
+                request = _encoder.encode((method, kwargs))
+                writer.write(_LENGTH.pack(len(request)) + request)
+                async with asyncio.timeout(self.timeout_s):
+                    header = await reader.readexactly(_LENGTH.size)
+                    body = await reader.readexactly(_LENGTH.unpack(header)[0])
+            except BaseException:
+                writer.close()
+                raise
+            self._idle.append(connection)
+        ok, result = self._decoders[method].decode(body)
+        if not ok:
+            raise QueryError(str(result))
+        return result
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.call("ping"))
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, QueryError):
+            return False
+
+    async def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        self._idle.clear()

@@ -1,0 +1,1 @@
+"""Stream workers: one per partition, driving the pure processor between log and store."""

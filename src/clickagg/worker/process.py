@@ -1,0 +1,84 @@
+"""The worker process: every partition's worker, plus the query server of the embedded store.
+
+It runs in a process of its own so stream work uses the second core while the API process
+handles HTTP. It is started (and restarted after a crash) by the API process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from types import FrameType
+
+from clickagg.clock import SystemClock
+from clickagg.config import Settings
+from clickagg.log.segments import SegmentLogReader
+from clickagg.store.duckdb_store import DuckDBStore
+from clickagg.store.rpc import QueryServer
+from clickagg.worker.snapshots import SnapshotStore
+from clickagg.worker.stream import PartitionWorker
+
+log = logging.getLogger(__name__)
+IDLE_SLEEP_S = 0.002
+
+
+def run(settings: Settings, max_idle_loops: int | None = None) -> None:
+    """Recover every partition, serve queries, then process micro-batches until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    parent = os.getppid()
+    clock = SystemClock()
+    reader = SegmentLogReader(settings.log_dir)
+    store = _open_store(settings)
+    snapshots = SnapshotStore(settings.snapshot_dir)
+    workers = [
+        PartitionWorker(
+            p, reader=reader, store=store, snapshots=snapshots, settings=settings, clock=clock
+        )
+        for p in range(reader.partitions)
+    ]
+    server = QueryServer(settings.rpc_socket, store)
+    server.start()
+    log.info("ready: %d partitions", len(workers))
+    idle_loops = 0
+    try:
+        while not stopping:
+            if os.getppid() != parent:
+                log.warning("the API process is gone: stopping")
+                break
+            processed = sum(worker.step() for worker in workers)
+            if processed:
+                idle_loops = 0
+                continue
+            idle_loops += 1
+            if max_idle_loops is not None and idle_loops >= max_idle_loops:
+                break
+            time.sleep(IDLE_SLEEP_S)
+        for worker in workers:
+            worker.snapshot_now()
+    finally:
+        server.stop()
+        store.close()
+        reader.close()
+        log.info("stopped")
+
+
+def _open_store(settings: Settings, timeout_s: float = 30.0) -> DuckDBStore:
+    """Open the store, waiting while a previous worker (being stopped) still holds it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return DuckDBStore(settings.store_path)
+        except Exception as exc:  # duckdb.IOException: "Could not set lock on file"
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -1,0 +1,60 @@
+"""Shared test helpers: building event frames the way the log would hold them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import polars as pl
+import pytest
+
+from clickagg.core import ids
+from clickagg.core.columns import ColumnBuilder, EventColumns, to_frame
+
+
+@dataclass(frozen=True)
+class Ev:
+    event_id: str
+    ad_id: str
+    ts_ms: int
+    event_type: int = ids.CLICK
+    user_id: str | None = None
+    country: str | None = None
+    device: str | None = None
+    browser: str | None = None
+    cost_micros: int = -1
+
+
+def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns:
+    builder = ColumnBuilder()
+    for ev in events:
+        fp_high, fp_low = ids.fingerprint(ev.event_type, ev.event_id)
+        builder.add(
+            event_id=ev.event_id,
+            fp_high=fp_high,
+            fp_low=fp_low,
+            event_type=ev.event_type,
+            ts_ms=ev.ts_ms,
+            received_ms=received_ms or ev.ts_ms,
+            cost_micros=ev.cost_micros,
+            user_hash=ids.user_hash(ev.user_id),
+            ad_id=ev.ad_id,
+            advertiser_id=None,
+            campaign_id=None,
+            user_id=ev.user_id,
+            ip=None,
+            user_agent=None,
+            country=ev.country,
+            device=ev.device,
+            browser=ev.browser,
+        )
+    return builder.build()
+
+
+def frame_of(events: Iterable[Ev], *, partition: int = 0, base_offset: int = 0) -> pl.DataFrame:
+    return to_frame(build_columns(events), partition=partition, base_offset=base_offset)
+
+
+@pytest.fixture
+def make_frame() -> type:
+    return Ev
