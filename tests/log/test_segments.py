@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -197,6 +198,54 @@ def test_recovery_truncates_torn_tail(tmp_path: Path, tail: str) -> None:
     with SegmentLogReader(tmp_path) as r:
         check_frames(read_all(r, 0), 0, 0, end + 3)
         check_frames(read_all(r, 1), 1, 0, 7)
+
+
+def test_recovery_keeps_an_empty_last_segment(tmp_path: Path) -> None:
+    """A crash right after a roll leaves the new segment empty: its name is the next offset."""
+    with open_writer(tmp_path, partitions=1) as w:
+        written = fill(w, 0, 5)
+        w.sync()
+    end = sum(c for _, c in written)
+    (tmp_path / "p0000" / f"{end:020d}.seg").touch()
+    with open_writer(tmp_path, partitions=1) as w:
+        assert w.append(0, payload(0, end, 2), 2) == end
+        w.sync()
+    assert (tmp_path / "p0000" / f"{end:020d}.seg").stat().st_size > 0
+    with SegmentLogReader(tmp_path) as r:
+        check_frames(read_all(r, 0), 0, 0, end + 2)
+
+
+def test_sync_in_another_thread_while_appending(tmp_path: Path) -> None:
+    """Group commit: fsync runs outside the lock, so appends during it must not be lost or
+    published early."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    with open_writer(tmp_path, segment_bytes=2000) as w, SegmentLogReader(tmp_path) as r:
+
+        def syncer() -> None:
+            try:
+                while not stop.is_set():
+                    w.sync()
+                    for p in range(3):  # whatever is published is readable and correct
+                        end = r.durable_end(p)
+                        if end:
+                            check_frames(r.read(p, end - 1, 1), p, end - 1, end)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=syncer)
+        thread.start()
+        nxt = [0, 0, 0]
+        for i in range(3000):
+            p, count = i % 3, 1 + i % 4
+            assert w.append(p, payload(p, nxt[p], count), count) == nxt[p]
+            nxt[p] += count
+        stop.set()
+        thread.join()
+        assert not errors, errors
+        w.sync()
+        for p in range(3):
+            check_frames(read_all(r, p, 0, 500), p, 0, nxt[p])
 
 
 WRITER_CHILD = """
