@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,12 +31,20 @@ class ServeProcess:
         self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
 
     def start(self, timeout_s: float = 60.0) -> None:
-        command = [sys.executable, "-m", "clickagg", "serve", "--data-dir", str(self.data_dir),
-                   "--port", str(self.port), "--partitions", str(self.partitions)]
+        command = [
+            sys.executable,
+            "-m",
+            "clickagg",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+            "--partitions",
+            str(self.partitions),
+        ]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=log, start_new_session=True
-            )
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -54,10 +63,8 @@ class ServeProcess:
     def kill9(self) -> None:
         """SIGKILL every process of the server (API process, worker process, helpers)."""
         assert self.process is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=10)
         self._wait_group_gone(self.process.pid)
 

@@ -28,22 +28,32 @@ class Workload:
         rnd = random.Random(seed)
         now_ms = int(time.time() * 1000)
         self.warmup: Batch = [
-            {"event_type": "impression", "event_id": f"warm-{n}", "ad_id": "ad-warm",
-             "timestamp": now_ms}
+            {
+                "event_type": "impression",
+                "event_id": f"warm-{n}",
+                "ad_id": "ad-warm",
+                "timestamp": now_ms,
+            }
             for n in range(64)
         ]
         self.on_time: Batch = []
         for n in range(events):
-            self.on_time.append({
-                "event_type": "click" if rnd.random() < 0.3 else "impression",
-                "event_id": f"e-{seed}-{n}",
-                "ad_id": f"ad-{rnd.randrange(ads)}",
-                "timestamp": now_ms - rnd.randrange(2 * MINUTE_MS),
-                "user_id": f"u-{rnd.randrange(500)}",
-            })
+            self.on_time.append(
+                {
+                    "event_type": "click" if rnd.random() < 0.3 else "impression",
+                    "event_id": f"e-{seed}-{n}",
+                    "ad_id": f"ad-{rnd.randrange(ads)}",
+                    "timestamp": now_ms - rnd.randrange(2 * MINUTE_MS),
+                    "user_id": f"u-{rnd.randrange(500)}",
+                }
+            )
         self.late: Batch = [
-            {"event_type": "click", "event_id": f"late-{seed}-{n}", "ad_id": f"ad-{n % ads}",
-             "timestamp": now_ms - 15 * MINUTE_MS}
+            {
+                "event_type": "click",
+                "event_id": f"late-{seed}-{n}",
+                "ad_id": f"ad-{n % ads}",
+                "timestamp": now_ms - 15 * MINUTE_MS,
+            }
             for n in range(events // 50)
         ]
         stream = self.on_time + self.late
@@ -66,8 +76,12 @@ def post(url: str, batch: Batch) -> bool:
     """True when the server acknowledged (202) the batch."""
     try:
         body = b"\n".join(msgspec.json.encode(e) for e in batch)
-        response = httpx.post(url + "/events/batch", content=body, timeout=10,
-                              headers={"content-type": "application/x-ndjson"})
+        response = httpx.post(
+            url + "/events/batch",
+            content=body,
+            timeout=10,
+            headers={"content-type": "application/x-ndjson"},
+        )
     except httpx.HTTPError:
         return False
     if response.status_code == 202:
@@ -76,8 +90,9 @@ def post(url: str, batch: Batch) -> bool:
     return False
 
 
-def send_until_killed(server: ServeProcess, batches: list[Batch], kill_after_s: float,
-                      threads: int = 3) -> set[int]:
+def send_until_killed(
+    server: ServeProcess, batches: list[Batch], kill_after_s: float, threads: int = 3
+) -> set[int]:
     """Send batches from several threads; kill -9 the server meanwhile. Returns acked batches."""
     acked: set[int] = set()
     lock = threading.Lock()
@@ -106,11 +121,16 @@ def send_until_killed(server: ServeProcess, batches: list[Batch], kill_after_s: 
 def minute_counts(url: str, ads: set[str]) -> Counter[tuple[str, int, str]]:
     counts: Counter[tuple[str, int, str]] = Counter()
     for ad_id in ads:
-        rows = httpx.get(url + "/aggregates", params={"ad_id": ad_id, "granularity": "minute",
-                                                      "last": "1h"}, timeout=10).json()
+        rows = httpx.get(
+            url + "/aggregates",
+            params={"ad_id": ad_id, "granularity": "minute", "last": "1h"},
+            timeout=10,
+        ).json()
         for row in rows:
-            minute = int(time.mktime(time.strptime(row["window"], "%Y-%m-%dT%H:%M:%SZ"))
-                         - time.timezone) * 1000
+            minute = (
+                int(time.mktime(time.strptime(row["window"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+                * 1000
+            )
             for kind, key in (("click", "clicks"), ("impression", "impressions")):
                 if row[key]:
                     counts[(ad_id, minute, kind)] += row[key]
@@ -137,8 +157,9 @@ def run_crash_cycles(tmp_path: Path, *, seed: int, events: int, kills: int) -> N
         rnd = random.Random(seed)
         pending = list(range(len(batches)))
         for _ in range(kills):
-            acked = send_until_killed(server, [batches[i] for i in pending],
-                                      kill_after_s=rnd.uniform(0.2, 1.0))
+            acked = send_until_killed(
+                server, [batches[i] for i in pending], kill_after_s=rnd.uniform(0.2, 1.0)
+            )
             pending = [i for n, i in enumerate(pending) if n not in acked]
             server.start()
         for index in pending:  # re-send what was never acknowledged
