@@ -133,7 +133,15 @@ def query(
     """Show an ad's aggregates."""
     if realtime:
         data = _get(url, f"/api/v1/ads/{ad_id}/metrics/realtime", {})
-        rows = [data]
+        rows = [
+            {
+                "window": f"last {suffix.replace('_', ' ')}",
+                "clicks": data[f"clicks_last_{suffix}"],
+                "impressions": data[f"impressions_last_{suffix}"],
+                "spend": data[f"spend_last_{suffix}"],
+            }
+            for suffix in ("minute", "5_minutes", "hour")
+        ]
     else:
         data = _get(
             url,

@@ -1,0 +1,78 @@
+"""The command line against a real ``clickagg serve`` subprocess, and the demo end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from clickagg.cli.main import main
+from tests.e2e.server import ServeProcess
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    process = ServeProcess(tmp_path_factory.mktemp("cli") / "data", partitions=2)
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_serve_rejects_bad_settings() -> None:
+    result = CliRunner().invoke(main, ["serve", "--allowed-lateness", "soon"])
+    assert result.exit_code == 2 and "duration" in result.output
+    result = CliRunner().invoke(main, ["serve", "--allowed-lateness", "40m"])
+    assert result.exit_code == 2 and "dedup horizon" in result.output
+
+
+def test_query_and_trace(server: ServeProcess) -> None:
+    now = int(time.time())
+    for copy in range(2):
+        response = httpx.post(server.url + "/events/click", json={
+            "click_id": "cli-1", "ad_id": "ad-cli", "timestamp": now, "country": "US"})
+        assert response.status_code == 202, copy
+    runner = CliRunner()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        traced = runner.invoke(main, ["trace", "cli-1", "--url", server.url])
+        if "duplicate" in traced.output:
+            break
+        time.sleep(0.1)
+    assert traced.exit_code == 0, traced.output
+    assert "cli-1: counted (partition" in traced.output
+    assert "duplicate" in traced.output
+    result = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--last", "1h",
+                                  "--granularity", "minute", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"clicks": 1' in result.output
+    table = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--group-by",
+                                 "country"])
+    assert table.exit_code == 0 and "US" in table.output
+    realtime = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--realtime"])
+    assert realtime.exit_code == 0 and "last hour" in realtime.output
+    unknown = runner.invoke(main, ["trace", "nope", "--url", server.url])
+    assert unknown.exit_code == 1 and "no decision recorded" in unknown.output
+    bad = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--start", "noon"])
+    assert bad.exit_code == 1 and "400" in bad.output
+
+
+def test_query_says_when_the_server_is_unreachable() -> None:
+    result = CliRunner().invoke(main, ["query", "ad", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and "cannot reach" in result.output
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clickagg", "demo", "--seconds", "4", "--rate", "1000"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Top ads" in result.stdout
+    assert "duplicates dropped" in result.stdout
+    assert "Where to look next" in result.stdout
