@@ -34,8 +34,10 @@ def test_serve_rejects_bad_settings() -> None:
 def test_query_and_trace(server: ServeProcess) -> None:
     now = int(time.time())
     for copy in range(2):
-        response = httpx.post(server.url + "/events/click", json={
-            "click_id": "cli-1", "ad_id": "ad-cli", "timestamp": now, "country": "US"})
+        response = httpx.post(
+            server.url + "/events/click",
+            json={"click_id": "cli-1", "ad_id": "ad-cli", "timestamp": now, "country": "US"},
+        )
         assert response.status_code == 202, copy
     runner = CliRunner()
     deadline = time.monotonic() + 20
@@ -47,12 +49,23 @@ def test_query_and_trace(server: ServeProcess) -> None:
     assert traced.exit_code == 0, traced.output
     assert "cli-1: counted (partition" in traced.output
     assert "duplicate" in traced.output
-    result = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--last", "1h",
-                                  "--granularity", "minute", "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "query",
+            "ad-cli",
+            "--url",
+            server.url,
+            "--last",
+            "1h",
+            "--granularity",
+            "minute",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert '"clicks": 1' in result.output
-    table = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--group-by",
-                                 "country"])
+    table = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--group-by", "country"])
     assert table.exit_code == 0 and "US" in table.output
     realtime = runner.invoke(main, ["query", "ad-cli", "--url", server.url, "--realtime"])
     assert realtime.exit_code == 0 and "last hour" in realtime.output
@@ -70,7 +83,10 @@ def test_query_says_when_the_server_is_unreachable() -> None:
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "clickagg", "demo", "--seconds", "4", "--rate", "1000"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Top ads" in result.stdout

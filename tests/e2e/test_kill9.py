@@ -84,10 +84,10 @@ def post(url: str, batch: Batch) -> bool:
         )
     except httpx.HTTPError:
         return False
-    if response.status_code == 202:
-        assert response.json()["rejected"] == []
-        return True
-    return False
+    # Anything but an acknowledgement or a lost connection (the kill) is a bug.
+    assert response.status_code == 202, response.text
+    assert response.json()["rejected"] == []
+    return True
 
 
 def send_until_killed(
@@ -98,13 +98,20 @@ def send_until_killed(
     lock = threading.Lock()
     todo: Iterator[int] = iter(range(len(batches)))
 
+    errors: list[BaseException] = []
+
     def sender() -> None:
         while True:
             with lock:
                 index = next(todo, None)
             if index is None:
                 return
-            if post(server.url, batches[index]):
+            try:
+                ok = post(server.url, batches[index])
+            except BaseException as exc:  # surfaced in the test thread below
+                errors.append(exc)
+                return
+            if ok:
                 with lock:
                     acked.add(index)
 
@@ -115,6 +122,8 @@ def send_until_killed(
     server.kill9()
     for worker in workers:
         worker.join(timeout=30)
+    if errors:
+        raise errors[0]
     return acked
 
 

@@ -27,8 +27,9 @@ class Rig:
     """One partition's log, store and snapshots in a temp dir; workers can come and go."""
 
     def __init__(self, root: Path) -> None:
-        self.settings = Settings(data_dir=root, partitions=1, micro_batch_events=7,
-                                 snapshot_interval_ms=0)
+        self.settings = Settings(
+            data_dir=root, partitions=1, micro_batch_events=7, snapshot_interval_ms=0
+        )
         self.writer = SegmentLogWriter(root / "log", 1, retention_ms=DAY, retention_bytes=2**40)
         self.reader = SegmentLogReader(root / "log")
         self.store = DuckDBStore(root / "agg.duckdb")
@@ -41,8 +42,14 @@ class Rig:
         self.writer.sync()
 
     def worker(self) -> PartitionWorker:
-        return PartitionWorker(0, reader=self.reader, store=self.store, snapshots=self.snapshots,
-                               settings=self.settings, clock=self.clock)
+        return PartitionWorker(
+            0,
+            reader=self.reader,
+            store=self.store,
+            snapshots=self.snapshots,
+            settings=self.settings,
+            clock=self.clock,
+        )
 
     def drain(self, worker: PartitionWorker) -> None:
         for _ in range(1000):
@@ -51,10 +58,12 @@ class Rig:
         raise AssertionError("worker did not drain")
 
     def counts(self) -> Counter[str]:
-        rows = self.store.aggregates(ad_id="ad", start_ms=T0 - DAY, end_ms=T0 + DAY,
-                                     granularity="day")
-        return Counter({"clicks": sum(r.clicks for r in rows),
-                        "impressions": sum(r.impressions for r in rows)})
+        rows = self.store.aggregates(
+            ad_id="ad", start_ms=T0 - DAY, end_ms=T0 + DAY, granularity="day"
+        )
+        return Counter(
+            {"clicks": sum(r.clicks for r in rows), "impressions": sum(r.impressions for r in rows)}
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -73,14 +82,18 @@ def expected(*batches: list[Ev]) -> Counter[str]:
     """Reference: each distinct (type, id) once (all events here are on time)."""
     distinct = {(e.event_type, e.event_id) for batch in batches for e in batch}
     return Counter(
-        {"clicks": sum(t == ids.CLICK for t, _ in distinct),
-         "impressions": sum(t == ids.IMPRESSION for t, _ in distinct)}
+        {
+            "clicks": sum(t == ids.CLICK for t, _ in distinct),
+            "impressions": sum(t == ids.IMPRESSION for t, _ in distinct),
+        }
     )
 
 
 def traffic(n: int, start: int = 0) -> list[Ev]:
-    events = [Ev(f"e{i}", "ad", T0 + i * 1000, event_type=ids.CLICK if i % 3 else ids.IMPRESSION)
-              for i in range(start, start + n)]
+    events = [
+        Ev(f"e{i}", "ad", T0 + i * 1000, event_type=ids.CLICK if i % 3 else ids.IMPRESSION)
+        for i in range(start, start + n)
+    ]
     return events + events[::4]  # copies
 
 
@@ -104,8 +117,12 @@ def test_crash_after_processing_before_commit_redoes_the_batch(rig: Rig) -> None
 
 
 def test_crash_after_commit_before_snapshot_replays_to_the_same_state(rig: Rig) -> None:
-    rig.settings = Settings(data_dir=rig.settings.data_dir, partitions=1, micro_batch_events=7,
-                            snapshot_interval_ms=10**12)  # never snapshot on its own
+    rig.settings = Settings(
+        data_dir=rig.settings.data_dir,
+        partitions=1,
+        micro_batch_events=7,
+        snapshot_interval_ms=10**12,
+    )  # never snapshot on its own
     rig.append(traffic(40))
     first = rig.worker()
     first.step()

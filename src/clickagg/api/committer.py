@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-import msgspec
-
 from clickagg.core import columns
 from clickagg.core.columns import EventColumns
 from clickagg.log.base import LogFullError, LogWriter
@@ -42,7 +40,7 @@ def merge_columns(parts: list[EventColumns]) -> EventColumns:
             merged[name] = b"".join(values)
         else:
             merged[name] = [item for value in values for item in value]
-    return msgspec.convert(merged, EventColumns)
+    return EventColumns(**merged)  # type: ignore[arg-type]
 
 
 class GroupCommitter:
