@@ -192,10 +192,14 @@ def test_snapshot_round_trip() -> None:
 
 
 def test_restore_rejects_garbage() -> None:
-    data = _random_set(100, 1)[0].snapshot()
+    s = _random_set(100, 1)[0]
+    data = s.snapshot()
     for bad in (b"", b"nonsense" * 3, data[:-1], data + b"\0"):
         with pytest.raises(ValueError):
             IdSet.restore(bad)
+    twice = data[:8] + (2 * len(s.minutes())).to_bytes(8, "little") + data[16:] + data[16:]
+    with pytest.raises(ValueError, match="twice"):
+        IdSet.restore(twice)
 
 
 def test_memory_at_most_16_bytes_per_id() -> None:

@@ -101,7 +101,7 @@ async def _ingest_one(request: Request, event_type: int) -> Response:
     if batch.rejected:
         raise ApiError(400, "invalid event", batch.rejected[0].error)
     await commit(state, batch)
-    event_id, partition = batch.ids[0]
+    event_id, partition = batch.event_ids[0], batch.partitions[0]
     return JSONResponse(
         {"accepted": 1, "event_id": event_id, "partition": partition}, status_code=202
     )

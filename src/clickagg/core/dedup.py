@@ -2,27 +2,29 @@
 
 Layout: per minute bucket, a few immutable "runs", each a pair of uint64 arrays (high, low)
 sorted lexicographically by (high, low). Nothing else is stored per id, so at rest the set
-holds exactly 16 bytes per id; expiring a minute drops its arrays in O(1).
+holds exactly 16 bytes per id and expiring a minute drops its arrays in O(1).
 
-Why this shape and its costs (n = ids held, b = batch size, r = runs held in all buckets):
+Why this shape, and what it costs (b = batch size, m = ids in a run, B = live buckets):
 
-* A batch is sorted once (O(b log b)); a sorted batch makes both the within-batch duplicate
-  scan (adjacent compare) and the membership probes cache-friendly.
-* Membership is one ``searchsorted`` on ``high`` per run, O(b log n) each, so a call costs
-  O(r * b log n). When a run is much smaller than the batch the run is probed into the
-  batch instead, O(len(run) log b), so many small fresh runs stay cheap.
-* ``high`` is a hash half, so equal highs with different lows are rare but possible (and
-  trivial to craft). Exactness never relies on them being absent: any probe landing on an
-  equal high with a smaller low is refined by a vectorized bisection on ``low`` within the
-  equal-high range, O(log k) numpy passes over only those probes.
-* Each call adds one sorted run per touched bucket. Runs are merged (linear, by searchsorted
-  placement of the smaller into the larger, no re-sort) while the older neighbour is less
-  than ``_RATIO`` times the newer one, or when a bucket holds more than ``_MAX_RUNS``. Sizes
-  stay geometric, so a bucket of m ids has O(log m) runs and each id is re-copied
-  O(log m) times: amortized O(log m) per insert. A bucket not touched by a call is folded
-  into one run, so cold minutes (most of them, in a stream) cost one probe each.
-* Transient memory: a merge allocates the merged arrays (16 bytes per id of that bucket,
-  never of the whole set) plus 1 byte per id of mask until the inputs are released.
+* A batch is sorted once, O(b log b). Sorted, its repeats are adjacent (one compare finds
+  them) and its probes walk each run in order, which keeps searchsorted cache-friendly.
+* Membership is one ``searchsorted`` on ``high`` per run, the smaller side searched into the
+  larger: O(min(b log m, m log b)). A call probes every run of every bucket, so at least B
+  probes: that is the price of O(1) expiry with no per-id bucket tag (a tag would break
+  16 bytes per id). In a stream most minutes are cold, and a bucket a call does not touch
+  is folded into a single run, so a call costs about B + (runs of the hot minutes) probes.
+* ``high`` is a hash half: equal highs with different lows are rare but possible (and easy
+  to craft), and exactness never relies on their absence. A probe that lands on an equal
+  high with a smaller low is refined by a vectorized bisection on ``low`` inside that
+  equal-high range, O(log k) numpy passes over only those probes; ties inside a batch are
+  re-sorted by lexsort on just the tied elements.
+* Each call adds one sorted run per touched bucket. Runs are merged in linear time (the
+  smaller run is placed into the larger by its lower bounds; no re-sort) while the older
+  neighbour is less than ``_RATIO`` times the newer, or a bucket has over ``_MAX_RUNS``.
+  Sizes stay geometric: O(log m) runs per bucket, each id re-copied O(log m) times.
+* Transient memory: a merge briefly holds both inputs and the output (16 bytes per id of
+  that one bucket, never of the whole set) plus a 1-byte-per-id mask. A snapshot is one
+  copy of the ids (16 bytes per id) into the returned bytes.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ U64 = npt.NDArray[np.uint64]
 Run = tuple[U64, U64]
 
 _MINUTE_MS = 60_000
-_RATIO = 3
+_RATIO = 4
 _MAX_RUNS = 8
-_REVERSE_PROBE = 8  # probe the run into the batch when the run is this many times smaller
 _MAGIC = b"CAIDSET1"
 _HEAD = struct.Struct("<8sQ")
 _BUCKET = struct.Struct("<qQ")
@@ -67,7 +68,7 @@ def _probe(
     hit = np.zeros(len(kh), dtype=np.bool_)
     if n == 0 or len(kh) == 0:
         return idx, hit
-    cand = np.flatnonzero(rh[np.minimum(idx, n - 1)] == kh)
+    cand = np.flatnonzero(np.take(rh, idx, mode="clip") == kh)
     if cand.size == 0:
         return idx, hit
     got, want = rl[idx[cand]], kl[cand]
@@ -86,14 +87,14 @@ def _probe(
             lo[act] = np.where(less, mid + 1, lo[act])
             hi[act] = np.where(less, hi[act], mid)
         idx[amb] = lo
-        hit[amb] = (lo < end) & (rl[np.minimum(lo, n - 1)] == key)
+        hit[amb] = (lo < end) & (np.take(rl, lo, mode="clip") == key)
     return idx, hit
 
 
 def _contains(run: Run, kh: U64, kl: U64) -> npt.NDArray[np.bool_]:
     """Which keys (sorted, distinct pairs) are in the run."""
     rh, rl = run
-    if len(rh) * _REVERSE_PROBE >= len(kh):
+    if len(rh) >= len(kh):
         return _probe(rh, rl, kh, kl)[1]
     idx, hit = _probe(kh, kl, rh, rl)  # each run id matches at most one distinct key
     found = np.zeros(len(kh), dtype=np.bool_)
@@ -108,7 +109,7 @@ def _merge(a: Run, b: Run) -> Run:
     if len(b[0]) == 0:
         return a
     n, m = len(a[0]), len(b[0])
-    pos = _probe(a[0], a[1], b[0], b[1])[0] + np.arange(m)
+    pos = np.searchsorted(a[0], b[0]) + np.arange(m)
     from_a = np.ones(n + m, dtype=np.bool_)
     from_a[pos] = False
     out: list[U64] = []
@@ -209,14 +210,14 @@ class IdSet:
 
     def snapshot(self) -> bytes:
         """Header, then per bucket (minute, run count) and per run (count, highs, lows), LE."""
-        parts = [_HEAD.pack(_MAGIC, len(self._buckets))]
+        parts: list[bytes | memoryview] = [_HEAD.pack(_MAGIC, len(self._buckets))]
         for minute in self.minutes():
             runs = self._buckets[minute]
             parts.append(_BUCKET.pack(minute, len(runs)))
             for h, lo in runs:
                 parts.append(_COUNT.pack(len(h)))
-                parts.append(h.astype(_LE_U64, copy=False).tobytes())
-                parts.append(lo.astype(_LE_U64, copy=False).tobytes())
+                parts.append(h.astype(_LE_U64, copy=False).data)  # no copy on LE hosts
+                parts.append(lo.astype(_LE_U64, copy=False).data)
         return b"".join(parts)
 
     @classmethod
@@ -230,6 +231,8 @@ class IdSet:
             out = cls()
             for _ in range(nbuckets):
                 minute, nruns = _BUCKET.unpack_from(view, at)
+                if minute in out._buckets:
+                    raise ValueError(f"minute {minute} twice in IdSet snapshot")
                 at += _BUCKET.size
                 runs: list[Run] = []
                 for _ in range(nruns):

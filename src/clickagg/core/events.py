@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from operator import itemgetter
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
+import xxhash
 
 from clickagg.core import ids
-from clickagg.core.columns import ColumnBuilder, EventColumns
+from clickagg.core.columns import EventColumns
 from clickagg.core.useragent import device_and_browser
 
 Id = str | int
@@ -67,12 +71,13 @@ class NormalizedBatch:
     """Accepted events as columns per partition, plus what was rejected and why."""
 
     by_partition: dict[int, EventColumns] = field(default_factory=dict)
-    ids: list[tuple[str, int]] = field(default_factory=list)  # (event_id, partition) in order
+    event_ids: list[str] = field(default_factory=list)  # accepted, in request order
+    partitions: list[int] = field(default_factory=list)  # partition of each accepted event
     rejected: list[Rejection] = field(default_factory=list)
 
     @property
     def accepted(self) -> int:
-        return len(self.ids)
+        return len(self.event_ids)
 
 
 def decode_one(body: bytes) -> IncomingEvent:
@@ -89,8 +94,11 @@ def decode_many(body: bytes, *, ndjson: bool) -> tuple[list[IncomingEvent | None
     one to say which of them are bad.
     """
     if ndjson:
-        lines = [line for line in body.split(b"\n") if line.strip()]
-        body = b"[" + b",".join(lines) + b"]"
+        try:
+            return list(_single_decoder.decode_lines(body)), []
+        except msgspec.DecodeError:
+            lines = [line for line in body.split(b"\n") if line.strip()]
+            return _decode_lines_one_by_one(lines)
     try:
         return list(_array_decoder.decode(body)), []
     except msgspec.DecodeError:
@@ -98,8 +106,6 @@ def decode_many(body: bytes, *, ndjson: bool) -> tuple[list[IncomingEvent | None
     try:
         raw_items = _raw_array_decoder.decode(body)
     except msgspec.DecodeError as exc:
-        if ndjson:
-            return _decode_lines_one_by_one(lines)
         raise InvalidEvent(f"body is not a JSON array of events: {_describe(exc)}") from None
     events: list[IncomingEvent | None] = []
     rejected: list[Rejection] = []
@@ -127,10 +133,9 @@ def _decode_lines_one_by_one(
 
 
 def _describe(exc: msgspec.DecodeError) -> str:
-    text = str(exc)
-    if text.startswith("JSON is malformed"):
-        return "malformed JSON: " + text
-    return text
+    if isinstance(exc, msgspec.ValidationError):
+        return str(exc)
+    return f"malformed JSON: {exc}"
 
 
 def timestamp_ms(value: int | float | datetime) -> int:
@@ -178,77 +183,185 @@ def normalize(
     """Validate what the schema cannot (time bounds, type) and build per-partition columns.
 
     ``default_type`` is the endpoint's event type; batch items name theirs in ``event_type``.
-    ``None`` items were already rejected by the decoder.
+    ``None`` items were already rejected by the decoder. Column by column: one pass of
+    compiled code per field (list comprehensions, numpy, xxhash digests joined into one
+    buffer), with per-event Python only on the rare paths (no id given, bad values).
     """
-    batch = NormalizedBatch(rejected=list(rejected or ()))
-    builders: dict[int, ColumnBuilder] = {}
-    latest_allowed = now_ms + max_future_ms
-    for index, event in enumerate(events):
-        if event is None:
-            continue
-        try:
-            event_type = _event_type(event, default_type)
-            ts_ms = timestamp_ms(event.timestamp)
-            if ts_ms < EARLIEST_MS:
-                raise InvalidEvent(
-                    "timestamp is before 2000-01-01; send epoch seconds, epoch ms or "
-                    "ISO-8601 - at `$.timestamp`"
-                )
-            if ts_ms > latest_allowed:
-                raise InvalidEvent(
-                    f"timestamp is more than {max_future_ms // 1000} s in the future "
-                    "- at `$.timestamp`"
-                )
-        except InvalidEvent as exc:
-            batch.rejected.append(Rejection(index, str(exc)))
-            continue
-        event_id = event_id_of(event, event_type, ts_ms)
-        fp_high, fp_low = ids.fingerprint(event_type, event_id)
-        partition = ids.partition_of(fp_low, partitions)
-        device, browser = event.device, event.browser
-        if event.user_agent and (device is None or browser is None):
-            parsed_device, parsed_browser = device_and_browser(event.user_agent)
-            device = device or parsed_device
-            browser = browser or parsed_browser
-        user_id = _text(event.user_id)
-        builder = builders.get(partition)
-        if builder is None:
-            builder = builders[partition] = ColumnBuilder()
-        builder.add(
-            event_id=event_id,
-            fp_high=fp_high,
-            fp_low=fp_low,
-            event_type=event_type,
-            ts_ms=ts_ms,
-            received_ms=now_ms,
-            cost_micros=-1 if event.cost_micros is None else event.cost_micros,
-            user_hash=ids.user_hash(user_id),
-            ad_id=str(event.ad_id),
-            advertiser_id=_text(event.advertiser_id),
-            campaign_id=_text(event.campaign_id),
-            user_id=user_id,
-            ip=event.ip,
-            user_agent=event.user_agent,
-            country=event.country.upper() if event.country else None,
-            device=device.lower() if device else None,
-            browser=browser,
-        )
-        batch.ids.append((event_id, partition))
-    batch.by_partition = {p: b.build() for p, b in sorted(builders.items())}
-    batch.rejected.sort(key=lambda r: r.index)
-    return batch
+    problems: dict[int, str] = {}
+    positions = [i for i, event in enumerate(events) if event is not None]
+    valid = cast(list[IncomingEvent], [events[i] for i in positions])
+    types = _event_types(valid, default_type, problems)
+    ts_ms = _timestamps(valid, now_ms + max_future_ms, max_future_ms, problems)
+    if problems:
+        keep = [n for n in range(len(valid)) if n not in problems]
+        batch_rejections = [Rejection(positions[n], problem) for n, problem in problems.items()]
+        valid = [valid[n] for n in keep]
+        types = types[keep]
+        ts_ms = ts_ms[keep]
+        positions = [positions[n] for n in keep]
+    else:
+        batch_rejections = []
+    all_rejected = sorted([*(rejected or ()), *batch_rejections], key=lambda r: r.index)
+    if not valid:
+        return NormalizedBatch(rejected=all_rejected)
+    event_ids = _event_ids(valid, types, ts_ms)
+    fp_high, fp_low = _fingerprints(event_ids, types)
+    partition = (fp_low % np.uint64(partitions)).astype(np.int64)
+    user_ids = [_text(e.user_id) for e in valid]
+    devices, browsers = _devices_and_browsers(valid)
+    numeric: dict[str, npt.NDArray[Any]] = {
+        "fp_high": fp_high,
+        "fp_low": fp_low,
+        "event_type": types.astype(np.uint8),
+        "ts_ms": ts_ms,
+        "received_ms": np.full(len(valid), now_ms, dtype=np.int64),
+        "cost_micros": np.array(
+            [-1 if e.cost_micros is None else e.cost_micros for e in valid], dtype=np.int64
+        ),
+        "user_hash": np.array(
+            [0 if u is None else (xxhash.xxh3_64_intdigest(u.encode()) or 1) for u in user_ids],
+            dtype=np.uint64,
+        ),
+    }
+    text: dict[str, list[Any]] = {
+        "event_id": event_ids,
+        "ad_id": [e.ad_id if type(e.ad_id) is str else str(e.ad_id) for e in valid],
+        "advertiser_id": [_text(e.advertiser_id) for e in valid],
+        "campaign_id": [_text(e.campaign_id) for e in valid],
+        "user_id": user_ids,
+        "ip": [e.ip for e in valid],
+        "user_agent": [e.user_agent for e in valid],
+        "country": [e.country.upper() if e.country else None for e in valid],
+        "device": devices,
+        "browser": browsers,
+    }
+    return NormalizedBatch(
+        by_partition=split_by_partition(partition, numeric, text),
+        event_ids=event_ids,
+        partitions=partition.tolist(),
+        rejected=all_rejected,
+    )
 
 
-def _event_type(event: IncomingEvent, default_type: int | None) -> int:
-    if event.event_type is not None:
-        code = ids.EVENT_TYPE_CODES[event.event_type]
-        if default_type is not None and code != default_type:
-            raise InvalidEvent(
-                f"event_type {event.event_type!r} does not match this endpoint - at `$.event_type`"
-            )
-        return code
+def split_by_partition(
+    partition: npt.NDArray[np.int64],
+    numeric: dict[str, npt.NDArray[Any]],
+    text: dict[str, list[Any]],
+) -> dict[int, EventColumns]:
+    """One EventColumns per partition present, events in request order within each."""
+    order = np.argsort(partition, kind="stable")
+    present, starts = np.unique(partition[order], return_index=True)
+    bounds = [*starts.tolist(), len(order)]
+    result: dict[int, EventColumns] = {}
+    for n, p in enumerate(present.tolist()):
+        rows = order[bounds[n] : bounds[n + 1]]
+        picked = rows.tolist()
+        getter = itemgetter(*picked)
+        single = len(picked) == 1
+        fields: dict[str, Any] = {name: values[rows].tobytes() for name, values in numeric.items()}
+        for name, values in text.items():
+            fields[name] = [getter(values)] if single else list(getter(values))
+        result[p] = EventColumns(count=len(picked), **fields)
+    return result
+
+
+def _event_types(
+    valid: list[IncomingEvent], default_type: int | None, problems: dict[int, str]
+) -> npt.NDArray[np.int64]:
+    names = [e.event_type for e in valid]
     if default_type is None:
-        raise InvalidEvent(
-            "Object missing required field `event_type` (click or impression) - at `$.event_type`"
-        )
-    return default_type
+        codes = [ids.EVENT_TYPE_CODES.get(name, -1) if name else -1 for name in names]
+        for n, code in enumerate(codes):
+            if code < 0:
+                problems[n] = (
+                    "Object missing required field `event_type` (click or impression) "
+                    "- at `$.event_type`"
+                )
+    else:
+        codes = [default_type if name is None else ids.EVENT_TYPE_CODES[name] for name in names]
+        for n, code in enumerate(codes):
+            if code != default_type:
+                problems[n] = (
+                    f"event_type {names[n]!r} does not match this endpoint - at `$.event_type`"
+                )
+    return np.array(codes, dtype=np.int64)
+
+
+def _timestamps(
+    valid: list[IncomingEvent], latest_ms: int, max_future_ms: int, problems: dict[int, str]
+) -> npt.NDArray[np.int64]:
+    raw = [e.timestamp for e in valid]
+    ts_ms: npt.NDArray[np.int64]
+    try:
+        if not all(type(v) is int for v in raw):
+            raise TypeError
+        values = np.array(raw, dtype=np.int64)
+        ts_ms = np.where(np.abs(values) < _SECONDS_LIMIT, values * 1000, values)
+    except (TypeError, OverflowError):
+        ts_ms = np.array([_timestamp_or_sentinel(v) for v in raw], dtype=np.int64)
+    for n in np.flatnonzero((ts_ms < EARLIEST_MS) | (ts_ms > latest_ms)).tolist():
+        if n in problems:
+            continue
+        if ts_ms[n] < EARLIEST_MS:
+            problems[n] = (
+                "timestamp is before 2000-01-01 or not a valid time; send epoch seconds, "
+                "epoch ms or ISO-8601 - at `$.timestamp`"
+            )
+        else:
+            problems[n] = (
+                f"timestamp is more than {max_future_ms // 1000} s in the future - at `$.timestamp`"
+            )
+    return ts_ms
+
+
+def _timestamp_or_sentinel(value: int | float | datetime) -> int:
+    try:
+        ms = timestamp_ms(value)
+    except (OverflowError, ValueError, OSError):
+        return -1
+    return ms if -(2**62) < ms < 2**62 else -1
+
+
+def _event_ids(
+    valid: list[IncomingEvent], types: npt.NDArray[np.int64], ts_ms: npt.NDArray[np.int64]
+) -> list[str]:
+    given = [
+        e.event_id if e.event_id is not None else _typed_id(e, code)
+        for e, code in zip(valid, types.tolist(), strict=True)
+    ]
+    return [
+        (value if type(value) is str else str(value))
+        if value is not None
+        else event_id_of(valid[n], int(types[n]), int(ts_ms[n]))
+        for n, value in enumerate(given)
+    ]
+
+
+def _typed_id(event: IncomingEvent, code: int) -> Id | None:
+    preferred = event.click_id if code == ids.CLICK else event.impression_id
+    if preferred is not None:
+        return preferred
+    return event.click_id if event.click_id is not None else event.impression_id
+
+
+def _fingerprints(
+    event_ids: list[str], types: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """The same values as :func:`ids.fingerprint`, computed into one buffer."""
+    digest = xxhash.xxh3_128_digest
+    joined = b"".join(
+        [digest(i.encode(), seed) for i, seed in zip(event_ids, types.tolist(), strict=True)]
+    )
+    halves = np.frombuffer(joined, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    return np.ascontiguousarray(halves[:, 0]), np.ascontiguousarray(halves[:, 1])
+
+
+def _devices_and_browsers(valid: list[IncomingEvent]) -> tuple[list[Any], list[Any]]:
+    devices: list[str | None] = [e.device for e in valid]
+    browsers: list[str | None] = [e.browser for e in valid]
+    for n, event in enumerate(valid):
+        if event.user_agent and (devices[n] is None or browsers[n] is None):
+            device, browser = device_and_browser(event.user_agent)
+            devices[n] = devices[n] or device
+            browsers[n] = browsers[n] or browser
+    return [d.lower() if d else None for d in devices], browsers

@@ -1,0 +1,176 @@
+"""Event validation and normalization: per-field errors, time forms, ids, partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clickagg.core import columns, ids
+from clickagg.core.events import InvalidEvent, decode_many, decode_one, normalize
+
+NOW = 1_700_000_000_000
+
+
+def norm(body: bytes, *, default_type: int | None = None, partitions: int = 8):  # type: ignore[no-untyped-def]
+    events, rejected = decode_many(body, ndjson=False)
+    return normalize(
+        events,
+        default_type=default_type,
+        partitions=partitions,
+        now_ms=NOW,
+        max_future_ms=300_000,
+        rejected=rejected,
+    )
+
+
+def all_columns(batch) -> dict[str, list[object]]:  # type: ignore[no-untyped-def]
+    merged: dict[str, list[object]] = {}
+    for p, cols in sorted(batch.by_partition.items()):
+        frame = columns.to_frame(cols, partition=p, base_offset=0)
+        for name in frame.columns:
+            merged.setdefault(name, []).extend(frame[name].to_list())
+    return merged
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "1700000000",
+        "1700000000000",
+        "1700000000.0",
+        '"2023-11-14T22:13:20Z"',
+        '"2023-11-14T22:13:20"',
+        '"2023-11-14T23:13:20+01:00"',
+    ],
+)
+def test_every_time_form_means_the_same_instant(timestamp: str) -> None:
+    batch = norm(f'[{{"event_type":"click","ad_id":"a","timestamp":{timestamp}}}]'.encode())
+    assert batch.rejected == []
+    assert all_columns(batch)["ts_ms"] == [1_700_000_000_000]
+
+
+def test_synthesized_id_is_stable_across_key_order_and_time_form() -> None:
+    a = norm(b'[{"event_type":"click","ad_id":"a","user_id":"u","timestamp":1700000000}]')
+    b = norm(
+        b'[{"timestamp":"2023-11-14T22:13:20Z","user_id":"u","ad_id":"a","event_type":"click"}]'
+    )
+    c = norm(b'[{"event_type":"click","ad_id":"a","user_id":"v","timestamp":1700000000}]')
+    assert a.event_ids == b.event_ids
+    assert a.event_ids != c.event_ids
+    assert a.event_ids[0].startswith("h")
+
+
+def test_ids_fingerprints_and_partitions_agree_with_ids_module() -> None:
+    body = (
+        b"["
+        + b",".join(
+            f'{{"event_type":"{"click" if n % 2 else "impression"}","event_id":{n},"ad_id":"a",'
+            f'"timestamp":1700000000}}'.encode()
+            for n in range(300)
+        )
+        + b"]"
+    )
+    batch = norm(body, partitions=7)
+    cols = all_columns(batch)
+    for event_id, event_type, high, low, partition in zip(
+        cols["event_id"],
+        cols["event_type"],
+        cols["fp_high"],
+        cols["fp_low"],
+        cols["partition"],
+        strict=True,
+    ):
+        assert isinstance(event_id, str) and isinstance(event_type, int)
+        assert ids.fingerprint(event_type, event_id) == (high, low)
+        assert partition == ids.partition_for_id(event_type, event_id, 7)
+    assert sorted(batch.event_ids, key=int) == [str(n) for n in range(300)]
+
+
+def test_order_within_a_partition_is_request_order() -> None:
+    body = (
+        b"["
+        + b",".join(
+            f'{{"event_type":"click","event_id":"e{n}","ad_id":"a","timestamp":1700000000}}'.encode()
+            for n in range(100)
+        )
+        + b"]"
+    )
+    for cols in norm(body, partitions=3).by_partition.values():
+        numbers = [int(e[1:]) for e in cols.event_id]
+        assert numbers == sorted(numbers)
+
+
+def test_rejections_name_the_field_and_keep_request_indices() -> None:
+    batch = norm(
+        b'[{"event_type":"click","ad_id":"a","timestamp":1700000000},'
+        b'{"event_type":"click","ad_id":"a","timestamp":1800000000},'
+        b'{"event_type":"click","ad_id":"a"},'
+        b'{"ad_id":"a","timestamp":1700000000},'
+        b'{"event_type":"click","ad_id":"a","timestamp":99999999999999999999999}]'
+    )
+    assert batch.accepted == 1
+    errors = {r.index: r.error for r in batch.rejected}
+    assert "future" in errors[1]
+    assert "timestamp" in errors[2]
+    assert "event_type" in errors[3]
+    assert "timestamp" in errors[4]
+
+
+def test_user_agent_gives_device_and_browser_unless_given() -> None:
+    iphone = (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+    )
+    bot = "Googlebot/2.1 (+http://www.google.com/bot.html)"
+    body = (
+        f'[{{"event_type":"click","ad_id":"a","timestamp":1700000000,"user_agent":"{iphone}"}},'
+        f'{{"event_type":"click","ad_id":"a","timestamp":1700000000,"user_agent":"{bot}"}},'
+        f'{{"event_type":"click","ad_id":"a","timestamp":1700000000,"user_agent":"{iphone}",'
+        f'"device":"TV","browser":"Own"}}]'
+    ).encode()
+    cols = all_columns(norm(body, partitions=1))
+    assert cols["device"] == ["mobile", "bot", "tv"]
+    assert cols["browser"][0] == "Mobile Safari" and cols["browser"][2] == "Own"
+
+
+def test_single_event_errors() -> None:
+    with pytest.raises(InvalidEvent, match="malformed"):
+        decode_one(b"{")
+    with pytest.raises(InvalidEvent, match="ad_id"):
+        decode_one(b'{"timestamp": 1}')
+    batch = normalize(
+        [decode_one(b'{"ad_id":"a","timestamp":1700000000,"event_type":"click"}')],
+        default_type=ids.IMPRESSION,
+        partitions=2,
+        now_ms=NOW,
+        max_future_ms=0,
+    )
+    assert batch.accepted == 0 and "does not match" in batch.rejected[0].error
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["click", "impression"]), st.text(min_size=1, max_size=20)),
+        max_size=50,
+    )
+)
+def test_numeric_columns_round_trip_through_the_log_format(items: list[tuple[str, str]]) -> None:
+    import msgspec
+
+    body = msgspec.json.encode(
+        [
+            {"event_type": t, "event_id": i, "ad_id": "a", "timestamp": 1_700_000_000, "user_id": i}
+            for t, i in items
+        ]
+    )
+    batch = norm(body, partitions=4)
+    total = 0
+    for cols in batch.by_partition.values():
+        decoded = columns.decode(columns.encode(cols))
+        assert decoded == cols
+        hashes = np.frombuffer(decoded.user_hash, dtype=np.uint64)
+        assert [ids.user_hash(u) for u in decoded.user_id] == hashes.tolist()
+        total += decoded.count
+    assert total == len(items) == batch.accepted
