@@ -8,7 +8,9 @@ events (cold minutes exist, as in the worker); ``uniform`` mode spreads every ba
 
 Each implementation runs in a fresh child process that loads the pre-generated workload from
 disk, so RSS numbers are not polluted by the generator or by the other implementation:
-"rest" is resident growth after the run, "peak" is ru_maxrss after minus resident before.
+"rest" is resident growth after the adds, "peak" is ru_maxrss after the adds minus resident
+before (the snapshot is measured separately, after). "ids/s cpu" uses process CPU time, a
+steadier figure than wall time on a shared machine (both implementations are single-threaded).
 
     .venv/bin/python bench/dedup_memory.py [--n 5000000] [--mode stream|uniform]
 """
@@ -70,22 +72,24 @@ def run_child(impl: str, path: str, batch: int) -> dict:
         expected = int(z["expected_dups"])
     n = len(h)
     before = rss_bytes()
-    dups, elapsed, worst = 0, 0.0, 0.0
+    dups, elapsed, cpu, worst = 0, 0.0, 0.0, 0.0
     result: dict = {"impl": impl}
     if impl == "idset":
         s = IdSet()
         for a in range(0, n, batch):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             d = s.check_and_add(h[a : a + batch], lo[a : a + batch], m[a : a + batch])
             dt = time.perf_counter() - t
-            elapsed, worst = elapsed + dt, max(worst, dt)
+            elapsed, cpu, worst = elapsed + dt, cpu + time.process_time() - c, max(worst, dt)
             dups += int(d.sum())
         held = len(s)
         result["nbytes_per_id"] = s.nbytes / held
+        peak, rest = peak_bytes(), rss_bytes()
         t = time.perf_counter()
         snap = s.snapshot()
         result["snapshot_s"] = time.perf_counter() - t
         result["snapshot_bytes_per_id"] = len(snap) / held
+        result["snapshot_peak_rss_growth_per_id"] = (peak_bytes() - rest) / held
         del snap
     else:
         seen: set[int] = set()
@@ -94,7 +98,7 @@ def run_child(impl: str, path: str, batch: int) -> dict:
             t = time.perf_counter()
             hb, lb = h[a : a + batch].astype(object), lo[a : a + batch].astype(object)
             keys = ((hb << 64) | lb).tolist()
-            t1 = time.perf_counter()
+            t1, c = time.perf_counter(), time.process_time()
             out: list[bool] = []
             for key in keys:
                 if key in seen:
@@ -104,19 +108,21 @@ def run_child(impl: str, path: str, batch: int) -> dict:
                     out.append(False)
             dt = time.perf_counter() - t1
             convert += t1 - t
-            elapsed, worst = elapsed + dt, max(worst, dt)
+            elapsed, cpu, worst = elapsed + dt, cpu + time.process_time() - c, max(worst, dt)
             dups += sum(out)
         held = len(seen)
         result["ids_per_s_incl_int_conversion"] = n / (elapsed + convert)
+        peak, rest = peak_bytes(), rss_bytes()
     if dups != expected or held != n - expected:
         raise SystemExit(f"{impl}: wrong answer: {dups} dups, expected {expected}")
     result |= {
         "n": n,
         "held": held,
         "ids_per_s": n / elapsed,
+        "ids_per_cpu_s": n / cpu,
         "worst_call_ms": worst * 1e3,
-        "rest_rss_per_id": (rss_bytes() - before) / held,
-        "peak_rss_per_id": (peak_bytes() - before) / held,
+        "rest_rss_per_id": (rest - before) / held,
+        "peak_rss_per_id": (peak - before) / held,
     }
     return result
 
@@ -147,16 +153,24 @@ def main() -> None:
             results.append(json.loads(out.stdout))
     idset, base = results
     print(f"n={args.n} batch={args.batch} minutes={args.minutes} dup={args.dup} mode={args.mode}")
-    print(f"{'impl':<8}{'ids/s':>12}{'worst call ms':>15}{'rest B/id':>11}{'peak B/id':>11}")
+    print(
+        f"{'impl':<8}{'ids/s wall':>12}{'ids/s cpu':>12}{'worst call ms':>15}"
+        f"{'rest B/id':>11}{'peak B/id':>11}"
+    )
     for r in results:
         print(
-            f"{r['impl']:<8}{r['ids_per_s']:>12,.0f}{r['worst_call_ms']:>15.1f}"
+            f"{r['impl']:<8}{r['ids_per_s']:>12,.0f}{r['ids_per_cpu_s']:>12,.0f}"
+            f"{r['worst_call_ms']:>15.1f}"
             f"{r['rest_rss_per_id']:>11.1f}{r['peak_rss_per_id']:>11.1f}"
         )
     print(
-        f"idset nbytes/id at rest: {idset['nbytes_per_id']:.2f}; snapshot "
-        f"{idset['snapshot_bytes_per_id']:.2f} B/id in {idset['snapshot_s']:.2f} s; set incl. "
-        f"int conversion: {base['ids_per_s_incl_int_conversion']:,.0f} ids/s"
+        f"idset: nbytes/id at rest {idset['nbytes_per_id']:.2f}; snapshot "
+        f"{idset['snapshot_bytes_per_id']:.2f} B/id in {idset['snapshot_s']:.2f} s, peak RSS "
+        f"+{idset['snapshot_peak_rss_growth_per_id']:.1f} B/id while snapshotting"
+    )
+    print(
+        "set: timed loop excludes building the 128-bit ints; including it: "
+        f"{base['ids_per_s_incl_int_conversion']:,.0f} ids/s"
     )
     print(json.dumps({"bench": "dedup_memory", "mode": args.mode, "idset": idset, "set": base}))
 

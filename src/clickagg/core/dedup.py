@@ -109,7 +109,7 @@ def _merge(a: Run, b: Run) -> Run:
     if len(b[0]) == 0:
         return a
     n, m = len(a[0]), len(b[0])
-    pos = np.searchsorted(a[0], b[0]) + np.arange(m)
+    pos = _probe(a[0], a[1], b[0], b[1])[0] + np.arange(m)
     from_a = np.ones(n + m, dtype=np.bool_)
     from_a[pos] = False
     out: list[U64] = []
