@@ -103,6 +103,9 @@ class QueryClient:
         }
 
     async def call(self, method: str, **kwargs: Any) -> Any:
+        decoder = self._decoders.get(method)
+        if decoder is None:
+            raise QueryError(f"unknown method {method!r}")
         async with self._slots:
             connection = self._idle.pop() if self._idle else None
             if connection is None:
@@ -118,7 +121,7 @@ class QueryClient:
                 writer.close()
                 raise
             self._idle.append(connection)
-        ok, result = self._decoders[method].decode(body)
+        ok, result = decoder.decode(body)
         if not ok:
             raise QueryError(str(result))
         return result
