@@ -12,16 +12,23 @@ its own DuckDB connection with its own transaction, so readers see committed sna
 never wait for the worker's transaction (MVCC); DuckDB runs statements of different cursors
 in parallel and releases the GIL while executing. Commits are serialized by a lock: DuckDB
 transactions are optimistic, so two writers upserting the same (ad, minute) row (two
-partitions' batches share ads) would make one of them fail at COMMIT.
+partitions' batches share ads) would make one of them fail at COMMIT. That same conflict
+check is a second fence: two stores opened on one file in one process (DuckDB shares the
+database) cannot both advance a partition from the same offset.
 
-Table layout: the measure columns of ``clickagg.core.aggregate.MEASURES`` (sums, plus the
-sorted KMV sketch ``user_hashes`` as ``UBIGINT[]``), keyed by (ad_id, minute_ms) in
-``agg_minute`` and additionally by the three dimensions in ``agg_minute_dims``.
+Tables: ``agg_minute`` keyed by (ad_id, minute_ms) and ``agg_minute_dims`` keyed also by the
+three dimensions hold the measures of ``clickagg.core.aggregate.MEASURES`` (sums, plus the
+sorted KMV sketch ``user_hashes`` as ``UBIGINT[]``). ``agg_hour`` / ``agg_hour_dims`` are
+the same rolled up to hours, written in the same transaction: merging sketches is what costs
+(a busy ad's day is 1440 full sketches, 368k hashes, 100+ ms to merge; from hours, 24),
+so hour and day queries read the hour tables and stay in single-digit milliseconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,23 +50,36 @@ from clickagg.store.base import (
 )
 
 _SUMS: Final = ("clicks", "impressions", "spend_micros", "invalid_clicks")
-_MINUTE_KEY: Final = ("ad_id", "minute_ms")
-_DIMS_KEY: Final = (*_MINUTE_KEY, *DIMENSIONS)
 _WINDOW_MS: Final[dict[str, int]] = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
 # group_by values map to column names through this whitelist only: nothing a caller passes
 # is ever spliced into SQL (values are bound as parameters).
 _GROUP_COLUMNS: Final[dict[str, str]] = {name: name for name in DIMENSIONS}
-
 _SQL_TYPES: Final[dict[pa.DataType, str]] = {
     pa.string(): "VARCHAR",
     pa.int32(): "INTEGER",
     pa.int64(): "BIGINT",
 }
+_MERGED_SKETCH: Final = f"list_sort(list_distinct(flatten(list(user_hashes))))[1:{sketch.K}]"
+_SUM_EXPRS: Final = ", ".join(f"sum({m})::BIGINT AS {m}" for m in _SUMS)
 
 
 def _q(name: str) -> str:
     """Quote an identifier (``partition`` and ``offset`` are SQL keywords)."""
     return f'"{name}"'
+
+
+def _key(time_col: str, dims: bool) -> tuple[str, ...]:
+    return ("ad_id", time_col, *(DIMENSIONS if dims else ()))
+
+
+def _aggregate_ddl(table: str, time_col: str, dims: bool) -> str:
+    key = _key(time_col, dims)
+    keys = ", ".join(f"{k} {'BIGINT' if k == time_col else 'VARCHAR'} NOT NULL" for k in key)
+    sums = ", ".join(f"{m} BIGINT NOT NULL" for m in _SUMS)
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table} ({keys}, {sums}, "
+        f"user_hashes UBIGINT[] NOT NULL, PRIMARY KEY ({', '.join(key)}))"
+    )
 
 
 def _columns_ddl(schema: pa.Schema) -> str:
@@ -69,20 +89,15 @@ def _columns_ddl(schema: pa.Schema) -> str:
     )
 
 
-def _aggregate_table_ddl(name: str, key: tuple[str, ...]) -> str:
-    keys = ", ".join(f"{k} {'BIGINT' if k == 'minute_ms' else 'VARCHAR'} NOT NULL" for k in key)
-    sums = ", ".join(f"{m} BIGINT NOT NULL" for m in _SUMS)
-    return (
-        f"CREATE TABLE IF NOT EXISTS {name} ({keys}, {sums}, "
-        f"user_hashes UBIGINT[] NOT NULL, PRIMARY KEY ({', '.join(key)}))"
-    )
-
-
-_MERGED_SKETCH: Final = f"list_sort(list_distinct(flatten(list(user_hashes))))[1:{sketch.K}]"
-
+# (table, time column, has dimensions, Arrow view the commit registers its delta as)
+_AGG_TABLES: Final = (
+    ("agg_minute", "minute_ms", False, "_clickagg_minute"),
+    ("agg_hour", "hour_ms", False, "_clickagg_minute"),
+    ("agg_minute_dims", "minute_ms", True, "_clickagg_dims"),
+    ("agg_hour_dims", "hour_ms", True, "_clickagg_dims"),
+)
 _SCHEMA_DDL: Final = (
-    _aggregate_table_ddl("agg_minute", _MINUTE_KEY),
-    _aggregate_table_ddl("agg_minute_dims", _DIMS_KEY),
+    *(_aggregate_ddl(table, col, dims) for table, col, dims, _ in _AGG_TABLES),
     """CREATE TABLE IF NOT EXISTS partition_offsets (
         "partition" INTEGER PRIMARY KEY, committed_offset BIGINT NOT NULL,
         max_event_ms BIGINT NOT NULL, watermark_ms BIGINT NOT NULL,
@@ -95,21 +110,27 @@ _SCHEMA_DDL: Final = (
 )
 
 
-def _upsert_sql(table: str, key: tuple[str, ...], source: str) -> str:
-    """Add a delta table into ``table``: sums add, sketches merge.
+def _upsert_sql(table: str, time_col: str, dims: bool, source: str) -> str:
+    """Add a minute-delta view into ``table``: sums add, sketches merge.
 
-    The source is first grouped by key so a delta holding one key twice still applies
-    (ON CONFLICT may not touch a row twice in one statement); deltas from
-    ``clickagg.core.aggregate`` are already unique, so this costs one cheap hash aggregate.
+    The source is grouped by the target key first: that rolls minutes up to hours, and lets
+    a delta holding one key twice still apply (ON CONFLICT may not touch a row twice in one
+    statement). A key met once (every minute key of a well-formed delta) skips the merge.
     """
+    size = HOUR_MS if time_col == "hour_ms" else MINUTE_MS
+    key = _key(time_col, dims)
     keys = ", ".join(key)
-    sums = ", ".join(f"sum({m})::BIGINT AS {m}" for m in _SUMS)
+    select_keys = ", ".join(
+        f"minute_ms - minute_ms % {size} AS {k}" if k == time_col else k for k in key
+    )
     updates = ", ".join(f"{m} = t.{m} + excluded.{m}" for m in _SUMS)
     merged = sketch.sql_merge("t.user_hashes", "excluded.user_hashes")
     return (
         f"INSERT INTO {table} AS t ({keys}, {', '.join(_SUMS)}, user_hashes) "
-        f"SELECT {keys}, {sums}, {_MERGED_SKETCH} AS user_hashes FROM {source} "
-        f"GROUP BY {keys} "
+        f"SELECT {select_keys}, {_SUM_EXPRS}, "
+        f"CASE WHEN count(*) = 1 THEN any_value(user_hashes) ELSE {_MERGED_SKETCH} END "
+        "AS user_hashes "
+        f"FROM {source} GROUP BY ALL "
         f"ON CONFLICT ({keys}) DO UPDATE SET {updates}, user_hashes = {merged}"
     )
 
@@ -120,10 +141,12 @@ def _append_sql(table: str, schema: pa.Schema, source: str) -> str:
     return f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {source}"
 
 
-_UPSERT_MINUTE: Final = _upsert_sql("agg_minute", _MINUTE_KEY, "_clickagg_minute")
-_UPSERT_DIMS: Final = _upsert_sql("agg_minute_dims", _DIMS_KEY, "_clickagg_dims")
-_APPEND_FATES: Final = _append_sql("event_fates", FATE_SCHEMA, "_clickagg_fates")
-_APPEND_LATE: Final = _append_sql("late_events", LATE_SCHEMA, "_clickagg_late")
+# (view the statement reads, statement), in commit order
+_COMMIT_STATEMENTS: Final = (
+    *((view, _upsert_sql(table, col, dims, view)) for table, col, dims, view in _AGG_TABLES),
+    ("_clickagg_fates", _append_sql("event_fates", FATE_SCHEMA, "_clickagg_fates")),
+    ("_clickagg_late", _append_sql("late_events", LATE_SCHEMA, "_clickagg_late")),
+)
 _OFFSET_COLUMNS: Final = (
     "committed_offset, max_event_ms, watermark_ms, counted, duplicates, late, invalid, "
     "committed_at_ms"
@@ -138,6 +161,36 @@ _UPSERT_OFFSET: Final = f"""
         duplicates = p.duplicates + excluded.duplicates,
         late = p.late + excluded.late, invalid = p.invalid + excluded.invalid,
         committed_at_ms = excluded.committed_at_ms"""
+_TOTALS_PART: Final = f"{', '.join(_SUMS)}, user_hashes"
+# Whole hours come from agg_hour, the ragged edges (if any) from agg_minute.
+_TOTALS: Final = f"""
+    SELECT {", ".join(f"coalesce(sum({m}), 0)::BIGINT AS {m}" for m in _SUMS)},
+           coalesce({_MERGED_SKETCH}, []::UBIGINT[]) AS sk
+    FROM (
+        SELECT {_TOTALS_PART} FROM agg_hour
+        WHERE ad_id = $ad AND hour_ms >= $hlo AND hour_ms < $hhi
+        UNION ALL
+        SELECT {_TOTALS_PART} FROM agg_minute
+        WHERE ad_id = $ad AND minute_ms >= $lo AND minute_ms < $hi
+          AND (minute_ms < $hlo OR minute_ms >= $hhi)
+    )"""
+
+
+def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
+    """Create missing tables (idempotent). A file written before the hour tables existed gets
+    them filled from its minute tables, so hour and day queries see its history."""
+    existing = {
+        name
+        for (name,) in cur.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+        ).fetchall()
+    }
+    for ddl in _SCHEMA_DDL:
+        cur.execute(ddl)
+    for table, col, dims, _ in _AGG_TABLES:
+        source = "agg_minute_dims" if dims else "agg_minute"
+        if col == "hour_ms" and table not in existing and source in existing:
+            cur.execute(_upsert_sql(table, col, dims, source))
 
 
 def _ceil(value: int, size: int) -> int:
@@ -152,14 +205,9 @@ class DuckDBStore:
         self._local = threading.local()
         self._commit_lock = threading.Lock()
         self._closed = False
-        cur = self._cursor()
-        cur.execute("BEGIN")
         try:
-            for ddl in _SCHEMA_DDL:
-                cur.execute(ddl)
-            cur.execute("COMMIT")
+            self._transaction(_create_schema)
         except BaseException:
-            cur.execute("ROLLBACK")
             self._conn.close()
             raise
 
@@ -173,6 +221,10 @@ class DuckDBStore:
             self._local.cursor = cur
         return cur
 
+    def _fetch(self, sql: str, params: object = None) -> list[tuple[Any, ...]]:
+        # Always fetchall: DuckDB 2 blocks some calls on a cursor with an unfinished result.
+        return self._cursor().execute(sql, params).fetchall()
+
     # -- writes ---------------------------------------------------------------------------
 
     def commit(self, commit: PartitionCommit) -> None:
@@ -180,15 +232,20 @@ class DuckDBStore:
         if commit.to_offset < commit.from_offset:
             raise ValueError(f"to_offset {commit.to_offset} < from_offset {commit.from_offset}")
         with self._commit_lock:
-            cur = self._cursor()
-            cur.execute("BEGIN")
-            try:
-                self._apply(cur, commit)
-                cur.execute("COMMIT")
-            except BaseException:
-                # A failed statement aborts DuckDB's transaction; ROLLBACK ends it cleanly.
+            self._transaction(lambda cur: self._apply(cur, commit))
+
+    def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
+        cur = self._cursor()
+        cur.execute("BEGIN")
+        try:
+            body(cur)
+            cur.execute("COMMIT")
+        except BaseException:
+            # A failed statement aborts DuckDB's transaction and a failed COMMIT has already
+            # rolled back; ROLLBACK just ends it, and must not hide the original error.
+            with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
-                raise
+            raise
 
     def _apply(self, cur: duckdb.DuckDBPyConnection, c: PartitionCommit) -> None:
         # fetchall, not fetchone: DuckDB 2 refuses register() while a result is unfinished.
@@ -202,18 +259,23 @@ class DuckDBStore:
                 f"partition {c.partition}: committed offset is {stored}, "
                 f"batch was read from {c.from_offset}"
             )
-        for sql, name, table in (
-            (_UPSERT_MINUTE, "_clickagg_minute", c.minute_deltas),
-            (_UPSERT_DIMS, "_clickagg_dims", c.dimension_deltas),
-            (_APPEND_FATES, "_clickagg_fates", c.fates),
-            (_APPEND_LATE, "_clickagg_late", c.late_events),
-        ):
-            if table.num_rows == 0:
-                continue
-            cur.register(name, table)
-            try:
-                cur.execute(sql)
-            finally:
+        views = {
+            "_clickagg_minute": c.minute_deltas,
+            "_clickagg_dims": c.dimension_deltas,
+            "_clickagg_fates": c.fates,
+            "_clickagg_late": c.late_events,
+        }
+        live: list[str] = []  # empty tables: no view, no statement
+        try:
+            for name, table in views.items():
+                if table.num_rows > 0:
+                    cur.register(name, table)
+                    live.append(name)
+            for view, sql in _COMMIT_STATEMENTS:
+                if view in live:
+                    cur.execute(sql)
+        finally:
+            for name in live:
                 cur.unregister(name)
         cur.execute(
             _UPSERT_OFFSET,
@@ -233,9 +295,7 @@ class DuckDBStore:
     # -- reads ----------------------------------------------------------------------------
 
     def committed_offsets(self) -> dict[int, int]:
-        rows = self._cursor().execute(
-            'SELECT "partition", committed_offset FROM partition_offsets'
-        ).fetchall()
+        rows = self._fetch('SELECT "partition", committed_offset FROM partition_offsets')
         return {int(p): int(o) for p, o in rows}
 
     def aggregates(
@@ -249,38 +309,48 @@ class DuckDBStore:
     ) -> list[AggregateRow]:
         """Rows for the windows starting in [start_ms, end_ms), oldest first, then by group.
 
-        Windows are UTC-aligned (``minute_ms - minute_ms % size``). The bounds are rounded
-        up to the window size before filtering minutes, so a window is either whole or
-        absent; for aligned bounds that is exactly ``start <= minute_ms < end``. Filtering
-        on the stored column (not on the computed window) keeps the scan prunable.
+        Windows are UTC-aligned (``t - t % size``). The bounds are rounded up to the window
+        size before filtering the stored rows, so a window is either whole or absent; for
+        aligned bounds that is exactly ``start <= minute_ms < end``. Filtering on the stored
+        column (not on the computed window) keeps the scan prunable. Minute windows read the
+        minute tables, hour and day windows the hour tables.
         """
         size = _WINDOW_MS.get(granularity)
         if size is None:
             raise ValueError(f"unknown granularity {granularity!r}")
-        if group_by is None:
-            table, group_col = "agg_minute", "NULL::VARCHAR"
-        else:
-            column = _GROUP_COLUMNS.get(group_by)
-            if column is None:
-                raise ValueError(f"cannot group by {group_by!r}")
-            table, group_col = "agg_minute_dims", column
-        sql = f"""
-            SELECT window_ms, grp, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
-            FROM (
-                SELECT minute_ms - minute_ms % $size AS window_ms, {group_col} AS grp,
-                       {", ".join(f"sum({m})::BIGINT AS {m}" for m in _SUMS)},
-                       {_MERGED_SKETCH} AS sk
-                FROM {table}
-                WHERE ad_id = $ad AND minute_ms >= $lo AND minute_ms < $hi
-                GROUP BY window_ms, grp
-            )
-            ORDER BY window_ms, grp"""
-        params = {
-            "size": size,
+        grain = "minute" if granularity == "minute" else "hour"
+        time_col = f"{grain}_ms"
+        params: dict[str, object] = {
             "ad": ad_id,
             "lo": _ceil(start_ms, size),
             "hi": _ceil(end_ms, size),
         }
+        where = f"WHERE ad_id = $ad AND {time_col} >= $lo AND {time_col} < $hi"
+        if group_by is None and granularity == grain:
+            # One stored row per window: no merge, just estimate each row's sketch.
+            sql = f"""
+                SELECT {time_col}, NULL, {", ".join(_SUMS)},
+                       {sketch.sql_estimate("user_hashes")}
+                FROM agg_{grain} {where} ORDER BY {time_col}"""
+        else:
+            if group_by is None:
+                table, group_col = f"agg_{grain}", "NULL::VARCHAR"
+            else:
+                column = _GROUP_COLUMNS.get(group_by)
+                if column is None:
+                    raise ValueError(f"cannot group by {group_by!r}")
+                table, group_col = f"agg_{grain}_dims", column
+            params["size"] = size
+            sql = f"""
+                SELECT window_ms, grp, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
+                FROM (
+                    SELECT {time_col} - {time_col} % $size AS window_ms, {group_col} AS grp,
+                           {_SUM_EXPRS}, {_MERGED_SKETCH} AS sk
+                    FROM {table} {where}
+                    GROUP BY window_ms, grp
+                )
+                ORDER BY window_ms, grp"""
+        rows = self._fetch(sql, params)
         return [
             AggregateRow(
                 window_ms=int(w),
@@ -291,22 +361,18 @@ class DuckDBStore:
                 invalid_clicks=int(invalid),
                 unique_users=int(users),
             )
-            for w, g, clicks, imps, spend, invalid, users in self._cursor()
-            .execute(sql, params)
-            .fetchall()
+            for w, g, clicks, imps, spend, invalid, users in rows
         ]
 
     def totals(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
         """Sums over the minutes in [start_ms, end_ms); zeros when there are none."""
-        sums = ", ".join(f"coalesce(sum({m}), 0)::BIGINT" for m in _SUMS)
-        sql = f"""
-            SELECT {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
-            FROM (
-                SELECT {sums}, coalesce({_MERGED_SKETCH}, []::UBIGINT[]) AS sk
-                FROM agg_minute WHERE ad_id = ? AND minute_ms >= ? AND minute_ms < ?
-            ) AS s({", ".join(_SUMS)}, sk)"""
+        hour_lo, hour_hi = _ceil(start_ms, HOUR_MS), end_ms - end_ms % HOUR_MS
+        if hour_lo >= hour_hi:  # no whole hour inside: every minute from agg_minute
+            hour_lo = hour_hi = start_ms
+        params = {"ad": ad_id, "lo": start_ms, "hi": end_ms, "hlo": hour_lo, "hhi": hour_hi}
+        sql = f"SELECT {', '.join(_SUMS)}, {sketch.sql_estimate('sk')} FROM ({_TOTALS})"
         # An aggregate without GROUP BY yields exactly one row.
-        [row] = self._cursor().execute(sql, [ad_id, start_ms, end_ms]).fetchall()
+        [row] = self._fetch(sql, params)
         clicks, imps, spend, invalid, users = (int(v) for v in row)
         return Totals(
             clicks=clicks,
@@ -318,11 +384,11 @@ class DuckDBStore:
 
     def fates(self, *, event_id: str) -> list[Fate]:
         """Every recorded decision about ``event_id``, in log order (a full scan: see DDL)."""
-        rows = self._cursor().execute(
+        rows = self._fetch(
             'SELECT event_id, event_type, "partition", "offset", status, reason, ad_id, ts_ms '
             'FROM event_fates WHERE event_id = ? ORDER BY "partition", "offset"',
             [event_id],
-        ).fetchall()
+        )
         return [
             Fate(
                 event_id=e,
@@ -338,13 +404,13 @@ class DuckDBStore:
         ]
 
     def partition_status(self) -> list[PartitionStatus]:
-        rows = self._cursor().execute(
+        rows = self._fetch(
             f'SELECT "partition", {_OFFSET_COLUMNS} FROM partition_offsets ORDER BY "partition"'
-        ).fetchall()
+        )
         return [PartitionStatus(*(int(v) for v in row)) for row in rows]
 
     def late_event_count(self) -> int:
-        [(count,)] = self._cursor().execute("SELECT count(*) FROM late_events").fetchall()
+        [(count,)] = self._fetch("SELECT count(*) FROM late_events")
         return int(count)
 
     def close(self) -> None:

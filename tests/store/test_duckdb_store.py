@@ -1,0 +1,562 @@
+"""DuckDBStore against real DuckDB files: sums, sketches, fencing, atomicity, crash safety."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from clickagg.core import aggregate, ids, sketch
+from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
+from clickagg.store.base import AggregateRow, FencedError, PartitionCommit, Totals
+from clickagg.store.duckdb_store import DuckDBStore
+
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % DAY_MS  # a UTC midnight
+CPC = {"ad1": 250, "ad2": 100}
+
+
+@dataclass(frozen=True)
+class Ev:
+    ad_id: str
+    ts_ms: int
+    click: bool = True
+    invalid: bool = False
+    cost_micros: int = -1  # < 0: use the ad's CPC
+    user: str | None = None
+    country: str | None = "US"
+    device: str | None = "mobile"
+    browser: str | None = "chrome"
+
+    @property
+    def spend(self) -> int:
+        if not self.click or self.invalid:
+            return 0
+        return self.cost_micros if self.cost_micros >= 0 else CPC.get(self.ad_id, 0)
+
+
+def frame(events: list[Ev]) -> pl.DataFrame:
+    df = pl.DataFrame(
+        {
+            "ad_id": [e.ad_id for e in events],
+            "ts_ms": [e.ts_ms for e in events],
+            "event_type": [ids.CLICK if e.click else ids.IMPRESSION for e in events],
+            "invalid": [e.invalid for e in events],
+            "cost_micros": [e.cost_micros for e in events],
+            "user_hash": pl.Series([ids.user_hash(e.user) for e in events], dtype=pl.UInt64),
+            "country": [e.country for e in events],
+            "device": [e.device for e in events],
+            "browser": [e.browser for e in events],
+        },
+        schema_overrides={"ts_ms": pl.Int64, "cost_micros": pl.Int64, "event_type": pl.Int8},
+    )
+    return aggregate.with_minute_and_spend(df, CPC)
+
+
+def fates_table(rows: list[tuple[str, int, int, str]]) -> pa.Table:
+    """(event_id, partition, offset, status) rows."""
+    return pa.table(
+        {
+            "event_id": [r[0] for r in rows],
+            "event_type": ["click"] * len(rows),
+            "partition": [r[1] for r in rows],
+            "offset": [r[2] for r in rows],
+            "status": [r[3] for r in rows],
+            "reason": [None if r[3] == "counted" else "because" for r in rows],
+            "ad_id": ["ad1"] * len(rows),
+            "ts_ms": [T0] * len(rows),
+        },
+        schema=aggregate.FATE_SCHEMA,
+    )
+
+
+def late_table(n: int, partition: int = 0) -> pa.Table:
+    cols: dict[str, list[object]] = {f.name: [None] * n for f in aggregate.LATE_SCHEMA}
+    cols.update(
+        partition=[partition] * n,
+        offset=list(range(n)),
+        event_id=[f"late{i}" for i in range(n)],
+        event_type=["click"] * n,
+        ad_id=["ad1"] * n,
+        ts_ms=[T0] * n,
+        received_ms=[T0 + HOUR_MS] * n,
+    )
+    return pa.table(cols, schema=aggregate.LATE_SCHEMA)
+
+
+def make_commit(
+    partition: int,
+    from_offset: int,
+    to_offset: int,
+    events: list[Ev],
+    *,
+    fates: pa.Table | None = None,
+    late: pa.Table | None = None,
+    duplicates: int = 0,
+) -> PartitionCommit:
+    if events:
+        df = frame(events)
+        minute, dims = aggregate.minute_deltas(df), aggregate.dimension_deltas(df)
+    else:
+        minute = aggregate.MINUTE_SCHEMA.empty_table()
+        dims = aggregate.DIMENSION_SCHEMA.empty_table()
+    return PartitionCommit(
+        partition=partition,
+        from_offset=from_offset,
+        to_offset=to_offset,
+        minute_deltas=minute,
+        dimension_deltas=dims,
+        fates=fates if fates is not None else aggregate.FATE_SCHEMA.empty_table(),
+        late_events=late if late is not None else aggregate.LATE_SCHEMA.empty_table(),
+        max_event_ms=max((e.ts_ms for e in events), default=T0),
+        watermark_ms=max((e.ts_ms for e in events), default=T0) - MINUTE_MS,
+        counted=len(events),
+        duplicates=duplicates,
+        late=0 if late is None else late.num_rows,
+        invalid=sum(e.invalid for e in events),
+        committed_at_ms=T0 + DAY_MS + to_offset,
+    )
+
+
+def expected_rows(
+    events: list[Ev], ad_id: str, start: int, end: int, size: int, group_by: str | None
+) -> list[AggregateRow]:
+    """Brute force over the events (exact user counts: keep sets below K users)."""
+    acc: dict[tuple[int, str | None], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    users: dict[tuple[int, str | None], set[int]] = defaultdict(set)
+    for e in events:
+        window = e.ts_ms - e.ts_ms % size
+        if e.ad_id != ad_id or not start <= window < end:
+            continue
+        key = (window, None if group_by is None else getattr(e, group_by) or "unknown")
+        a = acc[key]
+        a[0] += e.click and not e.invalid
+        a[1] += not e.click
+        a[2] += e.spend
+        a[3] += e.click and e.invalid
+        if e.user is not None:
+            users[key].add(ids.user_hash(e.user))
+    return [
+        AggregateRow(
+            window_ms=w,
+            group=g,
+            clicks=a[0],
+            impressions=a[1],
+            spend_micros=a[2],
+            unique_users=len(users[(w, g)]),
+            invalid_clicks=a[3],
+        )
+        for (w, g), a in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+    ]
+
+
+def random_events(rng: random.Random, n: int, span_ms: int) -> list[Ev]:
+    return [
+        Ev(
+            ad_id=rng.choice(["ad1", "ad2", "ad3"]),
+            ts_ms=T0 + rng.randrange(span_ms),
+            click=rng.random() < 0.6,
+            invalid=rng.random() < 0.1,
+            cost_micros=rng.choice([-1, -1, 0, 37, 1000]),
+            user=rng.choice([None, *(f"u{i}" for i in range(40))]),
+            country=rng.choice(["US", "DE", None]),
+            device=rng.choice(["mobile", "desktop"]),
+            browser=rng.choice(["chrome", "firefox", None]),
+        )
+        for _ in range(n)
+    ]
+
+
+def snapshot(store: DuckDBStore) -> tuple[object, ...]:
+    """Everything observable, to compare before and after a refused commit."""
+    return (
+        store.committed_offsets(),
+        store.partition_status(),
+        [
+            store.aggregates(ad_id=ad, start_ms=T0, end_ms=T0 + DAY_MS, granularity=g, group_by=d)
+            for ad in ("ad1", "ad2")
+            for g in ("minute", "hour")
+            for d in (None, "country")
+        ],
+        store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS),
+        store.fates(event_id="e1"),
+        store.late_event_count(),
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[DuckDBStore]:
+    s = DuckDBStore(tmp_path / "agg.duckdb")
+    yield s
+    s.close()
+
+
+def test_queries_match_brute_force(store: DuckDBStore) -> None:
+    rng = random.Random(7)
+    events = random_events(rng, 600, 2 * DAY_MS)
+    for i in range(0, 600, 150):  # four commits, some windows split across them
+        store.commit(make_commit(0, i, i + 150, events[i : i + 150]))
+    for granularity, size in (("minute", MINUTE_MS), ("hour", HOUR_MS), ("day", DAY_MS)):
+        for group_by in (None, "country", "device", "browser"):
+            for ad in ("ad1", "ad2", "nope"):
+                got = store.aggregates(
+                    ad_id=ad,
+                    start_ms=T0,
+                    end_ms=T0 + 2 * DAY_MS,
+                    granularity=granularity,  # type: ignore[arg-type]
+                    group_by=group_by,
+                )
+                assert got == expected_rows(events, ad, T0, T0 + 2 * DAY_MS, size, group_by)
+    # A sub-range: windows starting in [start, end) only.
+    got = store.aggregates(
+        ad_id="ad1", start_ms=T0 + 3 * HOUR_MS, end_ms=T0 + 5 * HOUR_MS, granularity="hour"
+    )
+    assert [r.window_ms for r in got] == [T0 + 3 * HOUR_MS, T0 + 4 * HOUR_MS]
+    assert got == expected_rows(events, "ad1", T0 + 3 * HOUR_MS, T0 + 5 * HOUR_MS, HOUR_MS, None)
+
+
+def test_unaligned_bounds_give_whole_windows(store: DuckDBStore) -> None:
+    events = [Ev("ad1", T0 + m * MINUTE_MS) for m in range(0, 180, 7)]
+    store.commit(make_commit(0, 0, 1, events))
+    got = store.aggregates(
+        ad_id="ad1", start_ms=T0 + 30 * MINUTE_MS, end_ms=T0 + 150 * MINUTE_MS, granularity="hour"
+    )
+    # 00:00 starts before the range, 01:00 and 02:00 start inside and are whole.
+    assert got == expected_rows(events, "ad1", T0 + HOUR_MS, T0 + 3 * HOUR_MS, HOUR_MS, None)
+    minutes = store.aggregates(
+        ad_id="ad1", start_ms=T0 + 1, end_ms=T0 + 8 * MINUTE_MS, granularity="minute"
+    )
+    assert [r.window_ms for r in minutes] == [T0 + 7 * MINUTE_MS]
+
+
+def test_totals_over_ragged_ranges(store: DuckDBStore) -> None:
+    rng = random.Random(3)
+    events = random_events(rng, 400, 5 * HOUR_MS)
+    store.commit(make_commit(0, 0, 400, events))
+    assert store.totals(ad_id="zzz", start_ms=T0, end_ms=T0 + DAY_MS) == Totals(0, 0, 0, 0, 0)
+    for _ in range(40):  # hour rows for whole hours plus minute rows at the edges
+        start = T0 + rng.randrange(-HOUR_MS, 5 * HOUR_MS)
+        end = start + rng.randrange(0, 5 * HOUR_MS)
+        inside = [
+            e for e in events if e.ad_id == "ad1" and start <= e.ts_ms - e.ts_ms % MINUTE_MS < end
+        ]
+        want = expected_rows(inside, "ad1", T0 - DAY_MS, T0 + DAY_MS, 2 * DAY_MS, None)
+        got = store.totals(ad_id="ad1", start_ms=start, end_ms=end)
+        if not want:
+            assert got == Totals(0, 0, 0, 0, 0)
+            continue
+        w = want[0]
+        assert got == Totals(
+            w.clicks, w.impressions, w.spend_micros, w.unique_users, w.invalid_clicks
+        )
+
+
+def test_commits_to_one_minute_add_up_and_sketches_merge(store: DuckDBStore) -> None:
+    a = [Ev("ad1", T0 + 5, user="alice"), Ev("ad1", T0 + 6, user="bob", click=False)]
+    b = [Ev("ad1", T0 + 7, user="bob", cost_micros=9), Ev("ad1", T0 + 8, user="carol")]
+    store.commit(make_commit(0, 0, 2, a))
+    store.commit(make_commit(1, 0, 2, b))  # another partition, same (ad, minute)
+    [row] = store.aggregates(ad_id="ad1", start_ms=T0, end_ms=T0 + MINUTE_MS, granularity="minute")
+    assert (row.clicks, row.impressions, row.spend_micros, row.unique_users) == (3, 1, 509, 3)
+    [by_country] = store.aggregates(
+        ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="day", group_by="country"
+    )
+    assert (by_country.group, by_country.clicks, by_country.unique_users) == ("US", 3, 3)
+
+
+def test_sketch_estimate_beyond_k(store: DuckDBStore) -> None:
+    users = [f"user-{i}" for i in range(4600)]
+    offset = 0
+    for chunk in range(10):  # users repeat across commits and minutes: duplicates must not count
+        events = [
+            Ev("ad1", T0 + ((i * 7 + chunk) % 300) * MINUTE_MS, user=u)
+            for i, u in enumerate(users[chunk * 400 : chunk * 400 + 1000])
+        ]
+        store.commit(make_commit(0, offset, offset + len(events), events))
+        offset += len(events)
+    n_users = len(users)
+    truth_hashes = [ids.user_hash(u) for u in users]
+    exact_estimate = sketch.estimate(sketch.build(np.array(truth_hashes, dtype=np.uint64)))
+    [day] = store.aggregates(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="day")
+    total = store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS)
+    # Merging is exact: same estimate as one sketch built from every user at once ...
+    assert day.unique_users == total.unique_users == exact_estimate
+    # ... and that estimate is within 3 standard errors of the truth.
+    assert abs(day.unique_users - n_users) <= 3 / math.sqrt(sketch.K - 2) * n_users
+    hours = store.aggregates(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="hour")
+    assert len(hours) == 5 and all(h.unique_users > sketch.K for h in hours)
+
+
+def test_fenced_commit_changes_nothing(store: DuckDBStore) -> None:
+    store.commit(
+        make_commit(
+            0,
+            0,
+            3,
+            random_events(random.Random(1), 3, HOUR_MS),
+            fates=fates_table([("e1", 0, 0, "counted")]),
+            late=late_table(1),
+        )
+    )
+    before = snapshot(store)
+    stale = make_commit(
+        0, 1, 5, [Ev("ad1", T0)], fates=fates_table([("e1", 0, 1, "duplicate")]), late=late_table(2)
+    )
+    with pytest.raises(FencedError):
+        store.commit(stale)
+    with pytest.raises(FencedError):  # a partition that never committed is at 0
+        store.commit(make_commit(9, 4, 5, [Ev("ad1", T0)]))
+    assert snapshot(store) == before
+    store.commit(replace(stale, from_offset=3))  # the rightful owner continues
+    assert store.committed_offsets() == {0: 5}
+    assert [f.offset for f in store.fates(event_id="e1")] == [0, 1]
+
+
+@pytest.mark.parametrize("breakage", ["fates_schema", "null_in_late", "bad_offsets"])
+def test_failed_commit_leaves_nothing_behind(store: DuckDBStore, breakage: str) -> None:
+    store.commit(make_commit(0, 0, 1, [Ev("ad1", T0, user="x")]))
+    before = snapshot(store)
+    good = make_commit(
+        0,
+        1,
+        3,
+        [Ev("ad1", T0, user="y"), Ev("ad2", T0 + HOUR_MS)],
+        fates=fates_table([("e1", 0, 1, "counted")]),
+        late=late_table(1),
+    )
+    if breakage == "fates_schema":  # rejected after the aggregate upserts ran
+        bad = replace(good, fates=good.fates.drop_columns(["status"]))
+    elif breakage == "null_in_late":  # rejected by the last INSERT, before the offset
+        nullable = pa.schema([f.with_nullable(True) for f in aggregate.LATE_SCHEMA])
+        cols = good.late_events.to_pydict()
+        cols["ad_id"] = [None]
+        bad = replace(good, late_events=pa.table(cols, schema=nullable))
+    else:  # rejected by the offset upsert itself, the very last statement
+        bad = replace(good, watermark_ms=None)  # type: ignore[arg-type]
+    with pytest.raises(duckdb.Error):
+        store.commit(bad)
+    assert snapshot(store) == before
+    store.commit(good)  # the store is still usable and the batch applies once
+    assert store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS).unique_users == 2
+
+
+def test_empty_commit_and_duplicate_delta_keys(store: DuckDBStore) -> None:
+    store.commit(make_commit(0, 0, 10, [], duplicates=10))
+    assert store.committed_offsets() == {0: 10}
+    delta = make_commit(0, 10, 11, [Ev("ad1", T0, user="a")])
+    doubled = pa.concat_tables([delta.minute_deltas, delta.minute_deltas])
+    store.commit(replace(delta, minute_deltas=doubled))  # one key twice in one delta
+    [row] = store.aggregates(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="day")
+    assert (row.clicks, row.unique_users) == (2, 1)
+
+
+def test_persistence_and_status(tmp_path: Path) -> None:
+    path = tmp_path / "p.duckdb"
+    events = random_events(random.Random(5), 200, DAY_MS)
+    with DuckDBStore(path) as s:
+        s.commit(
+            make_commit(
+                2,
+                0,
+                100,
+                events[:100],
+                duplicates=4,
+                late=late_table(3, 2),
+                fates=fates_table([("e1", 2, 7, "duplicate"), ("e2", 2, 3, "counted")]),
+            )
+        )
+        s.commit(make_commit(0, 0, 50, events[100:150], duplicates=1))
+        s.commit(
+            make_commit(
+                2,
+                100,
+                150,
+                events[150:],
+                duplicates=2,
+                fates=fates_table([("e1", 2, 120, "counted"), ("e1", 2, 5, "late")]),
+            )
+        )
+        before = snapshot(s)
+    with DuckDBStore(path) as s:  # reopen: schema creation is idempotent, data is there
+        assert snapshot(s) == before
+        assert s.committed_offsets() == {0: 50, 2: 150}
+        status = s.partition_status()
+        assert [p.partition for p in status] == [0, 2]
+        p2 = status[1]
+        assert (p2.committed_offset, p2.counted, p2.duplicates, p2.late) == (150, 150, 6, 3)
+        assert p2.invalid == sum(e.invalid for e in events[:100] + events[150:])
+        assert p2.committed_at_ms == T0 + DAY_MS + 150
+        assert s.late_event_count() == 3
+        fates = s.fates(event_id="e1")
+        assert [(f.offset, f.status, f.reason) for f in fates] == [
+            (5, "late", "because"),
+            (7, "duplicate", "because"),
+            (120, "counted", None),
+        ]
+        assert s.fates(event_id="nope") == []
+        total = s.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS)
+        want = expected_rows(events, "ad1", T0, T0 + DAY_MS, DAY_MS, None)[0]
+        assert (total.clicks, total.spend_micros) == (want.clicks, want.spend_micros)
+
+
+def test_file_without_hour_tables_gets_them_backfilled(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    events = random_events(random.Random(11), 300, DAY_MS)
+    with DuckDBStore(path) as s:
+        s.commit(make_commit(0, 0, 300, events))
+        before = snapshot(s)
+    with duckdb.connect(str(path)) as con:  # as written by a version without hour rollups
+        con.execute("DROP TABLE agg_hour")
+        con.execute("DROP TABLE agg_hour_dims")
+    with DuckDBStore(path) as s:
+        assert snapshot(s) == before
+        day = s.aggregates(
+            ad_id="ad2", start_ms=T0, end_ms=T0 + DAY_MS, granularity="day", group_by="browser"
+        )
+        assert day == expected_rows(events, "ad2", T0, T0 + DAY_MS, DAY_MS, "browser")
+
+
+def test_rejects_unknown_group_and_granularity(store: DuckDBStore) -> None:
+    with pytest.raises(ValueError):
+        store.aggregates(
+            ad_id="a",
+            start_ms=0,
+            end_ms=1,
+            granularity="hour",
+            group_by="ad_id; DROP TABLE agg_minute",  # type: ignore[arg-type]
+        )
+    with pytest.raises(ValueError):
+        store.aggregates(ad_id="a", start_ms=0, end_ms=1, granularity="week")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        store.commit(make_commit(0, 5, 4, []))
+
+
+def test_queries_run_while_commits_land(store: DuckDBStore) -> None:
+    n_commits = 25
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write() -> None:
+        try:
+            for i in range(n_commits):
+                ev = Ev("ad1", T0 + (i % 90) * MINUTE_MS, user=f"u{i}")
+                store.commit(make_commit(0, i, i + 1, [ev]))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def read() -> None:
+        try:
+            last, last_users = -1, -1
+            while not done.is_set():
+                t = store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS)
+                assert t.clicks >= last and t.unique_users >= last_users
+                last, last_users = t.clicks, t.unique_users
+                rows = store.aggregates(
+                    ad_id="ad1",
+                    start_ms=T0,
+                    end_ms=T0 + DAY_MS,
+                    granularity="hour",
+                    group_by="device",
+                )
+                assert sum(r.clicks for r in rows) >= 0
+                assert store.committed_offsets().get(0, 0) >= 0
+                time.sleep(0.002)  # an RPC server, not a busy loop: let the writer run
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    threads.append(threading.Thread(target=write))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS).clicks == n_commits
+    assert store.committed_offsets() == {0: n_commits}
+
+
+CRASH_WRITER = textwrap.dedent(
+    """
+    import sys
+    import pyarrow as pa
+    from clickagg.core import aggregate
+    from clickagg.store.base import PartitionCommit
+    from clickagg.store.duckdb_store import DuckDBStore
+
+    store = DuckDBStore(sys.argv[1])
+    fates = aggregate.FATE_SCHEMA.empty_table()
+    late = aggregate.LATE_SCHEMA.empty_table()
+    offset = store.committed_offsets().get(0, 0)
+    while True:
+        minute = pa.table(
+            {"ad_id": ["ad1"], "minute_ms": [offset % 7 * 60_000], "clicks": [1],
+             "impressions": [0], "spend_micros": [10], "invalid_clicks": [0],
+             "user_hashes": [[offset + 1]]},
+            schema=aggregate.MINUTE_SCHEMA,
+        )
+        dims = pa.table(
+            {"ad_id": ["ad1"], "minute_ms": [offset % 7 * 60_000], "country": ["US"],
+             "device": ["d"], "browser": ["b"], "clicks": [1], "impressions": [0],
+             "spend_micros": [10], "invalid_clicks": [0], "user_hashes": [[offset + 1]]},
+            schema=aggregate.DIMENSION_SCHEMA,
+        )
+        store.commit(PartitionCommit(0, offset, offset + 1, minute, dims, fates, late,
+                                     0, 0, 1, 0, 0, 0, 0))
+        offset += 1
+        print(offset, flush=True)
+    """
+)
+
+
+def test_kill_9_mid_commit_loses_or_duplicates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "crash.duckdb"
+    last_printed = 0
+    for round_ in range(2):  # the second round also checks recovery of a crashed file
+        with subprocess.Popen(
+            [sys.executable, "-c", CRASH_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            target = last_printed + random.randint(20, 60)
+            for line in proc.stdout:
+                last_printed = int(line)
+                if last_printed >= target:
+                    break
+            os.kill(proc.pid, signal.SIGKILL)  # likely mid-commit: it commits back to back
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"writer died on its own in round {round_}"
+        with DuckDBStore(path) as s:
+            committed = s.committed_offsets()[0]
+            totals = s.totals(ad_id="ad1", start_ms=0, end_ms=DAY_MS)
+            minute_sum = sum(
+                r.clicks
+                for r in s.aggregates(ad_id="ad1", start_ms=0, end_ms=DAY_MS, granularity="minute")
+            )
+            dims_sum = sum(
+                r.clicks
+                for r in s.aggregates(
+                    ad_id="ad1", start_ms=0, end_ms=DAY_MS, granularity="day", group_by="country"
+                )
+            )
+        assert committed >= last_printed
+        assert totals.clicks == minute_sum == dims_sum == committed
+        assert totals.spend_micros == 10 * committed
+        if committed < sketch.K:
+            assert totals.unique_users == committed
+        last_printed = committed
