@@ -39,7 +39,7 @@ class Settings:
     segment_bytes: int = 64 * 1024 * 1024
     retention_ms: int = 7 * 24 * 60 * MINUTE_MS
     retention_bytes: int = 50 * 1024**3
-    micro_batch_events: int = 200_000
+    micro_batch_events: int = 50_000  # per partition; a round commits all partitions at once
     snapshot_interval_ms: int = 10_000
 
     def __post_init__(self) -> None:

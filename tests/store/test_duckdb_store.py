@@ -560,3 +560,50 @@ def test_kill_9_mid_commit_loses_or_duplicates_nothing(tmp_path: Path) -> None:
         if committed < sketch.K:
             assert totals.unique_users == committed
         last_printed = committed
+
+
+def test_commit_many_is_all_or_nothing_across_partitions(tmp_path: Path) -> None:
+    """A fenced partition in a round leaves every partition of the round untouched."""
+    with DuckDBStore(tmp_path / "many.duckdb") as store:
+        store.commit_many([_one_click_commit(0, 0, 1), _one_click_commit(1, 0, 1)])
+        assert store.committed_offsets() == {0: 1, 1: 1}
+        with pytest.raises(FencedError) as raised:
+            store.commit_many([_one_click_commit(0, 1, 2), _one_click_commit(1, 0, 1)])
+        assert raised.value.partitions == (1,)
+        assert store.committed_offsets() == {0: 1, 1: 1}
+        assert store.totals(ad_id="ad", start_ms=0, end_ms=10**13).clicks == 2
+        with pytest.raises(ValueError, match="twice"):
+            store.commit_many([_one_click_commit(0, 1, 2), _one_click_commit(0, 2, 3)])
+
+
+def _one_click_commit(partition: int, from_offset: int, to_offset: int) -> PartitionCommit:
+    minute = pa.Table.from_pylist(
+        [
+            {
+                "ad_id": "ad",
+                "minute_ms": 60_000,
+                "clicks": 1,
+                "impressions": 0,
+                "spend_micros": 0,
+                "invalid_clicks": 0,
+                "user_hashes": [],
+            }
+        ],
+        schema=aggregate.MINUTE_SCHEMA,
+    )
+    return PartitionCommit(
+        partition=partition,
+        from_offset=from_offset,
+        to_offset=to_offset,
+        minute_deltas=minute,
+        dimension_deltas=aggregate.DIMENSION_SCHEMA.empty_table(),
+        fates=aggregate.FATE_SCHEMA.empty_table(),
+        late_events=aggregate.LATE_SCHEMA.empty_table(),
+        max_event_ms=60_000,
+        watermark_ms=0,
+        counted=1,
+        duplicates=0,
+        late=0,
+        invalid=0,
+        committed_at_ms=0,
+    )

@@ -8,6 +8,7 @@ Table layouts are documented in ``clickagg.core.aggregate`` where the deltas are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -18,7 +19,11 @@ Dimension = Literal["country", "device", "browser"]
 
 
 class FencedError(RuntimeError):
-    """The partition's committed offset moved: this writer no longer owns the partition."""
+    """A partition's committed offset moved: this writer no longer owns the partition."""
+
+    def __init__(self, message: str, partitions: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.partitions = tuple(partitions)
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,11 @@ class AggregateStore(Protocol):
     def commit(self, commit: PartitionCommit) -> None:
         """Apply deltas, fates, late events and the new offset atomically, or raise
         FencedError (offset moved) leaving the store untouched."""
+        ...
+
+    def commit_many(self, commits: Sequence[PartitionCommit]) -> None:
+        """Like :meth:`commit` for several partitions (each at most once) in ONE
+        transaction: all apply or none. Fixed per-transaction costs are paid once."""
         ...
 
     def aggregates(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -229,10 +229,20 @@ class DuckDBStore:
 
     def commit(self, commit: PartitionCommit) -> None:
         """Apply one micro-batch atomically, or raise FencedError leaving the store as it was."""
-        if commit.to_offset < commit.from_offset:
-            raise ValueError(f"to_offset {commit.to_offset} < from_offset {commit.from_offset}")
+        self.commit_many([commit])
+
+    def commit_many(self, commits: Sequence[PartitionCommit]) -> None:
+        """Apply several partitions' micro-batches in one transaction (all or none)."""
+        if not commits:
+            return
+        partitions = [c.partition for c in commits]
+        if len(set(partitions)) != len(partitions):
+            raise ValueError(f"a partition appears twice in one commit: {partitions}")
+        for c in commits:
+            if c.to_offset < c.from_offset:
+                raise ValueError(f"to_offset {c.to_offset} < from_offset {c.from_offset}")
         with self._commit_lock:
-            self._transaction(lambda cur: self._apply(cur, commit))
+            self._transaction(lambda cur: self._apply(cur, commits))
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
         cur = self._cursor()
@@ -247,23 +257,32 @@ class DuckDBStore:
                 cur.execute("ROLLBACK")
             raise
 
-    def _apply(self, cur: duckdb.DuckDBPyConnection, c: PartitionCommit) -> None:
+    def _apply(self, cur: duckdb.DuckDBPyConnection, commits: Sequence[PartitionCommit]) -> None:
         # fetchall, not fetchone: DuckDB 2 refuses register() while a result is unfinished.
         rows = cur.execute(
-            'SELECT committed_offset FROM partition_offsets WHERE "partition" = ?',
-            [c.partition],
+            'SELECT "partition", committed_offset FROM partition_offsets '
+            'WHERE "partition" IN (SELECT unnest(?))',
+            [[c.partition for c in commits]],
         ).fetchall()
-        stored = int(rows[0][0]) if rows else 0
-        if stored != c.from_offset:
+        stored = {int(p): int(o) for p, o in rows}
+        stale = [c for c in commits if stored.get(c.partition, 0) != c.from_offset]
+        if stale:
             raise FencedError(
-                f"partition {c.partition}: committed offset is {stored}, "
-                f"batch was read from {c.from_offset}"
+                "; ".join(
+                    f"partition {c.partition}: committed offset is "
+                    f"{stored.get(c.partition, 0)}, batch was read from {c.from_offset}"
+                    for c in stale
+                ),
+                [c.partition for c in stale],
             )
         views = {
-            "_clickagg_minute": c.minute_deltas,
-            "_clickagg_dims": c.dimension_deltas,
-            "_clickagg_fates": c.fates,
-            "_clickagg_late": c.late_events,
+            name: pa.concat_tables([getattr(c, attr) for c in commits])
+            for name, attr in (
+                ("_clickagg_minute", "minute_deltas"),
+                ("_clickagg_dims", "dimension_deltas"),
+                ("_clickagg_fates", "fates"),
+                ("_clickagg_late", "late_events"),
+            )
         }
         live: list[str] = []  # empty tables: no view, no statement
         try:
@@ -277,18 +296,21 @@ class DuckDBStore:
         finally:
             for name in live:
                 cur.unregister(name)
-        cur.execute(
+        cur.executemany(
             _UPSERT_OFFSET,
             [
-                c.partition,
-                c.to_offset,
-                c.max_event_ms,
-                c.watermark_ms,
-                c.counted,
-                c.duplicates,
-                c.late,
-                c.invalid,
-                c.committed_at_ms,
+                [
+                    c.partition,
+                    c.to_offset,
+                    c.max_event_ms,
+                    c.watermark_ms,
+                    c.counted,
+                    c.duplicates,
+                    c.late,
+                    c.invalid,
+                    c.committed_at_ms,
+                ]
+                for c in commits
             ],
         )
 

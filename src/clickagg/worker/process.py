@@ -18,7 +18,7 @@ from clickagg.log.segments import SegmentLogReader
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
-from clickagg.worker.stream import PartitionWorker
+from clickagg.worker.stream import PartitionWorker, step_all
 
 log = logging.getLogger(__name__)
 IDLE_SLEEP_S = 0.002
@@ -55,7 +55,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
             if os.getppid() != parent:
                 log.warning("the API process is gone: stopping")
                 break
-            processed = sum(worker.step() for worker in workers)
+            processed = step_all(workers, store)
             if processed:
                 idle_loops = 0
                 continue

@@ -17,6 +17,7 @@ which rebuilds exactly the state an uninterrupted worker would have.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import polars as pl
 
@@ -99,31 +100,28 @@ class PartitionWorker:
         )
         return processor
 
-    def step(self) -> int:
-        """Process one micro-batch if the log has one; return how many events it held."""
+    def prepare(self) -> PartitionCommit | None:
+        """Steps 1-2: read the next durable micro-batch and run it through the processor.
+
+        The in-memory state is now ahead of the store: the caller must commit the result,
+        or call :meth:`recover` before anything else.
+        """
         state = self.processor.state
         frames = self.reader.read(
             self.partition, state.next_offset, self.settings.micro_batch_events
         )
         if not frames:
-            return 0
-        events = frames_to_events(frames, state.next_offset)
-        outcome = self.processor.process(events)
+            return None
+        outcome = self.processor.process(frames_to_events(frames, state.next_offset))
         assert outcome is not None
-        try:
-            self.store.commit(self._commit_of(outcome))
-        except FencedError:
-            log.warning(
-                "partition %d fenced at %d: recovering", self.partition, outcome.from_offset
-            )
-            self.processor = self._recover()
-            return 0
-        except BaseException:
-            # State ran ahead of the store: rebuild before anything else happens.
-            self.processor = self._recover()
-            raise
-        self._maybe_snapshot()
-        return events.height
+        return self._commit_of(outcome)
+
+    def recover(self) -> None:
+        self.processor = self._recover()
+
+    def step(self) -> int:
+        """One micro-batch of this partition alone; return how many events it held."""
+        return step_all([self], self.store)
 
     def _commit_of(self, outcome: BatchOutcome) -> PartitionCommit:
         return PartitionCommit(
@@ -143,7 +141,7 @@ class PartitionWorker:
             committed_at_ms=self.clock.now_ms(),
         )
 
-    def _maybe_snapshot(self) -> None:
+    def maybe_snapshot(self) -> None:
         now = self.clock.now_ms()
         if now - self._last_snapshot_ms < self.settings.snapshot_interval_ms:
             return
@@ -154,3 +152,28 @@ class PartitionWorker:
     def snapshot_now(self) -> None:
         state = self.processor.state
         self.snapshots.save(self.partition, state.next_offset, state.snapshot())
+
+
+def step_all(workers: Sequence[PartitionWorker], store: AggregateStore) -> int:
+    """One round: every partition with new events prepares a batch, and all of them are
+    committed in ONE store transaction (step 3 for each), so per-transaction costs are paid
+    once per round. On any failure the partitions of the round rebuild their state from the
+    store and the log; a fenced partition does so and the round is simply lost."""
+    prepared = [(worker, worker.prepare()) for worker in workers]
+    batch = [(worker, commit) for worker, commit in prepared if commit is not None]
+    if not batch:
+        return 0
+    try:
+        store.commit_many([commit for _, commit in batch])
+    except FencedError as exc:
+        log.warning("fenced (%s): recovering %d partitions", exc, len(batch))
+        for worker, _ in batch:
+            worker.recover()
+        return 0
+    except BaseException:
+        for worker, _ in batch:
+            worker.recover()
+        raise
+    for worker, _ in batch:
+        worker.maybe_snapshot()
+    return sum(commit.to_offset - commit.from_offset for _, commit in batch)
