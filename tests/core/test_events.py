@@ -98,7 +98,7 @@ def test_order_within_a_partition_is_request_order() -> None:
         + b"]"
     )
     for cols in norm(body, partitions=3).by_partition.values():
-        numbers = [int(e[1:]) for e in cols.event_id]
+        numbers = [int(e[1:]) for e in cols.text("event_id").to_pylist()]
         assert numbers == sorted(numbers)
 
 
@@ -171,6 +171,7 @@ def test_numeric_columns_round_trip_through_the_log_format(items: list[tuple[str
         decoded = columns.decode(columns.encode(cols))
         assert decoded == cols
         hashes = np.frombuffer(decoded.user_hash, dtype=np.uint64)
-        assert [ids.user_hash(u) for u in decoded.user_id] == hashes.tolist()
+        users = decoded.text("user_id").to_pylist()
+        assert [ids.user_hash(u) for u in users] == hashes.tolist()
         total += decoded.count
     assert total == len(items) == batch.accepted

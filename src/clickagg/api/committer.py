@@ -28,19 +28,8 @@ class _Group:
 
 
 def merge_columns(parts: list[EventColumns]) -> EventColumns:
-    """Concatenate column batches (bytes joined, lists extended): no per-event work."""
-    if len(parts) == 1:
-        return parts[0]
-    merged: dict[str, object] = {"count": sum(p.count for p in parts)}
-    for name in EventColumns.__struct_fields__:
-        if name == "count":
-            continue
-        values = [getattr(p, name) for p in parts]
-        if isinstance(values[0], bytes):
-            merged[name] = b"".join(values)
-        else:
-            merged[name] = [item for value in values for item in value]
-    return EventColumns(**merged)  # type: ignore[arg-type]
+    """Concatenate the column batches of several requests: no per-event work."""
+    return columns.merge(parts)
 
 
 class GroupCommitter:

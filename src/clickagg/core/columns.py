@@ -1,8 +1,9 @@
 """The log's record format: a batch of events as columns.
 
-One log record (frame) holds many events, column by column: numeric columns are raw
-little-endian numpy buffers, text columns are lists. The worker turns a run of frames into
-one polars DataFrame without touching an event as a Python object.
+One log record (frame) holds many events, column by column. Numeric columns are raw
+little-endian numpy buffers; text columns are Arrow string buffers (offsets, bytes,
+validity). The worker turns a run of frames into one polars DataFrame zero-copy: no event
+and no string ever becomes a Python object on the way from the log to the aggregates.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import polars as pl
+import pyarrow as pa
 
 NUMERIC_COLUMNS: dict[str, type[np.generic]] = {
     "fp_high": np.uint64,
@@ -37,6 +40,33 @@ TEXT_COLUMNS = (
 )
 
 
+class TextColumn(msgspec.Struct, array_like=True):
+    """An Arrow ``string`` array's buffers: int32 offsets, UTF-8 bytes, validity bitmap."""
+
+    offsets: bytes
+    data: bytes
+    validity: bytes  # empty when there is no null
+    null_count: int
+
+    @classmethod
+    def of(cls, array: pa.Array) -> TextColumn:
+        if array.offset:
+            array = pa.concat_arrays([array])  # rebase a slice so its buffers start at 0
+        validity, offsets, data = array.buffers()
+        count = len(array)
+        return cls(
+            offsets=offsets.to_pybytes()[: 4 * (count + 1)] if offsets else b"\0\0\0\0",
+            data=data.to_pybytes() if data else b"",
+            validity=validity.to_pybytes() if validity and array.null_count else b"",
+            null_count=array.null_count,
+        )
+
+    def array(self, count: int) -> pa.Array:
+        validity = pa.py_buffer(self.validity) if self.validity else None
+        buffers = [validity, pa.py_buffer(self.offsets), pa.py_buffer(self.data)]
+        return pa.Array.from_buffers(pa.string(), count, buffers, null_count=self.null_count)
+
+
 class EventColumns(msgspec.Struct, array_like=True):
     """A batch of normalized events, as stored in one log frame."""
 
@@ -48,16 +78,23 @@ class EventColumns(msgspec.Struct, array_like=True):
     received_ms: bytes
     cost_micros: bytes
     user_hash: bytes
-    event_id: list[str]
-    ad_id: list[str]
-    advertiser_id: list[str | None]
-    campaign_id: list[str | None]
-    user_id: list[str | None]
-    ip: list[str | None]
-    user_agent: list[str | None]
-    country: list[str | None]
-    device: list[str | None]
-    browser: list[str | None]
+    event_id: TextColumn
+    ad_id: TextColumn
+    advertiser_id: TextColumn
+    campaign_id: TextColumn
+    user_id: TextColumn
+    ip: TextColumn
+    user_agent: TextColumn
+    country: TextColumn
+    device: TextColumn
+    browser: TextColumn
+
+    def numeric(self, name: str) -> npt.NDArray[Any]:
+        return np.frombuffer(getattr(self, name), dtype=NUMERIC_COLUMNS[name])
+
+    def text(self, name: str) -> pa.Array:
+        column: TextColumn = getattr(self, name)
+        return column.array(self.count)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -72,8 +109,34 @@ def decode(payload: bytes) -> EventColumns:
     return _decoder.decode(payload)
 
 
+def build(
+    numeric: dict[str, npt.NDArray[Any]], text: dict[str, pa.Array], rows: npt.NDArray[Any]
+) -> EventColumns:
+    """Columns of the events at positions ``rows`` (in that order)."""
+    indices = pa.array(rows)
+    fields: dict[str, Any] = {
+        name: np.ascontiguousarray(values[rows], dtype=NUMERIC_COLUMNS[name]).tobytes()
+        for name, values in numeric.items()
+    }
+    for name, values in text.items():
+        fields[name] = TextColumn.of(values.take(indices))
+    return EventColumns(count=len(rows), **fields)
+
+
+def merge(parts: Sequence[EventColumns]) -> EventColumns:
+    """Concatenate batches (several requests sharing one group commit)."""
+    if len(parts) == 1:
+        return parts[0]
+    fields: dict[str, Any] = {
+        name: b"".join(getattr(p, name) for p in parts) for name in NUMERIC_COLUMNS
+    }
+    for name in TEXT_COLUMNS:
+        fields[name] = TextColumn.of(pa.concat_arrays([p.text(name) for p in parts]))
+    return EventColumns(count=sum(p.count for p in parts), **fields)
+
+
 class ColumnBuilder:
-    """Collects normalized events row by row (at the HTTP edge) and emits columns."""
+    """Collects events row by row (tests, tools) and emits columns."""
 
     def __init__(self) -> None:
         self._numeric: dict[str, list[int]] = {name: [] for name in NUMERIC_COLUMNS}
@@ -88,23 +151,24 @@ class ColumnBuilder:
     def build(self) -> EventColumns:
         count = len(self._text["event_id"])
         numeric = {
-            name: np.asarray(values, dtype=NUMERIC_COLUMNS[name]).tobytes()
+            name: np.asarray(values, dtype=NUMERIC_COLUMNS[name])
             for name, values in self._numeric.items()
         }
-        return EventColumns(count=count, **numeric, **self._text)  # type: ignore[arg-type]
+        text = {name: pa.array(values, type=pa.string()) for name, values in self._text.items()}
+        return build(numeric, text, np.arange(count))
 
 
 def to_frame(columns: EventColumns, *, partition: int, base_offset: int) -> pl.DataFrame:
     """Columns of one frame → DataFrame with each event's (partition, offset)."""
-    data: dict[str, Any] = {
-        name: np.frombuffer(getattr(columns, name), dtype=dtype)
-        for name, dtype in NUMERIC_COLUMNS.items()
-    }
-    data["partition"] = np.full(columns.count, partition, dtype=np.int32)
-    data["offset"] = np.arange(base_offset, base_offset + columns.count, dtype=np.int64)
-    for name in TEXT_COLUMNS:
-        data[name] = pl.Series(name, getattr(columns, name), dtype=pl.String)
-    return pl.DataFrame(data)
+    count = columns.count
+    arrays: dict[str, Any] = {name: columns.numeric(name) for name in NUMERIC_COLUMNS}
+    arrays["partition"] = np.full(count, partition, dtype=np.int32)
+    arrays["offset"] = np.arange(base_offset, base_offset + count, dtype=np.int64)
+    frame = pl.DataFrame(arrays)
+    text = pa.table({name: columns.text(name) for name in TEXT_COLUMNS})
+    converted = pl.from_arrow(text)
+    assert isinstance(converted, pl.DataFrame)
+    return pl.concat([frame, converted], how="horizontal")
 
 
 def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from operator import itemgetter
 from typing import Annotated, Any, Literal, cast
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 import xxhash
 
-from clickagg.core import ids
+from clickagg.core import columns, ids
 from clickagg.core.columns import EventColumns
 from clickagg.core.useragent import device_and_browser
 
@@ -252,17 +252,11 @@ def split_by_partition(
     order = np.argsort(partition, kind="stable")
     present, starts = np.unique(partition[order], return_index=True)
     bounds = [*starts.tolist(), len(order)]
-    result: dict[int, EventColumns] = {}
-    for n, p in enumerate(present.tolist()):
-        rows = order[bounds[n] : bounds[n + 1]]
-        picked = rows.tolist()
-        getter = itemgetter(*picked)
-        single = len(picked) == 1
-        fields: dict[str, Any] = {name: values[rows].tobytes() for name, values in numeric.items()}
-        for name, values in text.items():
-            fields[name] = [getter(values)] if single else list(getter(values))
-        result[p] = EventColumns(count=len(picked), **fields)
-    return result
+    arrays = {name: pa.array(values, type=pa.string()) for name, values in text.items()}
+    return {
+        p: columns.build(numeric, arrays, order[bounds[n] : bounds[n + 1]])
+        for n, p in enumerate(present.tolist())
+    }
 
 
 def _event_types(
