@@ -8,7 +8,9 @@ and no string ever becomes a Python object on the way from the log to the aggreg
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import msgspec
@@ -41,30 +43,71 @@ TEXT_COLUMNS = (
 
 
 class TextColumn(msgspec.Struct, array_like=True):
-    """An Arrow ``string`` array's buffers: int32 offsets, UTF-8 bytes, validity bitmap."""
+    """A text column as Arrow ``string`` buffers: int32 offsets and UTF-8 bytes, plus one
+    byte per row (1 = present) when the column has nulls. Bytes rather than Arrow's bitmap
+    make concatenation (group commit) a plain join."""
 
     offsets: bytes
     data: bytes
-    validity: bytes  # empty when there is no null
-    null_count: int
+    valid: bytes  # empty when there is no null
 
     @classmethod
     def of(cls, array: pa.Array) -> TextColumn:
+        """From an Arrow string array (the vectorized path, for larger batches)."""
         if array.offset:
             array = pa.concat_arrays([array])  # rebase a slice so its buffers start at 0
-        validity, offsets, data = array.buffers()
+        _, offsets, data = array.buffers()
         count = len(array)
+        valid = b""
+        if array.null_count:
+            valid = array.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes()
         return cls(
-            offsets=offsets.to_pybytes()[: 4 * (count + 1)] if offsets else b"\0\0\0\0",
+            offsets=offsets.to_pybytes()[: 4 * (count + 1)] if offsets else _ZERO_OFFSET,
             data=data.to_pybytes() if data else b"",
-            validity=validity.to_pybytes() if validity and array.null_count else b"",
-            null_count=array.null_count,
+            valid=valid,
         )
 
+    @classmethod
+    def of_list(cls, values: Sequence[str | None]) -> TextColumn:
+        """From Python strings (the path for a handful of events: no fixed Arrow costs)."""
+        encoded = [b"" if v is None else v.encode() for v in values]
+        offsets = array("i", accumulate(map(len, encoded), initial=0)).tobytes()
+        has_null = any(v is None for v in values)
+        valid = bytes(v is not None for v in values) if has_null else b""
+        return cls(offsets=offsets, data=b"".join(encoded), valid=valid)
+
     def array(self, count: int) -> pa.Array:
-        validity = pa.py_buffer(self.validity) if self.validity else None
+        validity = None
+        null_count = 0
+        if self.valid:
+            mask = np.frombuffer(self.valid, dtype=np.uint8)
+            null_count = count - int(np.count_nonzero(mask))
+            validity = pa.py_buffer(np.packbits(mask, bitorder="little").tobytes())
         buffers = [validity, pa.py_buffer(self.offsets), pa.py_buffer(self.data)]
-        return pa.Array.from_buffers(pa.string(), count, buffers, null_count=self.null_count)
+        return pa.Array.from_buffers(pa.string(), count, buffers, null_count=null_count)
+
+    @staticmethod
+    def concat(parts: Sequence[TextColumn], counts: Sequence[int]) -> TextColumn:
+        starts = np.cumsum([0, *(len(p.data) for p in parts[:-1])], dtype=np.int64)
+        shifted = [
+            np.frombuffer(p.offsets, dtype=np.int32)[:-1] + np.int32(start)
+            for p, start in zip(parts, starts.tolist(), strict=True)
+        ]
+        total = int(starts[-1]) + len(parts[-1].data)
+        offsets = np.concatenate([*shifted, np.array([total], dtype=np.int32)])
+        valid = b""
+        if any(p.valid for p in parts):
+            valid = b"".join(
+                p.valid or b"\x01" * count for p, count in zip(parts, counts, strict=True)
+            )
+        return TextColumn(
+            offsets=offsets.astype(np.int32).tobytes(),
+            data=b"".join(p.data for p in parts),
+            valid=valid,
+        )
+
+
+_ZERO_OFFSET = b"\0\0\0\0"
 
 
 class EventColumns(msgspec.Struct, array_like=True):
@@ -110,29 +153,39 @@ def decode(payload: bytes) -> EventColumns:
 
 
 def build(
-    numeric: dict[str, npt.NDArray[Any]], text: dict[str, pa.Array], rows: npt.NDArray[Any]
+    numeric: dict[str, npt.NDArray[Any]],
+    text: dict[str, pa.Array] | dict[str, list[Any]],
+    rows: npt.NDArray[Any],
 ) -> EventColumns:
-    """Columns of the events at positions ``rows`` (in that order)."""
-    indices = pa.array(rows)
+    """Columns of the events at positions ``rows`` (in that order). Text may be Arrow
+    arrays (vectorized take) or, for a handful of events, plain lists."""
     fields: dict[str, Any] = {
         name: np.ascontiguousarray(values[rows], dtype=NUMERIC_COLUMNS[name]).tobytes()
         for name, values in numeric.items()
     }
+    picked = rows.tolist()
+    indices = None
     for name, values in text.items():
-        fields[name] = TextColumn.of(values.take(indices))
-    return EventColumns(count=len(rows), **fields)
+        if isinstance(values, list):
+            fields[name] = TextColumn.of_list([values[i] for i in picked])
+        else:
+            if indices is None:
+                indices = pa.array(rows)
+            fields[name] = TextColumn.of(values.take(indices))
+    return EventColumns(count=len(picked), **fields)
 
 
 def merge(parts: Sequence[EventColumns]) -> EventColumns:
-    """Concatenate batches (several requests sharing one group commit)."""
+    """Concatenate batches (several requests sharing one group commit): byte joins."""
     if len(parts) == 1:
         return parts[0]
+    counts = [p.count for p in parts]
     fields: dict[str, Any] = {
         name: b"".join(getattr(p, name) for p in parts) for name in NUMERIC_COLUMNS
     }
     for name in TEXT_COLUMNS:
-        fields[name] = TextColumn.of(pa.concat_arrays([p.text(name) for p in parts]))
-    return EventColumns(count=sum(p.count for p in parts), **fields)
+        fields[name] = TextColumn.concat([getattr(p, name) for p in parts], counts)
+    return EventColumns(count=sum(counts), **fields)
 
 
 class ColumnBuilder:
