@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from clickagg.api import audit, health, ingest, openapi, queries
 from clickagg.api.committer import GroupCommitter
@@ -35,11 +36,6 @@ async def openapi_document(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/events/click", ingest.ingest_click, methods=["POST"]),
-    Route("/events/impression", ingest.ingest_impression, methods=["POST"]),
-    Route("/events/batch", ingest.ingest_batch, methods=["POST"]),
-    Route("/api/v1/events/click", ingest.ingest_click, methods=["POST"]),
-    Route("/api/v1/events/impression", ingest.ingest_impression, methods=["POST"]),
     Route("/events/{event_id:path}", audit.event_fate, methods=["GET"]),
     Route("/aggregates", queries.aggregates, methods=["GET"]),
     Route("/aggregates/realtime", queries.realtime, methods=["GET"]),
@@ -74,7 +70,7 @@ async def _retention_loop(state: AppState, writer: SegmentLogWriter) -> None:
 
 def create_app(
     settings: Settings, *, clock: Clock | None = None, manage_worker: bool = True
-) -> Starlette:
+) -> ASGIApp:
     """Build the app. ``manage_worker=False`` leaves starting workers to the caller."""
     clock = clock or SystemClock()
 
@@ -126,4 +122,4 @@ def create_app(
         exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler},
     )
     app.state.openapi = openapi.build()
-    return app
+    return ingest.IngestRouter(app, lambda: app.state.clickagg)

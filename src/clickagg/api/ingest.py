@@ -1,15 +1,22 @@
-"""Ingest endpoints: validate, append durably (group commit), answer 202."""
+"""Ingest endpoints: validate, append durably (group commit), answer 202.
+
+These are the hot path, so they are plain ASGI callables rather than Starlette routes:
+no Request object, no middleware stack, one dict lookup to dispatch and msgspec to answer.
+Everything else of the API goes through Starlette (see ``app.py``).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+import msgspec
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clickagg.api.committer import Backpressure
 from clickagg.api.errors import ApiError, bad_request
-from clickagg.api.state import AppState, state_of
+from clickagg.api.state import AppState
 from clickagg.core import ids
 from clickagg.core.events import (
     IncomingEvent,
@@ -21,23 +28,32 @@ from clickagg.core.events import (
 )
 from clickagg.log.base import LogFullError
 
+log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
+_CLICK_BYTE = ids.CLICK.to_bytes(1, "little")
+_encode = msgspec.json.Encoder().encode
+Handler = Callable[[AppState, bytes, str], Awaitable[tuple[int, dict[str, Any]]]]
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "payload too large", f"body is {declared} bytes; limit is {limit}")
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise ApiError(
+                413, "payload too large", f"body is {int(value)} bytes; limit is {limit}"
+            )
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "payload too large", f"body exceeds {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise bad_request("client disconnected before the body was complete") from None
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise bad_request("client disconnected before the body was complete")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload too large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     body = b"".join(chunks)
     if not body.strip():
         raise bad_request("empty body: send one JSON event", "empty body")
@@ -51,7 +67,10 @@ async def commit(state: AppState, batch: NormalizedBatch) -> None:
     except Backpressure as exc:
         state.metrics.unavailable.inc()
         raise ApiError(
-            503, "busy", f"the log is backpressured ({exc}); retry", headers={"Retry-After": "1"}
+            503,
+            "busy",
+            f"the log is backpressured ({exc}); retry",
+            headers={"Retry-After": RETRY_AFTER_S},
         ) from None
     except (LogFullError, OSError) as exc:
         state.metrics.unavailable.inc()
@@ -62,10 +81,9 @@ async def commit(state: AppState, batch: NormalizedBatch) -> None:
             headers={"Retry-After": RETRY_AFTER_S},
         ) from None
     state.metrics.append_seconds.observe((state.clock.now_ms() - started) / 1000)
-    for columns in batch.by_partition.values():
-        clicks = columns.event_type.count(ids.CLICK.to_bytes(1, "little"))
-        state.metrics.accepted.labels("click").inc(clicks)
-        state.metrics.accepted.labels("impression").inc(columns.count - clicks)
+    clicks = sum(c.event_type.count(_CLICK_BYTE) for c in batch.by_partition.values())
+    state.metrics.accepted.labels("click").inc(clicks)
+    state.metrics.accepted.labels("impression").inc(batch.accepted - clicks)
 
 
 def _normalize(
@@ -85,41 +103,33 @@ def _normalize(
         given = None if event is None else event.event_id or event.click_id or event.impression_id
         if given is not None:
             state.remember_rejection(str(given), rejection.error)
-    state.metrics.rejected.inc(len(batch.rejected))
+    if batch.rejected:
+        state.metrics.rejected.inc(len(batch.rejected))
     return batch
 
 
-async def _ingest_one(request: Request, event_type: int) -> Response:
-    state = state_of(request)
-    body = await read_body(request, state.settings.max_body_bytes)
-    try:
-        event = decode_one(body)
-    except InvalidEvent as exc:
-        state.metrics.rejected.inc()
-        raise ApiError(400, "invalid event", str(exc)) from None
-    batch = _normalize(state, [event], event_type, None)
-    if batch.rejected:
-        raise ApiError(400, "invalid event", batch.rejected[0].error)
-    await commit(state, batch)
-    event_id, partition = batch.event_ids[0], batch.partitions[0]
-    return JSONResponse(
-        {"accepted": 1, "event_id": event_id, "partition": partition}, status_code=202
-    )
+def single(event_type: int) -> Handler:
+    async def ingest_one(state: AppState, body: bytes, content_type: str) -> tuple[int, Any]:
+        try:
+            event = decode_one(body)
+        except InvalidEvent as exc:
+            state.metrics.rejected.inc()
+            raise ApiError(400, "invalid event", str(exc)) from None
+        batch = _normalize(state, [event], event_type, None)
+        if batch.rejected:
+            raise ApiError(400, "invalid event", batch.rejected[0].error)
+        await commit(state, batch)
+        return 202, {
+            "accepted": 1,
+            "event_id": batch.event_ids[0],
+            "partition": batch.partitions[0],
+        }
+
+    return ingest_one
 
 
-async def ingest_click(request: Request) -> Response:
-    return await _ingest_one(request, ids.CLICK)
-
-
-async def ingest_impression(request: Request) -> Response:
-    return await _ingest_one(request, ids.IMPRESSION)
-
-
-async def ingest_batch(request: Request) -> Response:
-    state = state_of(request)
+async def ingest_batch(state: AppState, body: bytes, content_type: str) -> tuple[int, Any]:
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes)
-    content_type = request.headers.get("content-type", "")
     ndjson = (
         "ndjson" in content_type
         or "jsonlines" in content_type
@@ -146,4 +156,47 @@ async def ingest_batch(request: Request) -> Response:
             extra={"accepted": 0, "rejected": rejected_body},
         )
     await commit(state, batch)
-    return JSONResponse({"accepted": batch.accepted, "rejected": rejected_body}, status_code=202)
+    return 202, {"accepted": batch.accepted, "rejected": rejected_body}
+
+
+ROUTES: dict[str, Handler] = {
+    "/events/click": single(ids.CLICK),
+    "/events/impression": single(ids.IMPRESSION),
+    "/api/v1/events/click": single(ids.CLICK),
+    "/api/v1/events/impression": single(ids.IMPRESSION),
+    "/events/batch": ingest_batch,
+}
+
+
+class IngestRouter:
+    """ASGI: ``POST`` to an ingest path is handled here, anything else goes to ``app``."""
+
+    def __init__(self, app: ASGIApp, state_of: Callable[[], AppState]) -> None:
+        self.app = app
+        self.state_of = state_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        try:
+            state = self.state_of()
+            body = await read_body(scope, receive, state.settings.max_body_bytes)
+            content_type = ""
+            for name, value in scope["headers"]:
+                if name == b"content-type":
+                    content_type = value.decode("latin-1")
+            status, payload = await handler(state, body, content_type)
+        except ApiError as exc:
+            status = exc.status
+            payload = {"error": exc.error, "detail": exc.detail, **exc.extra}
+            headers = exc.headers or {}
+        except Exception:
+            log.exception("ingest failed")
+            status, payload = 500, {"error": "internal error", "detail": "see the server log"}
+        raw_headers = [(b"content-type", b"application/json")]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": _encode(payload)})
