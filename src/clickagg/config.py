@@ -41,6 +41,7 @@ class Settings:
     retention_bytes: int = 50 * 1024**3
     micro_batch_events: int = 50_000  # per partition; a round commits all partitions at once
     snapshot_interval_ms: int = 10_000
+    log_level: str = "warning"
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 1024:

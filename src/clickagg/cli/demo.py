@@ -152,7 +152,7 @@ def _report(console: Console, url: str, sent: int, accepted: int, rejected: int)
     pipeline.add_row("rejected at ingest (malformed)", f"{rejected:,}")
     pipeline.add_row("accepted (durable, 202)", f"{accepted:,}")
     for label, name in (
-        ("counted", "clickagg_partition_events_counted"),
+        ("counted (clicks + impressions)", "clickagg_partition_events_counted"),
         ("duplicates dropped", "clickagg_partition_events_duplicate"),
         ("late (to the late log)", "clickagg_partition_events_late"),
     ):
@@ -165,7 +165,8 @@ def _report(console: Console, url: str, sent: int, accepted: int, rejected: int)
         f"  curl 'http://127.0.0.1:8000/api/v1/ads/{top}/metrics/realtime'\n"
         "  curl 'http://127.0.0.1:8000/events/c-1'   # or: clickagg trace c-1\n"
         "  curl 'http://127.0.0.1:8000/metrics'\n"
-        "  README.md lists every endpoint and setting."
+        "  README.md lists every endpoint and setting.",
+        soft_wrap=True,
     )
 
 

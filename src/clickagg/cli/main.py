@@ -80,6 +80,7 @@ def serve(
             partitions=partitions,
             allowed_lateness_ms=allowed_lateness,
             dedup_horizon_ms=dedup_horizon,
+            log_level=log_level,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -26,7 +26,9 @@ IDLE_SLEEP_S = 0.002
 
 def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     """Recover every partition, serve queries, then process micro-batches until SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s"
+    )
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
