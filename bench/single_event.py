@@ -1,0 +1,336 @@
+"""Single-event ``POST /events/click``: requests/s and latency at C concurrent connections.
+
+Load: wrk (C, keep-alive) with bench/single_event.lua, a unique click_id per request; if
+wrk is missing, an asyncio raw-socket HTTP/1.1 keep-alive client. The load generator runs
+on the same 2 cores as the server: its CPU share is reported.
+
+Targets, interleaved per repetition, each on a fresh process (clickagg: fresh data dir):
+  clickagg   ``clickagg serve`` (uvicorn, uvloop, httptools; durable before 202)
+  bare-asgi  bench/bare_app.py:app under uvicorn with the same options (reads body, 202)
+  starlette  bench/bare_app.py:starlette_app (a Starlette route, reads body, 202 JSON)
+
+    .venv/bin/python bench/single_event.py [--connections 64] [--duration 8] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+LUA = common.BENCH_DIR / "single_event.lua"
+UA = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_wrk(port: int, args: argparse.Namespace, duration: float, run_id: str) -> dict[str, Any]:
+    command = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        f"http://{common.HOST}:{port}/events/click",
+        "--",
+        run_id,
+    ]
+    before = children_cpu()
+    out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
+    cpu = children_cpu() - before
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            data: dict[str, Any] = json.loads(line[len("WRKJSON ") :])
+            data["loadgen_cpu_s"] = cpu
+            return data
+    raise RuntimeError(f"wrk said: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+
+
+async def _async_load(
+    port: int, connections: int, duration: float, run_id: str
+) -> tuple[int, int, list[float]]:
+    """Closed-loop keep-alive POSTs from ``connections`` raw sockets for ``duration`` s."""
+    deadline = time.perf_counter() + duration
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(conn_id: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(common.HOST, port)
+        try:
+            n = 0
+            while time.perf_counter() < deadline:
+                n += 1
+                body = (
+                    f'{{"click_id":"{run_id}-{conn_id}-{n}","ad_id":"ad-{n % 50:04d}",'
+                    f'"advertiser_id":"adv-{n % 7}","user_id":"u-{n % 5000}",'
+                    f'"timestamp":{int(time.time())},"ip":"203.0.113.{n % 256}",'
+                    f'"user_agent":"{UA}"}}'
+                ).encode()
+                head = (
+                    f"POST /events/click HTTP/1.1\r\nHost: {common.HOST}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                t = time.perf_counter()
+                writer.write(head + body)
+                headers = await reader.readuntil(b"\r\n\r\n")
+                status = int(headers[9:12])
+                length = 0
+                for line in headers.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - t)
+                if not 200 <= status < 300:
+                    errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return len(latencies), errors, latencies
+
+
+def run_python_client(
+    port: int, args: argparse.Namespace, duration: float, run_id: str
+) -> dict[str, Any]:
+    t_cpu, t = time.process_time(), time.perf_counter()
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    count, errors, lat = runner(_async_load(port, args.connections, duration, run_id))
+    wall = time.perf_counter() - t
+    return {
+        "requests": count,
+        "duration_us": wall * 1e6,
+        "status": errors,
+        "p50_us": common.percentile(lat, 50) * 1e6,
+        "p90_us": common.percentile(lat, 90) * 1e6,
+        "p99_us": common.percentile(lat, 99) * 1e6,
+        "p999_us": common.percentile(lat, 99.9) * 1e6,
+        "max_us": max(lat) * 1e6,
+        "loadgen_cpu_s": time.process_time() - t_cpu,
+    }
+
+
+def make_server(target: str, env: dict[str, str], tmp: Path) -> common.ManagedProcess:
+    if target == "clickagg":
+        return common.ClickaggServer(partitions=8, env=env)
+    port = common.free_port()
+    app = {"bare-asgi": "bare_app:app", "starlette": "bare_app:starlette_app"}[target]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--app-dir",
+        str(common.BENCH_DIR),
+        "--host",
+        common.HOST,
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    return common.ManagedProcess(
+        command, port=port, log_path=tmp / f"{target}.log", ready_path="/healthz", env=env
+    )
+
+
+def measure(
+    target: str,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    tmp: Path,
+    rep: int,
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    load = run_wrk if args.client == "wrk" else run_python_client
+    server = make_server(target, env, tmp)
+    spies: list[subprocess.Popen[bytes]] = []
+    try:
+        server.start()
+        pids = {"server": server.pid}
+        if isinstance(server, common.ClickaggServer):
+            pids["worker"] = server.worker_pid()  # type: ignore[assignment]
+        load(server.port, args, args.warmup, f"w{rep}{target[0]}")
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            for name, pid in pids.items():
+                if pid is not None:
+                    spies.append(common.start_py_spy(pid, profile_dir / f"{name}.txt"))
+            time.sleep(1.0)
+        meter = common.CpuMeter(pids)
+        meter.start()
+        result = load(server.port, args, args.duration, f"r{rep}{target[0]}")
+        cpu = meter.stop()
+        accepted = durable_mean_ms = None
+        if isinstance(server, common.ClickaggServer):
+            _, raw = common.http_get(server.port, "/metrics")
+            text = raw.decode()
+            accepted = int(common.metric_sum(text, "clickagg_events_accepted_total"))
+            waits = common.metric_sum(text, "clickagg_ingest_durable_seconds_count")
+            if waits:
+                total = common.metric_sum(text, "clickagg_ingest_durable_seconds_sum")
+                durable_mean_ms = total / waits * 1e3
+    finally:
+        for spy in spies:
+            common.stop_py_spy(spy)
+        server.stop()
+    seconds = result["duration_us"] / 1e6
+    cpu["loadgen"] = result["loadgen_cpu_s"] / seconds
+    cpu["other_processes"] = max(0.0, cpu["other_processes"] - cpu["loadgen"])
+    errors = sum(result.get(k, 0) for k in ("connect", "read", "write", "status", "timeout"))
+    return {
+        "target": target,
+        "rps": result["requests"] / seconds,
+        "requests": result["requests"],
+        "errors": errors,
+        "p50_ms": result["p50_us"] / 1e3,
+        "p99_ms": result["p99_us"] / 1e3,
+        "p999_ms": result["p999_us"] / 1e3,
+        "max_ms": result["max_us"] / 1e3,
+        "accepted_by_server_incl_warmup": accepted,
+        "durable_wait_mean_ms": durable_mean_ms,
+        "cpu": cpu,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--duration", type=int, default=8, help="seconds per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up load")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--targets", default="clickagg,bare-asgi,starlette", help="comma-separated subset"
+    )
+    p.add_argument("--client", choices=["wrk", "python"], default=None)
+    p.add_argument("--live-src", action="store_true", help="import the working tree")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="OUTDIR",
+        help="instead of measuring: one clickagg run under py-spy (server.txt, worker.txt)",
+    )
+    args = p.parse_args()
+    if args.client is None:
+        args.client = "wrk" if shutil.which("wrk") else "python"
+    common.install_sigterm_handler()
+    with (
+        common.source_snapshot(not args.live_src) as snap,
+        tempfile.TemporaryDirectory(prefix="clickagg-single-") as tmp,
+    ):
+        run_all(args, snap, Path(tmp))
+
+
+def run_all(args: argparse.Namespace, snap: dict[str, Any], tmp: Path) -> None:
+    info = common.machine() | {"code": snap["code"]}
+    common.print_machine(info)
+    if args.py_spy is not None:
+        run = measure("clickagg", args, snap["env"], tmp, 0, profile_dir=args.py_spy)
+        print(
+            f"profiled run: {run['rps']:,.0f} req/s, p99 {run['p99_ms']:.1f} ms; stacks in "
+            f"{args.py_spy}/server.txt and worker.txt (bench/profile_summary.py)"
+        )
+        return
+    targets = args.targets.split(",")
+    print(
+        f"load: {args.client} ({args.threads} thread(s)), {args.connections} connections, "
+        f"{args.duration:g} s per measurement, on the same machine as the server"
+    )
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+    for rep in range(args.repeat):
+        for target in targets:
+            run = measure(target, args, snap["env"], tmp, rep)
+            runs[target].append(run)
+            print(
+                f"rep {rep + 1} {target:<10} {run['rps']:>9,.0f} req/s  p50 {run['p50_ms']:.2f} "
+                f"ms  p99 {run['p99_ms']:.2f} ms  errors {run['errors']}  cores: server "
+                f"{run['cpu']['server']:.2f} worker {run['cpu'].get('worker', 0):.2f} "
+                f"loadgen {run['cpu']['loadgen']:.2f} not-ours {run['cpu']['other_processes']:.2f}"
+                + (
+                    f"; mean wait for the durable append {run['durable_wait_mean_ms']:.1f} ms"
+                    if run["durable_wait_mean_ms"] is not None
+                    else ""
+                )
+            )
+    summary = {
+        t: {
+            "rps": common.summary([r["rps"] for r in rs]),
+            "p50_ms": common.summary([r["p50_ms"] for r in rs]),
+            "p99_ms": common.summary([r["p99_ms"] for r in rs]),
+            "cpu_median": {
+                k: statistics.median(r["cpu"].get(k, 0.0) for r in rs)
+                for k in ("server", "worker", "loadgen", "other_processes", "machine_busy")
+            },
+        }
+        for t, rs in runs.items()
+    }
+    base = summary.get("bare-asgi", summary[targets[0]])["rps"]["median"]
+    print()
+    common.print_table(
+        ["target", "req/s median", "min", "max", "vs bare-asgi", "p50 ms", "p99 ms"],
+        [
+            [
+                t,
+                common.fmt(s["rps"]["median"]),
+                common.fmt(s["rps"]["min"]),
+                common.fmt(s["rps"]["max"]),
+                f"{s['rps']['median'] / base:.3f}",
+                f"{s['p50_ms']['median']:.2f}",
+                f"{s['p99_ms']['median']:.2f}",
+            ]
+            for t, s in summary.items()
+        ]
+        + [["DESIGN target (clickagg)", ">= 50,000", "", "", "", "", "< 10"]],
+    )
+    print()
+    common.print_table(
+        ["cores used (median)", "server", "worker", "load generator", "not ours", "machine"],
+        [[t, *(f"{s['cpu_median'][k]:.2f}" for k in s["cpu_median"])] for t, s in summary.items()],
+    )
+    common.emit_json(
+        {
+            "bench": "single_event",
+            "machine": info,
+            "params": vars(args),
+            "summary": summary,
+            "ratio_clickagg_to_bare": (
+                summary["clickagg"]["rps"]["median"] / base if "clickagg" in summary else None
+            ),
+            "runs": runs,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
