@@ -211,3 +211,18 @@ def test_one_by_one_then_merged_equals_the_whole_batch(
             assert merged.text(name).to_pylist() == cols.text(name).to_pylist(), name
         for name in columns.NUMERIC_COLUMNS:
             assert getattr(merged, name) == getattr(cols, name), name
+
+
+@given(st.lists(st.sampled_from(["good", "bad", "two", "type"]), min_size=1, max_size=70))
+def test_ndjson_rejects_exactly_the_bad_lines(kinds: list[str]) -> None:
+    lines = {
+        "good": b'{"event_type":"click","ad_id":"a","timestamp":1700000000}',
+        "bad": b'{"event_type":"click",',
+        "two": b'{"event_type":"click","ad_id":"a","timestamp":1} {"ad_id":"b","timestamp":2}',
+        "type": b'{"event_type":"click","ad_id":[],"timestamp":1700000000}',
+    }
+    body = b"\n".join(lines[k] for k in kinds) + b"\n"
+    events, rejected = decode_many(body, ndjson=True)
+    assert len(events) == len(kinds)
+    assert [r.index for r in rejected] == [n for n, k in enumerate(kinds) if k != "good"]
+    assert all((e is None) == (k != "good") for e, k in zip(events, kinds, strict=True))

@@ -1,99 +1,19 @@
-"""Run ``clickagg serve`` as a real subprocess (its own process group) for end-to-end tests."""
+"""The real server for end-to-end tests (see clickagg.launcher), plus what tests read."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 
+from clickagg.launcher import ServeProcess, free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["ServeProcess", "free_port", "lag"]
 
 
-class ServeProcess:
-    def __init__(self, data_dir: Path, *, partitions: int = 4, port: int | None = None) -> None:
-        self.data_dir = data_dir
-        self.partitions = partitions
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "clickagg",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(self.port),
-            "--partitions",
-            str(self.partitions),
-        ]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited {self.process.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"serve not healthy in {timeout_s}s: {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def kill9(self) -> None:
-        """SIGKILL every process of the server (API process, worker process, helpers)."""
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self._wait_group_gone(self.process.pid)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self._wait_group_gone(self.process.pid)
-
-    @staticmethod
-    def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        os.killpg(pgid, signal.SIGKILL)
-
-    def lag(self) -> int:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return sum(
-            int(float(line.rsplit(" ", 1)[1]))
-            for line in text.splitlines()
-            if line.startswith("clickagg_partition_lag_events{")
-        )
+def lag(server: ServeProcess) -> int:
+    """Durable events not yet committed by the stream workers, over all partitions."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("clickagg_partition_lag_events{")
+    )

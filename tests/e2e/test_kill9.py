@@ -15,7 +15,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.e2e.server import ServeProcess
+from tests.e2e.server import ServeProcess, lag
 
 MINUTE_MS = 60_000
 Batch = list[dict[str, Any]]
@@ -149,7 +149,7 @@ def minute_counts(url: str, ads: set[str]) -> Counter[tuple[str, int, str]]:
 def wait_caught_up(server: ServeProcess, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.lag() == 0:
+        if lag(server) == 0:
             return
         time.sleep(0.1)
     raise AssertionError("workers did not catch up")

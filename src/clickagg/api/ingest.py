@@ -26,7 +26,6 @@ from clickagg.core.events import (
     decode_one,
     normalize,
 )
-from clickagg.log.base import LogFullError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
@@ -64,22 +63,14 @@ async def commit(state: AppState, batch: NormalizedBatch) -> None:
     started = state.clock.now_ms()
     try:
         await state.committer.append(batch.by_partition)
-    except Backpressure as exc:
+    except (Backpressure, OSError) as exc:  # LogFullError is an OSError
         state.metrics.unavailable.inc()
-        raise ApiError(
-            503,
-            "busy",
-            f"the log is backpressured ({exc}); retry",
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from None
-    except (LogFullError, OSError) as exc:
-        state.metrics.unavailable.inc()
-        raise ApiError(
-            503,
-            "log unavailable",
-            f"events could not be stored durably ({exc}); nothing was acknowledged, retry",
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from None
+        if isinstance(exc, Backpressure):
+            error, detail = "busy", f"the log is backpressured ({exc}); retry"
+        else:
+            error = "log unavailable"
+            detail = f"events could not be stored durably ({exc}); nothing was acknowledged, retry"
+        raise ApiError(503, error, detail, headers={"Retry-After": RETRY_AFTER_S}) from None
     state.metrics.append_seconds.observe((state.clock.now_ms() - started) / 1000)
     clicks = sum(c.event_type.count(_CLICK_BYTE) for c in batch.by_partition.values())
     state.metrics.accepted.labels("click").inc(clicks)

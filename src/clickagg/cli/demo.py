@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,28 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from clickagg.launcher import ServeProcess, free_port
 from clickagg.traffic import TrafficGenerator
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"clickagg serve exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("clickagg serve did not become healthy in time")
 
 
 def _metric_sum(text: str, name: str) -> float:
@@ -53,30 +30,15 @@ def run_demo(*, seconds: int, rate: int, port: int) -> None:
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="clickagg-demo-") as data_dir:
-        command = [
-            sys.executable,
-            "-m",
-            "clickagg",
-            "serve",
-            "--data-dir",
-            data_dir,
-            "--port",
-            str(port),
-        ]
+        server = ServeProcess(Path(data_dir) / "data", partitions=8, port=port)
         console.print(f"[bold]Starting[/] clickagg serve on {url} (data in {data_dir})")
-        server = subprocess.Popen(command, start_new_session=True)
         try:
-            wait_healthy(url, server)
+            server.start()
             sent, accepted, rejected = _send_traffic(console, url, seconds, rate)
             time.sleep(1.0)  # let the last micro-batches commit
             _report(console, url, sent, accepted, rejected)
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            server.stop()
 
 
 def _send_traffic(console: Console, url: str, seconds: int, rate: int) -> tuple[int, int, int]:

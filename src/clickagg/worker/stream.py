@@ -16,6 +16,7 @@ which rebuilds exactly the state an uninterrupted worker would have.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -124,21 +125,9 @@ class PartitionWorker:
         return step_all([self], self.store)
 
     def _commit_of(self, outcome: BatchOutcome) -> PartitionCommit:
+        carried = {f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)}
         return PartitionCommit(
-            partition=self.partition,
-            from_offset=outcome.from_offset,
-            to_offset=outcome.to_offset,
-            minute_deltas=outcome.minute_deltas,
-            dimension_deltas=outcome.dimension_deltas,
-            fates=outcome.fates,
-            late_events=outcome.late_events,
-            max_event_ms=outcome.max_event_ms,
-            watermark_ms=outcome.watermark_ms,
-            counted=outcome.counted,
-            duplicates=outcome.duplicates,
-            late=outcome.late,
-            invalid=outcome.invalid,
-            committed_at_ms=self.clock.now_ms(),
+            partition=self.partition, committed_at_ms=self.clock.now_ms(), **carried
         )
 
     def maybe_snapshot(self) -> None:

@@ -1,0 +1,106 @@
+"""Run ``clickagg serve`` as a subprocess in a process group of its own.
+
+The demo, the end-to-end tests and the benchmarks all need the real server (two
+processes) started, checked for readiness and stopped, or killed whole with ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A free loopback port (the OS picks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServeProcess:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        partitions: int = 4,
+        port: int | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.partitions = partitions
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = log_path or data_dir.parent / f"{data_dir.name}-serve.log"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start and wait until ``/healthz`` answers 200 (workers recovered)."""
+        command = [
+            sys.executable,
+            "-m",
+            "clickagg",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+            "--partitions",
+            str(self.partitions),
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited {self.process.returncode}: {self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        self.kill9()
+        raise RuntimeError(f"serve not healthy in {timeout_s}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def kill9(self) -> None:
+        """SIGKILL every process of the server (API process, worker process, helpers)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        _wait_group_gone(self.process.pid)
+
+    def stop(self) -> None:
+        """SIGTERM the group (graceful: snapshots are written), SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        _wait_group_gone(self.process.pid)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
