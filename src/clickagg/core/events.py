@@ -101,12 +101,7 @@ def decode_many(body: bytes, *, ndjson: bool) -> tuple[list[IncomingEvent | None
             # one object per line, or the exact path below says which line is wrong
             if len(decoded) == body.count(b"\n") + (not body.endswith(b"\n")):
                 return list(decoded), []
-        lines = [line for line in body.split(b"\n") if line.strip()]
-        events: list[IncomingEvent | None] = [None] * len(lines)
-        rejected: list[Rejection] = []
-        _decode_lines_bisect(lines, 0, events, rejected)
-        rejected.sort(key=lambda r: r.index)
-        return events, rejected
+        return _decode_lines_in_chunks([line for line in body.split(b"\n") if line.strip()])
     try:
         return list(_array_decoder.decode(body)), []
     except msgspec.DecodeError:
@@ -126,27 +121,30 @@ def decode_many(body: bytes, *, ndjson: bool) -> tuple[list[IncomingEvent | None
     return items, problems
 
 
-def _decode_lines_bisect(
-    lines: list[bytes],
-    start: int,
-    events: list[IncomingEvent | None],
-    rejected: list[Rejection],
-) -> None:
-    """Decode lines, halving around bad ones: a few bad lines cost O(bad * log n) compiled
-    decodes instead of one Python-level decode per line."""
-    try:
-        decoded = _single_decoder.decode_lines(b"\n".join(lines))
-        if len(decoded) != len(lines):
-            raise msgspec.DecodeError("one JSON object per line expected")
-    except msgspec.DecodeError as exc:
-        if len(lines) == 1:
-            rejected.append(Rejection(start, _describe(exc)))
-            return
-        middle = len(lines) // 2
-        _decode_lines_bisect(lines[:middle], start, events, rejected)
-        _decode_lines_bisect(lines[middle:], start + middle, events, rejected)
-        return
-    events[start : start + len(lines)] = decoded
+def _decode_lines_in_chunks(
+    lines: list[bytes], chunk: int = 16
+) -> tuple[list[IncomingEvent | None], list[Rejection]]:
+    """Decode NDJSON lines a small chunk at a time, and only the chunks holding a bad line
+    line by line: a few bad lines cost little more than a clean body."""
+    events: list[IncomingEvent | None] = []
+    rejected: list[Rejection] = []
+    for start in range(0, len(lines), chunk):
+        part = lines[start : start + chunk]
+        with contextlib.suppress(msgspec.DecodeError):
+            decoded = _single_decoder.decode_lines(b"\n".join(part))
+            if len(decoded) == len(part):
+                events.extend(decoded)
+                continue
+        for index, line in enumerate(part, start):
+            try:
+                values = _single_decoder.decode_lines(line)
+                if len(values) != 1:
+                    raise msgspec.DecodeError("one JSON object per line expected")
+                events.append(values[0])
+            except msgspec.DecodeError as exc:
+                events.append(None)
+                rejected.append(Rejection(index, _describe(exc)))
+    return events, rejected
 
 
 def _describe(exc: msgspec.DecodeError) -> str:
