@@ -607,3 +607,16 @@ def _one_click_commit(partition: int, from_offset: int, to_offset: int) -> Parti
         invalid=0,
         committed_at_ms=0,
     )
+
+
+def test_totals_without_users_skips_the_sketch_but_not_the_sums(tmp_path: Path) -> None:
+    with DuckDBStore(tmp_path / "t.duckdb") as store:
+        store.commit(_one_click_commit(0, 0, 1))
+        full = store.totals(ad_id="ad", start_ms=0, end_ms=10**13)
+        fast = store.totals(ad_id="ad", start_ms=0, end_ms=10**13, unique_users=False)
+        assert (fast.clicks, fast.impressions, fast.spend_micros) == (
+            full.clicks,
+            full.impressions,
+            full.spend_micros,
+        )
+        assert full.clicks == 1 and fast.unique_users == 0

@@ -116,8 +116,11 @@ class AggregateStore(Protocol):
         """Rows for windows starting in [start_ms, end_ms), oldest first (then by group)."""
         ...
 
-    def totals(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
-        """Sums over minutes in [start_ms, end_ms) (for sliding windows and ad-hoc ranges)."""
+    def totals(
+        self, *, ad_id: str, start_ms: int, end_ms: int, unique_users: bool = True
+    ) -> Totals:
+        """Sums over minutes in [start_ms, end_ms) (for sliding windows and ad-hoc ranges).
+        ``unique_users=False`` skips merging sketches (``unique_users`` is then 0)."""
         ...
 
     def fates(self, *, event_id: str) -> list[Fate]:

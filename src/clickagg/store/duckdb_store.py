@@ -163,17 +163,26 @@ _UPSERT_OFFSET: Final = f"""
         committed_at_ms = excluded.committed_at_ms"""
 _TOTALS_PART: Final = f"{', '.join(_SUMS)}, user_hashes"
 # Whole hours come from agg_hour, the ragged edges (if any) from agg_minute.
-_TOTALS: Final = f"""
-    SELECT {", ".join(f"coalesce(sum({m}), 0)::BIGINT AS {m}" for m in _SUMS)},
-           coalesce({_MERGED_SKETCH}, []::UBIGINT[]) AS sk
+
+
+def _totals_sql(with_users: bool) -> str:
+    """Whole hours from agg_hour, the ragged edges (if any) from agg_minute. Without
+    users the sketch column is not even read: sliding windows need only the sums."""
+    part = _TOTALS_PART if with_users else ", ".join(_SUMS)
+    users = f"coalesce({_MERGED_SKETCH}, []::UBIGINT[])" if with_users else "[]::UBIGINT[]"
+    return f"""
+    SELECT {", ".join(f"coalesce(sum({m}), 0)::BIGINT AS {m}" for m in _SUMS)}, {users} AS sk
     FROM (
-        SELECT {_TOTALS_PART} FROM agg_hour
+        SELECT {part} FROM agg_hour
         WHERE ad_id = $ad AND hour_ms >= $hlo AND hour_ms < $hhi
         UNION ALL
-        SELECT {_TOTALS_PART} FROM agg_minute
+        SELECT {part} FROM agg_minute
         WHERE ad_id = $ad AND minute_ms >= $lo AND minute_ms < $hi
           AND (minute_ms < $hlo OR minute_ms >= $hhi)
     )"""
+
+
+_TOTALS: Final = {with_users: _totals_sql(with_users) for with_users in (True, False)}
 
 
 def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
@@ -386,13 +395,17 @@ class DuckDBStore:
             for w, g, clicks, imps, spend, invalid, users in rows
         ]
 
-    def totals(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
+    def totals(
+        self, *, ad_id: str, start_ms: int, end_ms: int, unique_users: bool = True
+    ) -> Totals:
         """Sums over the minutes in [start_ms, end_ms); zeros when there are none."""
         hour_lo, hour_hi = _ceil(start_ms, HOUR_MS), end_ms - end_ms % HOUR_MS
         if hour_lo >= hour_hi:  # no whole hour inside: every minute from agg_minute
             hour_lo = hour_hi = start_ms
         params = {"ad": ad_id, "lo": start_ms, "hi": end_ms, "hlo": hour_lo, "hhi": hour_hi}
-        sql = f"SELECT {', '.join(_SUMS)}, {sketch.sql_estimate('sk')} FROM ({_TOTALS})"
+        sql = (
+            f"SELECT {', '.join(_SUMS)}, {sketch.sql_estimate('sk')} FROM ({_TOTALS[unique_users]})"
+        )
         # An aggregate without GROUP BY yields exactly one row.
         [row] = self._fetch(sql, params)
         clicks, imps, spend, invalid, users = (int(v) for v in row)
