@@ -22,7 +22,7 @@ from clickagg.worker.stream import PartitionWorker, step_all
 
 log = logging.getLogger(__name__)
 IDLE_SLEEP_S = 0.002
-SMALL_ROUND_EVENTS = 5_000
+SMALL_ROUND_EVENTS = 1_000
 SMALL_ROUND_PAUSE_S = 0.1
 
 
