@@ -177,7 +177,18 @@ def run_crash_cycles(tmp_path: Path, *, seed: int, events: int, kills: int) -> N
             assert post(server.url, batches[index])  # client retries of acknowledged batches
         wait_caught_up(server)
         ads = {e["ad_id"] for e in workload.warmup + workload.stream}
-        assert minute_counts(server.url, ads) == workload.reference()
+        reference = workload.reference()
+        assert minute_counts(server.url, ads) == reference
+        for ad_id in ads:  # real-time counters, refilled from the store after each restart
+            realtime = httpx.get(
+                f"{server.url}/aggregates/realtime",
+                params={"ad_id": ad_id, "window": "1h"},
+                timeout=10,
+            ).json()
+            expected = sum(
+                n for (ad, _, kind), n in reference.items() if ad == ad_id and kind == "click"
+            )
+            assert realtime["clicks"] == expected, ad_id
         sample = rnd.sample(workload.stream, k=min(200, len(workload.stream)))
         for event in sample:
             traced = httpx.get(f"{server.url}/events/{event['event_id']}", timeout=10)

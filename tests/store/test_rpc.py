@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryClient, QueryError, QueryServer
 
 
 def test_round_trip_and_errors(tmp_path: Path) -> None:
     store = DuckDBStore(tmp_path / "agg.duckdb")
-    server = QueryServer(tmp_path / "q.sock", store)
+    counters = InMemoryCounters()
+    server = QueryServer(tmp_path / "q.sock", store, counters)
     server.start()
 
     async def scenario() -> None:
@@ -24,6 +26,8 @@ def test_round_trip_and_errors(tmp_path: Path) -> None:
         )
         assert all(r.clicks == 0 for r in results)
         assert await client.call("partition_status") == []
+        window = await client.call("window", ad_id="a", start_ms=0, end_ms=10**13)
+        assert window.clicks == 0
         assert await client.call("fates", event_id="x") == []
         with pytest.raises(QueryError, match="unknown method"):
             await client.call("drop_everything")

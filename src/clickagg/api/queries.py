@@ -135,7 +135,7 @@ async def _sliding(state: AppState, ad_id: str, window_ms: int) -> Totals:
     now = state.clock.now_ms()
     start = window_start(now, MINUTE_MS) - window_ms + MINUTE_MS
     totals: Totals = await store_call(
-        state, "totals", ad_id=ad_id, start_ms=start, end_ms=now + MINUTE_MS, unique_users=False
+        state, "window", ad_id=ad_id, start_ms=start, end_ms=now + MINUTE_MS
     )
     return totals
 

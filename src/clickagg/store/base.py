@@ -123,6 +123,11 @@ class AggregateStore(Protocol):
         ``unique_users=False`` skips merging sketches (``unique_users`` is then 0)."""
         ...
 
+    def minute_rows_since(self, since_ms: int) -> pa.Table:
+        """Minute rows (sums only: ad_id, minute_ms, clicks, impressions, spend_micros,
+        invalid_clicks) from ``since_ms`` on: refills real-time counters after a restart."""
+        ...
+
     def fates(self, *, event_id: str) -> list[Fate]:
         """Every recorded decision about this id (one per copy), in log order."""
         ...

@@ -426,6 +426,14 @@ class DuckDBStore:
             invalid_clicks=invalid,
         )
 
+    def minute_rows_since(self, since_ms: int) -> pa.Table:
+        sql = (
+            "SELECT ad_id, minute_ms, clicks, impressions, spend_micros, invalid_clicks "
+            "FROM agg_minute WHERE minute_ms >= $1"
+        )
+        table: pa.Table = self._cursor().sql(sql, params=[since_ms]).to_arrow_table()
+        return table
+
     def fates(self, *, event_id: str) -> list[Fate]:
         """Every recorded decision about ``event_id``, in log order (a full scan: see DDL)."""
         rows = self._fetch(

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateRow, AggregateStore, Fate, PartitionStatus, Totals
 
 _LENGTH = struct.Struct("<I")
@@ -26,6 +27,7 @@ _RESULT_TYPES: dict[str, Any] = {
     "ping": bool,
     "aggregates": list[AggregateRow],
     "totals": Totals,
+    "window": Totals,  # real-time counters
     "fates": list[Fate],
     "partition_status": list[PartitionStatus],
 }
@@ -54,8 +56,9 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, store: AggregateStore) -> None:
+    def __init__(self, path: str, store: AggregateStore, counters: RealtimeCounters) -> None:
         self.store = store
+        self.counters = counters
         super().__init__(path, _Handler)
 
     def dispatch(self, body: bytes) -> bytes:
@@ -63,19 +66,25 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             method, kwargs = _request_decoder.decode(body)
             if method not in _RESULT_TYPES:
                 raise QueryError(f"unknown method {method!r}")
-            result = True if method == "ping" else getattr(self.store, method)(**kwargs)
+            if method == "ping":
+                result: object = True
+            elif method == "window":
+                result = self.counters.window(**kwargs)
+            else:
+                result = getattr(self.store, method)(**kwargs)
             return _encoder.encode((True, result))
         except Exception as exc:
             return _encoder.encode((False, f"{type(exc).__name__}: {exc}"))
 
 
 class QueryServer:
-    """Serves a store's read methods on a Unix socket from a background thread."""
+    """Serves a store's read methods and the real-time counters on a Unix socket from a
+    background thread."""
 
-    def __init__(self, path: Path, store: AggregateStore) -> None:
+    def __init__(self, path: Path, store: AggregateStore, counters: RealtimeCounters) -> None:
         path.unlink(missing_ok=True)
         self.path = path
-        self._server = _Server(str(path), store)
+        self._server = _Server(str(path), store, counters)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="query-server", daemon=True
         )

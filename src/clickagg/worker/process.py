@@ -15,6 +15,7 @@ from types import FrameType
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.log.segments import SegmentLogReader
+from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
@@ -50,7 +51,9 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         )
         for p in range(reader.partitions)
     ]
-    server = QueryServer(settings.rpc_socket, store)
+    counters = InMemoryCounters()
+    counters.apply(store.minute_rows_since(clock.now_ms() - counters.retain_ms))
+    server = QueryServer(settings.rpc_socket, store, counters)
     server.start()
     log.info("ready: %d partitions", len(workers))
     idle_loops = 0
@@ -59,7 +62,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
             if os.getppid() != parent:
                 log.warning("the API process is gone: stopping")
                 break
-            processed = step_all(workers, store)
+            processed = step_all(workers, store, counters)
             if processed >= SMALL_ROUND_EVENTS:
                 idle_loops = 0
                 continue

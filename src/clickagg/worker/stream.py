@@ -27,6 +27,7 @@ from clickagg.config import Settings
 from clickagg.core import columns
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
 from clickagg.log.base import Frame, LogReader
+from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, PartitionCommit
 from clickagg.worker.snapshots import SnapshotStore
 
@@ -143,7 +144,11 @@ class PartitionWorker:
         self.snapshots.save(self.partition, state.next_offset, state.snapshot())
 
 
-def step_all(workers: Sequence[PartitionWorker], store: AggregateStore) -> int:
+def step_all(
+    workers: Sequence[PartitionWorker],
+    store: AggregateStore,
+    counters: RealtimeCounters | None = None,
+) -> int:
     """One round: every partition with new events prepares a batch, and all of them are
     committed in ONE store transaction (step 3 for each), so per-transaction costs are paid
     once per round. On any failure the partitions of the round rebuild their state from the
@@ -163,6 +168,9 @@ def step_all(workers: Sequence[PartitionWorker], store: AggregateStore) -> int:
         for worker, _ in batch:
             worker.recover()
         raise
+    if counters is not None:  # only committed deltas: counters never run ahead of the store
+        for _, commit in batch:
+            counters.apply(commit.minute_deltas)
     for worker, _ in batch:
         worker.maybe_snapshot()
     return sum(commit.to_offset - commit.from_offset for _, commit in batch)

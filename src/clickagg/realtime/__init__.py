@@ -1,0 +1,1 @@
+"""The real-time counters role: sliding windows over the last hour, per ad."""
