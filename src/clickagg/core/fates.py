@@ -7,4 +7,3 @@ DUPLICATE = "duplicate"
 LATE = "late"
 INVALID = "invalid"
 REJECTED = "rejected"  # refused at ingest: never entered the log
-PENDING = "pending"  # in the log, not processed yet

@@ -82,6 +82,7 @@ class BatchOutcome:
     duplicates: int
     late: int
     invalid: int
+    kept: pl.DataFrame  # counted and invalid events, with minute and spend: the deltas' input
 
 
 class PartitionProcessor:
@@ -108,10 +109,14 @@ class PartitionProcessor:
             return NO_EVENT_MS
         return self.state.max_event_ms - self.allowed_lateness_ms
 
-    def process(self, events: pl.DataFrame, *, emit: bool = True) -> BatchOutcome | None:
+    def process(
+        self, events: pl.DataFrame, *, emit: bool = True, deltas: bool = True
+    ) -> BatchOutcome | None:
         """Read the next events of the partition (offsets must continue ``next_offset``).
 
-        With ``emit=False`` only the state advances (replay after a restart).
+        With ``emit=False`` only the state advances (replay after a restart). With
+        ``deltas=False`` the outcome's delta tables are left empty and the caller aggregates
+        ``kept`` itself (a worker round aggregates all its partitions in one pass).
         """
         state = self.state
         count = events.height
@@ -132,7 +137,7 @@ class PartitionProcessor:
         state.next_offset = from_offset + count
         if not emit:
             return None
-        return self._outcome(events, from_offset, duplicate, late)
+        return self._outcome(events, from_offset, duplicate, late, deltas)
 
     def _forget_before(self, max_event_ms: int) -> int:
         if max_event_ms == NO_EVENT_MS:
@@ -159,6 +164,7 @@ class PartitionProcessor:
         from_offset: int,
         duplicate: npt.NDArray[np.bool_],
         late: npt.NDArray[np.bool_],
+        deltas: bool,
     ) -> BatchOutcome:
         late = late & ~duplicate
         fresh = ~duplicate & ~late
@@ -187,8 +193,14 @@ class PartitionProcessor:
         return BatchOutcome(
             from_offset=from_offset,
             to_offset=from_offset + events.height,
-            minute_deltas=aggregate.minute_deltas(kept),
-            dimension_deltas=aggregate.dimension_deltas(kept),
+            minute_deltas=(
+                aggregate.minute_deltas(kept) if deltas else aggregate.MINUTE_SCHEMA.empty_table()
+            ),
+            dimension_deltas=(
+                aggregate.dimension_deltas(kept)
+                if deltas
+                else aggregate.DIMENSION_SCHEMA.empty_table()
+            ),
             fates=_fates_table(labelled),
             late_events=_late_table(late_rows),
             max_event_ms=self.state.max_event_ms,
@@ -197,6 +209,7 @@ class PartitionProcessor:
             duplicates=int(np.count_nonzero(duplicate)),
             late=int(np.count_nonzero(late)),
             invalid=int(np.count_nonzero(invalid)),
+            kept=kept,
         )
 
     def _rule_reasons(self, fresh: pl.DataFrame) -> pl.Series:

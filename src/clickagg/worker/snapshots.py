@@ -50,17 +50,17 @@ class SnapshotStore:
             (directory / f"{old:020d}{_SUFFIX}").unlink(missing_ok=True)
 
     def load_at_or_before(self, partition: int, offset: int) -> tuple[int, bytes] | None:
-        candidates = [o for o in self.offsets(partition) if o <= offset]
-        if not candidates:
+        best = self._best(partition, offset)
+        if best is None:
             return None
-        best = candidates[-1]
         return best, (self._dir(partition) / f"{best:020d}{_SUFFIX}").read_bytes()
 
     def oldest_needed(self, partition: int, committed: int) -> int:
         """The lowest offset a restart may replay from: the log must keep it."""
-        found = self.load_offset_at_or_before(partition, committed)
-        return 0 if found is None else found
+        best = self._best(partition, committed)
+        return 0 if best is None else best
 
-    def load_offset_at_or_before(self, partition: int, offset: int) -> int | None:
+    def _best(self, partition: int, offset: int) -> int | None:
+        """The newest snapshot at or before ``offset``."""
         candidates = [o for o in self.offsets(partition) if o <= offset]
         return candidates[-1] if candidates else None

@@ -24,7 +24,7 @@ import polars as pl
 
 from clickagg.clock import Clock
 from clickagg.config import Settings
-from clickagg.core import columns
+from clickagg.core import aggregate, columns
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
 from clickagg.log.base import Frame, LogReader
 from clickagg.realtime.base import RealtimeCounters
@@ -102,11 +102,12 @@ class PartitionWorker:
         )
         return processor
 
-    def prepare(self) -> PartitionCommit | None:
+    def prepare(self, *, deltas: bool = True) -> tuple[PartitionCommit, pl.DataFrame] | None:
         """Steps 1-2: read the next durable micro-batch and run it through the processor.
 
-        The in-memory state is now ahead of the store: the caller must commit the result,
-        or call :meth:`recover` before anything else.
+        Returns the commit and the events it counts (see ``BatchOutcome.kept``). The
+        in-memory state is now ahead of the store: the caller must commit the result, or
+        call :meth:`recover` before anything else.
         """
         state = self.processor.state
         frames = self.reader.read(
@@ -114,9 +115,9 @@ class PartitionWorker:
         )
         if not frames:
             return None
-        outcome = self.processor.process(frames_to_events(frames, state.next_offset))
+        outcome = self.processor.process(frames_to_events(frames, state.next_offset), deltas=deltas)
         assert outcome is not None
-        return self._commit_of(outcome)
+        return self._commit_of(outcome), outcome.kept
 
     def recover(self) -> None:
         self.processor = self._recover()
@@ -126,7 +127,11 @@ class PartitionWorker:
         return step_all([self], self.store)
 
     def _commit_of(self, outcome: BatchOutcome) -> PartitionCommit:
-        carried = {f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)}
+        carried = {
+            f.name: getattr(outcome, f.name)
+            for f in dataclasses.fields(outcome)
+            if f.name != "kept"
+        }
         return PartitionCommit(
             partition=self.partition, committed_at_ms=self.clock.now_ms(), **carried
         )
@@ -153,12 +158,20 @@ def step_all(
     committed in ONE store transaction (step 3 for each), so per-transaction costs are paid
     once per round. On any failure the partitions of the round rebuild their state from the
     store and the log; a fenced partition does so and the round is simply lost."""
-    prepared = [(worker, worker.prepare()) for worker in workers]
-    batch = [(worker, commit) for worker, commit in prepared if commit is not None]
+    prepared = [(worker, worker.prepare(deltas=False)) for worker in workers]
+    batch = [(worker, item[0]) for worker, item in prepared if item is not None]
     if not batch:
         return 0
     try:
-        store.commit_many([commit for _, commit in batch])
+        # One aggregation for the whole round: polars' fixed costs once, not per partition.
+        kept = pl.concat([item[1] for _, item in prepared if item is not None], how="vertical")
+        minute = aggregate.minute_deltas(kept)
+        dimensions = aggregate.dimension_deltas(kept)
+        commits = [commit for _, commit in batch]
+        commits[0] = dataclasses.replace(
+            commits[0], minute_deltas=minute, dimension_deltas=dimensions
+        )
+        store.commit_many(commits)
     except FencedError as exc:
         log.warning("fenced (%s): recovering %d partitions", exc, len(batch))
         for worker, _ in batch:
@@ -169,8 +182,7 @@ def step_all(
             worker.recover()
         raise
     if counters is not None:  # only committed deltas: counters never run ahead of the store
-        for _, commit in batch:
-            counters.apply(commit.minute_deltas)
+        counters.apply(minute)
     for worker, _ in batch:
         worker.maybe_snapshot()
     return sum(commit.to_offset - commit.from_offset for _, commit in batch)
