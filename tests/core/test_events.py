@@ -226,3 +226,50 @@ def test_ndjson_rejects_exactly_the_bad_lines(kinds: list[str]) -> None:
     assert len(events) == len(kinds)
     assert [r.index for r in rejected] == [n for n, k in enumerate(kinds) if k != "good"]
     assert all((e is None) == (k != "good") for e, k in zip(events, kinds, strict=True))
+
+
+@pytest.mark.parametrize("default_type", [None, ids.CLICK, ids.IMPRESSION])
+@pytest.mark.parametrize(
+    "item",
+    [
+        b'{"ad_id":"a","timestamp":1700000000}',
+        b'{"ad_id":"a","timestamp":1700000000,"event_type":"click"}',
+        b'{"ad_id":"a","timestamp":1700000000,"event_type":"impression","event_id":7}',
+        b'{"ad_id":"a","timestamp":1700000000.5,"click_id":"c","impression_id":"i"}',
+        b'{"ad_id":"a","timestamp":"2023-11-14T22:13:20Z","user_agent":"Googlebot/2.1"}',
+        b'{"ad_id":"a","timestamp":5,"event_type":"click"}',
+        b'{"ad_id":"a","timestamp":1800000000,"event_type":"click"}',
+        b'{"ad_id":9,"timestamp":1700000000123,"event_type":"click","country":"de"}',
+    ],
+)
+def test_single_event_path_matches_the_batch_path(item: bytes, default_type: int | None) -> None:
+    """One event takes the plain-Python path; the same event in a batch the columnar one."""
+    filler = b'{"ad_id":"f","timestamp":1700000000,"event_type":"click","event_id":"filler"}'
+    if default_type == ids.IMPRESSION:
+        filler = filler.replace(b'"click"', b'"impression"')
+    one = normalize(
+        [decode_one(item)],
+        default_type=default_type,
+        partitions=4,
+        now_ms=NOW,
+        max_future_ms=300_000,
+    )
+    two = normalize(
+        [decode_one(item), decode_one(filler)],
+        default_type=default_type,
+        partitions=4,
+        now_ms=NOW,
+        max_future_ms=300_000,
+    )
+    assert [(r.index, r.error) for r in one.rejected] == [
+        (r.index, r.error) for r in two.rejected if r.index == 0
+    ]
+    if one.accepted:
+        assert one.event_ids[0] == two.event_ids[0]
+        ((partition, cols),) = one.by_partition.items()
+        batch_cols = two.by_partition[partition]
+        position = batch_cols.text("event_id").to_pylist().index(one.event_ids[0])
+        for name in columns.TEXT_COLUMNS:
+            assert cols.text(name).to_pylist()[0] == batch_cols.text(name).to_pylist()[position]
+        for name in columns.NUMERIC_COLUMNS:
+            assert cols.numeric(name)[0] == batch_cols.numeric(name)[position], name

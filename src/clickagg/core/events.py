@@ -8,6 +8,7 @@ the field (``$.timestamp``). Normalization turns the accepted events into column
 from __future__ import annotations
 
 import contextlib
+import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, cast
@@ -205,6 +206,16 @@ def normalize(
     problems: dict[int, str] = {}
     positions = [i for i, event in enumerate(events) if event is not None]
     valid = cast(list[IncomingEvent], [events[i] for i in positions])
+    if len(valid) == 1:
+        return _normalize_one(
+            valid[0],
+            positions[0],
+            default_type=default_type,
+            partitions=partitions,
+            now_ms=now_ms,
+            max_future_ms=max_future_ms,
+            rejected=list(rejected or ()),
+        )
     types = _event_types(valid, default_type, problems)
     ts_ms = _timestamps(valid, now_ms + max_future_ms, max_future_ms, problems)
     if problems:
@@ -284,17 +295,12 @@ def _event_types(
         codes = [ids.EVENT_TYPE_CODES.get(name, -1) if name else -1 for name in names]
         for n, code in enumerate(codes):
             if code < 0:
-                problems[n] = (
-                    "Object missing required field `event_type` (click or impression) "
-                    "- at `$.event_type`"
-                )
+                problems[n] = _MISSING_TYPE
     else:
         codes = [default_type if name is None else ids.EVENT_TYPE_CODES[name] for name in names]
         for n, code in enumerate(codes):
             if code != default_type:
-                problems[n] = (
-                    f"event_type {names[n]!r} does not match this endpoint - at `$.event_type`"
-                )
+                problems[n] = _wrong_type(names[n])
     return np.array(codes, dtype=np.int64)
 
 
@@ -311,18 +317,27 @@ def _timestamps(
     except (TypeError, OverflowError):
         ts_ms = np.array([_timestamp_or_sentinel(v) for v in raw], dtype=np.int64)
     for n in np.flatnonzero((ts_ms < EARLIEST_MS) | (ts_ms > latest_ms)).tolist():
-        if n in problems:
-            continue
-        if ts_ms[n] < EARLIEST_MS:
-            problems[n] = (
-                "timestamp is before 2000-01-01 or not a valid time; send epoch seconds, "
-                "epoch ms or ISO-8601 - at `$.timestamp`"
-            )
-        else:
-            problems[n] = (
-                f"timestamp is more than {max_future_ms // 1000} s in the future - at `$.timestamp`"
-            )
+        if n not in problems:
+            problems[n] = _time_problem(int(ts_ms[n]), max_future_ms)
     return ts_ms
+
+
+_MISSING_TYPE = (
+    "Object missing required field `event_type` (click or impression) - at `$.event_type`"
+)
+
+
+def _wrong_type(name: str | None) -> str:
+    return f"event_type {name!r} does not match this endpoint - at `$.event_type`"
+
+
+def _time_problem(ts_ms: int, max_future_ms: int) -> str:
+    if ts_ms < EARLIEST_MS:
+        return (
+            "timestamp is before 2000-01-01 or not a valid time; send epoch seconds, "
+            "epoch ms or ISO-8601 - at `$.timestamp`"
+        )
+    return f"timestamp is more than {max_future_ms // 1000} s in the future - at `$.timestamp`"
 
 
 def _timestamp_or_sentinel(value: int | float | datetime) -> int:
@@ -368,11 +383,84 @@ def _fingerprints(
 
 
 def _devices_and_browsers(valid: list[IncomingEvent]) -> tuple[list[Any], list[Any]]:
-    devices: list[str | None] = [e.device for e in valid]
-    browsers: list[str | None] = [e.browser for e in valid]
-    for n, event in enumerate(valid):
-        if event.user_agent and (devices[n] is None or browsers[n] is None):
-            device, browser = device_and_browser(event.user_agent)
-            devices[n] = devices[n] or device
-            browsers[n] = browsers[n] or browser
-    return [d.lower() if d else None for d in devices], browsers
+    pairs = [_device_and_browser(e) for e in valid]
+    return [d for d, _ in pairs], [b for _, b in pairs]
+
+
+def _device_and_browser(event: IncomingEvent) -> tuple[str | None, str | None]:
+    """As sent, else derived from the user agent; device lower-cased."""
+    device, browser = event.device, event.browser
+    if event.user_agent and (device is None or browser is None):
+        parsed_device, parsed_browser = device_and_browser(event.user_agent)
+        device = device or parsed_device
+        browser = browser or parsed_browser
+    return (device.lower() if device else None), browser
+
+
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+
+
+def _normalize_one(
+    event: IncomingEvent,
+    position: int,
+    *,
+    default_type: int | None,
+    partitions: int,
+    now_ms: int,
+    max_future_ms: int,
+    rejected: list[Rejection],
+) -> NormalizedBatch:
+    """:func:`normalize` for a single event in plain Python: a one-event request should
+    not pay numpy's and Arrow's per-call costs. The same rules, the same log columns
+    (``tests/core/test_events.py`` compares the two paths)."""
+    name = event.event_type
+    if default_type is None:
+        code = ids.EVENT_TYPE_CODES.get(name, -1) if name else -1
+        problem = _MISSING_TYPE if code < 0 else None
+    else:
+        code = default_type if name is None else ids.EVENT_TYPE_CODES[name]
+        problem = _wrong_type(name) if code != default_type else None
+    ts_ms = 0
+    if problem is None:
+        ts_ms = _timestamp_or_sentinel(event.timestamp)
+        if ts_ms < EARLIEST_MS or ts_ms > now_ms + max_future_ms:
+            problem = _time_problem(ts_ms, max_future_ms)
+    if problem is not None:
+        all_rejected = sorted([*rejected, Rejection(position, problem)], key=lambda r: r.index)
+        return NormalizedBatch(rejected=all_rejected)
+    given = event.event_id if event.event_id is not None else _typed_id(event, code)
+    event_id = event_id_of(event, code, ts_ms) if given is None else str(given)
+    fp_high, fp_low = ids.fingerprint(code, event_id)
+    partition = ids.partition_of(fp_low, partitions)
+    user_id = _text(event.user_id)
+    device, browser = _device_and_browser(event)
+    text = {
+        "event_id": event_id,
+        "ad_id": str(event.ad_id),
+        "advertiser_id": _text(event.advertiser_id),
+        "campaign_id": _text(event.campaign_id),
+        "user_id": user_id,
+        "ip": event.ip,
+        "user_agent": event.user_agent,
+        "country": event.country.upper() if event.country else None,
+        "device": device,
+        "browser": browser,
+    }
+    cols = EventColumns(
+        count=1,
+        fp_high=_U64.pack(fp_high),
+        fp_low=_U64.pack(fp_low),
+        event_type=bytes((code,)),
+        ts_ms=_I64.pack(ts_ms),
+        received_ms=_I64.pack(now_ms),
+        cost_micros=_I64.pack(-1 if event.cost_micros is None else event.cost_micros),
+        user_hash=_U64.pack(ids.user_hash(user_id)),
+        **{name: columns.TextColumn.of_list([value]) for name, value in text.items()},
+    )
+    return NormalizedBatch(
+        by_partition={partition: cols},
+        event_ids=[event_id],
+        partitions=[partition],
+        rejected=list(rejected),
+    )
