@@ -42,6 +42,9 @@ class Settings:
     micro_batch_events: int = 50_000  # per partition; a round commits all partitions at once
     snapshot_interval_ms: int = 10_000
     log_level: str = "warning"
+    # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
+    # the event carries no cost_micros). Without it such clicks are counted with spend 0.
+    ads_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 1024:

@@ -31,6 +31,13 @@ def test_serve_rejects_bad_settings() -> None:
     assert result.exit_code == 2 and "dedup horizon" in result.output
 
 
+def test_serve_refuses_a_bad_ad_registry(tmp_path: Path) -> None:
+    ads = tmp_path / "ads.csv"
+    ads.write_text("ad_id,price\na,1\n")
+    result = CliRunner().invoke(main, ["serve", "--ads", str(ads)])
+    assert result.exit_code == 2 and "cpc_micros" in result.output
+
+
 def test_query_and_trace(server: ServeProcess) -> None:
     now = int(time.time())
     for copy in range(2):

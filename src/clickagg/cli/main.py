@@ -61,6 +61,12 @@ def main() -> None:
     callback=_duration,
     help="How long (event time) the stream remembers ids.",
 )
+@click.option(
+    "--ads",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Ad registry CSV (ad_id,cpc_micros,...): the click price when an event has no "
+    "cost_micros.",
+)
 @click.option("--log-level", default="warning", show_default=True)
 def serve(
     data_dir: Path,
@@ -69,10 +75,18 @@ def serve(
     partitions: int,
     allowed_lateness: int,
     dedup_horizon: int,
+    ads: Path | None,
     log_level: str,
 ) -> None:
     """Run ingest API, query API and stream workers on one machine, no services needed."""
+    from clickagg.registry import RegistryError, load_cpc_micros
     from clickagg.server import run_server
+
+    if ads is not None:
+        try:
+            load_cpc_micros(ads)  # refuse a bad file now, not in the worker process
+        except RegistryError as exc:
+            raise click.UsageError(str(exc)) from None
 
     try:
         settings = Settings(
@@ -81,6 +95,7 @@ def serve(
             allowed_lateness_ms=allowed_lateness,
             dedup_horizon_ms=dedup_horizon,
             log_level=log_level,
+            ads_file=ads.resolve() if ads else None,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

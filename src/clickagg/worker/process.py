@@ -16,6 +16,7 @@ from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.log.segments import SegmentLogReader
 from clickagg.realtime.memory import InMemoryCounters
+from clickagg.registry import load_cpc_micros
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
@@ -45,9 +46,16 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     reader = SegmentLogReader(settings.log_dir)
     store = _open_store(settings)
     snapshots = SnapshotStore(settings.snapshot_dir)
+    cpc_micros = load_cpc_micros(settings.ads_file) if settings.ads_file else {}
     workers = [
         PartitionWorker(
-            p, reader=reader, store=store, snapshots=snapshots, settings=settings, clock=clock
+            p,
+            reader=reader,
+            store=store,
+            snapshots=snapshots,
+            settings=settings,
+            clock=clock,
+            cpc_micros=cpc_micros,
         )
         for p in range(reader.partitions)
     ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import polars as pl
 
@@ -58,8 +58,10 @@ class PartitionWorker:
         snapshots: SnapshotStore,
         settings: Settings,
         clock: Clock,
+        cpc_micros: Mapping[str, int] | None = None,
     ) -> None:
         self.partition = partition
+        self.cpc_micros = dict(cpc_micros or {})
         self.reader = reader
         self.store = store
         self.snapshots = snapshots
@@ -73,6 +75,7 @@ class PartitionWorker:
             state,
             allowed_lateness_ms=self.settings.allowed_lateness_ms,
             dedup_horizon_ms=self.settings.dedup_horizon_ms,
+            cpc_micros=self.cpc_micros,
         )
 
     def _recover(self) -> PartitionProcessor:
