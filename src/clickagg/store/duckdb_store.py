@@ -461,6 +461,16 @@ class DuckDBStore:
         )
         return [PartitionStatus(*(int(v) for v in row)) for row in rows]
 
+    def forget_fates_before(self, partition: int, offset: int) -> int:
+        """Drop the audit rows of events the log no longer holds (retention): the trail is
+        kept as long as the events themselves. Returns how many rows were dropped."""
+        with self._commit_lock:
+            [(count,)] = self._fetch(
+                'DELETE FROM event_fates WHERE "partition" = ? AND "offset" < ?',
+                [partition, offset],
+            )
+        return int(count)
+
     def late_event_count(self) -> int:
         [(count,)] = self._fetch("SELECT count(*) FROM late_events")
         return int(count)

@@ -14,9 +14,11 @@ from types import FrameType
 
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
+from clickagg.log.base import LogReader
 from clickagg.log.segments import SegmentLogReader
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.registry import load_cpc_micros
+from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 IDLE_SLEEP_S = 0.002
 SMALL_ROUND_EVENTS = 1_000
 SMALL_ROUND_PAUSE_S = 0.1
+FATE_CLEANUP_INTERVAL_S = 60.0
 
 
 def run(settings: Settings, max_idle_loops: int | None = None) -> None:
@@ -66,10 +69,14 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     log.info("ready: %d partitions", len(workers))
     idle_loops = 0
     try:
+        next_fate_cleanup = time.monotonic() + FATE_CLEANUP_INTERVAL_S
         while not stopping:
             if os.getppid() != parent:
                 log.warning("the API process is gone: stopping")
                 break
+            if time.monotonic() >= next_fate_cleanup:
+                next_fate_cleanup = time.monotonic() + FATE_CLEANUP_INTERVAL_S
+                forget_fates_of_retired_segments(store, reader)
             processed = step_all(workers, store, counters)
             if processed >= SMALL_ROUND_EVENTS:
                 idle_loops = 0
@@ -91,6 +98,14 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         store.close()
         reader.close()
         log.info("stopped")
+
+
+def forget_fates_of_retired_segments(store: AggregateStore, reader: LogReader) -> int:
+    """The audit trail lives as long as the log keeps the events (then the batch layer's
+    archive answers): drop fates below each partition's first retained offset."""
+    return sum(
+        store.forget_fates_before(p, reader.start_offset(p)) for p in range(reader.partitions)
+    )
 
 
 def _open_store(settings: Settings, timeout_s: float = 30.0) -> DuckDBStore:
