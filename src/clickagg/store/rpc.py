@@ -55,6 +55,8 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    # The default backlog (5) makes connects fail with EAGAIN under a burst of queries.
+    request_queue_size = 256
 
     def __init__(self, path: str, store: AggregateStore, counters: RealtimeCounters) -> None:
         self.store = store
