@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clickagg.launcher import free_port
+from clickagg.launcher import free_port, stop_group
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -296,27 +296,8 @@ class ManagedProcess:
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it if it lingers; wait until it is gone."""
-        process = self.process
-        if process is None:
-            return
-        pgid = process.pid
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            process.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+        if self.process is not None:
+            stop_group(self.process)
 
 
 class ClickaggServer(ManagedProcess):

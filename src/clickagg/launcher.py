@@ -83,15 +83,22 @@ class ServeProcess:
 
     def stop(self) -> None:
         """SIGTERM the group (graceful: snapshots are written), SIGKILL if it lingers."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        if self.process is not None:
+            stop_group(self.process)
+
+
+def stop_group(process: subprocess.Popen[bytes], *, timeout_s: float = 30.0) -> None:
+    """SIGTERM a process group, SIGKILL it if it lingers, and wait until it is gone."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=30)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        _wait_group_gone(self.process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    _wait_group_gone(process.pid)
 
 
 def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
