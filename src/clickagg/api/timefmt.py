@@ -8,18 +8,24 @@ from clickagg.api.errors import bad_request
 from clickagg.config import parse_duration_ms
 from clickagg.core.events import timestamp_ms
 
+LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time ISO-8601 can say
+
 
 def parse_time(name: str, text: str) -> int:
     text = text.strip()
     try:
         if text.lstrip("-").replace(".", "", 1).isdigit():
-            return timestamp_ms(float(text) if "." in text else int(text))
-        return timestamp_ms(datetime.fromisoformat(text))
+            ms = timestamp_ms(float(text) if "." in text else int(text))
+        else:
+            ms = timestamp_ms(datetime.fromisoformat(text))
     except (ValueError, OverflowError):
         raise bad_request(
             f"{name}={text!r} is not a time: use ISO-8601 (2025-01-15T10:00:00Z) or epoch "
             "seconds/ms",
         ) from None
+    if not 0 <= ms <= LATEST_MS:
+        raise bad_request(f"{name}={text!r} is out of range (1970-01-01 to 9999-12-31)")
+    return ms
 
 
 def parse_span(name: str, text: str) -> int:
