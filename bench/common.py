@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clickagg.launcher import free_port, stop_group
+from clickagg.launcher import free_port, serve_command, stop_group
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -313,18 +313,7 @@ class ClickaggServer(ManagedProcess):
         self._tmp = tempfile.TemporaryDirectory(prefix="clickagg-bench-", dir=tmp_root)
         self.data_dir = Path(self._tmp.name) / "data"
         port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "clickagg",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(port),
-            "--partitions",
-            str(partitions),
-        ]
+        command = serve_command(self.data_dir, port=port, partitions=partitions)
         super().__init__(
             command,
             port=port,

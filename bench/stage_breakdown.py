@@ -93,13 +93,7 @@ def timed(fn: Callable[..., Any], timings: dict[str, float], label: str) -> Call
 def ingest_side(
     bodies: list[bytes], settings: Settings, group: int, timings: dict[str, float]
 ) -> int:
-    writer = SegmentLogWriter(
-        settings.log_dir,
-        settings.partitions,
-        segment_bytes=settings.segment_bytes,
-        retention_ms=settings.retention_ms,
-        retention_bytes=settings.retention_bytes,
-    )
+    writer = SegmentLogWriter.for_settings(settings)
     accepted = 0
     try:
         for start in range(0, len(bodies), group):

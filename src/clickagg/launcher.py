@@ -26,6 +26,14 @@ def free_port() -> int:
         return port
 
 
+def serve_command(data_dir: Path, *, port: int, partitions: int) -> list[str]:
+    """The command line of ``clickagg serve`` on loopback, run by this interpreter."""
+    return [
+        *(sys.executable, "-m", "clickagg", "serve"),
+        *("--data-dir", str(data_dir), "--port", str(port), "--partitions", str(partitions)),
+    ]
+
+
 class ServeProcess:
     def __init__(
         self,
@@ -44,18 +52,7 @@ class ServeProcess:
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start and wait until ``/healthz`` answers 200 (workers recovered)."""
-        command = [
-            sys.executable,
-            "-m",
-            "clickagg",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(self.port),
-            "--partitions",
-            str(self.partitions),
-        ]
+        command = serve_command(self.data_dir, port=self.port, partitions=self.partitions)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout_s

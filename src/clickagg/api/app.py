@@ -77,13 +77,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        writer = SegmentLogWriter(
-            settings.log_dir,
-            settings.partitions,
-            segment_bytes=settings.segment_bytes,
-            retention_ms=settings.retention_ms,
-            retention_bytes=settings.retention_bytes,
-        )
+        writer = SegmentLogWriter.for_settings(settings)
         reader = SegmentLogReader(settings.log_dir)
         committer = GroupCommitter(writer, max_pending_events=settings.max_pending_events)
         committer.start()

@@ -160,8 +160,6 @@ def timestamp_ms(value: int | float | datetime) -> int:
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return int(value.timestamp() * 1000)
-    if isinstance(value, bool):
-        raise InvalidEvent("timestamp must be a number or an ISO-8601 string - at `$.timestamp`")
     if abs(value) < _SECONDS_LIMIT:
         return round(value * 1000)
     return int(value)

@@ -25,8 +25,12 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clickagg.log.base import Frame, LogFullError
+
+if TYPE_CHECKING:
+    from clickagg.config import Settings
 
 if sys.byteorder != "little":  # the durable file is little-endian, read via native casts
     raise ImportError("clickagg.log.segments needs a little-endian host")
@@ -127,6 +131,17 @@ class SegmentLogWriter:
     last sync so no half frame can become durable later; if that dropped frames some caller
     still waits on, every sync until one that starts afterwards fails too, so nothing lost
     is ever acknowledged, and offsets stay contiguous."""
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> SegmentLogWriter:
+        """The writer of a data dir, with the settings' partitions, segments and retention."""
+        return cls(
+            settings.log_dir,
+            settings.partitions,
+            segment_bytes=settings.segment_bytes,
+            retention_ms=settings.retention_ms,
+            retention_bytes=settings.retention_bytes,
+        )
 
     def __init__(
         self,
