@@ -309,6 +309,7 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_events_accepted_total",
         "clickagg_events_rejected_total",
         "clickagg_partition_lag_events",
+        "clickagg_partition_archive_lag_events",
         "clickagg_partition_watermark_delay_seconds",
         "clickagg_partition_events_duplicate",
         "clickagg_partition_events_late",

@@ -28,7 +28,6 @@ def test_round_trip_and_errors(tmp_path: Path) -> None:
         assert await client.call("partition_status") == []
         window = await client.call("window", ad_id="a", start_ms=0, end_ms=10**13)
         assert window.clicks == 0
-        assert await client.call("fates", event_id="x") == []
         with pytest.raises(QueryError, match="unknown method"):
             await client.call("drop_everything")
         with pytest.raises(QueryError, match="TypeError"):
