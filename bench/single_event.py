@@ -96,10 +96,21 @@ async def _async_load(
                 headers = await reader.readuntil(b"\r\n\r\n")
                 status = int(headers[9:12])
                 length = 0
+                chunked = False
                 for line in headers.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
+                    lowered = line.lower()
+                    if lowered.startswith(b"content-length:"):
                         length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                    elif lowered.startswith(b"transfer-encoding:") and b"chunked" in lowered:
+                        chunked = True
+                if chunked:  # clickagg's JSON responses are chunked: read to the last chunk
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                        await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                else:
+                    await reader.readexactly(length)
                 latencies.append(time.perf_counter() - t)
                 if not 200 <= status < 300:
                     errors += 1
