@@ -460,6 +460,38 @@ def compare(truth: pl.DataFrame, measured: pl.DataFrame) -> dict[str, Any]:
     }
 
 
+def click_fields(count: int, *, seed: int, shape: Shape | None = None) -> list[str]:
+    """The fields of ``count`` production clicks as JSON object tails (``"ad_id":...}``),
+    without id or time: a single-event load generator adds a unique ``click_id`` and the
+    current time to each request."""
+    traffic = production(count * 25, max(count * 25, 1), seed=seed, shape=shape)
+    assert traffic.columns is not None
+    clicks = traffic.columns.filter(
+        (pl.col("event_type") == "click") & ~pl.col("label_duplicate") & ~pl.col("label_late")
+    ).head(count)
+    tail = pl.concat_str(
+        pl.lit('"ad_id":"'),
+        "ad_id",
+        pl.lit('","campaign_id":"'),
+        "campaign_id",
+        pl.lit('","advertiser_id":"'),
+        "advertiser_id",
+        pl.lit('","user_id":"'),
+        "user_id",
+        pl.lit('","ip":"'),
+        "ip",
+        pl.lit('","user_agent":"'),
+        "user_agent",
+        pl.lit('","country":"'),
+        "country",
+        pl.lit('"'),
+        pl.concat_str(pl.lit(',"cost_micros":'), pl.col("cost_micros").cast(pl.String)),
+        pl.lit("}"),
+        ignore_nulls=True,
+    )
+    return clicks.select(tail.alias("tail")).to_series().to_list()
+
+
 # -- the legacy stream and the command line ---------------------------------------------------
 
 
