@@ -1,4 +1,4 @@
-"""Settings from flags, CLICKAGG_* variables, a TOML file and the defaults."""
+"""Settings from flags, CLICKAGG_* variables, a TOML file and the defaults; the README."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from clickagg.config import Settings
 from clickagg.settings_loader import (
     SPECS,
     SettingsError,
+    display_value,
     load_settings,
     parse_size,
 )
+
+README = Path(__file__).parent.parent / "README.md"
 
 
 def write(path: Path, text: str) -> Path:
@@ -181,3 +184,28 @@ def test_printed_config_is_a_config_file_that_reads_back_the_same(tmp_path: Path
     again = load_settings(config_file=write(tmp_path / "printed.toml", text))
     assert again.settings == loaded.settings
     assert load_settings(config_file=write(tmp_path / "defaults.toml", load_settings().to_toml()))
+
+
+def _readme_settings_table() -> dict[str, dict[str, str]]:
+    """The Configuration section's table: TOML key -> {column: cell without backticks}."""
+    section = README.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip().replace("`", "") for cell in line.strip("|").split("|")]
+        row = dict(zip(header, cells, strict=True))
+        rows[row["TOML key"]] = row
+    return rows
+
+
+def test_the_readme_documents_every_setting_and_its_default() -> None:
+    rows = _readme_settings_table()
+    assert set(rows) >= set(SPECS), f"settings missing from README.md: {set(SPECS) - set(rows)}"
+    assert set(rows) <= set(SPECS), f"README.md documents no such setting: {set(rows) - set(SPECS)}"
+    for name, spec in SPECS.items():
+        row = rows[name]
+        assert row["environment variable"] == spec.env, name
+        assert row["flag"] == (spec.flag or "-"), name
+        assert row["default"] == display_value(spec, spec.default), name
+        assert row["meaning"], name
