@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from clickagg.cli.main import main
+from clickagg.settings_loader import FLAGS
 from tests.e2e.server import ServeProcess
 
 
@@ -40,6 +41,12 @@ def test_serve_refuses_a_bad_ad_registry(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cpc_micros" in result.output
 
 
+def test_serve_has_the_flags_the_readme_names() -> None:
+    serve = main.commands["serve"]
+    options = {opt for param in serve.params for opt in getattr(param, "opts", [])}
+    assert set(FLAGS.values()) <= options
+
+
 def test_serve_print_config_says_where_each_value_came_from(tmp_path: Path) -> None:
     config = tmp_path / "clickagg.toml"
     config.write_text('partitions = 2\nallowed_lateness = "2m"\nmicro_batch_events = 500\n')
@@ -61,6 +68,7 @@ def test_serve_print_config_says_where_each_value_came_from(tmp_path: Path) -> N
         (["--config", "{config}"], {}, "Error: {config}: unknown key 'partitons'"),
         ([], {"CLICKAGG_CONFIG": "{config}"}, "Error: {config}: unknown key 'partitons'"),
         ([], {"CLICKAGG_CONFIG": "/nonexistent.toml"}, "Error: CLICKAGG_CONFIG: no such file"),
+        ([], {"CLICKAGG_ADS_FILE": "/nonexistent.csv"}, "Error: cannot read the ad registry"),
     ],
 )
 def test_serve_says_in_one_line_which_setting_is_wrong(
