@@ -1,6 +1,8 @@
 """Settings shared by the API process and the worker process.
 
-Durations are carried as integer milliseconds; the CLI parses "5m", "30s", "1h".
+The field defaults here are the only defaults: ``clickagg.settings_loader`` fills the
+fields from CLI flags, ``CLICKAGG_*`` environment variables and a TOML file. Durations are
+carried as integer milliseconds (settings say "5m", "30s", "1h").
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def parse_duration_ms(text: str) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    data_dir: Path
+    data_dir: Path = Path("clickagg-data")
+    host: str = "127.0.0.1"  # where the API listens
+    port: int = 8000
     partitions: int = 8
     allowed_lateness_ms: int = 5 * MINUTE_MS
     # The stream remembers ids this long (by event time). It must cover the lateness, so

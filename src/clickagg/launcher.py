@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -42,9 +43,15 @@ class ServeProcess:
         partitions: int = 4,
         port: int | None = None,
         log_path: Path | None = None,
+        extra_args: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
+        """``extra_args`` are more ``serve`` flags (e.g. ``--config``); ``extra_env`` is
+        added to this process's environment (e.g. ``CLICKAGG_*`` settings)."""
         self.data_dir = data_dir
         self.partitions = partitions
+        self.extra_args = list(extra_args)
+        self.extra_env = dict(extra_env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -53,8 +60,15 @@ class ServeProcess:
     def start(self, timeout_s: float = 60.0) -> None:
         """Start and wait until ``/healthz`` answers 200 (workers recovered)."""
         command = serve_command(self.data_dir, port=self.port, partitions=self.partitions)
+        env = {**os.environ, **self.extra_env}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+            self.process = subprocess.Popen(
+                [*command, *self.extra_args],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env=env,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -8,13 +8,15 @@ from clickagg.api.app import create_app
 from clickagg.config import Settings
 
 
-def run_server(settings: Settings, *, host: str, port: int, log_level: str = "warning") -> None:
+def run_server(settings: Settings) -> None:
+    """Serve on ``settings.host:settings.port``. The worker process the app starts receives
+    this same ``Settings`` object (pickled), so it never resolves settings on its own."""
     app = create_app(settings)
     uvicorn.run(
         app,
-        host=host,
-        port=port,
-        log_level=log_level,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
         loop="uvloop",
         http="httptools",
         access_log=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from clickagg.cli.main import main
+from clickagg.settings_loader import FLAGS
 from tests.e2e.server import ServeProcess
 
 
@@ -36,6 +39,55 @@ def test_serve_refuses_a_bad_ad_registry(tmp_path: Path) -> None:
     ads.write_text("ad_id,price\na,1\n")
     result = CliRunner().invoke(main, ["serve", "--ads", str(ads)])
     assert result.exit_code == 2 and "cpc_micros" in result.output
+
+
+def test_serve_has_the_flags_the_readme_names() -> None:
+    serve = main.commands["serve"]
+    options = {opt for param in serve.params for opt in getattr(param, "opts", [])}
+    assert set(FLAGS.values()) <= options
+
+
+def test_serve_print_config_says_where_each_value_came_from(tmp_path: Path) -> None:
+    config = tmp_path / "clickagg.toml"
+    config.write_text('partitions = 2\nallowed_lateness = "2m"\nmicro_batch_events = 500\n')
+    env = {"CLICKAGG_CONFIG": str(config), "CLICKAGG_PARTITIONS": "3"}
+    result = CliRunner().invoke(main, ["serve", "--print-config", "--port", "9001"], env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(re.fullmatch(r"port = 9001 +# flag --port", x) for x in lines)
+    assert any(re.fullmatch(r"partitions = 3 +# env CLICKAGG_PARTITIONS", x) for x in lines)
+    assert any(re.fullmatch(rf'allowed_lateness = "2m" +# file {config}', x) for x in lines)
+    assert any(re.fullmatch(r"max_future = \"5m\" +# default", x) for x in lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {"CLICKAGG_PARTITONS": "2"}, "Error: environment variable CLICKAGG_PARTITONS: "),
+        ([], {"CLICKAGG_SEGMENT_BYTES": "big"}, "Error: environment variable CLICKAGG_SEGMENT"),
+        (["--config", "{config}"], {}, "Error: {config}: unknown key 'partitons'"),
+        ([], {"CLICKAGG_CONFIG": "{config}"}, "Error: {config}: unknown key 'partitons'"),
+        ([], {"CLICKAGG_CONFIG": "/nonexistent.toml"}, "Error: CLICKAGG_CONFIG: no such file"),
+        ([], {"CLICKAGG_ADS_FILE": "/nonexistent.csv"}, "Error: cannot read the ad registry"),
+    ],
+)
+def test_serve_says_in_one_line_which_setting_is_wrong(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("partitons = 2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "clickagg", "serve", *(a.format(config=config) for a in args)],
+        env={**os.environ, **{k: v.format(config=config) for k, v in env.items()}},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(message.format(config=config)), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "clickagg-data").exists()
 
 
 def test_query_and_trace(server: ServeProcess) -> None:

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import httpx
 from rich.console import Console
 from rich.table import Table
 
-from clickagg.config import Settings, parse_duration_ms
+from clickagg.settings_loader import (
+    CONFIG_ENV,
+    SPECS,
+    SettingsError,
+    display_value,
+    load_settings,
+    parse_value,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        return parse_duration_ms(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group()
@@ -30,76 +34,95 @@ def main() -> None:
     """clickagg: exactly-once ad-click aggregation."""
 
 
+def _setting_flag(name: str, help_text: str, **kwargs: Any) -> Callable[[F], F]:
+    """A ``serve`` flag for a setting: no default of its own (the ``Settings`` field's
+    default applies when neither the flag, the environment nor the file sets it)."""
+    spec = SPECS[name]
+    assert spec.flag is not None
+    default = display_value(spec, spec.default)
+    kwargs.setdefault("metavar", _METAVARS.get(spec.kind))
+    return click.option(
+        spec.flag,
+        name,
+        default=None,
+        callback=_parse_flag,
+        help=f"{help_text}  [default: {default}; env {spec.env}]",
+        **kwargs,
+    )
+
+
+_METAVARS = {"int": "INTEGER", "duration": "DURATION", "size": "SIZE", "str": "TEXT"}
+
+
+def _parse_flag(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_value(SPECS[str(param.name)], value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+class SettingsUsageError(click.ClickException):
+    """A one-line ``Error: ...`` for unusable settings, with the usage-error exit code."""
+
+    exit_code = 2
+
+
 @main.command()
 @click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    default=Path("clickagg-data"),
-    show_default=True,
-    help="Where the log, aggregates and snapshots live.",
-)
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option(
-    "--partitions",
-    default=8,
-    show_default=True,
-    type=int,
-    help="Log partitions (fixed when the data dir is created).",
-)
-@click.option(
-    "--allowed-lateness",
-    default="5m",
-    show_default=True,
-    callback=_duration,
-    help="How far behind the max event time an event may arrive and still count.",
-)
-@click.option(
-    "--dedup-horizon",
-    default="30m",
-    show_default=True,
-    callback=_duration,
-    help="How long (event time) the stream remembers ids.",
-)
-@click.option(
-    "--ads",
+    "--config",
+    "config_file",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    help="Ad registry CSV (ad_id,cpc_micros,...): the click price when an event has no "
-    "cost_micros.",
+    help=f"TOML file of settings (keys as in the README).  [env {CONFIG_ENV}]",
 )
-@click.option("--log-level", default="warning", show_default=True)
-def serve(
-    data_dir: Path,
-    host: str,
-    port: int,
-    partitions: int,
-    allowed_lateness: int,
-    dedup_horizon: int,
-    ads: Path | None,
-    log_level: str,
-) -> None:
-    """Run ingest API, query API and stream workers on one machine, no services needed."""
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the effective settings and where each came from, then exit.",
+)
+@_setting_flag(
+    "data_dir",
+    "Where the log, aggregates and snapshots live.",
+    type=click.Path(path_type=Path),
+)
+@_setting_flag("host", "Where the API listens.")
+@_setting_flag("port", "Where the API listens.")
+@_setting_flag("partitions", "Log partitions (fixed when the data dir is created).")
+@_setting_flag(
+    "allowed_lateness",
+    "How far behind the max event time an event may arrive and still count.",
+)
+@_setting_flag("dedup_horizon", "How long (event time) the stream remembers ids.")
+@_setting_flag(
+    "ads_file",
+    "Ad registry CSV (ad_id,cpc_micros,...): the click price when an event has no cost_micros.",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+)
+@_setting_flag("log_level", "Server and worker log level.")
+def serve(config_file: Path | None, print_config: bool, **flags: object) -> None:
+    """Run ingest API, query API and stream workers on one machine, no services needed.
+
+    Settings come from flags, then CLICKAGG_* environment variables, then the --config
+    file, then the defaults (see the README's Configuration section)."""
     from clickagg.registry import RegistryError, load_cpc_micros
     from clickagg.server import run_server
 
-    if ads is not None:
-        try:
-            load_cpc_micros(ads)  # refuse a bad file now, not in the worker process
-        except RegistryError as exc:
-            raise click.UsageError(str(exc)) from None
-
     try:
-        settings = Settings(
-            data_dir=data_dir,
-            partitions=partitions,
-            allowed_lateness_ms=allowed_lateness,
-            dedup_horizon_ms=dedup_horizon,
-            log_level=log_level,
-            ads_file=ads.resolve() if ads else None,
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    run_server(settings, host=host, port=port, log_level=log_level)
+        loaded = load_settings(flags=flags, environ=os.environ, config_file=config_file)
+    except SettingsError as exc:
+        raise SettingsUsageError(str(exc)) from None
+    if print_config:
+        click.echo(loaded.to_toml(), nl=False)
+        return
+    settings = loaded.settings
+    if settings.ads_file is not None:
+        try:
+            load_cpc_micros(settings.ads_file)  # refuse a bad file now, not in the worker
+        except RegistryError as exc:
+            raise SettingsUsageError(f"{exc} ({loaded.sources['ads_file']})") from None
+        settings = dataclasses.replace(settings, ads_file=settings.ads_file.resolve())
+    run_server(settings)
 
 
 @main.command()
