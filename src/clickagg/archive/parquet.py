@@ -4,9 +4,9 @@ Layout of ``<data_dir>/archive``::
 
     _manifest/000000000042.json          one per flush: its offset ranges and its files
     hour=2025-01-15T10/000000000042.parquet
-                                         the flush's decisions of that event hour, sorted
-                                         by (partition, offset), zstd
-    _index/000000000001-000000000042.npy id index run of flushes 1..42: fingerprint -> loc
+                                         the flush's decisions of that event hour, in the
+                                         order the stream decided them, zstd
+    _index/000000000001-000000000042.npy id index run of flushes 1..42
 
 Any engine reads one event hour as ``hour=…/*.parquet`` (the manifest says which files are
 published). Publishing a flush: its data files and index run are written and fsynced under
@@ -15,16 +15,15 @@ fsynced temporary file, which fails if the name exists, so two writers can never
 publish flush 42. Readers trust only what a manifest lists: a crash leaves nothing partial
 or doubled visible, and the next writer deletes the unpublished flush's files.
 
-Audit lookups: an index run holds the 64-bit fingerprint high half of every event's (type,
-id) and its location (partition << 48 | offset), sorted by fingerprint, memory-mapped by
-readers. A lookup binary-searches every run, maps (partition, offset) to its flush through
-the manifest ranges and reads that row from the flush's files with row-group pruning. Runs
+Audit lookups: an index run holds, for every event, the high 64 bits of its (type, id)
+fingerprint, where its row is (flush << 32 | row in the file) and its event hour, sorted by
+fingerprint, memory-mapped by readers (24 bytes per event). A lookup binary-searches every
+run and reads the one row group holding each match (row groups have a fixed size). Runs
 are merged in tiers of ``merge_fan_in`` in the background, so there are O(log n) of them.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import math
@@ -53,9 +52,22 @@ log = logging.getLogger(__name__)
 
 MANIFEST_DIR: Final = "_manifest"
 INDEX_DIR: Final = "_index"
-LOC_SHIFT: Final = 48
-_OFFSET_MASK: Final = (1 << LOC_SHIFT) - 1
-_ROW_GROUP_ROWS: Final = 65_536
+ROW_GROUP_ROWS: Final = 16_384  # small enough that a lookup reads little, big enough to scan
+_ROW_MASK: Final = (1 << 32) - 1
+# Dictionary encoding pays for these low-cardinality columns only; ids, users and IPs
+# would just fall back to plain encoding after the dictionary grew (wasted work).
+_DICTIONARY_COLUMNS: Final = [
+    "event_type",
+    "status",
+    "reason",
+    "ad_id",
+    "advertiser_id",
+    "campaign_id",
+    "user_agent",
+    "country",
+    "device",
+    "browser",
+]
 _MAX_MERGED_RUN_ROWS: Final = 64_000_000
 _FATE_COLUMNS: Final = [
     "event_id",
@@ -105,10 +117,6 @@ class _ManifestView:
         self.offsets: dict[int, int] = {}
         self.files: dict[int, list[Path]] = {}
         self.by_hour: dict[int, list[Path]] = {}
-        # per partition, in seq order: range starts, range ends, the flush's seq
-        self._starts: dict[int, list[int]] = {}
-        self._ends: dict[int, list[int]] = {}
-        self._seqs: dict[int, list[int]] = {}
 
     def refresh(self) -> None:
         manifest_dir = self.directory / MANIFEST_DIR
@@ -127,12 +135,8 @@ class _ManifestView:
                 self._add(seq, body)
 
     def _add(self, seq: int, body: dict[str, Any]) -> None:
-        for key, (lo, hi) in body["ranges"].items():
-            partition = int(key)
-            self._starts.setdefault(partition, []).append(lo)
-            self._ends.setdefault(partition, []).append(hi)
-            self._seqs.setdefault(partition, []).append(seq)
-            self.offsets[partition] = hi
+        for key, (_, hi) in body["ranges"].items():
+            self.offsets[int(key)] = hi
         paths = []
         for entry in body["files"]:
             path = self.directory / entry["path"]
@@ -140,14 +144,6 @@ class _ManifestView:
             self.by_hour.setdefault(int(entry["hour_ms"]), []).append(path)
         self.files[seq] = paths
         self.last_seq = seq
-
-    def flush_of(self, partition: int, offset: int) -> int | None:
-        """The flush (seq) whose range of ``partition`` holds ``offset``, if published."""
-        starts = self._starts.get(partition, [])
-        index = bisect.bisect_right(starts, offset) - 1
-        if index < 0 or offset >= self._ends[partition][index]:
-            return None
-        return self._seqs[partition][index]
 
 
 def _index_runs(index_dir: Path) -> list[tuple[int, int, Path]]:
@@ -301,8 +297,8 @@ class ParquetArchiveWriter:
         self, seq: int, table: pa.Table, ranges: dict[int, tuple[int, int]]
     ) -> dict[int, tuple[int, int]]:
         """Write one flush: data files, index run, then the manifest that publishes them."""
-        table = table.sort_by([("partition", "ascending"), ("offset", "ascending")])
         files = []
+        index_parts = []
         touched = {self.directory / INDEX_DIR}
         for hour_ms, part in _split_by_hour(table):
             relative = f"{hour_dir(hour_ms)}/{_seq_name(seq)}.parquet"
@@ -311,12 +307,17 @@ class ParquetArchiveWriter:
             _write_durably(
                 path,
                 lambda handle, part=part: pq.write_table(
-                    part, handle, compression="zstd", row_group_size=_ROW_GROUP_ROWS
+                    part,
+                    handle,
+                    compression="zstd",
+                    row_group_size=ROW_GROUP_ROWS,
+                    use_dictionary=_DICTIONARY_COLUMNS,
                 ),
             )
+            index_parts.append(_index_entries(part, seq, hour_ms))
             touched.add(path.parent)
             files.append({"path": relative, "hour_ms": hour_ms, "rows": part.num_rows})
-        run = _index_run(table)
+        run = _sorted_run(index_parts)
         _write_durably(
             self.directory / INDEX_DIR / f"{_seq_name(seq)}-{_seq_name(seq)}.npy",
             lambda handle: np.save(handle, run),
@@ -426,14 +427,22 @@ def _split_by_hour(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
             yield int(sorted_hours[start]), ordered.slice(start, end - start)
 
 
-def _index_run(table: pa.Table) -> npt.NDArray[np.uint64]:
-    """Row 0: fingerprint high halves, sorted; row 1: partition << 48 | offset."""
-    fp = table["fp_high"].to_numpy().astype(np.uint64)
-    loc = (table["partition"].to_numpy().astype(np.uint64) << np.uint64(LOC_SHIFT)) | table[
-        "offset"
-    ].to_numpy().astype(np.uint64)
-    order = np.argsort(fp, kind="stable")
-    return np.ascontiguousarray(np.stack([fp[order], loc[order]]))
+def _index_entries(part: pa.Table, seq: int, hour_ms: int) -> npt.NDArray[np.uint64]:
+    """Rows: fingerprint high halves; flush << 32 | row in the file; the event hour."""
+    count = part.num_rows
+    return np.stack(
+        [
+            part["fp_high"].to_numpy().astype(np.uint64),
+            (np.uint64(seq) << np.uint64(32)) | np.arange(count, dtype=np.uint64),
+            np.full(count, hour_ms // HOUR_MS, dtype=np.uint64),
+        ]
+    )
+
+
+def _sorted_run(parts: list[npt.NDArray[np.uint64]]) -> npt.NDArray[np.uint64]:
+    entries = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.uint64)
+    order = np.argsort(entries[0], kind="stable")
+    return np.ascontiguousarray(entries[:, order])
 
 
 def _run_rows(path: Path) -> int:
@@ -461,12 +470,11 @@ class ParquetArchiveReader:
     def fates(self, event_id: str) -> list[Fate]:
         with self._lock:
             self._view.refresh()
-            locations = self._locate(event_id)
             found: dict[tuple[int, int], Fate] = {}
-            for partition, offset in locations:
-                for fate in self._read_fates(partition, offset):
-                    if fate.event_id == event_id:
-                        found[(fate.partition, fate.offset)] = fate
+            for seq, row, hour_ms in self._locate(event_id):
+                fate = self._read_fate(seq, row, hour_ms)
+                if fate is not None and fate.event_id == event_id:
+                    found[(fate.partition, fate.offset)] = fate
         return [found[key] for key in sorted(found)]
 
     def decisions(
@@ -495,20 +503,20 @@ class ParquetArchiveReader:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def _locate(self, event_id: str) -> set[tuple[int, int]]:
-        """(partition, offset) of every indexed event whose fingerprint matches the id as
-        a click or as an impression."""
+    def _locate(self, event_id: str) -> set[tuple[int, int, int]]:
+        """(flush, row in file, event hour) of every indexed event whose fingerprint matches
+        the id as a click or as an impression."""
         wanted = [
             np.uint64(ids.fingerprint(code, event_id)[0]) for code in range(len(ids.EVENT_TYPES))
         ]
-        found: set[tuple[int, int]] = set()
+        found: set[tuple[int, int, int]] = set()
         for run in self._load_runs():
             keys = run[0]
             for fp in wanted:
                 lo = int(np.searchsorted(keys, fp, side="left"))
                 hi = int(np.searchsorted(keys, fp, side="right"))
-                for loc in run[1][lo:hi].tolist():
-                    found.add((loc >> LOC_SHIFT, loc & _OFFSET_MASK))
+                for where, hour in zip(run[1][lo:hi].tolist(), run[2][lo:hi].tolist(), strict=True):
+                    found.add((where >> 32, where & _ROW_MASK, hour * HOUR_MS))
         return found
 
     def _load_runs(self) -> list[npt.NDArray[np.uint64]]:
@@ -526,17 +534,13 @@ class ParquetArchiveReader:
             return [self._runs[path] for _, _, path in runs]
         raise RuntimeError("archive index runs kept changing while being opened")
 
-    def _read_fates(self, partition: int, offset: int) -> list[Fate]:
-        seq = self._view.flush_of(partition, offset)
-        if seq is None:
-            return []  # indexed by a flush that is not published (yet, or ever)
-        condition = (ds.field("partition") == partition) & (ds.field("offset") == offset)
-        fates = []
-        for path in self._view.files[seq]:
-            table = pq.read_table(path, columns=_FATE_COLUMNS, filters=condition)
-            for row in table.to_pylist():
-                fates.append(Fate(**row))
-        return fates
+    def _read_fate(self, seq: int, row: int, hour_ms: int) -> Fate | None:
+        if seq > self._view.last_seq:
+            return None  # indexed by a flush that is not published (yet, or ever)
+        path = self.directory / hour_dir(hour_ms) / f"{_seq_name(seq)}.parquet"
+        group = pq.ParquetFile(path).read_row_group(row // ROW_GROUP_ROWS, columns=_FATE_COLUMNS)
+        [values] = group.slice(row % ROW_GROUP_ROWS, 1).to_pylist()
+        return Fate(**values)
 
 
 def statuses_count(table: pa.Table) -> dict[str, int]:
