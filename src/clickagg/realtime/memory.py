@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 
 import pyarrow as pa
 
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
-from clickagg.store.base import Totals
+from clickagg.store.base import FencedError, Totals
 
 _CLICKS, _IMPRESSIONS, _SPEND, _INVALID = range(4)
 
@@ -22,16 +23,39 @@ class InMemoryCounters:
         self.retain_ms = retain_ms
         self._cells: dict[str, dict[int, list[int]]] = defaultdict(dict)
         self._newest_minute = 0
+        self._offsets: dict[int, int] = {}
         self._lock = threading.Lock()  # applied by the stream loop, read by query threads
 
-    def apply(self, minute_deltas: pa.Table) -> None:
-        if minute_deltas.num_rows == 0:
-            return
+    def applied_offsets(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._offsets)
+
+    def apply(self, minute_deltas: pa.Table, offsets: Mapping[int, tuple[int, int]]) -> bool:
         columns = minute_deltas.select(
             ["ad_id", "minute_ms", "clicks", "impressions", "spend_micros", "invalid_clicks"]
         ).to_pydict()
         rows = zip(*columns.values(), strict=True)
         with self._lock:
+            if all(self._offsets.get(p, lo) >= hi for p, (lo, hi) in offsets.items()):
+                return False  # a redo of what these counters already hold
+            stale = {
+                p: self._offsets[p]
+                for p, (lo, _) in offsets.items()
+                if self._offsets.get(p, lo) != lo
+            }
+            if stale:
+                raise FencedError(
+                    "; ".join(
+                        f"partition {p}: counters hold up to {at}, deltas start at "
+                        f"{offsets[p][0]}"
+                        for p, at in stale.items()
+                    ),
+                    list(stale),
+                )
+            for p, (_, hi) in offsets.items():
+                self._offsets[p] = hi
+            if minute_deltas.num_rows == 0:
+                return True
             for ad_id, minute, clicks, impressions, spend, invalid in rows:
                 cell = self._cells[ad_id].get(minute)
                 if cell is None:
@@ -45,6 +69,7 @@ class InMemoryCounters:
             if newest > self._newest_minute + MINUTE_MS:
                 self._newest_minute = newest
                 self._forget_before(newest - self.retain_ms)
+        return True
 
     def _forget_before(self, minute_ms: int) -> None:
         for ad_id in list(self._cells):

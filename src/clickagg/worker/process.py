@@ -67,7 +67,11 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         for p in range(reader.partitions)
     ]
     counters = InMemoryCounters()
-    counters.apply(store.minute_rows_since(clock.now_ms() - counters.retain_ms))
+    committed = store.committed_offsets()  # refill: everything the store holds, at its offsets
+    counters.apply(
+        store.minute_rows_since(clock.now_ms() - counters.retain_ms),
+        {p: (0, offset) for p, offset in committed.items()},
+    )
     server = QueryServer(settings.rpc_socket, store, counters)
     server.start()
     log.info("ready: %d partitions", len(workers))

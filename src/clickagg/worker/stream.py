@@ -225,13 +225,11 @@ def step_all(
         for worker, _ in batch:
             worker.recover()
         raise
+    ranges = {c.partition: (c.from_offset, c.to_offset) for c in commits}
     if counters is not None:  # only committed deltas: counters never run ahead of the store
-        counters.apply(minute)
+        counters.apply(minute, ranges)
     archive = batch[0][0].archive
-    archive.append(
-        pa.concat_tables([item.decisions for _, item in batch]),
-        {c.partition: (c.from_offset, c.to_offset) for c in commits},
-    )
+    archive.append(pa.concat_tables([item.decisions for _, item in batch]), ranges)
     archive.maybe_flush()
     for worker, _ in batch:
         worker.maybe_snapshot()
