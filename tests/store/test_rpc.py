@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import multiprocessing
+import threading
 from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +140,80 @@ def test_ping_is_false_without_a_server(tmp_path: Path) -> None:
         return await QueryClient(tmp_path / "none.sock").ping()
 
     assert asyncio.run(scenario()) is False
+
+
+def _serve(db_path: Path, socket_path: Path) -> None:
+    """A stand-in for the worker process: the query server over the store, until killed."""
+    store = DuckDBStore(db_path)
+    QueryServer(socket_path, store, InMemoryCounters()).start()
+    threading.Event().wait()
+
+
+def _start_server(db_path: Path, socket_path: Path) -> BaseProcess:
+    process = multiprocessing.get_context("spawn").Process(
+        target=_serve, args=(db_path, socket_path), daemon=True
+    )
+    process.start()
+    return process
+
+
+async def _kill(process: BaseProcess) -> None:
+    process.kill()  # as a crash: the kernel closes the server's end of every connection
+    await asyncio.to_thread(process.join, 10)
+    assert process.exitcode is not None
+
+
+async def _until_ready(client: QueryClient, timeout_s: float = 60.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await client.ping():
+            await asyncio.sleep(0.05)
+
+
+def test_pooled_connections_survive_a_worker_restart(tmp_path: Path) -> None:
+    """After the server process dies, every pooled connection is stale: queries must not
+    fail on them. Once a new server is up they answer; while none is, they raise OSError
+    (which the API answers 503), never an EOFError."""
+    db_path, socket_path = tmp_path / "agg.duckdb", tmp_path / "q.sock"
+    store = DuckDBStore(db_path)
+    commit_events(store, InMemoryCounters())
+    store.close()
+    expected = Totals(clicks=3, impressions=1, spend_micros=3500, unique_users=2, invalid_clicks=0)
+    processes = [_start_server(db_path, socket_path)]
+
+    async def eight_queries(client: QueryClient) -> list[Any]:
+        return await asyncio.gather(*(client.call("totals", ad_id="a", **SPAN) for _ in range(8)))
+
+    async def scenario() -> None:
+        client = QueryClient(socket_path, pool_size=8)
+        await _until_ready(client)
+        assert await eight_queries(client) == [expected] * 8
+        assert len(client._idle) == 8  # the pool holds eight open connections
+
+        # A quick restart (the supervisor's): the first queries after it find stale ones.
+        await _kill(processes[-1])
+        processes.append(_start_server(db_path, socket_path))
+        probe = QueryClient(socket_path)  # not the client under test: its pool stays stale
+        await _until_ready(probe)
+        await probe.close()
+        assert await eight_queries(client) == [expected] * 8
+        assert await client.call("aggregates", ad_id="b", granularity="hour", **SPAN) == [
+            row(T0, None, clicks=1, impressions=0, spend=700, users=1)
+        ]
+
+        # No server for a while: every query says so with an OSError, none hangs.
+        await _kill(processes[-1])
+        for _ in range(3):
+            with pytest.raises(OSError):
+                await client.call("totals", ad_id="a", **SPAN)
+        assert await client.ping() is False
+        processes.append(_start_server(db_path, socket_path))
+        await _until_ready(client)
+        assert await eight_queries(client) == [expected] * 8
+        await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for process in processes:
+            process.kill()
+            process.join(10)
