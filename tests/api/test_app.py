@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from clickagg.api.app import create_app
@@ -302,15 +303,46 @@ def test_unknown_event_is_404_with_a_reason(client: TestClient) -> None:
 
 
 def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
-    client.post("/events/click", json={"click_id": "m-1", "ad_id": "ad-m", "timestamp": NOW_S})
+    response = client.post(
+        "/events/click", json={"click_id": "m-1", "ad_id": "ad-m", "timestamp": NOW_S}
+    )
+    partition = str(response.json()["partition"])
     fate(client, "m-1")
-    text = client.get("/metrics").text
-    for name in (
+    samples: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name.startswith("clickagg_") and not sample.name.endswith("_created"):
+                label = sample.labels.get("partition") or sample.labels.get("event_type", "")
+                if "le" not in sample.labels:
+                    samples.setdefault(sample.name, {})[label] = sample.value
+    # the names dashboards, the demo and the e2e tests read
+    assert set(samples) == {
         "clickagg_events_accepted_total",
         "clickagg_events_rejected_total",
+        "clickagg_ingest_unavailable_total",
+        "clickagg_ingest_durable_seconds_count",
+        "clickagg_ingest_durable_seconds_sum",
+        "clickagg_partition_durable_end_offset",
+        "clickagg_partition_committed_offset",
         "clickagg_partition_lag_events",
         "clickagg_partition_watermark_delay_seconds",
+        "clickagg_partition_events_counted",
         "clickagg_partition_events_duplicate",
         "clickagg_partition_events_late",
-    ):
-        assert name in text, name
+        "clickagg_partition_events_invalid",
+        "clickagg_worker_restarts",
+    }
+    partitions = {str(p) for p in range(4)}
+    assert samples["clickagg_events_accepted_total"]["click"] >= 1
+    assert samples["clickagg_ingest_durable_seconds_count"][""] >= 1
+    durable = samples["clickagg_partition_durable_end_offset"]
+    committed = samples["clickagg_partition_committed_offset"]
+    lag = samples["clickagg_partition_lag_events"]
+    assert set(durable) == set(committed) == set(lag) == partitions
+    for p in partitions:
+        assert lag[p] == max(0, durable[p] - committed[p])
+    assert committed[partition] >= 1  # m-1 is counted, so its partition has committed it
+    assert samples["clickagg_partition_events_counted"][partition] >= 1
+    for name in ("duplicate", "late", "invalid"):
+        assert partition in samples[f"clickagg_partition_events_{name}"]
+    assert samples["clickagg_worker_restarts"] == {"": 0}
