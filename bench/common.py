@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import http.client
 import json
@@ -309,11 +310,14 @@ class ClickaggServer(ManagedProcess):
         partitions: int = 8,
         env: dict[str, str] | None = None,
         tmp_root: str | None = None,
+        python: str | None = None,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="clickagg-bench-", dir=tmp_root)
         self.data_dir = Path(self._tmp.name) / "data"
         port = free_port()
         command = serve_command(self.data_dir, port=port, partitions=partitions)
+        if python is not None:  # another build of clickagg (see build_commit)
+            command[0] = python
         super().__init__(
             command,
             port=port,
@@ -329,6 +333,24 @@ class ClickaggServer(ManagedProcess):
             if "multiprocessing" in line and "resource_tracker" not in line:
                 return child
         return None
+
+    def stop_process(self) -> None:
+        """Stop the server but keep its data dir (to read the store afterwards)."""
+        super().stop()
+
+    def stored_minutes(self) -> Any:
+        """agg_minute (ad_id, minute_ms, clicks, impressions) of the stopped server's store."""
+        import duckdb
+
+        con = duckdb.connect(str(self.data_dir / "aggregates.duckdb"), read_only=True)
+        try:
+            return con.sql(
+                "SELECT ad_id, minute_ms, clicks::BIGINT AS clicks, "
+                "impressions::BIGINT AS impressions FROM agg_minute "
+                "WHERE clicks > 0 OR impressions > 0"
+            ).pl()
+        finally:
+            con.close()
 
     def stop(self) -> None:
         try:
@@ -384,6 +406,87 @@ class CpuMeter:
         ours = sum(used[name] for name in self.pids) + used["client"]
         used["other_processes"] = max(0.0, used["machine_busy"] - ours)
         return used
+
+
+# -- a frozen commit, built once ------------------------------------------------------------
+
+DEFAULT_BASELINE_COMMIT = "3a2a018"
+BUILD_CACHE = Path(
+    os.environ.get("CLICKAGG_BENCH_CACHE", Path.home() / ".cache" / "clickagg-bench")
+)
+
+
+@dataclass(frozen=True)
+class CommitBuild:
+    commit: str  # full hash
+    short: str
+    python: str  # the interpreter of its venv: ``python -m clickagg serve`` runs that commit
+    tree: Path
+
+    def env(self) -> dict[str, str]:
+        """The environment for its processes: none of the working tree's import paths."""
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.pop("CLICKAGG_BENCH_SRC", None)
+        return env
+
+
+def build_commit(rev: str = DEFAULT_BASELINE_COMMIT, *, timeout_s: float = 1200) -> CommitBuild:
+    """The committed tree of ``rev`` (``git archive``) with its own venv (``pip install -c
+    constraints.txt -e .``), cached under BUILD_CACHE/<full hash> so later runs reuse it.
+    A lock file serializes concurrent builds; a build counts only once ``ready`` exists."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO), *argv], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    short = git("rev-parse", "--short", commit)
+    root = BUILD_CACHE / commit
+    tree, venv = root / "tree", root / "venv"
+    build = CommitBuild(commit, short, str(venv / "bin" / "python"), tree)
+    if (root / "ready").exists():
+        return build
+    BUILD_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_CACHE / f"{commit}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "ready").exists():
+            return build
+        shutil.rmtree(root, ignore_errors=True)
+        tree.mkdir(parents=True)
+        print(f"building {short} in {root} (once; cached for later runs)", flush=True)
+        t = time.perf_counter()
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        constraints = tree / "constraints.txt"
+        if not constraints.exists():
+            constraints = REPO / "constraints.txt"
+        base_python = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=timeout_s)
+        pip = subprocess.run(
+            [
+                *(build.python, "-m", "pip", "install", "-q", "--disable-pip-version-check"),
+                *("-c", str(constraints), "-e", str(tree)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if pip.returncode != 0:
+            raise RuntimeError(f"pip install of {short} failed: {pip.stderr[-3000:]}")
+        subprocess.run(
+            [build.python, "-c", "import clickagg.cli.main"],
+            check=True,
+            timeout=60,
+            env=build.env(),
+        )
+        (root / "ready").write_text(json.dumps({"commit": commit, "built": time.time()}))
+        print(f"built {short} in {time.perf_counter() - t:.0f} s", flush=True)
+    return build
 
 
 # -- HTTP ----------------------------------------------------------------------------------

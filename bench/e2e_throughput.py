@@ -1,17 +1,26 @@
 """End-to-end throughput: HTTP NDJSON batches → durable log → committed minute rows.
 
 Per repetition: a fresh ``clickagg serve`` (temp data dir), the same pre-encoded NDJSON
-bodies (TrafficGenerator: ~10 % duplicates, 2 % late, 0.5 % malformed lines) POSTed to
-/events/batch from K keep-alive connections. The clock starts at the first send;
-"accept" ends at the last 202, "end to end" when the sum of
+bodies POSTed to /events/batch from K keep-alive connections. Traffic (--shape, see
+bench/traffic_shapes.py): ``production`` (default: 10,000 Zipf-popular ads, 1M users, 5 %
+retransmissions, 2 % late, event times over 10 min) or ``legacy`` (TrafficGenerator: 50
+ads, ~10 % duplicates, 2 % late, 0.5 % malformed lines); ``--shape production,legacy``
+interleaves both so the two figures come from the same run. After each production run the
+server's minute rows are compared with the generator's ground truth (must be exact).
+The clock starts at the first send; "accept" ends at the last 202, "end to end" when the sum of
 ``clickagg_partition_committed_offset`` (/metrics, polled every 50 ms once the last
 202 is in) equals the number of events accepted.
 
 Baseline (same run, between repetitions): the same valid events, already in an in-memory
 Arrow table, counted by one DuckDB ``GROUP BY ad_id, minute`` (clicks and impressions).
 
+With ``--baseline-commit [REV]`` (default 3a2a018) the same workload also runs against
+``clickagg serve`` built from that commit (bench/common.py:build_commit, cached venv),
+alternating commit and working tree (ABAB, --repeat pairs): both medians and their ratio.
+
     .venv/bin/python bench/e2e_throughput.py [--events 1000000] [--batch 10000]
-        [--concurrency 8] [--repeat 3] [--py-spy OUTDIR]
+        [--concurrency 8] [--repeat 3] [--shape production|legacy|production,legacy]
+        [--ads N] [--users N] [--baseline-commit [REV]] [--py-spy OUTDIR]
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import msgspec
 import pyarrow as pa
 
 import common
+import traffic_shapes
 from clickagg.traffic import TrafficMix
 
 MINUTE_MS = 60_000
@@ -41,11 +51,13 @@ class _Light(msgspec.Struct):
     event_type: str
 
 
-def arrow_table(bodies: list[bytes]) -> pa.Table:
+def arrow_table(traffic: traffic_shapes.Traffic) -> pa.Table:
     """The valid events of the bodies as columns (malformed lines skipped, as ingest does)."""
+    if traffic.columns is not None:
+        return traffic.arrow_events()
     decoder = msgspec.json.Decoder(_Light)
     ad, ts, kind = [], [], []
-    for body in bodies:
+    for body in traffic.bodies:
         for line in body.split(b"\n"):
             if not line:
                 continue
@@ -81,12 +93,14 @@ def baseline(table: pa.Table, repeat: int = 3) -> float:
 
 
 def one_run(
-    bodies: list[bytes],
+    traffic: traffic_shapes.Traffic,
     args: argparse.Namespace,
     env: dict[str, str],
     profile_dir: Path | None = None,
+    python: str | None = None,
 ) -> dict[str, Any]:
-    server = common.ClickaggServer(partitions=args.partitions, env=env)
+    bodies = traffic.bodies
+    server = common.ClickaggServer(partitions=args.partitions, env=env, python=python)
     spies: list[subprocess.Popen[bytes]] = []
     try:
         server.start()
@@ -120,15 +134,24 @@ def one_run(
             _, text, _ = client.request("GET", "/metrics")
         finally:
             client.close()
+        for spy in spies:
+            common.stop_py_spy(spy)
+        spies = []
+        metrics = text.decode()
+        fates = {
+            name: int(common.metric_sum(metrics, f"clickagg_partition_events_{name}"))
+            for name in ("counted", "duplicate", "late", "invalid")
+        }
+        exact = None
+        if traffic.truth is not None and committed == sent.accepted:
+            server.stop_process()
+            exact = traffic_shapes.compare(traffic.truth, server.stored_minutes())
+            exact["fates_expected"] = traffic.fates
+            exact["ok"] = exact["rows_differing"] == 0 and fates == traffic.fates
     finally:
         for spy in spies:
             common.stop_py_spy(spy)
         server.stop()
-    metrics = text.decode()
-    fates = {
-        name: int(common.metric_sum(metrics, f"clickagg_partition_events_{name}"))
-        for name in ("counted", "duplicate", "late", "invalid")
-    }
     if sent.errors:
         print(f"  client errors: {len(sent.errors)}; first: {sent.errors[0]}", file=sys.stderr)
     if committed != sent.accepted:
@@ -150,6 +173,7 @@ def one_run(
         "cpu_during_ingest": cpu_ingest,
         "cpu_whole_run": cpu_total,
         "fates": fates,
+        "exact": exact,
     }
 
 
@@ -163,6 +187,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--timeout", type=float, default=120.0, help="max seconds per phase")
     p.add_argument("--clean", action="store_true", help="no duplicates, late or malformed")
+    traffic_shapes.add_arguments(p, multi=True)
+    p.add_argument(
+        "--baseline-commit",
+        nargs="?",
+        const=common.DEFAULT_BASELINE_COMMIT,
+        metavar="REV",
+        help=f"also run REV (default {common.DEFAULT_BASELINE_COMMIT}) alternately with the "
+        "working tree, --repeat pairs",
+    )
     p.add_argument(
         "--py-spy",
         type=Path,
@@ -181,74 +214,156 @@ def main() -> None:
         run_all(args, snap)
 
 
+def build_traffic(args: argparse.Namespace, shape: str) -> traffic_shapes.Traffic:
+    t = time.perf_counter()
+    legacy_mix = TrafficMix(duplicate_rate=0, late_rate=0, malformed_rate=0) if args.clean else None
+    clean = {"duplicate_fraction": 0.0, "late_fraction": 0.0} if args.clean else {}
+    traffic = traffic_shapes.build(
+        shape, args, args.events, args.batch, seed=args.seed, legacy_mix=legacy_mix, **clean
+    )
+    mb = sum(map(len, traffic.bodies)) / 1e6
+    print(
+        f"generated {args.events:,} events in {len(traffic.bodies)} bodies ({mb:,.0f} MB) "
+        f"in {time.perf_counter() - t:.1f} s: {traffic.description}"
+    )
+    note = traffic.reorder_note(args.concurrency)
+    if note:
+        print(f"  warning: {note}")
+    return traffic
+
+
 def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     env = snap["env"]
     info = common.machine() | {"code": snap["code"]}
+    shapes = traffic_shapes.shapes_of(args, multi=True)
+    base_build = None
+    if args.baseline_commit and args.py_spy is None:
+        base_build = common.build_commit(args.baseline_commit)
+        info["baseline_commit"] = base_build.commit
     common.print_machine(info)
-    mix = TrafficMix(duplicate_rate=0, late_rate=0, malformed_rate=0) if args.clean else None
-    t = time.perf_counter()
-    bodies = common.make_bodies(args.events, args.batch, seed=args.seed, mix=mix)
-    mb = sum(map(len, bodies)) / 1e6
-    print(
-        f"generated {args.events:,} events in {len(bodies)} bodies ({mb:,.0f} MB) "
-        f"in {time.perf_counter() - t:.1f} s"
-    )
+    traffics = {shape: build_traffic(args, shape) for shape in shapes}
     if args.py_spy is not None:
-        run = one_run(bodies, args, env, profile_dir=args.py_spy)
+        run = one_run(traffics[shapes[0]], args, env, profile_dir=args.py_spy)
         print(
             f"profiled run: accept {run['ingest_eps']:,.0f} ev/s, e2e {run['e2e_eps']:,.0f} ev/s; "
             f"stacks in {args.py_spy}/api.txt and worker.txt "
             f"(summarise: bench/profile_summary.py {args.py_spy}/api.txt)"
         )
         return
-    table = arrow_table(bodies)
-    runs, baselines = [], []
+    # (code label, interpreter, environment): the working tree, or commit and tree in turn
+    sides: list[tuple[str, str | None, dict[str, str]]] = [("tree", None, env)]
+    if base_build is not None:
+        sides = [(base_build.short, base_build.python, base_build.env()), *sides]
+    tables = {shape: arrow_table(t) for shape, t in traffics.items()}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    baselines: dict[str, list[float]] = {shape: [] for shape in shapes}
     for rep in range(args.repeat):
-        run = one_run(bodies, args, env)
-        runs.append(run)
-        baselines.append(baseline(table))
-        print(
-            f"rep {rep + 1}: accepted {run['accepted']:,} in {run['ingest_s']:.2f} s, "
-            f"committed in {run['e2e_s']:.2f} s; cpu api {run['cpu_whole_run']['api']:.2f} "
-            f"worker {run['cpu_whole_run'].get('worker', float('nan')):.2f} "
-            f"client {run['cpu_whole_run']['client']:.2f} cores; "
-            f"baseline {baselines[-1]:,.0f} ev/s"
-        )
-    ingest = common.summary([r["ingest_eps"] for r in runs])
-    e2e = common.summary([r["e2e_eps"] for r in runs])
-    base = common.summary(baselines)
+        for label, python, side_env in sides:
+            for shape in shapes:
+                run = one_run(traffics[shape], args, side_env, python=python)
+                runs.setdefault((label, shape), []).append(run)
+                exact = run["exact"]
+                check = (
+                    ""
+                    if exact is None
+                    else f"; exact vs ground truth: {'yes' if exact['ok'] else 'NO'}"
+                    + (
+                        ""
+                        if exact["ok"]
+                        else f" ({exact['rows_differing']} rows differ, fates {run['fates']}"
+                        f" expected {exact['fates_expected']})"
+                    )
+                )
+                print(
+                    f"rep {rep + 1} {label:<8} {shape:<10}: accepted {run['accepted']:,} in "
+                    f"{run['ingest_s']:.2f} s, committed in {run['e2e_s']:.2f} s "
+                    f"({run['e2e_eps']:,.0f} ev/s); cpu api {run['cpu_whole_run']['api']:.2f} "
+                    f"worker {run['cpu_whole_run'].get('worker', float('nan')):.2f} "
+                    f"client {run['cpu_whole_run']['client']:.2f} not-ours "
+                    f"{run['cpu_whole_run']['other_processes']:.2f} cores{check}"
+                )
+        for shape in shapes:
+            baselines[shape].append(baseline(tables[shape]))
+    report(args, info, shapes, sides, runs, baselines)
 
-    def cpu(phase: str, name: str) -> float:
-        return statistics.median(r[phase].get(name, float("nan")) for r in runs)
 
-    print()
-    common.print_table(
-        ["figure (events/s)", "median", "min", "max", "vs DuckDB baseline"],
-        [
+def report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    shapes: list[str],
+    sides: list[tuple[str, str | None, dict[str, str]]],
+    runs: dict[tuple[str, str], list[dict[str, Any]]],
+    baselines: dict[str, list[float]],
+) -> None:
+    def cpu(key: tuple[str, str], phase: str, name: str) -> float:
+        return statistics.median(r[phase].get(name, float("nan")) for r in runs[key])
+
+    figures: dict[str, Any] = {}
+    rows = []
+    for shape in shapes:
+        base = common.summary(baselines[shape])
+        for label, _, _ in sides:
+            key = (label, shape)
+            ingest = common.summary([r["ingest_eps"] for r in runs[key]])
+            e2e = common.summary([r["e2e_eps"] for r in runs[key]])
+            exact = [r["exact"]["ok"] for r in runs[key] if r["exact"] is not None]
+            figures[f"{label}/{shape}"] = {
+                "ingest_eps": ingest,
+                "e2e_eps": e2e,
+                "ratio_e2e_to_duckdb": e2e["median"] / base["median"],
+                "exact_runs": f"{sum(exact)}/{len(exact)}" if exact else "n/a",
+                "cpu_cores_median": {
+                    phase: {n: cpu(key, phase, n) for n in CPU_NAMES}
+                    for phase in ("cpu_during_ingest", "cpu_whole_run")
+                },
+            }
+            for name, s in (("accept", ingest), ("end to end", e2e)):
+                rows.append(
+                    [
+                        f"{name}, {shape}, {label}",
+                        common.fmt(s["median"]),
+                        common.fmt(s["min"]),
+                        common.fmt(s["max"]),
+                        f"{s['median'] / base['median']:.4f}",
+                        figures[f"{label}/{shape}"]["exact_runs"],
+                    ]
+                )
+        rows.append(
             [
-                "accept (HTTP → durable log)",
-                common.fmt(ingest["median"]),
-                common.fmt(ingest["min"]),
-                common.fmt(ingest["max"]),
-                f"{ingest['median'] / base['median']:.4f}",
-            ],
-            [
-                "end to end (→ committed rows)",
-                common.fmt(e2e["median"]),
-                common.fmt(e2e["min"]),
-                common.fmt(e2e["max"]),
-                f"{e2e['median'] / base['median']:.4f}",
-            ],
-            [
-                "baseline: DuckDB GROUP BY on Arrow",
+                f"baseline: DuckDB GROUP BY on Arrow, {shape}",
                 common.fmt(base["median"]),
                 common.fmt(base["min"]),
                 common.fmt(base["max"]),
                 "1",
-            ],
-            ["DESIGN target end to end", "1,000,000", "", "", ""],
-        ],
+                "",
+            ]
+        )
+        figures[f"duckdb/{shape}"] = base
+    print()
+    common.print_table(
+        ["figure (events/s)", "median", "min", "max", "vs DuckDB", "exact"],
+        [*rows, ["DESIGN target end to end", "1,000,000", "", "", "", ""]],
     )
+    ratios: dict[str, Any] = {}
+    if len(sides) == 2:
+        base_label = sides[0][0]
+        print(f"\nworking tree vs {base_label} (same run, alternating, medians):")
+        ratio_rows = []
+        for shape in shapes:
+            for metric, name in (("ingest_eps", "accept"), ("e2e_eps", "end to end")):
+                old = figures[f"{base_label}/{shape}"][metric]["median"]
+                new = figures[f"tree/{shape}"][metric]["median"]
+                ratios[f"{shape}/{metric}"] = new / old
+                ratio_rows.append(
+                    [f"{name}, {shape}", common.fmt(old), common.fmt(new), f"{new / old:.3f}"]
+                )
+        common.print_table(["figure (events/s)", base_label, "tree", "tree / base"], ratio_rows)
+    if len(shapes) == 2:
+        for label, _, _ in sides:
+            prod = figures[f"{label}/production"]["e2e_eps"]["median"]
+            leg = figures[f"{label}/legacy"]["e2e_eps"]["median"]
+            ratios[f"{label}/production_to_legacy_e2e"] = prod / leg
+            print(f"{label}: end to end production / legacy = {prod / leg:.3f}")
     print()
     common.print_table(
         [
@@ -262,34 +377,32 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
         ],
         [
             [
-                phase.replace("_", " "),
-                *(f"{cpu(phase, name):.2f}" for name in CPU_NAMES),
+                f"{label}/{shape} {phase.replace('cpu_', '').replace('_', ' ')}",
+                *(
+                    f"{v:.2f}"
+                    for v in figures[f"{label}/{shape}"]["cpu_cores_median"][phase].values()
+                ),
             ]
+            for shape in shapes
+            for label, _, _ in sides
             for phase in ("cpu_during_ingest", "cpu_whole_run")
         ],
     )
-    fates = runs[-1]["fates"]
+    last = runs[(sides[-1][0], shapes[0])][-1]
     print(
-        f"\nlast rep fates: {fates}; rejected at ingest {runs[-1]['rejected']}; "
+        f"\nlast rep fates ({shapes[0]}): {last['fates']}; rejected at ingest {last['rejected']}; "
         f"lag at end of accept (median) "
-        f"{statistics.median(r['lag_at_ingest_end'] for r in runs):,.0f} events; "
-        f"batch POST p50 {statistics.median(r['batch_p50_ms'] for r in runs):.0f} ms"
+        f"{statistics.median(r['lag_at_ingest_end'] for r in runs[(sides[-1][0], shapes[0])]):,.0f}"
+        f" events; batch POST p50 {last['batch_p50_ms']:.0f} ms"
     )
     common.emit_json(
         {
             "bench": "e2e_throughput",
             "machine": info,
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "ingest_eps": ingest,
-            "e2e_eps": e2e,
-            "baseline_duckdb_eps": base,
-            "ratio_e2e_to_baseline": e2e["median"] / base["median"],
-            "ratio_ingest_to_baseline": ingest["median"] / base["median"],
-            "cpu_cores_median": {
-                phase: {n: cpu(phase, n) for n in CPU_NAMES}
-                for phase in ("cpu_during_ingest", "cpu_whole_run")
-            },
-            "runs": runs,
+            "figures": figures,
+            "ratios": ratios,
+            "runs": {f"{label}/{shape}": rs for (label, shape), rs in runs.items()},
         }
     )
 

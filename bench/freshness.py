@@ -1,7 +1,8 @@
 """Freshness: time from a click's 202 until queries count it, under steady batch load.
 
 Per repetition, a fresh ``clickagg serve``:
-  - background: TrafficGenerator NDJSON batches at --rate events/s (paced, one connection);
+  - background: NDJSON batches at --rate events/s (paced, one connection) of --shape
+    production (default) or legacy traffic (bench/traffic_shapes.py);
   - markers: every --interval ms one ``POST /events/click`` to a new ad_id, stamped now;
     right after its 202, one ``GET /healthz`` round trip is timed (the baseline);
   - a poller asks ``GET /aggregates/realtime?ad_id=<marker ad>&window=5m`` each cycle
@@ -11,6 +12,7 @@ Per repetition, a fresh ``clickagg serve``:
     minute only, so a marker sent just before a minute boundary would never show in it.)
 
     .venv/bin/python bench/freshness.py [--rate 20000] [--seconds 20] [--repeat 3]
+        [--shape production|legacy] [--ads N] [--users N]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import common
+import traffic_shapes
 
 
 @dataclass
@@ -238,7 +241,9 @@ def main() -> None:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--live-src", action="store_true", help="import the working tree")
+    traffic_shapes.add_arguments(p)
     args = p.parse_args()
+    traffic_shapes.shapes_of(args)
     common.install_sigterm_handler()
     with common.source_snapshot(not args.live_src) as snap:
         run_all(args, snap)
@@ -248,7 +253,9 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     info = common.machine() | {"code": snap["code"]}
     common.print_machine(info)
     total = int(args.rate * (args.warmup + args.seconds + 5))
-    bodies = common.make_bodies(total, args.batch, seed=11)
+    traffic = traffic_shapes.build(args.shape, args, total, args.batch, seed=11)
+    bodies = traffic.bodies
+    print(f"background traffic: {traffic.description}")
     print(
         f"background {args.rate:,.0f} events/s in batches of {args.batch:,}; a marker every "
         f"{args.interval:g} ms for {args.seconds:g} s; poll cycle {args.poll:g} ms"

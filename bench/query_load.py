@@ -2,8 +2,11 @@
 batches are being ingested, beside the same request rate against GET /healthz.
 
 Per repetition, a fresh ``clickagg serve`` (8 partitions):
-  - pre-load --preload events for --ads ads, timestamps spread over the last 10 minutes,
-    via /events/batch, then wait until the worker has committed them all;
+  - pre-load --preload events, timestamps spread over the last 10 minutes, via
+    /events/batch, then wait until the worker has committed them all; traffic is --shape
+    production (default: 10,000 Zipf-popular ads, 1M users) or legacy (TrafficGenerator,
+    --ads 200 unless given), see bench/traffic_shapes.py; queried ads are drawn with the
+    traffic's popularity (Zipf for production, uniform for legacy);
   - a loader process sends NDJSON batches at --rate events/s (paced, one connection);
   - after --warmup s, an asyncio client issues requests on a fixed schedule at --qps
     (open loop, --conns keep-alive HTTP/1.1 connections) for --seconds:
@@ -15,6 +18,7 @@ Per repetition, a fresh ``clickagg serve`` (8 partitions):
     The order of the two phases alternates between repetitions.
 
     .venv/bin/python bench/query_load.py [--qps 1700] [--rate 20000] [--seconds 15] [--repeat 3]
+        [--shape production|legacy] [--ads N] [--users N]
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import asyncio
 import contextlib
 import http.client
 import multiprocessing
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 import common
+import traffic_shapes
 
 KINDS = ("aggregates_minute_1h", "realtime_5m", "ad_metrics_hour_1d")
 WEIGHTS = (0.50, 0.25, 0.25)
@@ -238,18 +244,35 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from clickagg.traffic import TrafficMix
 
     now_ms = int(time.time() * 1000)
-    mix = TrafficMix(ads=args.ads, spread_ms=600_000, late_rate=0.0)
-    pre = common.make_bodies(args.preload, args.batch, seed=5, mix=mix, now_ms=now_ms)
     bg_events = int(args.rate * (args.warmup + 2 * args.seconds + 10))
-    bg_mix = TrafficMix(ads=args.ads, spread_ms=30_000)
-    background = common.make_bodies(bg_events, args.batch, seed=6, mix=bg_mix)
-    rnd = random.Random(9)
+    if args.shape == "legacy":
+        ads = args.ads or 200
+        mix = TrafficMix(ads=ads, spread_ms=600_000, late_rate=0.0)
+        pre = traffic_shapes.legacy(args.preload, args.batch, seed=5, mix=mix, now_ms=now_ms)
+        bg_mix = TrafficMix(ads=ads, spread_ms=30_000)
+        background = traffic_shapes.legacy(bg_events, args.batch, seed=6, mix=bg_mix)
+    else:
+        pre = traffic_shapes.build("production", args, args.preload, args.batch, seed=5)
+        # the background continues where the preload ends: event times over the last 30 s
+        background = traffic_shapes.build(
+            "production", args, bg_events, args.batch, seed=6, span_ms=30_000
+        )
+    rng = np.random.default_rng(9)
     n = int(args.qps * args.seconds)
-    ads = [f"ad-{i:04d}" for i in range(args.ads)]
-    kinds = rnd.choices(KINDS, WEIGHTS, k=n)
-    plan = [(kind, query_path(kind, rnd.choice(ads))) for kind in kinds]
+    kinds = rng.choice(len(KINDS), size=n, p=WEIGHTS).tolist()
+    ad_index = rng.choice(len(pre.ad_ids), size=n, p=pre.ad_weights).tolist()
+    plan = [
+        (KINDS[kind], query_path(KINDS[kind], pre.ad_ids[ad]))
+        for kind, ad in zip(kinds, ad_index, strict=True)
+    ]
     healthz_plan = [("healthz", "/healthz")] * n
-    return {"preload": pre, "background": background, "plan": plan, "healthz_plan": healthz_plan}
+    return {
+        "preload": pre.bodies,
+        "background": background.bodies,
+        "plan": plan,
+        "healthz_plan": healthz_plan,
+        "description": pre.description,
+    }
 
 
 def main() -> None:
@@ -260,12 +283,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15, help="each measured phase")
     p.add_argument("--warmup", type=float, default=2, help="background-only seconds first")
     p.add_argument("--preload", type=int, default=300_000, help="events over the last 10 min")
-    p.add_argument("--ads", type=int, default=200)
     p.add_argument("--conns", type=int, default=16, help="client keep-alive connections")
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--live-src", action="store_true", help="import the working tree")
+    traffic_shapes.add_arguments(p)
     args = p.parse_args()
+    traffic_shapes.shapes_of(args)
     common.install_sigterm_handler()
     with common.source_snapshot(not args.live_src) as snap:
         run_all(args, snap)
@@ -292,6 +316,7 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     common.print_machine(info)
     t = time.perf_counter()
     data = build(args)
+    print(f"traffic: {data['description']}")
     print(
         f"built {args.preload:,} preload + {len(data['background']) * args.batch:,} background "
         f"events in {time.perf_counter() - t:.1f} s; {args.qps:,.0f} q/s for {args.seconds:g} s "

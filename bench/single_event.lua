@@ -1,5 +1,8 @@
 -- wrk script for bench/single_event.py: POST one click per request, unique click_id.
--- usage: wrk ... -s bench/single_event.lua URL -- <run-id>
+-- usage: wrk ... -s bench/single_event.lua URL -- <run-id> [<fields file>]
+-- With a fields file (one JSON object tail per line, '"ad_id":...}', written by
+-- bench/single_event.py for --shape production) each request is a click_id, the current
+-- time and the next line's fields; without it, the legacy 50-ad body below.
 local threads = 0
 
 function setup(thread)
@@ -10,6 +13,13 @@ end
 function init(args)
   run = args[1] or "r"
   counter = 0
+  fields = nil
+  if args[2] then
+    fields = {}
+    for line in io.lines(args[2]) do
+      fields[#fields + 1] = line
+    end
+  end
   wrk.headers["Content-Type"] = "application/json"
 end
 
@@ -18,6 +28,11 @@ local UA = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/6
 
 function request()
   counter = counter + 1
+  if fields then
+    local body = string.format('{"click_id":"%s-%d-%d","timestamp":%d,', run, tid, counter,
+      os.time()) .. fields[(counter + tid * 7919) % #fields + 1]
+    return wrk.format("POST", wrk.path, nil, body)
+  end
   local body = string.format(
     '{"click_id":"%s-%d-%d","ad_id":"ad-%04d","advertiser_id":"adv-%d","user_id":"u-%d",' ..
     '"timestamp":%d,"ip":"203.0.113.%d","user_agent":"%s"}',

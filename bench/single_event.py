@@ -1,7 +1,10 @@
 """Single-event ``POST /events/click``: requests/s and latency at C concurrent connections.
 
 Load: wrk (C, keep-alive) with bench/single_event.lua, a unique click_id per request; if
-wrk is missing, an asyncio raw-socket HTTP/1.1 keep-alive client. The load generator runs
+wrk is missing, an asyncio raw-socket HTTP/1.1 keep-alive client. Click fields: --shape
+production (default: ad, campaign, advertiser, user, IP, user agent, country and price of
+50,000 production clicks, bench/traffic_shapes.py, cycled) or legacy (50 ads, 5,000 users,
+one user agent). The load generator runs
 on the same 2 cores as the server: its CPU share is reported.
 
 Targets, interleaved per repetition, each on a fresh process (clickagg: fresh data dir):
@@ -10,6 +13,7 @@ Targets, interleaved per repetition, each on a fresh process (clickagg: fresh da
   starlette  bench/bare_app.py:starlette_app (a Starlette route, reads body, 202 JSON)
 
     .venv/bin/python bench/single_event.py [--connections 64] [--duration 8] [--repeat 3]
+        [--shape production|legacy] [--ads N] [--users N]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import traffic_shapes
 
 LUA = common.BENCH_DIR / "single_event.lua"
 UA = (
@@ -54,6 +59,7 @@ def run_wrk(port: int, args: argparse.Namespace, duration: float, run_id: str) -
         f"http://{common.HOST}:{port}/events/click",
         "--",
         run_id,
+        *([args.fields_file] if args.fields_file else []),
     ]
     before = children_cpu()
     out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
@@ -67,7 +73,7 @@ def run_wrk(port: int, args: argparse.Namespace, duration: float, run_id: str) -
 
 
 async def _async_load(
-    port: int, connections: int, duration: float, run_id: str
+    port: int, connections: int, duration: float, run_id: str, fields: list[str]
 ) -> tuple[int, int, list[float]]:
     """Closed-loop keep-alive POSTs from ``connections`` raw sockets for ``duration`` s."""
     deadline = time.perf_counter() + duration
@@ -81,12 +87,19 @@ async def _async_load(
             n = 0
             while time.perf_counter() < deadline:
                 n += 1
-                body = (
-                    f'{{"click_id":"{run_id}-{conn_id}-{n}","ad_id":"ad-{n % 50:04d}",'
-                    f'"advertiser_id":"adv-{n % 7}","user_id":"u-{n % 5000}",'
-                    f'"timestamp":{int(time.time())},"ip":"203.0.113.{n % 256}",'
-                    f'"user_agent":"{UA}"}}'
-                ).encode()
+                if fields:
+                    tail = fields[(n + conn_id * 7919) % len(fields)]
+                    body = (
+                        f'{{"click_id":"{run_id}-{conn_id}-{n}",'
+                        f'"timestamp":{int(time.time())},{tail}'
+                    ).encode()
+                else:
+                    body = (
+                        f'{{"click_id":"{run_id}-{conn_id}-{n}","ad_id":"ad-{n % 50:04d}",'
+                        f'"advertiser_id":"adv-{n % 7}","user_id":"u-{n % 5000}",'
+                        f'"timestamp":{int(time.time())},"ip":"203.0.113.{n % 256}",'
+                        f'"user_agent":"{UA}"}}'
+                    ).encode()
                 head = (
                     f"POST /events/click HTTP/1.1\r\nHost: {common.HOST}\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -96,10 +109,21 @@ async def _async_load(
                 headers = await reader.readuntil(b"\r\n\r\n")
                 status = int(headers[9:12])
                 length = 0
+                chunked = False
                 for line in headers.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
+                    lowered = line.lower()
+                    if lowered.startswith(b"content-length:"):
                         length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                    elif lowered.startswith(b"transfer-encoding:") and b"chunked" in lowered:
+                        chunked = True
+                if chunked:  # clickagg's JSON responses are chunked: read to the last chunk
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                        await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                else:
+                    await reader.readexactly(length)
                 latencies.append(time.perf_counter() - t)
                 if not 200 <= status < 300:
                     errors += 1
@@ -120,7 +144,8 @@ def run_python_client(
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    count, errors, lat = runner(_async_load(port, args.connections, duration, run_id))
+    fields = Path(args.fields_file).read_text().splitlines() if args.fields_file else []
+    count, errors, lat = runner(_async_load(port, args.connections, duration, run_id, fields))
     wall = time.perf_counter() - t
     return {
         "requests": count,
@@ -235,6 +260,7 @@ def main() -> None:
     )
     p.add_argument("--client", choices=["wrk", "python"], default=None)
     p.add_argument("--live-src", action="store_true", help="import the working tree")
+    traffic_shapes.add_arguments(p)
     p.add_argument(
         "--py-spy",
         type=Path,
@@ -242,6 +268,7 @@ def main() -> None:
         help="instead of measuring: one clickagg run under py-spy (server.txt, worker.txt)",
     )
     args = p.parse_args()
+    traffic_shapes.shapes_of(args)
     if args.client is None:
         args.client = "wrk" if shutil.which("wrk") else "python"
     common.install_sigterm_handler()
@@ -249,6 +276,13 @@ def main() -> None:
         common.source_snapshot(not args.live_src) as snap,
         tempfile.TemporaryDirectory(prefix="clickagg-single-") as tmp,
     ):
+        args.fields_file = None
+        if args.shape == "production":
+            fields = traffic_shapes.click_fields(
+                50_000, seed=13, shape=traffic_shapes.shape_of(args)
+            )
+            args.fields_file = str(Path(tmp) / "click_fields.txt")
+            Path(args.fields_file).write_text("\n".join(fields) + "\n")
         run_all(args, snap, Path(tmp))
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import common
 from clickagg.api.committer import merge_columns
+from clickagg.archive.parquet import ParquetArchiveWriter
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.core import columns
@@ -176,6 +177,13 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
         plain_cursor = store._cursor
         store._cursor = lambda: TimedCursor(plain_cursor(), timings)  # type: ignore[method-assign]
     snapshots = SnapshotStore(settings.snapshot_dir)
+    archive = ParquetArchiveWriter(
+        settings.archive_dir,
+        flush_events=settings.archive_flush_events,
+        flush_interval_ms=settings.archive_flush_interval_ms,
+    )
+    archive.append = timed(archive.append, timings, "archive.append")  # type: ignore[method-assign]
+    archive.flush = timed(archive.flush, timings, "archive.flush")  # type: ignore[method-assign]
     clock = SystemClock()
     original_frames_to_events = stream.frames_to_events
     stream.frames_to_events = timed(original_frames_to_events, timings, "frames_to_events")
@@ -184,7 +192,13 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
     try:
         workers = [
             stream.PartitionWorker(
-                p, reader=reader, store=store, snapshots=snapshots, settings=settings, clock=clock
+                p,
+                reader=reader,
+                store=store,
+                archive=archive,
+                snapshots=snapshots,
+                settings=settings,
+                clock=clock,
             )
             for p in range(settings.partitions)
         ]
@@ -205,8 +219,10 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
             processed += sum(done)
             if not any(done):
                 break
+        archive.flush()  # what the background flushes cost, paid here at the end
     finally:
         stream.frames_to_events = original_frames_to_events
+        archive.close()
         store.close()
         reader.close()
     return processed, transactions

@@ -41,6 +41,10 @@ class Settings:
     retention_bytes: int = 50 * 1024**3
     micro_batch_events: int = 50_000  # per partition; a round commits all partitions at once
     snapshot_interval_ms: int = 10_000
+    # The archive publishes decisions in flushes: at this many buffered events, or when the
+    # oldest buffered one has waited this long. The audit trail lags the counts by as much.
+    archive_flush_events: int = 200_000
+    archive_flush_interval_ms: int = 1_000
     log_level: str = "warning"
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.
@@ -64,6 +68,10 @@ class Settings:
     @property
     def store_path(self) -> Path:
         return self.data_dir / "aggregates.duckdb"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
 
     @property
     def snapshot_dir(self) -> Path:

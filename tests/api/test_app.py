@@ -335,6 +335,8 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_partition_durable_end_offset",
         "clickagg_partition_committed_offset",
         "clickagg_partition_lag_events",
+        "clickagg_partition_archived_offset",
+        "clickagg_partition_archive_lag_events",
         "clickagg_partition_watermark_delay_seconds",
         "clickagg_partition_events_counted",
         "clickagg_partition_events_duplicate",

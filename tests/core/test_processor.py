@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clickagg.core import ids
+from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.processor import PartitionProcessor, PartitionState
 from clickagg.core.windows import MINUTE_MS
 from tests.conftest import Ev, frame_of
@@ -38,7 +39,7 @@ def run(events: list[Ev], cuts: list[int]) -> tuple[Counter[tuple[str, int, int]
         for row in outcome.minute_deltas.to_pylist():
             counts[(row["ad_id"], row["minute_ms"], ids.CLICK)] += row["clicks"]
             counts[(row["ad_id"], row["minute_ms"], ids.IMPRESSION)] += row["impressions"]
-        statuses.update(outcome.fates.column("status").to_pylist())
+        statuses.update(outcome.decisions.column("status").to_pylist())
     return +counts, statuses
 
 
@@ -143,25 +144,32 @@ def test_snapshot_then_replay_equals_uninterrupted(
     resumed = restored.process(frame_of(events[cut:], base_offset=cut))
     assert uninterrupted is not None and resumed is not None
     assert uninterrupted.minute_deltas.equals(resumed.minute_deltas)
-    assert uninterrupted.fates.equals(resumed.fates)
+    assert uninterrupted.decisions.equals(resumed.decisions)
 
 
-def test_fates_name_each_decision_with_a_reason() -> None:
+def test_decisions_name_each_fate_with_a_reason_and_carry_the_event() -> None:
     events = [
-        Ev("a", "ad", T0 + 10 * MINUTE_MS),
+        Ev("a", "ad", T0 + 10 * MINUTE_MS, user_id="u1", country="DE", cost_micros=700),
         Ev("a", "ad", T0 + 10 * MINUTE_MS),
         Ev("old", "ad", T0),
         Ev("i", "ad", T0 + 10 * MINUTE_MS, event_type=ids.IMPRESSION),
     ]
     outcome = processor().process(frame_of(events, partition=3, base_offset=0))
     assert outcome is not None
-    fates = outcome.fates.to_pylist()
+    assert outcome.decisions.schema.equals(DECISION_SCHEMA)
+    fates = outcome.decisions.to_pylist()
     assert [f["status"] for f in fates] == ["counted", "duplicate", "late", "counted"]
     assert [f["offset"] for f in fates] == [0, 1, 2, 3]
     assert {f["partition"] for f in fates} == {3}
+    assert fates[0]["reason"] is None
     assert fates[1]["reason"] and "already seen" in fates[1]["reason"]
     assert fates[2]["reason"] and "watermark" in fates[2]["reason"]
-    assert outcome.late_events.column("event_id").to_pylist() == ["old"]
+    assert [f["event_type"] for f in fates] == ["click", "click", "click", "impression"]
+    # the whole event travels with its fate; only a counted click is billed
+    assert (fates[0]["user_id"], fates[0]["country"], fates[0]["cost_micros"]) == ("u1", "DE", 700)
+    assert [f["spend_micros"] for f in fates] == [700, 0, 0, 0]
+    assert fates[2]["cost_micros"] is None
+    assert (fates[0]["fp_high"], fates[0]["fp_low"]) == ids.fingerprint(ids.CLICK, "a")
     assert (outcome.counted, outcome.duplicates, outcome.late) == (2, 1, 1)
 
 

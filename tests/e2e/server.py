@@ -10,10 +10,13 @@ __all__ = ["ServeProcess", "free_port", "lag"]
 
 
 def lag(server: ServeProcess) -> int:
-    """Durable events not yet committed by the stream workers, over all partitions."""
+    """Durable events not yet committed by the stream workers, plus committed events whose
+    decisions are not archived yet, over all partitions."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
     return sum(
         int(float(line.rsplit(" ", 1)[1]))
         for line in text.splitlines()
-        if line.startswith("clickagg_partition_lag_events{")
+        if line.startswith(
+            ("clickagg_partition_lag_events{", "clickagg_partition_archive_lag_events{")
+        )
     )

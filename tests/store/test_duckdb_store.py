@@ -68,45 +68,13 @@ def frame(events: list[Ev]) -> pl.DataFrame:
     return aggregate.with_minute_and_spend(df, CPC)
 
 
-def fates_table(rows: list[tuple[str, int, int, str]]) -> pa.Table:
-    """(event_id, partition, offset, status) rows."""
-    return pa.table(
-        {
-            "event_id": [r[0] for r in rows],
-            "event_type": ["click"] * len(rows),
-            "partition": [r[1] for r in rows],
-            "offset": [r[2] for r in rows],
-            "status": [r[3] for r in rows],
-            "reason": [None if r[3] == "counted" else "because" for r in rows],
-            "ad_id": ["ad1"] * len(rows),
-            "ts_ms": [T0] * len(rows),
-        },
-        schema=aggregate.FATE_SCHEMA,
-    )
-
-
-def late_table(n: int, partition: int = 0) -> pa.Table:
-    cols: dict[str, list[object]] = {f.name: [None] * n for f in aggregate.LATE_SCHEMA}
-    cols.update(
-        partition=[partition] * n,
-        offset=list(range(n)),
-        event_id=[f"late{i}" for i in range(n)],
-        event_type=["click"] * n,
-        ad_id=["ad1"] * n,
-        ts_ms=[T0] * n,
-        received_ms=[T0 + HOUR_MS] * n,
-    )
-    return pa.table(cols, schema=aggregate.LATE_SCHEMA)
-
-
 def make_commit(
     partition: int,
     from_offset: int,
     to_offset: int,
     events: list[Ev],
     *,
-    fates: pa.Table | None = None,
-    late: pa.Table | None = None,
+    late: int = 0,
     duplicates: int = 0,
 ) -> PartitionCommit:
     if events:
@@ -121,13 +89,11 @@ def make_commit(
         to_offset=to_offset,
         minute_deltas=minute,
         dimension_deltas=dims,
-        fates=fates if fates is not None else aggregate.FATE_SCHEMA.empty_table(),
-        late_events=late if late is not None else aggregate.LATE_SCHEMA.empty_table(),
         max_event_ms=max((e.ts_ms for e in events), default=T0),
         watermark_ms=max((e.ts_ms for e in events), default=T0) - MINUTE_MS,
         counted=len(events),
         duplicates=duplicates,
-        late=0 if late is None else late.num_rows,
+        late=late,
         invalid=sum(e.invalid for e in events),
         committed_at_ms=T0 + DAY_MS + to_offset,
     )
@@ -194,8 +160,6 @@ def snapshot(store: DuckDBStore) -> tuple[object, ...]:
             for d in (None, "country")
         ],
         store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS),
-        store.fates(event_id="e1"),
-        store.late_event_count(),
     )
 
 
@@ -309,14 +273,11 @@ def test_fenced_commit_changes_nothing(store: DuckDBStore) -> None:
             0,
             3,
             random_events(random.Random(1), 3, HOUR_MS),
-            fates=fates_table([("e1", 0, 0, "counted")]),
-            late=late_table(1),
+            late=1,
         )
     )
     before = snapshot(store)
-    stale = make_commit(
-        0, 1, 5, [Ev("ad1", T0)], fates=fates_table([("e1", 0, 1, "duplicate")]), late=late_table(2)
-    )
+    stale = make_commit(0, 1, 5, [Ev("ad1", T0)], late=2)
     with pytest.raises(FencedError):
         store.commit(stale)
     with pytest.raises(FencedError):  # a partition that never committed is at 0
@@ -324,10 +285,10 @@ def test_fenced_commit_changes_nothing(store: DuckDBStore) -> None:
     assert snapshot(store) == before
     store.commit(replace(stale, from_offset=3))  # the rightful owner continues
     assert store.committed_offsets() == {0: 5}
-    assert [f.offset for f in store.fates(event_id="e1")] == [0, 1]
+    assert store.partition_status()[0].late == 3
 
 
-@pytest.mark.parametrize("breakage", ["fates_schema", "null_in_late", "bad_offsets"])
+@pytest.mark.parametrize("breakage", ["dims_schema", "null_in_minute", "bad_offsets"])
 def test_failed_commit_leaves_nothing_behind(store: DuckDBStore, breakage: str) -> None:
     store.commit(make_commit(0, 0, 1, [Ev("ad1", T0, user="x")]))
     before = snapshot(store)
@@ -336,16 +297,15 @@ def test_failed_commit_leaves_nothing_behind(store: DuckDBStore, breakage: str) 
         1,
         3,
         [Ev("ad1", T0, user="y"), Ev("ad2", T0 + HOUR_MS)],
-        fates=fates_table([("e1", 0, 1, "counted")]),
-        late=late_table(1),
+        late=1,
     )
-    if breakage == "fates_schema":  # rejected after the aggregate upserts ran
-        bad = replace(good, fates=good.fates.drop_columns(["status"]))
-    elif breakage == "null_in_late":  # rejected by the last INSERT, before the offset
-        nullable = pa.schema([f.with_nullable(True) for f in aggregate.LATE_SCHEMA])
-        cols = good.late_events.to_pydict()
-        cols["ad_id"] = [None]
-        bad = replace(good, late_events=pa.table(cols, schema=nullable))
+    if breakage == "dims_schema":  # rejected after the minute upserts ran
+        bad = replace(good, dimension_deltas=good.dimension_deltas.drop_columns(["country"]))
+    elif breakage == "null_in_minute":  # a NOT NULL key, rejected inside the transaction
+        nullable = pa.schema([f.with_nullable(True) for f in aggregate.MINUTE_SCHEMA])
+        cols = good.minute_deltas.to_pydict()
+        cols["ad_id"] = [None] * len(cols["ad_id"])
+        bad = replace(good, minute_deltas=pa.table(cols, schema=nullable))
     else:  # rejected by the offset upsert itself, the very last statement
         bad = replace(good, watermark_ms=None)  # type: ignore[arg-type]
     with pytest.raises(duckdb.Error):
@@ -376,8 +336,7 @@ def test_persistence_and_status(tmp_path: Path) -> None:
                 100,
                 events[:100],
                 duplicates=4,
-                late=late_table(3, 2),
-                fates=fates_table([("e1", 2, 7, "duplicate"), ("e2", 2, 3, "counted")]),
+                late=3,
             )
         )
         s.commit(make_commit(0, 0, 50, events[100:150], duplicates=1))
@@ -388,7 +347,6 @@ def test_persistence_and_status(tmp_path: Path) -> None:
                 150,
                 events[150:],
                 duplicates=2,
-                fates=fates_table([("e1", 2, 120, "counted"), ("e1", 2, 5, "late")]),
             )
         )
         before = snapshot(s)
@@ -401,14 +359,6 @@ def test_persistence_and_status(tmp_path: Path) -> None:
         assert (p2.committed_offset, p2.counted, p2.duplicates, p2.late) == (150, 150, 6, 3)
         assert p2.invalid == sum(e.invalid for e in events[:100] + events[150:])
         assert p2.committed_at_ms == T0 + DAY_MS + 150
-        assert s.late_event_count() == 3
-        fates = s.fates(event_id="e1")
-        assert [(f.offset, f.status, f.reason) for f in fates] == [
-            (5, "late", "because"),
-            (7, "duplicate", "because"),
-            (120, "counted", None),
-        ]
-        assert s.fates(event_id="nope") == []
         total = s.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS)
         want = expected_rows(events, "ad1", T0, T0 + DAY_MS, DAY_MS, None)[0]
         assert (total.clicks, total.spend_micros) == (want.clicks, want.spend_micros)
@@ -501,8 +451,6 @@ CRASH_WRITER = textwrap.dedent(
     from clickagg.store.duckdb_store import DuckDBStore
 
     store = DuckDBStore(sys.argv[1])
-    fates = aggregate.FATE_SCHEMA.empty_table()
-    late = aggregate.LATE_SCHEMA.empty_table()
     offset = store.committed_offsets().get(0, 0)
     while True:
         minute = pa.table(
@@ -517,7 +465,7 @@ CRASH_WRITER = textwrap.dedent(
              "spend_micros": [10], "invalid_clicks": [0], "user_hashes": [[offset + 1]]},
             schema=aggregate.DIMENSION_SCHEMA,
         )
-        store.commit(PartitionCommit(0, offset, offset + 1, minute, dims, fates, late,
+        store.commit(PartitionCommit(0, offset, offset + 1, minute, dims,
                                      0, 0, 1, 0, 0, 0, 0))
         offset += 1
         print(offset, flush=True)
@@ -597,8 +545,6 @@ def _one_click_commit(partition: int, from_offset: int, to_offset: int) -> Parti
         to_offset=to_offset,
         minute_deltas=minute,
         dimension_deltas=aggregate.DIMENSION_SCHEMA.empty_table(),
-        fates=aggregate.FATE_SCHEMA.empty_table(),
-        late_events=aggregate.LATE_SCHEMA.empty_table(),
         max_event_ms=60_000,
         watermark_ms=0,
         counted=1,

@@ -1,16 +1,16 @@
-"""Worker-process housekeeping: the audit trail follows log retention."""
+"""Worker housekeeping: the audit trail outlives log retention (the archive keeps it)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.store.duckdb_store import DuckDBStore
-from clickagg.worker.process import forget_fates_of_retired_segments
 from clickagg.worker.snapshots import SnapshotStore
 from clickagg.worker.stream import PartitionWorker
 from tests.conftest import Ev, build_columns
@@ -19,12 +19,13 @@ T0 = 1_700_000_000_000
 DAY = 86_400_000
 
 
-def test_fates_are_dropped_with_the_segments_retention_removed(tmp_path: Path) -> None:
+def test_fates_outlive_the_segments_retention_removed(tmp_path: Path) -> None:
     writer = SegmentLogWriter(
         tmp_path / "log", 1, segment_bytes=600, retention_ms=DAY, retention_bytes=2**40
     )
     reader = SegmentLogReader(tmp_path / "log")
     store = DuckDBStore(tmp_path / "agg.duckdb")
+    archive = ParquetArchiveWriter(tmp_path / "archive", flush_events=10, flush_interval_ms=0)
     try:
         for n in range(40):
             cols = build_columns([Ev(f"r{n}", "ad", T0 + n)])
@@ -34,21 +35,23 @@ def test_fates_are_dropped_with_the_segments_retention_removed(tmp_path: Path) -
             0,
             reader=reader,
             store=store,
+            archive=archive,
             snapshots=SnapshotStore(tmp_path / "snap"),
             settings=Settings(data_dir=tmp_path),
             clock=FixedClock(T0),
         )
         while worker.step():
             pass
+        archive.flush()
         later = int(time.time() * 1000) + 10 * DAY  # retention looks at file mtimes
         assert writer.apply_retention(0, keep_from=30, now_ms=later) > 0
-        start = reader.start_offset(0)
-        assert 0 < start <= 30
-        assert forget_fates_of_retired_segments(store, reader) == start
-        assert store.fates(event_id="r0") == []
-        assert [f.offset for f in store.fates(event_id=f"r{start}")] == [start]
-        assert forget_fates_of_retired_segments(store, reader) == 0
+        assert reader.start_offset(0) > 0
+        trail = ParquetArchiveReader(tmp_path / "archive")
+        assert [(f.offset, f.status) for f in trail.fates("r0")] == [(0, "counted")]
+        assert [f.offset for f in trail.fates("r39")] == [39]
+        assert trail.archived_offsets() == {0: 40}
     finally:
+        archive.close()
         store.close()
         reader.close()
         writer.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
@@ -34,18 +35,29 @@ class Rig:
         self.reader = SegmentLogReader(root / "log")
         self.store = DuckDBStore(root / "agg.duckdb")
         self.snapshots = SnapshotStore(root / "snapshots")
+        self.archive_dir = root / "archive"
+        self.archive = self.new_archive()
         self.clock = FixedClock(T0)
+
+    def new_archive(self) -> ParquetArchiveWriter:
+        return ParquetArchiveWriter(self.archive_dir, flush_events=5, flush_interval_ms=0)
 
     def append(self, events: list[Ev]) -> None:
         cols = build_columns(events)
         self.writer.append(0, columns.encode(cols), cols.count)
         self.writer.sync()
 
-    def worker(self) -> PartitionWorker:
+    def worker(self, *, restart: bool = True) -> PartitionWorker:
+        """A new worker; ``restart`` also loses what the archive had not published, as
+        a crashed process would."""
+        if restart:
+            self.archive.abandon()
+            self.archive = self.new_archive()
         return PartitionWorker(
             0,
             reader=self.reader,
             store=self.store,
+            archive=self.archive,
             snapshots=self.snapshots,
             settings=self.settings,
             clock=self.clock,
@@ -65,7 +77,18 @@ class Rig:
             {"clicks": sum(r.clicks for r in rows), "impressions": sum(r.impressions for r in rows)}
         )
 
+    def archived_statuses(self) -> list[str]:
+        """Every archived decision's status in offset order, after checking that each
+        offset the store committed is archived exactly once."""
+        self.archive.flush()
+        table = ParquetArchiveReader(self.archive_dir).decisions(start_ms=0, end_ms=2 * T0)
+        committed = self.store.committed_offsets().get(0, 0)
+        assert table["offset"].to_pylist() == list(range(committed))
+        statuses: list[str] = table["status"].to_pylist()
+        return statuses
+
     def close(self) -> None:
+        self.archive.close()
         self.store.close()
         self.reader.close()
         self.writer.close()
@@ -89,6 +112,15 @@ def expected(*batches: list[Ev]) -> Counter[str]:
     )
 
 
+def assert_archived(rig: Rig, *batches: list[Ev]) -> None:
+    """The archive holds one decision per offset: the first copy of each id counted, every
+    other copy a duplicate (all events here are on time)."""
+    statuses = Counter(rig.archived_statuses())
+    distinct = len({(e.event_type, e.event_id) for batch in batches for e in batch})
+    total = sum(len(batch) for batch in batches)
+    assert statuses == Counter({"counted": distinct, "duplicate": total - distinct})
+
+
 def traffic(n: int, start: int = 0) -> list[Ev]:
     events = [
         Ev(f"e{i}", "ad", T0 + i * 1000, event_type=ids.CLICK if i % 3 else ids.IMPRESSION)
@@ -101,6 +133,7 @@ def test_uninterrupted_run_counts_each_event_once(rig: Rig) -> None:
     rig.append(traffic(40))
     rig.drain(rig.worker())
     assert rig.counts() == expected(traffic(40))
+    assert_archived(rig, traffic(40))
     assert rig.counts()["clicks"] > 0 and rig.counts()["impressions"] > 0
 
 
@@ -114,6 +147,7 @@ def test_crash_after_processing_before_commit_redoes_the_batch(rig: Rig) -> None
     assert survivor.processor.state.next_offset == 0
     rig.drain(survivor)
     assert rig.counts() == expected(traffic(40))
+    assert_archived(rig, traffic(40))
 
 
 def test_crash_after_commit_before_snapshot_replays_to_the_same_state(rig: Rig) -> None:
@@ -135,6 +169,7 @@ def test_crash_after_commit_before_snapshot_replays_to_the_same_state(rig: Rig) 
     rig.append(traffic(10))  # copies of already-counted events only
     rig.drain(restarted)
     assert rig.counts() == expected(traffic(40))
+    assert_archived(rig, traffic(40), traffic(10))
 
 
 def test_snapshot_ahead_of_the_store_is_ignored(rig: Rig) -> None:
@@ -149,13 +184,14 @@ def test_snapshot_ahead_of_the_store_is_ignored(rig: Rig) -> None:
 def test_a_stale_worker_is_fenced_and_recovers(rig: Rig) -> None:
     rig.append(traffic(30))
     stale = rig.worker()
-    fresh = rig.worker()
+    fresh = rig.worker(restart=False)  # two owners in one process: one archive writer
     rig.drain(fresh)
     assert stale.step() == 0  # fenced: the store moved on without it
     assert stale.processor.state.next_offset == fresh.processor.state.next_offset
     rig.append(traffic(5, start=100))
     rig.drain(stale)
     assert rig.counts() == expected(traffic(30), traffic(5, start=100))
+    assert_archived(rig, traffic(30), traffic(5, start=100))
 
 
 def test_recovery_refuses_a_log_shorter_than_the_store(rig: Rig, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
 from clickagg.api.state import AppState, IngestMetrics
 from clickagg.api.supervisor import WorkerSupervisor
+from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
@@ -48,7 +49,9 @@ ROUTES = [
 
 
 async def _retention_loop(state: AppState, writer: SegmentLogWriter) -> None:
-    """Drop old segments, never one a restart could still need to replay."""
+    """Drop old segments, never one a restart could still need to replay: the worker
+    rebuilds its state from a snapshot at or before the archive's offset, which is at or
+    before the store's."""
     snapshots = SnapshotStore(state.settings.snapshot_dir)
     while True:
         await asyncio.sleep(RETENTION_INTERVAL_S)
@@ -57,8 +60,10 @@ async def _retention_loop(state: AppState, writer: SegmentLogWriter) -> None:
         except Exception as exc:
             log.warning("retention skipped: %s", exc)
             continue
+        archived = await asyncio.to_thread(state.archive.archived_offsets)
         for status in statuses:
-            keep_from = snapshots.oldest_needed(status.partition, status.committed_offset)
+            needed = min(status.committed_offset, archived.get(status.partition, 0))
+            keep_from = snapshots.oldest_needed(status.partition, needed)
             async with state.committer.writer_lock:
                 await asyncio.to_thread(
                     writer.apply_retention,
@@ -91,6 +96,7 @@ def create_app(
             committer=committer,
             reader=reader,
             queries=QueryClient(settings.rpc_socket),
+            archive=ParquetArchiveReader(settings.archive_dir),
             supervisor=supervisor,
             registry=registry,
             metrics=IngestMetrics(registry),
@@ -107,6 +113,7 @@ def create_app(
             if supervisor is not None:
                 await supervisor.stop()
             await state.queries.close()
+            state.archive.close()
             reader.close()
             writer.close()
 

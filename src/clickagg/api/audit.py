@@ -1,16 +1,22 @@
-"""``GET /events/{id}``: what happened to an event (partition, offset, status, reason)."""
+"""``GET /events/{id}``: what happened to an event (partition, offset, status, reason).
+
+Answered from the archive, which this process reads directly (no round trip to the worker
+process). Decisions are published there within ``archive_flush_interval`` of being
+counted, so right after ingest an id may still be unknown: the 404 says so.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from clickagg.api.errors import ApiError
-from clickagg.api.queries import store_call
 from clickagg.api.state import state_of
 from clickagg.api.timefmt import iso
+from clickagg.archive.base import Fate
 from clickagg.core import fates, ids
-from clickagg.store.base import Fate
 
 
 async def event_fate(request: Request) -> Response:
@@ -18,7 +24,7 @@ async def event_fate(request: Request) -> Response:
     event_id = str(request.path_params["event_id"])
     if len(event_id) > 256:
         raise ApiError(400, "invalid request", "event id is longer than 256 characters")
-    found: list[Fate] = await store_call(state, "fates", event_id=event_id)
+    found: list[Fate] = await asyncio.to_thread(state.archive.fates, event_id)
     if found:
         first = found[0]
         return JSONResponse(
@@ -61,7 +67,8 @@ async def event_fate(request: Request) -> Response:
     raise ApiError(
         404,
         "unknown event",
-        "no decision recorded for this id: not received, or received and not processed yet "
+        "no decision recorded for this id: not received, or received and not archived yet "
+        "(decisions are published about a second after they are counted) "
         "(it would be in partition "
         + " or ".join(f"{p} as a {name}" for name, p in candidates.items())
         + ")",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -36,6 +38,8 @@ async def metrics(request: Request) -> Response:
             ("durable_end_offset", "Offset one past the last durable event"),
             ("committed_offset", "Offset up to which the stream has committed"),
             ("lag_events", "Durable events not yet committed by the stream"),
+            ("archived_offset", "Offset up to which decisions are published in the archive"),
+            ("archive_lag_events", "Committed events whose decisions are not archived yet"),
             ("watermark_delay_seconds", "Now minus the partition watermark"),
             ("events_counted", "Events counted by the stream"),
             ("events_duplicate", "Duplicate events dropped by the stream"),
@@ -43,6 +47,7 @@ async def metrics(request: Request) -> Response:
             ("events_invalid", "Events flagged invalid"),
         )
     }
+    archived = await asyncio.to_thread(state.archive.archived_offsets)
     now = state.clock.now_ms()
     for partition in range(state.settings.partitions):
         label = str(partition)
@@ -52,6 +57,10 @@ async def metrics(request: Request) -> Response:
         gauges["durable_end_offset"].labels(label).set(end)
         gauges["committed_offset"].labels(label).set(committed)
         gauges["lag_events"].labels(label).set(max(0, end - committed))
+        gauges["archived_offset"].labels(label).set(archived.get(partition, 0))
+        gauges["archive_lag_events"].labels(label).set(
+            max(0, committed - archived.get(partition, 0))
+        )
         if status is None:
             continue
         if status.watermark_ms != NO_EVENT_MS:

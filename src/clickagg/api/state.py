@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.supervisor import WorkerSupervisor
+from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.log.base import LogReader
@@ -49,6 +50,7 @@ class AppState:
     committer: GroupCommitter
     reader: LogReader
     queries: QueryClient
+    archive: ArchiveReader
     supervisor: WorkerSupervisor | None
     registry: CollectorRegistry
     metrics: IngestMetrics

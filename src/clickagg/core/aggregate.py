@@ -37,38 +37,6 @@ DIMENSION_SCHEMA = pa.schema(
         *MEASURES,
     ]
 )
-FATE_SCHEMA = pa.schema(
-    [
-        pa.field("event_id", pa.string(), nullable=False),
-        pa.field("event_type", pa.string(), nullable=False),
-        pa.field("partition", pa.int32(), nullable=False),
-        pa.field("offset", pa.int64(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("reason", pa.string()),
-        pa.field("ad_id", pa.string(), nullable=False),
-        pa.field("ts_ms", pa.int64(), nullable=False),
-    ]
-)
-LATE_SCHEMA = pa.schema(
-    [
-        pa.field("partition", pa.int32(), nullable=False),
-        pa.field("offset", pa.int64(), nullable=False),
-        pa.field("event_id", pa.string(), nullable=False),
-        pa.field("event_type", pa.string(), nullable=False),
-        pa.field("ad_id", pa.string(), nullable=False),
-        pa.field("ts_ms", pa.int64(), nullable=False),
-        pa.field("received_ms", pa.int64(), nullable=False),
-        pa.field("advertiser_id", pa.string()),
-        pa.field("campaign_id", pa.string()),
-        pa.field("user_id", pa.string()),
-        pa.field("ip", pa.string()),
-        pa.field("user_agent", pa.string()),
-        pa.field("country", pa.string()),
-        pa.field("device", pa.string()),
-        pa.field("browser", pa.string()),
-        pa.field("cost_micros", pa.int64()),
-    ]
-)
 
 
 def _measure_exprs() -> list[pl.Expr]:

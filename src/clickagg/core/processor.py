@@ -28,9 +28,9 @@ import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 
-from clickagg.core import aggregate, fates
+from clickagg.core import aggregate, decisions, fates
 from clickagg.core.dedup import IdSet
-from clickagg.core.ids import EVENT_TYPES
+from clickagg.core.ids import CLICK, EVENT_TYPES
 from clickagg.core.windows import MINUTE_MS, NO_EVENT_MS, late_mask, minute_start
 
 
@@ -74,8 +74,7 @@ class BatchOutcome:
     to_offset: int
     minute_deltas: pa.Table
     dimension_deltas: pa.Table
-    fates: pa.Table
-    late_events: pa.Table
+    decisions: pa.Table  # every event read, with its fate: clickagg.core.decisions
     max_event_ms: int
     watermark_ms: int
     counted: int
@@ -188,8 +187,14 @@ class PartitionProcessor:
             .replace_strict(dict(enumerate(EVENT_TYPES)), return_dtype=pl.String)
             .alias("event_type_name"),
         )
-        kept = aggregate.with_minute_and_spend(labelled.filter(pl.Series(fresh)), self.cpc_micros)
-        late_rows = labelled.filter(pl.Series(late))
+        priced = aggregate.with_minute_and_spend(labelled, self.cpc_micros)
+        billed = (
+            pl.when((pl.col("status") == fates.COUNTED) & (pl.col("event_type") == CLICK))
+            .then(pl.col("spend_micros"))
+            .otherwise(0)
+        )
+        spend = priced.select(billed.cast(pl.Int64)).to_series()
+        kept = priced.filter(pl.Series(fresh))
         return BatchOutcome(
             from_offset=from_offset,
             to_offset=from_offset + events.height,
@@ -201,8 +206,7 @@ class PartitionProcessor:
                 if deltas
                 else aggregate.DIMENSION_SCHEMA.empty_table()
             ),
-            fates=_fates_table(labelled),
-            late_events=_late_table(late_rows),
+            decisions=decisions.decisions_table(labelled, spend),
             max_event_ms=self.state.max_event_ms,
             watermark_ms=watermark_ms,
             counted=int(np.count_nonzero(fresh & ~invalid)),
@@ -219,46 +223,3 @@ class PartitionProcessor:
             named = pl.select(pl.concat_str(pl.lit(f"{rule.name}: "), flagged)).to_series()
             reasons = reasons.fill_null(named)
         return reasons
-
-
-def _fates_table(labelled: pl.DataFrame) -> pa.Table:
-    reason = (
-        pl.when(pl.col("status") == fates.DUPLICATE)
-        .then(pl.lit("id already seen within the dedup horizon"))
-        .when(pl.col("status") == fates.LATE)
-        .then(pl.lit("event time older than the partition watermark; left to the batch layer"))
-        .otherwise(pl.col("reason"))
-    )
-    table = labelled.select(
-        "event_id",
-        pl.col("event_type_name").alias("event_type"),
-        "partition",
-        "offset",
-        "status",
-        reason.alias("reason"),
-        "ad_id",
-        "ts_ms",
-    )
-    return table.to_arrow().cast(aggregate.FATE_SCHEMA)
-
-
-def _late_table(late_rows: pl.DataFrame) -> pa.Table:
-    table = late_rows.select(
-        "partition",
-        "offset",
-        "event_id",
-        pl.col("event_type_name").alias("event_type"),
-        "ad_id",
-        "ts_ms",
-        "received_ms",
-        "advertiser_id",
-        "campaign_id",
-        "user_id",
-        "ip",
-        "user_agent",
-        "country",
-        "device",
-        "browser",
-        pl.when(pl.col("cost_micros") >= 0).then(pl.col("cost_micros")).alias("cost_micros"),
-    )
-    return table.to_arrow().cast(aggregate.LATE_SCHEMA)

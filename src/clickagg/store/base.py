@@ -33,8 +33,6 @@ class PartitionCommit:
     to_offset: int
     minute_deltas: pa.Table  # clickagg.core.aggregate.MINUTE_SCHEMA
     dimension_deltas: pa.Table  # clickagg.core.aggregate.DIMENSION_SCHEMA
-    fates: pa.Table  # clickagg.core.aggregate.FATE_SCHEMA
-    late_events: pa.Table  # clickagg.core.aggregate.LATE_SCHEMA
     max_event_ms: int  # the partition's max event time after this batch (watermark source)
     watermark_ms: int
     counted: int
@@ -77,25 +75,13 @@ class Totals:
     invalid_clicks: int
 
 
-@dataclass(frozen=True)
-class Fate:
-    event_id: str
-    event_type: str
-    partition: int
-    offset: int
-    status: str  # counted | duplicate | late | invalid
-    reason: str | None
-    ad_id: str
-    ts_ms: int
-
-
 class AggregateStore(Protocol):
     def committed_offsets(self) -> dict[int, int]:
         """Committed offset per partition that has ever committed (others start at 0)."""
         ...
 
     def commit(self, commit: PartitionCommit) -> None:
-        """Apply deltas, fates, late events and the new offset atomically, or raise
+        """Apply deltas and the new offset atomically, or raise
         FencedError (offset moved) leaving the store untouched."""
         ...
 
@@ -128,14 +114,6 @@ class AggregateStore(Protocol):
         invalid_clicks) from ``since_ms`` on: refills real-time counters after a restart."""
         ...
 
-    def fates(self, *, event_id: str) -> list[Fate]:
-        """Every recorded decision about this id (one per copy), in log order."""
-        ...
-
     def partition_status(self) -> list[PartitionStatus]: ...
-
-    def forget_fates_before(self, partition: int, offset: int) -> int:
-        """Drop audit rows below ``offset`` (what log retention removed); return how many."""
-        ...
 
     def close(self) -> None: ...

@@ -1,7 +1,7 @@
-"""The embedded AggregateStore: one DuckDB file holding minute rows, offsets and fates.
+"""The embedded AggregateStore: one DuckDB file holding minute rows and offsets.
 
-Exactly-once rests on one fact: a commit's deltas, fates, late events and the partition's
-new offset are written in ONE DuckDB transaction, and only if the stored offset is still the
+Exactly-once rests on one fact: a commit's deltas and the partition's new offset are
+written in ONE DuckDB transaction, and only if the stored offset is still the
 ``from_offset`` the batch was read from. A crash at any point leaves either all of a batch
 or none of it (DuckDB's WAL replays committed transactions only), so after a restart the
 worker resumes from the stored offset and re-applies nothing twice.
@@ -36,12 +36,11 @@ import duckdb
 import pyarrow as pa
 
 from clickagg.core import sketch
-from clickagg.core.aggregate import DIMENSIONS, FATE_SCHEMA, LATE_SCHEMA
+from clickagg.core.aggregate import DIMENSIONS
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.store.base import (
     AggregateRow,
     Dimension,
-    Fate,
     FencedError,
     Granularity,
     PartitionCommit,
@@ -54,18 +53,8 @@ _WINDOW_MS: Final[dict[str, int]] = {"minute": MINUTE_MS, "hour": HOUR_MS, "day"
 # group_by values map to column names through this whitelist only: nothing a caller passes
 # is ever spliced into SQL (values are bound as parameters).
 _GROUP_COLUMNS: Final[dict[str, str]] = {name: name for name in DIMENSIONS}
-_SQL_TYPES: Final[dict[pa.DataType, str]] = {
-    pa.string(): "VARCHAR",
-    pa.int32(): "INTEGER",
-    pa.int64(): "BIGINT",
-}
 _MERGED_SKETCH: Final = f"list_sort(list_distinct(flatten(list(user_hashes))))[1:{sketch.K}]"
 _SUM_EXPRS: Final = ", ".join(f"sum({m})::BIGINT AS {m}" for m in _SUMS)
-
-
-def _q(name: str) -> str:
-    """Quote an identifier (``partition`` and ``offset`` are SQL keywords)."""
-    return f'"{name}"'
 
 
 def _key(time_col: str, dims: bool) -> tuple[str, ...]:
@@ -79,13 +68,6 @@ def _aggregate_ddl(table: str, time_col: str, dims: bool) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {table} ({keys}, {sums}, "
         f"user_hashes UBIGINT[] NOT NULL, PRIMARY KEY ({', '.join(key)}))"
-    )
-
-
-def _columns_ddl(schema: pa.Schema) -> str:
-    """Column definitions mirroring an Arrow schema, nullability included."""
-    return ", ".join(
-        f"{_q(f.name)} {_SQL_TYPES[f.type]}{'' if f.nullable else ' NOT NULL'}" for f in schema
     )
 
 
@@ -103,10 +85,6 @@ _SCHEMA_DDL: Final = (
         max_event_ms BIGINT NOT NULL, watermark_ms BIGINT NOT NULL,
         counted BIGINT NOT NULL, duplicates BIGINT NOT NULL, late BIGINT NOT NULL,
         invalid BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
-    # No index on fates / late events: they grow by one row per event, and an ART index
-    # would cost memory and insert time for what is a rare debugging lookup.
-    f"CREATE TABLE IF NOT EXISTS event_fates ({_columns_ddl(FATE_SCHEMA)})",
-    f"CREATE TABLE IF NOT EXISTS late_events ({_columns_ddl(LATE_SCHEMA)})",
 )
 
 
@@ -135,17 +113,9 @@ def _upsert_sql(table: str, time_col: str, dims: bool, source: str) -> str:
     )
 
 
-def _append_sql(table: str, schema: pa.Schema, source: str) -> str:
-    """Append by column name, so a source with a missing or renamed column is rejected."""
-    cols = ", ".join(_q(f.name) for f in schema)
-    return f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {source}"
-
-
 # (view the statement reads, statement), in commit order
-_COMMIT_STATEMENTS: Final = (
-    *((view, _upsert_sql(table, col, dims, view)) for table, col, dims, view in _AGG_TABLES),
-    ("_clickagg_fates", _append_sql("event_fates", FATE_SCHEMA, "_clickagg_fates")),
-    ("_clickagg_late", _append_sql("late_events", LATE_SCHEMA, "_clickagg_late")),
+_COMMIT_STATEMENTS: Final = tuple(
+    (view, _upsert_sql(table, col, dims, view)) for table, col, dims, view in _AGG_TABLES
 )
 _OFFSET_COLUMNS: Final = (
     "committed_offset, max_event_ms, watermark_ms, counted, duplicates, late, invalid, "
@@ -297,8 +267,6 @@ class DuckDBStore:
             for name, attr in (
                 ("_clickagg_minute", "minute_deltas"),
                 ("_clickagg_dims", "dimension_deltas"),
-                ("_clickagg_fates", "fates"),
-                ("_clickagg_late", "late_events"),
             )
         }
         live: list[str] = []  # empty tables: no view, no statement
@@ -434,46 +402,11 @@ class DuckDBStore:
         table: pa.Table = self._cursor().sql(sql, params=[since_ms]).to_arrow_table()
         return table
 
-    def fates(self, *, event_id: str) -> list[Fate]:
-        """Every recorded decision about ``event_id``, in log order (a full scan: see DDL)."""
-        rows = self._fetch(
-            'SELECT event_id, event_type, "partition", "offset", status, reason, ad_id, ts_ms '
-            'FROM event_fates WHERE event_id = ? ORDER BY "partition", "offset"',
-            [event_id],
-        )
-        return [
-            Fate(
-                event_id=e,
-                event_type=t,
-                partition=int(p),
-                offset=int(o),
-                status=s,
-                reason=r,
-                ad_id=a,
-                ts_ms=int(ts),
-            )
-            for e, t, p, o, s, r, a, ts in rows
-        ]
-
     def partition_status(self) -> list[PartitionStatus]:
         rows = self._fetch(
             f'SELECT "partition", {_OFFSET_COLUMNS} FROM partition_offsets ORDER BY "partition"'
         )
         return [PartitionStatus(*(int(v) for v in row)) for row in rows]
-
-    def forget_fates_before(self, partition: int, offset: int) -> int:
-        """Drop the audit rows of events the log no longer holds (retention): the trail is
-        kept as long as the events themselves. Returns how many rows were dropped."""
-        with self._commit_lock:
-            [(count,)] = self._fetch(
-                'DELETE FROM event_fates WHERE "partition" = ? AND "offset" < ?',
-                [partition, offset],
-            )
-        return int(count)
-
-    def late_event_count(self) -> int:
-        [(count,)] = self._fetch("SELECT count(*) FROM late_events")
-        return int(count)
 
     def close(self) -> None:
         """Close the connection; DuckDB closes every thread's cursor along with it."""

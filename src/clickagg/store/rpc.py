@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from clickagg.realtime.base import RealtimeCounters
-from clickagg.store.base import AggregateRow, AggregateStore, Fate, PartitionStatus, Totals
+from clickagg.store.base import AggregateRow, AggregateStore, PartitionStatus, Totals
 
 _LENGTH = struct.Struct("<I")
 _RESULT_TYPES: dict[str, Any] = {
@@ -28,7 +28,6 @@ _RESULT_TYPES: dict[str, Any] = {
     "aggregates": list[AggregateRow],
     "totals": Totals,
     "window": Totals,  # real-time counters
-    "fates": list[Fate],
     "partition_status": list[PartitionStatus],
 }
 _encoder = msgspec.msgpack.Encoder()

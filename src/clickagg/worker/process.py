@@ -12,13 +12,12 @@ import signal
 import time
 from types import FrameType
 
+from clickagg.archive.parquet import ParquetArchiveWriter
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
-from clickagg.log.base import LogReader
 from clickagg.log.segments import SegmentLogReader
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.registry import load_cpc_micros
-from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
@@ -28,7 +27,6 @@ log = logging.getLogger(__name__)
 IDLE_SLEEP_S = 0.002
 SMALL_ROUND_EVENTS = 1_000
 SMALL_ROUND_PAUSE_S = 0.1
-FATE_CLEANUP_INTERVAL_S = 60.0
 
 
 def run(settings: Settings, max_idle_loops: int | None = None) -> None:
@@ -49,12 +47,18 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     reader = SegmentLogReader(settings.log_dir)
     store = _open_store(settings)
     snapshots = SnapshotStore(settings.snapshot_dir)
+    archive = ParquetArchiveWriter(
+        settings.archive_dir,
+        flush_events=settings.archive_flush_events,
+        flush_interval_ms=settings.archive_flush_interval_ms,
+    )
     cpc_micros = load_cpc_micros(settings.ads_file) if settings.ads_file else {}
     workers = [
         PartitionWorker(
             p,
             reader=reader,
             store=store,
+            archive=archive,
             snapshots=snapshots,
             settings=settings,
             clock=clock,
@@ -69,14 +73,10 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     log.info("ready: %d partitions", len(workers))
     idle_loops = 0
     try:
-        next_fate_cleanup = time.monotonic() + FATE_CLEANUP_INTERVAL_S
         while not stopping:
             if os.getppid() != parent:
                 log.warning("the API process is gone: stopping")
                 break
-            if time.monotonic() >= next_fate_cleanup:
-                next_fate_cleanup = time.monotonic() + FATE_CLEANUP_INTERVAL_S
-                forget_fates_of_retired_segments(store, reader)
             processed = step_all(workers, store, counters)
             if processed >= SMALL_ROUND_EVENTS:
                 idle_loops = 0
@@ -87,6 +87,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
                 idle_loops = 0
                 time.sleep(SMALL_ROUND_PAUSE_S)
                 continue
+            archive.maybe_flush()  # a quiet stream still publishes what it decided
             idle_loops += 1
             if max_idle_loops is not None and idle_loops >= max_idle_loops:
                 break
@@ -94,18 +95,11 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         for worker in workers:
             worker.snapshot_now()
     finally:
+        archive.close()
         server.stop()
         store.close()
         reader.close()
         log.info("stopped")
-
-
-def forget_fates_of_retired_segments(store: AggregateStore, reader: LogReader) -> int:
-    """The audit trail lives as long as the log keeps the events (then the batch layer's
-    archive answers): drop fates below each partition's first retained offset."""
-    return sum(
-        store.forget_fates_before(p, reader.start_offset(p)) for p in range(reader.partitions)
-    )
 
 
 def _open_store(settings: Settings, timeout_s: float = 30.0) -> DuckDBStore:

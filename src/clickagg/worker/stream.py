@@ -1,17 +1,23 @@
-"""The partition worker: the exactly-once loop between the log and the store.
+"""The partition worker: the exactly-once loop between the log, the store and the archive.
 
-Commit order, for one micro-batch of partition p (this is the whole protocol):
+Commit order, for one round over partitions p (this is the whole protocol):
 
-1. Read durable frames of p from ``next_offset`` (the store's committed offset).
+1. Read durable frames of each p from ``next_offset`` (the store's committed offset).
 2. Run the pure processor: it decides fates and deltas and advances in-memory state.
-3. Commit deltas, fates, late events and ``to_offset`` in ONE store transaction, only if
+3. Commit the round's deltas and every ``to_offset`` in ONE store transaction, each only if
    the committed offset is still ``from_offset`` (otherwise FencedError: recover).
-4. Every ``snapshot_interval`` write the state snapshot at ``to_offset`` (atomic file).
+4. Apply the deltas to the real-time counters.
+5. Hand the round's decisions (every event with its fate) to the archive, which publishes
+   them in the background, fenced by the same offsets (it takes only what continues its
+   archived offset).
+6. Every ``snapshot_interval`` write the state snapshot at ``to_offset`` (atomic file).
 
 A crash before 3 loses nothing: the store still says ``from_offset`` and the restarted
-worker redoes the batch. A crash after 3 loses nothing either: recovery loads the newest
-snapshot at or before the committed offset and replays the log up to it without emitting,
-which rebuilds exactly the state an uninterrupted worker would have.
+worker redoes the round. A crash after 3 loses nothing either: recovery loads the newest
+snapshot at or before the archive's offset, replays the log up to it without emitting,
+re-derives the decisions of ``[archived, committed)`` for the archive (the processor is
+deterministic), and resumes at the committed offset: the state, the store and the archive
+end up exactly as an uninterrupted worker would have left them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import polars as pl
+import pyarrow as pa
 
+from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.core import aggregate, columns
@@ -48,6 +56,13 @@ def frames_to_events(frames: list[Frame], from_offset: int) -> pl.DataFrame:
     return events
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    commit: PartitionCommit
+    kept: pl.DataFrame  # counted and invalid events: the input of the deltas
+    decisions: pa.Table  # every event read, with its fate: for the archive
+
+
 class PartitionWorker:
     def __init__(
         self,
@@ -55,6 +70,7 @@ class PartitionWorker:
         *,
         reader: LogReader,
         store: AggregateStore,
+        archive: ArchiveWriter,
         snapshots: SnapshotStore,
         settings: Settings,
         clock: Clock,
@@ -64,6 +80,7 @@ class PartitionWorker:
         self.cpc_micros = dict(cpc_micros or {})
         self.reader = reader
         self.store = store
+        self.archive = archive
         self.snapshots = snapshots
         self.settings = settings
         self.clock = clock
@@ -79,36 +96,60 @@ class PartitionWorker:
         )
 
     def _recover(self) -> PartitionProcessor:
-        """Rebuild state = snapshot at or before the committed offset + replay up to it."""
+        """Rebuild state = snapshot at or before the archive's offset + replay up to it;
+        then replay to the committed offset, handing those decisions to the archive."""
         committed = self.store.committed_offsets().get(self.partition, 0)
-        found = self.snapshots.load_at_or_before(self.partition, committed)
+        archived = self.archive.next_offset(self.partition)
+        if archived > committed:
+            raise RuntimeError(
+                f"partition {self.partition}: the archive holds decisions up to {archived} "
+                f"but the store committed only {committed}; the store lost committed data"
+            )
+        found = self.snapshots.load_at_or_before(self.partition, archived)
         if found is None:
             state = PartitionState.empty(self.partition, self.reader.start_offset(self.partition))
         else:
             state = PartitionState.restore(found[1])
         processor = self._new_processor(state)
+        replayed = self._replay(processor, archived, archive=False)
+        rearchived = self._replay(processor, committed, archive=True)
+        log.info(
+            "partition %d recovered at offset %d (replayed %d, re-archived %d)",
+            self.partition,
+            committed,
+            replayed,
+            rearchived,
+        )
+        return processor
+
+    def _replay(self, processor: PartitionProcessor, until: int, *, archive: bool) -> int:
+        """Run the log up to ``until`` through ``processor`` without committing anything;
+        with ``archive``, hand the decisions to the archive. Returns how many events."""
+        state = processor.state
         replayed = 0
-        while state.next_offset < committed:
-            limit = min(self.settings.micro_batch_events, committed - state.next_offset)
+        while state.next_offset < until:
+            limit = min(self.settings.micro_batch_events, until - state.next_offset)
             frames = self.reader.read(self.partition, state.next_offset, limit)
             if not frames:
                 raise RuntimeError(
                     f"partition {self.partition}: log ends at {state.next_offset} but the "
-                    f"store committed {committed}; the log lost acknowledged data"
+                    f"store committed {until}; the log lost acknowledged data"
                 )
             events = frames_to_events(frames, state.next_offset)
-            events = events.head(committed - state.next_offset)
-            processor.process(events, emit=False)
+            events = events.head(until - state.next_offset)
+            outcome = processor.process(events, emit=archive, deltas=False)
+            if outcome is not None:
+                self.archive.append(
+                    outcome.decisions, {self.partition: (outcome.from_offset, outcome.to_offset)}
+                )
             replayed += events.height
-        log.info(
-            "partition %d recovered at offset %d (replayed %d)", self.partition, committed, replayed
-        )
-        return processor
+        return replayed
 
-    def prepare(self, *, deltas: bool = True) -> tuple[PartitionCommit, pl.DataFrame] | None:
+    def prepare(self, *, deltas: bool = True) -> Prepared | None:
         """Steps 1-2: read the next durable micro-batch and run it through the processor.
 
-        Returns the commit and the events it counts (see ``BatchOutcome.kept``). The
+        Returns the commit, the events it counts (see ``BatchOutcome.kept``) and the
+        decisions for the archive. The
         in-memory state is now ahead of the store: the caller must commit the result, or
         call :meth:`recover` before anything else.
         """
@@ -120,7 +161,7 @@ class PartitionWorker:
             return None
         outcome = self.processor.process(frames_to_events(frames, state.next_offset), deltas=deltas)
         assert outcome is not None
-        return self._commit_of(outcome), outcome.kept
+        return Prepared(self._commit_of(outcome), outcome.kept, outcome.decisions)
 
     def recover(self) -> None:
         self.processor = self._recover()
@@ -133,7 +174,7 @@ class PartitionWorker:
         carried = {
             f.name: getattr(outcome, f.name)
             for f in dataclasses.fields(outcome)
-            if f.name != "kept"
+            if f.name not in ("kept", "decisions")
         }
         return PartitionCommit(
             partition=self.partition, committed_at_ms=self.clock.now_ms(), **carried
@@ -162,15 +203,15 @@ def step_all(
     once per round. On any failure the partitions of the round rebuild their state from the
     store and the log; a fenced partition does so and the round is simply lost."""
     prepared = [(worker, worker.prepare(deltas=False)) for worker in workers]
-    batch = [(worker, item[0]) for worker, item in prepared if item is not None]
+    batch = [(worker, item) for worker, item in prepared if item is not None]
     if not batch:
         return 0
     try:
         # One aggregation for the whole round: polars' fixed costs once, not per partition.
-        kept = pl.concat([item[1] for _, item in prepared if item is not None], how="vertical")
+        kept = pl.concat([item.kept for _, item in batch], how="vertical")
         minute = aggregate.minute_deltas(kept)
         dimensions = aggregate.dimension_deltas(kept)
-        commits = [commit for _, commit in batch]
+        commits = [item.commit for _, item in batch]
         commits[0] = dataclasses.replace(
             commits[0], minute_deltas=minute, dimension_deltas=dimensions
         )
@@ -186,6 +227,12 @@ def step_all(
         raise
     if counters is not None:  # only committed deltas: counters never run ahead of the store
         counters.apply(minute)
+    archive = batch[0][0].archive
+    archive.append(
+        pa.concat_tables([item.decisions for _, item in batch]),
+        {c.partition: (c.from_offset, c.to_offset) for c in commits},
+    )
+    archive.maybe_flush()
     for worker, _ in batch:
         worker.maybe_snapshot()
-    return sum(commit.to_offset - commit.from_offset for _, commit in batch)
+    return sum(c.to_offset - c.from_offset for c in commits)

@@ -1,0 +1,545 @@
+"""The embedded archive: Parquet files under the data dir, published through a manifest.
+
+Layout of ``<data_dir>/archive``::
+
+    _manifest/000000000042.json          one per flush: its offset ranges and its files
+    hour=2025-01-15T10/000000000042.parquet
+                                         the flush's decisions of that event hour, sorted
+                                         by (partition, offset), zstd
+    _index/000000000001-000000000042.npy id index run of flushes 1..42: fingerprint -> loc
+
+Any engine reads one event hour as ``hour=…/*.parquet`` (the manifest says which files are
+published). Publishing a flush: its data files and index run are written and fsynced under
+names no manifest lists yet; then its manifest appears atomically, as a hard link of a
+fsynced temporary file, which fails if the name exists, so two writers can never both
+publish flush 42. Readers trust only what a manifest lists: a crash leaves nothing partial
+or doubled visible, and the next writer deletes the unpublished flush's files.
+
+Audit lookups: an index run holds the 64-bit fingerprint high half of every event's (type,
+id) and its location (partition << 48 | offset), sorted by fingerprint, memory-mapped by
+readers. A lookup binary-searches every run, maps (partition, offset) to its flush through
+the manifest ranges and reads that row from the flush's files with row-group pruning. Runs
+are merged in tiers of ``merge_fan_in`` in the background, so there are O(log n) of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from clickagg.archive.base import ArchiveFencedError, ArchiveGapError, Fate
+from clickagg.core import ids
+from clickagg.core.decisions import DECISION_SCHEMA
+from clickagg.core.windows import HOUR_MS
+
+log = logging.getLogger(__name__)
+
+MANIFEST_DIR: Final = "_manifest"
+INDEX_DIR: Final = "_index"
+LOC_SHIFT: Final = 48
+_OFFSET_MASK: Final = (1 << LOC_SHIFT) - 1
+_ROW_GROUP_ROWS: Final = 65_536
+_MAX_MERGED_RUN_ROWS: Final = 64_000_000
+_FATE_COLUMNS: Final = [
+    "event_id",
+    "event_type",
+    "partition",
+    "offset",
+    "status",
+    "reason",
+    "ad_id",
+    "ts_ms",
+]
+
+
+def _seq_name(seq: int) -> str:
+    return f"{seq:012d}"
+
+
+def hour_dir(hour_ms: int) -> str:
+    """The directory of one event hour (UTC), e.g. ``hour=2025-01-15T10``."""
+    return datetime.fromtimestamp(hour_ms / 1000, UTC).strftime("hour=%Y-%m-%dT%H")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(final: Path, write: Any) -> None:
+    """Write through ``write(handle)`` into a temporary file, fsync, rename into place."""
+    temp = final.with_name(f".{final.name}.tmp")
+    with open(temp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+
+
+class _ManifestView:
+    """What the published manifests say, loaded incrementally (manifests never change)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.last_seq = 0
+        self.offsets: dict[int, int] = {}
+        self.files: dict[int, list[Path]] = {}
+        self.by_hour: dict[int, list[Path]] = {}
+        # per partition, in seq order: range starts, range ends, the flush's seq
+        self._starts: dict[int, list[int]] = {}
+        self._ends: dict[int, list[int]] = {}
+        self._seqs: dict[int, list[int]] = {}
+
+    def refresh(self) -> None:
+        manifest_dir = self.directory / MANIFEST_DIR
+        try:
+            names = os.listdir(manifest_dir)
+        except FileNotFoundError:
+            return
+        seqs = sorted(
+            int(n.removesuffix(".json"))
+            for n in names
+            if n.endswith(".json") and not n.startswith(".")
+        )
+        for seq in seqs:
+            if seq > self.last_seq:
+                body = json.loads((manifest_dir / f"{_seq_name(seq)}.json").read_bytes())
+                self._add(seq, body)
+
+    def _add(self, seq: int, body: dict[str, Any]) -> None:
+        for key, (lo, hi) in body["ranges"].items():
+            partition = int(key)
+            self._starts.setdefault(partition, []).append(lo)
+            self._ends.setdefault(partition, []).append(hi)
+            self._seqs.setdefault(partition, []).append(seq)
+            self.offsets[partition] = hi
+        paths = []
+        for entry in body["files"]:
+            path = self.directory / entry["path"]
+            paths.append(path)
+            self.by_hour.setdefault(int(entry["hour_ms"]), []).append(path)
+        self.files[seq] = paths
+        self.last_seq = seq
+
+    def flush_of(self, partition: int, offset: int) -> int | None:
+        """The flush (seq) whose range of ``partition`` holds ``offset``, if published."""
+        starts = self._starts.get(partition, [])
+        index = bisect.bisect_right(starts, offset) - 1
+        if index < 0 or offset >= self._ends[partition][index]:
+            return None
+        return self._seqs[partition][index]
+
+
+def _index_runs(index_dir: Path) -> list[tuple[int, int, Path]]:
+    """Published index runs as (first seq, last seq, path), runs covered by a wider run
+    (inputs of a merge that has been published) left out."""
+    try:
+        names = os.listdir(index_dir)
+    except FileNotFoundError:
+        return []
+    runs = []
+    for name in names:
+        if name.startswith(".") or not name.endswith(".npy"):
+            continue
+        lo, hi = name.removesuffix(".npy").split("-")
+        runs.append((int(lo), int(hi), index_dir / name))
+    runs.sort(key=lambda run: (run[0], -run[1]))
+    kept: list[tuple[int, int, Path]] = []
+    for run in runs:
+        if kept and run[1] <= kept[-1][1]:
+            continue  # covered by the wider run before it
+        kept.append(run)
+    return kept
+
+
+def _covered_runs(index_dir: Path) -> list[Path]:
+    kept = {path for _, _, path in _index_runs(index_dir)}
+    return [
+        index_dir / name
+        for name in os.listdir(index_dir)
+        if name.endswith(".npy") and not name.startswith(".") and index_dir / name not in kept
+    ]
+
+
+class ParquetArchiveWriter:
+    """The single writer of an archive directory (the worker process)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        flush_events: int = 200_000,
+        flush_interval_ms: int = 2_000,
+        merge_fan_in: int = 8,
+    ) -> None:
+        self.directory = directory
+        self.flush_events = flush_events
+        self.flush_interval_ms = flush_interval_ms
+        self.merge_fan_in = merge_fan_in
+        for sub in (MANIFEST_DIR, INDEX_DIR):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        view = _ManifestView(directory)
+        view.refresh()
+        self._seq = view.last_seq
+        self._remove_unpublished()
+        self._durable: dict[int, int] = dict(view.offsets)
+        self._next: dict[int, int] = dict(view.offsets)
+        self._buffer: list[pa.Table] = []
+        self._buffer_ranges: dict[int, tuple[int, int]] = {}
+        self._buffer_rows = 0
+        self._buffer_since_ms: float | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive")
+        self._pending: Future[dict[int, tuple[int, int]]] | None = None
+
+    # -- the writer protocol -------------------------------------------------------------
+
+    def archived_offsets(self) -> dict[int, int]:
+        """Per partition, the end of what is durable and published."""
+        self._collect()
+        return dict(self._durable)
+
+    def next_offset(self, partition: int) -> int:
+        return self._next.get(partition, 0)
+
+    def append(self, decisions: pa.Table, ranges: Mapping[int, tuple[int, int]]) -> None:
+        fresh: dict[int, tuple[int, int]] = {}
+        for partition, (lo, hi) in ranges.items():
+            expected = self.next_offset(partition)
+            if lo > expected:
+                raise ArchiveGapError(
+                    f"partition {partition}: decisions from offset {lo}, but the archive "
+                    f"ends at {expected}"
+                )
+            if hi > expected:
+                fresh[partition] = (expected, hi)
+        if not fresh:
+            return
+        if any(lo < self.next_offset(p) for p, (lo, _) in ranges.items()):
+            decisions = _rows_from(decisions, self._next)
+        for partition, (lo, hi) in fresh.items():
+            self._next[partition] = hi
+            first = self._buffer_ranges.get(partition, (lo, hi))[0]
+            self._buffer_ranges[partition] = (first, hi)
+        if decisions.num_rows:
+            self._buffer.append(decisions)
+            self._buffer_rows += decisions.num_rows
+        if self._buffer_since_ms is None:
+            self._buffer_since_ms = time.monotonic() * 1000
+
+    def maybe_flush(self) -> None:
+        self._collect()
+        if not self._buffer_ranges:
+            return
+        now_ms = time.monotonic() * 1000
+        waited = now_ms - (self._buffer_since_ms or now_ms)
+        if self._buffer_rows < self.flush_events and waited < self.flush_interval_ms:
+            return
+        if self._pending is not None and self._buffer_rows < 4 * self.flush_events:
+            return  # one flush at a time; let the buffer grow a little meanwhile
+        self._start_flush()
+
+    def flush(self) -> None:
+        if self._buffer_ranges:
+            self._start_flush()
+        self._wait()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Stop without publishing what is buffered, as a crash would (a flush already
+        under way completes). Crash tests use it."""
+        self._executor.shutdown(wait=True)
+        self._buffer, self._buffer_ranges, self._buffer_rows = [], {}, 0
+
+    # -- flushing -------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        """Take the result of a finished background flush (raising its error)."""
+        if self._pending is not None and self._pending.done():
+            self._wait()
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            for partition, (_, hi) in pending.result().items():
+                self._durable[partition] = hi
+
+    def _start_flush(self) -> None:
+        self._wait()
+        self._seq += 1
+        table = pa.concat_tables(self._buffer) if self._buffer else DECISION_SCHEMA.empty_table()
+        ranges = dict(self._buffer_ranges)
+        self._buffer, self._buffer_ranges, self._buffer_rows = [], {}, 0
+        self._buffer_since_ms = None
+        self._pending = self._executor.submit(self._publish, self._seq, table, ranges)
+
+    def _publish(
+        self, seq: int, table: pa.Table, ranges: dict[int, tuple[int, int]]
+    ) -> dict[int, tuple[int, int]]:
+        """Write one flush: data files, index run, then the manifest that publishes them."""
+        table = table.sort_by([("partition", "ascending"), ("offset", "ascending")])
+        files = []
+        touched = {self.directory / INDEX_DIR}
+        for hour_ms, part in _split_by_hour(table):
+            relative = f"{hour_dir(hour_ms)}/{_seq_name(seq)}.parquet"
+            path = self.directory / relative
+            path.parent.mkdir(exist_ok=True)
+            _write_durably(
+                path,
+                lambda handle, part=part: pq.write_table(
+                    part, handle, compression="zstd", row_group_size=_ROW_GROUP_ROWS
+                ),
+            )
+            touched.add(path.parent)
+            files.append({"path": relative, "hour_ms": hour_ms, "rows": part.num_rows})
+        run = _index_run(table)
+        _write_durably(
+            self.directory / INDEX_DIR / f"{_seq_name(seq)}-{_seq_name(seq)}.npy",
+            lambda handle: np.save(handle, run),
+        )
+        for directory in touched:
+            _fsync_dir(directory)
+        manifest = {
+            "seq": seq,
+            "ranges": {str(p): [lo, hi] for p, (lo, hi) in sorted(ranges.items())},
+            "files": files,
+            "rows": table.num_rows,
+            "created_ms": int(time.time() * 1000),
+        }
+        self._publish_manifest(seq, json.dumps(manifest, indent=1).encode())
+        try:
+            self._merge_index_runs()
+        except OSError as exc:  # a merge is an optimization: lookups work without it
+            log.warning("archive index merge failed: %s", exc)
+        return ranges
+
+    def _publish_manifest(self, seq: int, body: bytes) -> None:
+        manifest_dir = self.directory / MANIFEST_DIR
+        temp = manifest_dir / f".{_seq_name(seq)}.json.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp, manifest_dir / f"{_seq_name(seq)}.json")
+        except FileExistsError:
+            raise ArchiveFencedError(
+                f"archive flush {seq} was published by another writer"
+            ) from None
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_dir(manifest_dir)
+
+    def _remove_unpublished(self) -> None:
+        """Delete what a crashed flush wrote but never published (seq beyond the last
+        manifest), and index runs a published merge has superseded."""
+        for path in self.directory.glob("hour=*/*"):
+            name = path.name.lstrip(".").split(".")[0]
+            if not name.isdigit() or int(name) > self._seq or path.name.startswith("."):
+                path.unlink(missing_ok=True)
+        index_dir = self.directory / INDEX_DIR
+        for path in index_dir.iterdir():
+            unpublished = path.name.startswith(".") or (
+                int(path.name.removesuffix(".npy").split("-")[1]) > self._seq
+            )
+            if unpublished:
+                path.unlink(missing_ok=True)
+        for path in _covered_runs(index_dir):
+            path.unlink(missing_ok=True)
+        for path in (self.directory / MANIFEST_DIR).glob(".*"):
+            path.unlink(missing_ok=True)
+
+    def _merge_index_runs(self) -> None:
+        """Merge ``merge_fan_in`` consecutive runs of one size tier into one run."""
+        index_dir = self.directory / INDEX_DIR
+        runs = _index_runs(index_dir)
+        sizes = [_run_rows(path) for _, _, path in runs]
+        tiers = [self._tier(rows) for rows in sizes]
+        fan_in = self.merge_fan_in
+        for start in range(len(runs) - fan_in + 1):
+            window = range(start, start + fan_in)
+            if len({tiers[i] for i in window}) != 1:
+                continue
+            if sum(sizes[i] for i in window) > _MAX_MERGED_RUN_ROWS:
+                continue
+            chosen = [runs[i] for i in window]
+            merged = np.concatenate([np.load(path) for _, _, path in chosen], axis=1)
+            order = np.argsort(merged[0], kind="stable")
+            merged = np.ascontiguousarray(merged[:, order])
+            name = f"{_seq_name(chosen[0][0])}-{_seq_name(chosen[-1][1])}.npy"
+            _write_durably(index_dir / name, lambda handle, run=merged: np.save(handle, run))
+            _fsync_dir(index_dir)
+            for _, _, path in chosen:
+                path.unlink(missing_ok=True)
+            return
+
+    def _tier(self, rows: int) -> int:
+        base = max(self.flush_events, 1)
+        return int(math.log(max(rows, base) / base, self.merge_fan_in))
+
+
+def _rows_from(decisions: pa.Table, next_offsets: Mapping[int, int]) -> pa.Table:
+    """Rows at or beyond their partition's next offset (a redo overlaps the archive)."""
+    partitions = decisions["partition"].to_numpy()
+    size = int(partitions.max()) + 1 if len(partitions) else 0
+    floor = np.array([next_offsets.get(p, 0) for p in range(size)], dtype=np.int64)
+    keep = decisions["offset"].to_numpy() >= floor[partitions]
+    return decisions.filter(pa.array(keep))
+
+
+def _split_by_hour(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
+    """(event hour, its rows) in hour order; rows keep their (partition, offset) order."""
+    ts = table["ts_ms"].to_numpy()
+    hours = ts - ts % HOUR_MS
+    order = np.argsort(hours, kind="stable")
+    ordered = table.take(pa.array(order))
+    sorted_hours = hours[order]
+    bounds = np.flatnonzero(np.diff(sorted_hours)) + 1
+    starts = [0, *bounds.tolist()]
+    ends = [*bounds.tolist(), len(sorted_hours)]
+    for start, end in zip(starts, ends, strict=True):
+        if end > start:
+            yield int(sorted_hours[start]), ordered.slice(start, end - start)
+
+
+def _index_run(table: pa.Table) -> npt.NDArray[np.uint64]:
+    """Row 0: fingerprint high halves, sorted; row 1: partition << 48 | offset."""
+    fp = table["fp_high"].to_numpy().astype(np.uint64)
+    loc = (table["partition"].to_numpy().astype(np.uint64) << np.uint64(LOC_SHIFT)) | table[
+        "offset"
+    ].to_numpy().astype(np.uint64)
+    order = np.argsort(fp, kind="stable")
+    return np.ascontiguousarray(np.stack([fp[order], loc[order]]))
+
+
+def _run_rows(path: Path) -> int:
+    try:
+        run = np.load(path, mmap_mode="r")
+    except (FileNotFoundError, ValueError):
+        return 0
+    return int(run.shape[1])
+
+
+class ParquetArchiveReader:
+    """Read side of an archive directory; any number of processes, read-only."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._view = _ManifestView(directory)
+        self._runs: dict[Path, npt.NDArray[np.uint64]] = {}
+        self._lock = threading.Lock()
+
+    def archived_offsets(self) -> dict[int, int]:
+        with self._lock:
+            self._view.refresh()
+            return dict(self._view.offsets)
+
+    def fates(self, event_id: str) -> list[Fate]:
+        with self._lock:
+            self._view.refresh()
+            locations = self._locate(event_id)
+            found: dict[tuple[int, int], Fate] = {}
+            for partition, offset in locations:
+                for fate in self._read_fates(partition, offset):
+                    if fate.event_id == event_id:
+                        found[(fate.partition, fate.offset)] = fate
+        return [found[key] for key in sorted(found)]
+
+    def decisions(
+        self, *, start_ms: int, end_ms: int, statuses: tuple[str, ...] | None = None
+    ) -> pa.Table:
+        with self._lock:
+            self._view.refresh()
+            first = start_ms - start_ms % HOUR_MS
+            paths = [
+                str(path)
+                for hour in range(first, end_ms, HOUR_MS)
+                for path in self._view.by_hour.get(hour, [])
+            ]
+        if not paths:
+            return DECISION_SCHEMA.empty_table()
+        condition = (ds.field("ts_ms") >= start_ms) & (ds.field("ts_ms") < end_ms)
+        if statuses is not None:
+            condition &= ds.field("status").isin(list(statuses))
+        dataset = ds.dataset(paths, format="parquet", schema=DECISION_SCHEMA)
+        table = dataset.to_table(filter=condition)
+        return table.sort_by([("partition", "ascending"), ("offset", "ascending")])
+
+    def close(self) -> None:
+        with self._lock:
+            self._runs.clear()
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def _locate(self, event_id: str) -> set[tuple[int, int]]:
+        """(partition, offset) of every indexed event whose fingerprint matches the id as
+        a click or as an impression."""
+        wanted = [
+            np.uint64(ids.fingerprint(code, event_id)[0]) for code in range(len(ids.EVENT_TYPES))
+        ]
+        found: set[tuple[int, int]] = set()
+        for run in self._load_runs():
+            keys = run[0]
+            for fp in wanted:
+                lo = int(np.searchsorted(keys, fp, side="left"))
+                hi = int(np.searchsorted(keys, fp, side="right"))
+                for loc in run[1][lo:hi].tolist():
+                    found.add((loc >> LOC_SHIFT, loc & _OFFSET_MASK))
+        return found
+
+    def _load_runs(self) -> list[npt.NDArray[np.uint64]]:
+        for _attempt in range(5):
+            runs = _index_runs(self.directory / INDEX_DIR)
+            try:
+                for _, _, path in runs:
+                    if path not in self._runs:
+                        self._runs[path] = np.load(path, mmap_mode="r")
+            except FileNotFoundError:
+                continue  # merged away between the listing and the open: list again
+            live = {path for _, _, path in runs}
+            for path in [p for p in self._runs if p not in live]:
+                del self._runs[path]
+            return [self._runs[path] for _, _, path in runs]
+        raise RuntimeError("archive index runs kept changing while being opened")
+
+    def _read_fates(self, partition: int, offset: int) -> list[Fate]:
+        seq = self._view.flush_of(partition, offset)
+        if seq is None:
+            return []  # indexed by a flush that is not published (yet, or ever)
+        condition = (ds.field("partition") == partition) & (ds.field("offset") == offset)
+        fates = []
+        for path in self._view.files[seq]:
+            table = pq.read_table(path, columns=_FATE_COLUMNS, filters=condition)
+            for row in table.to_pylist():
+                fates.append(Fate(**row))
+        return fates
+
+
+def statuses_count(table: pa.Table) -> dict[str, int]:
+    """How many decisions of each status a table holds (reports and tests)."""
+    counts = pc.value_counts(table["status"]).to_pylist()
+    return {item["values"]: item["counts"] for item in counts}

@@ -1,0 +1,195 @@
+"""The Parquet archive: each decision published exactly once, atomically, and found again."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from clickagg.archive.base import ArchiveFencedError, ArchiveGapError
+from clickagg.archive.parquet import (
+    INDEX_DIR,
+    MANIFEST_DIR,
+    ParquetArchiveReader,
+    ParquetArchiveWriter,
+    hour_dir,
+)
+from clickagg.core import ids
+from clickagg.core.decisions import DECISION_SCHEMA
+from clickagg.core.windows import HOUR_MS
+
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
+
+
+def decisions(
+    partition: int, start: int, count: int, *, ts_ms: int = T0, prefix: str = "e", kind: int = 0
+) -> pa.Table:
+    """``count`` decisions of one partition from offset ``start``, ids ``{prefix}{offset}``."""
+    event_ids = [f"{prefix}{o}" for o in range(start, start + count)]
+    fps = [ids.fingerprint(kind, e) for e in event_ids]
+    return pa.table(
+        {
+            "partition": [partition] * count,
+            "offset": list(range(start, start + count)),
+            "event_id": event_ids,
+            "event_type": [ids.EVENT_TYPES[kind]] * count,
+            "status": ["counted"] * count,
+            "reason": [None] * count,
+            "ad_id": ["ad"] * count,
+            **{name: [None] * count for name in ("advertiser_id", "campaign_id", "user_id")},
+            **{name: [None] * count for name in ("ip", "user_agent", "country", "device")},
+            "browser": [None] * count,
+            "ts_ms": [ts_ms + o for o in range(start, start + count)],
+            "received_ms": [ts_ms] * count,
+            "cost_micros": [None] * count,
+            "spend_micros": [0] * count,
+            "fp_high": [high for high, _ in fps],
+            "fp_low": [low for _, low in fps],
+        },
+        schema=DECISION_SCHEMA,
+    )
+
+
+def writer_for(directory: Path, **options: int) -> ParquetArchiveWriter:
+    settings = {"flush_events": 1_000_000, "flush_interval_ms": 10**9, **options}
+    return ParquetArchiveWriter(directory, **settings)
+
+
+def test_published_decisions_are_read_back_by_hour_and_by_id(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path)
+    writer.append(
+        pa.concat_tables([decisions(0, 0, 3), decisions(1, 0, 2, ts_ms=T0 + HOUR_MS)]),
+        {0: (0, 3), 1: (0, 2)},
+    )
+    # an impression sharing a click's id is another event: both copies are found
+    writer.append(decisions(1, 2, 1, prefix="e", kind=ids.IMPRESSION), {1: (2, 3)})
+    reader = ParquetArchiveReader(tmp_path)
+    assert reader.archived_offsets() == {}  # nothing is visible before the flush
+    writer.flush()
+    assert reader.archived_offsets() == {0: 3, 1: 3}
+    first_hour = reader.decisions(start_ms=T0, end_ms=T0 + HOUR_MS)
+    assert first_hour["event_id"].to_pylist() == ["e0", "e1", "e2", "e2"]
+    assert first_hour["partition"].to_pylist() == [0, 0, 0, 1]
+    second_hour = reader.decisions(start_ms=T0 + HOUR_MS, end_ms=T0 + 2 * HOUR_MS)
+    assert second_hour["event_id"].to_pylist() == ["e0", "e1"]
+    found = reader.fates("e2")
+    assert [(f.partition, f.offset, f.event_type) for f in found] == [
+        (0, 2, "click"),
+        (1, 2, "impression"),
+    ]
+    assert reader.fates("nope") == []
+    assert (tmp_path / hour_dir(T0)).is_dir()
+    writer.close()
+
+
+def test_a_redo_is_dropped_and_a_gap_is_refused(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path)
+    writer.append(decisions(0, 0, 5), {0: (0, 5)})
+    writer.flush()
+    writer.append(decisions(0, 3, 4), {0: (3, 7)})  # 3, 4 again after a crash: only 5, 6 new
+    writer.append(decisions(0, 0, 2), {0: (0, 2)})  # wholly archived: nothing
+    with pytest.raises(ArchiveGapError, match="partition 0"):
+        writer.append(decisions(0, 9, 1), {0: (9, 10)})
+    writer.close()
+    table = ParquetArchiveReader(tmp_path).decisions(start_ms=0, end_ms=2 * T0)
+    assert table["offset"].to_pylist() == list(range(7))
+
+
+def test_a_second_writer_is_fenced(tmp_path: Path) -> None:
+    first, second = writer_for(tmp_path), writer_for(tmp_path)
+    first.append(decisions(0, 0, 2), {0: (0, 2)})
+    first.flush()
+    second.append(decisions(0, 0, 2), {0: (0, 2)})
+    with pytest.raises(ArchiveFencedError):
+        second.flush()
+    first.close()
+    second.abandon()
+    assert ParquetArchiveReader(tmp_path).archived_offsets() == {0: 2}
+
+
+def test_index_runs_merge_and_every_id_is_still_found(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path, flush_events=1, merge_fan_in=2)
+    for n in range(9):
+        writer.append(decisions(n % 2, n // 2 * 3, 3), {n % 2: (n // 2 * 3, n // 2 * 3 + 3)})
+        writer.flush()
+    writer.close()
+    runs = os.listdir(tmp_path / INDEX_DIR)
+    assert 1 <= len(runs) < 9  # merged in tiers
+    reader = ParquetArchiveReader(tmp_path)
+    for partition, end in reader.archived_offsets().items():
+        for offset in range(end):
+            [fate] = [f for f in reader.fates(f"e{offset}") if f.partition == partition]
+            assert fate.offset == offset
+
+
+def test_published_files_are_plain_parquet(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path)
+    writer.append(decisions(0, 0, 10), {0: (0, 10)})
+    writer.close()
+    pattern = str(tmp_path / hour_dir(T0) / "*.parquet")
+    [(count, first)] = duckdb.sql(
+        f"SELECT count(*), min(event_id) FROM read_parquet('{pattern}')"
+    ).fetchall()
+    assert (count, first) == (10, "e0")
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from clickagg.archive.parquet import ParquetArchiveWriter
+    from tests.archive.test_parquet import decisions
+
+    writer = ParquetArchiveWriter(Path(sys.argv[1]), flush_events=1, flush_interval_ms=0)
+    while True:
+        batch = {p: writer.next_offset(p) for p in range(3)}
+        table = [decisions(p, start, 500) for p, start in batch.items()]
+        import pyarrow as pa
+        writer.append(pa.concat_tables(table), {p: (s, s + 500) for p, s in batch.items()})
+        writer.flush()
+        print("flushed", flush=True)
+    """
+)
+
+
+def test_kill9_during_archiving_leaves_each_decision_once(tmp_path: Path) -> None:
+    """A writer killed at random moments: the archive shows whole flushes only, each
+    decision once, and the next writer removes what the dead one left unpublished."""
+    rng = random.Random(7)
+    root = Path(__file__).resolve().parents[2]
+    for _ in range(6):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(tmp_path)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        assert child.stdout is not None
+        child.stdout.readline()  # at least one flush published
+        time.sleep(rng.uniform(0.0, 0.3))
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stdout.close()
+    reader = ParquetArchiveReader(tmp_path)
+    ends = reader.archived_offsets()
+    assert set(ends) == {0, 1, 2} and min(ends.values()) >= 500
+    table = reader.decisions(start_ms=0, end_ms=2 * T0)
+    seen = Counter(zip(table["partition"].to_pylist(), table["offset"].to_pylist(), strict=True))
+    assert set(seen.values()) == {1}
+    assert sorted(seen) == [(p, o) for p in range(3) for o in range(ends[p])]
+    # the next writer deletes unpublished leftovers: every file left is a published one
+    writer_for(tmp_path).close()
+    manifests = len(os.listdir(tmp_path / MANIFEST_DIR))
+    data_files = list(tmp_path.glob("hour=*/*"))
+    assert all(not p.name.startswith(".") for p in data_files)
+    assert len(data_files) == manifests  # one event hour per flush here
