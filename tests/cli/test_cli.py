@@ -146,8 +146,38 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         text=True,
         timeout=120,
         cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "120"},  # rich's width: no table wraps
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Top ads" in result.stdout
-    assert "duplicates dropped" in result.stdout
-    assert "Where to look next" in result.stdout
+    out = result.stdout
+    lines = [line.strip() for line in out.splitlines()]
+    assert "Top ads, last hour (exactly-once, minute windows rolled up)" in lines
+    assert "What happened to the traffic" in lines
+    assert any(
+        line.startswith("Where to look next (run clickagg serve and try):") for line in lines
+    )
+    # the top-ads table: its header, then rows of real ads with their counts
+    cells = [
+        [c.strip() for c in line.strip("│┃").split("│" if "│" in line else "┃")] for line in lines
+    ]
+    assert ["ad", "clicks", "impressions", "CTR", "spend", "unique users"] in cells
+    top = [c for c in cells if len(c) == 6 and re.fullmatch(r"ad-\d{4}", c[0])]
+    assert 1 <= len(top) <= 10 and all(int(c[1].replace(",", "")) > 0 for c in top)
+    # the traffic table: every fate with its count, and the counts add up
+    fates = {c[0]: int(c[1].replace(",", "")) for c in cells if len(c) == 2 and c[1][:1].isdigit()}
+    assert set(fates) == {
+        "sent",
+        "rejected at ingest (malformed)",
+        "accepted (durable, 202)",
+        "counted (clicks + impressions)",
+        "duplicates dropped",
+        "late (to the late log)",
+    }
+    assert (
+        fates["sent"] == fates["accepted (durable, 202)"] + fates["rejected at ingest (malformed)"]
+    )
+    counted = fates["counted (clicks + impressions)"]
+    duplicates, late = fates["duplicates dropped"], fates["late (to the late log)"]
+    # the generator sends about 10% duplicates and 2% late events: the demo reads them
+    assert counted > 0 and duplicates > 0 and late > 0
+    assert counted + duplicates + late <= fates["accepted (durable, 202)"]

@@ -3,6 +3,7 @@ with a reference computed here: exactly-once across crashes, nothing acknowledge
 
 from __future__ import annotations
 
+import calendar
 import random
 import threading
 import time
@@ -136,10 +137,7 @@ def minute_counts(url: str, ads: set[str]) -> Counter[tuple[str, int, str]]:
             timeout=10,
         ).json()
         for row in rows:
-            minute = (
-                int(time.mktime(time.strptime(row["window"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
-                * 1000
-            )
+            minute = calendar.timegm(time.strptime(row["window"], "%Y-%m-%dT%H:%M:%SZ")) * 1000
             for kind, key in (("click", "clicks"), ("impression", "impressions")):
                 if row[key]:
                     counts[(ad_id, minute, kind)] += row[key]

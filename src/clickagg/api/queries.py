@@ -22,9 +22,11 @@ DEFAULT_RANGE_MS = DAY_MS
 
 
 async def store_call(state: AppState, method: str, **kwargs: Any) -> Any:
+    """A store query, or a 503 with Retry-After while the worker process cannot answer
+    (restarting, recovering, busy): a worker restart is never a 500."""
     try:
         return await state.queries.call(method, **kwargs)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, EOFError, TimeoutError) as exc:
         raise ApiError(
             503,
             "store unavailable",

@@ -34,6 +34,9 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any]])
 
 
+_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
 class QueryError(RuntimeError):
     """The store could not answer (the message says why)."""
 
@@ -105,7 +108,7 @@ class QueryClient:
     def __init__(self, path: Path, *, pool_size: int = 8, timeout_s: float = 10.0) -> None:
         self.path = path
         self.timeout_s = timeout_s
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(pool_size)
         self._decoders = {
             name: msgspec.msgpack.Decoder(tuple[bool, result_type | str])  # type: ignore[valid-type]
@@ -113,33 +116,62 @@ class QueryClient:
         }
 
     async def call(self, method: str, **kwargs: Any) -> Any:
+        """Ask the server; raise QueryError (it could not answer), OSError (no server, or
+        the connection broke) or TimeoutError.
+
+        A pooled connection may be stale: the worker process restarted since it was
+        opened. Every method is a read, so a query that failed on one is dropped with the
+        rest of the pool and asked once more on a fresh connection."""
         decoder = self._decoders.get(method)
         if decoder is None:
             raise QueryError(f"unknown method {method!r}")
+        payload = _encoder.encode((method, kwargs))
+        request = _LENGTH.pack(len(payload)) + payload
         async with self._slots:
-            connection = self._idle.pop() if self._idle else None
-            if connection is None:
-                connection = await asyncio.open_unix_connection(str(self.path))
-            reader, writer = connection
-            try:
-                request = _encoder.encode((method, kwargs))
-                writer.write(_LENGTH.pack(len(request)) + request)
-                async with asyncio.timeout(self.timeout_s):
-                    header = await reader.readexactly(_LENGTH.size)
-                    body = await reader.readexactly(_LENGTH.unpack(header)[0])
-            except BaseException:
-                writer.close()
-                raise
-            self._idle.append(connection)
+            body: bytes | None = None
+            if self._idle:
+                try:
+                    body = await self._exchange(self._idle.pop(), request)
+                except ConnectionError:
+                    self._drop_idle()
+            if body is None:
+                body = await self._exchange(
+                    await asyncio.open_unix_connection(str(self.path)), request
+                )
         ok, result = decoder.decode(body)
         if not ok:
             raise QueryError(str(result))
         return result
 
+    async def _exchange(self, connection: _Connection, request: bytes) -> bytes:
+        """One request and its answer; the connection goes back to the pool only after a
+        whole answer. A connection the server closed raises ConnectionError (an OSError)."""
+        reader, writer = connection
+        try:
+            writer.write(request)
+            async with asyncio.timeout(self.timeout_s):
+                header = await reader.readexactly(_LENGTH.size)
+                body = await reader.readexactly(_LENGTH.unpack(header)[0])
+        except BaseException as exc:
+            writer.close()
+            if isinstance(exc, asyncio.IncompleteReadError):
+                raise ConnectionResetError(
+                    f"the query server closed the connection ({len(exc.partial)} bytes "
+                    "of an answer read)"
+                ) from exc
+            raise
+        self._idle.append(connection)
+        return body
+
+    def _drop_idle(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
     async def ping(self) -> bool:
         try:
             return bool(await self.call("ping"))
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, QueryError):
+        except (OSError, TimeoutError, QueryError):
             return False
 
     async def close(self) -> None:
