@@ -46,8 +46,7 @@ class InMemoryCounters:
             if stale:
                 raise FencedError(
                     "; ".join(
-                        f"partition {p}: counters hold up to {at}, deltas start at "
-                        f"{offsets[p][0]}"
+                        f"partition {p}: counters hold up to {at}, deltas start at {offsets[p][0]}"
                         for p, at in stale.items()
                     ),
                     list(stale),
