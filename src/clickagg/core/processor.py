@@ -73,7 +73,7 @@ class BatchOutcome:
     from_offset: int
     to_offset: int
     minute_deltas: pa.Table
-    dimension_deltas: pa.Table
+    dimension_deltas: Mapping[str, pa.Table]  # per dimension (aggregate.DIMENSION_SCHEMAS)
     fates: pa.Table
     late_events: pa.Table
     max_event_ms: int
@@ -190,17 +190,18 @@ class PartitionProcessor:
         )
         kept = aggregate.with_minute_and_spend(labelled.filter(pl.Series(fresh)), self.cpc_micros)
         late_rows = labelled.filter(pl.Series(late))
+        if deltas:
+            minute, dimensions = aggregate.round_deltas(kept)
+        else:
+            minute, dimensions = (
+                aggregate.MINUTE_SCHEMA.empty_table(),
+                aggregate.empty_dimension_deltas(),
+            )
         return BatchOutcome(
             from_offset=from_offset,
             to_offset=from_offset + events.height,
-            minute_deltas=(
-                aggregate.minute_deltas(kept) if deltas else aggregate.MINUTE_SCHEMA.empty_table()
-            ),
-            dimension_deltas=(
-                aggregate.dimension_deltas(kept)
-                if deltas
-                else aggregate.DIMENSION_SCHEMA.empty_table()
-            ),
+            minute_deltas=minute,
+            dimension_deltas=dimensions,
             fates=_fates_table(labelled),
             late_events=_late_table(late_rows),
             max_event_ms=self.state.max_event_ms,
