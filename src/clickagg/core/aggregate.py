@@ -4,7 +4,8 @@ Deltas are additive (sums) or mergeable (unique-user sketches), so applying the 
 any split of the same events, in any order, gives the same rows: the store only merges.
 
 A round yields one minute delta per (ad_id, minute), carrying the ad's ``advertiser_id``
-and ``campaign_id`` (an ad belongs to one of each; missing means "unknown"), and one narrow
+and ``campaign_id`` (an ad belongs to one of each; missing means "unknown"; they are part of
+the key, so an ad whose events only sometimes name them gets two rows), and one narrow
 delta per breakdown dimension, keyed (ad_id, minute, value): three narrow tables instead of
 one keyed by the product of the dimensions, whose rows would multiply.
 """
@@ -125,17 +126,16 @@ def empty_dimension_deltas() -> dict[str, pa.Table]:
 def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
     """The minute deltas and every dimension's deltas of ``counted`` (which has minute,
     spend, invalid), in one polars pass: the four group-bys run in parallel."""
-    lazy = counted.lazy()
-    owners = [
-        pl.col(name).max().fill_null(UNKNOWN).alias(name)  # max ignores nulls
-        if name in counted.columns
-        else pl.lit(UNKNOWN).alias(name)
-        for name in OWNERS
-    ]
+    missing = [pl.lit(None, pl.String).alias(name) for name in OWNERS if name not in counted]
+    lazy = counted.lazy().with_columns(missing)
+    # The owners are part of the key (an ad has one of each, so it stays one row per ad
+    # and minute): a row never changes owner when deltas merge, so roll-ups are the same
+    # before and after compaction even when some events do not name their advertiser.
+    owners = [pl.col(name).fill_null(UNKNOWN) for name in OWNERS]
     plans = [
-        lazy.group_by("ad_id", "minute_ms")
-        .agg(*owners, *_measure_exprs())
-        .sort("ad_id", "minute_ms"),
+        lazy.group_by("ad_id", "minute_ms", *owners)
+        .agg(_measure_exprs())
+        .sort("ad_id", "minute_ms", *OWNERS),
         *(
             lazy.group_by("ad_id", "minute_ms", pl.col(name).fill_null(UNKNOWN))
             .agg(_measure_exprs())
@@ -154,7 +154,7 @@ def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
 
 
 def minute_deltas(counted: pl.DataFrame) -> pa.Table:
-    """Per (ad_id, minute): owners and the measures of ``counted``."""
+    """Per (ad_id, minute, advertiser_id, campaign_id): the measures of ``counted``."""
     return round_deltas(counted)[0]
 
 

@@ -27,9 +27,10 @@ minute_ms, <dimension>, measures). The measures are those of
 :meth:`DuckDBStore.compact` (a background thread of the worker process) merges every delta
 with ``seq <= cut`` into keyed base tables and deletes those deltas, in ONE transaction, so
 a crash leaves either all of it or none: ``agg_minute`` / ``agg_hour`` keyed (ad_id,
-minute_ms | hour_ms) and ``agg_minute_<dim>`` / ``agg_hour_<dim>`` keyed also by the
-dimension. Hours are rolled up there because merging sketches is what costs (a busy ad's
-day is 1440 full sketches, 368k hashes, 100+ ms to merge; from hours, 24).
+minute_ms | hour_ms, advertiser_id, campaign_id), and ``agg_minute_<dim>`` /
+``agg_hour_<dim>`` keyed (ad_id, minute_ms | hour_ms, <dimension>). Hours are rolled up
+there because merging sketches is what costs (a busy ad's day is 1440 full sketches, 368k
+hashes, 100+ ms to merge; from hours, 24).
 
 Every query reads base UNION ALL deltas (the deltas rolled up to the query's grain), so it is
 exact at every moment: a delta is in the base tables or in the delta tables, never both,
@@ -99,7 +100,7 @@ class _Family:
         return OWNERS if self.dim is None else (self.dim,)
 
     def key(self, time_col: str) -> tuple[str, ...]:
-        return ("ad_id", time_col, *(() if self.dim is None else (self.dim,)))
+        return ("ad_id", time_col, *self.extra)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -185,31 +186,21 @@ def _compact_sql(family: _Family, table: str, time_col: str) -> str:
     """Merge the deltas with ``seq <= ?`` into a base table: sums add, sketches merge.
 
     The deltas are grouped by the target key first: that rolls minutes up to hours, merges
-    the many rounds that touched one key, and lets ON CONFLICT touch each row once. Owners
-    (advertiser, campaign) keep a known value over "unknown".
+    the many rounds that touched one key, and lets ON CONFLICT touch each row once.
     """
     size = HOUR_MS if time_col == "hour_ms" else MINUTE_MS
     key = family.key(time_col)
     select_key = ", ".join(
         f"minute_ms - minute_ms % {size} AS {k}" if k == time_col else k for k in key
     )
-    owners = [c for c in family.extra if c in OWNERS]
-    owner_select = "".join(
-        f"coalesce(max({c}) FILTER (WHERE {c} <> '{UNKNOWN}'), '{UNKNOWN}') AS {c}, "
-        for c in owners
-    )
-    owner_update = "".join(
-        f"{c} = CASE WHEN t.{c} = '{UNKNOWN}' THEN excluded.{c} ELSE t.{c} END, " for c in owners
-    )
     updates = ", ".join(f"{m} = t.{m} + excluded.{m}" for m in _SUMS)
     merged = sketch.sql_merge("t.user_hashes", "excluded.user_hashes")
-    cols = ", ".join([*key, *owners, *_SUMS, "user_hashes"])
+    cols = ", ".join([*key, *_SUMS, "user_hashes"])
     return (
         f"INSERT INTO {table} AS t ({cols}) "
-        f"SELECT {select_key}, {owner_select}{_SUM_EXPRS}, {_MERGED} AS user_hashes "
+        f"SELECT {select_key}, {_SUM_EXPRS}, {_MERGED} AS user_hashes "
         f"FROM {family.delta} WHERE seq <= ? GROUP BY ALL "
-        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {owner_update}{updates}, "
-        f"user_hashes = {merged}"
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}, user_hashes = {merged}"
     )
 
 
