@@ -41,6 +41,10 @@ class Settings:
     retention_bytes: int = 50 * 1024**3
     micro_batch_events: int = 50_000  # per partition; a round commits all partitions at once
     snapshot_interval_ms: int = 10_000
+    # The worker process compacts the store's appended deltas in the background this often,
+    # or sooner once this many delta rows wait.
+    compact_interval_ms: int = 2_000
+    compact_delta_rows: int = 200_000
     log_level: str = "warning"
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.
