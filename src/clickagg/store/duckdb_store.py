@@ -494,15 +494,13 @@ class DuckDBStore:
             },
         }
         views = {
-            **deltas,
-            **{
-                name: pa.concat_tables([getattr(c, attr) for c in commits])
-                for name, attr in (
-                    ("_clickagg_fates", "fates"),
-                    ("_clickagg_late", "late_events"),
-                )
-            },
+            name: pa.concat_tables([getattr(c, attr) for c in commits])
+            for name, attr in (
+                ("_clickagg_fates", "fates"),
+                ("_clickagg_late", "late_events"),
+            )
         }
+        views.update(deltas)
         live: list[str] = []  # empty tables: no view, no statement
         try:
             for name, table in views.items():
