@@ -49,6 +49,10 @@ class Settings:
     # oldest buffered one has waited this long. The audit trail lags the counts by as much.
     archive_flush_events: int = 200_000
     archive_flush_interval_ms: int = 1_000
+    # The worker process compacts the store's appended deltas in the background this often,
+    # or sooner once this many delta rows wait.
+    compact_interval_ms: int = 2_000
+    compact_delta_rows: int = 200_000
     log_level: str = "warning"
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.

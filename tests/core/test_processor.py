@@ -6,11 +6,10 @@ import itertools
 from collections import Counter
 
 import polars as pl
-import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickagg.core import ids
+from clickagg.core import aggregate, ids
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.processor import PartitionProcessor, PartitionState
 from clickagg.core.windows import MINUTE_MS
@@ -202,11 +201,26 @@ def test_breakdowns_and_unique_users() -> None:
     assert outcome is not None
     minute = outcome.minute_deltas.to_pylist()
     assert len(minute) == 1 and len(minute[0]["user_hashes"]) == 2
-    dims = pl.from_arrow(outcome.dimension_deltas)
-    assert isinstance(dims, pl.DataFrame)
-    by_country = dims.group_by("country").agg(pl.col("clicks").sum()).sort("country")
-    assert by_country.rows() == [("US", 2), ("unknown", 1)]
-    assert isinstance(outcome.dimension_deltas, pa.Table)
+    assert (minute[0]["advertiser_id"], minute[0]["campaign_id"]) == ("unknown", "unknown")
+    assert set(outcome.dimension_deltas) == {"country", "device", "browser"}
+    # one narrow table per dimension: rows do not multiply across dimensions
+    country = pl.from_arrow(outcome.dimension_deltas["country"])
+    assert isinstance(country, pl.DataFrame)
+    assert country.select("country", "clicks").sort("country").rows() == [
+        ("US", 2),
+        ("unknown", 1),
+    ]
+    assert outcome.dimension_deltas["country"].schema.names == [
+        "ad_id",
+        "minute_ms",
+        "country",
+        *(f.name for f in aggregate.MEASURES),
+    ]
+    device = outcome.dimension_deltas["device"].to_pylist()
+    assert sorted((r["device"], r["clicks"], len(r["user_hashes"])) for r in device) == [
+        ("desktop", 1, 1),
+        ("mobile", 2, 1),
+    ]
 
 
 def test_offsets_must_continue() -> None:

@@ -19,6 +19,8 @@ def deltas(*rows: tuple[str, int, int, int]) -> pa.Table:
             {
                 "ad_id": ad,
                 "minute_ms": minute,
+                "advertiser_id": "unknown",
+                "campaign_id": "unknown",
                 "clicks": clicks,
                 "impressions": imps,
                 "spend_micros": clicks * 10,

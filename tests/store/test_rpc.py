@@ -49,7 +49,7 @@ def commit_events(store: DuckDBStore, counters: InMemoryCounters) -> None:
         if f.name not in ("partition", "committed_at_ms")
     }
     store.commit(PartitionCommit(partition=0, committed_at_ms=T0 + HOUR_MS, **carried))
-    counters.apply(outcome.minute_deltas)
+    counters.apply(outcome.minute_deltas, {0: (outcome.from_offset, outcome.to_offset)})
 
 
 @pytest.fixture

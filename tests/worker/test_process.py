@@ -8,11 +8,12 @@ from pathlib import Path
 from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
-from clickagg.core import columns
+from clickagg.core import columns, ids
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.store.duckdb_store import DuckDBStore
+from clickagg.worker.process import Compactor
 from clickagg.worker.snapshots import SnapshotStore
-from clickagg.worker.stream import PartitionWorker
+from clickagg.worker.stream import PartitionWorker, step_all
 from tests.conftest import Ev, build_columns
 
 T0 = 1_700_000_000_000
@@ -51,6 +52,60 @@ def test_fates_outlive_the_segments_retention_removed(tmp_path: Path) -> None:
         assert [f.offset for f in trail.fates("r39")] == [39]
         assert trail.archived_offsets() == {0: 40}
     finally:
+        archive.close()
+        store.close()
+        reader.close()
+        writer.close()
+
+
+def test_the_compactor_merges_deltas_in_the_background(tmp_path: Path) -> None:
+    writer = SegmentLogWriter(
+        tmp_path / "log", 2, segment_bytes=2**20, retention_ms=DAY, retention_bytes=2**40
+    )
+    reader = SegmentLogReader(tmp_path / "log")
+    store = DuckDBStore(tmp_path / "agg.duckdb")
+    compactor = Compactor(store, interval_ms=3_600_000, max_delta_rows=50, poll_s=0.01)
+    archive = ParquetArchiveWriter(tmp_path / "archive")
+    try:
+        settings = Settings(data_dir=tmp_path, micro_batch_events=40)
+        workers = [
+            PartitionWorker(
+                p,
+                reader=reader,
+                store=store,
+                archive=archive,
+                snapshots=SnapshotStore(tmp_path / "snap"),
+                settings=settings,
+                clock=FixedClock(T0),
+            )
+            for p in range(2)
+        ]
+        compactor.start()  # rows, not age, trigger it here (the interval is an hour)
+        for n in range(600):
+            country = ("US", "DE")[n % 2]
+            ev = Ev(f"e{n}", f"ad{n % 37}", T0 + n * 7_000, ids.IMPRESSION, country=country)
+            cols = build_columns([ev])
+            writer.append(n % 2, columns.encode(cols), cols.count)
+        writer.sync()
+        while step_all(workers, store):
+            pass
+        deadline = time.monotonic() + 30
+        while store.pending_delta_rows() >= 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        compactor.stop()
+        assert compactor.compactions >= 1
+        assert store.pending_delta_rows() < 50
+        total = sum(
+            store.totals(ad_id=f"ad{a}", start_ms=T0 - DAY, end_ms=T0 + DAY).impressions
+            for a in range(37)
+        )
+        assert total == 600
+        by_country = store.aggregates(
+            ad_id="ad0", start_ms=T0 - DAY, end_ms=T0 + DAY, granularity="day", group_by="country"
+        )
+        assert sum(r.impressions for r in by_country) == len(range(0, 600, 37))
+    finally:
+        compactor.stop()
         archive.close()
         store.close()
         reader.close()

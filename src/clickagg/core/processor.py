@@ -73,7 +73,7 @@ class BatchOutcome:
     from_offset: int
     to_offset: int
     minute_deltas: pa.Table
-    dimension_deltas: pa.Table
+    dimension_deltas: Mapping[str, pa.Table]  # per dimension (aggregate.DIMENSION_SCHEMAS)
     decisions: pa.Table  # every event read, with its fate: clickagg.core.decisions
     max_event_ms: int
     watermark_ms: int
@@ -195,17 +195,18 @@ class PartitionProcessor:
         )
         spend = priced.select(billed.cast(pl.Int64)).to_series()
         kept = priced.filter(pl.Series(fresh))
+        if deltas:
+            minute, dimensions = aggregate.round_deltas(kept)
+        else:
+            minute, dimensions = (
+                aggregate.MINUTE_SCHEMA.empty_table(),
+                aggregate.empty_dimension_deltas(),
+            )
         return BatchOutcome(
             from_offset=from_offset,
             to_offset=from_offset + events.height,
-            minute_deltas=(
-                aggregate.minute_deltas(kept) if deltas else aggregate.MINUTE_SCHEMA.empty_table()
-            ),
-            dimension_deltas=(
-                aggregate.dimension_deltas(kept)
-                if deltas
-                else aggregate.DIMENSION_SCHEMA.empty_table()
-            ),
+            minute_deltas=minute,
+            dimension_deltas=dimensions,
             decisions=decisions.decisions_table(labelled, spend),
             max_event_ms=self.state.max_event_ms,
             watermark_ms=watermark_ms,

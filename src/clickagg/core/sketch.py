@@ -51,3 +51,9 @@ def sql_estimate(column: str) -> str:
 def sql_merge(left: str, right: str) -> str:
     """SQL that merges two sketch columns (for upserts)."""
     return f"list_sort(list_distinct(list_concat({left}, {right})))[1:{K}]"
+
+
+def sql_merge_agg(column: str) -> str:
+    """SQL aggregate merging a sketch column over a group's rows; one row is kept as is."""
+    merged = f"list_sort(list_distinct(flatten(list({column}))))[1:{K}]"
+    return f"(CASE WHEN count(*) = 1 THEN any_value({column}) ELSE {merged} END)"

@@ -8,7 +8,7 @@ Table layouts are documented in ``clickagg.core.aggregate`` where the deltas are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -16,6 +16,8 @@ import pyarrow as pa
 
 Granularity = Literal["minute", "hour", "day"]
 Dimension = Literal["country", "device", "browser"]
+RollupLevel = Literal["advertiser", "campaign"]
+RankBy = Literal["clicks", "impressions", "spend_micros", "invalid_clicks"]
 
 
 class FencedError(RuntimeError):
@@ -32,7 +34,8 @@ class PartitionCommit:
     from_offset: int
     to_offset: int
     minute_deltas: pa.Table  # clickagg.core.aggregate.MINUTE_SCHEMA
-    dimension_deltas: pa.Table  # clickagg.core.aggregate.DIMENSION_SCHEMA
+    # dimension name -> its deltas (clickagg.core.aggregate.DIMENSION_SCHEMAS)
+    dimension_deltas: Mapping[str, pa.Table]
     max_event_ms: int  # the partition's max event time after this batch (watermark source)
     watermark_ms: int
     counted: int
@@ -75,6 +78,25 @@ class Totals:
     invalid_clicks: int
 
 
+@dataclass(frozen=True)
+class AdTotals:
+    ad_id: str
+    advertiser_id: str
+    campaign_id: str
+    clicks: int
+    impressions: int
+    spend_micros: int
+    unique_users: int
+    invalid_clicks: int
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    cut_seq: int  # every delta with seq <= cut_seq is now in the base tables
+    delta_rows: int  # delta rows merged (and deleted)
+    seconds: float
+
+
 class AggregateStore(Protocol):
     def committed_offsets(self) -> dict[int, int]:
         """Committed offset per partition that has ever committed (others start at 0)."""
@@ -107,6 +129,32 @@ class AggregateStore(Protocol):
     ) -> Totals:
         """Sums over minutes in [start_ms, end_ms) (for sliding windows and ad-hoc ranges).
         ``unique_users=False`` skips merging sketches (``unique_users`` is then 0)."""
+        ...
+
+    def top_ads(
+        self,
+        *,
+        start_ms: int,
+        end_ms: int,
+        by: RankBy = "clicks",
+        limit: int = 10,
+        advertiser_id: str | None = None,
+    ) -> list[AdTotals]:
+        """The ``limit`` ads with the largest ``by`` over minutes in [start_ms, end_ms),
+        optionally of one advertiser; ties broken by ad_id."""
+        ...
+
+    def rollup(
+        self,
+        *,
+        level: RollupLevel,
+        id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+    ) -> list[AggregateRow]:
+        """Like :meth:`aggregates` without ``group_by``, over every ad of one advertiser or
+        campaign (unique users merged across its ads)."""
         ...
 
     def minute_rows_since(self, since_ms: int) -> pa.Table:

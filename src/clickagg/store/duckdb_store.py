@@ -16,19 +16,34 @@ partitions' batches share ads) would make one of them fail at COMMIT. That same 
 check is a second fence: two stores opened on one file in one process (DuckDB shares the
 database) cannot both advance a partition from the same offset.
 
-Tables: ``agg_minute`` keyed by (ad_id, minute_ms) and ``agg_minute_dims`` keyed also by the
-three dimensions hold the measures of ``clickagg.core.aggregate.MEASURES`` (sums, plus the
-sorted KMV sketch ``user_hashes`` as ``UBIGINT[]``). ``agg_hour`` / ``agg_hour_dims`` are
-the same rolled up to hours, written in the same transaction: merging sketches is what costs
-(a busy ad's day is 1440 full sketches, 368k hashes, 100+ ms to merge; from hours, 24),
-so hour and day queries read the hour tables and stay in single-digit milliseconds.
+Tables: aggregates are appended, never upserted, on the hot path (like Mesa's versioned
+deltas or ClickHouse's SummingMergeTree). A commit appends the round's deltas, tagged with
+the round's sequence number ``seq``, to four narrow tables without any index:
+``delta_minute`` (ad_id, minute_ms, advertiser_id, campaign_id, measures) and one per
+breakdown dimension, ``delta_country`` / ``delta_device`` / ``delta_browser`` (ad_id,
+minute_ms, <dimension>, measures). The measures are those of
+``clickagg.core.aggregate.MEASURES``: sums plus the sorted KMV sketch ``user_hashes``.
+
+:meth:`DuckDBStore.compact` (a background thread of the worker process) merges every delta
+with ``seq <= cut`` into keyed base tables and deletes those deltas, in ONE transaction, so
+a crash leaves either all of it or none: ``agg_minute`` / ``agg_hour`` keyed (ad_id,
+minute_ms | hour_ms, advertiser_id, campaign_id), and ``agg_minute_<dim>`` /
+``agg_hour_<dim>`` keyed (ad_id, minute_ms | hour_ms, <dimension>). Hours are rolled up
+there because merging sketches is what costs (a busy ad's day is 1440 full sketches, 368k
+hashes, 100+ ms to merge; from hours, 24).
+
+Every query reads base UNION ALL deltas (the deltas rolled up to the query's grain), so it is
+exact at every moment: a delta is in the base tables or in the delta tables, never both,
+never neither. ``delta_state`` remembers the last compacted ``seq``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,50 +51,101 @@ import duckdb
 import pyarrow as pa
 
 from clickagg.core import sketch
-from clickagg.core.aggregate import DIMENSIONS
+from clickagg.core.aggregate import DIMENSIONS, OWNERS, UNKNOWN
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.store.base import (
+    AdTotals,
     AggregateRow,
+    CompactionResult,
     Dimension,
     FencedError,
     Granularity,
     PartitionCommit,
     PartitionStatus,
+    RankBy,
+    RollupLevel,
     Totals,
 )
 
 _SUMS: Final = ("clicks", "impressions", "spend_micros", "invalid_clicks")
 _WINDOW_MS: Final[dict[str, int]] = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
-# group_by values map to column names through this whitelist only: nothing a caller passes
-# is ever spliced into SQL (values are bound as parameters).
-_GROUP_COLUMNS: Final[dict[str, str]] = {name: name for name in DIMENSIONS}
-_MERGED_SKETCH: Final = f"list_sort(list_distinct(flatten(list(user_hashes))))[1:{sketch.K}]"
 _SUM_EXPRS: Final = ", ".join(f"sum({m})::BIGINT AS {m}" for m in _SUMS)
+_MERGED: Final = sketch.sql_merge_agg("user_hashes")
 
 
-def _key(time_col: str, dims: bool) -> tuple[str, ...]:
-    return ("ad_id", time_col, *(DIMENSIONS if dims else ()))
+@dataclass(frozen=True)
+class _Family:
+    """One kind of aggregate: its delta table, its minute and hour base tables, and the
+    name a commit registers the round's Arrow deltas under."""
+
+    dim: str | None  # None: the per-ad rows (which carry the owners instead)
+    delta: str
+    minute: str
+    hour: str
+    view: str
+
+    @property
+    def extra(self) -> tuple[str, ...]:
+        return OWNERS if self.dim is None else (self.dim,)
+
+    def key(self, time_col: str) -> tuple[str, ...]:
+        return ("ad_id", time_col, *self.extra)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Delta columns besides ``seq``, in the order of the Arrow schema."""
+        return ("ad_id", "minute_ms", *self.extra, *_SUMS, "user_hashes")
 
 
-def _aggregate_ddl(table: str, time_col: str, dims: bool) -> str:
-    key = _key(time_col, dims)
-    keys = ", ".join(f"{k} {'BIGINT' if k == time_col else 'VARCHAR'} NOT NULL" for k in key)
-    sums = ", ".join(f"{m} BIGINT NOT NULL" for m in _SUMS)
-    return (
-        f"CREATE TABLE IF NOT EXISTS {table} ({keys}, {sums}, "
-        f"user_hashes UBIGINT[] NOT NULL, PRIMARY KEY ({', '.join(key)}))"
+_ADS: Final = _Family(None, "delta_minute", "agg_minute", "agg_hour", "_clickagg_minute")
+# group_by values map to tables through this whitelist only: nothing a caller passes is
+# ever spliced into SQL (values are bound as parameters).
+_BY_DIMENSION: Final[dict[str, _Family]] = {
+    d: _Family(d, f"delta_{d}", f"agg_minute_{d}", f"agg_hour_{d}", f"_clickagg_{d}")
+    for d in DIMENSIONS
+}
+_FAMILIES: Final = (_ADS, *_BY_DIMENSION.values())
+_OWNER_COLUMNS: Final[dict[str, str]] = {
+    "ad": "ad_id",
+    "advertiser": "advertiser_id",
+    "campaign": "campaign_id",
+}
+
+
+def _base_ddl(family: _Family, table: str, time_col: str) -> str:
+    key = family.key(time_col)
+    cols = ", ".join(
+        [
+            "ad_id VARCHAR NOT NULL",
+            f"{time_col} BIGINT NOT NULL",
+            *(f"{c} VARCHAR NOT NULL" for c in family.extra),
+            *(f"{m} BIGINT NOT NULL" for m in _SUMS),
+            "user_hashes UBIGINT[] NOT NULL",
+        ]
     )
+    return f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({', '.join(key)}))"
 
 
-# (table, time column, has dimensions, Arrow view the commit registers its delta as)
-_AGG_TABLES: Final = (
-    ("agg_minute", "minute_ms", False, "_clickagg_minute"),
-    ("agg_hour", "hour_ms", False, "_clickagg_minute"),
-    ("agg_minute_dims", "minute_ms", True, "_clickagg_dims"),
-    ("agg_hour_dims", "hour_ms", True, "_clickagg_dims"),
-)
+def _delta_ddl(family: _Family) -> str:
+    """No key, no index: appending is all a commit does to it."""
+    cols = ", ".join(
+        [
+            "seq BIGINT NOT NULL",
+            "ad_id VARCHAR NOT NULL",
+            "minute_ms BIGINT NOT NULL",
+            *(f"{c} VARCHAR NOT NULL" for c in family.extra),
+            *(f"{m} BIGINT NOT NULL" for m in _SUMS),
+            "user_hashes UBIGINT[] NOT NULL",
+        ]
+    )
+    return f"CREATE TABLE IF NOT EXISTS {family.delta} ({cols})"
+
+
 _SCHEMA_DDL: Final = (
-    *(_aggregate_ddl(table, col, dims) for table, col, dims, _ in _AGG_TABLES),
+    *(_delta_ddl(f) for f in _FAMILIES),
+    *(_base_ddl(f, f.minute, "minute_ms") for f in _FAMILIES),
+    *(_base_ddl(f, f.hour, "hour_ms") for f in _FAMILIES),
+    "CREATE TABLE IF NOT EXISTS delta_state (compacted_seq BIGINT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS partition_offsets (
         "partition" INTEGER PRIMARY KEY, committed_offset BIGINT NOT NULL,
         max_event_ms BIGINT NOT NULL, watermark_ms BIGINT NOT NULL,
@@ -88,35 +154,45 @@ _SCHEMA_DDL: Final = (
 )
 
 
-def _upsert_sql(table: str, time_col: str, dims: bool, source: str) -> str:
-    """Add a minute-delta view into ``table``: sums add, sketches merge.
+def _append_delta_sql(family: _Family) -> str:
+    """The hot path: a plain append of the round's deltas, tagged with its ``seq`` (?)."""
+    cols = ", ".join(family.columns)
+    return f"INSERT INTO {family.delta} (seq, {cols}) SELECT ?, {cols} FROM {family.view}"
 
-    The source is grouped by the target key first: that rolls minutes up to hours, and lets
-    a delta holding one key twice still apply (ON CONFLICT may not touch a row twice in one
-    statement). A key met once (every minute key of a well-formed delta) skips the merge.
+
+def _compact_sql(family: _Family, table: str, time_col: str) -> str:
+    """Merge the deltas with ``seq <= ?`` into a base table: sums add, sketches merge.
+
+    The deltas are grouped by the target key first: that rolls minutes up to hours, merges
+    the many rounds that touched one key, and lets ON CONFLICT touch each row once.
     """
     size = HOUR_MS if time_col == "hour_ms" else MINUTE_MS
-    key = _key(time_col, dims)
-    keys = ", ".join(key)
-    select_keys = ", ".join(
+    key = family.key(time_col)
+    select_key = ", ".join(
         f"minute_ms - minute_ms % {size} AS {k}" if k == time_col else k for k in key
     )
     updates = ", ".join(f"{m} = t.{m} + excluded.{m}" for m in _SUMS)
     merged = sketch.sql_merge("t.user_hashes", "excluded.user_hashes")
+    cols = ", ".join([*key, *_SUMS, "user_hashes"])
     return (
-        f"INSERT INTO {table} AS t ({keys}, {', '.join(_SUMS)}, user_hashes) "
-        f"SELECT {select_keys}, {_SUM_EXPRS}, "
-        f"CASE WHEN count(*) = 1 THEN any_value(user_hashes) ELSE {_MERGED_SKETCH} END "
-        "AS user_hashes "
-        f"FROM {source} GROUP BY ALL "
-        f"ON CONFLICT ({keys}) DO UPDATE SET {updates}, user_hashes = {merged}"
+        f"INSERT INTO {table} AS t ({cols}) "
+        f"SELECT {select_key}, {_SUM_EXPRS}, {_MERGED} AS user_hashes "
+        f"FROM {family.delta} WHERE seq <= ? GROUP BY ALL "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}, user_hashes = {merged}"
     )
 
 
-# (view the statement reads, statement), in commit order
-_COMMIT_STATEMENTS: Final = tuple(
-    (view, _upsert_sql(table, col, dims, view)) for table, col, dims, view in _AGG_TABLES
+_APPENDS: Final = {family.view: _append_delta_sql(family) for family in _FAMILIES}
+_COMPACT_STATEMENTS: Final = tuple(
+    (
+        family,
+        _compact_sql(family, family.minute, "minute_ms"),
+        _compact_sql(family, family.hour, "hour_ms"),
+        f"DELETE FROM {family.delta} WHERE seq <= ?",
+    )
+    for family in _FAMILIES
 )
+
 _OFFSET_COLUMNS: Final = (
     "committed_offset, max_event_ms, watermark_ms, counted, duplicates, late, invalid, "
     "committed_at_ms"
@@ -139,45 +215,109 @@ def _upsert_offsets_sql(rows: int) -> str:
         committed_at_ms = excluded.committed_at_ms"""
 
 
-_TOTALS_PART: Final = f"{', '.join(_SUMS)}, user_hashes"
-# Whole hours come from agg_hour, the ragged edges (if any) from agg_minute.
+def _minutes_sql(columns: str, where: str) -> str:
+    """Rows covering the minutes in [$lo, $hi): whole hours [$hlo, $hhi) from agg_hour, the
+    ragged edges from agg_minute, and every delta in range (not yet in either base)."""
+    return f"""
+        SELECT {columns} FROM agg_hour
+        WHERE {where} AND hour_ms >= $hlo AND hour_ms < $hhi
+        UNION ALL
+        SELECT {columns} FROM agg_minute
+        WHERE {where} AND minute_ms >= $lo AND minute_ms < $hi
+          AND (minute_ms < $hlo OR minute_ms >= $hhi)
+        UNION ALL
+        SELECT {columns} FROM delta_minute
+        WHERE {where} AND minute_ms >= $lo AND minute_ms < $hi"""
 
 
 def _totals_sql(with_users: bool) -> str:
-    """Whole hours from agg_hour, the ragged edges (if any) from agg_minute. Without
-    users the sketch column is not even read: sliding windows need only the sums."""
-    part = _TOTALS_PART if with_users else ", ".join(_SUMS)
-    users = f"coalesce({_MERGED_SKETCH}, []::UBIGINT[])" if with_users else "[]::UBIGINT[]"
+    """Without users the sketch column is not even read: sliding windows need only sums."""
+    part = f"{', '.join(_SUMS)}, user_hashes" if with_users else ", ".join(_SUMS)
+    users = f"coalesce({_MERGED}, []::UBIGINT[])" if with_users else "[]::UBIGINT[]"
     return f"""
     SELECT {", ".join(f"coalesce(sum({m}), 0)::BIGINT AS {m}" for m in _SUMS)}, {users} AS sk
-    FROM (
-        SELECT {part} FROM agg_hour
-        WHERE ad_id = $ad AND hour_ms >= $hlo AND hour_ms < $hhi
-        UNION ALL
-        SELECT {part} FROM agg_minute
-        WHERE ad_id = $ad AND minute_ms >= $lo AND minute_ms < $hi
-          AND (minute_ms < $hlo OR minute_ms >= $hhi)
-    )"""
+    FROM ({_minutes_sql(part, "ad_id = $ad")})"""
 
 
 _TOTALS: Final = {with_users: _totals_sql(with_users) for with_users in (True, False)}
 
 
+def _top_ads_sql(by: str, one_advertiser: bool) -> str:
+    where = "advertiser_id = $advertiser" if one_advertiser else "TRUE"
+    part = f"ad_id, {', '.join(OWNERS)}, {', '.join(_SUMS)}, user_hashes"
+    owners = ", ".join(
+        f"coalesce(max({c}) FILTER (WHERE {c} <> '{UNKNOWN}'), '{UNKNOWN}') AS {c}" for c in OWNERS
+    )
+    return f"""
+    WITH r AS ({_minutes_sql(part, where)}),
+    top AS (SELECT ad_id FROM r GROUP BY ad_id ORDER BY sum({by}) DESC, ad_id LIMIT $n)
+    SELECT ad_id, {", ".join(OWNERS)}, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
+    FROM (
+        SELECT ad_id, {owners}, {_SUM_EXPRS}, {_MERGED} AS sk
+        FROM r WHERE ad_id IN (SELECT ad_id FROM top) GROUP BY ad_id
+    )
+    ORDER BY {by} DESC, ad_id"""
+
+
+_TOP_ADS: Final = {(by, one): _top_ads_sql(by, one) for by in _SUMS for one in (True, False)}
+
+
+def _windows_sql(family: _Family, grain: str, owner_col: str) -> str:
+    """Rows of windows of $size starting in [$lo, $hi) (multiples of $size): the base
+    table of the grain plus the deltas rolled up to that grain, merged per window."""
+    time_col = f"{grain}_ms"
+    grain_ms = MINUTE_MS if grain == "minute" else HOUR_MS
+    base = family.minute if grain == "minute" else family.hour
+    grp = family.dim or "NULL::VARCHAR"
+    measures = f"{', '.join(_SUMS)}, user_hashes"
+    return f"""
+    SELECT window_ms, grp, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
+    FROM (
+        SELECT t - t % $size AS window_ms, grp, {_SUM_EXPRS}, {_MERGED} AS sk
+        FROM (
+            SELECT {time_col} AS t, {grp} AS grp, {measures} FROM {base}
+            WHERE {owner_col} = $id AND {time_col} >= $lo AND {time_col} < $hi
+            UNION ALL
+            SELECT minute_ms - minute_ms % {grain_ms} AS t, {grp} AS grp, {measures}
+            FROM {family.delta}
+            WHERE {owner_col} = $id AND minute_ms >= $lo AND minute_ms < $hi
+        )
+        GROUP BY window_ms, grp
+    )
+    ORDER BY window_ms, grp"""
+
+
+_WINDOWS: Final = {
+    (family.dim, grain, owner_col): _windows_sql(family, grain, owner_col)
+    for family in _FAMILIES
+    for grain in ("minute", "hour")
+    for owner_col in (_OWNER_COLUMNS.values() if family.dim is None else ("ad_id",))
+}
+_MINUTE_ROWS_SINCE: Final = f"""
+    SELECT ad_id, minute_ms, {_SUM_EXPRS}
+    FROM (
+        SELECT ad_id, minute_ms, {", ".join(_SUMS)} FROM agg_minute WHERE minute_ms >= $1
+        UNION ALL
+        SELECT ad_id, minute_ms, {", ".join(_SUMS)} FROM delta_minute WHERE minute_ms >= $1
+    )
+    GROUP BY ad_id, minute_ms"""
+
+
 def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
-    """Create missing tables (idempotent). A file written before the hour tables existed gets
-    them filled from its minute tables, so hour and day queries see its history."""
-    existing = {
-        name
-        for (name,) in cur.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
-        ).fetchall()
-    }
+    """Create missing tables (idempotent). A file of an older build (per-key upserted
+    aggregates, no owners) is refused rather than migrated: 0.1.0 is unreleased."""
+    [(old,)] = cur.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND table_name = 'agg_minute_dims'"
+    ).fetchall()
+    if old:
+        raise RuntimeError(
+            "this aggregates file was written by an older clickagg build (agg_minute_dims); "
+            "start with a new --data-dir"
+        )
     for ddl in _SCHEMA_DDL:
         cur.execute(ddl)
-    for table, col, dims, _ in _AGG_TABLES:
-        source = "agg_minute_dims" if dims else "agg_minute"
-        if col == "hour_ms" and table not in existing and source in existing:
-            cur.execute(_upsert_sql(table, col, dims, source))
+    cur.execute("INSERT INTO delta_state SELECT 0 WHERE NOT EXISTS (SELECT * FROM delta_state)")
 
 
 def _ceil(value: int, size: int) -> int:
@@ -194,9 +334,20 @@ class DuckDBStore:
         self._closed = False
         try:
             self._transaction(_create_schema)
+            self._last_seq, self._compacted_seq, self._pending_rows = self._delta_backlog()
         except BaseException:
             self._conn.close()
             raise
+
+    def _delta_backlog(self) -> tuple[int, int, int]:
+        """(newest seq, last compacted seq, delta rows not yet compacted) as stored."""
+        counts = " UNION ALL ".join(
+            f"SELECT max(seq) AS seq, count(*) AS n FROM {f.delta}" for f in _FAMILIES
+        )
+        [(newest, rows)] = self._fetch(f"SELECT max(seq), sum(n) FROM ({counts})")
+        [(compacted,)] = self._fetch("SELECT max(compacted_seq) FROM delta_state")
+        compacted = int(compacted or 0)
+        return max(int(newest or 0), compacted), compacted, int(rows or 0)
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor (its own DuckDB connection and transaction)."""
@@ -229,7 +380,44 @@ class DuckDBStore:
             if c.to_offset < c.from_offset:
                 raise ValueError(f"to_offset {c.to_offset} < from_offset {c.from_offset}")
         with self._commit_lock:
-            self._transaction(lambda cur: self._apply(cur, commits))
+            seq = self._last_seq + 1
+            self._transaction(lambda cur: self._apply(cur, commits, seq))
+            self._last_seq = seq
+            self._pending_rows += sum(
+                c.minute_deltas.num_rows + sum(t.num_rows for t in c.dimension_deltas.values())
+                for c in commits
+            )
+
+    def pending_delta_rows(self) -> int:
+        """Delta rows appended and not yet compacted (what the next compaction merges)."""
+        return self._pending_rows
+
+    def compact(self, max_seq: int | None = None) -> CompactionResult:
+        """Merge every delta with ``seq <= cut`` into the base tables and delete it, in ONE
+        transaction; ``cut`` is ``max_seq`` or else the newest round. Off the hot path: it
+        batches many rounds' deltas per key. It holds the commit lock, so no commit runs
+        meanwhile (DuckDB transactions are optimistic: they must not race), and the deltas
+        of rounds after the cut stay where they are. Queries are exact throughout."""
+        started = time.perf_counter()
+        with self._commit_lock:
+            cut = self._last_seq if max_seq is None else min(max_seq, self._last_seq)
+            if cut <= self._compacted_seq:
+                return CompactionResult(cut, 0, time.perf_counter() - started)
+            merged = 0
+
+            def body(cur: duckdb.DuckDBPyConnection) -> None:
+                nonlocal merged
+                for _, to_minutes, to_hours, delete in _COMPACT_STATEMENTS:
+                    cur.execute(to_minutes, [cut]).fetchall()
+                    cur.execute(to_hours, [cut]).fetchall()
+                    [(deleted,)] = cur.execute(delete, [cut]).fetchall()
+                    merged += int(deleted)
+                cur.execute("UPDATE delta_state SET compacted_seq = ?", [cut]).fetchall()
+
+            self._transaction(body)
+            self._compacted_seq = cut
+            self._pending_rows = max(0, self._pending_rows - merged)
+        return CompactionResult(cut, merged, time.perf_counter() - started)
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
         cur = self._cursor()
@@ -244,7 +432,9 @@ class DuckDBStore:
                 cur.execute("ROLLBACK")
             raise
 
-    def _apply(self, cur: duckdb.DuckDBPyConnection, commits: Sequence[PartitionCommit]) -> None:
+    def _apply(
+        self, cur: duckdb.DuckDBPyConnection, commits: Sequence[PartitionCommit], seq: int
+    ) -> None:
         # fetchall, not fetchone: DuckDB 2 refuses register() while a result is unfinished.
         rows = cur.execute(
             'SELECT "partition", committed_offset FROM partition_offsets '
@@ -262,22 +452,22 @@ class DuckDBStore:
                 ),
                 [c.partition for c in stale],
             )
-        views = {
-            name: pa.concat_tables([getattr(c, attr) for c in commits])
-            for name, attr in (
-                ("_clickagg_minute", "minute_deltas"),
-                ("_clickagg_dims", "dimension_deltas"),
-            )
+        deltas = {
+            _ADS.view: pa.concat_tables([c.minute_deltas for c in commits]),
+            **{
+                f.view: pa.concat_tables([c.dimension_deltas[dim] for c in commits])
+                for dim, f in _BY_DIMENSION.items()
+            },
         }
         live: list[str] = []  # empty tables: no view, no statement
         try:
-            for name, table in views.items():
+            for name, table in deltas.items():
                 if table.num_rows > 0:
                     cur.register(name, table)
                     live.append(name)
-            for view, sql in _COMMIT_STATEMENTS:
-                if view in live:
-                    cur.execute(sql)
+            for family in _FAMILIES:
+                if family.view in live:
+                    cur.execute(_APPENDS[family.view], [seq])
         finally:
             for name in live:
                 cur.unregister(name)
@@ -321,44 +511,51 @@ class DuckDBStore:
         size before filtering the stored rows, so a window is either whole or absent; for
         aligned bounds that is exactly ``start <= minute_ms < end``. Filtering on the stored
         column (not on the computed window) keeps the scan prunable. Minute windows read the
-        minute tables, hour and day windows the hour tables.
+        minute tables, hour and day windows the hour tables; both add the newer deltas.
         """
+        if group_by is None:
+            family = _ADS
+        else:
+            found = _BY_DIMENSION.get(group_by)
+            if found is None:
+                raise ValueError(f"cannot group by {group_by!r}")
+            family = found
+        return self._windows(family, "ad_id", ad_id, start_ms, end_ms, granularity)
+
+    def rollup(
+        self,
+        *,
+        level: RollupLevel,
+        id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+    ) -> list[AggregateRow]:
+        """Windows of every ad of one advertiser or campaign (see :meth:`aggregates`)."""
+        if level not in ("advertiser", "campaign"):
+            raise ValueError(f"unknown roll-up level {level!r}")
+        return self._windows(_ADS, _OWNER_COLUMNS[level], id, start_ms, end_ms, granularity)
+
+    def _windows(
+        self,
+        family: _Family,
+        owner_col: str,
+        owner: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+    ) -> list[AggregateRow]:
         size = _WINDOW_MS.get(granularity)
         if size is None:
             raise ValueError(f"unknown granularity {granularity!r}")
         grain = "minute" if granularity == "minute" else "hour"
-        time_col = f"{grain}_ms"
-        params: dict[str, object] = {
-            "ad": ad_id,
+        params = {
+            "id": owner,
             "lo": _ceil(start_ms, size),
             "hi": _ceil(end_ms, size),
+            "size": size,
         }
-        where = f"WHERE ad_id = $ad AND {time_col} >= $lo AND {time_col} < $hi"
-        if group_by is None and granularity == grain:
-            # One stored row per window: no merge, just estimate each row's sketch.
-            sql = f"""
-                SELECT {time_col}, NULL, {", ".join(_SUMS)},
-                       {sketch.sql_estimate("user_hashes")}
-                FROM agg_{grain} {where} ORDER BY {time_col}"""
-        else:
-            if group_by is None:
-                table, group_col = f"agg_{grain}", "NULL::VARCHAR"
-            else:
-                column = _GROUP_COLUMNS.get(group_by)
-                if column is None:
-                    raise ValueError(f"cannot group by {group_by!r}")
-                table, group_col = f"agg_{grain}_dims", column
-            params["size"] = size
-            sql = f"""
-                SELECT window_ms, grp, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
-                FROM (
-                    SELECT {time_col} - {time_col} % $size AS window_ms, {group_col} AS grp,
-                           {_SUM_EXPRS}, {_MERGED_SKETCH} AS sk
-                    FROM {table} {where}
-                    GROUP BY window_ms, grp
-                )
-                ORDER BY window_ms, grp"""
-        rows = self._fetch(sql, params)
+        rows = self._fetch(_WINDOWS[(family.dim, grain, owner_col)], params)
         return [
             AggregateRow(
                 window_ms=int(w),
@@ -372,14 +569,18 @@ class DuckDBStore:
             for w, g, clicks, imps, spend, invalid, users in rows
         ]
 
+    @staticmethod
+    def _minute_range(start_ms: int, end_ms: int) -> dict[str, object]:
+        hour_lo, hour_hi = _ceil(start_ms, HOUR_MS), end_ms - end_ms % HOUR_MS
+        if hour_lo >= hour_hi:  # no whole hour inside: every minute from the minute rows
+            hour_lo = hour_hi = start_ms
+        return {"lo": start_ms, "hi": end_ms, "hlo": hour_lo, "hhi": hour_hi}
+
     def totals(
         self, *, ad_id: str, start_ms: int, end_ms: int, unique_users: bool = True
     ) -> Totals:
         """Sums over the minutes in [start_ms, end_ms); zeros when there are none."""
-        hour_lo, hour_hi = _ceil(start_ms, HOUR_MS), end_ms - end_ms % HOUR_MS
-        if hour_lo >= hour_hi:  # no whole hour inside: every minute from agg_minute
-            hour_lo = hour_hi = start_ms
-        params = {"ad": ad_id, "lo": start_ms, "hi": end_ms, "hlo": hour_lo, "hhi": hour_hi}
+        params = {"ad": ad_id, **self._minute_range(start_ms, end_ms)}
         sql = (
             f"SELECT {', '.join(_SUMS)}, {sketch.sql_estimate('sk')} FROM ({_TOTALS[unique_users]})"
         )
@@ -394,12 +595,41 @@ class DuckDBStore:
             invalid_clicks=invalid,
         )
 
+    def top_ads(
+        self,
+        *,
+        start_ms: int,
+        end_ms: int,
+        by: RankBy = "clicks",
+        limit: int = 10,
+        advertiser_id: str | None = None,
+    ) -> list[AdTotals]:
+        """The ``limit`` ads with the largest ``by`` over the minutes in [start_ms, end_ms)
+        (of one advertiser if given), largest first, ties by ad_id; one query."""
+        if by not in _SUMS:
+            raise ValueError(f"cannot rank by {by!r}")
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        params: dict[str, object] = {"n": limit, **self._minute_range(start_ms, end_ms)}
+        if advertiser_id is not None:
+            params["advertiser"] = advertiser_id
+        rows = self._fetch(_TOP_ADS[(by, advertiser_id is not None)], params)
+        return [
+            AdTotals(
+                ad_id=ad,
+                advertiser_id=adv,
+                campaign_id=campaign,
+                clicks=int(clicks),
+                impressions=int(imps),
+                spend_micros=int(spend),
+                invalid_clicks=int(invalid),
+                unique_users=int(users),
+            )
+            for ad, adv, campaign, clicks, imps, spend, invalid, users in rows
+        ]
+
     def minute_rows_since(self, since_ms: int) -> pa.Table:
-        sql = (
-            "SELECT ad_id, minute_ms, clicks, impressions, spend_micros, invalid_clicks "
-            "FROM agg_minute WHERE minute_ms >= $1"
-        )
-        table: pa.Table = self._cursor().sql(sql, params=[since_ms]).to_arrow_table()
+        table: pa.Table = self._cursor().sql(_MINUTE_ROWS_SINCE, params=[since_ms]).to_arrow_table()
         return table
 
     def partition_status(self) -> list[PartitionStatus]:

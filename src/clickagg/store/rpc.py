@@ -20,13 +20,21 @@ from typing import Any
 import msgspec
 
 from clickagg.realtime.base import RealtimeCounters
-from clickagg.store.base import AggregateRow, AggregateStore, PartitionStatus, Totals
+from clickagg.store.base import (
+    AdTotals,
+    AggregateRow,
+    AggregateStore,
+    PartitionStatus,
+    Totals,
+)
 
 _LENGTH = struct.Struct("<I")
 _RESULT_TYPES: dict[str, Any] = {
     "ping": bool,
     "aggregates": list[AggregateRow],
     "totals": Totals,
+    "top_ads": list[AdTotals],
+    "rollup": list[AggregateRow],
     "window": Totals,  # real-time counters
     "partition_status": list[PartitionStatus],
 }

@@ -1,4 +1,5 @@
-"""The worker process: every partition's worker, plus the query server of the embedded store.
+"""The worker process: every partition's worker, plus the query server of the embedded store
+and its background compaction.
 
 It runs in a process of its own so stream work uses the second core while the API process
 handles HTTP. It is started (and restarted after a crash) by the API process.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from types import FrameType
 
@@ -74,6 +76,12 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     )
     server = QueryServer(settings.rpc_socket, store, counters)
     server.start()
+    compactor = Compactor(
+        store,
+        interval_ms=settings.compact_interval_ms,
+        max_delta_rows=settings.compact_delta_rows,
+    )
+    compactor.start()
     log.info("ready: %d partitions", len(workers))
     idle_loops = 0
     try:
@@ -99,11 +107,63 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         for worker in workers:
             worker.snapshot_now()
     finally:
+        compactor.stop()
         archive.close()
         server.stop()
         store.close()
         reader.close()
         log.info("stopped")
+
+
+class Compactor:
+    """Merges the store's appended deltas into its base tables off the hot path: once
+    ``interval_ms`` has passed since the last compaction and deltas wait, or as soon as
+    ``max_delta_rows`` wait. The store serializes it with commits (its commit lock); a crash
+    mid-compaction leaves the deltas where they were, so queries stay exact either way."""
+
+    def __init__(
+        self,
+        store: DuckDBStore,
+        *,
+        interval_ms: int,
+        max_delta_rows: int,
+        poll_s: float = 0.05,
+    ) -> None:
+        self.store = store
+        self.interval_s = interval_ms / 1000
+        self.max_delta_rows = max_delta_rows
+        self.poll_s = poll_s
+        self.compactions = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="compactor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stopping.wait(self.poll_s):
+            rows = self.store.pending_delta_rows()
+            now = time.monotonic()
+            if rows == 0 or (rows < self.max_delta_rows and now - last < self.interval_s):
+                continue
+            try:
+                result = self.store.compact()
+            except Exception:  # the deltas stay and are merged next time; queries are exact
+                log.exception("compaction failed")
+            else:
+                self.compactions += 1
+                log.debug(
+                    "compacted %d delta rows up to round %d in %.0f ms",
+                    result.delta_rows,
+                    result.cut_seq,
+                    result.seconds * 1000,
+                )
+            last = time.monotonic()
 
 
 def _open_store(settings: Settings, timeout_s: float = 30.0) -> DuckDBStore:

@@ -209,8 +209,7 @@ def step_all(
     try:
         # One aggregation for the whole round: polars' fixed costs once, not per partition.
         kept = pl.concat([item.kept for _, item in batch], how="vertical")
-        minute = aggregate.minute_deltas(kept)
-        dimensions = aggregate.dimension_deltas(kept)
+        minute, dimensions = aggregate.round_deltas(kept)
         commits = [item.commit for _, item in batch]
         commits[0] = dataclasses.replace(
             commits[0], minute_deltas=minute, dimension_deltas=dimensions

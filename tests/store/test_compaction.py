@@ -1,0 +1,354 @@
+"""Deltas and compaction: answers are exact before, during and after any compaction."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
+from clickagg.store.base import AdTotals, PartitionCommit
+from clickagg.store.duckdb_store import DuckDBStore
+from tests.store.test_duckdb_store import (
+    OWNERS,
+    T0,
+    Ev,
+    expected_rows,
+    make_commit,
+    random_events,
+)
+
+
+def answers(store: DuckDBStore) -> tuple[object, ...]:
+    """Every kind of answer the store gives, over the test data's range."""
+    minute_rows = store.minute_rows_since(T0).sort_by(
+        [("ad_id", "ascending"), ("minute_ms", "ascending")]
+    )
+    return (
+        [
+            store.aggregates(
+                ad_id=ad,
+                start_ms=T0,
+                end_ms=T0 + 2 * DAY_MS,
+                granularity=g,  # type: ignore[arg-type]
+                group_by=d,  # type: ignore[arg-type]
+            )
+            for ad in ("ad1", "ad2")
+            for g in ("minute", "hour", "day")
+            for d in (None, "country", "device", "browser")
+        ],
+        [
+            store.totals(ad_id="ad1", start_ms=lo, end_ms=hi)
+            for lo, hi in ((T0, T0 + DAY_MS), (T0 + 17 * MINUTE_MS, T0 + 3 * HOUR_MS + 5))
+        ],
+        store.top_ads(start_ms=T0, end_ms=T0 + 2 * DAY_MS, by="spend_micros", limit=2),
+        store.top_ads(start_ms=T0 + 30 * MINUTE_MS, end_ms=T0 + DAY_MS, advertiser_id="advA"),
+        store.rollup(
+            level="advertiser", id="advA", start_ms=T0, end_ms=T0 + DAY_MS, granularity="hour"
+        ),
+        store.rollup(
+            level="campaign", id="c3", start_ms=T0, end_ms=T0 + DAY_MS, granularity="minute"
+        ),
+        minute_rows.to_pylist(),
+    )
+
+
+def delta_rows(store: DuckDBStore) -> int:
+    return store.pending_delta_rows()
+
+
+def test_compaction_changes_no_answer_and_empties_the_deltas(tmp_path: Path) -> None:
+    events = random_events(random.Random(21), 900, 2 * DAY_MS)
+    chunks = [events[i : i + 150] for i in range(0, 900, 150)]
+    with DuckDBStore(tmp_path / "once.duckdb") as once:
+        once.commit(make_commit(0, 0, 900, events))
+        want = answers(once)
+    with DuckDBStore(tmp_path / "agg.duckdb") as store:
+        for i, chunk in enumerate(chunks[:4]):
+            store.commit(make_commit(0, i * 150, i * 150 + 150, chunk))
+        first = store.compact(max_seq=2)  # rounds 1 and 2 only
+        assert first.cut_seq == 2 and first.delta_rows > 0
+        assert delta_rows(store) > 0
+        for i, chunk in enumerate(chunks[4:], start=4):
+            store.commit(make_commit(0, i * 150, i * 150 + 150, chunk))
+        assert answers(store) == want
+        result = store.compact()
+        assert result.cut_seq == 6
+        assert delta_rows(store) == 0
+        assert store.compact().delta_rows == 0  # nothing left: a no-op
+        assert answers(store) == want
+    with DuckDBStore(tmp_path / "agg.duckdb") as store:  # reopened: seq continues
+        assert answers(store) == want
+        assert delta_rows(store) == 0
+        store.commit(make_commit(1, 0, 1, [Ev("ad1", T0)]))
+        assert store.compact().cut_seq == 7
+    for ad in ("ad1", "ad2", "ad3"):  # and against brute force, for good measure
+        with DuckDBStore(tmp_path / "agg.duckdb") as store:
+            got = store.aggregates(
+                ad_id=ad, start_ms=T0, end_ms=T0 + 2 * DAY_MS, granularity="hour", group_by="device"
+            )
+        extra = [Ev("ad1", T0)] if ad == "ad1" else []
+        assert got == expected_rows(events + extra, ad, T0, T0 + 2 * DAY_MS, HOUR_MS, "device")
+
+
+def test_delta_tables_are_append_only_and_compaction_fills_the_bases(tmp_path: Path) -> None:
+    path = tmp_path / "agg.duckdb"
+    with DuckDBStore(path) as store:
+        events = [Ev("ad1", T0 + 5, advertiser="advA", campaign="c1", country="DE")]
+        store.commit(make_commit(0, 0, 1, events))
+        store.commit(make_commit(0, 1, 2, events))
+    with duckdb.connect(str(path)) as con:
+        counts = {
+            t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[index]
+            for t in ("delta_minute", "delta_country", "agg_minute", "agg_hour_country")
+        }
+        assert counts == {
+            "delta_minute": 2,
+            "delta_country": 2,
+            "agg_minute": 0,
+            "agg_hour_country": 0,
+        }
+        assert con.execute("SELECT list(seq ORDER BY seq) FROM delta_minute").fetchone() == (
+            [1, 2],
+        )
+        indexes = con.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE table_name LIKE 'delta_%' "
+            "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')"
+        ).fetchone()
+        assert indexes == (0,)
+    with DuckDBStore(path) as store:
+        store.compact()
+    with duckdb.connect(str(path)) as con:
+        assert con.execute("SELECT count(*) FROM delta_minute").fetchone() == (0,)
+        assert con.execute(
+            "SELECT ad_id, advertiser_id, campaign_id, clicks FROM agg_hour"
+        ).fetchall() == [("ad1", "advA", "c1", 2)]
+        assert con.execute("SELECT country, clicks FROM agg_minute_country").fetchall() == [
+            ("DE", 2)
+        ]
+
+
+def brute_top(events: list[Ev], start: int, end: int, advertiser: str | None) -> list[str]:
+    clicks: dict[str, int] = defaultdict(int)
+    for e in events:
+        owner = e.advertiser or "unknown"
+        if start <= e.ts_ms - e.ts_ms % MINUTE_MS < end and advertiser in (None, owner):
+            clicks[e.ad_id] += e.click and not e.invalid
+    return sorted(clicks, key=lambda ad: (-clicks[ad], ad))
+
+
+def test_top_ads_and_rollups_match_brute_force(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    events = random_events(rng, 500, DAY_MS)
+    events += [Ev("ad4", T0 + rng.randrange(DAY_MS), user=f"u{i}") for i in range(30)]  # no owner
+    with DuckDBStore(tmp_path / "agg.duckdb") as store:
+        for i in range(0, len(events), 106):
+            store.commit(make_commit(0, i, i + 106, events[i : i + 106]))
+            if i == 318:
+                store.compact()
+        for start, end in ((T0, T0 + DAY_MS), (T0 + 61 * MINUTE_MS, T0 + 5 * HOUR_MS + 7)):
+            top = store.top_ads(start_ms=start, end_ms=end, limit=3)
+            assert [t.ad_id for t in top] == brute_top(events, start, end, None)[:3]
+            for t in top:
+                totals = store.totals(ad_id=t.ad_id, start_ms=start, end_ms=end)
+                assert (t.clicks, t.spend_micros, t.unique_users) == (
+                    totals.clicks,
+                    totals.spend_micros,
+                    totals.unique_users,
+                )
+                owners = OWNERS.get(t.ad_id, ("unknown", "unknown"))
+                assert (t.advertiser_id, t.campaign_id) == owners
+            of_a = store.top_ads(start_ms=start, end_ms=end, advertiser_id="advA", by="clicks")
+            assert [t.ad_id for t in of_a] == brute_top(events, start, end, "advA")
+        assert store.top_ads(start_ms=T0, end_ms=T0 + DAY_MS, limit=0) == []
+        unknown = store.top_ads(start_ms=T0, end_ms=T0 + DAY_MS, advertiser_id="unknown")
+        assert isinstance(unknown[0], AdTotals) and "ad4" in [t.ad_id for t in unknown]
+        for level, owner, pick in (
+            ("advertiser", "advA", lambda e: e.advertiser == "advA"),
+            ("campaign", "c3", lambda e: e.campaign == "c3"),
+        ):
+            for granularity, size in (("minute", MINUTE_MS), ("hour", HOUR_MS), ("day", DAY_MS)):
+                got = store.rollup(
+                    level=level,  # type: ignore[arg-type]
+                    id=owner,
+                    start_ms=T0,
+                    end_ms=T0 + DAY_MS,
+                    granularity=granularity,  # type: ignore[arg-type]
+                )
+                # rows of the owner's events, whichever ad: relabel them as one ad
+                mine = [
+                    Ev("x", e.ts_ms, e.click, e.invalid, e.spend, e.user) for e in events if pick(e)
+                ]
+                assert got == expected_rows(mine, "x", T0, T0 + DAY_MS, size, None)
+        with pytest.raises(ValueError):
+            store.top_ads(start_ms=0, end_ms=1, by="ctr")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            store.rollup(level="ad", id="x", start_ms=0, end_ms=1, granularity="hour")  # type: ignore[arg-type]
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 2**16),
+    ops=st.lists(st.one_of(st.none(), st.integers(0, 8)), min_size=1, max_size=8),
+)
+def test_any_interleaving_of_commits_and_compactions_answers_the_same(
+    seed: int, ops: list[int | None]
+) -> None:
+    """None commits the next chunk (partitions alternate); k compacts up to seq k (k = 8:
+    everything). Answers are compared after every step with applying it all at once."""
+    rng = random.Random(seed)
+    applied: list[Ev] = []
+    offsets = [0, 0]
+    with DuckDBStore(":memory:") as store:
+        for step, op in enumerate(ops):
+            if op is None:
+                chunk = random_events(rng, rng.randrange(0, 40), 3 * HOUR_MS)
+                part = step % 2
+                store.commit(make_commit(part, offsets[part], offsets[part] + 1, chunk))
+                offsets[part] += 1
+                applied += chunk
+            else:
+                store.compact(max_seq=None if op == 8 else op)
+            with DuckDBStore(":memory:") as once:
+                if applied:
+                    once.commit(make_commit(0, 0, 1, applied))
+                assert answers(store) == answers(once)
+
+
+def test_compaction_and_commits_from_two_threads(tmp_path: Path) -> None:
+    """The worker's background compaction races its commits: nothing is lost or doubled."""
+    events = random_events(random.Random(9), 2000, 6 * HOUR_MS)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    with DuckDBStore(tmp_path / "agg.duckdb") as store:
+
+        def compact() -> None:
+            try:
+                while not stop.is_set():
+                    store.compact()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=compact)
+        thread.start()
+        try:
+            for i in range(0, 2000, 50):
+                store.commit(make_commit(0, i, i + 50, events[i : i + 50]))
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert not errors, errors
+        got = store.aggregates(
+            ad_id="ad2", start_ms=T0, end_ms=T0 + DAY_MS, granularity="hour", group_by="country"
+        )
+        assert got == expected_rows(events, "ad2", T0, T0 + DAY_MS, HOUR_MS, "country")
+
+
+CRASH_COMPACTOR = textwrap.dedent(
+    """
+    import sys, time
+    from clickagg.store.duckdb_store import DuckDBStore
+    from tests.store.test_compaction import round_commit
+
+    store = DuckDBStore(sys.argv[1])
+    offset = store.committed_offsets().get(0, 0)
+    while True:
+        for _ in range(8):  # a big delta set: 8 rounds of a few thousand rows each
+            store.commit(round_commit(offset))
+            offset += 1
+        print("compacting", store.pending_delta_rows(), flush=True)
+        started = time.perf_counter()
+        store.compact()
+        print("compacted", time.perf_counter() - started, flush=True)
+    """
+)
+
+
+def round_events(index: int) -> list[Ev]:
+    """The events of round ``index``: deterministic, so a reference can be rebuilt."""
+    rng = random.Random(index)
+    return [
+        Ev(
+            f"ad{rng.randrange(300)}",
+            T0 + rng.randrange(4 * HOUR_MS),
+            click=rng.random() < 0.5,
+            user=f"u{rng.randrange(5000)}",
+            country=rng.choice(["US", "DE", "FR", "JP"]),
+            device=rng.choice(["mobile", "desktop"]),
+            advertiser=f"adv{index % 3}",
+        )
+        for _ in range(1500)
+    ]
+
+
+def round_commit(index: int) -> PartitionCommit:
+    return make_commit(0, index, index + 1, round_events(index))
+
+
+def crash_answers(store: DuckDBStore) -> tuple[object, ...]:
+    ads = [f"ad{i}" for i in range(0, 300, 37)]
+    return (
+        [store.totals(ad_id=ad, start_ms=T0, end_ms=T0 + DAY_MS) for ad in ads],
+        [
+            store.aggregates(ad_id=ad, start_ms=T0, end_ms=T0 + DAY_MS, granularity=g, group_by=d)
+            for ad in ads[:3]
+            for g, d in (("minute", None), ("hour", "country"), ("day", "device"))
+        ],
+        store.top_ads(start_ms=T0, end_ms=T0 + DAY_MS, limit=5),
+        store.rollup(
+            level="advertiser", id="adv1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="hour"
+        ),
+        store.minute_rows_since(0).num_rows > 0,
+    )
+
+
+def test_kill_9_mid_compaction_loses_or_duplicates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "crash.duckdb"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    kills_while_compacting = 0
+    compaction_s = 0.2
+    for round_ in range(3):  # later rounds also recover a crashed file
+        with subprocess.Popen(
+            [sys.executable, "-c", CRASH_COMPACTOR, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        ) as proc:
+            assert proc.stdout is not None
+            compactions = 0
+            for line in proc.stdout:
+                word, value = line.split()
+                if word == "compacted":
+                    compaction_s = float(value)
+                    compactions += 1
+                elif compactions >= 1:  # it is compacting now: kill it part-way through
+                    time.sleep(random.uniform(0, compaction_s))
+                    os.kill(proc.pid, signal.SIGKILL)
+                    kills_while_compacting += 1
+                    break
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the compactor died on its own ({round_})"
+        with DuckDBStore(path) as store:
+            committed = store.committed_offsets()[0]
+            got = crash_answers(store)
+        with DuckDBStore(tmp_path / f"reference{round_}.duckdb") as reference:
+            for index in range(committed):
+                reference.commit(round_commit(index))
+            assert crash_answers(reference) == got, f"round {round_}: {committed} rounds"
+    assert kills_while_compacting == 3
