@@ -110,7 +110,7 @@ def test_merged_requests_read_back_with_plain_pyarrow(
 
 
 def test_a_large_batch_with_nulls_round_trips() -> None:
-    """Many rows, a third of them with text: validity bitmaps span several bytes."""
+    """Past 64 rows the validity bitmap is built by numpy rather than a Python int."""
     rows = [
         row(n, **{name: None if n % 3 else f"{name}-{n}" for name in NULLABLE}) for n in range(200)
     ]
