@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from clickagg.core import ids
-from clickagg.core.columns import ColumnBuilder, EventColumns, to_frame
+from clickagg.core.columns import ColumnBuilder, EventColumns, decode, encode, to_frame
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns
 
 
 def frame_of(events: Iterable[Ev], *, partition: int = 0, base_offset: int = 0) -> pl.DataFrame:
-    return to_frame(build_columns(events), partition=partition, base_offset=base_offset)
+    """A frame of these events as the worker gets it: through the log's encoding."""
+    payload = encode(build_columns(events))
+    return to_frame(decode(payload), partition=partition, base_offset=base_offset)
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def test_merge_columns_concatenates_in_order() -> None:
     merged = merge_columns([a, b])
     assert merged.count == 3
     assert merged.text("event_id").to_pylist() == ["1", "2", "3"]
-    assert columns.decode(columns.encode(merged)).text("ad_id").to_pylist() == ["x", "y", "z"]
+    assert columns.decode(columns.encode(merged))["ad_id"].to_pylist() == ["x", "y", "z"]
 
 
 def test_concurrent_appends_share_syncs_and_are_durable_when_answered(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -12,9 +13,14 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pytest
 
+from clickagg.api.committer import merge_columns
+from clickagg.core import columns, ids
+from clickagg.core.events import decode_many, normalize
 from clickagg.log.base import Frame, LogFullError
 from clickagg.log.segments import HEADER, SegmentLogReader, SegmentLogWriter
 
@@ -416,3 +422,93 @@ def test_disk_full_raises_log_full_and_rolls_back(tiny_fs: Path) -> None:
     finally:
         r.close()
         w.close()
+
+
+def test_frames_of_ingested_events_read_back_with_plain_pyarrow(tmp_path: Path) -> None:
+    """What ingest writes is an Arrow IPC stream of the documented schema: a consumer of the
+    log (an archiver, Spark) needs pyarrow, not clickagg, to read it."""
+    now_ms = 1_700_000_100_000
+    requests = [
+        [
+            {
+                "event_type": "click",
+                "event_id": "c-1",
+                "ad_id": "ad-1",
+                "advertiser_id": 7,
+                "campaign_id": "spring",
+                "user_id": "ü-1",
+                "timestamp": 1_700_000_000,
+                "ip": "203.0.113.9",
+                "user_agent": "Mozilla/5.0 (Linux)",
+                "country": "de",
+                "device": "Mobile",
+                "browser": "Firefox",
+                "cost_micros": 500_000,
+            },
+            {"event_type": "impression", "impression_id": 42, "ad_id": 9, "timestamp": 1e12},
+        ],
+        [{"event_type": "click", "click_id": "日本-2", "ad_id": "ad-2", "timestamp": 1.7e12}],
+        [{"event_type": "impression", "event_id": "i-3", "ad_id": "ad-3", "timestamp": 1.7e9}],
+    ]
+    batches = [
+        normalize(
+            decode_many(json.dumps(events).encode(), ndjson=False)[0],
+            default_type=None,
+            partitions=1,
+            now_ms=now_ms,
+            max_future_ms=0,
+        ).by_partition[0]
+        for events in requests
+    ]
+    with open_writer(tmp_path, partitions=1) as w:
+        for group in (batches[:2], batches[2:]):  # the group committer: a frame per group
+            merged = merge_columns(group)
+            w.append(0, columns.encode(merged), merged.count)
+        w.sync()
+    with SegmentLogReader(tmp_path) as r:
+        frames = read_all(r, 0)
+    assert [(f.base_offset, f.count) for f in frames] == [(0, 3), (3, 1)]
+
+    def event(kind: int, event_id: str, ad_id: str, ts_ms: int, **text: Any) -> dict[str, Any]:
+        fp_high, fp_low = ids.fingerprint(kind, event_id)
+        user_id = text.pop("user_id", None)
+        return {
+            "fp_high": fp_high,
+            "fp_low": fp_low,
+            "event_type": kind,
+            "ts_ms": ts_ms,
+            "received_ms": now_ms,
+            "cost_micros": text.pop("cost_micros", -1),
+            "user_hash": ids.user_hash(user_id),
+            "event_id": event_id,
+            "ad_id": ad_id,
+            **dict.fromkeys(("advertiser_id", "campaign_id"), None),
+            "user_id": user_id,
+            **dict.fromkeys(("ip", "user_agent", "country", "device", "browser"), None),
+            **text,
+        }
+
+    expected = [
+        event(
+            ids.CLICK,
+            "c-1",
+            "ad-1",
+            1_700_000_000_000,
+            advertiser_id="7",
+            campaign_id="spring",
+            user_id="ü-1",
+            ip="203.0.113.9",
+            user_agent="Mozilla/5.0 (Linux)",
+            country="DE",
+            device="mobile",
+            browser="Firefox",
+            cost_micros=500_000,
+        ),
+        event(ids.IMPRESSION, "42", "9", 1_000_000_000_000),
+        event(ids.CLICK, "日本-2", "ad-2", 1_700_000_000_000),
+        event(ids.IMPRESSION, "i-3", "ad-3", 1_700_000_000_000),
+    ]
+    tables = [pa.ipc.open_stream(f.payload).read_all() for f in frames]
+    assert all(t.schema.equals(columns.SCHEMA) for t in tables)
+    assert [t.num_rows for t in tables] == [f.count for f in frames]  # offsets count events
+    assert [row for t in tables for row in t.to_pylist()] == expected

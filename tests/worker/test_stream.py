@@ -129,6 +129,21 @@ def traffic(n: int, start: int = 0) -> list[Ev]:
     return events + events[::4]  # copies
 
 
+def test_frames_to_events_numbers_a_run_of_frames_from_the_first_unseen_event(rig: Rig) -> None:
+    rig.append([Ev("a", "x", T0), Ev("b", "x", T0)])
+    rig.append([Ev("c", "y", T0)])
+    rig.append([Ev("d", "x", T0), Ev("e", "z", T0, user_id="ü")])
+    frames = rig.reader.read(0, 1, 100)
+    events = frames_to_events(frames, 1)  # the first frame starts before the offset asked for
+    assert events["offset"].to_list() == [1, 2, 3, 4]
+    assert events["partition"].to_list() == [0] * 4
+    assert events["event_id"].to_list() == ["b", "c", "d", "e"]
+    assert events["user_id"].to_list() == [None, None, None, "ü"]
+    assert events.schema == frames_to_events([], 0).schema
+    with pytest.raises(ValueError, match="do not match"):
+        frames_to_events([frames[0], frames[2]], 0)  # a gap: offsets would be wrong
+
+
 def test_uninterrupted_run_counts_each_event_once(rig: Rig) -> None:
     rig.append(traffic(40))
     rig.drain(rig.worker())

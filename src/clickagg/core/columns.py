@@ -1,9 +1,59 @@
-"""The log's record format: a batch of events as columns.
+"""The log's record format: a batch of events as columns, stored as Arrow IPC.
 
-One log record (frame) holds many events, column by column. Numeric columns are raw
-little-endian numpy buffers; text columns are Arrow string buffers (offsets, bytes,
-validity). The worker turns a run of frames into one polars DataFrame zero-copy: no event
-and no string ever becomes a Python object on the way from the log to the aggregates.
+A log frame's payload is one Arrow IPC stream: the schema, then one record batch. Anything
+with pyarrow (an archiver, Spark, a NATS consumer) reads a frame without clickagg::
+
+    pa.ipc.open_stream(frame.payload).read_all()
+
+The schema is fixed (:data:`SCHEMA`); row ``i`` of a frame is the event at log offset
+``frame.base_offset + i`` (offsets count events, not frames). Numeric columns, never null:
+
+* ``fp_high``, ``fp_low`` (uint64): the 128-bit fingerprint of (event type, event id), the
+  dedup key; ``fp_low`` picks the partition.
+* ``event_type`` (uint8): 0 click, 1 impression.
+* ``ts_ms`` (int64): event time; ``received_ms`` (int64): ingest time; epoch milliseconds.
+* ``cost_micros`` (int64): the event's cost; -1 when not given (the ad's CPC applies).
+* ``user_hash`` (uint64): xxh3-64 of ``user_id``, never 0; 0 when there is no user id.
+
+Text columns, Arrow ``string`` (UTF-8), as sent (ids sent as numbers in decimal):
+
+* ``event_id`` (never null; synthesized from the payload when none was sent) and
+  ``ad_id`` (never null).
+* ``advertiser_id``, ``campaign_id``, ``user_id``, ``ip``, ``user_agent``: null when not
+  sent.
+* ``country`` (upper-cased), ``device`` (lower-cased), ``browser``: as sent, device and
+  browser else derived from the user agent; null when unknown.
+
+Writing. :class:`EventColumns` holds a batch as plain buffers (numeric columns as
+little-endian numpy bytes, text as Arrow string offsets and data): the ingest path builds it
+with no Arrow call for a small request, and the group committer concatenates requests with
+byte joins. :func:`encode` wraps the buffers as Arrow arrays without copying and serializes
+once per frame. The stream it writes is the schema message (serialized once per process),
+the record batch message and the end-of-stream marker: byte for byte what
+``pa.ipc.new_stream`` writes, without opening a writer per frame. Arrow's fixed costs
+(an object per column, the batch's metadata) make a frame cost about 30 µs to encode
+whatever its size; the group committer pays that once per partition per group, off the
+event loop, not once per request.
+
+No IPC compression. Measured with pyarrow 26 on traffic from ``clickagg.traffic``, per event,
+against the same stream uncompressed (257 B, 0.013 µs to write, 0.012 µs to read):
+
+* 1,000-event frame: lz4 97 B, +0.11 µs to write, +0.09 µs to read; zstd 65 B, +0.31 µs
+  and +0.41 µs.
+* 1-event frame (2.3 kB, nearly all schema and metadata): lz4 3.0 kB and +75 µs to write and
+  read; zstd 2.9 kB and +280 µs. Compression is per buffer, and codec setup is per call.
+
+The log is retention-bounded local disk, and both ends of a frame are hot paths (the group
+commit thread and the worker), so bytes are not worth that time, let alone +75 µs for a
+single-event frame. Every reader would also need the codec. Revisit when the log's bytes
+cross a network (a NATS or Kafka log): lz4 on frames of hundreds of events or more is the
+candidate, and readers need no change (the stream says how it is compressed).
+
+Reading. :func:`decode` returns a frame's ``pa.Table``; for a frame :func:`encode` wrote it
+skips parsing the schema again. :func:`decode_run` reads a run of frames into one table,
+and :func:`to_frame` turns that into the polars DataFrame the worker processes, with one
+conversion per run rather than per frame. No event and no string ever becomes a Python
+object on the way from the log to the aggregates.
 """
 
 from __future__ import annotations
@@ -40,9 +90,24 @@ TEXT_COLUMNS = (
     "device",
     "browser",
 )
+_NEVER_NULL_TEXT = ("event_id", "ad_id")
+
+SCHEMA = pa.schema(
+    [
+        *(
+            pa.field(name, pa.from_numpy_dtype(dtype), nullable=False)
+            for name, dtype in NUMERIC_COLUMNS.items()
+        ),
+        *(
+            pa.field(name, pa.string(), nullable=name not in _NEVER_NULL_TEXT)
+            for name in TEXT_COLUMNS
+        ),
+    ]
+)
+"""The schema of every log frame (see the module docstring)."""
 
 
-class TextColumn(msgspec.Struct, array_like=True):
+class TextColumn(msgspec.Struct):
     """A text column as Arrow ``string`` buffers: int32 offsets and UTF-8 bytes, plus one
     byte per row (1 = present) when the column has nulls. Bytes rather than Arrow's bitmap
     make concatenation (group commit) a plain join."""
@@ -80,9 +145,8 @@ class TextColumn(msgspec.Struct, array_like=True):
         validity = None
         null_count = 0
         if self.valid:
-            mask = np.frombuffer(self.valid, dtype=np.uint8)
-            null_count = count - int(np.count_nonzero(mask))
-            validity = pa.py_buffer(np.packbits(mask, bitorder="little").tobytes())
+            null_count = count - self.valid.count(1)
+            validity = pa.py_buffer(_bitmap(self.valid))
         buffers = [validity, pa.py_buffer(self.offsets), pa.py_buffer(self.data)]
         return pa.Array.from_buffers(pa.string(), count, buffers, null_count=null_count)
 
@@ -108,10 +172,19 @@ class TextColumn(msgspec.Struct, array_like=True):
 
 
 _ZERO_OFFSET = b"\0\0\0\0"
+_BINARY_DIGITS = bytes.maketrans(b"\0\1", b"01")
 
 
-class EventColumns(msgspec.Struct, array_like=True):
-    """A batch of normalized events, as stored in one log frame."""
+def _bitmap(valid: bytes) -> bytes:
+    """Arrow's validity bitmap (least significant bit first) of one byte per row."""
+    if len(valid) <= 64:  # a Python int beats numpy's fixed per-call costs here
+        bits = int(valid.translate(_BINARY_DIGITS)[::-1], 2)
+        return bits.to_bytes((len(valid) + 7) // 8, "little")
+    return np.packbits(np.frombuffer(valid, dtype=np.uint8), bitorder="little").tobytes()
+
+
+class EventColumns(msgspec.Struct):
+    """A batch of normalized events as buffers, on its way into one log frame."""
 
     count: int
     fp_high: bytes
@@ -139,17 +212,63 @@ class EventColumns(msgspec.Struct, array_like=True):
         column: TextColumn = getattr(self, name)
         return column.array(self.count)
 
+    def record_batch(self) -> pa.RecordBatch:
+        """The batch as Arrow arrays over the same buffers (no copy)."""
+        count = self.count
+        arrays = [
+            pa.Array.from_buffers(
+                field.type, count, [None, pa.py_buffer(getattr(self, field.name))]
+            )
+            for field in _NUMERIC_FIELDS
+        ]
+        arrays += [getattr(self, name).array(count) for name in TEXT_COLUMNS]
+        return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(EventColumns)
+
+_NUMERIC_FIELDS = [SCHEMA.field(name) for name in NUMERIC_COLUMNS]
+_SCHEMA_MESSAGE = SCHEMA.serialize().to_pybytes()
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # continuation marker, length 0
 
 
 def encode(columns: EventColumns) -> bytes:
-    return _encoder.encode(columns)
+    """One frame's payload: an Arrow IPC stream of the schema and one record batch."""
+    return b"".join((_SCHEMA_MESSAGE, columns.record_batch().serialize(), _END_OF_STREAM))
 
 
-def decode(payload: bytes) -> EventColumns:
-    return _decoder.decode(payload)
+class FrameFormatError(ValueError):
+    """A frame's payload is not an Arrow IPC stream of :data:`SCHEMA`."""
+
+
+def decode(payload: bytes) -> pa.Table:
+    """A frame's events: an Arrow IPC stream of :data:`SCHEMA`."""
+    return decode_run([payload])
+
+
+def decode_run(payloads: Sequence[bytes]) -> pa.Table:
+    """The events of several frames, in order, as one table (no copy: a chunk per frame)."""
+    batches = [batch for payload in payloads for batch in _record_batches(payload)]
+    return pa.Table.from_batches(batches, schema=SCHEMA)
+
+
+def _record_batches(payload: bytes) -> list[pa.RecordBatch]:
+    try:
+        if payload.startswith(_SCHEMA_MESSAGE):
+            # What encode writes: skip parsing the schema again (most of the cost of a
+            # small frame); read the batch and check that only the end of stream follows.
+            reader = pa.BufferReader(payload)
+            reader.seek(len(_SCHEMA_MESSAGE))
+            message = pa.ipc.read_message(reader)
+            if message.type == "record batch" and payload[reader.tell() :] == _END_OF_STREAM:
+                return [pa.ipc.read_record_batch(message, SCHEMA)]
+        stream = pa.ipc.open_stream(payload)
+        if not stream.schema.equals(SCHEMA):
+            raise FrameFormatError(f"log frame has an unexpected schema:\n{stream.schema}")
+        return list(stream)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise FrameFormatError(
+            f"log frame is not an Arrow IPC stream ({exc}); logs written before frames "
+            "became Arrow IPC cannot be read"
+        ) from exc
 
 
 def build(
@@ -211,24 +330,19 @@ class ColumnBuilder:
         return build(numeric, text, np.arange(count))
 
 
-def to_frame(columns: EventColumns, *, partition: int, base_offset: int) -> pl.DataFrame:
-    """Columns of one frame → DataFrame with each event's (partition, offset)."""
-    count = columns.count
-    arrays: dict[str, Any] = {name: columns.numeric(name) for name in NUMERIC_COLUMNS}
-    arrays["partition"] = np.full(count, partition, dtype=np.int32)
-    arrays["offset"] = np.arange(base_offset, base_offset + count, dtype=np.int64)
-    frame = pl.DataFrame(arrays)
-    text = pa.table({name: columns.text(name) for name in TEXT_COLUMNS})
-    converted = pl.from_arrow(text)
-    assert isinstance(converted, pl.DataFrame)
-    return pl.concat([frame, converted], how="horizontal")
-
-
-def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
-    if not frames:
-        return empty_frame()
-    return pl.concat(frames, how="vertical", rechunk=True)
+def to_frame(events: pa.Table, *, partition: int, base_offset: int) -> pl.DataFrame:
+    """Decoded events (one frame, or a contiguous run of frames) → DataFrame with each
+    event's (partition, offset); the event in row ``i`` is at offset ``base_offset + i``."""
+    frame = pl.from_arrow(events.combine_chunks())  # Arrow joins many chunks faster
+    assert isinstance(frame, pl.DataFrame)
+    end = base_offset + events.num_rows
+    return frame.select(
+        *NUMERIC_COLUMNS,
+        pl.lit(partition, dtype=pl.Int32).alias("partition"),
+        pl.int_range(base_offset, end, dtype=pl.Int64).alias("offset"),
+        *TEXT_COLUMNS,
+    )
 
 
 def empty_frame() -> pl.DataFrame:
-    return to_frame(ColumnBuilder().build(), partition=0, base_offset=0)
+    return to_frame(SCHEMA.empty_table(), partition=0, base_offset=0)

@@ -43,17 +43,18 @@ log = logging.getLogger(__name__)
 
 
 def frames_to_events(frames: list[Frame], from_offset: int) -> pl.DataFrame:
-    """Decode frames into one DataFrame, dropping events before ``from_offset``."""
-    parts = [
-        columns.to_frame(
-            columns.decode(f.payload), partition=f.partition, base_offset=f.base_offset
-        )
-        for f in frames
-    ]
-    events = columns.concat_frames(parts)
-    if parts and frames[0].base_offset < from_offset:
-        events = events.slice(from_offset - frames[0].base_offset)
-    return events
+    """Decode a run of frames (one partition, contiguous offsets, as the log reads them)
+    into one DataFrame, dropping events before ``from_offset``."""
+    if not frames:
+        return columns.empty_frame()
+    first = frames[0]
+    events = columns.decode_run([f.payload for f in frames])
+    if events.num_rows != frames[-1].end_offset - first.base_offset:
+        raise ValueError(f"frames of partition {first.partition} do not match their offsets")
+    skip = max(0, from_offset - first.base_offset)
+    return columns.to_frame(
+        events.slice(skip), partition=first.partition, base_offset=first.base_offset + skip
+    )
 
 
 @dataclasses.dataclass(frozen=True)
