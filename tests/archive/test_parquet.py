@@ -106,15 +106,45 @@ def test_a_redo_is_dropped_and_a_gap_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_second_writer_is_fenced(tmp_path: Path) -> None:
-    first, second = writer_for(tmp_path), writer_for(tmp_path)
+    first = writer_for(tmp_path)
     first.append(decisions(0, 0, 2), {0: (0, 2)})
     first.flush()
-    second.append(decisions(0, 0, 2), {0: (0, 2)})
-    with pytest.raises(ArchiveFencedError):
-        second.flush()
+    with pytest.raises(ArchiveFencedError, match="another writer"):
+        writer_for(tmp_path)
     first.close()
-    second.abandon()
+    second = writer_for(tmp_path)  # the lock went with the first writer
+    assert second.next_offset(0) == 2
+    second.close()
     assert ParquetArchiveReader(tmp_path).archived_offsets() == {0: 2}
+
+
+def test_checkpoints_bound_the_manifests_and_readers_follow(tmp_path: Path) -> None:
+    """Every 4th flush folds the manifests into a checkpoint; a reader that started before
+    (and one that starts after) sees exactly the same archive."""
+    early = ParquetArchiveReader(tmp_path)
+    writer = writer_for(tmp_path, checkpoint_every=4)
+    for n in range(10):
+        writer.append(decisions(0, n * 3, 3, ts_ms=T0 + n * HOUR_MS), {0: (n * 3, n * 3 + 3)})
+        writer.flush()
+        if n == 2:
+            assert early.archived_offsets() == {0: 9}  # read before the first checkpoint
+    writer.close()
+    names = sorted(os.listdir(tmp_path / MANIFEST_DIR))
+    assert [n for n in names if not n.startswith(".")] == [
+        "000000000008.checkpoint.json",
+        "000000000009.json",
+        "000000000010.json",
+    ]
+    late = ParquetArchiveReader(tmp_path)
+    for reader in (early, late):
+        assert reader.archived_offsets() == {0: 30}
+        table = reader.decisions(start_ms=T0, end_ms=T0 + 10 * HOUR_MS)
+        assert table["offset"].to_pylist() == list(range(30))
+        assert [f.offset for f in reader.fates("e4")] == [4]
+    # a writer reopening the archive continues from the checkpoint and what follows it
+    again = writer_for(tmp_path)
+    assert again.next_offset(0) == 30
+    again.close()
 
 
 def test_index_runs_merge_and_every_id_is_still_found(tmp_path: Path) -> None:
@@ -189,7 +219,7 @@ def test_kill9_during_archiving_leaves_each_decision_once(tmp_path: Path) -> Non
     assert sorted(seen) == [(p, o) for p in range(3) for o in range(ends[p])]
     # the next writer deletes unpublished leftovers: every file left is a published one
     writer_for(tmp_path).close()
-    manifests = len(os.listdir(tmp_path / MANIFEST_DIR))
+    manifests = len([n for n in os.listdir(tmp_path / MANIFEST_DIR) if n.endswith(".json")])
     data_files = list(tmp_path.glob("hour=*/*"))
     assert all(not p.name.startswith(".") for p in data_files)
     assert len(data_files) == manifests  # one event hour per flush here

@@ -11,9 +11,12 @@ Layout of ``<data_dir>/archive``::
 Any engine reads one event hour as ``hour=…/*.parquet`` (the manifest says which files are
 published). Publishing a flush: its data files and index run are written and fsynced under
 names no manifest lists yet; then its manifest appears atomically, as a hard link of a
-fsynced temporary file, which fails if the name exists, so two writers can never both
-publish flush 42. Readers trust only what a manifest lists: a crash leaves nothing partial
-or doubled visible, and the next writer deletes the unpublished flush's files.
+fsynced temporary file, which fails if the name exists. Readers trust only what a manifest
+lists: a crash leaves nothing partial or doubled visible, and the next writer deletes the
+unpublished flush's files. One writer at a time: it holds ``_manifest/.writer.lock``
+(flock, released by the OS if the process dies). Every ``checkpoint_every`` flushes the
+writer folds the manifests into ``<seq>.checkpoint.json`` and deletes the ones it covers,
+so the directory, and a reader's start, stay small however long the archive runs.
 
 Audit lookups: an index run holds, for every event, the high 64 bits of its (type, id)
 fingerprint, where its row is (flush << 32 | row in the file) and its event hour, sorted by
@@ -24,6 +27,7 @@ are merged in tiers of ``merge_fan_in`` in the background, so there are O(log n)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -54,6 +58,7 @@ MANIFEST_DIR: Final = "_manifest"
 INDEX_DIR: Final = "_index"
 ROW_GROUP_ROWS: Final = 16_384  # small enough that a lookup reads little, big enough to scan
 _ROW_MASK: Final = (1 << 32) - 1
+_CHECKPOINT_SUFFIX: Final = ".checkpoint.json"
 # Dictionary encoding pays for these low-cardinality columns only; ids, users and IPs
 # would just fall back to plain encoding after the dictionary grew (wasted work).
 _DICTIONARY_COLUMNS: Final = [
@@ -108,42 +113,85 @@ def _write_durably(final: Path, write: Any) -> None:
     os.replace(temp, final)
 
 
+def _lock_writer(path: Path) -> int:
+    """Hold an exclusive lock for the writer's lifetime (released by close, or by the OS
+    when the process dies): a second writer fails at once instead of racing the first."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ArchiveFencedError(f"another writer holds {path.parent.parent}") from None
+    return fd
+
+
 class _ManifestView:
-    """What the published manifests say, loaded incrementally (manifests never change)."""
+    """What the published manifests say, loaded incrementally (manifests never change).
+
+    A checkpoint (``<seq>.checkpoint.json``) holds the whole state up to its seq; once it
+    is published the writer deletes the manifests it covers, so the directory stays small
+    and a reader starts from the newest checkpoint plus the manifests after it.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.last_seq = 0
         self.offsets: dict[int, int] = {}
-        self.files: dict[int, list[Path]] = {}
-        self.by_hour: dict[int, list[Path]] = {}
+        self.by_hour: dict[int, list[str]] = {}  # event hour -> published files, relative
 
     def refresh(self) -> None:
+        for _attempt in range(10):
+            try:
+                self._refresh()
+                return
+            except FileNotFoundError:
+                continue  # a checkpoint superseded what was listed: list again
+        raise RuntimeError("archive manifests kept changing while being read")
+
+    def _refresh(self) -> None:
         manifest_dir = self.directory / MANIFEST_DIR
         try:
             names = os.listdir(manifest_dir)
         except FileNotFoundError:
             return
-        seqs = sorted(
-            int(n.removesuffix(".json"))
+        checkpoints = sorted(
+            int(n.removesuffix(_CHECKPOINT_SUFFIX))
             for n in names
-            if n.endswith(".json") and not n.startswith(".")
+            if n.endswith(_CHECKPOINT_SUFFIX) and not n.startswith(".")
+        )
+        if checkpoints and checkpoints[-1] > self.last_seq:
+            name = f"{_seq_name(checkpoints[-1])}{_CHECKPOINT_SUFFIX}"
+            self._load_checkpoint(json.loads((manifest_dir / name).read_bytes()))
+        seqs = sorted(
+            int(n.removesuffix(".json")) for n in names if n.endswith(".json") and n[:-5].isdigit()
         )
         for seq in seqs:
             if seq > self.last_seq:
                 body = json.loads((manifest_dir / f"{_seq_name(seq)}.json").read_bytes())
                 self._add(seq, body)
 
+    def _load_checkpoint(self, body: dict[str, Any]) -> None:
+        self.offsets = {int(p): int(end) for p, end in body["offsets"].items()}
+        self.by_hour = {int(hour): list(paths) for hour, paths in body["by_hour"].items()}
+        self.last_seq = int(body["seq"])
+
     def _add(self, seq: int, body: dict[str, Any]) -> None:
         for key, (_, hi) in body["ranges"].items():
             self.offsets[int(key)] = hi
-        paths = []
         for entry in body["files"]:
-            path = self.directory / entry["path"]
-            paths.append(path)
-            self.by_hour.setdefault(int(entry["hour_ms"]), []).append(path)
-        self.files[seq] = paths
+            self.by_hour.setdefault(int(entry["hour_ms"]), []).append(entry["path"])
         self.last_seq = seq
+
+    def checkpoint(self) -> bytes:
+        body = {
+            "seq": self.last_seq,
+            "offsets": {str(p): end for p, end in sorted(self.offsets.items())},
+            "by_hour": {str(hour): paths for hour, paths in sorted(self.by_hour.items())},
+        }
+        return json.dumps(body).encode()
+
+    def paths(self, hour_ms: int) -> list[Path]:
+        return [self.directory / path for path in self.by_hour.get(hour_ms, [])]
 
 
 def _index_runs(index_dir: Path) -> list[tuple[int, int, Path]]:
@@ -187,15 +235,19 @@ class ParquetArchiveWriter:
         flush_events: int = 200_000,
         flush_interval_ms: int = 2_000,
         merge_fan_in: int = 8,
+        checkpoint_every: int = 256,
     ) -> None:
         self.directory = directory
         self.flush_events = flush_events
         self.flush_interval_ms = flush_interval_ms
         self.merge_fan_in = merge_fan_in
+        self.checkpoint_every = checkpoint_every
         for sub in (MANIFEST_DIR, INDEX_DIR):
             (directory / sub).mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_writer(directory / MANIFEST_DIR / ".writer.lock")
         view = _ManifestView(directory)
         view.refresh()
+        self._view = view  # updated by the flush thread only, after each publish
         self._seq = view.last_seq
         self._remove_unpublished()
         self._durable: dict[int, int] = dict(view.offsets)
@@ -264,12 +316,19 @@ class ParquetArchiveWriter:
             self.flush()
         finally:
             self._executor.shutdown(wait=True)
+            self._unlock()
 
     def abandon(self) -> None:
         """Stop without publishing what is buffered, as a crash would (a flush already
         under way completes). Crash tests use it."""
         self._executor.shutdown(wait=True)
         self._buffer, self._buffer_ranges, self._buffer_rows = [], {}, 0
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
 
     # -- flushing -------------------------------------------------------------------------
 
@@ -332,6 +391,9 @@ class ParquetArchiveWriter:
             "created_ms": int(time.time() * 1000),
         }
         self._publish_manifest(seq, json.dumps(manifest, indent=1).encode())
+        self._view._add(seq, manifest)
+        if seq % self.checkpoint_every == 0:
+            self._checkpoint()
         try:
             self._merge_index_runs()
         except OSError as exc:  # a merge is an optimization: lookups work without it
@@ -355,6 +417,22 @@ class ParquetArchiveWriter:
             temp.unlink(missing_ok=True)
         _fsync_dir(manifest_dir)
 
+    def _checkpoint(self) -> None:
+        """Publish the whole manifest state up to the last flush, then delete the manifests
+        and checkpoints it supersedes (readers re-list when one vanishes under them)."""
+        manifest_dir = self.directory / MANIFEST_DIR
+        seq = self._view.last_seq
+        _write_durably(
+            manifest_dir / f"{_seq_name(seq)}{_CHECKPOINT_SUFFIX}",
+            lambda h: h.write(self._view.checkpoint()),
+        )
+        _fsync_dir(manifest_dir)
+        keep = f"{_seq_name(seq)}{_CHECKPOINT_SUFFIX}"
+        for name in os.listdir(manifest_dir):
+            stem = name.split(".")[0]
+            if name != keep and stem.isdigit() and int(stem) <= seq:
+                (manifest_dir / name).unlink(missing_ok=True)
+
     def _remove_unpublished(self) -> None:
         """Delete what a crashed flush wrote but never published (seq beyond the last
         manifest), and index runs a published merge has superseded."""
@@ -371,7 +449,7 @@ class ParquetArchiveWriter:
                 path.unlink(missing_ok=True)
         for path in _covered_runs(index_dir):
             path.unlink(missing_ok=True)
-        for path in (self.directory / MANIFEST_DIR).glob(".*"):
+        for path in (self.directory / MANIFEST_DIR).glob(".*.tmp"):
             path.unlink(missing_ok=True)
 
     def _merge_index_runs(self) -> None:
@@ -486,7 +564,7 @@ class ParquetArchiveReader:
             paths = [
                 str(path)
                 for hour in range(first, end_ms, HOUR_MS)
-                for path in self._view.by_hour.get(hour, [])
+                for path in self._view.paths(hour)
             ]
         if not paths:
             return DECISION_SCHEMA.empty_table()
