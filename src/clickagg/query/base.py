@@ -12,25 +12,29 @@ answer (its process is restarting, recovering or busy: retry later, a 503 over H
 may retry one.
 
 Today's only adapter, ``clickagg.store.rpc.RpcQueryStore``, asks the worker process over
-a Unix socket (DuckDB admits one writing process): every query is executed by a thread of
-the worker process, under the GIL the stream also needs.
+a Unix socket (DuckDB admits one writing process): every query runs in a thread of the
+worker process, under the GIL the stream also needs. Measured (BENCHMARKS.md, "QueryStore
+split"): nearly all of a query's time is spent there, and the real-time window, whose work
+is microseconds, still waits tens of ms at p99 for the worker's GIL.
 
-Next: take queries off the stream's GIL with immutable snapshots. After each compaction
-the worker (still the only writer) exports the base tables up to the compaction's cut
-``seq`` as Parquet files under ``query/snap-<seq>/`` (sorted by ad, minute), fsyncs them,
-then publishes the snapshot by atomically renaming ``query/CURRENT`` to name it, with the
-per-partition committed offsets and the cut. API processes open the newest snapshot with
-their own read-only DuckDB connection (no lock on the writer's file) and swap when
-``CURRENT`` changes; old snapshots are deleted once no reader has used them for a grace
-period. The minutes after the cut (the deltas not yet compacted) come from an in-process
-counter the API process feeds itself: it tails the durable log from the snapshot's offsets
-and runs the same pure ``core`` dedup/window code for the recent minutes only, or, simpler
-first step, it keeps asking the worker for ``base + deltas`` of the last few minutes while
-the snapshot answers the rest (a cheap query: it touches only the delta tables). Exactly
-once holds because a snapshot is a consistent cut (base up to ``seq``, offsets of that
-same transaction) and the recent part is taken strictly after the cut, by minute or by
-offset, so no minute is counted from both sides; freshness of the historical part is the
-compaction interval (2 s) plus the export, of the recent part unchanged.
+Next: a query store in the API process over immutable files plus pushed recent deltas.
+(1) Each background compaction already merges the deltas with ``seq`` in (previous cut,
+cut] into the base tables; the worker also writes that same merged batch (minute, hour and
+dimension rows: sums and sketches, all additive) as Parquet files, fsyncs them and
+publishes them by adding one manifest file naming them and their ``seq`` range, as the
+archive does; a later compaction rewrites many small files as one covering their union
+and a manifest that replaces them. (2) After each commit the worker pushes the round's
+deltas, tagged with the round's ``seq``, to the API process over the socket it already
+serves (the other direction), and on (re)connect resends every delta not yet published.
+(3) The API process's adapter answers with its own DuckDB connection: ``read_parquet`` of
+the manifest's files UNION ALL an Arrow table of the pushed deltas with ``seq`` above the
+manifest's cut (those at or below are dropped when the manifest arrives). Exactly once:
+every ``seq`` is summed from one side only (a file if ``seq`` <= cut, memory otherwise),
+the deltas are pushed only after their commit, and a resend is idempotent by ``seq``.
+Freshness is unchanged (a delta is queryable one push after its commit). The worker pays
+a Parquet write per compaction instead of every query, and the read-only files also let
+more API processes share the load. (A DuckDB replica file copied after each compaction
+was the alternative: simpler readers, but every copy rewrites the whole base.)
 """
 
 from __future__ import annotations
