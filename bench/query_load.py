@@ -13,12 +13,17 @@ Per repetition, a fresh ``clickagg serve`` (8 partitions):
       50 % GET /aggregates?ad_id=..&granularity=minute&last=1h
       25 % GET /aggregates/realtime?ad_id=..&window=5m
       25 % GET /api/v1/ads/{ad}/metrics?granularity=hour&last=1d
+    (--group-by-share F: that share of GET /aggregates?ad_id=..&granularity=hour&last=1h
+    &group_by=country, the others scaled down);
     latency = send of the request -> last byte of the response; any non-200 is an error;
   - baseline, same server and load: the same schedule against GET /healthz (the HTTP floor).
-    The order of the two phases alternates between repetitions.
+  - with --rpc, the same queries on the same schedule sent by this process straight to the
+    worker process's query server (RpcQueryStore on its Unix socket, no HTTP): the part of
+    a query's latency spent in the worker process (under the stream's GIL) and the socket.
+    The order of the phases rotates between repetitions.
 
     .venv/bin/python bench/query_load.py [--qps 1700] [--rate 20000] [--seconds 15] [--repeat 3]
-        [--shape production|legacy] [--ads N] [--users N]
+        [--shape production|legacy] [--ads N] [--users N] [--group-by-share 0.25] [--rpc]
 """
 
 from __future__ import annotations
@@ -37,8 +42,12 @@ import numpy as np
 import common
 import traffic_shapes
 
-KINDS = ("aggregates_minute_1h", "realtime_5m", "ad_metrics_hour_1d")
-WEIGHTS = (0.50, 0.25, 0.25)
+KINDS = ("aggregates_minute_1h", "realtime_5m", "ad_metrics_hour_1d", "country_hour_1h")
+WEIGHTS = (0.50, 0.25, 0.25, 0.0)
+
+
+def weights(group_by_share: float) -> list[float]:
+    return [w * (1 - group_by_share) for w in WEIGHTS[:-1]] + [group_by_share]
 
 
 def query_path(kind: str, ad: str) -> str:
@@ -46,7 +55,31 @@ def query_path(kind: str, ad: str) -> str:
         return f"/aggregates?ad_id={ad}&granularity=minute&last=1h"
     if kind == "realtime_5m":
         return f"/aggregates/realtime?ad_id={ad}&window=5m"
+    if kind == "country_hour_1h":
+        return f"/aggregates?ad_id={ad}&granularity=hour&last=1h&group_by=country"
     return f"/api/v1/ads/{ad}/metrics?granularity=hour&last=1d"
+
+
+def query_call(store: Any, kind: str, ad: str) -> Any:
+    """What the HTTP handler of ``query_path(kind, ad)`` asks the query store."""
+    from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS, window_start
+
+    now = int(time.time() * 1000)
+    if kind == "realtime_5m":
+        start = window_start(now, MINUTE_MS) - 4 * MINUTE_MS
+        return store.window(ad_id=ad, start_ms=start, end_ms=now + MINUTE_MS)
+    granularity, span, size, group_by = {
+        "aggregates_minute_1h": ("minute", HOUR_MS, MINUTE_MS, None),
+        "ad_metrics_hour_1d": ("hour", DAY_MS, HOUR_MS, None),
+        "country_hour_1h": ("hour", HOUR_MS, HOUR_MS, "country"),
+    }[kind]
+    return store.aggregates(
+        ad_id=ad,
+        start_ms=window_start(now + 1 - span, size),
+        end_ms=now + 1,
+        granularity=granularity,
+        group_by=group_by,
+    )
 
 
 @dataclass
@@ -85,6 +118,66 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         raise ValueError("response without Content-Length")
     body = await reader.readexactly(length) if length else b""
     return status, body
+
+
+async def _run_rpc_schedule(
+    socket_path: str, plan: list[tuple[str, str]], qps: float, conns: int, out: Phase
+) -> None:
+    """Like _run_schedule, each query sent through RpcQueryStore (``plan`` holds ads)."""
+    from pathlib import Path
+
+    from clickagg.store.rpc import RpcQueryStore
+
+    store = RpcQueryStore(Path(socket_path), pool_size=conns)
+    work: asyncio.Queue[tuple[str, str, float] | None] = asyncio.Queue()
+
+    async def connection() -> None:
+        while True:
+            item = await work.get()
+            if item is None:
+                return
+            kind, ad, due = item
+            t0 = time.perf_counter()
+            if t0 > out.deadline:
+                out.skipped += 1
+                continue
+            out.late_ms.append((t0 - due) * 1e3)
+            out.sent += 1
+            try:
+                await query_call(store, kind, ad)
+            except Exception as exc:
+                out.errors += 1
+                out.first_error = out.first_error or f"{kind}: {exc!r}"
+                continue
+            out.ok += 1
+            out.lat_ms.setdefault(kind, []).append((time.perf_counter() - t0) * 1e3)
+
+    await _drive(plan, qps, conns, out, work, connection)
+    await store.close()
+
+
+async def _drive(
+    plan: list[tuple[str, str]],
+    qps: float,
+    conns: int,
+    out: Phase,
+    work: asyncio.Queue[tuple[str, str, float] | None],
+    connection: Any,
+) -> None:
+    tasks = [asyncio.create_task(connection()) for _ in range(conns)]
+    await asyncio.sleep(0.05)  # connections open before the clock starts
+    start = time.perf_counter()
+    out.deadline = start + len(plan) / qps + 1.0  # at most 1 s of backlog is still sent
+    for i, (kind, path) in enumerate(plan):
+        due = start + i / qps
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        work.put_nowait((kind, path, due))
+    for _ in tasks:
+        work.put_nowait(None)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+    out.wall_s = time.perf_counter() - start
 
 
 async def _run_schedule(
@@ -127,25 +220,13 @@ async def _run_schedule(
         finally:
             writer.close()
 
-    tasks = [asyncio.create_task(connection()) for _ in range(conns)]
-    await asyncio.sleep(0.05)  # connections open before the clock starts
-    start = time.perf_counter()
-    out.deadline = start + len(plan) / qps + 1.0  # at most 1 s of backlog is still sent
-    for i, (kind, path) in enumerate(plan):
-        due = start + i / qps
-        wait = due - time.perf_counter()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        work.put_nowait((kind, path, due))
-    for _ in tasks:
-        work.put_nowait(None)
-    await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
-    out.wall_s = time.perf_counter() - start
+    await _drive(plan, qps, conns, out, work, connection)
 
 
 def run_phase(
-    port: int, plan: list[tuple[str, str]], qps: float, conns: int, meter: common.CpuMeter
+    port: int | str, plan: list[tuple[str, str]], qps: float, conns: int, meter: common.CpuMeter
 ) -> Phase:
+    """``port`` an int: HTTP; a str: the worker's query socket (``plan`` then holds ads)."""
     out = Phase()
     loop_factory = None
     with contextlib.suppress(ImportError):
@@ -154,7 +235,10 @@ def run_phase(
         loop_factory = uvloop.new_event_loop
     meter.start()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_run_schedule(port, plan, qps, conns, out))
+        if isinstance(port, str):
+            runner.run(_run_rpc_schedule(port, plan, qps, conns, out))
+        else:
+            runner.run(_run_schedule(port, plan, qps, conns, out))
     out.cpu = meter.stop()
     return out
 
@@ -205,6 +289,7 @@ class Rep:
     queries: Phase
     healthz: Phase
     preloaded: int
+    rpc: Phase | None = None
 
 
 def one_rep(args: argparse.Namespace, env: dict[str, str], data: dict[str, Any], rep: int) -> Rep:
@@ -224,11 +309,17 @@ def one_rep(args: argparse.Namespace, env: dict[str, str], data: dict[str, Any],
             time.sleep(args.warmup)
             pids = {"api": server.pid, "worker": server.worker_pid(), "loader": proc.pid}
             phases: dict[str, Phase] = {}
-            order = ("queries", "healthz") if rep % 2 == 0 else ("healthz", "queries")
+            names = ["queries", "healthz", *(["rpc"] if args.rpc else [])]
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            socket_path = str(server.data_dir / "worker.sock")  # Settings.rpc_socket
             for name in order:
-                plan = data["plan"] if name == "queries" else data["healthz_plan"]
+                plan = data[{"queries": "plan", "healthz": "healthz_plan"}.get(name, "rpc_plan")]
                 phases[name] = run_phase(
-                    server.port, plan, args.qps, args.conns, common.CpuMeter(pids)
+                    socket_path if name == "rpc" else server.port,
+                    plan,
+                    args.qps,
+                    args.conns,
+                    common.CpuMeter(pids),
                 )
         finally:
             stop.set()
@@ -237,7 +328,7 @@ def one_rep(args: argparse.Namespace, env: dict[str, str], data: dict[str, Any],
                 if proc.is_alive():
                     proc.kill()
                     proc.join(timeout=10)
-    return Rep(phases["queries"], phases["healthz"], preloaded)
+    return Rep(phases["queries"], phases["healthz"], preloaded, phases.get("rpc"))
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,14 +350,16 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         )
     rng = np.random.default_rng(9)
     n = int(args.qps * args.seconds)
-    kinds = rng.choice(len(KINDS), size=n, p=WEIGHTS).tolist()
+    kinds = rng.choice(len(KINDS), size=n, p=weights(args.group_by_share)).tolist()
     ad_index = rng.choice(len(pre.ad_ids), size=n, p=pre.ad_weights).tolist()
     plan = [
         (KINDS[kind], query_path(KINDS[kind], pre.ad_ids[ad]))
         for kind, ad in zip(kinds, ad_index, strict=True)
     ]
     healthz_plan = [("healthz", "/healthz")] * n
+    rpc_plan = [(KINDS[kind], pre.ad_ids[ad]) for kind, ad in zip(kinds, ad_index, strict=True)]
     return {
+        "rpc_plan": rpc_plan,
         "preload": pre.bodies,
         "background": background.bodies,
         "plan": plan,
@@ -287,6 +380,12 @@ def main() -> None:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--live-src", action="store_true", help="import the working tree")
+    p.add_argument(
+        "--group-by-share", type=float, default=0.0, help="share of group_by=country queries"
+    )
+    p.add_argument(
+        "--rpc", action="store_true", help="also the same queries straight to the worker"
+    )
     traffic_shapes.add_arguments(p)
     args = p.parse_args()
     traffic_shapes.shapes_of(args)
@@ -338,7 +437,13 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
             f"{q.cpu.get('loader', 0):.2f} client {q.cpu.get('client', 0):.2f} machine "
             f"{q.cpu.get('machine_busy', 0):.2f} not-ours {q.cpu.get('other_processes', 0):.2f}"
         )
-        for phase in (q, h):
+        if r.rpc is not None:
+            print(
+                f"  rpc (no HTTP): {r.rpc.achieved():,.0f}/s p50 "
+                f"{common.percentile(r.rpc.all_ms(), 50):.2f} p99 "
+                f"{common.percentile(r.rpc.all_ms(), 99):.2f} ms, errors {r.rpc.errors}"
+            )
+        for phase in (q, h, *([r.rpc] if r.rpc else [])):
             if phase.first_error:
                 print(f"  first error: {phase.first_error}")
 
@@ -354,6 +459,16 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
         *((k, lambda r, k=k: r.queries.lat_ms.get(k, [])) for k in KINDS),
         ("all queries", lambda r: r.queries.all_ms()),
         ("baseline GET /healthz", lambda r: r.healthz.all_ms()),
+        *(
+            ((f"rpc {k}", lambda r, k=k: r.rpc.lat_ms.get(k, []) if r.rpc else []) for k in KINDS)
+            if args.rpc
+            else ()
+        ),
+        *(
+            [("rpc all (worker + socket, no HTTP)", lambda r: r.rpc.all_ms() if r.rpc else [])]
+            if args.rpc
+            else []
+        ),
     ]:
         p50 = med(lambda r, get=get: common.percentile(get(r), 50))
         p99 = med(lambda r, get=get: common.percentile(get(r), 99))

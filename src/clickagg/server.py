@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from clickagg.api.app import create_app
+from clickagg.compose import create_app
 from clickagg.config import Settings
 
 

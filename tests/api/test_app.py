@@ -15,9 +15,9 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from clickagg.api.app import create_app
 from clickagg.api.ingest import ROUTES as INGEST_ROUTES
 from clickagg.api.ingest import IngestRouter
+from clickagg.compose import create_app
 from clickagg.config import Settings
 from clickagg.core import ids
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from clickagg.api.app import create_app
+from clickagg.compose import create_app
 from clickagg.config import Settings
 
 

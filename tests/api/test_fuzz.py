@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from clickagg.api.app import create_app
+from clickagg.compose import create_app
 from clickagg.config import Settings
 
 INGEST = ["/events/click", "/events/impression", "/events/batch", "/api/v1/events/click"]

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from starlette.testclient import TestClient
 
-from clickagg.api.app import create_app
+from clickagg.compose import create_app
 from clickagg.config import Settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "talkingdata_train_sample.csv"

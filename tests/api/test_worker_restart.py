@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 from starlette.testclient import TestClient
 
-from clickagg.api.app import create_app
 from clickagg.api.state import AppState
+from clickagg.compose import create_app
 from clickagg.config import Settings
-from clickagg.store.rpc import QueryClient
+from clickagg.store.rpc import RpcQueryStore
 from tests.api.test_app import wait_until
 
 AD = "ad-restart"
@@ -37,7 +37,7 @@ def clicks_counted(client: TestClient) -> int:
 
 async def worker_answers(settings: Settings) -> bool:
     """Asked on a connection of its own, not one of the app's pool."""
-    probe = QueryClient(settings.rpc_socket)
+    probe = RpcQueryStore(settings.rpc_socket)
     try:
         return await probe.ping()
     finally:

@@ -1,4 +1,5 @@
-"""Queries across processes: the query server over a real DuckDB store, the async client."""
+"""Queries across processes: the query server over a real DuckDB store, the typed async
+client (:class:`RpcQueryStore`)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from clickagg.core import ids
 from clickagg.core.processor import PartitionProcessor, PartitionState
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.query.base import QueryError, QueryStore, StoreUnavailable
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.base import AggregateRow, PartitionCommit, Totals
 from clickagg.store.duckdb_store import DuckDBStore
-from clickagg.store.rpc import QueryClient, QueryError, QueryServer
+from clickagg.store.rpc import QueryServer, RpcQueryStore
 from tests.conftest import Ev, frame_of
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS  # an hour's start
@@ -77,19 +80,20 @@ def test_committed_rows_cross_the_socket(served: tuple[Path, DuckDBStore]) -> No
     path, store = served
 
     async def scenario() -> None:
-        client = QueryClient(path, pool_size=2)
-        assert await client.ping()
+        client = RpcQueryStore(path, pool_size=2)
+        queries: QueryStore = client  # the adapter implements the role
+        assert await queries.ping()
 
-        minutes = await client.call("aggregates", ad_id="a", granularity="minute", **SPAN)
+        minutes = await client.aggregates(ad_id="a", granularity="minute", **SPAN)
         assert minutes == [
             row(T0, None, clicks=2, impressions=1, spend=3000, users=2),
             row(T0 + MINUTE_MS, None, clicks=1, impressions=0, spend=500, users=1),
         ]
         assert minutes == store.aggregates(ad_id="a", granularity="minute", **SPAN)
-        hours = await client.call("aggregates", ad_id="a", granularity="hour", **SPAN)
+        hours = await client.aggregates(ad_id="a", granularity="hour", **SPAN)
         assert hours == [row(T0, None, clicks=3, impressions=1, spend=3500, users=2)]
-        by_country = await client.call(
-            "aggregates", ad_id="a", granularity="hour", group_by="country", **SPAN
+        by_country = await client.aggregates(
+            ad_id="a", granularity="hour", group_by="country", **SPAN
         )
         assert [(r.group, r.clicks, r.impressions) for r in by_country] == [
             ("DE", 1, 0),
@@ -98,7 +102,7 @@ def test_committed_rows_cross_the_socket(served: tuple[Path, DuckDBStore]) -> No
 
         # ten at once over a pool of two: each answer is its own, none mixed up
         totals = await asyncio.gather(
-            *(client.call("totals", ad_id=ad, **SPAN) for ad in ["a", "b", "none"] * 4)
+            *(client.totals(ad_id=ad, **SPAN) for ad in ["a", "b", "none"] * 4)
         )
         assert totals[:3] == [
             Totals(clicks=3, impressions=1, spend_micros=3500, unique_users=2, invalid_clicks=0),
@@ -107,23 +111,30 @@ def test_committed_rows_cross_the_socket(served: tuple[Path, DuckDBStore]) -> No
         ]
         assert totals == totals[:3] * 4
 
-        window = await client.call("window", ad_id="a", start_ms=T0, end_ms=T0 + MINUTE_MS)
+        window = await client.window(ad_id="a", start_ms=T0, end_ms=T0 + MINUTE_MS)
         assert window == Totals(
             clicks=2, impressions=1, spend_micros=3000, unique_users=0, invalid_clicks=0
         )
 
-        (status,) = await client.call("partition_status")
+        (status,) = await client.partition_status()
         assert (status.partition, status.committed_offset) == (0, len(EVENTS))
         assert (status.counted, status.duplicates, status.late, status.invalid) == (5, 1, 1, 0)
         assert status.max_event_ms == T0 + 61_000
         assert [status] == store.partition_status()
 
+        # the store's other reads, typed end to end
+        top = await client.top_ads(**SPAN)
+        assert [(t.ad_id, t.clicks) for t in top] == [("a", 3), ("b", 1)]
+        assert top == store.top_ads(**SPAN)
+        rollup = {"level": "advertiser", "id": top[0].advertiser_id, "granularity": "hour"}
+        assert await client.rollup(**rollup, **SPAN) == store.rollup(**rollup, **SPAN) != []
+
+        # an error answer is a QueryError and leaves the connection usable
         with pytest.raises(QueryError, match="unknown method 'drop_everything'"):
-            await client.call("drop_everything")
+            await client._call("drop_everything", {}, msgspec.msgpack.Decoder())
         with pytest.raises(QueryError, match="TypeError"):
-            await client.call("totals", nonsense=1)
-        # an error answer leaves the connection usable
-        assert (await client.call("totals", ad_id="b", **SPAN)).clicks == 1
+            await client._call("totals", {"nonsense": 1}, msgspec.msgpack.Decoder())
+        assert (await client.totals(ad_id="b", **SPAN)).clicks == 1
         await client.close()
 
     asyncio.run(scenario())
@@ -131,7 +142,7 @@ def test_committed_rows_cross_the_socket(served: tuple[Path, DuckDBStore]) -> No
 
 def test_ping_is_false_without_a_server(tmp_path: Path) -> None:
     async def scenario() -> bool:
-        return await QueryClient(tmp_path / "none.sock").ping()
+        return await RpcQueryStore(tmp_path / "none.sock").ping()
 
     assert asyncio.run(scenario()) is False
 
@@ -157,7 +168,7 @@ async def _kill(process: BaseProcess) -> None:
     assert process.exitcode is not None
 
 
-async def _until_ready(client: QueryClient, timeout_s: float = 60.0) -> None:
+async def _until_ready(client: RpcQueryStore, timeout_s: float = 60.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not await client.ping():
             await asyncio.sleep(0.05)
@@ -165,8 +176,8 @@ async def _until_ready(client: QueryClient, timeout_s: float = 60.0) -> None:
 
 def test_pooled_connections_survive_a_worker_restart(tmp_path: Path) -> None:
     """After the server process dies, every pooled connection is stale: queries must not
-    fail on them. Once a new server is up they answer; while none is, they raise OSError
-    (which the API answers 503), never an EOFError."""
+    fail on them. Once a new server is up they answer; while none is, they raise
+    (StoreUnavailable, which the API answers 503), never an EOFError."""
     db_path, socket_path = tmp_path / "agg.duckdb", tmp_path / "q.sock"
     store = DuckDBStore(db_path)
     commit_events(store, InMemoryCounters())
@@ -174,11 +185,11 @@ def test_pooled_connections_survive_a_worker_restart(tmp_path: Path) -> None:
     expected = Totals(clicks=3, impressions=1, spend_micros=3500, unique_users=2, invalid_clicks=0)
     processes = [_start_server(db_path, socket_path)]
 
-    async def eight_queries(client: QueryClient) -> list[Any]:
-        return await asyncio.gather(*(client.call("totals", ad_id="a", **SPAN) for _ in range(8)))
+    async def eight_queries(client: RpcQueryStore) -> list[Any]:
+        return await asyncio.gather(*(client.totals(ad_id="a", **SPAN) for _ in range(8)))
 
     async def scenario() -> None:
-        client = QueryClient(socket_path, pool_size=8)
+        client = RpcQueryStore(socket_path, pool_size=8)
         await _until_ready(client)
         assert await eight_queries(client) == [expected] * 8
         assert len(client._idle) == 8  # the pool holds eight open connections
@@ -186,19 +197,19 @@ def test_pooled_connections_survive_a_worker_restart(tmp_path: Path) -> None:
         # A quick restart (the supervisor's): the first queries after it find stale ones.
         await _kill(processes[-1])
         processes.append(_start_server(db_path, socket_path))
-        probe = QueryClient(socket_path)  # not the client under test: its pool stays stale
+        probe = RpcQueryStore(socket_path)  # not the client under test: its pool stays stale
         await _until_ready(probe)
         await probe.close()
         assert await eight_queries(client) == [expected] * 8
-        assert await client.call("aggregates", ad_id="b", granularity="hour", **SPAN) == [
+        assert await client.aggregates(ad_id="b", granularity="hour", **SPAN) == [
             row(T0, None, clicks=1, impressions=0, spend=700, users=1)
         ]
 
-        # No server for a while: every query says so with an OSError, none hangs.
+        # No server for a while: every query says so (StoreUnavailable), none hangs.
         await _kill(processes[-1])
         for _ in range(3):
-            with pytest.raises(OSError):
-                await client.call("totals", ad_id="a", **SPAN)
+            with pytest.raises(StoreUnavailable):
+                await client.totals(ad_id="a", **SPAN)
         assert await client.ping() is False
         processes.append(_start_server(db_path, socket_path))
         await _until_ready(client)

@@ -1,12 +1,16 @@
 """The ASGI application: routes, error handlers, and the lifespan that owns the log writer
-and the worker process."""
+and the worker process.
+
+It runs on the roles' Protocols only (log writer and reader, query store, archive reader):
+the composition root, ``clickagg.compose``, opens the backends that implement them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -21,11 +25,11 @@ from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
 from clickagg.api.state import AppState, IngestMetrics
 from clickagg.api.supervisor import WorkerSupervisor
-from clickagg.archive.parquet import ParquetArchiveReader
+from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
-from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
-from clickagg.store.rpc import QueryClient
+from clickagg.log.base import LogReader, LogWriter
+from clickagg.query.base import QueryStore
 from clickagg.worker.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,17 @@ ROUTES = [
 ]
 
 
-async def _retention_loop(state: AppState, writer: SegmentLogWriter) -> None:
+@dataclass(frozen=True)
+class Backends:
+    """What the app runs on; it closes them when it stops."""
+
+    writer: LogWriter
+    reader: LogReader
+    queries: QueryStore
+    archive: ArchiveReader
+
+
+async def _retention_loop(state: AppState, writer: LogWriter) -> None:
     """Drop old segments, never one a restart could still need to replay: the worker
     rebuilds its state from a snapshot at or before the archive's offset, which is at or
     before the store's."""
@@ -56,7 +70,7 @@ async def _retention_loop(state: AppState, writer: SegmentLogWriter) -> None:
     while True:
         await asyncio.sleep(RETENTION_INTERVAL_S)
         try:
-            statuses = await state.queries.call("partition_status")
+            statuses = await state.queries.partition_status()
         except Exception as exc:
             log.warning("retention skipped: %s", exc)
             continue
@@ -73,17 +87,22 @@ async def _retention_loop(state: AppState, writer: SegmentLogWriter) -> None:
                 )
 
 
-def create_app(
-    settings: Settings, *, clock: Clock | None = None, manage_worker: bool = True
+def build_app(
+    settings: Settings,
+    open_backends: Callable[[Settings], Backends],
+    *,
+    clock: Clock | None = None,
+    manage_worker: bool = True,
 ) -> ASGIApp:
-    """Build the app. ``manage_worker=False`` leaves starting workers to the caller."""
+    """Build the app; its lifespan calls ``open_backends`` once the data dir exists.
+    ``manage_worker=False`` leaves starting workers to the caller."""
     clock = clock or SystemClock()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        writer = SegmentLogWriter.for_settings(settings)
-        reader = SegmentLogReader(settings.log_dir)
+        backends = open_backends(settings)
+        writer, reader = backends.writer, backends.reader
         committer = GroupCommitter(writer, max_pending_events=settings.max_pending_events)
         committer.start()
         supervisor = WorkerSupervisor(settings) if manage_worker else None
@@ -95,8 +114,8 @@ def create_app(
             clock=clock,
             committer=committer,
             reader=reader,
-            queries=QueryClient(settings.rpc_socket),
-            archive=ParquetArchiveReader(settings.archive_dir),
+            queries=backends.queries,
+            archive=backends.archive,
             supervisor=supervisor,
             registry=registry,
             metrics=IngestMetrics(registry),

@@ -9,10 +9,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from clickagg.api.queries import store_call
+from clickagg.api.queries import answer
 from clickagg.api.state import state_of
 from clickagg.core.windows import NO_EVENT_MS
-from clickagg.store.base import PartitionStatus
 
 
 async def healthz(request: Request) -> Response:
@@ -29,7 +28,7 @@ async def healthz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = state_of(request)
-    statuses: list[PartitionStatus] = await store_call(state, "partition_status")
+    statuses = await answer(state.queries.partition_status())
     by_partition = {s.partition: s for s in statuses}
     registry = CollectorRegistry()
     gauges = {

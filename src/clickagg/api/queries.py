@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, cast, get_args
+from collections.abc import Awaitable
+from typing import Any, TypeVar, cast, get_args
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -11,8 +12,14 @@ from clickagg.api.errors import ApiError, bad_request
 from clickagg.api.state import AppState, state_of
 from clickagg.api.timefmt import iso, parse_span, parse_time
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS, window_start
-from clickagg.store.base import AggregateRow, Dimension, Granularity, Totals
-from clickagg.store.rpc import QueryError
+from clickagg.query.base import (
+    AggregateRow,
+    Dimension,
+    Granularity,
+    QueryError,
+    StoreUnavailable,
+    Totals,
+)
 
 GRANULARITIES = get_args(Granularity)
 DIMENSIONS = get_args(Dimension)
@@ -21,12 +28,16 @@ MAX_RANGE_MS = {"minute": 31 * DAY_MS, "hour": 366 * DAY_MS, "day": 10 * 366 * D
 DEFAULT_RANGE_MS = DAY_MS
 
 
-async def store_call(state: AppState, method: str, **kwargs: Any) -> Any:
-    """A store query, or a 503 with Retry-After while the worker process cannot answer
-    (restarting, recovering, busy): a worker restart is never a 500."""
+_T = TypeVar("_T")
+
+
+async def answer(query: Awaitable[_T]) -> _T:
+    """A query store call's result, or a 503 with Retry-After while the store cannot
+    answer (the worker process restarting, recovering, busy): a worker restart is never a
+    500. ``await answer(state.queries.totals(...))``."""
     try:
-        return await state.queries.call(method, **kwargs)
-    except (OSError, EOFError, TimeoutError) as exc:
+        return await query
+    except StoreUnavailable as exc:
         raise ApiError(
             503,
             "store unavailable",
@@ -98,18 +109,18 @@ def _row(row: AggregateRow, time_key: str, group_by: str | None) -> dict[str, An
 async def _rows(request: Request) -> tuple[str, str, str | None, list[AggregateRow]]:
     state = state_of(request)
     ad_id = _ad_id(request)
-    granularity = cast(str, _choice(request, "granularity", GRANULARITIES, "hour"))
-    group_by = _choice(request, "group_by", DIMENSIONS, None)
+    granularity = cast(Granularity, _choice(request, "granularity", GRANULARITIES, "hour"))
+    group_by = cast(Dimension | None, _choice(request, "group_by", DIMENSIONS, None))
     start, end = _range(request, state, granularity)
     size = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}[granularity]
-    rows = await store_call(
-        state,
-        "aggregates",
-        ad_id=ad_id,
-        start_ms=window_start(start, size),
-        end_ms=end,
-        granularity=granularity,
-        group_by=group_by,
+    rows = await answer(
+        state.queries.aggregates(
+            ad_id=ad_id,
+            start_ms=window_start(start, size),
+            end_ms=end,
+            granularity=granularity,
+            group_by=group_by,
+        )
     )
     return ad_id, granularity, group_by, rows
 
@@ -136,10 +147,7 @@ async def _sliding(state: AppState, ad_id: str, window_ms: int) -> Totals:
     """Minute rows covering the last ``window_ms``, the current partial minute included."""
     now = state.clock.now_ms()
     start = window_start(now, MINUTE_MS) - window_ms + MINUTE_MS
-    totals: Totals = await store_call(
-        state, "window", ad_id=ad_id, start_ms=start, end_ms=now + MINUTE_MS
-    )
-    return totals
+    return await answer(state.queries.window(ad_id=ad_id, start_ms=start, end_ms=now + MINUTE_MS))
 
 
 async def realtime(request: Request) -> Response:

@@ -1,4 +1,4 @@
-"""What the HTTP handlers share: settings, clock, the log committer, the store client."""
+"""What the HTTP handlers share: settings, clock, the log committer, the query store."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.log.base import LogReader
-from clickagg.store.rpc import QueryClient
+from clickagg.query.base import QueryStore
 
 
 class IngestMetrics:
@@ -49,7 +49,7 @@ class AppState:
     clock: Clock
     committer: GroupCommitter
     reader: LogReader
-    queries: QueryClient
+    queries: QueryStore
     archive: ArchiveReader
     supervisor: WorkerSupervisor | None
     registry: CollectorRegistry

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 
-Granularity = Literal["minute", "hour", "day"]
-Dimension = Literal["country", "device", "browser"]
-RollupLevel = Literal["advertiser", "campaign"]
-RankBy = Literal["clicks", "impressions", "spend_micros", "invalid_clicks"]
+# The records a query returns belong to the query role; re-exported here for the store's
+# adapters, which produce them.
+from clickagg.query.base import AdTotals as AdTotals
+from clickagg.query.base import AggregateRow as AggregateRow
+from clickagg.query.base import Dimension as Dimension
+from clickagg.query.base import Granularity as Granularity
+from clickagg.query.base import PartitionStatus as PartitionStatus
+from clickagg.query.base import RankBy as RankBy
+from clickagg.query.base import RollupLevel as RollupLevel
+from clickagg.query.base import Totals as Totals
 
 
 class FencedError(RuntimeError):
@@ -43,51 +49,6 @@ class PartitionCommit:
     late: int
     invalid: int
     committed_at_ms: int
-
-
-@dataclass(frozen=True)
-class PartitionStatus:
-    partition: int
-    committed_offset: int
-    max_event_ms: int
-    watermark_ms: int
-    counted: int
-    duplicates: int
-    late: int
-    invalid: int
-    committed_at_ms: int
-
-
-@dataclass(frozen=True)
-class AggregateRow:
-    window_ms: int
-    group: str | None  # the group_by dimension's value, None without group_by
-    clicks: int
-    impressions: int
-    spend_micros: int
-    unique_users: int
-    invalid_clicks: int
-
-
-@dataclass(frozen=True)
-class Totals:
-    clicks: int
-    impressions: int
-    spend_micros: int
-    unique_users: int
-    invalid_clicks: int
-
-
-@dataclass(frozen=True)
-class AdTotals:
-    ad_id: str
-    advertiser_id: str
-    campaign_id: str
-    clicks: int
-    impressions: int
-    spend_micros: int
-    unique_users: int
-    invalid_clicks: int
 
 
 @dataclass(frozen=True)

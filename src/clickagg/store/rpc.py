@@ -1,10 +1,12 @@
-"""Queries of the embedded store across processes.
+"""Queries of the embedded store across processes: the :class:`QueryStore` adapter of the
+embedded system.
 
 DuckDB lets one process write a database file, and the worker process is that writer (its
 commits carry the exactly-once offsets). The API process therefore asks the worker process
 for query results over a Unix socket: a length-prefixed msgpack request ``[method, kwargs]``
-answered by ``[ok, result]``. Scale-out stores (PostgreSQL) need none of this: API
-processes query them directly through the same AggregateStore methods.
+answered by ``[ok, result]``. The server answers only the whitelisted read methods below;
+:class:`RpcQueryStore` is the API process's typed client. Scale-out stores (PostgreSQL)
+need none of this: an adapter of theirs implements :class:`QueryStore` directly.
 """
 
 from __future__ import annotations
@@ -15,38 +17,48 @@ import socketserver
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
-from clickagg.realtime.base import RealtimeCounters
-from clickagg.store.base import (
+from clickagg.query.base import (
     AdTotals,
     AggregateRow,
-    AggregateStore,
+    Dimension,
+    Granularity,
     PartitionStatus,
+    QueryError,
+    QueryStore,
+    RankBy,
+    RollupLevel,
+    StoreUnavailable,
     Totals,
 )
+from clickagg.realtime.base import RealtimeCounters
+from clickagg.store.base import AggregateStore
+
+__all__ = ["QueryError", "QueryServer", "RpcQueryStore", "StoreUnavailable"]
 
 _LENGTH = struct.Struct("<I")
-_RESULT_TYPES: dict[str, Any] = {
-    "ping": bool,
-    "aggregates": list[AggregateRow],
-    "totals": Totals,
-    "top_ads": list[AdTotals],
-    "rollup": list[AggregateRow],
-    "window": Totals,  # real-time counters
-    "partition_status": list[PartitionStatus],
-}
+# The methods the server answers; anything else is an error. "window" is the real-time
+# counters', "ping" the server's own, the rest the store's.
+_METHODS = frozenset(
+    {"ping", "aggregates", "totals", "top_ads", "rollup", "window", "partition_status"}
+)
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any]])
+_reply_decoder = msgspec.msgpack.Decoder(tuple[bool, msgspec.Raw])
+_error_decoder = msgspec.msgpack.Decoder(str)
+_bool: msgspec.msgpack.Decoder[bool] = msgspec.msgpack.Decoder(bool)
+_rows: msgspec.msgpack.Decoder[list[AggregateRow]] = msgspec.msgpack.Decoder(list[AggregateRow])
+_totals: msgspec.msgpack.Decoder[Totals] = msgspec.msgpack.Decoder(Totals)
+_ad_totals: msgspec.msgpack.Decoder[list[AdTotals]] = msgspec.msgpack.Decoder(list[AdTotals])
+_statuses: msgspec.msgpack.Decoder[list[PartitionStatus]] = msgspec.msgpack.Decoder(
+    list[PartitionStatus]
+)
 
-
+_T = TypeVar("_T")
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class QueryError(RuntimeError):
-    """The store could not answer (the message says why)."""
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -76,7 +88,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     def dispatch(self, body: bytes) -> bytes:
         try:
             method, kwargs = _request_decoder.decode(body)
-            if method not in _RESULT_TYPES:
+            if method not in _METHODS:
                 raise QueryError(f"unknown method {method!r}")
             if method == "ping":
                 result: object = True
@@ -110,46 +122,113 @@ class QueryServer:
         self.path.unlink(missing_ok=True)
 
 
-class QueryClient:
-    """Async client of :class:`QueryServer`, with a small pool of connections."""
+class RpcQueryStore(QueryStore):
+    """:class:`QueryStore` over :class:`QueryServer`, with a small pool of connections.
+
+    Raises :class:`StoreUnavailable` when no server answers (none listening, the connection
+    broke, timeout) and :class:`QueryError` when the server answered with an error."""
 
     def __init__(self, path: Path, *, pool_size: int = 8, timeout_s: float = 10.0) -> None:
         self.path = path
         self.timeout_s = timeout_s
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(pool_size)
-        self._decoders = {
-            name: msgspec.msgpack.Decoder(tuple[bool, result_type | str])  # type: ignore[valid-type]
-            for name, result_type in _RESULT_TYPES.items()
-        }
 
-    async def call(self, method: str, **kwargs: Any) -> Any:
-        """Ask the server; raise QueryError (it could not answer), OSError (no server, or
-        the connection broke) or TimeoutError.
+    async def aggregates(
+        self,
+        *,
+        ad_id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+        group_by: Dimension | None = None,
+    ) -> list[AggregateRow]:
+        kwargs = {"ad_id": ad_id, "start_ms": start_ms, "end_ms": end_ms}
+        return await self._call(
+            "aggregates", kwargs | {"granularity": granularity, "group_by": group_by}, _rows
+        )
+
+    async def totals(
+        self, *, ad_id: str, start_ms: int, end_ms: int, unique_users: bool = True
+    ) -> Totals:
+        kwargs = {"ad_id": ad_id, "start_ms": start_ms, "end_ms": end_ms}
+        return await self._call("totals", kwargs | {"unique_users": unique_users}, _totals)
+
+    async def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
+        kwargs = {"ad_id": ad_id, "start_ms": start_ms, "end_ms": end_ms}
+        return await self._call("window", kwargs, _totals)
+
+    async def top_ads(
+        self,
+        *,
+        start_ms: int,
+        end_ms: int,
+        by: RankBy = "clicks",
+        limit: int = 10,
+        advertiser_id: str | None = None,
+    ) -> list[AdTotals]:
+        kwargs = {"start_ms": start_ms, "end_ms": end_ms, "by": by, "limit": limit}
+        return await self._call("top_ads", kwargs | {"advertiser_id": advertiser_id}, _ad_totals)
+
+    async def rollup(
+        self,
+        *,
+        level: RollupLevel,
+        id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+    ) -> list[AggregateRow]:
+        kwargs = {"level": level, "id": id, "start_ms": start_ms, "end_ms": end_ms}
+        return await self._call("rollup", kwargs | {"granularity": granularity}, _rows)
+
+    async def partition_status(self) -> list[PartitionStatus]:
+        return await self._call("partition_status", {}, _statuses)
+
+    async def ping(self) -> bool:
+        try:
+            return await self._call("ping", {}, _bool)
+        except (StoreUnavailable, QueryError):
+            return False
+
+    async def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        self._idle.clear()
+
+    async def _call(
+        self, method: str, kwargs: dict[str, Any], decoder: msgspec.msgpack.Decoder[_T]
+    ) -> _T:
+        """Ask the server; the answer decoded as ``decoder``'s type.
 
         A pooled connection may be stale: the worker process restarted since it was
         opened. Every method is a read, so a query that failed on one is dropped with the
         rest of the pool and asked once more on a fresh connection."""
-        decoder = self._decoders.get(method)
-        if decoder is None:
-            raise QueryError(f"unknown method {method!r}")
+        try:
+            body = await self._request(method, kwargs)
+        except (OSError, EOFError, TimeoutError) as exc:
+            raise StoreUnavailable(
+                f"the query server at {self.path} did not answer: {type(exc).__name__}: {exc}"
+            ) from exc
+        ok, result = _reply_decoder.decode(body)
+        if not ok:
+            raise QueryError(_error_decoder.decode(result))
+        return decoder.decode(result)
+
+    async def _request(self, method: str, kwargs: dict[str, Any]) -> bytes:
+        """The server's raw answer to ``[method, kwargs]``; OSError (no server, or the
+        connection broke) or TimeoutError when there is none."""
         payload = _encoder.encode((method, kwargs))
         request = _LENGTH.pack(len(payload)) + payload
         async with self._slots:
-            body: bytes | None = None
             if self._idle:
                 try:
-                    body = await self._exchange(self._idle.pop(), request)
+                    return await self._exchange(self._idle.pop(), request)
                 except ConnectionError:
                     self._drop_idle()
-            if body is None:
-                body = await self._exchange(
-                    await asyncio.open_unix_connection(str(self.path)), request
-                )
-        ok, result = decoder.decode(body)
-        if not ok:
-            raise QueryError(str(result))
-        return result
+            return await self._exchange(await asyncio.open_unix_connection(str(self.path)), request)
 
     async def _exchange(self, connection: _Connection, request: bytes) -> bytes:
         """One request and its answer; the connection goes back to the pool only after a
@@ -174,17 +253,4 @@ class QueryClient:
     def _drop_idle(self) -> None:
         for _, writer in self._idle:
             writer.close()
-        self._idle.clear()
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.call("ping"))
-        except (OSError, TimeoutError, QueryError):
-            return False
-
-    async def close(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
         self._idle.clear()

@@ -1,0 +1,165 @@
+"""The query store as a Protocol, and the records that cross it.
+
+:class:`QueryStore` is everything the HTTP layer reads: aggregate rows, totals, the
+real-time counters' sliding windows, per-partition status, top ads and roll-ups. ``api/``
+imports this module (and no backend); the composition root (``clickagg.compose``) picks
+the adapter. This module imports nothing heavier than the standard library, so the API
+process, a type checker and any client can import it without loading a backend.
+
+Errors an adapter raises, and only these: :class:`StoreUnavailable` while the store cannot
+answer (its process is restarting, recovering or busy: retry later, a 503 over HTTP) and
+:class:`QueryError` when it answered with an error. Every method is a read, so an adapter
+may retry one.
+
+Today's only adapter, ``clickagg.store.rpc.RpcQueryStore``, asks the worker process over
+a Unix socket (DuckDB admits one writing process): every query runs in a thread of the
+worker process, under the GIL the stream also needs. Measured (BENCHMARKS.md, "QueryStore
+split"): nearly all of a query's time is spent there, and the real-time window, whose work
+is microseconds, still waits tens of ms at p99 for the worker's GIL.
+
+Next: a query store in the API process over immutable files plus pushed recent deltas.
+(1) Each background compaction already merges the deltas with ``seq`` in (previous cut,
+cut] into the base tables; the worker also writes that same merged batch (minute, hour and
+dimension rows: sums and sketches, all additive) as Parquet files, fsyncs them and
+publishes them by adding one manifest file naming them and their ``seq`` range, as the
+archive does; a later compaction rewrites many small files as one covering their union
+and a manifest that replaces them. (2) After each commit the worker pushes the round's
+deltas, tagged with the round's ``seq``, to the API process over the socket it already
+serves (the other direction), and on (re)connect resends every delta not yet published.
+(3) The API process's adapter answers with its own DuckDB connection: ``read_parquet`` of
+the manifest's files UNION ALL an Arrow table of the pushed deltas with ``seq`` above the
+manifest's cut (those at or below are dropped when the manifest arrives). Exactly once:
+every ``seq`` is summed from one side only (a file if ``seq`` <= cut, memory otherwise),
+the deltas are pushed only after their commit, and a resend is idempotent by ``seq``.
+Freshness is unchanged (a delta is queryable one push after its commit). The worker pays
+a Parquet write per compaction instead of every query, and the read-only files also let
+more API processes share the load. (A DuckDB replica file copied after each compaction
+was the alternative: simpler readers, but every copy rewrites the whole base.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Granularity = Literal["minute", "hour", "day"]
+Dimension = Literal["country", "device", "browser"]
+RollupLevel = Literal["advertiser", "campaign"]
+RankBy = Literal["clicks", "impressions", "spend_micros", "invalid_clicks"]
+
+
+class QueryError(RuntimeError):
+    """The store answered, with an error (the message says why)."""
+
+
+class StoreUnavailable(ConnectionError):
+    """The store cannot answer now (restarting, recovering, busy, gone): retry later."""
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    partition: int
+    committed_offset: int
+    max_event_ms: int
+    watermark_ms: int
+    counted: int
+    duplicates: int
+    late: int
+    invalid: int
+    committed_at_ms: int
+
+
+@dataclass(frozen=True)
+class AggregateRow:
+    window_ms: int
+    group: str | None  # the group_by dimension's value, None without group_by
+    clicks: int
+    impressions: int
+    spend_micros: int
+    unique_users: int
+    invalid_clicks: int
+
+
+@dataclass(frozen=True)
+class Totals:
+    clicks: int
+    impressions: int
+    spend_micros: int
+    unique_users: int
+    invalid_clicks: int
+
+
+@dataclass(frozen=True)
+class AdTotals:
+    ad_id: str
+    advertiser_id: str
+    campaign_id: str
+    clicks: int
+    impressions: int
+    spend_micros: int
+    unique_users: int
+    invalid_clicks: int
+
+
+class QueryStore(Protocol):
+    """All the HTTP layer reads. Async: an adapter may cross a process or a network."""
+
+    async def aggregates(
+        self,
+        *,
+        ad_id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+        group_by: Dimension | None = None,
+    ) -> list[AggregateRow]:
+        """Rows for windows starting in [start_ms, end_ms), oldest first (then by group)."""
+        ...
+
+    async def totals(
+        self, *, ad_id: str, start_ms: int, end_ms: int, unique_users: bool = True
+    ) -> Totals:
+        """Sums over minutes in [start_ms, end_ms). ``unique_users=False`` skips merging
+        sketches (``unique_users`` is then 0)."""
+        ...
+
+    async def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
+        """The real-time counters' sums over minutes in [start_ms, end_ms): fresher than
+        :meth:`totals` and without unique users (0)."""
+        ...
+
+    async def top_ads(
+        self,
+        *,
+        start_ms: int,
+        end_ms: int,
+        by: RankBy = "clicks",
+        limit: int = 10,
+        advertiser_id: str | None = None,
+    ) -> list[AdTotals]:
+        """The ``limit`` ads with the largest ``by`` over minutes in [start_ms, end_ms),
+        optionally of one advertiser; ties broken by ad_id."""
+        ...
+
+    async def rollup(
+        self,
+        *,
+        level: RollupLevel,
+        id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+    ) -> list[AggregateRow]:
+        """Like :meth:`aggregates` without ``group_by``, over every ad of one advertiser or
+        campaign."""
+        ...
+
+    async def partition_status(self) -> list[PartitionStatus]:
+        """Per partition that has committed: offsets, watermark, fate counts."""
+        ...
+
+    async def ping(self) -> bool:
+        """True when the store answers queries now; never raises."""
+        ...
+
+    async def close(self) -> None: ...
