@@ -15,6 +15,7 @@ from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import QueryStore
+from clickagg.runtime.supervisor import WorkerSupervisor
 from clickagg.store.rpc import RpcQueryStore
 
 
@@ -35,6 +36,7 @@ def create_app(
             reader=SegmentLogReader(settings.log_dir),
             queries=query_store or RpcQueryStore(settings.rpc_socket),
             archive=ParquetArchiveReader(settings.archive_dir),
+            supervisor=WorkerSupervisor(settings) if manage_worker else None,
         )
 
-    return build_app(settings, open_embedded, clock=clock, manage_worker=manage_worker)
+    return build_app(settings, open_embedded, clock=clock)

@@ -8,10 +8,11 @@ from clickagg.compose import create_app
 from clickagg.config import Settings
 
 
-def run_server(settings: Settings) -> None:
+def run_server(settings: Settings, *, manage_worker: bool = True) -> None:
     """Serve on ``settings.host:settings.port``. The worker process the app starts receives
-    this same ``Settings`` object (pickled), so it never resolves settings on its own."""
-    app = create_app(settings)
+    this same ``Settings`` object (pickled), so it never resolves settings on its own;
+    ``manage_worker=False`` leaves the workers to ``clickagg worker``."""
+    app = create_app(settings, manage_worker=manage_worker)
     uvicorn.run(
         app,
         host=settings.host,

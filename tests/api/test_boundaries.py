@@ -2,9 +2,7 @@
 
 The backends are every module of the role packages (log, store, archive, realtime,
 query) other than their ``base``, and the composition root that picks them. Known,
-allowed for now: ``api/supervisor.py`` imports ``clickagg.worker.process``, which opens the
-backends in the worker process it starts (a dependency of the API process on the worker's
-code, not a read path); ``api/audit.py`` reads the archive through ``archive.base``'s
+allowed for now: ``api/audit.py`` reads the archive through ``archive.base``'s
 ``ArchiveReader``, the Parquet adapter being chosen in ``clickagg.compose``.
 """
 
@@ -36,8 +34,9 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def is_backend(module: str) -> bool:
-    if module == "clickagg.compose" or module.startswith("clickagg.compose."):
-        return True
+    for root in ("clickagg.compose", "clickagg.runtime"):
+        if module == root or module.startswith(root + "."):
+            return True
     for package in ROLE_PACKAGES:
         if module.startswith(package + "."):
             return module.removeprefix(package + ".").split(".")[0] != "base"
@@ -53,6 +52,7 @@ def test_the_rule_itself() -> None:
         "clickagg.archive.parquet",
         "clickagg.realtime.memory",
         "clickagg.compose",
+        "clickagg.runtime.supervisor",
     ):
         assert is_backend(backend), backend
     for allowed in (

@@ -23,8 +23,7 @@ from starlette.types import ASGIApp
 from clickagg.api import audit, health, ingest, openapi, queries
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
-from clickagg.api.state import AppState, IngestMetrics
-from clickagg.api.supervisor import WorkerSupervisor
+from clickagg.api.state import AppState, IngestMetrics, WorkerHandle
 from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
@@ -60,6 +59,7 @@ class Backends:
     reader: LogReader
     queries: QueryStore
     archive: ArchiveReader
+    supervisor: WorkerHandle | None = None  # started with the app, stopped with it
 
 
 async def _retention_loop(state: AppState, writer: LogWriter) -> None:
@@ -92,10 +92,8 @@ def build_app(
     open_backends: Callable[[Settings], Backends],
     *,
     clock: Clock | None = None,
-    manage_worker: bool = True,
 ) -> ASGIApp:
-    """Build the app; its lifespan calls ``open_backends`` once the data dir exists.
-    ``manage_worker=False`` leaves starting workers to the caller."""
+    """Build the app; its lifespan calls ``open_backends`` once the data dir exists."""
     clock = clock or SystemClock()
 
     @contextlib.asynccontextmanager
@@ -105,7 +103,7 @@ def build_app(
         writer, reader = backends.writer, backends.reader
         committer = GroupCommitter(writer, max_pending_events=settings.max_pending_events)
         committer.start()
-        supervisor = WorkerSupervisor(settings) if manage_worker else None
+        supervisor = backends.supervisor
         if supervisor is not None:
             supervisor.start()
         registry = CollectorRegistry()

@@ -19,6 +19,8 @@ async def healthz(request: Request) -> Response:
     problems = []
     if not await state.queries.ping():
         problems.append("stream workers are not ready (recovering or restarting)")
+    if state.supervisor is not None and state.supervisor.failure:
+        problems.append(f"stream workers stopped: {state.supervisor.failure}")
     if state.committer.unavailable_reason:
         problems.append(f"log unavailable: {state.committer.unavailable_reason}")
     if problems:

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 
 from clickagg.api.committer import GroupCommitter
-from clickagg.api.supervisor import WorkerSupervisor
 from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.log.base import LogReader
 from clickagg.query.base import QueryStore
+
+
+class WorkerHandle(Protocol):
+    """The stream workers as the API process sees them (started and watched elsewhere)."""
+
+    restarts: int
+    failure: str | None  # why they are no longer restarted, if they are not
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class IngestMetrics:
@@ -51,7 +65,7 @@ class AppState:
     reader: LogReader
     queries: QueryStore
     archive: ArchiveReader
-    supervisor: WorkerSupervisor | None
+    supervisor: WorkerHandle | None
     registry: CollectorRegistry
     metrics: IngestMetrics
     recent_rejections: OrderedDict[str, str] = field(default_factory=OrderedDict)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from clickagg.config import Settings
 from clickagg.settings_loader import (
     CONFIG_ENV,
     SPECS,
@@ -25,6 +27,7 @@ from clickagg.settings_loader import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+LOG_WAIT_S = 60
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -69,44 +72,53 @@ class SettingsUsageError(click.ClickException):
     exit_code = 2
 
 
-@main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    help=f"TOML file of settings (keys as in the README).  [env {CONFIG_ENV}]",
-)
-@click.option(
-    "--print-config",
-    is_flag=True,
-    help="Print the effective settings and where each came from, then exit.",
-)
-@_setting_flag(
-    "data_dir",
-    "Where the log, aggregates and snapshots live.",
-    type=click.Path(path_type=Path),
-)
-@_setting_flag("host", "Where the API listens.")
-@_setting_flag("port", "Where the API listens.")
-@_setting_flag("partitions", "Log partitions (fixed when the data dir is created).")
-@_setting_flag(
-    "allowed_lateness",
-    "How far behind the max event time an event may arrive and still count.",
-)
-@_setting_flag("dedup_horizon", "How long (event time) the stream remembers ids.")
-@_setting_flag(
-    "ads_file",
-    "Ad registry CSV (ad_id,cpc_micros,...): the click price when an event has no cost_micros.",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-)
-@_setting_flag("log_level", "Server and worker log level.")
-def serve(config_file: Path | None, print_config: bool, **flags: object) -> None:
-    """Run ingest API, query API and stream workers on one machine, no services needed.
+def _settings_options(command: F) -> F:
+    """The options every command that runs part of clickagg takes: --config,
+    --print-config and a flag per commonly set setting."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+            help=f"TOML file of settings (keys as in the README).  [env {CONFIG_ENV}]",
+        ),
+        click.option(
+            "--print-config",
+            is_flag=True,
+            help="Print the effective settings and where each came from, then exit.",
+        ),
+        _setting_flag(
+            "data_dir",
+            "Where the log, aggregates and snapshots live.",
+            type=click.Path(path_type=Path),
+        ),
+        _setting_flag("host", "Where the API listens."),
+        _setting_flag("port", "Where the API listens."),
+        _setting_flag("partitions", "Log partitions (fixed when the data dir is created)."),
+        _setting_flag(
+            "allowed_lateness",
+            "How far behind the max event time an event may arrive and still count.",
+        ),
+        _setting_flag("dedup_horizon", "How long (event time) the stream remembers ids."),
+        _setting_flag(
+            "ads_file",
+            "Ad registry CSV (ad_id,cpc_micros,...): the click price when an event has no "
+            "cost_micros.",
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        ),
+        _setting_flag("log_level", "Server and worker log level."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    Settings come from flags, then CLICKAGG_* environment variables, then the --config
-    file, then the defaults (see the README's Configuration section)."""
+
+def _resolve_settings(
+    config_file: Path | None, print_config: bool, flags: dict[str, object]
+) -> Settings | None:
+    """The effective settings (None after printing them for --print-config); a setting
+    that cannot be used is a one-line error."""
     from clickagg.registry import RegistryError, load_cpc_micros
-    from clickagg.server import run_server
 
     try:
         loaded = load_settings(flags=flags, environ=os.environ, config_file=config_file)
@@ -114,7 +126,7 @@ def serve(config_file: Path | None, print_config: bool, **flags: object) -> None
         raise SettingsUsageError(str(exc)) from None
     if print_config:
         click.echo(loaded.to_toml(), nl=False)
-        return
+        return None
     settings = loaded.settings
     if settings.ads_file is not None:
         try:
@@ -122,7 +134,48 @@ def serve(config_file: Path | None, print_config: bool, **flags: object) -> None
         except RegistryError as exc:
             raise SettingsUsageError(f"{exc} ({loaded.sources['ads_file']})") from None
         settings = dataclasses.replace(settings, ads_file=settings.ads_file.resolve())
-    run_server(settings)
+    return settings
+
+
+@main.command()
+@_settings_options
+@click.option(
+    "--no-worker",
+    is_flag=True,
+    help="Serve HTTP only; run the stream workers with `clickagg worker` yourself.",
+)
+def serve(config_file: Path | None, print_config: bool, no_worker: bool, **flags: object) -> None:
+    """Run ingest API, query API and stream workers on one machine, no services needed.
+
+    Settings come from flags, then CLICKAGG_* environment variables, then the --config
+    file, then the defaults (see the README's Configuration section)."""
+    from clickagg.server import run_server
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is not None:
+        run_server(settings, manage_worker=not no_worker)
+
+
+@main.command()
+@_settings_options
+def worker(config_file: Path | None, print_config: bool, **flags: object) -> None:
+    """Run the stream workers alone, in the foreground, on a data dir that `clickagg serve
+    --no-worker` (or nothing) serves over HTTP. Stops on SIGTERM or Ctrl-C."""
+    from clickagg.worker.process import run
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    meta = settings.log_dir / "meta.json"
+    for waited in range(LOG_WAIT_S * 10):  # the log is created by the HTTP server
+        if meta.exists():
+            break
+        if waited == 0:
+            click.echo(f"waiting for `clickagg serve` to create the log in {settings.log_dir}")
+        time.sleep(0.1)
+    else:
+        raise click.ClickException(f"no log in {settings.log_dir} after {LOG_WAIT_S} s")
+    run(settings)
 
 
 @main.command()

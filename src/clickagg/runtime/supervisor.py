@@ -1,0 +1,112 @@
+"""Starts the worker process and restarts it if it dies: a restart is not a crash.
+
+Restarts back off (0.5 s doubling to 30 s, back to 0.5 s once a worker has stayed up for
+a minute), and a crash loop ends: after ``max_restarts`` restarts within ``window_s`` the
+supervisor stops restarting and says why (``failure``), which ``/healthz`` reports, rather
+than burning the CPU the API process needs on a worker that cannot start (a damaged store,
+a full disk). Ingest keeps answering meanwhile: what it accepts waits in the durable log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import time
+from collections import deque
+from multiprocessing.process import BaseProcess
+
+from clickagg.config import Settings
+from clickagg.worker import process as worker_process
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSupervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        check_interval_s: float = 0.5,
+        first_backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        healthy_after_s: float = 60.0,
+        max_restarts: int = 20,
+        window_s: float = 600.0,
+    ) -> None:
+        self.settings = settings
+        self.check_interval_s = check_interval_s
+        self.first_backoff_s = first_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.healthy_after_s = healthy_after_s
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.process: BaseProcess | None = None
+        self.restarts = 0
+        self.failure: str | None = None  # set when the supervisor gave up
+        self._recent: deque[float] = deque()
+        self._backoff_s = first_backoff_s
+        self._started_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def _spawn(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(
+            target=worker_process.run, args=(self.settings,), name="clickagg-worker"
+        )
+        self.process.start()
+        self._started_at = time.monotonic()
+        log.info("worker process started (pid %s)", self.process.pid)
+
+    def start(self) -> None:
+        self._spawn()
+        self._task = asyncio.create_task(self._watch(), name="worker-supervisor")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            process = self.process
+            if process is None or process.is_alive():
+                continue
+            now = time.monotonic()
+            if now - self._started_at >= self.healthy_after_s:
+                self._backoff_s = self.first_backoff_s  # it ran fine for a while
+            self._recent.append(now)
+            while self._recent and now - self._recent[0] > self.window_s:
+                self._recent.popleft()
+            if len(self._recent) > self.max_restarts:
+                self.failure = (
+                    f"worker process exited {len(self._recent)} times in "
+                    f"{self.window_s:.0f} s (last exit code {process.exitcode}); "
+                    "not restarting it: see the server log"
+                )
+                log.error("%s", self.failure)
+                return
+            log.warning(
+                "worker process exited (%s): restarting in %.1f s",
+                process.exitcode,
+                self._backoff_s,
+            )
+            await asyncio.sleep(self._backoff_s)
+            self._backoff_s = min(self._backoff_s * 2, self.max_backoff_s)
+            self.restarts += 1
+            self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    async def stop(self, timeout_s: float = 15.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        process = self.process
+        if process is None or not process.is_alive():
+            return
+        process.terminate()
+        await asyncio.to_thread(process.join, timeout_s)
+        if process.is_alive():
+            process.kill()
+            await asyncio.to_thread(process.join, 5)
