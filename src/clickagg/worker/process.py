@@ -20,6 +20,7 @@ from clickagg.config import Settings
 from clickagg.log.segments import SegmentLogReader
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.registry import load_cpc_micros
+from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
@@ -68,12 +69,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         )
         for p in range(reader.partitions)
     ]
-    counters = InMemoryCounters()
-    committed = store.committed_offsets()  # refill: everything the store holds, at its offsets
-    counters.apply(
-        store.minute_rows_since(clock.now_ms() - counters.retain_ms),
-        {p: (0, offset) for p, offset in committed.items()},
-    )
+    counters = refill_counters(InMemoryCounters(), store, now_ms=clock.now_ms())
     server = QueryServer(settings.rpc_socket, store, counters)
     server.start()
     compactor = Compactor(
@@ -113,6 +109,20 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         store.close()
         reader.close()
         log.info("stopped")
+
+
+def refill_counters(
+    counters: InMemoryCounters, store: AggregateStore, *, now_ms: int
+) -> InMemoryCounters:
+    """Fill empty in-process counters with everything the store holds within their span,
+    at the store's committed offsets: rounds committed before are then ignored as redos,
+    and the next round continues exactly where the store is."""
+    committed = store.committed_offsets()
+    counters.apply(
+        store.minute_rows_since(now_ms - counters.retain_ms),
+        {p: (0, offset) for p, offset in committed.items()},
+    )
+    return counters
 
 
 class Compactor:
