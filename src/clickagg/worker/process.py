@@ -8,6 +8,7 @@ handles HTTP. It is started (and restarted after a crash) by the API process.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -45,7 +46,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    parent = os.getppid()
+    parent = _parent_pid()
     clock = SystemClock()
     reader = SegmentLogReader(settings.log_dir)
     store = _open_store(settings)
@@ -109,6 +110,17 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         store.close()
         reader.close()
         log.info("stopped")
+
+
+def _parent_pid() -> int:
+    """The pid of the process that started this one (the API process). Taken from
+    multiprocessing, which recorded it when spawning: ``os.getppid()`` here would already
+    be init's (or a subreaper's) if the API process died while this one was importing,
+    and the worker would then never notice that it is orphaned."""
+    started_by = multiprocessing.parent_process()
+    if started_by is not None and started_by.pid is not None:
+        return started_by.pid
+    return os.getppid()
 
 
 def refill_counters(
