@@ -173,6 +173,43 @@ def test_published_files_are_plain_parquet(tmp_path: Path) -> None:
     assert (count, first) == (10, "e0")
 
 
+def test_a_failed_flush_is_never_followed_by_a_later_one(tmp_path: Path) -> None:
+    """A flush that fails (a disk error, not a kill) leaves a hole in what is published;
+    the worker process then stops and closes its writer. Closing must not publish the
+    decisions after the hole: readers take a manifest's range end as the archived offset,
+    and the next writer would resume past decisions that were never written."""
+    writer = writer_for(tmp_path)
+    writer.append(decisions(0, 0, 5), {0: (0, 5)})
+    writer.flush()
+    publish = writer._publish_manifest
+
+    def failing(seq: int, body: bytes) -> None:
+        raise OSError("disk I/O error")
+
+    writer._publish_manifest = failing  # type: ignore[method-assign]
+    writer.append(decisions(0, 5, 3), {0: (5, 8)})
+    writer.flush_events = 1
+    writer.maybe_flush()  # the flush of 5..8 starts in the background and fails
+    writer.append(decisions(0, 8, 2), {0: (8, 10)})
+    with pytest.raises(OSError, match="disk I/O error"):
+        writer.flush()  # the stream loop sees the error (from maybe_flush) and stops
+    writer._publish_manifest = publish  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="failed flush"):
+        writer.append(decisions(0, 10, 1), {0: (10, 11)})
+    writer.close()  # what the worker process does on its way out: publishes nothing more
+    reader = ParquetArchiveReader(tmp_path)
+    ends = reader.archived_offsets()
+    table = reader.decisions(start_ms=0, end_ms=2 * T0)
+    assert table["offset"].to_pylist() == list(range(ends[0]))
+    # the next writer continues from the end of what is published, without a hole
+    after = writer_for(tmp_path)
+    assert after.next_offset(0) == ends[0]
+    after.append(decisions(0, ends[0], 10 - ends[0]), {0: (ends[0], 10)})
+    after.close()
+    table = ParquetArchiveReader(tmp_path).decisions(start_ms=0, end_ms=2 * T0)
+    assert table["offset"].to_pylist() == list(range(10))
+
+
 CHILD = textwrap.dedent(
     """
     import sys

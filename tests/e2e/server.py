@@ -12,7 +12,9 @@ __all__ = ["ServeProcess", "free_port", "lag"]
 def lag(server: ServeProcess) -> int:
     """Durable events not yet committed by the stream workers, plus committed events whose
     decisions are not archived yet, over all partitions."""
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    response = httpx.get(server.url + "/metrics", timeout=10)
+    response.raise_for_status()  # no worker up (503): unknown, not zero
+    text = response.text
     return sum(
         int(float(line.rsplit(" ", 1)[1]))
         for line in text.splitlines()

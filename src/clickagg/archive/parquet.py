@@ -258,6 +258,9 @@ class ParquetArchiveWriter:
         self._buffer_since_ms: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive")
         self._pending: Future[dict[int, tuple[int, int]]] | None = None
+        # A failed flush leaves a hole in what is published: nothing after it may be
+        # published (a manifest's range end is the archived offset), so the writer stops.
+        self._failed: BaseException | None = None
 
     # -- the writer protocol -------------------------------------------------------------
 
@@ -270,6 +273,7 @@ class ParquetArchiveWriter:
         return self._next.get(partition, 0)
 
     def append(self, decisions: pa.Table, ranges: Mapping[int, tuple[int, int]]) -> None:
+        self._check_not_failed()
         fresh: dict[int, tuple[int, int]] = {}
         for partition, (lo, hi) in ranges.items():
             expected = self.next_offset(partition)
@@ -312,8 +316,11 @@ class ParquetArchiveWriter:
         self._wait()
 
     def close(self) -> None:
+        """Publish what is buffered and stop; after a failed flush, just stop (the next
+        writer resumes from what is published, and the worker re-derives the rest)."""
         try:
-            self.flush()
+            if self._failed is None:
+                self.flush()
         finally:
             self._executor.shutdown(wait=True)
             self._unlock()
@@ -339,12 +346,26 @@ class ParquetArchiveWriter:
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:
-            for partition, (_, hi) in pending.result().items():
-                self._durable[partition] = hi
+        if pending is None:
+            return
+        try:
+            published = pending.result()
+        except BaseException as exc:
+            self._failed = exc
+            raise
+        for partition, (_, hi) in published.items():
+            self._durable[partition] = hi
+
+    def _check_not_failed(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(
+                "the archive writer stopped after a failed flush; a new writer resumes "
+                "from what is published"
+            ) from self._failed
 
     def _start_flush(self) -> None:
         self._wait()
+        self._check_not_failed()
         self._seq += 1
         table = pa.concat_tables(self._buffer) if self._buffer else DECISION_SCHEMA.empty_table()
         ranges = dict(self._buffer_ranges)

@@ -8,6 +8,7 @@ handles HTTP. It is started (and restarted after a crash) by the API process.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -20,6 +21,7 @@ from clickagg.config import Settings
 from clickagg.log.segments import SegmentLogReader
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.registry import load_cpc_micros
+from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
@@ -44,7 +46,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    parent = os.getppid()
+    parent = _parent_pid()
     clock = SystemClock()
     reader = SegmentLogReader(settings.log_dir)
     store = _open_store(settings)
@@ -68,12 +70,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         )
         for p in range(reader.partitions)
     ]
-    counters = InMemoryCounters()
-    committed = store.committed_offsets()  # refill: everything the store holds, at its offsets
-    counters.apply(
-        store.minute_rows_since(clock.now_ms() - counters.retain_ms),
-        {p: (0, offset) for p, offset in committed.items()},
-    )
+    counters = refill_counters(InMemoryCounters(), store, now_ms=clock.now_ms())
     server = QueryServer(settings.rpc_socket, store, counters)
     server.start()
     compactor = Compactor(
@@ -113,6 +110,31 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         store.close()
         reader.close()
         log.info("stopped")
+
+
+def _parent_pid() -> int:
+    """The pid of the process that started this one (the API process). Taken from
+    multiprocessing, which recorded it when spawning: ``os.getppid()`` here would already
+    be init's (or a subreaper's) if the API process died while this one was importing,
+    and the worker would then never notice that it is orphaned."""
+    started_by = multiprocessing.parent_process()
+    if started_by is not None and started_by.pid is not None:
+        return started_by.pid
+    return os.getppid()
+
+
+def refill_counters(
+    counters: InMemoryCounters, store: AggregateStore, *, now_ms: int
+) -> InMemoryCounters:
+    """Fill empty in-process counters with everything the store holds within their span,
+    at the store's committed offsets: rounds committed before are then ignored as redos,
+    and the next round continues exactly where the store is."""
+    committed = store.committed_offsets()
+    counters.apply(
+        store.minute_rows_since(now_ms - counters.retain_ms),
+        {p: (0, offset) for p, offset in committed.items()},
+    )
+    return counters
 
 
 class Compactor:
