@@ -1,8 +1,7 @@
 """The composition root: the HTTP app over the embedded backends.
 
-``clickagg.api`` runs on the roles' Protocols only; this module picks their adapters: the
-segment log, the worker process's query server (over its Unix socket, :class:`RpcQueryStore`)
-and the Parquet archive.
+``clickagg.api`` runs on the roles' Protocols only; this module gives it the adapters the
+settings name (``clickagg.runtime.roles``) and the worker supervisor.
 """
 
 from __future__ import annotations
@@ -10,13 +9,11 @@ from __future__ import annotations
 from starlette.types import ASGIApp
 
 from clickagg.api.app import Backends, build_app
-from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
-from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import QueryStore
+from clickagg.runtime import roles
 from clickagg.runtime.supervisor import WorkerSupervisor
-from clickagg.store.rpc import RpcQueryStore
 
 
 def create_app(
@@ -32,10 +29,10 @@ def create_app(
 
     def open_embedded(settings: Settings) -> Backends:
         return Backends(
-            writer=SegmentLogWriter.for_settings(settings),
-            reader=SegmentLogReader(settings.log_dir),
-            queries=query_store or RpcQueryStore(settings.rpc_socket),
-            archive=ParquetArchiveReader(settings.archive_dir),
+            writer=roles.log_writer(settings),
+            reader=roles.log_reader(settings),
+            queries=query_store or roles.query_store(settings),
+            archive=roles.archive_reader(settings),
             supervisor=WorkerSupervisor(settings) if manage_worker else None,
         )
 

@@ -57,6 +57,11 @@ class Settings:
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.
     ads_file: Path | None = None
+    # Which adapter plays each role (clickagg.runtime.roles lists them).
+    log_backend: str = "segments"
+    store_backend: str = "duckdb"
+    archive_backend: str = "parquet"
+    counters_backend: str = "memory"
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 1024:

@@ -128,6 +128,12 @@ def _resolve_settings(
         click.echo(loaded.to_toml(), nl=False)
         return None
     settings = loaded.settings
+    from clickagg.runtime import roles
+
+    try:
+        roles.check(settings)
+    except ValueError as exc:
+        raise SettingsUsageError(str(exc)) from None
     if settings.ads_file is not None:
         try:
             load_cpc_micros(settings.ads_file)  # refuse a bad file now, not in the worker

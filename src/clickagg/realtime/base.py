@@ -22,6 +22,8 @@ from clickagg.store.base import Totals
 
 
 class RealtimeCounters(Protocol):
+    retain_ms: int  # how far back (event time) windows can be answered
+
     def apply(self, minute_deltas: pa.Table, offsets: Mapping[int, tuple[int, int]]) -> bool:
         """Add a committed round's deltas (``clickagg.core.aggregate.MINUTE_SCHEMA``, or at
         least its sums) for the offset ranges ``offsets``. Returns False, changing nothing,

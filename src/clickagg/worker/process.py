@@ -15,12 +15,11 @@ import threading
 import time
 from types import FrameType
 
-from clickagg.archive.parquet import ParquetArchiveWriter
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
-from clickagg.log.segments import SegmentLogReader
-from clickagg.realtime.memory import InMemoryCounters
+from clickagg.realtime.base import RealtimeCounters
 from clickagg.registry import load_cpc_micros
+from clickagg.runtime import roles
 from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
@@ -48,14 +47,10 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     signal.signal(signal.SIGINT, stop)
     parent = _parent_pid()
     clock = SystemClock()
-    reader = SegmentLogReader(settings.log_dir)
-    store = _open_store(settings)
+    reader = roles.log_reader(settings)
+    store = roles.commit_store(settings)
     snapshots = SnapshotStore(settings.snapshot_dir)
-    archive = ParquetArchiveWriter(
-        settings.archive_dir,
-        flush_events=settings.archive_flush_events,
-        flush_interval_ms=settings.archive_flush_interval_ms,
-    )
+    archive = roles.archive_writer(settings)
     cpc_micros = load_cpc_micros(settings.ads_file) if settings.ads_file else {}
     workers = [
         PartitionWorker(
@@ -70,7 +65,7 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         )
         for p in range(reader.partitions)
     ]
-    counters = refill_counters(InMemoryCounters(), store, now_ms=clock.now_ms())
+    counters = refill_counters(roles.counters(settings), store, now_ms=clock.now_ms())
     server = QueryServer(settings.rpc_socket, store, counters)
     server.start()
     compactor = Compactor(
@@ -124,8 +119,8 @@ def _parent_pid() -> int:
 
 
 def refill_counters(
-    counters: InMemoryCounters, store: AggregateStore, *, now_ms: int
-) -> InMemoryCounters:
+    counters: RealtimeCounters, store: AggregateStore, *, now_ms: int
+) -> RealtimeCounters:
     """Fill empty in-process counters with everything the store holds within their span,
     at the store's committed offsets: rounds committed before are then ignored as redos,
     and the next round continues exactly where the store is."""
@@ -186,15 +181,3 @@ class Compactor:
                     result.seconds * 1000,
                 )
             last = time.monotonic()
-
-
-def _open_store(settings: Settings, timeout_s: float = 30.0) -> DuckDBStore:
-    """Open the store, waiting while a previous worker (being stopped) still holds it."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return DuckDBStore(settings.store_path)
-        except Exception as exc:  # duckdb.IOException: "Could not set lock on file"
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

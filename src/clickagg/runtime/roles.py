@@ -1,0 +1,123 @@
+"""The roles' registry: every adapter by name, and the one place that opens them from settings.
+
+Each role is a Protocol in its package's ``base`` module; the settings name the adapter of
+each (``log_backend``, ``store_backend``, ``archive_backend``, ``counters_backend``). A new
+adapter (NATS JetStream for the log, PostgreSQL for the store, Redis for the counters)
+registers here, and the contract suites in ``tests/contracts`` run over every entry of
+these tables, so it meets the same contract as the embedded default on its first test run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Final, TypeVar
+
+from clickagg.archive.base import ArchiveReader, ArchiveWriter
+from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
+from clickagg.config import Settings
+from clickagg.log.base import LogReader, LogWriter
+from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
+from clickagg.query.base import QueryStore
+from clickagg.realtime.base import RealtimeCounters
+from clickagg.realtime.memory import InMemoryCounters
+from clickagg.store.duckdb_store import DuckDBStore
+from clickagg.store.rpc import RpcQueryStore
+
+T = TypeVar("T")
+
+
+def _open_duckdb(settings: Settings, timeout_s: float = 30.0) -> DuckDBStore:
+    """Open the store, waiting while a previous worker (being stopped) still holds it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return DuckDBStore(settings.store_path)
+        except Exception as exc:  # duckdb.IOException: "Could not set lock on file"
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _parquet_writer(settings: Settings) -> ParquetArchiveWriter:
+    return ParquetArchiveWriter(
+        settings.archive_dir,
+        flush_events=settings.archive_flush_events,
+        flush_interval_ms=settings.archive_flush_interval_ms,
+    )
+
+
+LOG_WRITERS: Final[Mapping[str, Callable[[Settings], LogWriter]]] = {
+    "segments": SegmentLogWriter.for_settings,
+}
+LOG_READERS: Final[Mapping[str, Callable[[Settings], LogReader]]] = {
+    "segments": lambda settings: SegmentLogReader(settings.log_dir),
+}
+# The commit sink of the round (aggregate deltas + offsets, one transaction), which the
+# embedded worker also queries; scale-out stores will split the two.
+COMMIT_STORES: Final[Mapping[str, Callable[[Settings], DuckDBStore]]] = {
+    "duckdb": _open_duckdb,
+}
+QUERY_STORES: Final[Mapping[str, Callable[[Settings], QueryStore]]] = {
+    # the embedded store is read through the worker process that owns its file
+    "duckdb": lambda settings: RpcQueryStore(settings.rpc_socket),
+}
+COUNTERS: Final[Mapping[str, Callable[[Settings], RealtimeCounters]]] = {
+    "memory": lambda settings: InMemoryCounters(),
+}
+ARCHIVE_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {
+    "parquet": _parquet_writer,
+}
+ARCHIVE_READERS: Final[Mapping[str, Callable[[Settings], ArchiveReader]]] = {
+    "parquet": lambda settings: ParquetArchiveReader(settings.archive_dir),
+}
+
+
+def _pick(
+    table: Mapping[str, Callable[[Settings], T]], role: str, name: str
+) -> Callable[[Settings], T]:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown {role} backend {name!r}: choose one of {', '.join(sorted(table))}"
+        ) from None
+
+
+def log_writer(settings: Settings) -> LogWriter:
+    return _pick(LOG_WRITERS, "log", settings.log_backend)(settings)
+
+
+def log_reader(settings: Settings) -> LogReader:
+    return _pick(LOG_READERS, "log", settings.log_backend)(settings)
+
+
+def commit_store(settings: Settings) -> DuckDBStore:
+    return _pick(COMMIT_STORES, "store", settings.store_backend)(settings)
+
+
+def query_store(settings: Settings) -> QueryStore:
+    return _pick(QUERY_STORES, "store", settings.store_backend)(settings)
+
+
+def counters(settings: Settings) -> RealtimeCounters:
+    return _pick(COUNTERS, "counters", settings.counters_backend)(settings)
+
+
+def archive_writer(settings: Settings) -> ArchiveWriter:
+    return _pick(ARCHIVE_WRITERS, "archive", settings.archive_backend)(settings)
+
+
+def archive_reader(settings: Settings) -> ArchiveReader:
+    return _pick(ARCHIVE_READERS, "archive", settings.archive_backend)(settings)
+
+
+def check(settings: Settings) -> None:
+    """Raise ValueError naming the first backend the settings name that does not exist."""
+    for table, role, name in (
+        (LOG_WRITERS, "log", settings.log_backend),
+        (COMMIT_STORES, "store", settings.store_backend),
+        (COUNTERS, "counters", settings.counters_backend),
+        (ARCHIVE_WRITERS, "archive", settings.archive_backend),
+    ):
+        _pick(table, role, name)
