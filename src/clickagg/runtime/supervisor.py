@@ -1,7 +1,8 @@
 """Starts the worker process and restarts it if it dies: a restart is not a crash.
 
-Restarts back off (0.5 s doubling to 30 s, back to 0.5 s once a worker has stayed up for
-a minute), and a crash loop ends: after ``max_restarts`` restarts within ``window_s`` the
+Restarts back off (0.5 s doubling to 5 s, back to 0.5 s once a worker has stayed up for
+30 s; short, because every second without a worker is a second of staleness), and a crash
+loop ends: after ``max_restarts`` restarts within ``window_s`` the
 supervisor stops restarting and says why (``failure``), which ``/healthz`` reports, rather
 than burning the CPU the API process needs on a worker that cannot start (a damaged store,
 a full disk). Ingest keeps answering meanwhile: what it accepts waits in the durable log.
@@ -30,8 +31,8 @@ class WorkerSupervisor:
         *,
         check_interval_s: float = 0.5,
         first_backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
-        healthy_after_s: float = 60.0,
+        max_backoff_s: float = 5.0,
+        healthy_after_s: float = 30.0,
         max_restarts: int = 20,
         window_s: float = 600.0,
     ) -> None:
