@@ -10,11 +10,11 @@ Threading: one ``duckdb.connect(path)`` per store (a DuckDB file admits a single
 process), and one ``connection.cursor()`` per thread (a ``threading.local``). Each cursor is
 its own DuckDB connection with its own transaction, so readers see committed snapshots and
 never wait for the worker's transaction (MVCC); DuckDB runs statements of different cursors
-in parallel and releases the GIL while executing. Commits are serialized by a lock: DuckDB
-transactions are optimistic, so two writers upserting the same (ad, minute) row (two
-partitions' batches share ads) would make one of them fail at COMMIT. That same conflict
-check is a second fence: two stores opened on one file in one process (DuckDB shares the
-database) cannot both advance a partition from the same offset.
+in parallel and releases the GIL while executing. Commits are serialized by a lock (one
+round at a time, each with the next ``seq``); DuckDB's optimistic conflict check on
+``partition_offsets`` is a second fence: two stores opened on one file in one process
+(DuckDB shares the database) cannot both advance a partition from the same offset.
+Compaction takes the same lock.
 
 Tables: aggregates are appended, never upserted, on the hot path (like Mesa's versioned
 deltas or ClickHouse's SummingMergeTree). A commit appends the round's deltas, tagged with
@@ -22,15 +22,22 @@ the round's sequence number ``seq``, to four narrow tables without any index:
 ``delta_minute`` (ad_id, minute_ms, advertiser_id, campaign_id, measures) and one per
 breakdown dimension, ``delta_country`` / ``delta_device`` / ``delta_browser`` (ad_id,
 minute_ms, <dimension>, measures). The measures are those of
-``clickagg.core.aggregate.MEASURES``: sums plus the sorted KMV sketch ``user_hashes``.
+``clickagg.core.aggregate.MEASURES``: sums plus ``users``, the serialized DataSketches HLL
+sketch of the row's users (``clickagg.core.hll``, Spark-compatible; null: no user).
 
 :meth:`DuckDBStore.compact` (a background thread of the worker process) merges every delta
 with ``seq <= cut`` into keyed base tables and deletes those deltas, in ONE transaction, so
 a crash leaves either all of it or none: ``agg_minute`` / ``agg_hour`` keyed (ad_id,
 minute_ms | hour_ms, advertiser_id, campaign_id), and ``agg_minute_<dim>`` /
 ``agg_hour_<dim>`` keyed (ad_id, minute_ms | hour_ms, <dimension>). Hours are rolled up
-there because merging sketches is what costs (a busy ad's day is 1440 full sketches, 368k
-hashes, 100+ ms to merge; from hours, 24).
+there because merging sketches is what costs (a busy ad's day is 1440 sketches to merge,
+from hours 24). DuckDB cannot merge HLL bytes here (its datasketches extension is not
+available), so sums are added in SQL and sketches merged in Python: a compaction fetches,
+per touched base key, the new sums and ``list(users)`` (the stored sketch and the deltas')
+as Arrow, merges each list with ``hll.union_many`` (a lone sketch is kept as is) and writes
+the rows back. Queries likewise fetch ``list(users)`` per result row and estimate in
+Python; queries without unique users (sliding windows, ``minute_rows_since``,
+``totals(unique_users=False)``) never read the sketch column.
 
 Every query reads base UNION ALL deltas (the deltas rolled up to the query's grain), so it is
 exact at every moment: a delta is in the base tables or in the delta tables, never both,
@@ -50,7 +57,7 @@ from typing import Any, Final
 import duckdb
 import pyarrow as pa
 
-from clickagg.core import sketch
+from clickagg.core import hll
 from clickagg.core.aggregate import DIMENSIONS, OWNERS, UNKNOWN
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.store.base import (
@@ -70,7 +77,8 @@ from clickagg.store.base import (
 _SUMS: Final = ("clicks", "impressions", "spend_micros", "invalid_clicks")
 _WINDOW_MS: Final[dict[str, int]] = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
 _SUM_EXPRS: Final = ", ".join(f"sum({m})::BIGINT AS {m}" for m in _SUMS)
-_MERGED: Final = sketch.sql_merge_agg("user_hashes")
+# A group's sketches as a list, merged in Python (DuckDB cannot merge HLL bytes here).
+_SKETCHES: Final = "list(users) FILTER (WHERE users IS NOT NULL)"
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ class _Family:
     @property
     def columns(self) -> tuple[str, ...]:
         """Delta columns besides ``seq``, in the order of the Arrow schema."""
-        return ("ad_id", "minute_ms", *self.extra, *_SUMS, "user_hashes")
+        return ("ad_id", "minute_ms", *self.extra, *_SUMS, "users")
 
 
 _ADS: Final = _Family(None, "delta_minute", "agg_minute", "agg_hour", "_clickagg_minute")
@@ -120,7 +128,7 @@ def _base_ddl(family: _Family, table: str, time_col: str) -> str:
             f"{time_col} BIGINT NOT NULL",
             *(f"{c} VARCHAR NOT NULL" for c in family.extra),
             *(f"{m} BIGINT NOT NULL" for m in _SUMS),
-            "user_hashes UBIGINT[] NOT NULL",
+            "users BLOB",
         ]
     )
     return f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({', '.join(key)}))"
@@ -135,7 +143,7 @@ def _delta_ddl(family: _Family) -> str:
             "minute_ms BIGINT NOT NULL",
             *(f"{c} VARCHAR NOT NULL" for c in family.extra),
             *(f"{m} BIGINT NOT NULL" for m in _SUMS),
-            "user_hashes UBIGINT[] NOT NULL",
+            "users BLOB",
         ]
     )
     return f"CREATE TABLE IF NOT EXISTS {family.delta} ({cols})"
@@ -160,38 +168,70 @@ def _append_delta_sql(family: _Family) -> str:
     return f"INSERT INTO {family.delta} (seq, {cols}) SELECT ?, {cols} FROM {family.view}"
 
 
-def _compact_sql(family: _Family, table: str, time_col: str) -> str:
-    """Merge the deltas with ``seq <= ?`` into a base table: sums add, sketches merge.
+def _gather_sql(family: _Family, table: str, time_col: str, lo: int, hi: int) -> str:
+    """Each base key the deltas with ``seq <= ?`` touch, with its new sums (deltas plus the
+    stored row) and the list of sketches to merge (the stored one first, then the deltas').
 
-    The deltas are grouped by the target key first: that rolls minutes up to hours, merges
-    the many rounds that touched one key, and lets ON CONFLICT touch each row once.
+    The deltas are grouped by the target key first: that rolls minutes up to hours and
+    merges the many rounds that touched one key. [lo, hi] bounds the deltas' times (ints
+    computed by the store, never input): only the base's row groups in that range are read.
     """
     size = HOUR_MS if time_col == "hour_ms" else MINUTE_MS
     key = family.key(time_col)
     select_key = ", ".join(
         f"minute_ms - minute_ms % {size} AS {k}" if k == time_col else k for k in key
     )
-    updates = ", ".join(f"{m} = t.{m} + excluded.{m}" for m in _SUMS)
-    merged = sketch.sql_merge("t.user_hashes", "excluded.user_hashes")
-    cols = ", ".join([*key, *_SUMS, "user_hashes"])
-    return (
-        f"INSERT INTO {table} AS t ({cols}) "
-        f"SELECT {select_key}, {_SUM_EXPRS}, {_MERGED} AS user_hashes "
-        f"FROM {family.delta} WHERE seq <= ? GROUP BY ALL "
-        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}, user_hashes = {merged}"
-    )
+    on = " AND ".join(f"b.{k} = d.{k}" for k in key)
+    sums = ", ".join(f"d.{m} + coalesce(b.{m}, 0) AS {m}" for m in _SUMS)
+    return f"""
+    SELECT {", ".join(f"d.{k}" for k in key)}, {sums},
+        CASE WHEN b.users IS NULL THEN d.sk
+             ELSE list_prepend(b.users, coalesce(d.sk, []::BLOB[])) END AS sk
+    FROM (
+        SELECT {select_key}, {_SUM_EXPRS}, {_SKETCHES} AS sk
+        FROM {family.delta} WHERE seq <= ? GROUP BY ALL
+    ) d
+    LEFT JOIN (
+        SELECT * FROM {table} WHERE {time_col} >= {int(lo)} AND {time_col} <= {int(hi)}
+    ) b ON {on}"""
 
 
+def _write_back_sql(family: _Family, table: str, time_col: str) -> str:
+    """Store the merged rows (registered as ``_clickagg_merged``): new keys are inserted,
+    touched keys replaced."""
+    cols = ", ".join([*family.key(time_col), *_SUMS, "users"])
+    return f"INSERT OR REPLACE INTO {table} ({cols}) SELECT {cols} FROM _clickagg_merged"
+
+
+def _merge_sketch_lists(lists: pa.ChunkedArray | pa.Array) -> pa.BinaryArray:
+    """One sketch per row of a list-of-sketches column: a lone sketch is kept as it is
+    (every stored sketch is already canonical), two or more are merged (``hll.union_many``),
+    none is null."""
+    rows: list[list[bytes] | None] = lists.to_pylist()
+    out = [row[0] if row and len(row) == 1 else None for row in rows]
+    many = [i for i, row in enumerate(rows) if row and len(row) > 1]
+    if many:
+        merged = hll.union_many([rows[i] for i in many]).to_pylist()
+        for i, data in zip(many, merged, strict=True):
+            out[i] = data
+    return pa.array(out, type=pa.binary())
+
+
+def _unique_users(lists: Sequence[Sequence[bytes] | None]) -> list[int]:
+    """The estimate of the union of each row's sketches (no sketch: 0)."""
+    return [
+        0 if not row else hll.estimate(row[0] if len(row) == 1 else hll.union(row)) for row in lists
+    ]
+
+
+_COMPACT_ATTEMPTS: Final = 5
 _APPENDS: Final = {family.view: _append_delta_sql(family) for family in _FAMILIES}
-_COMPACT_STATEMENTS: Final = tuple(
-    (
-        family,
-        _compact_sql(family, family.minute, "minute_ms"),
-        _compact_sql(family, family.hour, "hour_ms"),
-        f"DELETE FROM {family.delta} WHERE seq <= ?",
-    )
+_BASE_GRAINS: Final = (("minute", "minute_ms", MINUTE_MS), ("hour", "hour_ms", HOUR_MS))
+_WRITE_BACK: Final = {
+    (family.dim, grain): _write_back_sql(family, getattr(family, grain), time_col)
     for family in _FAMILIES
-)
+    for grain, time_col, _ in _BASE_GRAINS
+}
 
 _OFFSET_COLUMNS: Final = (
     "committed_offset, max_event_ms, watermark_ms, counted, duplicates, late, invalid, "
@@ -232,8 +272,8 @@ def _minutes_sql(columns: str, where: str) -> str:
 
 def _totals_sql(with_users: bool) -> str:
     """Without users the sketch column is not even read: sliding windows need only sums."""
-    part = f"{', '.join(_SUMS)}, user_hashes" if with_users else ", ".join(_SUMS)
-    users = f"coalesce({_MERGED}, []::UBIGINT[])" if with_users else "[]::UBIGINT[]"
+    part = f"{', '.join(_SUMS)}, users" if with_users else ", ".join(_SUMS)
+    users = _SKETCHES if with_users else "NULL::BLOB[]"
     return f"""
     SELECT {", ".join(f"coalesce(sum({m}), 0)::BIGINT AS {m}" for m in _SUMS)}, {users} AS sk
     FROM ({_minutes_sql(part, "ad_id = $ad")})"""
@@ -244,16 +284,16 @@ _TOTALS: Final = {with_users: _totals_sql(with_users) for with_users in (True, F
 
 def _top_ads_sql(by: str, one_advertiser: bool) -> str:
     where = "advertiser_id = $advertiser" if one_advertiser else "TRUE"
-    part = f"ad_id, {', '.join(OWNERS)}, {', '.join(_SUMS)}, user_hashes"
+    part = f"ad_id, {', '.join(OWNERS)}, {', '.join(_SUMS)}, users"
     owners = ", ".join(
         f"coalesce(max({c}) FILTER (WHERE {c} <> '{UNKNOWN}'), '{UNKNOWN}') AS {c}" for c in OWNERS
     )
     return f"""
     WITH r AS ({_minutes_sql(part, where)}),
     top AS (SELECT ad_id FROM r GROUP BY ad_id ORDER BY sum({by}) DESC, ad_id LIMIT $n)
-    SELECT ad_id, {", ".join(OWNERS)}, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
+    SELECT ad_id, {", ".join(OWNERS)}, {", ".join(_SUMS)}, sk
     FROM (
-        SELECT ad_id, {owners}, {_SUM_EXPRS}, {_MERGED} AS sk
+        SELECT ad_id, {owners}, {_SUM_EXPRS}, {_SKETCHES} AS sk
         FROM r WHERE ad_id IN (SELECT ad_id FROM top) GROUP BY ad_id
     )
     ORDER BY {by} DESC, ad_id"""
@@ -269,11 +309,11 @@ def _windows_sql(family: _Family, grain: str, owner_col: str) -> str:
     grain_ms = MINUTE_MS if grain == "minute" else HOUR_MS
     base = family.minute if grain == "minute" else family.hour
     grp = family.dim or "NULL::VARCHAR"
-    measures = f"{', '.join(_SUMS)}, user_hashes"
+    measures = f"{', '.join(_SUMS)}, users"
     return f"""
-    SELECT window_ms, grp, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
+    SELECT window_ms, grp, {", ".join(_SUMS)}, sk
     FROM (
-        SELECT t - t % $size AS window_ms, grp, {_SUM_EXPRS}, {_MERGED} AS sk
+        SELECT t - t % $size AS window_ms, grp, {_SUM_EXPRS}, {_SKETCHES} AS sk
         FROM (
             SELECT {time_col} AS t, {grp} AS grp, {measures} FROM {base}
             WHERE {owner_col} = $id AND {time_col} >= $lo AND {time_col} < $hi
@@ -305,15 +345,18 @@ _MINUTE_ROWS_SINCE: Final = f"""
 
 def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
     """Create missing tables (idempotent). A file of an older build (per-key upserted
-    aggregates, no owners) is refused rather than migrated: 0.1.0 is unreleased."""
+    aggregates, no owners, or KMV sketches) is refused rather than migrated: 0.1.0 is
+    unreleased."""
     [(old,)] = cur.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-        "AND table_name = 'agg_minute_dims'"
+        "AND (table_name = 'agg_minute_dims' OR (table_name = 'agg_minute' AND EXISTS ("
+        "SELECT * FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND table_name = 'agg_minute' AND column_name = 'user_hashes')))"
     ).fetchall()
     if old:
         raise RuntimeError(
-            "this aggregates file was written by an older clickagg build (agg_minute_dims); "
-            "start with a new --data-dir"
+            "this aggregates file was written by an older clickagg build (agg_minute_dims "
+            "or KMV user_hashes); start with a new --data-dir"
         )
     for ddl in _SCHEMA_DDL:
         cur.execute(ddl)
@@ -330,7 +373,9 @@ class DuckDBStore:
     def __init__(self, path: Path | str) -> None:
         self._conn = duckdb.connect(str(path))
         self._local = threading.local()
-        self._commit_lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # one commit at a time
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._state_lock = threading.Lock()  # the counters below
         self._closed = False
         try:
             self._transaction(_create_schema)
@@ -383,10 +428,12 @@ class DuckDBStore:
             seq = self._last_seq + 1
             self._transaction(lambda cur: self._apply(cur, commits, seq))
             self._last_seq = seq
-            self._pending_rows += sum(
-                c.minute_deltas.num_rows + sum(t.num_rows for t in c.dimension_deltas.values())
-                for c in commits
-            )
+        appended = sum(
+            c.minute_deltas.num_rows + sum(t.num_rows for t in c.dimension_deltas.values())
+            for c in commits
+        )
+        with self._state_lock:
+            self._pending_rows += appended
 
     def pending_delta_rows(self) -> int:
         """Delta rows appended and not yet compacted (what the next compaction merges)."""
@@ -394,30 +441,67 @@ class DuckDBStore:
 
     def compact(self, max_seq: int | None = None) -> CompactionResult:
         """Merge every delta with ``seq <= cut`` into the base tables and delete it, in ONE
-        transaction; ``cut`` is ``max_seq`` or else the newest round. Off the hot path: it
-        batches many rounds' deltas per key. It holds the commit lock, so no commit runs
-        meanwhile (DuckDB transactions are optimistic: they must not race), and the deltas
-        of rounds after the cut stay where they are. Queries are exact throughout."""
+        transaction; ``cut`` is ``max_seq`` or else the newest committed round. Off the hot
+        path: it batches many rounds' deltas per key.
+
+        It holds the commit lock, so no commit runs meanwhile. Queries are exact
+        throughout."""
         started = time.perf_counter()
-        with self._commit_lock:
-            cut = self._last_seq if max_seq is None else min(max_seq, self._last_seq)
+        with self._compact_lock, self._commit_lock:
+            # _last_seq is set after its commit returned: every delta up to it is visible to
+            # a transaction begun now.
+            newest = self._last_seq
+            cut = newest if max_seq is None else min(max_seq, newest)
             if cut <= self._compacted_seq:
                 return CompactionResult(cut, 0, time.perf_counter() - started)
             merged = 0
 
             def body(cur: duckdb.DuckDBPyConnection) -> None:
                 nonlocal merged
-                for _, to_minutes, to_hours, delete in _COMPACT_STATEMENTS:
-                    cur.execute(to_minutes, [cut]).fetchall()
-                    cur.execute(to_hours, [cut]).fetchall()
-                    [(deleted,)] = cur.execute(delete, [cut]).fetchall()
-                    merged += int(deleted)
+                merged = 0
+                for family in _FAMILIES:
+                    merged += self._compact_family(cur, family, cut)
                 cur.execute("UPDATE delta_state SET compacted_seq = ?", [cut]).fetchall()
 
-            self._transaction(body)
+            for attempt in range(_COMPACT_ATTEMPTS):
+                try:
+                    self._transaction(body)
+                    break
+                except duckdb.TransactionException:
+                    if attempt == _COMPACT_ATTEMPTS - 1:
+                        raise
             self._compacted_seq = cut
-            self._pending_rows = max(0, self._pending_rows - merged)
+            with self._state_lock:
+                self._pending_rows = max(0, self._pending_rows - merged)
         return CompactionResult(cut, merged, time.perf_counter() - started)
+
+    @staticmethod
+    def _compact_family(cur: duckdb.DuckDBPyConnection, family: _Family, cut: int) -> int:
+        """Merge one family's deltas up to ``cut`` into its minute and hour tables: sums in
+        SQL, sketches in Python; returns the delta rows merged (and deleted)."""
+        [(lo, hi, rows)] = cur.execute(
+            f"SELECT min(minute_ms), max(minute_ms), count(*) FROM {family.delta} WHERE seq <= ?",
+            [cut],
+        ).fetchall()
+        if not rows:
+            return 0
+        for grain, time_col, size in _BASE_GRAINS:
+            table = getattr(family, grain)
+            gathered = cur.sql(
+                _gather_sql(family, table, time_col, lo - lo % size, hi), params=[cut]
+            ).to_arrow_table()
+            merged = gathered.set_column(
+                gathered.schema.get_field_index("sk"),
+                "users",
+                _merge_sketch_lists(gathered["sk"]),
+            )
+            cur.register("_clickagg_merged", merged)
+            try:
+                cur.execute(_WRITE_BACK[(family.dim, grain)]).fetchall()
+            finally:
+                cur.unregister("_clickagg_merged")
+        cur.execute(f"DELETE FROM {family.delta} WHERE seq <= ?", [cut]).fetchall()
+        return int(rows)
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
         cur = self._cursor()
@@ -556,6 +640,7 @@ class DuckDBStore:
             "size": size,
         }
         rows = self._fetch(_WINDOWS[(family.dim, grain, owner_col)], params)
+        users = _unique_users([row[-1] for row in rows])
         return [
             AggregateRow(
                 window_ms=int(w),
@@ -564,9 +649,9 @@ class DuckDBStore:
                 impressions=int(imps),
                 spend_micros=int(spend),
                 invalid_clicks=int(invalid),
-                unique_users=int(users),
+                unique_users=n,
             )
-            for w, g, clicks, imps, spend, invalid, users in rows
+            for (w, g, clicks, imps, spend, invalid, _), n in zip(rows, users, strict=True)
         ]
 
     @staticmethod
@@ -581,18 +666,15 @@ class DuckDBStore:
     ) -> Totals:
         """Sums over the minutes in [start_ms, end_ms); zeros when there are none."""
         params = {"ad": ad_id, **self._minute_range(start_ms, end_ms)}
-        sql = (
-            f"SELECT {', '.join(_SUMS)}, {sketch.sql_estimate('sk')} FROM ({_TOTALS[unique_users]})"
-        )
         # An aggregate without GROUP BY yields exactly one row.
-        [row] = self._fetch(sql, params)
-        clicks, imps, spend, invalid, users = (int(v) for v in row)
+        [(clicks, imps, spend, invalid, sketches)] = self._fetch(_TOTALS[unique_users], params)
+        [users] = _unique_users([sketches])
         return Totals(
-            clicks=clicks,
-            impressions=imps,
-            spend_micros=spend,
+            clicks=int(clicks),
+            impressions=int(imps),
+            spend_micros=int(spend),
             unique_users=users,
-            invalid_clicks=invalid,
+            invalid_clicks=int(invalid),
         )
 
     def top_ads(
@@ -614,6 +696,7 @@ class DuckDBStore:
         if advertiser_id is not None:
             params["advertiser"] = advertiser_id
         rows = self._fetch(_TOP_ADS[(by, advertiser_id is not None)], params)
+        users = _unique_users([row[-1] for row in rows])
         return [
             AdTotals(
                 ad_id=ad,
@@ -623,9 +706,11 @@ class DuckDBStore:
                 impressions=int(imps),
                 spend_micros=int(spend),
                 invalid_clicks=int(invalid),
-                unique_users=int(users),
+                unique_users=n,
             )
-            for ad, adv, campaign, clicks, imps, spend, invalid, users in rows
+            for (ad, adv, campaign, clicks, imps, spend, invalid, _), n in zip(
+                rows, users, strict=True
+            )
         ]
 
     def minute_rows_since(self, since_ms: int) -> pa.Table:
@@ -643,7 +728,7 @@ class DuckDBStore:
         if self._closed:
             return
         self._closed = True
-        with self._commit_lock:
+        with self._compact_lock, self._commit_lock:
             self._conn.close()
 
     def __enter__(self) -> DuckDBStore:
