@@ -14,7 +14,7 @@ in parallel and releases the GIL while executing. Commits are serialized by a lo
 round at a time, each with the next ``seq``); DuckDB's optimistic conflict check on
 ``partition_offsets`` is a second fence: two stores opened on one file in one process
 (DuckDB shares the database) cannot both advance a partition from the same offset.
-Compaction takes the same lock.
+Compaction runs beside commits, not under their lock (see :meth:`DuckDBStore.compact`).
 
 Tables: aggregates are appended, never upserted, on the hot path (like Mesa's versioned
 deltas or ClickHouse's SummingMergeTree). A commit appends the round's deltas, tagged with
@@ -444,10 +444,14 @@ class DuckDBStore:
         transaction; ``cut`` is ``max_seq`` or else the newest committed round. Off the hot
         path: it batches many rounds' deltas per key.
 
-        It holds the commit lock, so no commit runs meanwhile. Queries are exact
-        throughout."""
+        It does NOT take the commit lock: commits go on meanwhile. DuckDB transactions are
+        optimistic and conflict only on rows both write; compaction deletes delta rows with
+        ``seq <= cut`` (committed before it began) and writes base rows and ``delta_state``,
+        a commit appends delta rows with ``seq > cut`` and writes ``partition_offsets``:
+        disjoint rows. Should DuckDB still report a conflict, the compaction is retried (it
+        rolled back whole), never the commit. Queries are exact throughout."""
         started = time.perf_counter()
-        with self._compact_lock, self._commit_lock:
+        with self._compact_lock:
             # _last_seq is set after its commit returned: every delta up to it is visible to
             # a transaction begun now.
             newest = self._last_seq
