@@ -88,8 +88,10 @@ def commits(index: int, minute: pa.Table, dims: Any) -> list[PartitionCommit]:
             to_offset=(index + 1) * per,
             minute_deltas=minute if p == 0 else empty_minute,
             dimension_deltas=dims if p == 0 else empty_dims,
-            max_event_ms=T0,
-            watermark_ms=T0,
+            # The round's events span [start, start + 10 min): none is older than the
+            # watermark, so minutes before it are final and get rolled up into hours.
+            max_event_ms=T0 + index * 5_000 + 10 * MINUTE_MS,
+            watermark_ms=T0 + index * 5_000,
             counted=per,
             duplicates=0,
             late=0,

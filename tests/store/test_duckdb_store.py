@@ -325,16 +325,19 @@ def test_stored_sketches_are_datasketches_hll_bytes(store: DuckDBStore) -> None:
     store.commit(make_commit(0, 0, 500, events[:500]))
     store.commit(make_commit(0, 500, 1000, events[500:]))
     store.compact()
+    # A later event moves the watermark past those minutes: they are rolled up into hours.
+    store.commit(make_commit(0, 1000, 1001, [Ev("ad2", T0 + 10 * MINUTE_MS)]))
+    store.compact()
     blobs = [
         row[0]
         for table in ("agg_minute", "agg_hour", "agg_minute_country", "agg_hour_device")
-        for row in store._fetch(f"SELECT users FROM {table}")
+        for row in store._fetch(f"SELECT users FROM {table} WHERE ad_id = 'ad1'")
     ]
     assert len(blobs) == 3 + 1 + 3 + 1
     for data in blobs:
         sketch = datasketches.hll_sketch.deserialize(data)
         assert sketch.lg_config_k == hll.LG_K and sketch.tgt_type == hll.TARGET
-    [hour] = store._fetch("SELECT users FROM agg_hour")
+    [hour] = store._fetch("SELECT users FROM agg_hour WHERE ad_id = 'ad1'")
     assert hll.estimate(hour[0]) == hll.estimate(reference_sketch(users))
 
 

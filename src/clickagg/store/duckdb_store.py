@@ -157,7 +157,8 @@ _SCHEMA_DDL: Final = (
     *(_delta_ddl(f) for f in _FAMILIES),
     *(_base_ddl(f, f.minute, "minute_ms") for f in _FAMILIES),
     *(_base_ddl(f, f.hour, "hour_ms") for f in _FAMILIES),
-    "CREATE TABLE IF NOT EXISTS delta_state (compacted_seq BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS delta_state (compacted_seq BIGINT NOT NULL, "
+    "rolled_ms BIGINT NOT NULL DEFAULT 0)",
     """CREATE TABLE IF NOT EXISTS partition_offsets (
         "partition" INTEGER PRIMARY KEY, committed_offset BIGINT NOT NULL,
         max_event_ms BIGINT NOT NULL, watermark_ms BIGINT NOT NULL,
@@ -172,13 +173,16 @@ def _append_delta_sql(family: _Family) -> str:
     return f"INSERT INTO {family.delta} (seq, {cols}) SELECT ?, {cols} FROM {family.view}"
 
 
-def _gather_sql(family: _Family, table: str, time_col: str, lo: int, hi: int) -> str:
-    """Each base key the deltas with ``seq <= ?`` touch, with its new sums (deltas plus the
-    stored row) and the list of sketches to merge (the stored one first, then the deltas').
+def _gather_sql(family: _Family, table: str, time_col: str, source: str, lo: int, hi: int) -> str:
+    """Each key of ``table`` that the rows of ``source`` (``<table> WHERE <condition>``:
+    deltas, or minute base rows being rolled up into hours) touch, with its new sums (those
+    rows plus the stored row), the stored row's rowid and the list of sketches to merge
+    (the stored one first).
 
-    The deltas are grouped by the target key first: that rolls minutes up to hours and
-    merges the many rounds that touched one key. [lo, hi] bounds the deltas' times (ints
+    The source rows are grouped by the target key first: that rolls minutes up to hours and
+    merges the many rounds that touched one key. [lo, hi] bounds the source's times (ints
     computed by the store, never input): only the base's row groups in that range are read.
+    The result is sorted by ad then time, so that appended rows keep zone maps selective.
     """
     size = HOUR_MS if time_col == "hour_ms" else MINUTE_MS
     key = family.key(time_col)
@@ -191,13 +195,10 @@ def _gather_sql(family: _Family, table: str, time_col: str, lo: int, hi: int) ->
     SELECT {", ".join(f"d.{k}" for k in key)}, {sums}, b.rowid AS base_rowid,
         CASE WHEN b.users IS NULL THEN d.sk
              ELSE list_prepend(b.users, coalesce(d.sk, []::BLOB[])) END AS sk
-    FROM (
-        SELECT {select_key}, {_SUM_EXPRS}, {_SKETCHES} AS sk
-        FROM {family.delta} WHERE seq <= ? GROUP BY ALL
-    ) d
+    FROM (SELECT {select_key}, {_SUM_EXPRS}, {_SKETCHES} AS sk FROM {source} GROUP BY ALL) d
     LEFT JOIN {table} b
         ON {on} AND b.{time_col} >= {int(lo)} AND b.{time_col} <= {int(hi)}
-    ORDER BY {time_col}"""
+    ORDER BY d.ad_id, d.{time_col}"""
 
 
 def _write_back_sql(family: _Family, table: str, time_col: str) -> tuple[str, str]:
@@ -238,13 +239,39 @@ def _unique_users(lists: Sequence[Sequence[bytes] | None]) -> list[int]:
     ]
 
 
+def _merge_into(cur: duckdb.DuckDBPyConnection, family: _Family, grain: str, source: str) -> int:
+    """Merge the rows of ``source`` (``<table> WHERE <condition>``, with minute_ms, the
+    family's key columns, sums and users) into the family's base table of ``grain``:
+    gather the touched keys with their stored rows, merge the sketches, delete the stored
+    rows by rowid, append the merged ones. Returns the number of source rows."""
+    [(lo, hi, rows)] = cur.execute(
+        f"SELECT min(minute_ms), max(minute_ms), count(*) FROM {source}"
+    ).fetchall()
+    if not rows:
+        return 0
+    size = HOUR_MS if grain == "hour" else MINUTE_MS
+    table = getattr(family, grain)
+    gathered = cur.sql(
+        _gather_sql(family, table, f"{grain}_ms", source, lo - lo % size, hi)
+    ).to_arrow_table()
+    merged = gathered.set_column(
+        gathered.schema.get_field_index("sk"), "users", _merge_sketch_lists(gathered["sk"])
+    )
+    cur.register("_clickagg_merged", merged)
+    try:
+        for statement in _WRITE_BACK[(family.dim, grain)]:
+            cur.execute(statement).fetchall()
+    finally:
+        cur.unregister("_clickagg_merged")
+    return int(rows)
+
+
 _COMPACT_ATTEMPTS: Final = 5
 _APPENDS: Final = {family.view: _append_delta_sql(family) for family in _FAMILIES}
-_BASE_GRAINS: Final = (("minute", "minute_ms", MINUTE_MS), ("hour", "hour_ms", HOUR_MS))
 _WRITE_BACK: Final = {
-    (family.dim, grain): _write_back_sql(family, getattr(family, grain), time_col)
+    (family.dim, grain): _write_back_sql(family, getattr(family, grain), f"{grain}_ms")
     for family in _FAMILIES
-    for grain, time_col, _ in _BASE_GRAINS
+    for grain in ("minute", "hour")
 }
 
 _OFFSET_COLUMNS: Final = (
@@ -269,16 +296,22 @@ def _upsert_offsets_sql(rows: int) -> str:
         committed_at_ms = excluded.committed_at_ms"""
 
 
+# Minutes from this one on are in the minute base only, not yet rolled up into the hour
+# base; read in the query itself, so it is of the query's snapshot.
+_ROLLED: Final = "(SELECT max(rolled_ms) FROM delta_state)"
+
+
 def _minutes_sql(columns: str, where: str) -> str:
-    """Rows covering the minutes in [$lo, $hi): whole hours [$hlo, $hhi) from agg_hour, the
-    ragged edges from agg_minute, and every delta in range (not yet in either base)."""
+    """Rows covering the minutes in [$lo, $hi): whole hours [$hlo, $hhi) from agg_hour (the
+    minutes rolled up into it), the ragged edges and the minutes not yet rolled up from
+    agg_minute, and every delta in range (not yet in either base)."""
     return f"""
         SELECT {columns} FROM agg_hour
         WHERE {where} AND hour_ms >= $hlo AND hour_ms < $hhi
         UNION ALL
         SELECT {columns} FROM agg_minute
         WHERE {where} AND minute_ms >= $lo AND minute_ms < $hi
-          AND (minute_ms < $hlo OR minute_ms >= $hhi)
+          AND (minute_ms < $hlo OR minute_ms >= $hhi OR minute_ms >= {_ROLLED})
         UNION ALL
         SELECT {columns} FROM delta_minute
         WHERE {where} AND minute_ms >= $lo AND minute_ms < $hi"""
@@ -324,13 +357,24 @@ def _windows_sql(family: _Family, grain: str, owner_col: str) -> str:
     base = family.minute if grain == "minute" else family.hour
     grp = family.dim or "NULL::VARCHAR"
     measures = f"{', '.join(_SUMS)}, users"
+    # Hours: the hour base holds the minutes before _ROLLED; later ones are minute rows.
+    unrolled = (
+        ""
+        if grain == "minute"
+        else f"""
+            UNION ALL
+            SELECT minute_ms - minute_ms % {HOUR_MS} AS t, {grp} AS grp, {measures}
+            FROM {family.minute}
+            WHERE {owner_col} = $id AND minute_ms >= $lo AND minute_ms < $hi
+              AND minute_ms >= {_ROLLED}"""
+    )
     return f"""
     SELECT window_ms, grp, {", ".join(_SUMS)}, sk
     FROM (
         SELECT t - t % $size AS window_ms, grp, {_SUM_EXPRS}, {_SKETCHES} AS sk
         FROM (
             SELECT {time_col} AS t, {grp} AS grp, {measures} FROM {base}
-            WHERE {owner_col} = $id AND {time_col} >= $lo AND {time_col} < $hi
+            WHERE {owner_col} = $id AND {time_col} >= $lo AND {time_col} < $hi{unrolled}
             UNION ALL
             SELECT minute_ms - minute_ms % {grain_ms} AS t, {grp} AS grp, {measures}
             FROM {family.delta}
@@ -374,7 +418,7 @@ def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
         )
     for ddl in _SCHEMA_DDL:
         cur.execute(ddl)
-    cur.execute("INSERT INTO delta_state SELECT 0 WHERE NOT EXISTS (SELECT * FROM delta_state)")
+    cur.execute("INSERT INTO delta_state SELECT 0, 0 WHERE NOT EXISTS (SELECT * FROM delta_state)")
 
 
 def _ceil(value: int, size: int) -> int:
@@ -476,10 +520,20 @@ class DuckDBStore:
 
             def body(cur: duckdb.DuckDBPyConnection) -> None:
                 nonlocal merged
-                merged = 0
-                for family in _FAMILIES:
-                    merged += self._compact_family(cur, family, cut)
-                cur.execute("UPDATE delta_state SET compacted_seq = ?", [cut]).fetchall()
+                [(rolled, watermark)] = cur.execute(
+                    "SELECT (SELECT max(rolled_ms) FROM delta_state), "
+                    "(SELECT min(watermark_ms) FROM partition_offsets)"
+                ).fetchall()
+                # Minutes wholly before every partition's watermark get no more deltas
+                # (their events would be late): roll them up into the hours now. Nothing
+                # depends on that for exactness, only for how often a row is rewritten.
+                roll_to = max(rolled, (watermark or 0) - (watermark or 0) % MINUTE_MS)
+                merged = sum(
+                    self._compact_family(cur, family, cut, rolled, roll_to) for family in _FAMILIES
+                )
+                cur.execute(
+                    "UPDATE delta_state SET compacted_seq = ?, rolled_ms = ?", [cut, roll_to]
+                ).fetchall()
 
             for attempt in range(_COMPACT_ATTEMPTS):
                 try:
@@ -494,33 +548,30 @@ class DuckDBStore:
         return CompactionResult(cut, merged, time.perf_counter() - started)
 
     @staticmethod
-    def _compact_family(cur: duckdb.DuckDBPyConnection, family: _Family, cut: int) -> int:
-        """Merge one family's deltas up to ``cut`` into its minute and hour tables: sums in
-        SQL, sketches in Python; returns the delta rows merged (and deleted)."""
-        [(lo, hi, rows)] = cur.execute(
-            f"SELECT min(minute_ms), max(minute_ms), count(*) FROM {family.delta} WHERE seq <= ?",
-            [cut],
-        ).fetchall()
-        if not rows:
-            return 0
-        for grain, time_col, size in _BASE_GRAINS:
-            table = getattr(family, grain)
-            gathered = cur.sql(
-                _gather_sql(family, table, time_col, lo - lo % size, hi), params=[cut]
-            ).to_arrow_table()
-            merged = gathered.set_column(
-                gathered.schema.get_field_index("sk"),
-                "users",
-                _merge_sketch_lists(gathered["sk"]),
+    def _compact_family(
+        cur: duckdb.DuckDBPyConnection, family: _Family, cut: int, rolled: int, roll_to: int
+    ) -> int:
+        """Merge one family's deltas up to ``cut`` into its minute table, and into its hour
+        table only those of minutes already rolled up (before ``rolled``: rare, they were
+        nearly late); then roll the minutes [rolled, roll_to) up into the hour table. Sums
+        in SQL, sketches in Python; returns the delta rows merged (and deleted).
+
+        Hour rows are the widest sketches (a busy ad's hour is in HLL mode, 4 KB); a minute
+        goes into them once, when it is final, not at every compaction that touches it."""
+        deltas = f"{family.delta} WHERE seq <= {int(cut)}"
+        rows = _merge_into(cur, family, "minute", deltas)
+        if rows:
+            _merge_into(cur, family, "hour", f"{deltas} AND minute_ms < {int(rolled)}")
+        if roll_to > rolled:
+            _merge_into(
+                cur,
+                family,
+                "hour",
+                f"{family.minute} WHERE minute_ms >= {int(rolled)} AND minute_ms < {int(roll_to)}",
             )
-            cur.register("_clickagg_merged", merged)
-            try:
-                for statement in _WRITE_BACK[(family.dim, grain)]:
-                    cur.execute(statement).fetchall()
-            finally:
-                cur.unregister("_clickagg_merged")
-        cur.execute(f"DELETE FROM {family.delta} WHERE seq <= ?", [cut]).fetchall()
-        return int(rows)
+        if rows:
+            cur.execute(f"DELETE FROM {family.delta} WHERE seq <= ?", [cut]).fetchall()
+        return rows
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
         cur = self._cursor()
