@@ -28,8 +28,8 @@ sketch of the row's users (``clickagg.core.hll``, Spark-compatible; null: no use
 with ``seq <= cut`` into the minute base tables and deletes those deltas, in ONE
 transaction, so a crash leaves either all of it or none: ``agg_minute`` (ad_id, minute_ms,
 advertiser_id, campaign_id) and ``agg_minute_<dim>`` (ad_id, minute_ms, <dimension>). In
-the same transaction it rolls the minutes that are final (wholly before every partition's
-watermark: they get no more deltas) up into the hour base tables ``agg_hour`` /
+the same transaction it rolls the minutes that are final (wholly before the newest
+partition watermark: they get almost no more deltas) up into the hour base tables ``agg_hour`` /
 ``agg_hour_<dim>``, once per minute; ``delta_state.rolled_ms`` is the first minute not
 rolled up. Hours exist because merging sketches is what costs (a busy ad's day is 1440
 sketches to merge, from hours 24); rolling a minute up once, when final, rather than at
@@ -225,6 +225,9 @@ def _write_back_sql(family: _Family, table: str, time_col: str) -> tuple[str, st
     )
 
 
+_MERGE_CHUNK: Final = 1_000
+
+
 def _merge_sketch_lists(lists: pa.ChunkedArray | pa.Array) -> pa.Array:
     """One sketch per row of a list-of-sketches column: a lone sketch is kept as it is
     (every stored sketch is already canonical; taken in Arrow, no Python object per row),
@@ -237,11 +240,13 @@ def _merge_sketch_lists(lists: pa.ChunkedArray | pa.Array) -> pa.Array:
     position = np.full(len(lengths), len(one) + len(many), dtype=np.int64)
     position[one] = np.arange(len(one))
     position[many] = len(one) + np.arange(len(many))
-    parts = [
-        pc.list_flatten(column.take(pa.array(one))).cast(pa.binary()),
-        hll.union_many(column.take(pa.array(many))),
-        pa.nulls(1, pa.binary()),
-    ]
+    parts = [pc.list_flatten(column.take(pa.array(one))).cast(pa.binary())]
+    for start in range(0, len(many), _MERGE_CHUNK):
+        parts.append(hll.union_many(column.take(pa.array(many[start : start + _MERGE_CHUNK]))))
+        # The unions hold the GIL; hand it over between chunks, so that a commit running
+        # beside the compaction waits milliseconds for it, not the whole merge.
+        time.sleep(0)
+    parts.append(pa.nulls(1, pa.binary()))
     return pa.concat_arrays(parts).take(pa.array(position))
 
 
@@ -310,8 +315,10 @@ def _upsert_offsets_sql(rows: int) -> str:
 
 
 # Minutes from this one on are in the minute base only, not yet rolled up into the hour
-# base; read in the query itself, so it is of the query's snapshot.
-_ROLLED: Final = "(SELECT max(rolled_ms) FROM delta_state)"
+# base. A placeholder: :meth:`DuckDBStore._fetch_base` reads delta_state.rolled_ms in the
+# query's own transaction (same snapshot) and puts it in as a literal, so that the scan of
+# the minute base is pruned by its zone maps to the few minutes not rolled up.
+_ROLLED: Final = "__clickagg_rolled_ms__"
 
 
 def _minutes_sql(columns: str, where: str) -> str:
@@ -479,6 +486,20 @@ class DuckDBStore:
         # Always fetchall: DuckDB 2 blocks some calls on a cursor with an unfinished result.
         return self._cursor().execute(sql, params).fetchall()
 
+    def _fetch_base(self, sql: str, params: object) -> list[tuple[Any, ...]]:
+        """Run a query that reads the base tables, with ``rolled_ms`` of its own snapshot."""
+        cur = self._cursor()
+        cur.execute("BEGIN")
+        try:
+            [(rolled,)] = cur.execute("SELECT max(rolled_ms) FROM delta_state").fetchall()
+            rows = cur.execute(sql.replace(_ROLLED, str(int(rolled))), params).fetchall()
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")  # read only: nothing to lose, nothing to conflict
+        return rows
+
     # -- writes ---------------------------------------------------------------------------
 
     def commit(self, commit: PartitionCommit) -> None:
@@ -535,11 +556,13 @@ class DuckDBStore:
                 nonlocal merged
                 [(rolled, watermark)] = cur.execute(
                     "SELECT (SELECT max(rolled_ms) FROM delta_state), "
-                    "(SELECT min(watermark_ms) FROM partition_offsets)"
+                    "(SELECT max(watermark_ms) FROM partition_offsets)"
                 ).fetchall()
-                # Minutes wholly before every partition's watermark get no more deltas
-                # (their events would be late): roll them up into the hours now. Nothing
-                # depends on that for exactness, only for how often a row is rewritten.
+                # Minutes wholly before the watermark get (almost) no more deltas: roll
+                # them up into the hours now. The newest watermark, not the oldest, so an
+                # idle partition cannot hold the roll-up back; a lagging partition's deltas
+                # for rolled-up minutes just go to both tables. Answers never depend on
+                # it, only how often a row is rewritten.
                 roll_to = max(rolled, (watermark or 0) - (watermark or 0) % MINUTE_MS)
                 merged = sum(
                     self._compact_family(cur, family, cut, rolled, roll_to) for family in _FAMILIES
@@ -722,7 +745,7 @@ class DuckDBStore:
             "hi": _ceil(end_ms, size),
             "size": size,
         }
-        rows = self._fetch(_WINDOWS[(family.dim, grain, owner_col)], params)
+        rows = self._fetch_base(_WINDOWS[(family.dim, grain, owner_col)], params)
         users = _unique_users([row[-1] for row in rows])
         return [
             AggregateRow(
@@ -750,7 +773,7 @@ class DuckDBStore:
         """Sums over the minutes in [start_ms, end_ms); zeros when there are none."""
         params = {"ad": ad_id, **self._minute_range(start_ms, end_ms)}
         # An aggregate without GROUP BY yields exactly one row.
-        [(clicks, imps, spend, invalid, sketches)] = self._fetch(_TOTALS[unique_users], params)
+        [(clicks, imps, spend, invalid, sketches)] = self._fetch_base(_TOTALS[unique_users], params)
         [users] = _unique_users([sketches])
         return Totals(
             clicks=int(clicks),
@@ -778,7 +801,7 @@ class DuckDBStore:
         params: dict[str, object] = {"n": limit, **self._minute_range(start_ms, end_ms)}
         if advertiser_id is not None:
             params["advertiser"] = advertiser_id
-        rows = self._fetch(_TOP_ADS[(by, advertiser_id is not None)], params)
+        rows = self._fetch_base(_TOP_ADS[(by, advertiser_id is not None)], params)
         users = _unique_users([row[-1] for row in rows])
         return [
             AdTotals(
