@@ -1,29 +1,35 @@
-"""Store commit and query cost: per-key upserts (main) against appended deltas (this tree).
+"""Store cost per worker round: commit, compaction, commit latency while compacting, queries.
 
 Commits rounds of production-shaped deltas (10,000 ads Zipf s=1, 1M users, 20 countries,
 3 devices, 5 browsers, ~50,000 events per round across 8 partitions, event times over 10
-minutes) through the store of ``main`` (loaded from git into a temporary module) and the
-store of the working tree, and reports the median ms per round and µs per event of the
-commit alone (the round's deltas are computed beforehand), then query latency: minute rows
-of the busiest ad over an hour, and a day of that ad by hour, with the deltas still pending
-and after compaction. Short by default (the machine is shared): about a minute.
+minutes) to the store of the working tree (or of any tree on PYTHONPATH: the script only
+uses ``commit_many``, ``compact`` and the queries), and reports:
 
-    .venv/bin/python bench/store_commit.py [--rounds 12] [--rev main]
+* serial: the median ms of a commit alone (deltas computed beforehand), and compaction
+  every 4 rounds, as ms per round of deltas (total compaction time / rounds): the worker's
+  store cost per round is commit + that share;
+* concurrent: a compaction thread compacting back to back while the main thread commits
+  the rounds again on a fresh store; commit latency p50 / p99 / max of the commits that
+  overlapped a compaction;
+* query latency after the last compaction (median ms): minute rows of the busiest ad over
+  an hour, a day of it by hour, a day of it by country.
+
+For reference, the per-key upsert store (before deltas, 22b9858) committed such a round in
+1,962 ms. Short by default (the machine is shared): about a minute.
+
+    .venv/bin/python bench/store_commit.py [--rounds 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -43,32 +49,6 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
 COUNTRIES = [f"C{i:02d}" for i in range(20)]
 DEVICES = ["mobile", "desktop", "tablet"]
 BROWSERS = ["chrome", "safari", "firefox", "edge", "other"]
-OLD_DIMENSION_SCHEMA = pa.schema(
-    [
-        pa.field("ad_id", pa.string(), nullable=False),
-        pa.field("minute_ms", pa.int64(), nullable=False),
-        *(pa.field(d, pa.string(), nullable=False) for d in aggregate.DIMENSIONS),
-        *aggregate.MEASURES,
-    ]
-)
-
-
-def old_store_module(rev: str) -> ModuleType:
-    """The store of ``rev`` as a module of its own (it imports only what still exists)."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:src/clickagg/store/duckdb_store.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "old_duckdb_store.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("old_duckdb_store", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def round_events(rng: np.random.Generator, index: int) -> pl.DataFrame:
@@ -76,6 +56,7 @@ def round_events(rng: np.random.Generator, index: int) -> pl.DataFrame:
     ads = rng.choice(ADS, size=EVENTS_PER_ROUND, p=weights / weights.sum())
     start = T0 + index * 5_000  # the 10-minute window slides 5 s per round
     click = rng.random(EVENTS_PER_ROUND) < 0.1
+    users = rng.integers(1, USERS + 1, EVENTS_PER_ROUND)
     df = pl.DataFrame(
         {
             "ad_id": [f"ad-{a:05d}" for a in ads],
@@ -85,10 +66,8 @@ def round_events(rng: np.random.Generator, index: int) -> pl.DataFrame:
             "event_type": np.where(click, ids.CLICK, ids.IMPRESSION).astype(np.int8),
             "invalid": rng.random(EVENTS_PER_ROUND) < 0.01,
             "cost_micros": np.full(EVENTS_PER_ROUND, -1, dtype=np.int64),
-            "user_hash": (
-                rng.integers(1, USERS + 1, EVENTS_PER_ROUND).astype(np.uint64)
-                * np.uint64(0x9E3779B97F4A7C15)
-            ),
+            "user_hash": users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15),
+            "user_id": [f"u{u}" for u in users],
             "country": rng.choice(COUNTRIES, EVENTS_PER_ROUND),
             "device": rng.choice(DEVICES, EVENTS_PER_ROUND),
             "browser": rng.choice(BROWSERS, EVENTS_PER_ROUND),
@@ -97,26 +76,11 @@ def round_events(rng: np.random.Generator, index: int) -> pl.DataFrame:
     return aggregate.with_minute_and_spend(df, {})
 
 
-def old_dimension_deltas(counted: pl.DataFrame) -> pa.Table:
-    grouped = counted.group_by("ad_id", "minute_ms", *aggregate.DIMENSIONS).agg(
-        aggregate._measure_exprs()
-    )
-    return (
-        grouped.sort("ad_id", "minute_ms", *aggregate.DIMENSIONS)
-        .to_arrow()
-        .cast(OLD_DIMENSION_SCHEMA)
-    )
-
-
 def commits(index: int, minute: pa.Table, dims: Any) -> list[PartitionCommit]:
     """A round as the worker commits it: every partition, the deltas on the first."""
     per = EVENTS_PER_ROUND // PARTITIONS
     empty_minute = minute.schema.empty_table()
-    empty_dims = (
-        dims.schema.empty_table()
-        if isinstance(dims, pa.Table)
-        else {k: v.schema.empty_table() for k, v in dims.items()}
-    )
+    empty_dims = {k: v.schema.empty_table() for k, v in dims.items()}
     return [
         PartitionCommit(
             partition=p,
@@ -124,10 +88,10 @@ def commits(index: int, minute: pa.Table, dims: Any) -> list[PartitionCommit]:
             to_offset=(index + 1) * per,
             minute_deltas=minute if p == 0 else empty_minute,
             dimension_deltas=dims if p == 0 else empty_dims,
-            fates=aggregate.FATE_SCHEMA.empty_table(),
-            late_events=aggregate.LATE_SCHEMA.empty_table(),
-            max_event_ms=T0,
-            watermark_ms=T0,
+            # The round's events span [start, start + 10 min): none is older than the
+            # watermark, so minutes before it are final and get rolled up into hours.
+            max_event_ms=T0 + index * 5_000 + 10 * MINUTE_MS,
+            watermark_ms=T0 + index * 5_000,
             counted=per,
             duplicates=0,
             late=0,
@@ -172,8 +136,8 @@ def queries(store: Any, ad: str) -> dict[str, float]:
     }
 
 
-def run(
-    store: Any, rounds: list[tuple[pa.Table, Any]], compact_every: int = 0
+def run_serial(
+    store: Any, rounds: list[tuple[pa.Table, Any]], compact_every: int
 ) -> tuple[list[float], list[float]]:
     commit_ms, compact_ms = [], []
     for i, (minute, dims) in enumerate(rounds):
@@ -181,92 +145,109 @@ def run(
         started = time.perf_counter()
         store.commit_many(batch)
         commit_ms.append((time.perf_counter() - started) * 1000)
-        if compact_every and (i + 1) % compact_every == 0:
+        if (i + 1) % compact_every == 0 or i == len(rounds) - 1:
             started = time.perf_counter()
             store.compact()
             compact_ms.append((time.perf_counter() - started) * 1000)
     return commit_ms, compact_ms
 
 
+def run_concurrent(store: Any, rounds: list[tuple[pa.Table, Any]]) -> dict[str, Any]:
+    """Commit every round while another thread compacts back to back."""
+    stop = threading.Event()
+    busy: list[tuple[float, float]] = []  # (start, end) of each compaction
+    compact_ms: list[float] = []
+
+    def compactor() -> None:
+        while not stop.is_set():
+            if store.pending_delta_rows() == 0:
+                time.sleep(0.01)
+                continue
+            started = time.perf_counter()
+            store.compact()
+            ended = time.perf_counter()
+            busy.append((started, ended))
+            compact_ms.append((ended - started) * 1000)
+
+    thread = threading.Thread(target=compactor)
+    thread.start()
+    spans = []
+    try:
+        for i, (minute, dims) in enumerate(rounds):
+            batch = commits(i, minute, dims)
+            started = time.perf_counter()
+            store.commit_many(batch)
+            spans.append((started, time.perf_counter()))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    store.compact()
+    during = [
+        (end - start) * 1000
+        for start, end in spans
+        if any(b_start < end and start < b_end for b_start, b_end in busy)
+    ]
+    return {
+        "commits_during_compaction": len(during),
+        "commit_p50_ms": percentile(during, 50),
+        "commit_p99_ms": percentile(during, 99),
+        "commit_max_ms": max(during, default=float("nan")),
+        "compactions": len(compact_ms),
+        "compact_median_ms": statistics.median(compact_ms) if compact_ms else float("nan"),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--rev", default="main", help="git revision of the old store")
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--compact-every", type=int, default=4)
     args = parser.parse_args()
     rng = np.random.default_rng(1)
     events = [round_events(rng, i) for i in range(args.rounds)]
-
     started = time.perf_counter()
-    new_rounds = [aggregate.round_deltas(e) for e in events]
-    new_agg_ms = (time.perf_counter() - started) * 1000 / args.rounds
-    started = time.perf_counter()
-    old_rounds = [
-        (aggregate.minute_deltas(e).drop_columns(list(aggregate.OWNERS)), old_dimension_deltas(e))
-        for e in events
-    ]
-    old_agg_ms = (time.perf_counter() - started) * 1000 / args.rounds
-    rows_new = statistics.median(
-        m.num_rows + sum(t.num_rows for t in d.values()) for m, d in new_rounds
-    )
-    rows_old = statistics.median(m.num_rows + d.num_rows for m, d in old_rounds)
+    rounds = [aggregate.round_deltas(e) for e in events]
+    agg_ms = (time.perf_counter() - started) * 1000 / args.rounds
+    rows = statistics.median(m.num_rows + sum(t.num_rows for t in d.values()) for m, d in rounds)
     ad = "ad-00000"  # Zipf rank 1: the busiest ad
-    old_cls = old_store_module(args.rev).DuckDBStore
-    result: dict[str, Any] = {"rounds": args.rounds, "events_per_round": EVENTS_PER_ROUND}
     with tempfile.TemporaryDirectory() as tmp:
-        old = old_cls(Path(tmp) / "old.duckdb")
-        try:
-            old_commit, _ = run(old, old_rounds)
-            result["old"] = {"commit_ms": old_commit, **queries(old, ad)}
-        finally:
-            old.close()
-        with DuckDBStore(Path(tmp) / "new.duckdb") as new:
-            new_commit, _ = run(new, new_rounds)
-            pending = new.pending_delta_rows()
-            result["new_pending"] = {"commit_ms": new_commit, **queries(new, ad)}
-            compaction = new.compact()
-            result["new_compacted"] = {
-                "compact_ms": compaction.seconds * 1000,
-                "compacted_rows": compaction.delta_rows,
-                "pending_rows_before": pending,
-                **queries(new, ad),
-            }
-        with DuckDBStore(Path(tmp) / "new2.duckdb") as new:
-            commit_ms, compact_ms = run(new, new_rounds, compact_every=4)
-            result["new_compact_every_4"] = {"commit_ms": commit_ms, "compact_ms": compact_ms}
-
-    def per_event(ms: list[float]) -> str:
-        med = statistics.median(ms)
-        return f"{med:8.1f} ms/round  {med * 1000 / EVENTS_PER_ROUND:6.2f} µs/event"
-
+        with DuckDBStore(Path(tmp) / "serial.duckdb") as store:
+            commit_ms, compact_ms = run_serial(store, rounds, args.compact_every)
+            query_ms = queries(store, ad)
+        with DuckDBStore(Path(tmp) / "concurrent.duckdb") as store:
+            concurrent = run_concurrent(store, rounds)
+    commit_med = statistics.median(commit_ms)
+    compact_per_round = sum(compact_ms) / args.rounds
     print(f"rounds: {args.rounds} x {EVENTS_PER_ROUND} events, {PARTITIONS} partitions")
-    print(f"delta rows per round: old {rows_old:.0f} (minute + 5-tuple dims), new {rows_new:.0f}")
-    print(f"aggregation (polars) per round: old {old_agg_ms:.1f} ms, new {new_agg_ms:.1f} ms")
-    print(f"commit, old (upserts):          {per_event(result['old']['commit_ms'])}")
-    print(f"commit, new (appends):          {per_event(result['new_pending']['commit_ms'])}")
-    every4 = result["new_compact_every_4"]
-    print(f"commit, new, compact every 4:   {per_event(every4['commit_ms'])}")
+    print(f"delta rows per round: {rows:.0f}; aggregation (polars + sketches) {agg_ms:.0f} ms")
+    print(f"commit (median):                    {commit_med:8.1f} ms/round")
     print(
-        f"compaction: {result['new_compacted']['compacted_rows']} rows of {args.rounds} rounds "
-        f"in {result['new_compacted']['compact_ms']:.0f} ms; every 4 rounds: median "
-        f"{statistics.median(every4['compact_ms']):.0f} ms"
+        f"compaction every {args.compact_every} rounds: median "
+        f"{statistics.median(compact_ms):.0f} ms, {compact_per_round:.1f} ms per round of deltas"
     )
-    print(f"{'query (median ms)':34} {'old':>8} {'new, pending':>13} {'new, compacted':>15}")
-    for q in ("minute_rows_1h_ms", "day_by_hour_ms", "day_by_country_ms"):
-        print(
-            f"{q:34} {result['old'][q]:8.2f} {result['new_pending'][q]:13.2f} "
-            f"{result['new_compacted'][q]:15.2f}"
-        )
+    print(
+        f"store cost per round (commit + compaction share): {commit_med + compact_per_round:.1f} ms"
+    )
+    print(
+        f"while compacting back to back ({concurrent['compactions']} compactions, median "
+        f"{concurrent['compact_median_ms']:.0f} ms): {concurrent['commits_during_compaction']} "
+        f"commits overlapped, p50 {concurrent['commit_p50_ms']:.1f} ms, "
+        f"p99 {concurrent['commit_p99_ms']:.1f} ms, max {concurrent['commit_max_ms']:.1f} ms"
+    )
+    for q, ms in query_ms.items():
+        print(f"query {q:24} {ms:8.2f} ms (median, after compaction)")
     summary = {
-        "old_commit_ms": statistics.median(result["old"]["commit_ms"]),
-        "new_commit_ms": statistics.median(result["new_pending"]["commit_ms"]),
-        "new_commit_ms_compact_every_4": statistics.median(every4["commit_ms"]),
-        "compact_ms": result["new_compacted"]["compact_ms"],
-        "queries": {
-            k: {q: result[k][q] for q in ("minute_rows_1h_ms", "day_by_hour_ms")}
-            for k in ("old", "new_pending", "new_compacted")
-        },
+        "commit_ms": commit_med,
+        "compact_ms_per_round": compact_per_round,
+        "store_ms_per_round": commit_med + compact_per_round,
+        "concurrent": concurrent,
+        "queries_ms": query_ms,
     }
-    json.dump(summary, sys.stdout)
+    json.dump(summary, __import__("sys").stdout)
     print()
 
 

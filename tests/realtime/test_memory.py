@@ -25,7 +25,7 @@ def deltas(*rows: tuple[str, int, int, int]) -> pa.Table:
                 "impressions": imps,
                 "spend_micros": clicks * 10,
                 "invalid_clicks": 0,
-                "user_hashes": [],
+                "users": None,
             }
             for ad, minute, clicks, imps in rows
         ],

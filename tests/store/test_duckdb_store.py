@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -16,13 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import datasketches
 import duckdb
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
 
-from clickagg.core import aggregate, ids, sketch
+from clickagg.core import aggregate, hll, ids
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.store.base import AggregateRow, FencedError, PartitionCommit, Totals
 from clickagg.store.duckdb_store import DuckDBStore
@@ -61,6 +60,7 @@ def frame(events: list[Ev]) -> pl.DataFrame:
             "invalid": [e.invalid for e in events],
             "cost_micros": [e.cost_micros for e in events],
             "user_hash": pl.Series([ids.user_hash(e.user) for e in events], dtype=pl.UInt64),
+            "user_id": pl.Series([e.user for e in events], dtype=pl.String),
             "country": [e.country for e in events],
             "device": [e.device for e in events],
             "browser": [e.browser for e in events],
@@ -106,7 +106,7 @@ def make_commit(
 def expected_rows(
     events: list[Ev], ad_id: str, start: int, end: int, size: int, group_by: str | None
 ) -> list[AggregateRow]:
-    """Brute force over the events (exact user counts: keep sets below K users)."""
+    """Brute force over the events (exact user counts: keep sets below hll.EXACT_UP_TO)."""
     acc: dict[tuple[int, str | None], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     users: dict[tuple[int, str | None], set[int]] = defaultdict(set)
     for e in events:
@@ -257,7 +257,7 @@ def test_commits_to_one_minute_add_up_and_sketches_merge(store: DuckDBStore) -> 
     assert (by_country.group, by_country.clicks, by_country.unique_users) == ("US", 3, 3)
 
 
-def test_sketch_estimate_beyond_k(store: DuckDBStore) -> None:
+def test_sketch_estimate_beyond_exact(store: DuckDBStore) -> None:
     users = [f"user-{i}" for i in range(4600)]
     offset = 0
     for chunk in range(10):  # users repeat across commits and minutes: duplicates must not count
@@ -268,16 +268,77 @@ def test_sketch_estimate_beyond_k(store: DuckDBStore) -> None:
         store.commit(make_commit(0, offset, offset + len(events), events))
         offset += len(events)
     n_users = len(users)
-    truth_hashes = [ids.user_hash(u) for u in users]
-    exact_estimate = sketch.estimate(sketch.build(np.array(truth_hashes, dtype=np.uint64)))
     [day] = store.aggregates(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="day")
     total = store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS)
     # Merging is exact: same estimate as one sketch built from every user at once ...
-    assert day.unique_users == total.unique_users == exact_estimate
+    assert day.unique_users == total.unique_users == hll.estimate(reference_sketch(users))
     # ... and that estimate is within 3 standard errors of the truth.
-    assert abs(day.unique_users - n_users) <= 3 / math.sqrt(sketch.K - 2) * n_users
+    assert abs(day.unique_users - n_users) <= 3 * hll.RELATIVE_STANDARD_ERROR * n_users
     hours = store.aggregates(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="hour")
-    assert len(hours) == 5 and all(h.unique_users > sketch.K for h in hours)
+    assert len(hours) == 5 and all(h.unique_users > hll.EXACT_UP_TO for h in hours)
+
+
+def reference_sketch(users: list[str]) -> bytes:
+    """The sketch of ``users`` built directly, as Spark's hll_sketch_agg(user_id) would."""
+    sketch = datasketches.hll_sketch(hll.LG_K, hll.TARGET)
+    for user in users:
+        sketch.update(user)
+    return hll.union([sketch.serialize_updatable()])
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_day_from_hours_counts_every_user_of_the_ad_once(tmp_path: Path, compact: bool) -> None:
+    """Unique users of an ad's day, merged from its hour (and minute, delta) sketches, equal
+    the estimate of one sketch of all its users; other ads' users do not leak in."""
+    rng = random.Random(7)
+    pool = [f"user-{i}" for i in range(6000)]
+    seen: set[str] = set()
+    with DuckDBStore(tmp_path / "day.duckdb") as store:
+        offset = 0
+        for round_ in range(12):
+            events = []
+            for _ in range(900):
+                user = rng.choice(pool)
+                ad = "ad1" if rng.random() < 0.8 else "ad2"
+                if ad == "ad1":
+                    seen.add(user)
+                ts = T0 + rng.randrange(DAY_MS)
+                events.append(Ev(ad, ts, user=user, country=rng.choice(["US", "DE"])))
+            store.commit(make_commit(0, offset, offset + len(events), events))
+            offset += len(events)
+            if compact and round_ % 4 == 3:
+                store.compact()
+        want = hll.estimate(reference_sketch(sorted(seen)))
+        [day] = store.aggregates(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="day")
+        total = store.totals(ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS)
+        assert day.unique_users == total.unique_users == want
+        assert abs(want - len(seen)) <= 3 * hll.RELATIVE_STANDARD_ERROR * len(seen)
+        by_country = store.aggregates(
+            ad_id="ad1", start_ms=T0, end_ms=T0 + DAY_MS, granularity="day", group_by="country"
+        )
+        assert sum(r.unique_users for r in by_country) >= want  # a user in two countries
+
+
+def test_stored_sketches_are_datasketches_hll_bytes(store: DuckDBStore) -> None:
+    users = [f"u{i}" for i in range(1000)]
+    events = [Ev("ad1", T0 + (i % 3) * MINUTE_MS, user=u) for i, u in enumerate(users)]
+    store.commit(make_commit(0, 0, 500, events[:500]))
+    store.commit(make_commit(0, 500, 1000, events[500:]))
+    store.compact()
+    # A later event moves the watermark past those minutes: they are rolled up into hours.
+    store.commit(make_commit(0, 1000, 1001, [Ev("ad2", T0 + 10 * MINUTE_MS)]))
+    store.compact()
+    blobs = [
+        row[0]
+        for table in ("agg_minute", "agg_hour", "agg_minute_country", "agg_hour_device")
+        for row in store._fetch(f"SELECT users FROM {table} WHERE ad_id = 'ad1'")
+    ]
+    assert len(blobs) == 3 + 1 + 3 + 1
+    for data in blobs:
+        sketch = datasketches.hll_sketch.deserialize(data)
+        assert sketch.lg_config_k == hll.LG_K and sketch.tgt_type == hll.TARGET
+    [hour] = store._fetch("SELECT users FROM agg_hour WHERE ad_id = 'ad1'")
+    assert hll.estimate(hour[0]) == hll.estimate(reference_sketch(users))
 
 
 def test_fenced_commit_changes_nothing(store: DuckDBStore) -> None:
@@ -451,16 +512,20 @@ def test_queries_run_while_commits_land(store: DuckDBStore) -> None:
 CRASH_WRITER = textwrap.dedent(
     """
     import sys
+    import numpy as np
     import pyarrow as pa
-    from clickagg.core import aggregate
+    from clickagg.core import aggregate, hll
     from clickagg.store.base import PartitionCommit
     from clickagg.store.duckdb_store import DuckDBStore
+
+    def user_sketch(offset):
+        return hll.sketches_by_group(np.zeros(1, np.int64), pa.array([f"u{offset}"]), 1)[0]
 
     store = DuckDBStore(sys.argv[1])
     offset = store.committed_offsets().get(0, 0)
     while True:
         measures = {"clicks": [1], "impressions": [0], "spend_micros": [10],
-                    "invalid_clicks": [0], "user_hashes": [[offset + 1]]}
+                    "invalid_clicks": [0], "users": [user_sketch(offset)]}
         key = {"ad_id": ["ad1"], "minute_ms": [offset % 7 * 60_000]}
         minute = pa.table(
             {**key, "advertiser_id": ["adv"], "campaign_id": ["c"], **measures},
@@ -510,7 +575,7 @@ def test_kill_9_mid_commit_loses_or_duplicates_nothing(tmp_path: Path) -> None:
         assert committed >= last_printed
         assert totals.clicks == minute_sum == dims_sum == committed
         assert totals.spend_micros == 10 * committed
-        if committed < sketch.K:
+        if committed <= hll.EXACT_UP_TO:
             assert totals.unique_users == committed
         last_printed = committed
 
@@ -541,7 +606,7 @@ def _one_click_commit(partition: int, from_offset: int, to_offset: int) -> Parti
                 "impressions": 0,
                 "spend_micros": 0,
                 "invalid_clicks": 0,
-                "user_hashes": [],
+                "users": None,
             }
         ],
         schema=aggregate.MINUTE_SCHEMA,

@@ -2,6 +2,9 @@
 
 Deltas are additive (sums) or mergeable (unique-user sketches), so applying the deltas of
 any split of the same events, in any order, gives the same rows: the store only merges.
+Unique users are a DataSketches HLL sketch per row (``users``, the bytes of
+``clickagg.core.hll``; null when no event of the row names a user): the same bytes Spark's
+``hll_sketch_agg(user_id)`` makes, so stream and batch sketches merge.
 
 A round yields one minute delta per (ad_id, minute), carrying the ad's ``advertiser_id``
 and ``campaign_id`` (an ad belongs to one of each; missing means "unknown"; they are part of
@@ -14,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from clickagg.core import ids, sketch
+from clickagg.core import hll, ids
 from clickagg.core.windows import MINUTE_MS
 
 UNKNOWN = "unknown"
@@ -27,7 +31,7 @@ MEASURES = [
     pa.field("impressions", pa.int64(), nullable=False),
     pa.field("spend_micros", pa.int64(), nullable=False),
     pa.field("invalid_clicks", pa.int64(), nullable=False),
-    pa.field("user_hashes", pa.list_(pa.uint64()), nullable=False),
+    pa.field("users", pa.binary(), nullable=True),  # HLL sketch bytes; null: no user
 ]
 OWNERS = ("advertiser_id", "campaign_id")
 MINUTE_SCHEMA = pa.schema(
@@ -66,12 +70,8 @@ def _measure_exprs() -> list[pl.Expr]:
         .cast(pl.Int64)
         .alias("spend_micros"),
         (is_click & pl.col("invalid")).sum().cast(pl.Int64).alias("invalid_clicks"),
-        pl.col("user_hash")
-        .filter(pl.col("user_hash") != 0)
-        .unique()
-        .sort()
-        .head(sketch.K)
-        .alias("user_hashes"),
+        # The row's distinct user ids, for its sketch (dropped once the sketches are built).
+        pl.col("user_id").drop_nulls().unique().alias("_user_ids"),
     ]
 
 
@@ -91,10 +91,27 @@ def empty_dimension_deltas() -> dict[str, pa.Table]:
     return {name: schema.empty_table() for name, schema in DIMENSION_SCHEMAS.items()}
 
 
+def _with_sketches(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """``frame`` (sorted, with each row's distinct ``_user_ids``) with the ``users`` sketches:
+    row i is group i, so the (row, user) pairs come from one explode, no per-event Python."""
+    pairs = frame.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("g"), pl.col("_user_ids")
+    ).explode("_user_ids")
+    pairs = pairs.filter(pl.col("_user_ids").is_not_null())
+    sketches = hll.sketches_by_group(
+        pairs["g"].to_numpy().astype(np.int64, copy=False), pairs["_user_ids"], frame.height
+    )
+    table = frame.drop("_user_ids").to_arrow()
+    return table.append_column("users", sketches).cast(schema)
+
+
 def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
     """The minute deltas and every dimension's deltas of ``counted`` (which has minute,
-    spend, invalid), in one polars pass: the four group-bys run in parallel."""
-    missing = [pl.lit(None, pl.String).alias(name) for name in OWNERS if name not in counted]
+    spend, invalid), in one polars pass: the four group-bys run in parallel. Each table's
+    sketches are built from its rows' distinct user ids (one group index per table)."""
+    missing = [
+        pl.lit(None, pl.String).alias(name) for name in (*OWNERS, "user_id") if name not in counted
+    ]
     lazy = counted.lazy().with_columns(missing)
     # The owners are part of the key (an ad has one of each, so it stays one row per ad
     # and minute): a row never changes owner when deltas merge, so roll-ups are the same
@@ -113,9 +130,9 @@ def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
     ]
     minute, *dims = pl.collect_all(plans)
     return (
-        minute.to_arrow().cast(MINUTE_SCHEMA),
+        _with_sketches(minute, MINUTE_SCHEMA),
         {
-            name: frame.to_arrow().cast(DIMENSION_SCHEMAS[name])
+            name: _with_sketches(frame, DIMENSION_SCHEMAS[name])
             for name, frame in zip(DIMENSIONS, dims, strict=True)
         },
     )

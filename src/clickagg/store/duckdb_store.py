@@ -10,11 +10,10 @@ Threading: one ``duckdb.connect(path)`` per store (a DuckDB file admits a single
 process), and one ``connection.cursor()`` per thread (a ``threading.local``). Each cursor is
 its own DuckDB connection with its own transaction, so readers see committed snapshots and
 never wait for the worker's transaction (MVCC); DuckDB runs statements of different cursors
-in parallel and releases the GIL while executing. Commits are serialized by a lock: DuckDB
-transactions are optimistic, so two writers upserting the same (ad, minute) row (two
-partitions' batches share ads) would make one of them fail at COMMIT. That same conflict
-check is a second fence: two stores opened on one file in one process (DuckDB shares the
-database) cannot both advance a partition from the same offset.
+in parallel and releases the GIL while executing. Commits are serialized by a lock (one
+round at a time, each with the next ``seq``); DuckDB's optimistic conflict check on
+``partition_offsets`` is a second fence: two stores opened on one file in one process
+(DuckDB shares the database) cannot both advance a partition from the same offset.
 
 Tables: aggregates are appended, never upserted, on the hot path (like Mesa's versioned
 deltas or ClickHouse's SummingMergeTree). A commit appends the round's deltas, tagged with
@@ -22,19 +21,40 @@ the round's sequence number ``seq``, to four narrow tables without any index:
 ``delta_minute`` (ad_id, minute_ms, advertiser_id, campaign_id, measures) and one per
 breakdown dimension, ``delta_country`` / ``delta_device`` / ``delta_browser`` (ad_id,
 minute_ms, <dimension>, measures). The measures are those of
-``clickagg.core.aggregate.MEASURES``: sums plus the sorted KMV sketch ``user_hashes``.
+``clickagg.core.aggregate.MEASURES``: sums plus ``users``, the serialized DataSketches HLL
+sketch of the row's users (``clickagg.core.hll``, Spark-compatible; null: no user).
 
 :meth:`DuckDBStore.compact` (a background thread of the worker process) merges every delta
-with ``seq <= cut`` into keyed base tables and deletes those deltas, in ONE transaction, so
-a crash leaves either all of it or none: ``agg_minute`` / ``agg_hour`` keyed (ad_id,
-minute_ms | hour_ms, advertiser_id, campaign_id), and ``agg_minute_<dim>`` /
-``agg_hour_<dim>`` keyed (ad_id, minute_ms | hour_ms, <dimension>). Hours are rolled up
-there because merging sketches is what costs (a busy ad's day is 1440 full sketches, 368k
-hashes, 100+ ms to merge; from hours, 24).
+with ``seq <= cut`` into the minute base tables and deletes those deltas, in ONE
+transaction, so a crash leaves either all of it or none: ``agg_minute`` (ad_id, minute_ms,
+advertiser_id, campaign_id) and ``agg_minute_<dim>`` (ad_id, minute_ms, <dimension>). In
+the same transaction it rolls the minutes that are final (wholly before the newest
+partition watermark: they get almost no more deltas) up into the hour base tables ``agg_hour`` /
+``agg_hour_<dim>``, once per minute; ``delta_state.rolled_ms`` is the first minute not
+rolled up. Hours exist because merging sketches is what costs (a busy ad's day is 1440
+sketches to merge, from hours 24); rolling a minute up once, when final, rather than at
+every compaction that touches it, halves a compaction (hour rows hold the widest
+sketches). A delta that still arrives for a rolled-up minute is merged into its minute and
+its hour at once, so no answer depends on the watermark.
 
-Every query reads base UNION ALL deltas (the deltas rolled up to the query's grain), so it is
-exact at every moment: a delta is in the base tables or in the delta tables, never both,
-never neither. ``delta_state`` remembers the last compacted ``seq``.
+The base tables have one row per key but no PRIMARY KEY: replacing rows through its ART
+index was 80-90 % of a compaction. DuckDB cannot merge HLL bytes here (its datasketches
+extension is not available), so sums are added in SQL and sketches merged in Python: a
+compaction fetches, per touched base key, the new sums, the stored row's rowid and
+``list(users)`` (the stored sketch and the new ones) as Arrow, merges each list with
+``hll.union_many`` (a lone sketch is kept as is), deletes the stored rows by rowid and
+appends the merged ones (sorted by ad then time, which keeps zone maps selective).
+Queries likewise fetch ``list(users)`` per result row and estimate in Python; queries
+without unique users (sliding windows, ``minute_rows_since``,
+``totals(unique_users=False)``) never read the sketch column.
+
+Compaction does not hold the commit lock: see :meth:`DuckDBStore.compact`.
+
+Every query reads base UNION ALL deltas (the deltas rolled up to the query's grain; for
+hours, the hour rows plus the minute rows from ``rolled_ms`` on, read in the query's own
+snapshot), so it is exact at every moment: a delta is in the base tables or in the delta
+tables, never both, never neither; a minute is in its hour row or counted from its minute
+row, never both. ``delta_state`` remembers the last compacted ``seq`` and ``rolled_ms``.
 """
 
 from __future__ import annotations
@@ -48,9 +68,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from clickagg.core import sketch
+from clickagg.core import hll
 from clickagg.core.aggregate import DIMENSIONS, OWNERS, UNKNOWN
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.store.base import (
@@ -70,7 +92,8 @@ from clickagg.store.base import (
 _SUMS: Final = ("clicks", "impressions", "spend_micros", "invalid_clicks")
 _WINDOW_MS: Final[dict[str, int]] = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
 _SUM_EXPRS: Final = ", ".join(f"sum({m})::BIGINT AS {m}" for m in _SUMS)
-_MERGED: Final = sketch.sql_merge_agg("user_hashes")
+# A group's sketches as a list, merged in Python (DuckDB cannot merge HLL bytes here).
+_SKETCHES: Final = "list(users) FILTER (WHERE users IS NOT NULL)"
 
 
 @dataclass(frozen=True)
@@ -94,7 +117,7 @@ class _Family:
     @property
     def columns(self) -> tuple[str, ...]:
         """Delta columns besides ``seq``, in the order of the Arrow schema."""
-        return ("ad_id", "minute_ms", *self.extra, *_SUMS, "user_hashes")
+        return ("ad_id", "minute_ms", *self.extra, *_SUMS, "users")
 
 
 _ADS: Final = _Family(None, "delta_minute", "agg_minute", "agg_hour", "_clickagg_minute")
@@ -113,17 +136,19 @@ _OWNER_COLUMNS: Final[dict[str, str]] = {
 
 
 def _base_ddl(family: _Family, table: str, time_col: str) -> str:
-    key = family.key(time_col)
+    """No PRIMARY KEY: maintaining its ART index is what made compaction slow (replacing a
+    key in place through it cost 20-50 µs a row). Compaction keeps each key on one row by
+    deleting the row it merged (by rowid) and inserting the merged one."""
     cols = ", ".join(
         [
             "ad_id VARCHAR NOT NULL",
             f"{time_col} BIGINT NOT NULL",
             *(f"{c} VARCHAR NOT NULL" for c in family.extra),
             *(f"{m} BIGINT NOT NULL" for m in _SUMS),
-            "user_hashes UBIGINT[] NOT NULL",
+            "users BLOB",
         ]
     )
-    return f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({', '.join(key)}))"
+    return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
 
 
 def _delta_ddl(family: _Family) -> str:
@@ -135,7 +160,7 @@ def _delta_ddl(family: _Family) -> str:
             "minute_ms BIGINT NOT NULL",
             *(f"{c} VARCHAR NOT NULL" for c in family.extra),
             *(f"{m} BIGINT NOT NULL" for m in _SUMS),
-            "user_hashes UBIGINT[] NOT NULL",
+            "users BLOB",
         ]
     )
     return f"CREATE TABLE IF NOT EXISTS {family.delta} ({cols})"
@@ -145,7 +170,8 @@ _SCHEMA_DDL: Final = (
     *(_delta_ddl(f) for f in _FAMILIES),
     *(_base_ddl(f, f.minute, "minute_ms") for f in _FAMILIES),
     *(_base_ddl(f, f.hour, "hour_ms") for f in _FAMILIES),
-    "CREATE TABLE IF NOT EXISTS delta_state (compacted_seq BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS delta_state (compacted_seq BIGINT NOT NULL, "
+    "rolled_ms BIGINT NOT NULL DEFAULT 0)",
     """CREATE TABLE IF NOT EXISTS partition_offsets (
         "partition" INTEGER PRIMARY KEY, committed_offset BIGINT NOT NULL,
         max_event_ms BIGINT NOT NULL, watermark_ms BIGINT NOT NULL,
@@ -160,38 +186,111 @@ def _append_delta_sql(family: _Family) -> str:
     return f"INSERT INTO {family.delta} (seq, {cols}) SELECT ?, {cols} FROM {family.view}"
 
 
-def _compact_sql(family: _Family, table: str, time_col: str) -> str:
-    """Merge the deltas with ``seq <= ?`` into a base table: sums add, sketches merge.
+def _gather_sql(family: _Family, table: str, time_col: str, source: str, lo: int, hi: int) -> str:
+    """Each key of ``table`` that the rows of ``source`` (``<table> WHERE <condition>``:
+    deltas, or minute base rows being rolled up into hours) touch, with its new sums (those
+    rows plus the stored row), the stored row's rowid and the list of sketches to merge
+    (the stored one first).
 
-    The deltas are grouped by the target key first: that rolls minutes up to hours, merges
-    the many rounds that touched one key, and lets ON CONFLICT touch each row once.
+    The source rows are grouped by the target key first: that rolls minutes up to hours and
+    merges the many rounds that touched one key. [lo, hi] bounds the source's times (ints
+    computed by the store, never input): only the base's row groups in that range are read.
+    The result is sorted by ad then time, so that appended rows keep zone maps selective.
     """
     size = HOUR_MS if time_col == "hour_ms" else MINUTE_MS
     key = family.key(time_col)
     select_key = ", ".join(
         f"minute_ms - minute_ms % {size} AS {k}" if k == time_col else k for k in key
     )
-    updates = ", ".join(f"{m} = t.{m} + excluded.{m}" for m in _SUMS)
-    merged = sketch.sql_merge("t.user_hashes", "excluded.user_hashes")
-    cols = ", ".join([*key, *_SUMS, "user_hashes"])
+    on = " AND ".join(f"b.{k} = d.{k}" for k in key)
+    sums = ", ".join(f"d.{m} + coalesce(b.{m}, 0) AS {m}" for m in _SUMS)
+    return f"""
+    SELECT {", ".join(f"d.{k}" for k in key)}, {sums}, b.rowid AS base_rowid,
+        CASE WHEN b.users IS NULL THEN d.sk
+             ELSE list_prepend(b.users, coalesce(d.sk, []::BLOB[])) END AS sk
+    FROM (SELECT {select_key}, {_SUM_EXPRS}, {_SKETCHES} AS sk FROM {source} GROUP BY ALL) d
+    LEFT JOIN {table} b
+        ON {on} AND b.{time_col} >= {int(lo)} AND b.{time_col} <= {int(hi)}
+    ORDER BY d.ad_id, d.{time_col}"""
+
+
+def _write_back_sql(family: _Family, table: str, time_col: str) -> tuple[str, str]:
+    """Store the merged rows (registered as ``_clickagg_merged``): delete the base rows they
+    replace (by rowid, read in this transaction), then append them all."""
+    cols = ", ".join([*family.key(time_col), *_SUMS, "users"])
     return (
-        f"INSERT INTO {table} AS t ({cols}) "
-        f"SELECT {select_key}, {_SUM_EXPRS}, {_MERGED} AS user_hashes "
-        f"FROM {family.delta} WHERE seq <= ? GROUP BY ALL "
-        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}, user_hashes = {merged}"
+        f"DELETE FROM {table} WHERE rowid IN "
+        "(SELECT base_rowid FROM _clickagg_merged WHERE base_rowid IS NOT NULL)",
+        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _clickagg_merged",
     )
 
 
+_MERGE_CHUNK: Final = 1_000
+
+
+def _merge_sketch_lists(lists: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One sketch per row of a list-of-sketches column: a lone sketch is kept as it is
+    (every stored sketch is already canonical; taken in Arrow, no Python object per row),
+    two or more are merged (``hll.union_many``), none gives null."""
+    column = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    one = np.flatnonzero(lengths == 1)
+    many = np.flatnonzero(lengths > 1)
+    # Row i takes position[i] of [lone sketches..., merged sketches..., null].
+    position = np.full(len(lengths), len(one) + len(many), dtype=np.int64)
+    position[one] = np.arange(len(one))
+    position[many] = len(one) + np.arange(len(many))
+    parts = [pc.list_flatten(column.take(pa.array(one))).cast(pa.binary())]
+    for start in range(0, len(many), _MERGE_CHUNK):
+        parts.append(hll.union_many(column.take(pa.array(many[start : start + _MERGE_CHUNK]))))
+        # The unions hold the GIL; hand it over between chunks, so that a commit running
+        # beside the compaction waits milliseconds for it, not the whole merge.
+        time.sleep(0)
+    parts.append(pa.nulls(1, pa.binary()))
+    return pa.concat_arrays(parts).take(pa.array(position))
+
+
+def _unique_users(lists: Sequence[Sequence[bytes] | None]) -> list[int]:
+    """The estimate of the union of each row's sketches (no sketch: 0)."""
+    return [
+        0 if not row else hll.estimate(row[0] if len(row) == 1 else hll.union(row)) for row in lists
+    ]
+
+
+def _merge_into(cur: duckdb.DuckDBPyConnection, family: _Family, grain: str, source: str) -> int:
+    """Merge the rows of ``source`` (``<table> WHERE <condition>``, with minute_ms, the
+    family's key columns, sums and users) into the family's base table of ``grain``:
+    gather the touched keys with their stored rows, merge the sketches, delete the stored
+    rows by rowid, append the merged ones. Returns the number of source rows."""
+    [(lo, hi, rows)] = cur.execute(
+        f"SELECT min(minute_ms), max(minute_ms), count(*) FROM {source}"
+    ).fetchall()
+    if not rows:
+        return 0
+    size = HOUR_MS if grain == "hour" else MINUTE_MS
+    table = getattr(family, grain)
+    gathered = cur.sql(
+        _gather_sql(family, table, f"{grain}_ms", source, lo - lo % size, hi)
+    ).to_arrow_table()
+    merged = gathered.set_column(
+        gathered.schema.get_field_index("sk"), "users", _merge_sketch_lists(gathered["sk"])
+    )
+    cur.register("_clickagg_merged", merged)
+    try:
+        for statement in _WRITE_BACK[(family.dim, grain)]:
+            cur.execute(statement).fetchall()
+    finally:
+        cur.unregister("_clickagg_merged")
+    return int(rows)
+
+
+_COMPACT_ATTEMPTS: Final = 5
 _APPENDS: Final = {family.view: _append_delta_sql(family) for family in _FAMILIES}
-_COMPACT_STATEMENTS: Final = tuple(
-    (
-        family,
-        _compact_sql(family, family.minute, "minute_ms"),
-        _compact_sql(family, family.hour, "hour_ms"),
-        f"DELETE FROM {family.delta} WHERE seq <= ?",
-    )
+_WRITE_BACK: Final = {
+    (family.dim, grain): _write_back_sql(family, getattr(family, grain), f"{grain}_ms")
     for family in _FAMILIES
-)
+    for grain in ("minute", "hour")
+}
 
 _OFFSET_COLUMNS: Final = (
     "committed_offset, max_event_ms, watermark_ms, counted, duplicates, late, invalid, "
@@ -215,16 +314,24 @@ def _upsert_offsets_sql(rows: int) -> str:
         committed_at_ms = excluded.committed_at_ms"""
 
 
+# Minutes from this one on are in the minute base only, not yet rolled up into the hour
+# base. A placeholder: :meth:`DuckDBStore._fetch_base` reads delta_state.rolled_ms in the
+# query's own transaction (same snapshot) and puts it in as a literal, so that the scan of
+# the minute base is pruned by its zone maps to the few minutes not rolled up.
+_ROLLED: Final = "__clickagg_rolled_ms__"
+
+
 def _minutes_sql(columns: str, where: str) -> str:
-    """Rows covering the minutes in [$lo, $hi): whole hours [$hlo, $hhi) from agg_hour, the
-    ragged edges from agg_minute, and every delta in range (not yet in either base)."""
+    """Rows covering the minutes in [$lo, $hi): whole hours [$hlo, $hhi) from agg_hour (the
+    minutes rolled up into it), the ragged edges and the minutes not yet rolled up from
+    agg_minute, and every delta in range (not yet in either base)."""
     return f"""
         SELECT {columns} FROM agg_hour
         WHERE {where} AND hour_ms >= $hlo AND hour_ms < $hhi
         UNION ALL
         SELECT {columns} FROM agg_minute
         WHERE {where} AND minute_ms >= $lo AND minute_ms < $hi
-          AND (minute_ms < $hlo OR minute_ms >= $hhi)
+          AND (minute_ms < $hlo OR minute_ms >= $hhi OR minute_ms >= {_ROLLED})
         UNION ALL
         SELECT {columns} FROM delta_minute
         WHERE {where} AND minute_ms >= $lo AND minute_ms < $hi"""
@@ -232,8 +339,8 @@ def _minutes_sql(columns: str, where: str) -> str:
 
 def _totals_sql(with_users: bool) -> str:
     """Without users the sketch column is not even read: sliding windows need only sums."""
-    part = f"{', '.join(_SUMS)}, user_hashes" if with_users else ", ".join(_SUMS)
-    users = f"coalesce({_MERGED}, []::UBIGINT[])" if with_users else "[]::UBIGINT[]"
+    part = f"{', '.join(_SUMS)}, users" if with_users else ", ".join(_SUMS)
+    users = _SKETCHES if with_users else "NULL::BLOB[]"
     return f"""
     SELECT {", ".join(f"coalesce(sum({m}), 0)::BIGINT AS {m}" for m in _SUMS)}, {users} AS sk
     FROM ({_minutes_sql(part, "ad_id = $ad")})"""
@@ -244,16 +351,16 @@ _TOTALS: Final = {with_users: _totals_sql(with_users) for with_users in (True, F
 
 def _top_ads_sql(by: str, one_advertiser: bool) -> str:
     where = "advertiser_id = $advertiser" if one_advertiser else "TRUE"
-    part = f"ad_id, {', '.join(OWNERS)}, {', '.join(_SUMS)}, user_hashes"
+    part = f"ad_id, {', '.join(OWNERS)}, {', '.join(_SUMS)}, users"
     owners = ", ".join(
         f"coalesce(max({c}) FILTER (WHERE {c} <> '{UNKNOWN}'), '{UNKNOWN}') AS {c}" for c in OWNERS
     )
     return f"""
     WITH r AS ({_minutes_sql(part, where)}),
     top AS (SELECT ad_id FROM r GROUP BY ad_id ORDER BY sum({by}) DESC, ad_id LIMIT $n)
-    SELECT ad_id, {", ".join(OWNERS)}, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
+    SELECT ad_id, {", ".join(OWNERS)}, {", ".join(_SUMS)}, sk
     FROM (
-        SELECT ad_id, {owners}, {_SUM_EXPRS}, {_MERGED} AS sk
+        SELECT ad_id, {owners}, {_SUM_EXPRS}, {_SKETCHES} AS sk
         FROM r WHERE ad_id IN (SELECT ad_id FROM top) GROUP BY ad_id
     )
     ORDER BY {by} DESC, ad_id"""
@@ -269,14 +376,25 @@ def _windows_sql(family: _Family, grain: str, owner_col: str) -> str:
     grain_ms = MINUTE_MS if grain == "minute" else HOUR_MS
     base = family.minute if grain == "minute" else family.hour
     grp = family.dim or "NULL::VARCHAR"
-    measures = f"{', '.join(_SUMS)}, user_hashes"
+    measures = f"{', '.join(_SUMS)}, users"
+    # Hours: the hour base holds the minutes before _ROLLED; later ones are minute rows.
+    unrolled = (
+        ""
+        if grain == "minute"
+        else f"""
+            UNION ALL
+            SELECT minute_ms - minute_ms % {HOUR_MS} AS t, {grp} AS grp, {measures}
+            FROM {family.minute}
+            WHERE {owner_col} = $id AND minute_ms >= $lo AND minute_ms < $hi
+              AND minute_ms >= {_ROLLED}"""
+    )
     return f"""
-    SELECT window_ms, grp, {", ".join(_SUMS)}, {sketch.sql_estimate("sk")}
+    SELECT window_ms, grp, {", ".join(_SUMS)}, sk
     FROM (
-        SELECT t - t % $size AS window_ms, grp, {_SUM_EXPRS}, {_MERGED} AS sk
+        SELECT t - t % $size AS window_ms, grp, {_SUM_EXPRS}, {_SKETCHES} AS sk
         FROM (
             SELECT {time_col} AS t, {grp} AS grp, {measures} FROM {base}
-            WHERE {owner_col} = $id AND {time_col} >= $lo AND {time_col} < $hi
+            WHERE {owner_col} = $id AND {time_col} >= $lo AND {time_col} < $hi{unrolled}
             UNION ALL
             SELECT minute_ms - minute_ms % {grain_ms} AS t, {grp} AS grp, {measures}
             FROM {family.delta}
@@ -305,19 +423,22 @@ _MINUTE_ROWS_SINCE: Final = f"""
 
 def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
     """Create missing tables (idempotent). A file of an older build (per-key upserted
-    aggregates, no owners) is refused rather than migrated: 0.1.0 is unreleased."""
+    aggregates, no owners, or KMV sketches) is refused rather than migrated: 0.1.0 is
+    unreleased."""
     [(old,)] = cur.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-        "AND table_name = 'agg_minute_dims'"
+        "AND (table_name = 'agg_minute_dims' OR (table_name = 'agg_minute' AND EXISTS ("
+        "SELECT * FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND table_name = 'agg_minute' AND column_name = 'user_hashes')))"
     ).fetchall()
     if old:
         raise RuntimeError(
-            "this aggregates file was written by an older clickagg build (agg_minute_dims); "
-            "start with a new --data-dir"
+            "this aggregates file was written by an older clickagg build (agg_minute_dims "
+            "or KMV user_hashes); start with a new --data-dir"
         )
     for ddl in _SCHEMA_DDL:
         cur.execute(ddl)
-    cur.execute("INSERT INTO delta_state SELECT 0 WHERE NOT EXISTS (SELECT * FROM delta_state)")
+    cur.execute("INSERT INTO delta_state SELECT 0, 0 WHERE NOT EXISTS (SELECT * FROM delta_state)")
 
 
 def _ceil(value: int, size: int) -> int:
@@ -330,7 +451,9 @@ class DuckDBStore:
     def __init__(self, path: Path | str) -> None:
         self._conn = duckdb.connect(str(path))
         self._local = threading.local()
-        self._commit_lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # one commit at a time
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._state_lock = threading.Lock()  # the counters below
         self._closed = False
         try:
             self._transaction(_create_schema)
@@ -363,6 +486,20 @@ class DuckDBStore:
         # Always fetchall: DuckDB 2 blocks some calls on a cursor with an unfinished result.
         return self._cursor().execute(sql, params).fetchall()
 
+    def _fetch_base(self, sql: str, params: object) -> list[tuple[Any, ...]]:
+        """Run a query that reads the base tables, with ``rolled_ms`` of its own snapshot."""
+        cur = self._cursor()
+        cur.execute("BEGIN")
+        try:
+            [(rolled,)] = cur.execute("SELECT max(rolled_ms) FROM delta_state").fetchall()
+            rows = cur.execute(sql.replace(_ROLLED, str(int(rolled))), params).fetchall()
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")  # read only: nothing to lose, nothing to conflict
+        return rows
+
     # -- writes ---------------------------------------------------------------------------
 
     def commit(self, commit: PartitionCommit) -> None:
@@ -383,10 +520,12 @@ class DuckDBStore:
             seq = self._last_seq + 1
             self._transaction(lambda cur: self._apply(cur, commits, seq))
             self._last_seq = seq
-            self._pending_rows += sum(
-                c.minute_deltas.num_rows + sum(t.num_rows for t in c.dimension_deltas.values())
-                for c in commits
-            )
+        appended = sum(
+            c.minute_deltas.num_rows + sum(t.num_rows for t in c.dimension_deltas.values())
+            for c in commits
+        )
+        with self._state_lock:
+            self._pending_rows += appended
 
     def pending_delta_rows(self) -> int:
         """Delta rows appended and not yet compacted (what the next compaction merges)."""
@@ -394,30 +533,81 @@ class DuckDBStore:
 
     def compact(self, max_seq: int | None = None) -> CompactionResult:
         """Merge every delta with ``seq <= cut`` into the base tables and delete it, in ONE
-        transaction; ``cut`` is ``max_seq`` or else the newest round. Off the hot path: it
-        batches many rounds' deltas per key. It holds the commit lock, so no commit runs
-        meanwhile (DuckDB transactions are optimistic: they must not race), and the deltas
-        of rounds after the cut stay where they are. Queries are exact throughout."""
+        transaction; ``cut`` is ``max_seq`` or else the newest committed round. Off the hot
+        path: it batches many rounds' deltas per key.
+
+        It does NOT take the commit lock: commits go on meanwhile. DuckDB transactions are
+        optimistic and conflict only on rows both write; compaction deletes delta rows with
+        ``seq <= cut`` (committed before it began) and writes base rows and ``delta_state``,
+        a commit appends delta rows with ``seq > cut`` and writes ``partition_offsets``:
+        disjoint rows. Should DuckDB still report a conflict, the compaction is retried (it
+        rolled back whole), never the commit. Queries are exact throughout."""
         started = time.perf_counter()
-        with self._commit_lock:
-            cut = self._last_seq if max_seq is None else min(max_seq, self._last_seq)
+        with self._compact_lock:
+            # _last_seq is set after its commit returned: every delta up to it is visible to
+            # a transaction begun now.
+            newest = self._last_seq
+            cut = newest if max_seq is None else min(max_seq, newest)
             if cut <= self._compacted_seq:
                 return CompactionResult(cut, 0, time.perf_counter() - started)
             merged = 0
 
             def body(cur: duckdb.DuckDBPyConnection) -> None:
                 nonlocal merged
-                for _, to_minutes, to_hours, delete in _COMPACT_STATEMENTS:
-                    cur.execute(to_minutes, [cut]).fetchall()
-                    cur.execute(to_hours, [cut]).fetchall()
-                    [(deleted,)] = cur.execute(delete, [cut]).fetchall()
-                    merged += int(deleted)
-                cur.execute("UPDATE delta_state SET compacted_seq = ?", [cut]).fetchall()
+                [(rolled, watermark)] = cur.execute(
+                    "SELECT (SELECT max(rolled_ms) FROM delta_state), "
+                    "(SELECT max(watermark_ms) FROM partition_offsets)"
+                ).fetchall()
+                # Minutes wholly before the watermark get (almost) no more deltas: roll
+                # them up into the hours now. The newest watermark, not the oldest, so an
+                # idle partition cannot hold the roll-up back; a lagging partition's deltas
+                # for rolled-up minutes just go to both tables. Answers never depend on
+                # it, only how often a row is rewritten.
+                roll_to = max(rolled, (watermark or 0) - (watermark or 0) % MINUTE_MS)
+                merged = sum(
+                    self._compact_family(cur, family, cut, rolled, roll_to) for family in _FAMILIES
+                )
+                cur.execute(
+                    "UPDATE delta_state SET compacted_seq = ?, rolled_ms = ?", [cut, roll_to]
+                ).fetchall()
 
-            self._transaction(body)
+            for attempt in range(_COMPACT_ATTEMPTS):
+                try:
+                    self._transaction(body)
+                    break
+                except duckdb.TransactionException:
+                    if attempt == _COMPACT_ATTEMPTS - 1:
+                        raise
             self._compacted_seq = cut
-            self._pending_rows = max(0, self._pending_rows - merged)
+            with self._state_lock:
+                self._pending_rows = max(0, self._pending_rows - merged)
         return CompactionResult(cut, merged, time.perf_counter() - started)
+
+    @staticmethod
+    def _compact_family(
+        cur: duckdb.DuckDBPyConnection, family: _Family, cut: int, rolled: int, roll_to: int
+    ) -> int:
+        """Merge one family's deltas up to ``cut`` into its minute table, and into its hour
+        table only those of minutes already rolled up (before ``rolled``: rare, they were
+        nearly late); then roll the minutes [rolled, roll_to) up into the hour table. Sums
+        in SQL, sketches in Python; returns the delta rows merged (and deleted).
+
+        Hour rows are the widest sketches (a busy ad's hour is in HLL mode, 4 KB); a minute
+        goes into them once, when it is final, not at every compaction that touches it."""
+        deltas = f"{family.delta} WHERE seq <= {int(cut)}"
+        rows = _merge_into(cur, family, "minute", deltas)
+        if rows:
+            _merge_into(cur, family, "hour", f"{deltas} AND minute_ms < {int(rolled)}")
+        if roll_to > rolled:
+            _merge_into(
+                cur,
+                family,
+                "hour",
+                f"{family.minute} WHERE minute_ms >= {int(rolled)} AND minute_ms < {int(roll_to)}",
+            )
+        if rows:
+            cur.execute(f"DELETE FROM {family.delta} WHERE seq <= ?", [cut]).fetchall()
+        return rows
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
         cur = self._cursor()
@@ -555,7 +745,8 @@ class DuckDBStore:
             "hi": _ceil(end_ms, size),
             "size": size,
         }
-        rows = self._fetch(_WINDOWS[(family.dim, grain, owner_col)], params)
+        rows = self._fetch_base(_WINDOWS[(family.dim, grain, owner_col)], params)
+        users = _unique_users([row[-1] for row in rows])
         return [
             AggregateRow(
                 window_ms=int(w),
@@ -564,9 +755,9 @@ class DuckDBStore:
                 impressions=int(imps),
                 spend_micros=int(spend),
                 invalid_clicks=int(invalid),
-                unique_users=int(users),
+                unique_users=n,
             )
-            for w, g, clicks, imps, spend, invalid, users in rows
+            for (w, g, clicks, imps, spend, invalid, _), n in zip(rows, users, strict=True)
         ]
 
     @staticmethod
@@ -581,18 +772,15 @@ class DuckDBStore:
     ) -> Totals:
         """Sums over the minutes in [start_ms, end_ms); zeros when there are none."""
         params = {"ad": ad_id, **self._minute_range(start_ms, end_ms)}
-        sql = (
-            f"SELECT {', '.join(_SUMS)}, {sketch.sql_estimate('sk')} FROM ({_TOTALS[unique_users]})"
-        )
         # An aggregate without GROUP BY yields exactly one row.
-        [row] = self._fetch(sql, params)
-        clicks, imps, spend, invalid, users = (int(v) for v in row)
+        [(clicks, imps, spend, invalid, sketches)] = self._fetch_base(_TOTALS[unique_users], params)
+        [users] = _unique_users([sketches])
         return Totals(
-            clicks=clicks,
-            impressions=imps,
-            spend_micros=spend,
+            clicks=int(clicks),
+            impressions=int(imps),
+            spend_micros=int(spend),
             unique_users=users,
-            invalid_clicks=invalid,
+            invalid_clicks=int(invalid),
         )
 
     def top_ads(
@@ -613,7 +801,8 @@ class DuckDBStore:
         params: dict[str, object] = {"n": limit, **self._minute_range(start_ms, end_ms)}
         if advertiser_id is not None:
             params["advertiser"] = advertiser_id
-        rows = self._fetch(_TOP_ADS[(by, advertiser_id is not None)], params)
+        rows = self._fetch_base(_TOP_ADS[(by, advertiser_id is not None)], params)
+        users = _unique_users([row[-1] for row in rows])
         return [
             AdTotals(
                 ad_id=ad,
@@ -623,9 +812,11 @@ class DuckDBStore:
                 impressions=int(imps),
                 spend_micros=int(spend),
                 invalid_clicks=int(invalid),
-                unique_users=int(users),
+                unique_users=n,
             )
-            for ad, adv, campaign, clicks, imps, spend, invalid, users in rows
+            for (ad, adv, campaign, clicks, imps, spend, invalid, _), n in zip(
+                rows, users, strict=True
+            )
         ]
 
     def minute_rows_since(self, since_ms: int) -> pa.Table:
@@ -643,7 +834,7 @@ class DuckDBStore:
         if self._closed:
             return
         self._closed = True
-        with self._commit_lock:
+        with self._compact_lock, self._commit_lock:
             self._conn.close()
 
     def __enter__(self) -> DuckDBStore:

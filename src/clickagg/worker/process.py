@@ -135,8 +135,9 @@ def refill_counters(
 class Compactor:
     """Merges the store's appended deltas into its base tables off the hot path: once
     ``interval_ms`` has passed since the last compaction and deltas wait, or as soon as
-    ``max_delta_rows`` wait. The store serializes it with commits (its commit lock); a crash
-    mid-compaction leaves the deltas where they were, so queries stay exact either way."""
+    ``max_delta_rows`` wait. It runs beside the commits, not between them (their
+    transactions write disjoint rows); a crash mid-compaction leaves the deltas where they
+    were, so queries stay exact either way."""
 
     def __init__(
         self,
