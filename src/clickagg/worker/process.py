@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -30,10 +31,16 @@ log = logging.getLogger(__name__)
 IDLE_SLEEP_S = 0.002
 SMALL_ROUND_EVENTS = 1_000
 SMALL_ROUND_PAUSE_S = 0.1
+QUERY_SWITCH_INTERVAL_S = 0.0005
 
 
 def run(settings: Settings, max_idle_loops: int | None = None) -> None:
     """Recover every partition, serve queries, then process micro-batches until SIGTERM."""
+    # The stream thread holds the GIL in long stretches of Python (sketch updates, polars
+    # glue); a query needs it a dozen times, each a wait of up to the switch interval
+    # (5 ms by default). A shorter interval lets queries through at a small cost to the
+    # stream (see BENCHMARKS.md, queries under ingest).
+    sys.setswitchinterval(QUERY_SWITCH_INTERVAL_S)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s"
     )
