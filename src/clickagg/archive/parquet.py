@@ -43,7 +43,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -168,14 +167,14 @@ class _ManifestView:
         for seq in seqs:
             if seq > self.last_seq:
                 body = json.loads((manifest_dir / f"{_seq_name(seq)}.json").read_bytes())
-                self._add(seq, body)
+                self.add(seq, body)
 
     def _load_checkpoint(self, body: dict[str, Any]) -> None:
         self.offsets = {int(p): int(end) for p, end in body["offsets"].items()}
         self.by_hour = {int(hour): list(paths) for hour, paths in body["by_hour"].items()}
         self.last_seq = int(body["seq"])
 
-    def _add(self, seq: int, body: dict[str, Any]) -> None:
+    def add(self, seq: int, body: dict[str, Any]) -> None:
         for key, (_, hi) in body["ranges"].items():
             self.offsets[int(key)] = hi
         for entry in body["files"]:
@@ -250,24 +249,18 @@ class ParquetArchiveWriter:
         self._view = view  # updated by the flush thread only, after each publish
         self._seq = view.last_seq
         self._remove_unpublished()
-        self._durable: dict[int, int] = dict(view.offsets)
         self._next: dict[int, int] = dict(view.offsets)
         self._buffer: list[pa.Table] = []
         self._buffer_ranges: dict[int, tuple[int, int]] = {}
         self._buffer_rows = 0
         self._buffer_since_ms: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive")
-        self._pending: Future[dict[int, tuple[int, int]]] | None = None
+        self._pending: Future[None] | None = None
         # A failed flush leaves a hole in what is published: nothing after it may be
         # published (a manifest's range end is the archived offset), so the writer stops.
         self._failed: BaseException | None = None
 
     # -- the writer protocol -------------------------------------------------------------
-
-    def archived_offsets(self) -> dict[int, int]:
-        """Per partition, the end of what is durable and published."""
-        self._collect()
-        return dict(self._durable)
 
     def next_offset(self, partition: int) -> int:
         return self._next.get(partition, 0)
@@ -349,12 +342,10 @@ class ParquetArchiveWriter:
         if pending is None:
             return
         try:
-            published = pending.result()
+            pending.result()
         except BaseException as exc:
             self._failed = exc
             raise
-        for partition, (_, hi) in published.items():
-            self._durable[partition] = hi
 
     def _check_not_failed(self) -> None:
         if self._failed is not None:
@@ -373,9 +364,7 @@ class ParquetArchiveWriter:
         self._buffer_since_ms = None
         self._pending = self._executor.submit(self._publish, self._seq, table, ranges)
 
-    def _publish(
-        self, seq: int, table: pa.Table, ranges: dict[int, tuple[int, int]]
-    ) -> dict[int, tuple[int, int]]:
+    def _publish(self, seq: int, table: pa.Table, ranges: dict[int, tuple[int, int]]) -> None:
         """Write one flush: data files, index run, then the manifest that publishes them."""
         files = []
         index_parts = []
@@ -412,14 +401,13 @@ class ParquetArchiveWriter:
             "created_ms": int(time.time() * 1000),
         }
         self._publish_manifest(seq, json.dumps(manifest, indent=1).encode())
-        self._view._add(seq, manifest)
+        self._view.add(seq, manifest)
         if seq % self.checkpoint_every == 0:
             self._checkpoint()
         try:
             self._merge_index_runs()
         except OSError as exc:  # a merge is an optimization: lookups work without it
             log.warning("archive index merge failed: %s", exc)
-        return ranges
 
     def _publish_manifest(self, seq: int, body: bytes) -> None:
         manifest_dir = self.directory / MANIFEST_DIR
@@ -640,9 +628,3 @@ class ParquetArchiveReader:
         group = pq.ParquetFile(path).read_row_group(row // ROW_GROUP_ROWS, columns=_FATE_COLUMNS)
         [values] = group.slice(row % ROW_GROUP_ROWS, 1).to_pylist()
         return Fate(**values)
-
-
-def statuses_count(table: pa.Table) -> dict[str, int]:
-    """How many decisions of each status a table holds (reports and tests)."""
-    counts = pc.value_counts(table["status"]).to_pylist()
-    return {item["values"]: item["counts"] for item in counts}

@@ -136,13 +136,3 @@ def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
             for name, frame in zip(DIMENSIONS, dims, strict=True)
         },
     )
-
-
-def minute_deltas(counted: pl.DataFrame) -> pa.Table:
-    """Per (ad_id, minute, advertiser_id, campaign_id): the measures of ``counted``."""
-    return round_deltas(counted)[0]
-
-
-def dimension_deltas(counted: pl.DataFrame) -> dict[str, pa.Table]:
-    """Per dimension, per (ad_id, minute, value); missing values become "unknown"."""
-    return round_deltas(counted)[1]

@@ -55,27 +55,10 @@ def decisions_table(labelled: pl.DataFrame, spend_micros: pl.Series) -> pa.Table
         .then(pl.lit(LATE_REASON))
         .otherwise(pl.col("reason"))
     )
-    table = labelled.with_columns(spend_micros.alias("spend_micros")).select(
-        "partition",
-        "offset",
-        "event_id",
+    table = labelled.with_columns(
         pl.col("event_type_name").alias("event_type"),
-        "status",
         reason.alias("reason"),
-        "ad_id",
-        "advertiser_id",
-        "campaign_id",
-        "user_id",
-        "ip",
-        "user_agent",
-        "country",
-        "device",
-        "browser",
-        "ts_ms",
-        "received_ms",
         pl.when(pl.col("cost_micros") >= 0).then(pl.col("cost_micros")).alias("cost_micros"),
-        "spend_micros",
-        "fp_high",
-        "fp_low",
-    )
+        spend_micros.alias("spend_micros"),
+    ).select(DECISION_SCHEMA.names)
     return table.to_arrow().cast(DECISION_SCHEMA)
