@@ -57,8 +57,9 @@ class ServeProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = log_path or data_dir.parent / f"{data_dir.name}-serve.log"
 
-    def start(self, timeout_s: float = 60.0) -> None:
-        """Start and wait until ``/healthz`` answers 200 (workers recovered)."""
+    def start(self, timeout_s: float = 60.0, *, healthy: bool = True) -> None:
+        """Start and wait until ``/healthz`` answers 200 (workers recovered), or with
+        ``healthy=False`` answers at all (a server that starts up degraded)."""
         command = serve_command(self.data_dir, port=self.port, partitions=self.partitions)
         env = {**os.environ, **self.extra_env}
         with open(self.log_path, "ab") as log:
@@ -74,7 +75,7 @@ class ServeProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"serve exited {self.process.returncode}: {self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200 or not healthy:
                     return
             time.sleep(0.05)
         self.kill9()

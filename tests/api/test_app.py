@@ -343,8 +343,10 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_partition_events_late",
         "clickagg_partition_events_invalid",
         "clickagg_worker_restarts",
+        "clickagg_log_partition_damaged",
     }
     partitions = {str(p) for p in range(4)}
+    assert samples["clickagg_log_partition_damaged"] == dict.fromkeys(partitions, 0)
     assert samples["clickagg_events_accepted_total"]["click"] >= 1
     assert samples["clickagg_ingest_durable_seconds_count"][""] >= 1
     durable = samples["clickagg_partition_durable_end_offset"]

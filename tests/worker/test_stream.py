@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.log.base import LOST_MAGIC, PartitionDamagedError
+from clickagg.log.integrity import recorded_damage
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.duckdb_store import DuckDBStore
@@ -357,18 +360,55 @@ def test_a_stale_worker_is_fenced_and_recovers(rig: Rig) -> None:
     assert_archived(rig, traffic(30), traffic(5, start=100))
 
 
-def test_recovery_refuses_a_log_shorter_than_the_store(rig: Rig, tmp_path: Path) -> None:
+def test_a_log_shorter_than_the_store_stalls_its_partition_and_stops_its_ingest(
+    rig: Rig, tmp_path: Path
+) -> None:
     rig.append(traffic(10))
     rig.drain(rig.worker())
     other = Rig(tmp_path / "other")
     try:
         other.store.close()
         other.store = rig.store  # a store that committed more than this (empty) log holds
-        with pytest.raises(RuntimeError, match="lost acknowledged data"):
-            other.worker()
+        worker = other.worker()
+        assert worker.damage is not None and "store committed" in worker.damage
+        assert worker.prepare() is None  # stalled: never reads on, never reuses an offset
+        damaged = recorded_damage(other.settings.log_dir)
+        assert "acknowledged events were lost" in damaged[0]
+        time.sleep(1.05)  # the writer re-reads the markers once a second
+        with pytest.raises(PartitionDamagedError, match="partition 0 is damaged"):
+            other.writer.append(0, b"x", 1)
     finally:
         other.reader.close()
         other.writer.close()
+
+
+def test_offsets_a_repair_marked_lost_are_committed_past_and_never_counted(
+    rig: Rig, tmp_path: Path
+) -> None:
+    before, after = traffic(10), traffic(10, start=100)
+    rig.append(before)
+    rig.writer.append(0, LOST_MAGIC + b"{}", 5)  # what `clickagg log repair` writes
+    rig.writer.sync()
+    rig.append(after)
+    end = len(before) + 5 + len(after)
+    rig.drain(rig.worker())
+    assert rig.store.committed_offsets()[0] == end
+    clean = Rig(tmp_path / "clean")  # the same events with no hole between them
+    try:
+        clean.append(before)
+        clean.append(after)
+        clean.drain(clean.worker())
+        expected = clean.counts()
+    finally:
+        clean.close()
+    assert rig.counts() == expected and expected["clicks"] > 0
+    rig.archive.flush()
+    offsets = ParquetArchiveReader(rig.archive_dir).decisions(start_ms=0, end_ms=2 * T0)["offset"]
+    assert offsets.to_pylist() == [*range(10 + 3), *range(18, end)]  # no decision for the hole
+    worker = rig.worker()  # recovery replays across the hole too
+    assert worker.damage is None and worker.processor.state.next_offset == end
+    rig.drain(worker)
+    assert rig.counts() == expected
 
 
 # -- a crash at every step of the commit order, four partitions per round ------------------

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from dataclasses import dataclass, field
 
 from clickagg.core import columns
 from clickagg.core.columns import EventColumns
-from clickagg.log.base import LogFullError, LogWriter
+from clickagg.log.base import LogFullError, LogWriter, PartitionDamagedError
 
 
 class Backpressure(RuntimeError):
@@ -54,10 +55,19 @@ class GroupCommitter:
                 await self._task
 
     async def append(self, by_partition: dict[int, EventColumns]) -> None:
-        """Return once every event given is durable; raise Backpressure or LogFullError."""
+        """Return once every event given is durable; raise Backpressure, LogFullError or
+        PartitionDamagedError (a partition lost acknowledged data and awaits repair)."""
         count = sum(c.count for c in by_partition.values())
         if count == 0:
             return
+        damaged = self.writer.damaged()
+        for partition in by_partition:
+            if partition in damaged:  # refused before queueing: nothing half-appended
+                raise PartitionDamagedError(
+                    errno.EIO,
+                    f"partition {partition} takes no new events until `clickagg log repair` "
+                    f"has run: {damaged[partition]}",
+                )
         if self._group.events + self._in_flight + count > self.max_pending_events:
             raise Backpressure(
                 f"{self._group.events + self._in_flight} events are waiting for the log"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +23,11 @@ async def healthz(request: Request) -> Response:
         problems.append(f"stream workers stopped: {state.supervisor.failure}")
     if state.committer.unavailable_reason:
         problems.append(f"log unavailable: {state.committer.unavailable_reason}")
+    for partition, why in sorted(state.committer.writer.damaged().items()):
+        problems.append(
+            f"partition {partition} takes no events (run `clickagg log check`, then "
+            f"`clickagg log repair` with the server stopped): {why}"
+        )
     if problems:
         return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -70,6 +75,23 @@ async def metrics(request: Request) -> Response:
         gauges["events_duplicate"].labels(label).set(status.duplicates)
         gauges["events_late"].labels(label).set(status.late)
         gauges["events_invalid"].labels(label).set(status.invalid)
+    damaged = state.committer.writer.damaged()
+    damaged_gauge = Gauge(
+        "clickagg_log_partition_damaged",
+        "1 while a partition takes no events because the log lost acknowledged data",
+        ["partition"],
+        registry=registry,
+    )
+    for partition in range(state.settings.partitions):
+        damaged_gauge.labels(str(partition)).set(1 if partition in damaged else 0)
+    recoveries = Counter(
+        "clickagg_log_recoveries",
+        "Actions the log writer's recovery took at startup (each is also logged)",
+        ["partition", "action"],
+        registry=registry,
+    )
+    for recovery in state.committer.writer.recoveries:
+        recoveries.labels(str(recovery.partition), recovery.action).inc()
     restarts = Gauge("clickagg_worker_restarts", "Worker process restarts", registry=registry)
     restarts.set(state.supervisor.restarts if state.supervisor else 0)
     body = generate_latest(state.registry) + generate_latest(registry)

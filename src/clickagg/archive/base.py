@@ -78,4 +78,9 @@ class ArchiveReader(Protocol):
         only those with the given statuses (e.g. ``("late",)``: the late log)."""
         ...
 
+    def decisions_at(self, partition: int, start: int, end: int) -> pa.Table:
+        """Archived decisions of the log offsets ``[start, end)`` of ``partition``, in
+        offset order: what a log repair rebuilds lost frames from."""
+        ...
+
     def close(self) -> None: ...

@@ -584,6 +584,21 @@ class ParquetArchiveReader:
         table = dataset.to_table(filter=condition)
         return table.sort_by([("partition", "ascending"), ("offset", "ascending")])
 
+    def decisions_at(self, partition: int, start: int, end: int) -> pa.Table:
+        """Scans every published file (a log repair's question, not a hot path)."""
+        with self._lock:
+            self._view.refresh()
+            paths = [str(path) for hour in self._view.by_hour for path in self._view.paths(hour)]
+        if not paths:
+            return DECISION_SCHEMA.empty_table()
+        condition = (
+            (ds.field("partition") == partition)
+            & (ds.field("offset") >= start)
+            & (ds.field("offset") < end)
+        )
+        dataset = ds.dataset(paths, format="parquet", schema=DECISION_SCHEMA)
+        return dataset.to_table(filter=condition).sort_by("offset")
+
     def close(self) -> None:
         with self._lock:
             self._runs.clear()

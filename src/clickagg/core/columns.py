@@ -69,6 +69,8 @@ import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 
+from clickagg.core import ids
+
 NUMERIC_COLUMNS: dict[str, type[np.generic]] = {
     "fp_high": np.uint64,
     "fp_low": np.uint64,
@@ -233,6 +235,34 @@ _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # continuation marker, len
 def encode(columns: EventColumns) -> bytes:
     """One frame's payload: an Arrow IPC stream of the schema and one record batch."""
     return b"".join((_SCHEMA_MESSAGE, columns.record_batch().serialize(), _END_OF_STREAM))
+
+
+def encode_table(events: pa.Table) -> bytes:
+    """A frame's payload from a table of :data:`SCHEMA` (one record batch)."""
+    batches = events.cast(SCHEMA).combine_chunks().to_batches()
+    batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=SCHEMA)
+    return b"".join((_SCHEMA_MESSAGE, batch.serialize(), _END_OF_STREAM))
+
+
+def events_from_decisions(decided: pa.Table) -> pa.Table:
+    """The log's events back from archived decisions (``clickagg.core.decisions``), which
+    carry every field of an event: what a log repair rebuilds a damaged frame from."""
+    frame = pl.from_arrow(decided)
+    assert isinstance(frame, pl.DataFrame)
+    user_hash = np.array([ids.user_hash(u) for u in frame["user_id"]], dtype=np.uint64)
+    rebuilt = frame.select(
+        "fp_high",
+        "fp_low",
+        pl.col("event_type")
+        .replace_strict(ids.EVENT_TYPE_CODES, return_dtype=pl.UInt8)
+        .alias("event_type"),
+        "ts_ms",
+        "received_ms",
+        pl.col("cost_micros").fill_null(-1),
+        pl.Series("user_hash", user_hash),
+        *TEXT_COLUMNS,
+    )
+    return rebuilt.to_arrow().cast(SCHEMA)
 
 
 class FrameFormatError(ValueError):

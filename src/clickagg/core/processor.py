@@ -18,6 +18,7 @@ forgotten is necessarily late, so a copy of a counted event is never counted aga
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,7 +29,7 @@ import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 
-from clickagg.core import aggregate, decisions, fates
+from clickagg.core import aggregate, columns, decisions, fates
 from clickagg.core.dedup import IdSet
 from clickagg.core.ids import CLICK, EVENT_TYPES
 from clickagg.core.windows import MINUTE_MS, NO_EVENT_MS, late_mask, minute_start
@@ -137,6 +138,18 @@ class PartitionProcessor:
         if not emit:
             return None
         return self._outcome(events, from_offset, duplicate, late, deltas)
+
+    def skip_lost(self, until: int, *, emit: bool = True) -> BatchOutcome | None:
+        """Step over offsets ``[next_offset, until)`` that a log repair marked lost: no
+        event, so nothing is decided or counted, but the offsets are committed past."""
+        state = self.state
+        from_offset = state.next_offset
+        if until < from_offset:
+            raise ValueError(f"cannot skip back from {from_offset} to {until}")
+        none = np.zeros(0, dtype=np.bool_)
+        outcome = self._outcome(columns.empty_frame(), from_offset, none, none, deltas=True)
+        state.next_offset = until
+        return dataclasses.replace(outcome, to_offset=until) if emit else None
 
     def _forget_before(self, max_event_ms: int) -> int:
         if max_event_ms == NO_EVENT_MS:

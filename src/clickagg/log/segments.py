@@ -16,49 +16,48 @@ import bisect
 import errno
 import fcntl
 import json
+import logging
 import mmap
 import os
-import struct
 import sys
 import threading
-import zlib
+import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clickagg.log.base import Frame, LogFullError
+from clickagg.log.base import (
+    CorruptFrameError,
+    Frame,
+    LogFullError,
+    PartitionDamagedError,
+    Recovery,
+)
+from clickagg.log.integrity import (
+    HEADER,
+    frame_crc,
+    list_segments,
+    record_damage,
+    recorded_damage,
+    scan_segment,
+    seg_path,
+)
 
 if TYPE_CHECKING:
     from clickagg.config import Settings
 
+log = logging.getLogger(__name__)
+
 if sys.byteorder != "little":  # the durable file is little-endian, read via native casts
     raise ImportError("clickagg.log.segments needs a little-endian host")
 
-HEADER = struct.Struct("<IIQI")
-_OFFSETS = struct.Struct("<QI")
 _HSIZE = HEADER.size
-_SUFFIX = ".seg"
-_FLUSH_BYTES = 1 << 20
 _READ_CHUNK = 1 << 20
 _FIRST_CHUNK = 64 << 10
+_FLUSH_BYTES = 1 << 20
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _crc(base: int, count: int, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(_OFFSETS.pack(base, count)))
-
-
-def _seg_path(pdir: Path, base: int) -> Path:
-    return pdir / f"{base:020d}{_SUFFIX}"
-
-
-def _list_segments(pdir: Path) -> list[int]:
-    try:
-        names = os.listdir(pdir)
-    except FileNotFoundError:
-        return []
-    return sorted(int(n[:-4]) for n in names if n.endswith(_SUFFIX) and n[:-4].isdigit())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,24 +86,6 @@ def _map_durable(path: Path, partitions: int, writable: bool) -> tuple[mmap.mmap
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
     # Native 8-byte aligned element stores: readers never see a half-updated end.
     return mm, memoryview(mm).cast("Q")
-
-
-def _scan_valid(path: Path, base: int) -> tuple[int, int]:
-    """Length of the longest prefix of whole, crc-good, contiguous frames, and its end offset."""
-    pos, offset = 0, base
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        while pos + _HSIZE <= size:
-            head = f.read(_HSIZE)
-            length, crc, fbase, count = HEADER.unpack(head)
-            if fbase != offset or count == 0 or pos + _HSIZE + length > size:
-                break
-            payload = f.read(length)
-            if len(payload) < length or _crc(fbase, count, payload) != crc:
-                break
-            pos += _HSIZE + length
-            offset += count
-    return pos, offset
 
 
 @dataclass
@@ -166,6 +147,9 @@ class SegmentLogWriter:
         self._lost: OSError | None = None
         self._dead: str | None = None
         self._closed = False
+        self.recoveries: list[Recovery] = []
+        self._damage: dict[int, str] = {}
+        self._damage_checked = 0.0
         self._dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self._dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -178,6 +162,8 @@ class SegmentLogWriter:
         except BaseException:
             self.close()
             raise
+        self._damage = recorded_damage(self._dir)
+        self._damage_checked = time.monotonic()
 
     def _open(self) -> None:
         stored = _read_meta(self._dir)
@@ -194,28 +180,54 @@ class SegmentLogWriter:
             raise ValueError(
                 f"log at {self._dir} has {stored} partitions; cannot open it with {self.partitions}"
             )
+        self._map, self._ends = _map_durable(self._dir / "durable", self.partitions, True)
+        acknowledged = list(self._ends)  # what readers were last shown: every ack is below
         for p in range(self.partitions):
-            self._parts.append(self._recover(p))
+            self._parts.append(self._recover(p, acknowledged[p]))
         for dirpath in [self._dir, *(st.pdir for st in self._parts)]:
             _fsync_dir(dirpath)
-        self._map, self._ends = _map_durable(self._dir / "durable", self.partitions, True)
         for st in self._parts:
             self._ends[st.index] = st.next
 
-    def _recover(self, p: int) -> _Partition:
+    def _recover(self, p: int, acknowledged: int) -> _Partition:
         """Only the last segment can hold a torn tail: a roll fsyncs the old segment before
-        its successor exists, so every earlier segment is complete."""
+        its successor exists, so every earlier segment is complete. A tail beyond the
+        acknowledged end is cut (logged); damage below it is recorded, never cut, and the
+        partition takes no new events until repaired, so no offset is ever reused."""
         pdir = self._dir / f"p{p:04d}"
         pdir.mkdir(exist_ok=True)
-        segs = _list_segments(pdir) or [0]
+        segs = list_segments(pdir) or [0]
         base = segs[-1]
-        path = _seg_path(pdir, base)
+        path = seg_path(pdir, base)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        size, nxt = _scan_valid(path, base)
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
+        scan = scan_segment(path, p, base, acknowledged_end=acknowledged, next_base=None)
+        for damage in scan.damages:
+            self.recoveries.append(Recovery(p, "damage_found", damage.describe()))
+            record_damage(self._dir, p, damage.describe(), by="log writer recovery")
+        if scan.damages:  # keep every byte for the repair; append nothing after them
+            size, nxt = scan.size, max(scan.end_offset, acknowledged)
+        else:
+            size, nxt = scan.end, scan.end_offset
+            if scan.torn_tail is not None:
+                lo, hi = scan.torn_tail
+                detail = (
+                    f"partition {p}: cut an unacknowledged torn tail, bytes [{lo}, {hi}) of "
+                    f"segment {base:020d}.seg after offset {nxt} (durable end {acknowledged})"
+                )
+                log.warning("log recovery: %s", detail)
+                self.recoveries.append(Recovery(p, "torn_tail_truncated", detail))
+                os.ftruncate(fd, size)
+                os.fsync(fd)
         return _Partition(p, pdir, segs, fd, base, size, nxt, base, size, nxt)
+
+    def damaged(self) -> Mapping[int, str]:
+        """Re-read the damage markers at most once a second: a reader in another process
+        (the worker) may have found damage the writer's recovery could not see."""
+        now = time.monotonic()
+        if now - self._damage_checked >= 1.0:
+            self._damage = recorded_damage(self._dir)
+            self._damage_checked = now
+        return self._damage
 
     def _check(self) -> None:
         if self._dead is not None:
@@ -226,13 +238,18 @@ class SegmentLogWriter:
             raise ValueError("a frame holds at least one event")
         with self._lock:
             self._check()
+            damaged = self.damaged()
+            if partition in damaged:
+                raise PartitionDamagedError(
+                    errno.EIO, f"partition {partition} is damaged: {damaged[partition]}"
+                )
             st = self._parts[partition]
             base = st.next
             n = _HSIZE + len(payload)
             try:
                 if st.size > 0 and st.size + n > self._segment_bytes:
                     self._roll(st)
-                st.buf += HEADER.pack(len(payload), _crc(base, count, payload), base, count)
+                st.buf += HEADER.pack(len(payload), frame_crc(base, count, payload), base, count)
                 st.buf += payload
                 st.size += n
                 st.next += count
@@ -254,7 +271,7 @@ class SegmentLogWriter:
         """Make the old segment whole on disk before its successor exists (see _recover)."""
         self._flush(st)
         os.fdatasync(st.fd)
-        path = _seg_path(st.pdir, st.next)
+        path = seg_path(st.pdir, st.next)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         st.retired.append(st.fd)
         st.fd, st.base, st.size = fd, st.next, 0
@@ -328,11 +345,11 @@ class SegmentLogWriter:
         st.buf.clear()
         for base in [b for b in st.segs if b > st.synced_base]:
             st.segs.remove(base)
-            _seg_path(st.pdir, base).unlink(missing_ok=True)
+            seg_path(st.pdir, base).unlink(missing_ok=True)
         if st.base != st.synced_base:
             st.retired.append(st.fd)
             st.fd = -1
-            st.fd = os.open(_seg_path(st.pdir, st.synced_base), os.O_WRONLY | os.O_APPEND)
+            st.fd = os.open(seg_path(st.pdir, st.synced_base), os.O_WRONLY | os.O_APPEND)
         os.ftruncate(st.fd, st.synced_size)
         st.base, st.size, st.next = st.synced_base, st.synced_size, st.synced_next
         st.dirty = st.new_entry = False
@@ -344,7 +361,7 @@ class SegmentLogWriter:
             st = self._parts[partition]
             keep_from = min(keep_from, st.synced_next)
             limit = min(st.base, st.synced_base)
-            stats = {b: os.stat(_seg_path(st.pdir, b)) for b in st.segs if b < limit}
+            stats = {b: os.stat(seg_path(st.pdir, b)) for b in st.segs if b < limit}
             total = st.size + sum(s.st_size for s in stats.values())
             deleted = 0
             for base, end in zip(list(st.segs), st.segs[1:], strict=False):
@@ -353,7 +370,7 @@ class SegmentLogWriter:
                 old = stats[base].st_mtime_ns // 1_000_000 < now_ms - self._retention_ms
                 if not (old or total > self._retention_bytes):
                     break
-                _seg_path(st.pdir, base).unlink(missing_ok=True)
+                seg_path(st.pdir, base).unlink(missing_ok=True)
                 st.segs.remove(base)
                 total -= stats[base].st_size
                 deleted += 1
@@ -415,7 +432,7 @@ class SegmentLogReader:
         return int(self._ends[partition])
 
     def start_offset(self, partition: int) -> int:
-        segs = _list_segments(self._pdir(partition))
+        segs = list_segments(self._pdir(partition))
         return segs[0] if segs else 0
 
     def read(self, partition: int, from_offset: int, max_events: int) -> list[Frame]:
@@ -443,7 +460,7 @@ class SegmentLogReader:
                 want = min(2 * want, _READ_CHUNK)
                 if len(chunk) < _HSIZE:
                     if not self._next_segment(partition, cur):
-                        break  # durable file ahead of the data: only after a power loss
+                        return self._stop(partition, cur, frames, f"the log ends before {end}")
                     chunk = b""
                     continue
             length, crc, base, count = HEADER.unpack_from(chunk, rel)
@@ -452,15 +469,37 @@ class SegmentLogReader:
                 chunk, chunk_pos = os.pread(cur.fd, max(want, stop - rel), cur.pos), cur.pos
                 rel, stop = 0, _HSIZE + length
                 if len(chunk) < stop:
-                    break
+                    return self._stop(partition, cur, frames, "a frame runs past the segment's end")
             payload = chunk[rel + _HSIZE : stop]
-            if base != cur.next or _crc(base, count, payload) != crc:
-                raise ValueError(f"corrupt frame in partition {partition} at offset {cur.next}")
+            if base != cur.next or frame_crc(base, count, payload) != crc:
+                return self._stop(partition, cur, frames, "a frame fails its offset or crc check")
             frames.append(Frame(partition, base, count, payload))
             cur.pos += _HSIZE + length
             cur.next += count
             events += count
         return frames
+
+    def report_damage(self, partition: int, detail: str) -> None:
+        self._pdir(partition)
+        record_damage(self._dir, partition, detail, by="log reader")
+
+    def _stop(self, partition: int, cur: _Cursor, frames: list[Frame], why: str) -> list[Frame]:
+        """Hand out the good frames read before the damage; the next read raises."""
+        if frames:
+            return frames
+        raise self._damage(partition, cur, why)
+
+    def _damage(self, partition: int, cur: _Cursor, why: str) -> CorruptFrameError:
+        """Record the damage (ingest then stops for the partition) and return the error."""
+        if self._cursors.pop(partition, None) is not None:
+            os.close(cur.fd)
+        detail = (
+            f"partition {partition}: offset {cur.next} unreadable ({why}) at byte {cur.pos} "
+            f"of the segment holding it; acknowledged events may be lost: run "
+            f"`clickagg log check`"
+        )
+        record_damage(self._dir, partition, detail, by="log reader")
+        return CorruptFrameError(partition, cur.next, why)
 
     def _next_segment(self, partition: int, cur: _Cursor) -> bool:
         """At a segment's end the next frame starts the segment named by its offset, unless
@@ -468,11 +507,11 @@ class SegmentLogReader:
         does for offsets below start_offset."""
         pdir = self._pdir(partition)
         for _ in range(3):
-            later = [b for b in _list_segments(pdir) if b >= cur.next]
+            later = [b for b in list_segments(pdir) if b >= cur.next]
             if not later:
                 return False
             try:
-                fd = os.open(_seg_path(pdir, later[0]), os.O_RDONLY)
+                fd = os.open(seg_path(pdir, later[0]), os.O_RDONLY)
             except FileNotFoundError:
                 continue
             os.close(cur.fd)
@@ -484,13 +523,13 @@ class SegmentLogReader:
         """Find the segment by name, then hop over whole frames reading headers only."""
         pdir = self._pdir(partition)
         for _ in range(3):  # a segment may vanish under retention between listing and open
-            segs = _list_segments(pdir)
+            segs = list_segments(pdir)
             if not segs:
                 return None
             target = max(from_offset, segs[0])
             base = segs[bisect.bisect_right(segs, target) - 1]
             try:
-                fd = os.open(_seg_path(pdir, base), os.O_RDONLY)
+                fd = os.open(seg_path(pdir, base), os.O_RDONLY)
             except FileNotFoundError:
                 continue
             cur = _Cursor(fd, 0, base)
@@ -503,8 +542,9 @@ class SegmentLogReader:
                     return None
                 length, _crc32, fbase, count = HEADER.unpack(head)
                 if fbase != cur.next:
+                    error = self._damage(partition, cur, "a frame header names the wrong offset")
                     os.close(cur.fd)
-                    raise ValueError(f"corrupt frame in partition {partition} at {cur.next}")
+                    raise error
                 if fbase + count > target:
                     return cur
                 cur.pos += _HSIZE + length

@@ -34,7 +34,7 @@ from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.core import aggregate, columns
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
-from clickagg.log.base import Frame, LogReader
+from clickagg.log.base import CorruptFrameError, Frame, LogReader
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, PartitionCommit
 from clickagg.worker.snapshots import SnapshotStore
@@ -48,6 +48,8 @@ def frames_to_events(frames: list[Frame], from_offset: int) -> pl.DataFrame:
     if not frames:
         return columns.empty_frame()
     first = frames[0]
+    if any(f.lost for f in frames):
+        raise ValueError(f"partition {first.partition}: lost-offsets frames hold no events")
     events = columns.decode_run([f.payload for f in frames])
     if events.num_rows != frames[-1].end_offset - first.base_offset:
         raise ValueError(f"frames of partition {first.partition} do not match their offsets")
@@ -55,6 +57,14 @@ def frames_to_events(frames: list[Frame], from_offset: int) -> pl.DataFrame:
     return columns.to_frame(
         events.slice(skip), partition=first.partition, base_offset=first.base_offset + skip
     )
+
+
+def _readable_run(frames: list[Frame]) -> list[Frame]:
+    """The frames before the first lost-offsets frame (handled on its own next time)."""
+    for i, frame in enumerate(frames):
+        if frame.lost:
+            return frames[:i]
+    return frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +95,9 @@ class PartitionWorker:
         self.snapshots = snapshots
         self.settings = settings
         self.clock = clock
+        # Why this partition is stalled: the log lost data it needs (recorded in the log,
+        # so ingest stops for it and /healthz names it). Cleared only by a restart.
+        self.damage: str | None = None
         self.processor = self._recover()
         self._last_snapshot_ms = clock.now_ms()
 
@@ -112,8 +125,12 @@ class PartitionWorker:
         else:
             state = PartitionState.restore(found[1])
         processor = self._new_processor(state)
-        replayed = self._replay(processor, archived, archive=False)
-        rearchived = self._replay(processor, committed, archive=True)
+        try:
+            replayed = self._replay(processor, archived, archive=False)
+            rearchived = self._replay(processor, committed, archive=True)
+        except CorruptFrameError as exc:
+            self._stall(str(exc))
+            return processor
         log.info(
             "partition %d recovered at offset %d (replayed %d, re-archived %d)",
             self.partition,
@@ -132,19 +149,31 @@ class PartitionWorker:
             limit = min(self.settings.micro_batch_events, until - state.next_offset)
             frames = self.reader.read(self.partition, state.next_offset, limit)
             if not frames:
-                raise RuntimeError(
-                    f"partition {self.partition}: log ends at {state.next_offset} but the "
-                    f"store committed {until}; the log lost acknowledged data"
+                detail = (
+                    f"partition {self.partition}: the log ends at {state.next_offset} but "
+                    f"the store committed {until}; acknowledged events were lost from the "
+                    f"log: run `clickagg log check`"
                 )
-            events = frames_to_events(frames, state.next_offset)
-            events = events.head(until - state.next_offset)
-            outcome = processor.process(events, emit=archive, deltas=False)
+                self.reader.report_damage(self.partition, detail)
+                raise CorruptFrameError(self.partition, state.next_offset, detail)
+            if frames[0].lost:
+                first = state.next_offset
+                outcome = processor.skip_lost(min(frames[0].end_offset, until), emit=archive)
+                replayed += state.next_offset - first
+            else:
+                events = frames_to_events(_readable_run(frames), state.next_offset)
+                events = events.head(until - state.next_offset)
+                outcome = processor.process(events, emit=archive, deltas=False)
+                replayed += events.height
             if outcome is not None:
                 self.archive.append(
                     outcome.decisions, {self.partition: (outcome.from_offset, outcome.to_offset)}
                 )
-            replayed += events.height
         return replayed
+
+    def _stall(self, why: str) -> None:
+        self.damage = why
+        log.error("partition %d stalled: %s", self.partition, why)
 
     def prepare(self, *, deltas: bool = True) -> Prepared | None:
         """Steps 1-2: read the next durable micro-batch and run it through the processor.
@@ -154,13 +183,29 @@ class PartitionWorker:
         in-memory state is now ahead of the store: the caller must commit the result, or
         call :meth:`recover` before anything else.
         """
+        if self.damage is not None:
+            return None
         state = self.processor.state
-        frames = self.reader.read(
-            self.partition, state.next_offset, self.settings.micro_batch_events
-        )
+        try:
+            frames = self.reader.read(
+                self.partition, state.next_offset, self.settings.micro_batch_events
+            )
+        except CorruptFrameError as exc:
+            self._stall(str(exc))
+            return None
         if not frames:
             return None
-        outcome = self.processor.process(frames_to_events(frames, state.next_offset), deltas=deltas)
+        if frames[0].lost:
+            log.error(
+                "partition %d: offsets [%d, %d) were lost from the log (repaired); skipping",
+                self.partition,
+                state.next_offset,
+                frames[0].end_offset,
+            )
+            outcome = self.processor.skip_lost(frames[0].end_offset)
+        else:
+            events = frames_to_events(_readable_run(frames), state.next_offset)
+            outcome = self.processor.process(events, deltas=deltas)
         assert outcome is not None
         return Prepared(self._commit_of(outcome), outcome.kept, outcome.decisions)
 
