@@ -9,9 +9,11 @@ from __future__ import annotations
 from starlette.types import ASGIApp
 
 from clickagg.api.app import Backends, build_app
+from clickagg.batch.published import FinalRowsReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.query.base import QueryStore
+from clickagg.query.serving import ServingQueryStore
 from clickagg.runtime import roles
 from clickagg.runtime.supervisor import WorkerSupervisor
 
@@ -31,7 +33,10 @@ def create_app(
         return Backends(
             writer=roles.log_writer(settings),
             reader=roles.log_reader(settings),
-            queries=query_store or roles.query_store(settings),
+            queries=ServingQueryStore(
+                query_store or roles.query_store(settings),
+                FinalRowsReader(settings.batch_dir),
+            ),
             archive=roles.archive_reader(settings),
             supervisor=WorkerSupervisor(settings) if manage_worker else None,
         )

@@ -87,6 +87,10 @@ class Settings:
         return self.data_dir / "archive"
 
     @property
+    def batch_dir(self) -> Path:
+        return self.data_dir / "batch"
+
+    @property
     def snapshot_dir(self) -> Path:
         return self.data_dir / "snapshots"
 

@@ -102,7 +102,7 @@ def _row(row: AggregateRow, time_key: str, group_by: str | None) -> dict[str, An
     body.update(_measures(row.clicks, row.impressions, row.spend_micros))
     body["unique_users"] = row.unique_users
     body["invalid_clicks"] = row.invalid_clicks
-    body["final"] = False  # final once the batch layer closes the window's hour
+    body["final"] = row.final  # reconciled by the batch layer: billing-grade
     return body
 
 

@@ -584,6 +584,16 @@ class ParquetArchiveReader:
         table = dataset.to_table(filter=condition)
         return table.sort_by([("partition", "ascending"), ("offset", "ascending")])
 
+    def files(self, start_ms: int, end_ms: int) -> list[Path]:
+        """The published Parquet files of event hours overlapping [start_ms, end_ms): what
+        a batch engine (DuckDB, Spark) reads directly."""
+        with self._lock:
+            self._view.refresh()
+            first = start_ms - start_ms % HOUR_MS
+            return [
+                path for hour in range(first, end_ms, HOUR_MS) for path in self._view.paths(hour)
+            ]
+
     def decisions_at(self, partition: int, start: int, end: int) -> pa.Table:
         """Scans every published file (a log repair's question, not a hot path)."""
         with self._lock:

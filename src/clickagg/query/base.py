@@ -78,6 +78,7 @@ class AggregateRow:
     spend_micros: int
     unique_users: int
     invalid_clicks: int
+    final: bool = False  # from the batch layer's reconciled hours: billing-grade
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,26 @@ class AdTotals:
     spend_micros: int
     unique_users: int
     invalid_clicks: int
+
+
+class FinalRows(Protocol):
+    """The batch layer's reconciled hours, as the serving layer reads them."""
+
+    def final_hours(self, start_ms: int, end_ms: int) -> list[int]:
+        """Starts of the hours overlapping [start_ms, end_ms) that have final rows."""
+        ...
+
+    def aggregates(
+        self,
+        *,
+        ad_id: str,
+        hours: list[int],
+        granularity: Granularity,
+        group_by: Dimension | None = None,
+    ) -> list[AggregateRow]:
+        """Final rows (``final=True``) of ``ad_id`` over whole final ``hours``: per minute,
+        per hour, or per day (then ``hours`` must hold whole days)."""
+        ...
 
 
 class QueryStore(Protocol):

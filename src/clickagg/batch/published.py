@@ -1,0 +1,257 @@
+"""Final hours, versioned: what the batch layer publishes and the serving layer reads.
+
+Layout under ``<data_dir>/batch/``::
+
+    hour=2025-01-15T10/v000001/{minute,country,device,browser}.parquet + version.json
+    hour=2025-01-15T10/CURRENT          # "v000001": the version queries serve
+
+A version is written whole into its own directory and fsynced, then ``CURRENT`` is
+replaced by an atomic rename: a reader sees the old rows or the new ones, never a mix,
+and a crash mid-run leaves at most an unreferenced directory (removed by the next run).
+Versions are never changed or deleted, so every restatement is kept with when and why it
+was made. A run whose rows equal the current version's publishes nothing: reconciling
+twice gives identical rows and one version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clickagg.core import aggregate, hll
+from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
+from clickagg.query.base import AggregateRow, Dimension, Granularity
+
+CURRENT = "CURRENT"
+_TABLES = ("minute", *aggregate.DIMENSIONS)
+
+
+def hour_name(hour_ms: int) -> str:
+    return "hour=" + dt.datetime.fromtimestamp(hour_ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H")
+
+
+def _hour_of(name: str) -> int:
+    when = dt.datetime.strptime(name.removeprefix("hour=") + "+0000", "%Y-%m-%dT%H%z")
+    return int(when.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Version:
+    hour_ms: int
+    version: int
+    created_ms: int
+    reason: str
+    digest: str
+    summary: Mapping[str, int]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(tables: Mapping[str, pa.Table]) -> str:
+    """Content hash of the rows, independent of how Parquet encodes them."""
+    h = hashlib.sha256()
+    for name in _TABLES:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, tables[name].schema) as writer:
+            writer.write_table(tables[name].combine_chunks())
+        h.update(name.encode())
+        h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()
+
+
+class FinalHours:
+    """Publishes and reads versions of final hours (one writer at a time per data dir is
+    the caller's business: ``clickagg reconcile`` and the server's scheduler use one lock)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def current(self, hour_ms: int) -> Version | None:
+        hdir = self.directory / hour_name(hour_ms)
+        try:
+            name = (hdir / CURRENT).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return self._version(hdir / name)
+
+    def versions(self, hour_ms: int) -> list[Version]:
+        hdir = self.directory / hour_name(hour_ms)
+        if not hdir.is_dir():
+            return []
+        found = []
+        for vdir in sorted(hdir.glob("v*")):
+            if (vdir / "version.json").exists():
+                found.append(self._version(vdir))
+        return found
+
+    def final_hours(self, start_ms: int, end_ms: int) -> list[int]:
+        """Hours in [start_ms, end_ms) that have a current version, ascending."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        hours = []
+        for name in names:
+            if name.startswith("hour="):
+                hour = _hour_of(name)
+                if hour + HOUR_MS > start_ms and hour < end_ms and self.current(hour):
+                    hours.append(hour)
+        return sorted(hours)
+
+    def read(self, hour_ms: int, table: str = "minute") -> pa.Table | None:
+        """The current version's rows of ``table`` (minute or a dimension), or None."""
+        version = self.current(hour_ms)
+        if version is None:
+            return None
+        path = self.directory / hour_name(hour_ms) / f"v{version.version:06d}" / f"{table}.parquet"
+        return pq.read_table(path)
+
+    def publish(
+        self,
+        hour_ms: int,
+        tables: Mapping[str, pa.Table],
+        *,
+        reason: str,
+        summary: Mapping[str, int],
+    ) -> Version | None:
+        """Publish a new version of the hour unless its rows equal the current ones;
+        returns the new version, or None when nothing changed."""
+        digest = _digest(tables)
+        current = self.current(hour_ms)
+        hdir = self.directory / hour_name(hour_ms)
+        hdir.mkdir(parents=True, exist_ok=True)
+        self._remove_unpublished(hdir, current)
+        if current is not None and current.digest == digest:
+            return None
+        number = 1 + max((v.version for v in self.versions(hour_ms)), default=0)
+        vdir = hdir / f"v{number:06d}"
+        vdir.mkdir()
+        for name in _TABLES:
+            pq.write_table(tables[name], vdir / f"{name}.parquet", compression="zstd")
+        version = Version(hour_ms, number, int(time.time() * 1000), reason, digest, dict(summary))
+        body = {
+            "hour_ms": hour_ms,
+            "version": number,
+            "created_ms": version.created_ms,
+            "reason": reason,
+            "digest": digest,
+            "summary": dict(summary),
+        }
+        (vdir / "version.json").write_text(json.dumps(body, indent=1))
+        for path in vdir.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(vdir)
+        tmp = hdir / f".{CURRENT}.tmp"
+        tmp.write_text(vdir.name)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, hdir / CURRENT)
+        _fsync_dir(hdir)
+        return version
+
+    def _remove_unpublished(self, hdir: Path, current: Version | None) -> None:
+        """Directories a crashed run left: newer than CURRENT, or without version.json."""
+        for vdir in hdir.glob("v*"):
+            number = int(vdir.name[1:])
+            complete = (vdir / "version.json").exists()
+            if not complete or current is None or number > current.version:
+                shutil.rmtree(vdir, ignore_errors=True)
+
+    def _version(self, vdir: Path) -> Version:
+        body = json.loads((vdir / "version.json").read_text())
+        return Version(
+            int(body["hour_ms"]),
+            int(body["version"]),
+            int(body["created_ms"]),
+            str(body["reason"]),
+            str(body["digest"]),
+            {k: int(v) for k, v in body["summary"].items()},
+        )
+
+
+class FinalRowsReader:
+    """:class:`clickagg.query.base.FinalRows` over the published versions: the API
+    process reads the Parquet files itself (they never change once published)."""
+
+    def __init__(self, directory: Path, *, cache_entries: int = 512) -> None:
+        self.hours = FinalHours(directory)
+        self._cache: dict[tuple[int, int, str], pl.DataFrame] = {}
+        self._cache_entries = cache_entries
+
+    def final_hours(self, start_ms: int, end_ms: int) -> list[int]:
+        return self.hours.final_hours(start_ms, end_ms)
+
+    def _frame(self, hour_ms: int, table: str) -> pl.DataFrame | None:
+        version = self.hours.current(hour_ms)
+        if version is None:
+            return None
+        key = (hour_ms, version.version, table)
+        frame = self._cache.get(key)
+        if frame is None:
+            loaded = pl.from_arrow(self.hours.read(hour_ms, table))
+            assert isinstance(loaded, pl.DataFrame)
+            if len(self._cache) >= self._cache_entries:
+                self._cache.pop(next(iter(self._cache)))
+            frame = self._cache[key] = loaded
+        return frame
+
+    def aggregates(
+        self,
+        *,
+        ad_id: str,
+        hours: list[int],
+        granularity: Granularity,
+        group_by: Dimension | None = None,
+    ) -> list[AggregateRow]:
+        size = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}[granularity]
+        table = group_by or "minute"
+        parts = [f for h in hours if (f := self._frame(h, table)) is not None]
+        if not parts:
+            return []
+        rows = pl.concat(parts).filter(pl.col("ad_id") == ad_id)
+        keys = [pl.col("minute_ms") - pl.col("minute_ms") % size]
+        if group_by is not None:
+            keys.append(pl.col(group_by))
+        grouped = (
+            rows.group_by(keys)
+            .agg(
+                pl.col("clicks").sum(),
+                pl.col("impressions").sum(),
+                pl.col("spend_micros").sum(),
+                pl.col("invalid_clicks").sum(),
+                pl.col("users"),
+            )
+            .sort(["minute_ms", *([group_by] if group_by else [])])
+        )
+        users = hll.estimates(hll.union_many(grouped["users"].to_arrow()))
+        return [
+            AggregateRow(
+                window_ms=int(r["minute_ms"]),
+                group=r[group_by] if group_by else None,
+                clicks=int(r["clicks"]),
+                impressions=int(r["impressions"]),
+                spend_micros=int(r["spend_micros"]),
+                unique_users=int(u),
+                invalid_clicks=int(r["invalid_clicks"]),
+                final=True,
+            )
+            for r, u in zip(grouped.iter_rows(named=True), users.tolist(), strict=True)
+        ]

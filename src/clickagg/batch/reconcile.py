@@ -1,0 +1,129 @@
+"""Reconcile one event hour from the archive: the billing-grade numbers of that hour.
+
+The stream decides within its horizon; the batch layer decides over the billing period
+(the UTC calendar month of the hour) with every copy of every event in the archive:
+
+* **Exact dedup by id over the month.** Of all archived copies of one (event type, id) —
+  the 128-bit fingerprint — the first in log order wins (every copy of an id goes to the
+  same partition, so that is the order they were acknowledged): the copy the stream saw
+  first. It counts in the hour of its own event time. So a copy the stream
+  could not recognise (re-sent beyond its horizon, with another timestamp) never counts
+  twice, and a copy the stream left out as late counts where it belongs.
+* **Invalid traffic** keeps the stream's verdict (status ``invalid`` with its reason); the
+  rules work will add batch-only verdicts through :data:`InvalidHook`.
+* **Spend** is the event's own cost, else the ad's CPC from the registry: the stream's
+  definition (``aggregate.with_minute_and_spend``), applied to late events too.
+* **The rows** come from the stream's own aggregation (``aggregate.round_deltas``): one
+  definition of a minute row, its breakdowns and its unique-user sketch for both layers.
+
+The engine only selects the winning copies (SQL over the archive's Parquet files); what
+they add up to is computed by the same core code as the stream's.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from clickagg.core import aggregate, fates, ids
+from clickagg.core.windows import HOUR_MS
+
+InvalidHook = Callable[[pl.DataFrame], pl.Series]
+"""Given the hour's winning events, a reason per event (null: valid): batch-only verdicts."""
+
+_COLUMNS = (
+    'partition, "offset", event_id, event_type, status, reason, ad_id, advertiser_id, '
+    "campaign_id, user_id, country, device, browser, ts_ms, received_ms, cost_micros, "
+    "fp_high, fp_low"
+)
+
+
+@dataclass(frozen=True)
+class HourResult:
+    hour_ms: int
+    minute: pa.Table  # aggregate.MINUTE_SCHEMA
+    dimensions: Mapping[str, pa.Table]  # aggregate.DIMENSION_SCHEMAS
+    events: int  # winning events of the hour (counted + invalid)
+    late_counted: int  # winners the stream had left out as late
+    invalid: int
+
+
+def month_of(hour_ms: int) -> tuple[int, int]:
+    """[start, end) of the UTC calendar month holding ``hour_ms``: the billing period."""
+    day = dt.datetime.fromtimestamp(hour_ms / 1000, dt.UTC)
+    start = dt.datetime(day.year, day.month, 1, tzinfo=dt.UTC)
+    days = calendar.monthrange(day.year, day.month)[1]
+    end = start + dt.timedelta(days=days)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+
+
+def winners(files: Sequence[Path], hour_ms: int) -> pa.Table:
+    """The first-received copy of every event of the period whose event time lies in the
+    hour (DuckDB over the archive files of the whole period)."""
+    if not files:
+        return pa.table({})
+    paths = [str(f) for f in files]
+    con = duckdb.connect()
+    try:
+        return con.sql(
+            f"""
+            SELECT {_COLUMNS} FROM (
+                SELECT *, row_number() OVER (
+                    PARTITION BY fp_high, fp_low, event_type
+                    ORDER BY partition, "offset") AS copy
+                FROM read_parquet(?)
+            )
+            WHERE copy = 1 AND ts_ms >= ? AND ts_ms < ?
+            ORDER BY partition, "offset"
+            """,
+            params=[paths, hour_ms, hour_ms + HOUR_MS],
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def reconcile_hour(
+    files: Sequence[Path],
+    hour_ms: int,
+    *,
+    cpc_micros: Mapping[str, int],
+    invalid: InvalidHook | None = None,
+) -> HourResult:
+    """The final rows of one event hour from the archive files of its billing period."""
+    if hour_ms % HOUR_MS:
+        raise ValueError("an hour starts on a whole UTC hour")
+    table = winners(files, hour_ms)
+    if table.num_rows == 0:
+        empty = aggregate.MINUTE_SCHEMA.empty_table()
+        return HourResult(hour_ms, empty, aggregate.empty_dimension_deltas(), 0, 0, 0)
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    flagged = pl.col("status") == fates.INVALID
+    if invalid is not None:
+        extra = invalid(frame)
+        frame = frame.with_columns(
+            pl.when(flagged).then(pl.col("reason")).otherwise(extra).alias("reason")
+        )
+        flagged = flagged | pl.col("reason").is_not_null()
+    events = frame.with_columns(
+        pl.col("event_type").replace_strict(ids.EVENT_TYPE_CODES, return_dtype=pl.UInt8),
+        flagged.alias("invalid"),
+        pl.col("cost_micros").fill_null(-1),
+    )
+    priced = aggregate.with_minute_and_spend(events, dict(cpc_micros))
+    minute, dimensions = aggregate.round_deltas(priced)
+    return HourResult(
+        hour_ms,
+        minute,
+        dimensions,
+        events=events.height,
+        late_counted=int((events["status"] == fates.LATE).sum()),
+        invalid=int(events["invalid"].sum()),
+    )

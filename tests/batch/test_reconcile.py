@@ -1,0 +1,119 @@
+"""Reconciling an hour from the archive the real stream wrote: equal to the stream where
+the stream is exact, and exact where it is not (late events, copies beyond its horizon)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from clickagg.batch.published import FinalHours, hour_name
+from clickagg.batch.runner import batch_dir, reconcile_hours
+from clickagg.core import hll, ids
+from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from tests.conftest import Ev
+from tests.worker.test_stream import DAY, T0, Rig
+
+HOUR = T0 - T0 % HOUR_MS
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def on_time(n: int, prefix: str = "e") -> list[Ev]:
+    return [
+        Ev(
+            f"{prefix}{i}",
+            f"ad-{i % 3}",
+            HOUR + 60_000 + i * 997,
+            event_type=ids.CLICK if i % 4 else ids.IMPRESSION,
+            user_id=f"u{i % 50}",
+            country=("US", "DE")[i % 2],
+            cost_micros=1000 + i,
+        )
+        for i in range(n)
+    ]
+
+
+def stream_minutes(rig: Rig, ad_id: str) -> list[tuple[int, int, int, int, int]]:
+    rows = rig.store.aggregates(
+        ad_id=ad_id, start_ms=HOUR, end_ms=HOUR + HOUR_MS, granularity="minute"
+    )
+    return [(r.window_ms, r.clicks, r.impressions, r.spend_micros, r.unique_users) for r in rows]
+
+
+def batch_minutes(rig: Rig, ad_id: str) -> list[tuple[int, int, int, int, int]]:
+    table = FinalHours(batch_dir(rig.settings)).read(HOUR)
+    assert table is not None
+    rows = table.filter(pc.equal(table["ad_id"], ad_id)).sort_by("minute_ms").to_pylist()
+    return [
+        (
+            r["minute_ms"],
+            r["clicks"],
+            r["impressions"],
+            r["spend_micros"],
+            hll.estimate(r["users"]),
+        )
+        for r in rows
+    ]
+
+
+def test_an_hour_the_stream_got_right_reconciles_to_the_same_rows(rig: Rig) -> None:
+    rig.append(on_time(300) + on_time(300)[::7])  # with copies the stream deduplicates
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    [run] = reconcile_hours(rig.settings, [HOUR], reason="test")
+    assert run.published is not None and run.clicks > 0
+    for ad in ("ad-0", "ad-1", "ad-2"):
+        assert batch_minutes(rig, ad) == stream_minutes(rig, ad)
+
+
+def test_late_events_and_copies_beyond_the_horizon_count_once_in_the_batch(rig: Rig) -> None:
+    rig.append(on_time(100))
+    # Far ahead in event time: the watermark moves past the hour.
+    rig.append([Ev("later", "ad-9", HOUR + HOUR_MS + 40 * MINUTE_MS)])
+    late = [Ev(f"late{i}", "ad-0", HOUR + 5 * MINUTE_MS, cost_micros=500) for i in range(7)]
+    rig.append(late)
+    # A copy of e1 re-sent with another timestamp, beyond the stream's dedup horizon.
+    rig.append([Ev("e1", "ad-1", HOUR + 59 * MINUTE_MS + DAY // 24 // 2, cost_micros=9)])
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    stream_clicks = sum(r[1] for ad in ("ad-0", "ad-1", "ad-2") for r in stream_minutes(rig, ad))
+    [run] = reconcile_hours(rig.settings, [HOUR], reason="test")
+    expected = sum(1 for e in on_time(100) if e.event_type == ids.CLICK) + len(late)
+    assert run.clicks == expected and run.late_counted == len(late)
+    assert stream_clicks == expected - len(late)  # the stream left the late ones out
+    spend = sum(e.cost_micros for e in on_time(100) if e.event_type == ids.CLICK)
+    assert run.spend_micros == spend + 500 * len(late)
+
+
+def test_reconciling_twice_publishes_one_version_and_a_crashed_run_leaves_nothing(
+    rig: Rig,
+) -> None:
+    rig.append(on_time(50))
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    [first] = reconcile_hours(rig.settings, [HOUR], reason="first")
+    hours = FinalHours(batch_dir(rig.settings))
+    before = hours.read(HOUR)
+    crashed = batch_dir(rig.settings) / hour_name(HOUR) / "v000002"
+    os.makedirs(crashed)  # a run killed before it published
+    [again] = reconcile_hours(rig.settings, [HOUR], reason="again")
+    assert first.published is not None and again.published is None
+    assert [v.version for v in hours.versions(HOUR)] == [1] and not crashed.exists()
+    assert hours.read(HOUR) == before
+
+    rig.append([Ev("new", "ad-0", HOUR + 30 * MINUTE_MS, cost_micros=5)])  # a restatement
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    [third] = reconcile_hours(rig.settings, [HOUR], reason="restated")
+    assert third.published is not None and third.clicks == first.clicks + 1
+    versions = hours.versions(HOUR)
+    assert [(v.version, v.reason) for v in versions] == [(1, "first"), (2, "restated")]
+    assert hours.current(HOUR) == versions[-1]

@@ -1,0 +1,83 @@
+"""`clickagg reconcile` beside a live server: its queries serve the final hour at once,
+whole (`final: true`), and a restatement replaces it; other hours stay on the stream."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from tests.e2e.server import ServeProcess, lag
+
+pytestmark = pytest.mark.slow
+
+
+def post(server: ServeProcess, events: list[dict[str, Any]]) -> None:
+    response = httpx.post(server.url + "/events/batch", json=events, timeout=30)
+    assert response.status_code == 202 and response.json()["accepted"] == len(events)
+
+
+def settle(server: ServeProcess, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while lag(server) > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def rows(server: ServeProcess, start: int, end: int, granularity: str) -> list[dict[str, Any]]:
+    params = {"ad_id": "ad-1", "start": start, "end": end, "granularity": granularity}
+    response = httpx.get(server.url + "/aggregates", params=params, timeout=30)
+    assert response.status_code == 200, response.text
+    return list(response.json())
+
+
+def reconcile(server: ServeProcess, hour: int) -> str:
+    iso = time.strftime("%Y-%m-%dT%H", time.gmtime(hour / 1000))
+    command = [sys.executable, "-m", "clickagg", "reconcile", "--hour", iso]
+    command += ["--data-dir", str(server.data_dir), "--partitions", str(server.partitions)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def clicks(ad: str, ts_ms: int, n: int, prefix: str) -> list[dict[str, Any]]:
+    return [
+        {"event_type": "click", "event_id": f"{prefix}-{i}", "ad_id": ad, "timestamp": ts_ms}
+        for i in range(n)
+    ]
+
+
+def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
+    now = int(time.time() * 1000)
+    hour = now - now % HOUR_MS - 2 * HOUR_MS
+    server = ServeProcess(tmp_path / "data", partitions=4)
+    try:
+        server.start()
+        post(server, clicks("ad-1", hour + 10 * MINUTE_MS, 30, "a"))
+        post(server, clicks("ad-1", hour + HOUR_MS + 5 * MINUTE_MS, 4, "next"))
+        post(server, clicks("ad-1", now, 1, "now"))  # the watermark passes the hour
+        post(server, clicks("ad-1", hour + 20 * MINUTE_MS, 5, "late"))  # left out: late
+        settle(server)
+        before = rows(server, hour, hour + 2 * HOUR_MS, "hour")
+        assert [(r["clicks"], r["final"]) for r in before] == [(30, False), (4, False)]
+
+        assert "v1 (new)" in reconcile(server, hour)
+        after = rows(server, hour, hour + 2 * HOUR_MS, "hour")
+        assert [(r["clicks"], r["final"]) for r in after] == [(35, True), (4, False)]
+        minutes = rows(server, hour, hour + HOUR_MS, "minute")
+        assert [(r["clicks"], r["final"]) for r in minutes] == [(30, True), (5, True)]
+        assert "unchanged" in reconcile(server, hour)  # twice: same rows, one version
+
+        post(server, clicks("ad-1", hour + 30 * MINUTE_MS, 2, "later"))  # very late
+        settle(server)
+        assert "v2 (new)" in reconcile(server, hour)  # a restatement
+        restated = rows(server, hour, hour + HOUR_MS, "hour")
+        assert [(r["clicks"], r["final"]) for r in restated] == [(37, True)]
+    finally:
+        server.kill9()
