@@ -75,22 +75,43 @@ def test_an_hour_the_stream_got_right_reconciles_to_the_same_rows(rig: Rig) -> N
 
 
 def test_late_events_and_copies_beyond_the_horizon_count_once_in_the_batch(rig: Rig) -> None:
+    worker = rig.worker()
     rig.append(on_time(100))
+    rig.drain(worker)
+    rig.append([Ev("mid", "ad-9", HOUR + 45 * MINUTE_MS)])  # the stream forgets e2 ...
+    rig.drain(worker)
+    # ... so e2 again, 58 minutes after its first copy (beyond the stream's 30-minute
+    # horizon) and in the same hour, counts twice in the stream, once in the batch.
+    rig.append([Ev("e2", "ad-2", HOUR + 59 * MINUTE_MS, cost_micros=1002)])
+    rig.drain(worker)
     # Far ahead in event time: the watermark moves past the hour.
     rig.append([Ev("later", "ad-9", HOUR + HOUR_MS + 40 * MINUTE_MS)])
     late = [Ev(f"late{i}", "ad-0", HOUR + 5 * MINUTE_MS, cost_micros=500) for i in range(7)]
     rig.append(late)
-    # A copy of e1 re-sent with another timestamp, beyond the stream's dedup horizon.
-    rig.append([Ev("e1", "ad-1", HOUR + 59 * MINUTE_MS + DAY // 24 // 2, cost_micros=9)])
-    rig.drain(rig.worker())
+    rig.drain(worker)
     rig.archive.flush()
     stream_clicks = sum(r[1] for ad in ("ad-0", "ad-1", "ad-2") for r in stream_minutes(rig, ad))
     [run] = reconcile_hours(rig.settings, [HOUR], reason="test")
-    expected = sum(1 for e in on_time(100) if e.event_type == ids.CLICK) + len(late)
-    assert run.clicks == expected and run.late_counted == len(late)
-    assert stream_clicks == expected - len(late)  # the stream left the late ones out
+    sent = sum(1 for e in on_time(100) if e.event_type == ids.CLICK)
+    assert run.clicks == sent + len(late) + 1 and run.late_counted == len(late)  # + mid
+    assert stream_clicks == sent + 1  # the late ones left out, e2 counted twice
     spend = sum(e.cost_micros for e in on_time(100) if e.event_type == ids.CLICK)
     assert run.spend_micros == spend + 500 * len(late)
+
+    report = FinalHours(batch_dir(rig.settings)).read_report(HOUR)
+    assert report is not None
+    by_ad = {r["ad_id"]: r for r in report.to_pylist()}
+    assert by_ad["ad-0"]["late_clicks"] == len(late)
+    assert by_ad["ad-0"]["late_spend_micros"] == 500 * len(late)
+    assert by_ad["ad-2"]["beyond_horizon_clicks"] == 1
+    assert by_ad["ad-2"]["beyond_horizon_spend_micros"] == 1002
+    for r in by_ad.values():  # every difference has its cause
+        assert r["batch_clicks"] - r["stream_clicks"] == (
+            r["late_clicks"] - r["beyond_horizon_clicks"] - r["newly_invalid_clicks"]
+        )
+        assert r["batch_spend_micros"] - r["stream_spend_micros"] == (
+            r["late_spend_micros"] - r["beyond_horizon_spend_micros"]
+        )
 
 
 def test_reconciling_twice_publishes_one_version_and_a_crashed_run_leaves_nothing(

@@ -167,6 +167,29 @@ class FinalHours:
         _fsync_dir(hdir)
         return version
 
+    def write_report(self, hour_ms: int, report: pa.Table) -> None:
+        """The latest run's stream-vs-batch report of the hour (replaced atomically every
+        run: the stream's side can change while the final rows do not)."""
+        hdir = self.directory / hour_name(hour_ms)
+        hdir.mkdir(parents=True, exist_ok=True)
+        tmp = hdir / ".report.parquet.tmp"
+        pq.write_table(report, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, hdir / "report.parquet")
+        _fsync_dir(hdir)
+
+    def read_report(self, hour_ms: int) -> pa.Table | None:
+        try:
+            return pq.read_table(self.directory / hour_name(hour_ms) / "report.parquet")
+        except FileNotFoundError:
+            return None
+
+    def read_version(self, hour_ms: int, version: int, table: str = "minute") -> pa.Table:
+        return pq.read_table(
+            self.directory / hour_name(hour_ms) / f"v{version:06d}" / f"{table}.parquet"
+        )
+
     def _remove_unpublished(self, hdir: Path, current: Version | None) -> None:
         """Directories a crashed run left: newer than CURRENT, or without version.json."""
         for vdir in hdir.glob("v*"):

@@ -50,6 +50,7 @@ class HourResult:
     hour_ms: int
     minute: pa.Table  # aggregate.MINUTE_SCHEMA
     dimensions: Mapping[str, pa.Table]  # aggregate.DIMENSION_SCHEMAS
+    report: pa.Table  # REPORT_SCHEMA: stream vs batch per ad, and why
     events: int  # winning events of the hour (counted + invalid)
     late_counted: int  # winners the stream had left out as late
     invalid: int
@@ -64,29 +65,90 @@ def month_of(hour_ms: int) -> tuple[int, int]:
     return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
-def winners(files: Sequence[Path], hour_ms: int) -> pa.Table:
-    """The first-received copy of every event of the period whose event time lies in the
-    hour (DuckDB over the archive files of the whole period)."""
-    if not files:
-        return pa.table({})
-    paths = [str(f) for f in files]
+REPORT_SCHEMA = pa.schema(
+    [
+        pa.field("ad_id", pa.string(), nullable=False),
+        *(
+            pa.field(f"{side}_{measure}", pa.int64(), nullable=False)
+            for side in ("stream", "batch")
+            for measure in ("clicks", "impressions", "spend_micros")
+        ),
+        # The causes of batch - stream, in clicks and spend (late: +, duplicates beyond
+        # the stream's horizon: -, invalid traffic found by the batch: -).
+        pa.field("late_clicks", pa.int64(), nullable=False),
+        pa.field("late_spend_micros", pa.int64(), nullable=False),
+        pa.field("beyond_horizon_clicks", pa.int64(), nullable=False),
+        pa.field("beyond_horizon_spend_micros", pa.int64(), nullable=False),
+        pa.field("newly_invalid_clicks", pa.int64(), nullable=False),
+    ]
+)
+"""Per ad of one hour: what the stream counted, what the batch counts, and why they differ."""
+
+
+def _select(files: Sequence[Path], hour_ms: int) -> tuple[pa.Table, pa.Table]:
+    """(the winning copy of every event of the hour, the stream's view of the hour per ad)
+    — DuckDB over the archive files of the whole period."""
     con = duckdb.connect()
     try:
-        return con.sql(
-            f"""
-            SELECT {_COLUMNS} FROM (
+        con.execute(
+            """
+            CREATE TEMP TABLE ranked AS
+            SELECT * FROM (
                 SELECT *, row_number() OVER (
                     PARTITION BY fp_high, fp_low, event_type
                     ORDER BY partition, "offset") AS copy
                 FROM read_parquet(?)
-            )
-            WHERE copy = 1 AND ts_ms >= ? AND ts_ms < ?
-            ORDER BY partition, "offset"
+            ) WHERE ts_ms >= ? AND ts_ms < ?
             """,
-            params=[paths, hour_ms, hour_ms + HOUR_MS],
+            [[str(f) for f in files], hour_ms, hour_ms + HOUR_MS],
+        )
+        winners = con.sql(
+            f'SELECT {_COLUMNS} FROM ranked WHERE copy = 1 ORDER BY partition, "offset"'
+        ).to_arrow_table()
+        stream = con.sql(
+            """
+            SELECT ad_id,
+                count(*) FILTER (WHERE status = 'counted' AND event_type = 'click')
+                    AS stream_clicks,
+                count(*) FILTER (WHERE status IN ('counted', 'invalid')
+                                 AND event_type = 'impression') AS stream_impressions,
+                coalesce(sum(spend_micros), 0) AS stream_spend_micros,
+                count(*) FILTER (WHERE copy > 1 AND status = 'counted'
+                                 AND event_type = 'click') AS beyond_horizon_clicks,
+                coalesce(sum(spend_micros) FILTER (WHERE copy > 1), 0)
+                    AS beyond_horizon_spend_micros
+            FROM ranked GROUP BY ad_id
+            """
         ).to_arrow_table()
     finally:
         con.close()
+    return winners, stream
+
+
+def _report(priced: pl.DataFrame, stream: pa.Table) -> pa.Table:
+    """Join the batch's per-ad sums to the stream's, with the causes of the difference."""
+    click = pl.col("event_type") == ids.CLICK
+    valid_click = click & ~pl.col("invalid")
+    late = pl.col("status") == fates.LATE
+    batch = priced.group_by("ad_id").agg(
+        valid_click.sum().cast(pl.Int64).alias("batch_clicks"),
+        (pl.col("event_type") == ids.IMPRESSION).sum().cast(pl.Int64).alias("batch_impressions"),
+        pl.col("spend_micros").filter(valid_click).sum().cast(pl.Int64).alias("batch_spend_micros"),
+        (valid_click & late).sum().cast(pl.Int64).alias("late_clicks"),
+        pl.col("spend_micros")
+        .filter(valid_click & late)
+        .sum()
+        .cast(pl.Int64)
+        .alias("late_spend_micros"),
+        (click & pl.col("invalid") & (pl.col("status") != fates.INVALID))
+        .sum()
+        .cast(pl.Int64)
+        .alias("newly_invalid_clicks"),
+    )
+    streamed = pl.from_arrow(stream)
+    assert isinstance(streamed, pl.DataFrame)
+    joined = streamed.join(batch, on="ad_id", how="full", coalesce=True).fill_null(0)
+    return joined.select(REPORT_SCHEMA.names).sort("ad_id").to_arrow().cast(REPORT_SCHEMA)
 
 
 def reconcile_hour(
@@ -99,10 +161,11 @@ def reconcile_hour(
     """The final rows of one event hour from the archive files of its billing period."""
     if hour_ms % HOUR_MS:
         raise ValueError("an hour starts on a whole UTC hour")
-    table = winners(files, hour_ms)
-    if table.num_rows == 0:
+    if not files:
         empty = aggregate.MINUTE_SCHEMA.empty_table()
-        return HourResult(hour_ms, empty, aggregate.empty_dimension_deltas(), 0, 0, 0)
+        dims = aggregate.empty_dimension_deltas()
+        return HourResult(hour_ms, empty, dims, REPORT_SCHEMA.empty_table(), 0, 0, 0)
+    table, stream = _select(files, hour_ms)
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     flagged = pl.col("status") == fates.INVALID
@@ -123,6 +186,7 @@ def reconcile_hour(
         hour_ms,
         minute,
         dimensions,
+        _report(priced, stream),
         events=events.height,
         late_counted=int((events["status"] == fates.LATE).sum()),
         invalid=int(events["invalid"].sum()),

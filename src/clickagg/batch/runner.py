@@ -73,6 +73,7 @@ def reconcile_hours(settings: Settings, hours: list[int], *, reason: str) -> lis
                     "late_counted": result.late_counted,
                 }
                 published = final.publish(hour_ms, tables, reason=reason, summary=summary)
+                final.write_report(hour_ms, result.report)
                 runs.append(
                     HourRun(
                         hour_ms,
