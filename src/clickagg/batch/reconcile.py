@@ -85,12 +85,18 @@ REPORT_SCHEMA = pa.schema(
 """Per ad of one hour: what the stream counted, what the batch counts, and why they differ."""
 
 
-def _select(files: Sequence[Path], hour_ms: int) -> tuple[pa.Table, pa.Table]:
-    """(the winning copy of every event of the hour, the stream's view of the hour per ad)
-    — DuckDB over the archive files of the whole period."""
-    con = duckdb.connect()
-    try:
-        con.execute(
+class PeriodView:
+    """The archive of one billing period in DuckDB, every copy numbered in log order per
+    (event type, id) over the whole period, kept for the events of the hours asked for:
+    reconciling many hours of a month ranks the month once."""
+
+    def __init__(self, files: Sequence[Path], start_ms: int, end_ms: int) -> None:
+        self.start_ms, self.end_ms = start_ms, end_ms
+        self.con = duckdb.connect()
+        self.empty = not files
+        if self.empty:
+            return
+        self.con.execute(
             """
             CREATE TEMP TABLE ranked AS
             SELECT * FROM (
@@ -100,12 +106,23 @@ def _select(files: Sequence[Path], hour_ms: int) -> tuple[pa.Table, pa.Table]:
                 FROM read_parquet(?)
             ) WHERE ts_ms >= ? AND ts_ms < ?
             """,
-            [[str(f) for f in files], hour_ms, hour_ms + HOUR_MS],
+            [[str(f) for f in files], start_ms, end_ms],
         )
-        winners = con.sql(
-            f'SELECT {_COLUMNS} FROM ranked WHERE copy = 1 ORDER BY partition, "offset"'
+
+    def hour(self, hour_ms: int) -> tuple[pa.Table, pa.Table] | None:
+        """(the winning copy of every event of the hour, the stream's view of it per ad),
+        or None when the period holds nothing."""
+        if not self.start_ms <= hour_ms < self.end_ms:
+            raise ValueError("hour outside the view")
+        if self.empty:
+            return None
+        bounds = [hour_ms, hour_ms + HOUR_MS]
+        winners = self.con.sql(
+            f"SELECT {_COLUMNS} FROM ranked WHERE copy = 1 AND ts_ms >= $1 AND ts_ms < $2 "
+            'ORDER BY partition, "offset"',
+            params=bounds,
         ).to_arrow_table()
-        stream = con.sql(
+        stream = self.con.sql(
             """
             SELECT ad_id,
                 count(*) FILTER (WHERE status = 'counted' AND event_type = 'click')
@@ -117,12 +134,20 @@ def _select(files: Sequence[Path], hour_ms: int) -> tuple[pa.Table, pa.Table]:
                                  AND event_type = 'click') AS beyond_horizon_clicks,
                 coalesce(sum(spend_micros) FILTER (WHERE copy > 1), 0)
                     AS beyond_horizon_spend_micros
-            FROM ranked GROUP BY ad_id
-            """
+            FROM ranked WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY ad_id
+            """,
+            params=bounds,
         ).to_arrow_table()
-    finally:
-        con.close()
-    return winners, stream
+        return winners, stream
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> PeriodView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _report(priced: pl.DataFrame, stream: pa.Table) -> pa.Table:
@@ -152,20 +177,21 @@ def _report(priced: pl.DataFrame, stream: pa.Table) -> pa.Table:
 
 
 def reconcile_hour(
-    files: Sequence[Path],
+    view: PeriodView,
     hour_ms: int,
     *,
     cpc_micros: Mapping[str, int],
     invalid: InvalidHook | None = None,
 ) -> HourResult:
-    """The final rows of one event hour from the archive files of its billing period."""
+    """The final rows of one event hour, from its billing period's view."""
     if hour_ms % HOUR_MS:
         raise ValueError("an hour starts on a whole UTC hour")
-    if not files:
+    selected = view.hour(hour_ms)
+    if selected is None:
         empty = aggregate.MINUTE_SCHEMA.empty_table()
         dims = aggregate.empty_dimension_deltas()
         return HourResult(hour_ms, empty, dims, REPORT_SCHEMA.empty_table(), 0, 0, 0)
-    table, stream = _select(files, hour_ms)
+    table, stream = selected
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     flagged = pl.col("status") == fates.INVALID

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.batch.published import FinalHours, Version
-from clickagg.batch.reconcile import month_of, reconcile_hour
+from clickagg.batch.reconcile import HourResult, PeriodView, month_of, reconcile_hour
 from clickagg.config import Settings
 from clickagg.core.windows import HOUR_MS
 from clickagg.registry import load_cpc_micros
@@ -54,41 +54,45 @@ def reconcile_hours(settings: Settings, hours: list[int], *, reason: str) -> lis
     archive = ParquetArchiveReader(settings.archive_dir)
     final = FinalHours(batch_dir(settings))
     runs = []
+    by_month: dict[tuple[int, int], list[int]] = {}
+    for hour_ms in hours:
+        if hour_ms % HOUR_MS:
+            raise ValueError(f"{hour_ms} is not the start of a UTC hour")
+        by_month.setdefault(month_of(hour_ms), []).append(hour_ms)
     try:
         with _locked(batch_dir(settings)):
-            for hour_ms in hours:
-                if hour_ms % HOUR_MS:
-                    raise ValueError(f"{hour_ms} is not the start of a UTC hour")
-                files = archive.files(*month_of(hour_ms))
-                result = reconcile_hour(files, hour_ms, cpc_micros=cpc)
-                tables = {"minute": result.minute, **result.dimensions}
-                minute = result.minute
-                totals = {
-                    name: _sum(minute, name)
-                    for name in ("clicks", "impressions", "spend_micros", "invalid_clicks")
-                }
-                summary = {
-                    **totals,
-                    "events": result.events,
-                    "late_counted": result.late_counted,
-                }
-                published = final.publish(hour_ms, tables, reason=reason, summary=summary)
-                final.write_report(hour_ms, result.report)
-                runs.append(
-                    HourRun(
-                        hour_ms,
-                        published,
-                        totals["clicks"],
-                        totals["impressions"],
-                        totals["spend_micros"],
-                        result.events,
-                        result.late_counted,
-                        result.invalid,
-                    )
-                )
+            for (month_start, month_end), month_hours in by_month.items():
+                files = archive.files(month_start, month_end)
+                span = (min(month_hours), max(month_hours) + HOUR_MS)
+                with PeriodView(files, *span) as view:
+                    for hour_ms in month_hours:
+                        result = reconcile_hour(view, hour_ms, cpc_micros=cpc)
+                        runs.append(_publish(final, result, reason))
     finally:
         archive.close()
     return runs
+
+
+def _publish(final: FinalHours, result: HourResult, reason: str) -> HourRun:
+    """Publish a new version of the hour where its rows changed, and the run's report."""
+    tables = {"minute": result.minute, **result.dimensions}
+    totals = {
+        name: _sum(result.minute, name)
+        for name in ("clicks", "impressions", "spend_micros", "invalid_clicks")
+    }
+    summary = {**totals, "events": result.events, "late_counted": result.late_counted}
+    published = final.publish(result.hour_ms, tables, reason=reason, summary=summary)
+    final.write_report(result.hour_ms, result.report)
+    return HourRun(
+        result.hour_ms,
+        published,
+        totals["clicks"],
+        totals["impressions"],
+        totals["spend_micros"],
+        result.events,
+        result.late_counted,
+        result.invalid,
+    )
 
 
 def _sum(table: pa.Table, column: str) -> int:
