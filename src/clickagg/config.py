@@ -53,6 +53,12 @@ class Settings:
     # or sooner once this many delta rows wait.
     compact_interval_ms: int = 2_000
     compact_delta_rows: int = 200_000
+    # The server closes each event hour by itself (``clickagg reconcile``'s code path) once
+    # it is this long past the hour's end plus the allowed lateness, looking back at most
+    # ``close_lookback`` for hours not closed yet, every ``close_interval`` (0: never).
+    close_delay_ms: int = 10 * MINUTE_MS
+    close_lookback_ms: int = 2 * 24 * 60 * MINUTE_MS
+    close_interval_ms: int = MINUTE_MS
     log_level: str = "warning"
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.

@@ -14,7 +14,7 @@ from clickagg.batch.runner import batch_dir, reconcile_hours
 from clickagg.core import hll, ids
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from tests.conftest import Ev
-from tests.worker.test_stream import DAY, T0, Rig
+from tests.worker.test_stream import T0, Rig
 
 HOUR = T0 - T0 % HOUR_MS
 

@@ -584,6 +584,12 @@ class ParquetArchiveReader:
         table = dataset.to_table(filter=condition)
         return table.sort_by([("partition", "ascending"), ("offset", "ascending")])
 
+    def event_hours(self) -> list[int]:
+        """The event hours that have archived decisions, ascending."""
+        with self._lock:
+            self._view.refresh()
+            return sorted(self._view.by_hour)
+
     def files(self, start_ms: int, end_ms: int) -> list[Path]:
         """The published Parquet files of event hours overlapping [start_ms, end_ms): what
         a batch engine (DuckDB, Spark) reads directly."""

@@ -1,0 +1,70 @@
+"""Closing hours on schedule: the server reconciles each event hour by itself, through the
+same code path as ``clickagg reconcile``, once no on-time event can still arrive for it.
+
+An hour ``H`` is closable once ``now >= H + 1h + allowed_lateness + close_delay``: by then
+the stream has counted or left as late every event of ``H`` (the watermark lags by the
+allowed lateness), and the delay leaves the archive time to publish them. Hours with
+archived events, not closed yet and within ``close_lookback``, are closed oldest first.
+Very late events that arrive after an hour closed are left for a restatement
+(``clickagg reconcile --hour H`` again, or ``--since``), which publishes a new version only
+if the rows change.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from clickagg.archive.parquet import ParquetArchiveReader
+from clickagg.batch.published import FinalHours
+from clickagg.batch.runner import HourRun, reconcile_hours
+from clickagg.config import Settings
+from clickagg.core.windows import HOUR_MS
+
+log = logging.getLogger(__name__)
+REASON = "closed on schedule"
+
+
+def closable_hours(
+    now_ms: int, settings: Settings, *, archived_hours: list[int], final: FinalHours
+) -> list[int]:
+    """The hours to close now (see the module docstring), oldest first."""
+    cutoff = now_ms - settings.allowed_lateness_ms - settings.close_delay_ms
+    oldest = now_ms - settings.close_lookback_ms
+    return [
+        hour
+        for hour in archived_hours
+        if hour + HOUR_MS <= cutoff and hour + HOUR_MS > oldest and final.current(hour) is None
+    ]
+
+
+def close_due_hours(settings: Settings, now_ms: int) -> list[HourRun]:
+    """One pass of the schedule: reconcile every hour that is due."""
+    archive = ParquetArchiveReader(settings.archive_dir)
+    try:
+        archived = archive.event_hours()
+    finally:
+        archive.close()
+    hours = closable_hours(
+        now_ms, settings, archived_hours=archived, final=FinalHours(settings.batch_dir)
+    )
+    if not hours:
+        return []
+    runs = reconcile_hours(settings, hours, reason=REASON)
+    for run in runs:
+        log.info("closed hour %d: %d clicks", run.hour_ms, run.clicks)
+    return runs
+
+
+def run_closer(settings: Settings, stop: threading.Event | None = None) -> None:
+    """Close due hours every ``close_interval`` until ``stop`` is set (a process target)."""
+    import time
+
+    logging.basicConfig(level=settings.log_level.upper())
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        try:
+            close_due_hours(settings, int(time.time() * 1000))
+        except Exception:  # a failed pass is retried at the next interval
+            log.exception("closing hours failed; retrying in %d ms", settings.close_interval_ms)
+        stop.wait(settings.close_interval_ms / 1000)

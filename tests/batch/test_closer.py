@@ -1,0 +1,51 @@
+"""Which hours the schedule closes, and one pass of it over a real stream's archive."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from clickagg.batch.closer import REASON, closable_hours, close_due_hours
+from clickagg.batch.published import FinalHours
+from clickagg.config import Settings
+from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from tests.conftest import Ev
+from tests.worker.test_stream import T0, Rig
+
+HOUR = T0 - T0 % HOUR_MS
+
+
+def test_an_hour_closes_only_after_its_lateness_and_delay(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, allowed_lateness_ms=5 * MINUTE_MS)
+    settings = dataclasses.replace(settings, close_delay_ms=10 * MINUTE_MS)
+    final = FinalHours(settings.batch_dir)
+    hours = [HOUR - HOUR_MS, HOUR, HOUR + HOUR_MS]
+    due = HOUR + HOUR_MS + 15 * MINUTE_MS  # H's end + lateness + delay
+    assert closable_hours(due - 1, settings, archived_hours=hours, final=final) == [HOUR - HOUR_MS]
+    assert closable_hours(due, settings, archived_hours=hours, final=final) == hours[:2]
+    far = HOUR + settings.close_lookback_ms + 2 * HOUR_MS  # beyond the lookback
+    assert closable_hours(far, settings, archived_hours=hours, final=final) == []
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_one_pass_closes_due_hours_once(rig: Rig) -> None:
+    rig.append([Ev(f"e{i}", "ad-1", HOUR + i * MINUTE_MS) for i in range(90)])  # 2 hours
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    settings = rig.settings
+    now = HOUR + HOUR_MS + settings.allowed_lateness_ms + settings.close_delay_ms
+    [run] = close_due_hours(settings, now)  # only the first hour is due
+    assert run.hour_ms == HOUR and run.clicks == 60 and run.published is not None
+    assert run.published.reason == REASON
+    assert close_due_hours(settings, now) == []  # closed: not again
+    later = now + HOUR_MS
+    [second] = close_due_hours(settings, later)
+    assert second.hour_ms == HOUR + HOUR_MS and second.clicks == 30
