@@ -138,3 +138,29 @@ def test_reconciling_twice_publishes_one_version_and_a_crashed_run_leaves_nothin
     versions = hours.versions(HOUR)
     assert [(v.version, v.reason) for v in versions] == [(1, "first"), (2, "restated")]
     assert hours.current(HOUR) == versions[-1]
+
+
+def test_a_restatement_is_listed_as_adjustments_and_the_report_is_served(rig: Rig) -> None:
+    from clickagg.batch.published import FinalRowsReader
+
+    rig.append(on_time(40))
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    reconcile_hours(rig.settings, [HOUR], reason="closed")
+    reader = FinalRowsReader(batch_dir(rig.settings))
+    assert reader.adjustments(start_ms=HOUR, end_ms=HOUR + HOUR_MS) == []
+    rig.append([Ev(f"x{i}", "ad-2", HOUR + 50 * MINUTE_MS, cost_micros=7) for i in range(3)])
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    reconcile_hours(rig.settings, [HOUR], reason="very late clicks")
+    [adjustment] = reader.adjustments(start_ms=HOUR, end_ms=HOUR + HOUR_MS)
+    assert (adjustment.ad_id, adjustment.version, adjustment.previous_version) == ("ad-2", 2, 1)
+    assert (adjustment.clicks, adjustment.spend_micros, adjustment.reason) == (
+        3,
+        21,
+        "very late clicks",
+    )
+    assert reader.adjustments(start_ms=HOUR, end_ms=HOUR + HOUR_MS, advertiser_id="other") == []
+    rows = reader.reconciliation(start_ms=HOUR, end_ms=HOUR + HOUR_MS, ad_id="ad-2")
+    [row] = rows
+    assert row.batch_clicks == row.stream_clicks  # the stream counted the late-sent x too

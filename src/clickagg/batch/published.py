@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -31,7 +32,13 @@ import pyarrow.parquet as pq
 
 from clickagg.core import aggregate, hll
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
-from clickagg.query.base import AggregateRow, Dimension, Granularity
+from clickagg.query.base import (
+    Adjustment,
+    AggregateRow,
+    Dimension,
+    Granularity,
+    ReconciliationRow,
+)
 
 CURRENT = "CURRENT"
 _TABLES = ("minute", *aggregate.DIMENSIONS)
@@ -278,3 +285,58 @@ class FinalRowsReader:
             )
             for r, u in zip(grouped.iter_rows(named=True), users.tolist(), strict=True)
         ]
+
+    def reconciliation(
+        self, *, start_ms: int, end_ms: int, ad_id: str | None = None
+    ) -> list[ReconciliationRow]:
+        out: list[ReconciliationRow] = []
+        for hour in self.final_hours(start_ms, end_ms):
+            report = self.hours.read_report(hour)
+            if report is None:
+                continue
+            for row in report.to_pylist():
+                if ad_id is None or row["ad_id"] == ad_id:
+                    out.append(ReconciliationRow(hour_ms=hour, **row))
+        return out
+
+    def adjustments(
+        self, *, start_ms: int, end_ms: int, advertiser_id: str | None = None
+    ) -> list[Adjustment]:
+        out: list[Adjustment] = []
+        for hour in self.final_hours(start_ms, end_ms):
+            versions = self.hours.versions(hour)
+            for previous, version in itertools.pairwise(versions):
+                old = _per_ad(self.hours.read_version(hour, previous.version))
+                new = _per_ad(self.hours.read_version(hour, version.version))
+                keys = ["ad_id", *aggregate.OWNERS]
+                diff = new.join(old, on=keys, how="full", coalesce=True, suffix="_old")
+                diff = diff.fill_null(strategy="zero").with_columns(
+                    (pl.col(m) - pl.col(f"{m}_old")).alias(m) for m in _SUMS
+                )
+                changed = diff.filter(pl.any_horizontal(pl.col(m) != 0 for m in _SUMS))
+                if advertiser_id is not None:
+                    changed = changed.filter(pl.col("advertiser_id") == advertiser_id)
+                for row in changed.sort("ad_id").iter_rows(named=True):
+                    out.append(
+                        Adjustment(
+                            ad_id=row["ad_id"],
+                            advertiser_id=row["advertiser_id"],
+                            campaign_id=row["campaign_id"],
+                            hour_ms=hour,
+                            version=version.version,
+                            previous_version=previous.version,
+                            created_ms=version.created_ms,
+                            reason=version.reason,
+                            **{m: int(row[m]) for m in _SUMS},
+                        )
+                    )
+        return out
+
+
+_SUMS = ("clicks", "impressions", "spend_micros", "invalid_clicks")
+
+
+def _per_ad(minute: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(minute)
+    assert isinstance(frame, pl.DataFrame)
+    return frame.group_by("ad_id", *aggregate.OWNERS).agg(pl.col(m).sum() for m in _SUMS)

@@ -102,6 +102,43 @@ class AdTotals:
     invalid_clicks: int
 
 
+@dataclass(frozen=True)
+class ReconciliationRow:
+    """One (ad, hour): what the stream counted, what the batch counts, and why."""
+
+    ad_id: str
+    hour_ms: int
+    stream_clicks: int
+    batch_clicks: int
+    stream_impressions: int
+    batch_impressions: int
+    stream_spend_micros: int
+    batch_spend_micros: int
+    late_clicks: int  # counted by the batch only: the stream had left them out as late
+    late_spend_micros: int
+    beyond_horizon_clicks: int  # copies the stream counted again beyond its dedup horizon
+    beyond_horizon_spend_micros: int
+    newly_invalid_clicks: int  # invalid by a verdict only the batch made
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """How one (ad, hour) changed from one published version of the hour to the next."""
+
+    ad_id: str
+    advertiser_id: str
+    campaign_id: str
+    hour_ms: int
+    version: int
+    previous_version: int
+    created_ms: int
+    reason: str
+    clicks: int  # new minus previous
+    impressions: int
+    spend_micros: int
+    invalid_clicks: int
+
+
 class FinalRows(Protocol):
     """The batch layer's reconciled hours, as the serving layer reads them."""
 
@@ -119,6 +156,19 @@ class FinalRows(Protocol):
     ) -> list[AggregateRow]:
         """Final rows (``final=True``) of ``ad_id`` over whole final ``hours``: per minute,
         per hour, or per day (then ``hours`` must hold whole days)."""
+        ...
+
+    def reconciliation(
+        self, *, start_ms: int, end_ms: int, ad_id: str | None = None
+    ) -> list[ReconciliationRow]:
+        """Stream vs batch per (ad, hour) of the reconciled hours in [start_ms, end_ms)."""
+        ...
+
+    def adjustments(
+        self, *, start_ms: int, end_ms: int, advertiser_id: str | None = None
+    ) -> list[Adjustment]:
+        """Every change between consecutive versions of the hours in [start_ms, end_ms),
+        per (ad, hour) that changed, oldest first."""
         ...
 
 
