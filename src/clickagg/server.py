@@ -33,11 +33,12 @@ from uvicorn.server import ServerState
 from clickagg.compose import create_app
 from clickagg.config import Settings
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Files the API process keeps open besides connections (log segments, archive reads, ...).
 OTHER_FILES = 1024
 RETRY_AFTER_S = 1
+WARN_EVERY_S = 10.0
 _BUSY_BODY = json.dumps(
     {"error": "busy", "detail": "too many open connections; retry on a new connection"}
 ).encode()
@@ -63,6 +64,8 @@ class GuardedProtocol(HttpToolsProtocol):
     header_timeout_s: ClassVar[float] = 10.0
     keep_alive_timeout_s: ClassVar[float] = 60.0
     max_connections: ClassVar[int] = 4096
+    _warned_at: ClassVar[float] = float("-inf")
+    _refused: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -99,7 +102,7 @@ class GuardedProtocol(HttpToolsProtocol):
         over = len(self.connections) > self.max_connections
         self.app = too_many_connections if over else self._served_app
         if over:
-            logger.warning("%d connections open, over the cap: answered 503", len(self.connections))
+            self._warn_over_cap()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -109,6 +112,20 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def _warn_over_cap(self) -> None:
+        """Log refusals at most every ``WARN_EVERY_S``: a flood must not flood the log."""
+        cls = GuardedProtocol
+        cls._refused += 1
+        now = self.loop.time()
+        if now - cls._warned_at >= WARN_EVERY_S:
+            log.warning(
+                "%d connections open, over max_connections (%d): %d requests answered 503",
+                len(self.connections),
+                self.max_connections,
+                cls._refused,
+            )
+            cls._warned_at, cls._refused = now, 0
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
@@ -148,7 +165,7 @@ def fit_open_files(max_connections: int) -> None:
         soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft != resource.RLIM_INFINITY and soft < need:
-        logger.warning(
+        log.warning(
             "open files limited to %d: fewer than max_connections (%d) + %d; "
             "connections beyond the limit fail instead of being answered 503",
             soft,
