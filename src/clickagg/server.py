@@ -1,20 +1,20 @@
 """``clickagg serve``: uvicorn around the app, which owns the log and the worker process.
 
 Connections are guarded by a small subclass of uvicorn's httptools protocol, because
-uvicorn bounds neither how long a request's head may take (a client trickling its headers
-a byte at a time keeps its socket for ever; every byte re-arms nothing and disarms the
-keep-alive timer) nor, usefully, how many connections are open (``limit_concurrency``
-answers a plain-text 503). ``GuardedProtocol`` adds:
+uvicorn (0.54) bounds neither how long a request's head may take (no timer runs before a
+connection's first request, and any byte cancels the keep-alive timer, so a client
+trickling its headers keeps its socket for ever) nor, usefully, how many connections are
+open (``limit_concurrency`` answers a plain-text 503). ``GuardedProtocol`` adds:
 
 * a header timeout: the request line and headers must arrive in full within
   ``header_timeout`` of the connection opening, or of the first byte of a kept-alive
   connection's next request; else the connection is closed (after the response in flight,
   if a request is being answered);
-* the keep-alive timeout from the settings (uvicorn's own, which takes whole seconds);
+* the keep-alive timeout from the settings (uvicorn's parameter takes whole seconds);
 * a connection cap: a request arriving while more than ``max_connections`` connections
   are open is answered ``503`` with the API's JSON error shape and ``Retry-After``, and its
   connection is closed. Connections that never finish a head are closed by the header
-  timeout, so the open connections stay near the cap.
+  timeout, so beyond the cap only those opened within one header timeout stay open.
 """
 
 from __future__ import annotations
