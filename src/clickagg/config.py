@@ -60,6 +60,15 @@ class Settings:
     close_lookback_ms: int = 2 * 24 * 60 * MINUTE_MS
     close_interval_ms: int = MINUTE_MS
     log_level: str = "warning"
+    # HTTP connections. A request's head (request line and headers) must arrive in full this
+    # soon after the connection opens or after the first byte of a kept-alive connection's
+    # next request, or the connection is closed: trickling clients cannot hold sockets.
+    header_timeout_ms: int = 10_000
+    # An idle kept-alive connection is closed after this; ad servers reuse theirs.
+    keep_alive_timeout_ms: int = 60_000
+    # Beyond this many open connections a request is answered 503 (JSON, Retry-After) and
+    # its connection closed.
+    max_connections: int = 4096
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.
     ads_file: Path | None = None
@@ -79,6 +88,10 @@ class Settings:
                 "dedup horizon must be at least allowed lateness + 1 minute, "
                 "or a late copy of a counted event could be counted again"
             )
+        if self.header_timeout_ms <= 0 or self.keep_alive_timeout_ms <= 0:
+            raise ValueError("header and keep-alive timeouts must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max connections must be at least 1")
 
     @property
     def log_dir(self) -> Path:
