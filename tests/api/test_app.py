@@ -343,6 +343,8 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_partition_events_late",
         "clickagg_partition_events_invalid",
         "clickagg_worker_restarts",
+        "clickagg_disk_free_bytes",
+        "clickagg_disk_reserve_bytes",
     }
     partitions = {str(p) for p in range(4)}
     assert samples["clickagg_events_accepted_total"]["click"] >= 1
