@@ -476,6 +476,7 @@ class DuckDBStore:
         except OutOfSpaceError:
             if created:  # a header DuckDB could not finish: no database, and never will be
                 Path(path).unlink(missing_ok=True)
+                Path(f"{path}.wal").unlink(missing_ok=True)
             raise
         self._local = threading.local()
         self._commit_lock = threading.Lock()  # one commit at a time
