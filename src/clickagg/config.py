@@ -59,6 +59,20 @@ class Settings:
     close_delay_ms: int = 10 * MINUTE_MS
     close_lookback_ms: int = 2 * 24 * 60 * MINUTE_MS
     close_interval_ms: int = MINUTE_MS
+    # Ingest refuses events (503) once free space on the data dir's filesystem is below
+    # the smaller of these, so that the worker, which is not held to it, can always count
+    # and archive what the log holds, compact and checkpoint. What it may write at once,
+    # at the benchmark's scale (10,000 ads, 1M users): a compaction rewrites every base
+    # row its up to 200,000 delta rows touch (sums and an HLL sketch of up to 4 KiB), and
+    # DuckDB's checkpoint writes the blocks it changed before freeing the old ones: up to
+    # a couple of hundred MB; an archive flush of up to 4 x 200,000 decisions, ~45 MB of
+    # Parquet (~55 bytes a decision) and ~20 MB of index run; a snapshot of a partition's
+    # remembered ids (16 bytes each, tens of MB) before the old one is deleted; and the
+    # round in flight. 512 MiB covers them together. Traffic, not disk size, sets that
+    # need, and a small disk carries little: at most 10 % of the filesystem is reserved.
+    # 0 turns the reserve off (a full disk is still a 503: the log fails to append).
+    disk_reserve_bytes: int = 512 * 1024 * 1024
+    disk_reserve_percent: int = 10
     log_level: str = "warning"
     # HTTP connections. A request's head (request line and headers) must arrive in full this
     # soon after the connection opens or after the first byte of a kept-alive connection's
@@ -83,6 +97,8 @@ class Settings:
             raise ValueError("partitions must be between 1 and 1024")
         if self.allowed_lateness_ms < 0:
             raise ValueError("allowed lateness must not be negative")
+        if not 0 <= self.disk_reserve_percent <= 100:
+            raise ValueError("disk reserve percent must be between 0 and 100")
         if self.dedup_horizon_ms < self.allowed_lateness_ms + MINUTE_MS:
             raise ValueError(
                 "dedup horizon must be at least allowed lateness + 1 minute, "

@@ -344,6 +344,8 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_partition_events_invalid",
         "clickagg_worker_restarts",
         "clickagg_log_partition_damaged",
+        "clickagg_disk_free_bytes",
+        "clickagg_disk_reserve_bytes",
     }
     partitions = {str(p) for p in range(4)}
     assert samples["clickagg_log_partition_damaged"] == dict.fromkeys(partitions, 0)

@@ -222,3 +222,42 @@ def test_pooled_connections_survive_a_worker_restart(tmp_path: Path) -> None:
         for process in processes:
             process.kill()
             process.join(10)
+
+
+def test_a_server_stopped_in_process_ends_its_clients_connections(tmp_path: Path) -> None:
+    """The worker reopens its store in-process after a full disk: it stops its query
+    server and starts another on the same socket. Pooled connections to the old one must
+    end (its handler threads outlive it and would go on answering from the closed store),
+    so that queries reach the new one."""
+    socket_path = tmp_path / "q.sock"
+    expected = Totals(clicks=3, impressions=1, spend_micros=3500, unique_users=2, invalid_clicks=0)
+
+    def serve() -> tuple[QueryServer, DuckDBStore]:
+        store = DuckDBStore(tmp_path / "agg.duckdb")
+        server = QueryServer(socket_path, store, InMemoryCounters())
+        server.start()
+        return server, store
+
+    store = DuckDBStore(tmp_path / "agg.duckdb")
+    commit_events(store, InMemoryCounters())
+    store.close()
+    server, store = serve()
+
+    async def scenario() -> None:
+        nonlocal server, store
+        client = RpcQueryStore(socket_path, pool_size=4)
+        answers = await asyncio.gather(*(client.totals(ad_id="a", **SPAN) for _ in range(4)))
+        assert answers == [expected] * 4
+        assert len(client._idle) == 4
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(store.close)
+        server, store = await asyncio.to_thread(serve)
+        answers = await asyncio.gather(*(client.totals(ad_id="a", **SPAN) for _ in range(4)))
+        assert answers == [expected] * 4
+        await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+        store.close()

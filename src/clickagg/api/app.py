@@ -27,6 +27,7 @@ from clickagg.api.state import AppState, IngestMetrics, WorkerHandle
 from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
+from clickagg.disk import DiskReserve
 from clickagg.log.base import LogReader, LogWriter
 from clickagg.query.base import QueryStore
 from clickagg.worker.snapshots import SnapshotStore
@@ -101,7 +102,11 @@ def build_app(
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         backends = open_backends(settings)
         writer, reader = backends.writer, backends.reader
-        committer = GroupCommitter(writer, max_pending_events=settings.max_pending_events)
+        committer = GroupCommitter(
+            writer,
+            max_pending_events=settings.max_pending_events,
+            reserve=DiskReserve.for_settings(settings),
+        )
         committer.start()
         supervisor = backends.supervisor
         if supervisor is not None:

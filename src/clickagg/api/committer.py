@@ -3,6 +3,10 @@
 Requests queue their columns; one background task takes everything queued, writes one
 frame per partition, syncs once, and only then answers every request in the group. While
 a sync runs, the next group gathers, so fsync cost is paid per group, not per request.
+
+Every ingest route appends here, so the disk reserve is enforced here too: once free space
+on the data dir's filesystem falls below it (``clickagg.disk``), appends are refused before
+anything is queued, and the worker keeps that room to count what the log already holds.
 """
 
 from __future__ import annotations
@@ -14,11 +18,17 @@ from dataclasses import dataclass, field
 
 from clickagg.core import columns
 from clickagg.core.columns import EventColumns
+from clickagg.disk import DiskReserve
 from clickagg.log.base import LogFullError, LogWriter, PartitionDamagedError
 
 
 class Backpressure(RuntimeError):
     """More is waiting for the log than it may hold: the client should retry later."""
+
+
+class DiskReserveError(LogFullError):
+    """Free space is below the reserve kept for the worker: the log takes no more for now
+    (a LogFullError: nothing of the request was acknowledged; retry later)."""
 
 
 @dataclass
@@ -34,9 +44,16 @@ def merge_columns(parts: list[EventColumns]) -> EventColumns:
 
 
 class GroupCommitter:
-    def __init__(self, writer: LogWriter, *, max_pending_events: int) -> None:
+    def __init__(
+        self,
+        writer: LogWriter,
+        *,
+        max_pending_events: int,
+        reserve: DiskReserve | None = None,
+    ) -> None:
         self.writer = writer
         self.max_pending_events = max_pending_events
+        self.reserve = reserve
         self._group = _Group()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -44,6 +61,11 @@ class GroupCommitter:
         self.unavailable_reason: str | None = None
         # Held while a thread uses the writer, so maintenance (retention) never overlaps it.
         self.writer_lock = asyncio.Lock()
+
+    def disk_pressure(self) -> str | None:
+        """Why appends are refused for want of disk space, if they are (a cached look at
+        free space: at most one statvfs per ``DiskReserve.interval_s``)."""
+        return None if self.reserve is None else self.reserve.shortage()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
@@ -55,11 +77,15 @@ class GroupCommitter:
                 await self._task
 
     async def append(self, by_partition: dict[int, EventColumns]) -> None:
-        """Return once every event given is durable; raise Backpressure, LogFullError or
-        PartitionDamagedError (a partition lost acknowledged data and awaits repair)."""
+        """Return once every event given is durable; raise Backpressure, LogFullError
+        (DiskReserveError when free space is below the reserve) or PartitionDamagedError
+        (a partition lost acknowledged data and awaits repair)."""
         count = sum(c.count for c in by_partition.values())
         if count == 0:
             return
+        shortage = self.disk_pressure()
+        if shortage is not None:
+            raise DiskReserveError(errno.ENOSPC, shortage)
         damaged = self.writer.damaged()
         for partition in by_partition:
             if partition in damaged:  # refused before queueing: nothing half-appended

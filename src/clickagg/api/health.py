@@ -28,8 +28,15 @@ async def healthz(request: Request) -> Response:
             f"partition {partition} takes no events (run `clickagg log check`, then "
             f"`clickagg log repair` with the server stopped): {why}"
         )
+    pressure = state.committer.disk_pressure()
+    if pressure is not None:
+        problems.append(f"ingest refused: {pressure}")
     if problems:
-        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        # Disk pressure alone leaves queries answered and the workers counting, but ingest
+        # refuses events, so the server is not ready: "degraded", and still a 503.
+        degraded = pressure is not None and len(problems) == 1
+        status = "degraded" if degraded else "unavailable"
+        return JSONResponse({"status": status, "problems": problems}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -94,5 +101,21 @@ async def metrics(request: Request) -> Response:
         recoveries.labels(str(recovery.partition), recovery.action).inc()
     restarts = Gauge("clickagg_worker_restarts", "Worker process restarts", registry=registry)
     restarts.set(state.supervisor.restarts if state.supervisor else 0)
+    reserve = state.committer.reserve
+    if reserve is not None:
+        reserve.shortage()  # a fresh look, if the last one is older than its interval
+    if reserve is not None and reserve.last is not None:
+        free = Gauge(
+            "clickagg_disk_free_bytes",
+            "Free bytes on the data dir's filesystem",
+            registry=registry,
+        )
+        free.set(reserve.last.free_bytes)
+        kept = Gauge(
+            "clickagg_disk_reserve_bytes",
+            "Free space below which ingest refuses events (kept for the workers)",
+            registry=registry,
+        )
+        kept.set(reserve.reserve)
     body = generate_latest(state.registry) + generate_latest(registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clickagg.api.committer import Backpressure
+from clickagg.api.committer import Backpressure, DiskReserveError
 from clickagg.api.errors import ApiError, bad_request
 from clickagg.api.state import AppState
 from clickagg.core import ids
@@ -67,6 +67,8 @@ async def commit(state: AppState, batch: NormalizedBatch) -> None:
         state.metrics.unavailable.inc()
         if isinstance(exc, Backpressure):
             error, detail = "busy", f"the log is backpressured ({exc}); retry"
+        elif isinstance(exc, DiskReserveError):
+            error, detail = "disk full", f"{exc.strerror}; nothing was acknowledged, retry later"
         else:
             error = "log unavailable"
             detail = f"events could not be stored durably ({exc}); nothing was acknowledged, retry"

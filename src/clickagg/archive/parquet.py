@@ -27,6 +27,7 @@ are merged in tiers of ``merge_fan_in`` in the background, so there are O(log n)
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -50,6 +51,7 @@ from clickagg.archive.base import ArchiveFencedError, ArchiveGapError, Fate
 from clickagg.core import ids
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.windows import HOUR_MS
+from clickagg.disk import OutOfSpaceError, mentions_out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +105,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_durably(final: Path, write: Any) -> None:
-    """Write through ``write(handle)`` into a temporary file, fsync, rename into place."""
+    """Write through ``write(handle)`` into a temporary file, fsync, rename into place.
+
+    A write that fails leaves no temporary file behind (on a full disk it would hold the
+    space the retry needs); numpy's report of a full disk, an OSError without an errno,
+    is raised as OutOfSpaceError, so the worker knows to back off."""
     temp = final.with_name(f".{final.name}.tmp")
-    with open(temp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(temp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        if exc.errno is None and mentions_out_of_space(str(exc)):
+            raise OutOfSpaceError(errno.ENOSPC, f"archive: {exc}", str(final)) from exc
+        raise
     os.replace(temp, final)
 
 

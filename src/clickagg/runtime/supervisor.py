@@ -5,7 +5,9 @@ Restarts back off (0.5 s doubling to 5 s, back to 0.5 s once a worker has stayed
 loop ends: after ``max_restarts`` restarts within ``window_s`` the
 supervisor stops restarting and says why (``failure``), which ``/healthz`` reports, rather
 than burning the CPU the API process needs on a worker that cannot start (a damaged store,
-a full disk). Ingest keeps answering meanwhile: what it accepts waits in the durable log.
+a missing ad registry). Ingest keeps answering meanwhile: what it accepts waits in the
+durable log. A full disk is not among these: the worker waits it out without exiting
+(``worker/process.py``), so it never counts towards the limit.
 """
 
 from __future__ import annotations

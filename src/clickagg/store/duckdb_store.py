@@ -60,9 +60,10 @@ row, never both. ``delta_state`` remembers the last compacted ``seq`` and ``roll
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -75,6 +76,7 @@ import pyarrow.compute as pc
 from clickagg.core import hll
 from clickagg.core.aggregate import DIMENSIONS, OWNERS, UNKNOWN
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
+from clickagg.disk import OutOfSpaceError, mentions_out_of_space
 from clickagg.store.base import (
     AdTotals,
     AggregateRow,
@@ -441,6 +443,24 @@ def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
     cur.execute("INSERT INTO delta_state SELECT 0, 0 WHERE NOT EXISTS (SELECT * FROM delta_state)")
 
 
+@contextlib.contextmanager
+def _out_of_space_as_oserror() -> Iterator[None]:
+    """Raise DuckDB's reports of a full disk as OutOfSpaceError (an OSError, ENOSPC).
+
+    DuckDB names the OS error in its message only, under several classes: a COMMIT whose
+    WAL write failed (TransactionException, rolled back), an automatic checkpoint that
+    failed after a durable COMMIT (FatalException: the database is invalidated until it is
+    reopened), and every later call on it ("database has been invalidated", the original
+    error quoted). The worker backs off on OutOfSpaceError and reopens the store; it must
+    not be mistaken for a write conflict, which compaction retries at once."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        if mentions_out_of_space(str(exc)):
+            raise OutOfSpaceError(errno.ENOSPC, f"aggregate store: {exc}") from exc
+        raise
+
+
 def _ceil(value: int, size: int) -> int:
     return -(-value // size) * size
 
@@ -449,7 +469,15 @@ class DuckDBStore:
     """AggregateStore on a DuckDB file; safe to share between one writer and many readers."""
 
     def __init__(self, path: Path | str) -> None:
-        self._conn = duckdb.connect(str(path))
+        created = not Path(path).exists()
+        try:
+            with _out_of_space_as_oserror():  # opening replays the WAL and may checkpoint
+                self._conn = duckdb.connect(str(path))
+        except OutOfSpaceError:
+            if created:  # a header DuckDB could not finish: no database, and never will be
+                Path(path).unlink(missing_ok=True)
+                Path(f"{path}.wal").unlink(missing_ok=True)
+            raise
         self._local = threading.local()
         self._commit_lock = threading.Lock()  # one commit at a time
         self._compact_lock = threading.Lock()  # one compaction at a time
@@ -484,7 +512,8 @@ class DuckDBStore:
 
     def _fetch(self, sql: str, params: object = None) -> list[tuple[Any, ...]]:
         # Always fetchall: DuckDB 2 blocks some calls on a cursor with an unfinished result.
-        return self._cursor().execute(sql, params).fetchall()
+        with _out_of_space_as_oserror():
+            return self._cursor().execute(sql, params).fetchall()
 
     def _fetch_base(self, sql: str, params: object) -> list[tuple[Any, ...]]:
         """Run a query that reads the base tables, with ``rolled_ms`` of its own snapshot."""
@@ -610,17 +639,19 @@ class DuckDBStore:
         return rows
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
-        cur = self._cursor()
-        cur.execute("BEGIN")
-        try:
-            body(cur)
-            cur.execute("COMMIT")
-        except BaseException:
-            # A failed statement aborts DuckDB's transaction and a failed COMMIT has already
-            # rolled back; ROLLBACK just ends it, and must not hide the original error.
-            with contextlib.suppress(duckdb.Error):
-                cur.execute("ROLLBACK")
-            raise
+        with _out_of_space_as_oserror():
+            cur = self._cursor()
+            cur.execute("BEGIN")
+            try:
+                body(cur)
+                cur.execute("COMMIT")
+            except BaseException:
+                # A failed statement aborts DuckDB's transaction and a failed COMMIT has
+                # already rolled back; ROLLBACK just ends it, and must not hide the
+                # original error.
+                with contextlib.suppress(duckdb.Error):
+                    cur.execute("ROLLBACK")
+                raise
 
     def _apply(
         self, cur: duckdb.DuckDBPyConnection, commits: Sequence[PartitionCommit], seq: int

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import socketserver
 import struct
 import threading
@@ -64,6 +65,14 @@ _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.opened(self.request)
+
+    def finish(self) -> None:
+        self.server.closed(self.request)
+        super().finish()
+
     def handle(self) -> None:
         while True:
             header = self.rfile.read(_LENGTH.size)
@@ -83,7 +92,33 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     def __init__(self, path: str, store: AggregateStore, counters: RealtimeCounters) -> None:
         self.store = store
         self.counters = counters
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        self._closing = False
         super().__init__(path, _Handler)
+
+    def opened(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.add(connection)
+            closing = self._closing
+        if closing:  # accepted while the server was being stopped
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def closed(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.discard(connection)
+
+    def close_connections(self) -> None:
+        """End every client's connection: a client of a stopped server then reconnects
+        (to the next one, e.g. after the worker reopened its store in-process) instead of
+        being answered by this one's handler threads, which outlive it."""
+        with self._connections_lock:
+            self._closing = True
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def dispatch(self, body: bytes) -> bytes:
         try:
@@ -119,6 +154,7 @@ class QueryServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._server.close_connections()
         self.path.unlink(missing_ok=True)
 
 

@@ -3,10 +3,24 @@ and its background compaction.
 
 It runs in a process of its own so stream work uses the second core while the API process
 handles HTTP. It is started (and restarted after a crash) by the API process.
+
+A full disk is not a crash. Ingest stops short of it (``clickagg.disk``), but should a
+round, an archive flush, a snapshot or a compaction still fail for want of space, the
+worker does not exit, which the supervisor would count towards its crash-loop limit:
+snapshots are skipped (they only shorten a replay), compaction retries later (the deltas
+wait, queries stay exact), and a failed round or flush ends the *session*: its writers
+stop as a crash would stop them, its query server answers on, and after a backoff
+(:class:`DiskBackoff`) a new session reopens every role and recovers exactly as a
+restarted process does. Nothing is lost or counted twice: the store committed the round
+whole or not at all (DuckDB rolls a failed COMMIT back; a COMMIT whose checkpoint then
+failed is durable and invalidates the database, which the new session reopens), the
+archive publishes only whole flushes, and recovery re-derives everything past the
+offsets they hold from the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -14,10 +28,13 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
+from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.registry import load_cpc_micros
 from clickagg.runtime import roles
@@ -32,10 +49,19 @@ IDLE_SLEEP_S = 0.002
 SMALL_ROUND_EVENTS = 1_000
 SMALL_ROUND_PAUSE_S = 0.1
 QUERY_SWITCH_INTERVAL_S = 0.0005
+OUT_OF_SPACE_FIRST_WAIT_S = 0.5
+OUT_OF_SPACE_MAX_WAIT_S = 10.0
+COMPACT_RETRY_FIRST_S = 1.0
+COMPACT_RETRY_MAX_S = 30.0
 
 
 def run(settings: Settings, max_idle_loops: int | None = None) -> None:
-    """Recover every partition, serve queries, then process micro-batches until SIGTERM."""
+    """Recover every partition, serve queries, then process micro-batches until SIGTERM
+    (or until the API process is gone, or ``max_idle_loops`` idle loops in a row).
+
+    A full disk does not end it: a session that fails for want of space is dropped as a
+    crash would drop it, and after a wait (:class:`DiskBackoff`) a new one reopens every
+    role and recovers, in this process, so the supervisor does not count it as a crash."""
     # The stream thread holds the GIL in long stretches of Python (sketch updates, polars
     # glue); a query needs it a dozen times, each a wait of up to the switch interval
     # (5 ms by default). A shorter interval lets queries through at a small cost to the
@@ -45,50 +71,103 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s"
     )
     stopping = False
+    parent = _parent_pid()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
+    def should_stop() -> bool:
+        nonlocal stopping
+        if not stopping and os.getppid() != parent:
+            log.warning("the API process is gone: stopping")
+            stopping = True
+        return stopping
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    parent = _parent_pid()
-    clock = SystemClock()
-    reader = roles.log_reader(settings)
-    store = roles.commit_store(settings)
-    snapshots = SnapshotStore(settings.snapshot_dir)
-    archive = roles.archive_writer(settings)
-    cpc_micros = load_cpc_micros(settings.ads_file) if settings.ads_file else {}
-    workers = [
-        PartitionWorker(
-            p,
-            reader=reader,
-            store=store,
-            archive=archive,
-            snapshots=snapshots,
-            settings=settings,
-            clock=clock,
-            cpc_micros=cpc_micros,
-        )
-        for p in range(reader.partitions)
-    ]
-    counters = refill_counters(roles.counters(settings), store, now_ms=clock.now_ms())
-    server = QueryServer(settings.rpc_socket, store, counters)
-    server.start()
-    compactor = Compactor(
-        store,
-        interval_ms=settings.compact_interval_ms,
-        max_delta_rows=settings.compact_delta_rows,
-    )
-    compactor.start()
-    log.info("ready: %d partitions", len(workers))
-    idle_loops = 0
-    try:
-        while not stopping:
-            if os.getppid() != parent:
-                log.warning("the API process is gone: stopping")
-                break
-            processed = step_all(workers, store, counters)
+    backoff = DiskBackoff(settings)
+    while not should_stop():
+        try:
+            session = _Session(settings)
+        except Exception as exc:
+            if not is_out_of_space(exc):
+                raise
+            backoff.wait(exc, should_stop)
+            continue
+        try:
+            session.loop(should_stop, backoff, max_idle_loops)
+        except Exception as exc:
+            session.stop_writing()
+            if not is_out_of_space(exc):
+                _close_quietly(session.close, "worker session")
+                raise
+            backoff.wait(exc, should_stop)  # the session's query server still answers
+            _close_quietly(session.close, "worker session")
+        else:
+            session.close_gracefully()
+            return
+
+
+class _Session:
+    """Everything one start of the worker opens: the log reader, the store, the archive
+    writer, every partition's worker (recovered from the store, the archive, a snapshot and
+    the log), the real-time counters (refilled from the store), the query server and the
+    compactor. A new session after a failed one is what a restarted process would be."""
+
+    def __init__(self, settings: Settings) -> None:
+        with contextlib.ExitStack() as undo:  # whatever was opened, should a step fail
+            clock = SystemClock()
+            self.reader = roles.log_reader(settings)
+            undo.callback(self.reader.close)
+            self.store = roles.commit_store(settings)
+            undo.callback(self.store.close)
+            snapshots = SnapshotStore(settings.snapshot_dir)
+            self.archive = roles.archive_writer(settings)
+            undo.callback(_close_quietly, self.archive.close, "archive writer")
+            cpc_micros = load_cpc_micros(settings.ads_file) if settings.ads_file else {}
+            self.workers = [
+                PartitionWorker(
+                    p,
+                    reader=self.reader,
+                    store=self.store,
+                    archive=self.archive,
+                    snapshots=snapshots,
+                    settings=settings,
+                    clock=clock,
+                    cpc_micros=cpc_micros,
+                )
+                for p in range(self.reader.partitions)
+            ]
+            self.counters = refill_counters(
+                roles.counters(settings), self.store, now_ms=clock.now_ms()
+            )
+            self.server = QueryServer(settings.rpc_socket, self.store, self.counters)
+            self.server.start()
+            undo.callback(self.server.stop)
+            self.compactor = Compactor(
+                self.store,
+                interval_ms=settings.compact_interval_ms,
+                max_delta_rows=settings.compact_delta_rows,
+            )
+            self.compactor.start()
+            undo.pop_all()
+        log.info("ready: %d partitions", len(self.workers))
+
+    def loop(
+        self, should_stop: Callable[[], bool], backoff: DiskBackoff, max_idle_loops: int | None
+    ) -> None:
+        idle_loops = 0
+        while not should_stop():
+            if self.compactor.out_of_space.is_set():
+                # A compaction whose COMMIT was durable but whose checkpoint then failed
+                # invalidated the store: a quiet stream would never notice (queries would
+                # fail until the next round), so look now; this raises if so.
+                self.compactor.out_of_space.clear()
+                self.store.committed_offsets()
+            processed = step_all(self.workers, self.store, self.counters)
+            if processed:
+                backoff.succeeded()
             if processed >= SMALL_ROUND_EVENTS:
                 idle_loops = 0
                 continue
@@ -98,20 +177,146 @@ def run(settings: Settings, max_idle_loops: int | None = None) -> None:
                 idle_loops = 0
                 time.sleep(SMALL_ROUND_PAUSE_S)
                 continue
-            archive.maybe_flush()  # a quiet stream still publishes what it decided
+            self.archive.maybe_flush()  # a quiet stream still publishes what it decided
             idle_loops += 1
             if max_idle_loops is not None and idle_loops >= max_idle_loops:
-                break
+                return
             time.sleep(IDLE_SLEEP_S)
-        for worker in workers:
-            worker.snapshot_now()
-    finally:
-        compactor.stop()
-        archive.close()
-        server.stop()
-        store.close()
-        reader.close()
+
+    def stop_writing(self) -> None:
+        """After a failure: stop the compactor and the archive writer (it publishes what it
+        holds if it can: decisions of committed rounds; a new writer resumes from what is
+        published, and recovery re-derives the rest). Queries are still answered."""
+        self.compactor.stop()
+        _close_quietly(self.archive.close, "archive writer")
+
+    def close(self) -> None:
+        """After :meth:`stop_writing`: close what is left."""
+        try:
+            self.server.stop()
+        finally:
+            try:
+                self.store.close()
+            finally:
+                self.reader.close()
+
+    def close_gracefully(self) -> None:
+        """Snapshot every partition, publish what the archive holds, close everything."""
+        try:
+            for worker in self.workers:
+                worker.snapshot_now()
+        finally:
+            self.compactor.stop()
+            try:
+                self.archive.close()
+            except Exception as exc:
+                if not is_out_of_space(exc):
+                    raise
+                log.warning(
+                    "stopping with decisions unpublished (the next start re-derives "
+                    "them from the log): %s",
+                    exc,
+                )
+            finally:
+                self.close()
         log.info("stopped")
+
+
+def _close_quietly(close: Callable[[], None], what: str) -> None:
+    """Close something on the way out of a failure, whose own error must not hide it."""
+    try:
+        close()
+    except Exception as exc:
+        log.warning("closing the %s after a failure: %s", what, exc)
+
+
+class DiskBackoff:
+    """How the worker waits out a full disk instead of crash-looping.
+
+    A session failed for want of space: wait ``first_s``, doubling up to ``max_s`` while
+    failures go on, and end a wait early once free space on the data dir's filesystem has
+    grown by the reserve (``clickagg.disk.reserve_for``, at least 1 MiB) since it began:
+    space was freed, counting resumes at once. Logged once per episode (a warning at the
+    first failure, one when a round commits again), not at every retry."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        first_s: float = OUT_OF_SPACE_FIRST_WAIT_S,
+        max_s: float = OUT_OF_SPACE_MAX_WAIT_S,
+        poll_s: float = 0.25,
+        look: Callable[[Path], Space] = space,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.first_s = first_s
+        self.max_s = max_s
+        self.poll_s = poll_s
+        self._look = look
+        self._now = now
+        self._sleep = sleep
+        self.failures = 0  # in the current episode
+        self._since = 0.0
+
+    def delay(self) -> float:
+        """How long the next wait lasts at most."""
+        return min(self.first_s * 2.0 ** min(self.failures, 32), self.max_s)
+
+    def wait(self, exc: BaseException, should_stop: Callable[[], bool]) -> None:
+        delay = self.delay()
+        if self.failures == 0:
+            self._since = self._now()
+            log.warning(
+                "out of disk space: counting paused, retrying in %.1f s (backing off to "
+                "%.0f s, sooner once space is freed): %s: %s",
+                delay,
+                self.max_s,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            log.debug("still out of disk space (retry %d in %.1f s): %s", self.failures, delay, exc)
+        log.debug("what ran out of space", exc_info=exc)
+        self.failures += 1
+        before = self._free()
+        deadline = self._now() + delay
+        while not should_stop():
+            left = deadline - self._now()
+            if left <= 0:
+                return
+            self._sleep(min(self.poll_s, left))
+            if before is not None and self._freed(before):
+                log.info("disk space was freed: retrying now")
+                return
+
+    def succeeded(self) -> None:
+        """A round committed: the episode, if any, is over."""
+        if self.failures:
+            log.warning(
+                "disk space is back: counting resumed after %.0f s (%d retries)",
+                self._now() - self._since,
+                self.failures,
+            )
+            self.failures = 0
+
+    def _free(self) -> Space | None:
+        try:
+            return self._look(self.settings.data_dir)
+        except OSError:
+            return None
+
+    def _freed(self, before: Space) -> bool:
+        now = self._free()
+        if now is None:
+            return False
+        wanted = reserve_for(
+            now.total_bytes,
+            reserve_bytes=self.settings.disk_reserve_bytes,
+            reserve_percent=self.settings.disk_reserve_percent,
+        )
+        return now.free_bytes >= before.free_bytes + max(wanted, 2**20)
 
 
 def _parent_pid() -> int:
@@ -159,6 +364,7 @@ class Compactor:
         self.max_delta_rows = max_delta_rows
         self.poll_s = poll_s
         self.compactions = 0
+        self.out_of_space = threading.Event()  # set when a compaction failed for want of space
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="compactor", daemon=True)
 
@@ -171,16 +377,34 @@ class Compactor:
 
     def _run(self) -> None:
         last = time.monotonic()
+        failures = 0
+        retry_at = 0.0
         while not self._stopping.wait(self.poll_s):
             rows = self.store.pending_delta_rows()
             now = time.monotonic()
-            if rows == 0 or (rows < self.max_delta_rows and now - last < self.interval_s):
+            if rows == 0 or now < retry_at:
+                continue
+            if rows < self.max_delta_rows and now - last < self.interval_s:
                 continue
             try:
                 result = self.store.compact()
-            except Exception:  # the deltas stay and are merged next time; queries are exact
-                log.exception("compaction failed")
+            except Exception as exc:  # the deltas stay and are merged later; queries are exact
+                failures += 1
+                # Not at every poll however many deltas wait: a full disk, say, would fail
+                # every attempt, and each would write (and roll back) the whole merge.
+                retry_at = time.monotonic() + min(
+                    COMPACT_RETRY_FIRST_S * 2.0 ** min(failures - 1, 32), COMPACT_RETRY_MAX_S
+                )
+                if not is_out_of_space(exc):
+                    log.exception("compaction failed")
+                else:
+                    self.out_of_space.set()
+                    if failures == 1:
+                        log.warning("compaction paused, out of disk space (deltas wait): %s", exc)
             else:
+                if failures:
+                    log.info("compaction resumed after %d failed attempts", failures)
+                failures = 0
                 self.compactions += 1
                 log.debug(
                     "compacted %d delta rows up to round %d in %.0f ms",

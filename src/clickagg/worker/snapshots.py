@@ -32,14 +32,19 @@ class SnapshotStore:
         )
 
     def save(self, partition: int, offset: int, data: bytes) -> None:
-        """Write atomically (temp file, fsync, rename, fsync dir), then prune old ones."""
+        """Write atomically (temp file, fsync, rename, fsync dir), then prune old ones. A
+        failed write removes its temp file (on a full disk it would keep the disk full)."""
         directory = self._dir(partition)
         final = directory / f"{offset:020d}{_SUFFIX}"
         temp = directory / f".{offset:020d}.tmp"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
         os.replace(temp, final)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:

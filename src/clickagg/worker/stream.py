@@ -34,6 +34,7 @@ from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.core import aggregate, columns
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
+from clickagg.disk import is_out_of_space
 from clickagg.log.base import CorruptFrameError, Frame, LogReader
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, PartitionCommit
@@ -100,6 +101,7 @@ class PartitionWorker:
         self.damage: str | None = None
         self.processor = self._recover()
         self._last_snapshot_ms = clock.now_ms()
+        self._snapshots_skipped = False
 
     def _new_processor(self, state: PartitionState) -> PartitionProcessor:
         return PartitionProcessor(
@@ -230,13 +232,28 @@ class PartitionWorker:
         now = self.clock.now_ms()
         if now - self._last_snapshot_ms < self.settings.snapshot_interval_ms:
             return
-        state = self.processor.state
-        self.snapshots.save(self.partition, state.next_offset, state.snapshot())
         self._last_snapshot_ms = now
+        self.snapshot_now()
 
     def snapshot_now(self) -> None:
+        """Save the state at its offset. Skipped, not failed, when the disk is full: a
+        snapshot only shortens a restart's replay (recovery falls back to an older one, and
+        log retention keeps what that needs), so it must not stop the counting."""
         state = self.processor.state
-        self.snapshots.save(self.partition, state.next_offset, state.snapshot())
+        try:
+            self.snapshots.save(self.partition, state.next_offset, state.snapshot())
+        except OSError as exc:
+            if not is_out_of_space(exc):
+                raise
+            if not self._snapshots_skipped:
+                log.warning(
+                    "partition %d: snapshots skipped, out of disk space: %s", self.partition, exc
+                )
+            self._snapshots_skipped = True
+            return
+        if self._snapshots_skipped:
+            log.info("partition %d: snapshots resumed", self.partition)
+            self._snapshots_skipped = False
 
 
 def step_all(
