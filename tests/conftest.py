@@ -60,3 +60,11 @@ def frame_of(events: Iterable[Ev], *, partition: int = 0, base_offset: int = 0) 
 @pytest.fixture
 def make_frame() -> type:
     return Ev
+
+
+@pytest.fixture(autouse=True)
+def _no_hour_closer_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers a test starts do not close hours on their own schedule: a batch layer that
+    turned an hour final mid-test would serve batch numbers where a test compares the
+    stream's. Tests of the schedule turn it on (``CLICKAGG_CLOSE_INTERVAL``)."""
+    monkeypatch.setenv("CLICKAGG_CLOSE_INTERVAL", "0")

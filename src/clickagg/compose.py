@@ -15,7 +15,7 @@ from clickagg.config import Settings
 from clickagg.query.base import QueryStore
 from clickagg.query.serving import ServingQueryStore
 from clickagg.runtime import roles
-from clickagg.runtime.supervisor import WorkerSupervisor
+from clickagg.runtime.services import Services
 
 
 def create_app(
@@ -38,7 +38,7 @@ def create_app(
                 FinalRowsReader(settings.batch_dir),
             ),
             archive=roles.archive_reader(settings),
-            supervisor=WorkerSupervisor(settings) if manage_worker else None,
+            supervisor=Services(settings) if manage_worker else None,
         )
 
     return build_app(settings, open_embedded, clock=clock)

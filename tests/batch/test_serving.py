@@ -3,6 +3,7 @@ whole (`final: true`), and a restatement replaces it; other hours stay on the st
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -79,5 +80,29 @@ def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
         assert "v2 (new)" in reconcile(server, hour)  # a restatement
         restated = rows(server, hour, hour + HOUR_MS, "hour")
         assert [(r["clicks"], r["final"]) for r in restated] == [(37, True)]
+    finally:
+        server.kill9()
+
+
+def test_the_server_closes_a_past_hour_by_itself(tmp_path: Path) -> None:
+    now = int(time.time() * 1000)
+    hour = now - now % HOUR_MS - 2 * HOUR_MS  # long past its lateness and the close delay
+    server = ServeProcess(
+        tmp_path / "data", partitions=2, extra_env={"CLICKAGG_CLOSE_INTERVAL": "1s"}
+    )
+    try:
+        server.start()
+        post(server, clicks("ad-1", hour + 7 * MINUTE_MS, 12, "a"))
+        deadline = time.monotonic() + 60
+        found = rows(server, hour, hour + HOUR_MS, "hour")
+        while not any(r["final"] for r in found):
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)
+            found = rows(server, hour, hour + HOUR_MS, "hour")
+        assert [(r["clicks"], r["final"]) for r in found] == [(12, True)]
+        version = json.loads(
+            next((server.data_dir / "batch").glob("hour=*/v000001/version.json")).read_text()
+        )
+        assert version["reason"] == "closed on schedule"
     finally:
         server.kill9()

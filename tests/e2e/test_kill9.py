@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 from clickagg.launcher import serve_command
+from clickagg.runtime.services import CLOSER_PID_FILE
 from tests.e2e.server import ServeProcess, lag
 
 MINUTE_MS = 60_000
@@ -280,9 +281,17 @@ def group_processes(pgid: int) -> dict[int, tuple[int, str]]:
     return found
 
 
+def closer_pid(server: ServeProcess) -> int | None:
+    """The hour closer, the API process's other multiprocessing child (it says its pid)."""
+    try:
+        return int((server.data_dir / CLOSER_PID_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def worker_pid(server: ServeProcess, *, not_one_of: list[int], timeout_s: float = 30) -> int:
     """The worker process: the API process's child started by multiprocessing (not its
-    resource tracker), once the supervisor has (re)started it."""
+    resource tracker, not the hour closer), once the supervisor has (re)started it."""
     assert server.process is not None
     api = server.process.pid
     deadline = time.monotonic() + timeout_s
@@ -290,7 +299,10 @@ def worker_pid(server: ServeProcess, *, not_one_of: list[int], timeout_s: float 
         workers = [
             pid
             for pid, (parent, command) in group_processes(api).items()
-            if parent == api and "spawn_main" in command and pid not in not_one_of
+            if parent == api
+            and "spawn_main" in command
+            and pid not in not_one_of
+            and pid != closer_pid(server)
         ]
         if workers:
             [pid] = workers

@@ -20,8 +20,13 @@ from clickagg.query.base import QueryStore
 class WorkerHandle(Protocol):
     """The stream workers as the API process sees them (started and watched elsewhere)."""
 
-    restarts: int
-    failure: str | None  # why they are no longer restarted, if they are not
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why they are no longer restarted, if they are not."""
+        ...
 
     @property
     def pid(self) -> int | None: ...

@@ -13,7 +13,9 @@ if the rows change.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 
 from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.batch.published import FinalHours
@@ -56,15 +58,23 @@ def close_due_hours(settings: Settings, now_ms: int) -> list[HourRun]:
     return runs
 
 
-def run_closer(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Close due hours every ``close_interval`` until ``stop`` is set (a process target)."""
-    import time
-
+def run_closer(
+    settings: Settings, stop: threading.Event | None = None, *, parent_pid: int | None = None
+) -> None:
+    """Close due hours every ``close_interval`` until ``stop`` is set, or until the process
+    that started this one (``parent_pid``) is gone: an orphaned closer exits."""
     logging.basicConfig(level=settings.log_level.upper())
     stop = stop or threading.Event()
-    while not stop.is_set():
+
+    def orphaned() -> bool:
+        return parent_pid is not None and os.getppid() != parent_pid
+
+    while not stop.is_set() and not orphaned():
         try:
             close_due_hours(settings, int(time.time() * 1000))
         except Exception:  # a failed pass is retried at the next interval
             log.exception("closing hours failed; retrying in %d ms", settings.close_interval_ms)
-        stop.wait(settings.close_interval_ms / 1000)
+        deadline = time.monotonic() + settings.close_interval_ms / 1000
+        while not orphaned() and not stop.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from clickagg.config import Settings
@@ -37,8 +38,13 @@ class WorkerSupervisor:
         healthy_after_s: float = 30.0,
         max_restarts: int = 20,
         window_s: float = 600.0,
+        target: Callable[[Settings], None] = worker_process.run,
+        name: str = "clickagg-worker",
     ) -> None:
+        """``target(settings)`` is the process's body (the stream workers by default)."""
         self.settings = settings
+        self.target = target
+        self.name = name
         self.check_interval_s = check_interval_s
         self.first_backoff_s = first_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -55,16 +61,14 @@ class WorkerSupervisor:
 
     def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")
-        self.process = context.Process(
-            target=worker_process.run, args=(self.settings,), name="clickagg-worker"
-        )
+        self.process = context.Process(target=self.target, args=(self.settings,), name=self.name)
         self.process.start()
         self._started_at = time.monotonic()
-        log.info("worker process started (pid %s)", self.process.pid)
+        log.info("%s process started (pid %s)", self.name, self.process.pid)
 
     def start(self) -> None:
         self._spawn()
-        self._task = asyncio.create_task(self._watch(), name="worker-supervisor")
+        self._task = asyncio.create_task(self._watch(), name=f"{self.name}-supervisor")
 
     async def _watch(self) -> None:
         while True:
