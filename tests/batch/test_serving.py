@@ -4,6 +4,7 @@ whole (`final: true`), and a restatement replaces it; other hours stay on the st
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -38,11 +39,12 @@ def rows(server: ServeProcess, start: int, end: int, granularity: str) -> list[d
     return list(response.json())
 
 
-def reconcile(server: ServeProcess, hour: int) -> str:
+def reconcile(server: ServeProcess, hour: int, *more: str) -> str:
     iso = time.strftime("%Y-%m-%dT%H", time.gmtime(hour / 1000))
-    command = [sys.executable, "-m", "clickagg", "reconcile", "--hour", iso]
+    command = [sys.executable, "-m", "clickagg", "reconcile", "--hour", iso, *more]
     command += ["--data-dir", str(server.data_dir), "--partitions", str(server.partitions)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "COLUMNS": "200"}  # tables unwrapped
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -57,7 +59,7 @@ def clicks(ad: str, ts_ms: int, n: int, prefix: str) -> list[dict[str, Any]]:
 def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
     now = int(time.time() * 1000)
     hour = now - now % HOUR_MS - 2 * HOUR_MS
-    server = ServeProcess(tmp_path / "data", partitions=4)
+    server = ServeProcess(tmp_path / "data", partitions=4)  # no closer: we reconcile
     try:
         server.start()
         post(server, clicks("ad-1", hour + 10 * MINUTE_MS, 30, "a"))
@@ -68,7 +70,9 @@ def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
         before = rows(server, hour, hour + 2 * HOUR_MS, "hour")
         assert [(r["clicks"], r["final"]) for r in before] == [(30, False), (4, False)]
 
-        assert "v1 (new)" in reconcile(server, hour)
+        shown = reconcile(server, hour, "--report")
+        assert "v1 (new)" in shown
+        assert "1 of 1 (ad, hour) differ" in shown and "+5 late clicks counted" in shown
         after = rows(server, hour, hour + 2 * HOUR_MS, "hour")
         assert [(r["clicks"], r["final"]) for r in after] == [(35, True), (4, False)]
         minutes = rows(server, hour, hour + HOUR_MS, "minute")

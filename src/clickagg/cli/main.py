@@ -435,6 +435,11 @@ def _utc_ms(text: str, what: str) -> int:
     help="Batch engine that reads the archive.",
 )
 @click.option("--reason", default="reconciled", show_default=True, help="Kept with a new version.")
+@click.option(
+    "--report",
+    is_flag=True,
+    help="Then show, per ad and hour, stream vs batch and the cause of each difference.",
+)
 def reconcile(
     config_file: Path | None,
     print_config: bool,
@@ -444,6 +449,7 @@ def reconcile(
     until: str | None,
     engine: str,
     reason: str,
+    report: bool,
     **flags: object,
 ) -> None:
     """Compute final, billing-grade hours from the archive: exact dedup over the month,
@@ -485,6 +491,44 @@ def reconcile(
             f"{run.late_counted:,}",
             f"{run.invalid:,}",
             version,
+        )
+    Console().print(table)
+    if report:
+        _print_report(settings, hours)
+
+
+def _print_report(settings: Settings, hours: list[int]) -> None:
+    """Per (ad, hour) where the stream and the batch differ: both numbers and the causes."""
+    from clickagg.batch.published import FinalRowsReader
+
+    reader = FinalRowsReader(settings.batch_dir)
+    rows = reader.reconciliation(start_ms=hours[0], end_ms=hours[-1] + 1)
+    differing = [
+        r
+        for r in rows
+        if (r.batch_clicks, r.batch_impressions, r.batch_spend_micros)
+        != (r.stream_clicks, r.stream_impressions, r.stream_spend_micros)
+    ]
+    table = Table(title=f"stream vs batch: {len(differing)} of {len(rows)} (ad, hour) differ")
+    for column in ("hour", "ad", "stream clicks", "batch clicks", "spend diff", "why"):
+        table.add_column(column, justify="left" if column in ("hour", "ad", "why") else "right")
+    for r in differing:
+        causes = [
+            f"{n:+,} {what}"
+            for n, what in (
+                (r.late_clicks, "late clicks counted"),
+                (-r.beyond_horizon_clicks, "copies beyond the dedup horizon"),
+                (-r.newly_invalid_clicks, "found invalid"),
+            )
+            if n
+        ]
+        table.add_row(
+            _iso_hour(r.hour_ms),
+            r.ad_id,
+            f"{r.stream_clicks:,}",
+            f"{r.batch_clicks:,}",
+            f"{(r.batch_spend_micros - r.stream_spend_micros) / 1e6:+,.2f}",
+            "; ".join(causes) or "impressions only",
         )
     Console().print(table)
 
