@@ -229,6 +229,51 @@ def test_ndjson_rejects_exactly_the_bad_lines(kinds: list[str]) -> None:
     assert all((e is None) == (k != "good") for e, k in zip(events, kinds, strict=True))
 
 
+DEEP = b"[" * 5000 + b"]" * 5000  # past any interpreter's recursion limit
+HOSTILE_LINES = {
+    "deep": DEEP,
+    "deep_unknown_field": b'{"event_type":"click","ad_id":"a","timestamp":1700000000,"x":'
+    + DEEP
+    + b"}",
+    "not_utf8": b'{"event_type":"click","ad_id":"a\xff","timestamp":1700000000}',
+    "truncated_utf8": b'{"event_type":"click","ad_id":"a","user_id":"\xe2\x82"'
+    b',"timestamp":1700000000}',
+    "utf8_surrogate": b'{"event_type":"click","ad_id":"\xed\xa0\x80","timestamp":1700000000}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_LINES))
+def test_hostile_single_event_is_invalid_not_a_crash(kind: str) -> None:
+    expected = {"deep": "Expected `object`", "deep_unknown_field": "nested too deeply"}
+    with pytest.raises(InvalidEvent, match=expected.get(kind, "not valid UTF-8")):
+        decode_one(HOSTILE_LINES[kind])
+
+
+@given(st.lists(st.sampled_from(["good", *HOSTILE_LINES]), min_size=1, max_size=40))
+def test_hostile_ndjson_lines_are_rejected_by_index(kinds: list[str]) -> None:
+    lines = {"good": b'{"event_type":"click","ad_id":"a","timestamp":1700000000}', **HOSTILE_LINES}
+    events, rejected = decode_many(b"\n".join(lines[k] for k in kinds), ndjson=True)
+    assert len(events) == len(kinds)
+    assert [r.index for r in rejected] == [n for n, k in enumerate(kinds) if k != "good"]
+    assert all((e is None) == (k != "good") for e, k in zip(events, kinds, strict=True))
+
+
+def test_hostile_json_array() -> None:
+    good = b'{"event_type":"click","ad_id":"a","timestamp":1700000000}'
+    # items that can be split out are rejected one by one
+    body = b"[" + b",".join([good, HOSTILE_LINES["not_utf8"], good]) + b"]"
+    events, rejected = decode_many(body, ndjson=False)
+    assert [e is None for e in events] == [False, True, False]
+    assert [r.index for r in rejected] == [1] and "UTF-8" in rejected[0].error
+    # too deep to be split into items at all: refused whole, saying why
+    with pytest.raises(InvalidEvent, match=r"not a JSON array of events.*nested too deeply"):
+        decode_many(
+            b"[" + b",".join([good, HOSTILE_LINES["deep_unknown_field"]]) + b"]", ndjson=False
+        )
+    with pytest.raises(InvalidEvent, match="nested too deeply"):
+        decode_many(DEEP, ndjson=False)
+
+
 @pytest.mark.parametrize("default_type", [None, ids.CLICK, ids.IMPRESSION])
 @pytest.mark.parametrize(
     "item",

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp
 from clickagg.api import audit, health, ingest, openapi, queries
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
-from clickagg.api.state import AppState, IngestMetrics, WorkerHandle
+from clickagg.api.state import AppState, IngestMetrics, WorkerHandle, state_of
 from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
@@ -37,7 +37,18 @@ RETENTION_INTERVAL_S = 60.0
 
 
 async def openapi_document(request: Request) -> Response:
-    return JSONResponse(request.app.state.openapi)
+    """Rendered per request: the timestamp bounds it states are relative to the clock."""
+    state = state_of(request)
+    return JSONResponse(openapi.build(state.settings, state.clock.now_ms()))
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors as JSON; its 405 keeps the ``Allow`` header and names it."""
+    assert isinstance(exc, HTTPException)
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow:
+        return await api_error_handler(request, ingest.method_not_allowed(request.method, allow))
+    return await http_error_handler(request, exc)
 
 
 ROUTES = [
@@ -142,7 +153,6 @@ def build_app(
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
-        exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler},
+        exception_handlers={ApiError: api_error_handler, HTTPException: http_error},
     )
-    app.state.openapi = openapi.build()
     return ingest.IngestRouter(app, lambda: app.state.clickagg)

@@ -34,6 +34,12 @@ _encode = msgspec.json.Encoder().encode
 Handler = Callable[[AppState, bytes, str], Awaitable[tuple[int, dict[str, Any]]]]
 
 
+def method_not_allowed(method: str, allow: str) -> ApiError:
+    """405 with the ``Allow`` header RFC 9110 requires."""
+    detail = f"{method} is not allowed on this path; allowed: {allow}"
+    return ApiError(405, "method not allowed", detail, headers={"Allow": allow})
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
@@ -170,11 +176,14 @@ class IngestRouter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST":
+        if handler is None:
             await self.app(scope, receive, send)
             return
         headers: dict[str, str] = {}
         try:
+            if scope["method"] != "POST":
+                # an ingest path takes POST only (not the audit route's GET /events/{id})
+                raise method_not_allowed(scope["method"], "POST")
             state = self.state_of()
             body = await read_body(scope, receive, state.settings.max_body_bytes)
             content_type = ""

@@ -1,14 +1,39 @@
-"""The OpenAPI document, built from the same msgspec types that validate requests."""
+"""The OpenAPI document, built from the same msgspec types that validate requests.
+
+It states every constraint the server enforces, so that a request the document admits is
+answered 2xx and one it refuses is answered 4xx (``tests/api/test_openapi.py`` runs
+schemathesis against the live server to hold it to that). Two rules depend on the server's
+clock, so the document is rendered when it is served: event timestamps may be at most
+``max_future`` ahead of now, and what now is moves. Rules JSON Schema cannot state (start
+before end, the span a granularity allows) are in the descriptions.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from clickagg.core.events import IncomingEvent
+from clickagg.api.timefmt import LATEST_MS
+from clickagg.config import Settings
+from clickagg.core.events import EARLIEST_MS, IncomingEvent, timestamp_ms
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+_ID_LENGTH = {"minLength": 1, "maxLength": 256}
+# clickagg.config.parse_duration_ms's rule, digits in ASCII
+DURATION_PATTERN = r"^\s*[0-9]+\s*(ms|s|m|h|d)?\s*$"
+# 1971..9998: with any UTC offset a date-time of these years is in the queries' range
+QUERY_YEARS = "(197[1-9]|19[89][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])"
+_TWO_DIGITS = {
+    "month": "(0[1-9]|1[0-2])",
+    "day": "(0[1-9]|1[0-9]|2[0-8])",  # days every month has: the pattern cannot count
+    "hour": "([01][0-9]|2[0-3])",
+    "minute": "[0-5][0-9]",
+}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -26,11 +51,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 def _query(
-    name: str, description: str, *, required: bool = False, enum: list[str] | None = None
+    name: str, description: str, schema: dict[str, Any], *, required: bool = False
 ) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "string"}
-    if enum:
-        schema["enum"] = enum
     return {
         "name": name,
         "in": "query",
@@ -40,10 +62,106 @@ def _query(
     }
 
 
-def build() -> dict[str, Any]:
-    (event_schema,), components = msgspec.json.schema_components(
-        [IncomingEvent], ref_template="#/components/schemas/{name}"
+def _enum(*values: str) -> dict[str, Any]:
+    return {"type": "string", "enum": list(values)}
+
+
+def _years(first: int, last: int) -> str:
+    """A regex alternation matching the four-digit years first..last (a few dozen)."""
+    return "(" + "|".join(f"{year:04d}" for year in range(first, last + 1)) + ")"
+
+
+def _date_time(years: str) -> dict[str, Any]:
+    """RFC 3339 date-times in the years the regex ``years`` matches, with an offset."""
+    d = _TWO_DIGITS
+    pattern = (
+        f"^{years}-{d['month']}-{d['day']}"
+        f"T{d['hour']}:{d['minute']}:{d['minute']}(\\.[0-9]{{1,6}})?"
+        f"(Z|[+-]{d['hour']}:{d['minute']})$"
     )
+    return {"type": "string", "format": "date-time", "pattern": pattern}
+
+
+def _first_float(accepted: Callable[[float], bool], low: float, high: float) -> float:
+    """The least float in (low, high] that ``accepted`` admits, ``accepted`` being false at
+    low, true at high and monotone between: the exact edge of a server rule over floats."""
+    while math.nextafter(low, math.inf) < high:
+        middle = low + (high - low) / 2
+        if not low < middle < high:
+            middle = math.nextafter(low, math.inf)
+        if accepted(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def timestamp_schema(now_ms: int, max_future_ms: int) -> dict[str, Any]:
+    """What ``timestamp`` the server accepts at ``now_ms``: epoch seconds or milliseconds
+    (numbers below 1e11 are seconds) from 2000-01-01 to ``max_future`` after now, the float
+    edges being the exact ones of :func:`clickagg.core.events.timestamp_ms`; or a
+    date-time. The date-times stated are whole years from 2001 to last year, a subset:
+    JSON Schema cannot compare a date-time with now."""
+    latest = now_ms + max_future_ms
+
+    def in_range(value: float) -> bool:
+        return EARLIEST_MS <= timestamp_ms(value) <= latest
+
+    earliest_s = EARLIEST_MS / 1000
+    first_second = _first_float(in_range, earliest_s - 1, earliest_s)
+    after_last_second = _first_float(lambda v: not in_range(v), latest / 1000, latest / 1000 + 1)
+    after_last_ms = _first_float(lambda v: not in_range(v), float(latest), float(latest + 1))
+    this_year = datetime.fromtimestamp(now_ms / 1000, tz=UTC).year
+    return {
+        "description": (
+            "when the ad server saw the event: epoch seconds (below 1e11) or milliseconds, "
+            "or an RFC 3339 date-time; from 2000-01-01 to max_future after the server's "
+            "clock (the bounds here are those of the moment this document was served)"
+        ),
+        "anyOf": [
+            {
+                "type": "number",
+                "minimum": first_second,
+                "maximum": math.nextafter(after_last_second, -math.inf),
+            },
+            {
+                "type": "number",
+                "minimum": EARLIEST_MS,
+                "maximum": math.nextafter(after_last_ms, -math.inf),
+            },
+            _date_time(_years(2001, this_year - 1)),
+        ],
+    }
+
+
+def _event_schemas(now_ms: int, max_future_ms: int) -> dict[str, dict[str, Any]]:
+    """The msgspec schema of an event, with the rules the server adds after decoding: the
+    timestamp's range and, per endpoint, which event_type it takes."""
+    (_,), components = msgspec.json.schema_components([IncomingEvent])
+    base = components["IncomingEvent"]
+    base["properties"]["timestamp"] = timestamp_schema(now_ms, max_future_ms)
+    schemas = {}
+    for name, types, required in (
+        ("ClickEvent", ["click", None], False),
+        ("ImpressionEvent", ["impression", None], False),
+        ("BatchItem", ["click", "impression"], True),
+    ):
+        schema = copy.deepcopy(base)
+        schema["title"] = name
+        schema["properties"]["event_type"] = {"enum": types}
+        if required:
+            schema["required"] = [*schema["required"], "event_type"]
+            schema["properties"]["event_type"]["description"] = "each item names its type"
+        else:
+            schema["properties"]["event_type"]["default"] = None
+            schema["properties"]["event_type"]["description"] = "the endpoint's, if given"
+        schemas[name] = schema
+    return schemas
+
+
+def build(settings: Settings, now_ms: int) -> dict[str, Any]:
+    """The document as of ``now_ms`` for a server with these settings."""
+    components: dict[str, Any] = _event_schemas(now_ms, settings.max_future_ms)
     components["Error"] = {
         "type": "object",
         "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
@@ -56,6 +174,7 @@ def build() -> dict[str, Any]:
             "event_id": {"type": "string"},
             "partition": {"type": "integer"},
         },
+        "required": ["accepted", "event_id", "partition"],
     }
     batch_result = {
         "type": "object",
@@ -66,39 +185,70 @@ def build() -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "properties": {"index": {"type": "integer"}, "error": {"type": "string"}},
+                    "required": ["index", "error"],
                 },
             },
         },
+        "required": ["accepted", "rejected"],
     }
-    ingest_one = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": event_schema}},
-        },
-        "responses": {"202": _json(accepted, "durably stored"), **_errors(400, 413, 503)},
+
+    def ingest_one(kind: str) -> dict[str, Any]:
+        schema = {"$ref": f"#/components/schemas/{kind.capitalize()}Event"}
+        return {
+            "summary": f"Ingest one {kind}",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {"202": _json(accepted, "durably stored"), **_errors(400, 413, 503)},
+        }
+
+    batch = {
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/BatchItem"},
+        "minItems": 1,
+        "maxItems": settings.max_batch_events,
     }
+    time_schema = {  # epoch s (below 1e11) or ms, whole or decimal; or a date-time
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": LATEST_MS},
+            {"type": "string", "pattern": "^[0-9]{1,14}\\.[0-9]{1,6}$"},
+            _date_time(QUERY_YEARS),
+        ]
+    }
+    time_rules = (
+        "; start before end, and end - start at most 31 days for minute, 366 for hour, "
+        "3,660 for day"
+    )
     range_params = [
-        _query("start", "window start, ISO-8601 or epoch s/ms (default: end - 1 day)"),
-        _query("end", "exclusive end (default: now)"),
-        _query("last", "instead of start: a span before end, e.g. 7d, 1h"),
-        _query("granularity", "window size", enum=["minute", "hour", "day"]),
-        _query("group_by", "breakdown", enum=["country", "device", "browser"]),
+        _query("start", "start: epoch s/ms or date-time (default: end - 1 day)", time_schema),
+        _query("end", "exclusive end: epoch s/ms or date-time (default: now)", time_schema),
+        _query(
+            "last",
+            "instead of start: a span before end, e.g. 7d, 1h" + time_rules,
+            {"type": "string", "pattern": DURATION_PATTERN},
+        ),
+        _query("granularity", "window size (default: hour)", _enum("minute", "hour", "day")),
+        _query("group_by", "breakdown", _enum("country", "device", "browser")),
     ]
-    ad_path = {"name": "ad_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ad_id = {"type": "string", **_ID_LENGTH}
+    ad_path = {"name": "ad_id", "in": "path", "required": True, "schema": ad_id}
+    ad_query = _query("ad_id", "the ad", ad_id, required=True)
     rows = {"type": "array", "items": {"type": "object"}}
     paths: dict[str, Any] = {
-        "/events/click": {"post": {"summary": "Ingest one click", **ingest_one}},
-        "/events/impression": {"post": {"summary": "Ingest one impression", **ingest_one}},
-        "/api/v1/events/click": {"post": {"summary": "Ingest one click", **ingest_one}},
-        "/api/v1/events/impression": {"post": {"summary": "Ingest one impression", **ingest_one}},
+        "/events/click": {"post": ingest_one("click")},
+        "/events/impression": {"post": ingest_one("impression")},
+        "/api/v1/events/click": {"post": ingest_one("click")},
+        "/api/v1/events/impression": {"post": ingest_one("impression")},
         "/events/batch": {
             "post": {
-                "summary": "Ingest NDJSON or a JSON array; each item names its event_type",
+                "summary": "Ingest a JSON array or NDJSON (one item per line)",
+                "description": (
+                    "Items the server refuses are listed by index in `rejected` and the "
+                    "others stored (202); 400 only when none is left."
+                ),
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/x-ndjson": {"schema": {"type": "string"}},
-                        "application/json": {"schema": {"type": "array", "items": event_schema}},
+                        "application/json": {"schema": batch},
+                        "application/x-ndjson": {"schema": batch},
                     },
                 },
                 "responses": {
@@ -115,7 +265,7 @@ def build() -> dict[str, Any]:
                         "name": "event_id",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", **_ID_LENGTH},
                     }
                 ],
                 "responses": {"200": _json({"type": "object"}, "its fate"), **_errors(400, 404)},
@@ -124,7 +274,8 @@ def build() -> dict[str, Any]:
         "/aggregates": {
             "get": {
                 "summary": "Aggregates per window",
-                "parameters": [_query("ad_id", "the ad", required=True), *range_params],
+                "description": "Range rules" + time_rules,
+                "parameters": [ad_query, *range_params],
                 "responses": {"200": _json(rows, "rows"), **_errors(400, 503)},
             }
         },
@@ -132,8 +283,8 @@ def build() -> dict[str, Any]:
             "get": {
                 "summary": "Sliding window ending now (minute-granular)",
                 "parameters": [
-                    _query("ad_id", "the ad", required=True),
-                    _query("window", "sliding window", enum=["1m", "5m", "1h"]),
+                    ad_query,
+                    _query("window", "sliding window (default: 5m)", _enum("1m", "5m", "1h")),
                 ],
                 "responses": {"200": _json({"type": "object"}, "totals"), **_errors(400, 503)},
             }
@@ -141,6 +292,7 @@ def build() -> dict[str, Any]:
         "/api/v1/ads/{ad_id}/metrics": {
             "get": {
                 "summary": "Aggregates per window (seed 001 shape)",
+                "description": "Range rules" + time_rules,
                 "parameters": [ad_path, *range_params],
                 "responses": {"200": _json({"type": "object"}, "metrics"), **_errors(400, 503)},
             }

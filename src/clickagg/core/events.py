@@ -83,40 +83,46 @@ class NormalizedBatch:
         return len(self.event_ids)
 
 
+# Everything decoding untrusted bytes can raise: msgspec's DecodeError (a ValueError, as is
+# the UnicodeDecodeError of a JSON string that is not UTF-8), RecursionError when nesting
+# exceeds the interpreter's recursion limit (about 1,000 levels, less the caller's stack),
+# OverflowError from a number that fits nothing.
+DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RecursionError, OverflowError)
+
+
 def decode_one(body: bytes) -> IncomingEvent:
     try:
         return _single_decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except DECODE_ERRORS as exc:
         raise InvalidEvent(_describe(exc)) from None
 
 
 def decode_many(body: bytes, *, ndjson: bool) -> tuple[list[IncomingEvent | None], list[Rejection]]:
     """Decode a JSON array or NDJSON body; a bad item is reported by index, not fatal.
 
-    The whole-array decode is the fast path; only when it fails are items decoded one by
-    one to say which of them are bad.
+    The whole-body decode is the fast path; only when it fails are items decoded one by
+    one to say which of them are bad. A JSON array that cannot even be split into items
+    (malformed, or nested too deeply to walk) is refused whole with the reason.
     """
     if ndjson:
-        with contextlib.suppress(msgspec.DecodeError):
+        with contextlib.suppress(*DECODE_ERRORS):
             decoded = _single_decoder.decode_lines(body)
             # one object per line, or the exact path below says which line is wrong
             if len(decoded) == body.count(b"\n") + (not body.endswith(b"\n")):
                 return list(decoded), []
         return _decode_lines_in_chunks([line for line in body.split(b"\n") if line.strip()])
-    try:
+    with contextlib.suppress(*DECODE_ERRORS):
         return list(_array_decoder.decode(body)), []
-    except msgspec.DecodeError:
-        pass
     try:
         raw_items = _raw_array_decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except DECODE_ERRORS as exc:
         raise InvalidEvent(f"body is not a JSON array of events: {_describe(exc)}") from None
     items: list[IncomingEvent | None] = []
     problems: list[Rejection] = []
     for index, raw in enumerate(raw_items):
         try:
             items.append(_single_decoder.decode(raw))
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             items.append(None)
             problems.append(Rejection(index, _describe(exc)))
     return items, problems
@@ -131,7 +137,7 @@ def _decode_lines_in_chunks(
     rejected: list[Rejection] = []
     for start in range(0, len(lines), chunk):
         part = lines[start : start + chunk]
-        with contextlib.suppress(msgspec.DecodeError):
+        with contextlib.suppress(*DECODE_ERRORS):
             decoded = _single_decoder.decode_lines(b"\n".join(part))
             if len(decoded) == len(part):
                 events.extend(decoded)
@@ -142,15 +148,20 @@ def _decode_lines_in_chunks(
                 if len(values) != 1:
                     raise msgspec.DecodeError("one JSON object per line expected")
                 events.append(values[0])
-            except msgspec.DecodeError as exc:
+            except DECODE_ERRORS as exc:
                 events.append(None)
                 rejected.append(Rejection(index, _describe(exc)))
     return events, rejected
 
 
-def _describe(exc: msgspec.DecodeError) -> str:
+def _describe(exc: Exception) -> str:
+    """The reason to send back: msgspec's own message names the field (``$.timestamp``)."""
     if isinstance(exc, msgspec.ValidationError):
         return str(exc)
+    if isinstance(exc, RecursionError):
+        return "malformed JSON: nested too deeply (at most about 1,000 levels; an event needs 2)"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"malformed JSON: a string is not valid UTF-8 ({exc.reason})"
     return f"malformed JSON: {exc}"
 
 
