@@ -30,13 +30,12 @@ def create_app(
     workers to the caller."""
 
     def open_embedded(settings: Settings) -> Backends:
+        final = FinalRowsReader(settings.batch_dir)
         return Backends(
             writer=roles.log_writer(settings),
             reader=roles.log_reader(settings),
-            queries=ServingQueryStore(
-                query_store or roles.query_store(settings),
-                FinalRowsReader(settings.batch_dir),
-            ),
+            queries=ServingQueryStore(query_store or roles.query_store(settings), final),
+            final=final,
             archive=roles.archive_reader(settings),
             supervisor=Services(settings) if manage_worker else None,
         )

@@ -23,8 +23,13 @@ from typing import Any
 import schemathesis
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
-RANGE_OPERATIONS = {"GET /aggregates", "GET /api/v1/ads/{ad_id}/metrics"}
-RELATIONAL = ("must be before end", "range too long for granularity")
+RANGE_OPERATIONS = {
+    "GET /aggregates",
+    "GET /api/v1/ads/{ad_id}/metrics",
+    "GET /reconciliation",
+    "GET /billing/adjustments",
+}
+RELATIONAL = ("must be before end", "range too long")
 
 
 def _integers_as_integers(value: Any) -> Any:

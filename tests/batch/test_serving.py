@@ -81,9 +81,17 @@ def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
 
         post(server, clicks("ad-1", hour + 30 * MINUTE_MS, 2, "later"))  # very late
         settle(server)
-        assert "v2 (new)" in reconcile(server, hour)  # a restatement
+        assert "v2 (new)" in reconcile(server, hour, "--reason", "very late clicks")
         restated = rows(server, hour, hour + HOUR_MS, "hour")
         assert [(r["clicks"], r["final"]) for r in restated] == [(37, True)]
+
+        span = {"start": hour, "end": hour + HOUR_MS}
+        [row] = httpx.get(server.url + "/reconciliation", params=span, timeout=30).json()
+        assert (row["ad_id"], row["stream"]["clicks"], row["batch"]["clicks"]) == ("ad-1", 30, 37)
+        assert row["difference"]["clicks"] == 7 == row["causes"]["late_clicks"]  # all late
+        [change] = httpx.get(server.url + "/billing/adjustments", params=span, timeout=30).json()
+        assert (change["ad_id"], change["clicks"], change["version"]) == ("ad-1", 2, 2)
+        assert change["reason"] == "very late clicks"
     finally:
         server.kill9()
 

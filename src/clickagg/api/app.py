@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from clickagg.api import audit, health, ingest, openapi, queries
+from clickagg.api import audit, billing, health, ingest, openapi, queries
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
 from clickagg.api.state import AppState, IngestMetrics, WorkerHandle, state_of
@@ -29,7 +29,7 @@ from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
 from clickagg.disk import DiskReserve
 from clickagg.log.base import LogReader, LogWriter
-from clickagg.query.base import QueryStore
+from clickagg.query.base import FinalRows, QueryStore
 from clickagg.worker.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ ROUTES = [
     Route("/aggregates/realtime", queries.realtime, methods=["GET"]),
     Route("/api/v1/ads/{ad_id}/metrics", queries.ad_metrics, methods=["GET"]),
     Route("/api/v1/ads/{ad_id}/metrics/realtime", queries.ad_realtime, methods=["GET"]),
+    Route("/reconciliation", billing.reconciliation, methods=["GET"]),
+    Route("/billing/adjustments", billing.adjustments, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),
@@ -72,6 +74,7 @@ class Backends:
     queries: QueryStore
     archive: ArchiveReader
     supervisor: WorkerHandle | None = None  # started with the app, stopped with it
+    final: FinalRows | None = None  # the batch layer's reconciled hours and reports
 
 
 async def _retention_loop(state: AppState, writer: LogWriter) -> None:
@@ -131,6 +134,7 @@ def build_app(
             queries=backends.queries,
             archive=backends.archive,
             supervisor=supervisor,
+            final=backends.final,
             registry=registry,
             metrics=IngestMetrics(registry),
         )

@@ -304,6 +304,30 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "totals"), **_errors(400, 503)},
             }
         },
+        "/reconciliation": {
+            "get": {
+                "summary": "Stream vs batch per (ad, reconciled hour), and why they differ",
+                "description": "start before end, at most 366 days apart",
+                "parameters": [
+                    _query("start", "start: epoch s/ms or date-time", time_schema, required=True),
+                    _query("end", "exclusive end", time_schema, required=True),
+                    _query("ad_id", "only this ad", ad_id),
+                ],
+                "responses": {"200": _json(rows, "rows"), **_errors(400, 503)},
+            }
+        },
+        "/billing/adjustments": {
+            "get": {
+                "summary": "Changes restatements made to closed hours, per ad",
+                "description": "start before end, at most 366 days apart",
+                "parameters": [
+                    _query("start", "start: epoch s/ms or date-time", time_schema, required=True),
+                    _query("end", "exclusive end", time_schema, required=True),
+                    _query("advertiser_id", "only this advertiser", ad_id),
+                ],
+                "responses": {"200": _json(rows, "adjustments"), **_errors(400, 503)},
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "200 when ready",

@@ -14,7 +14,7 @@ from clickagg.archive.base import ArchiveReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.log.base import LogReader
-from clickagg.query.base import QueryStore
+from clickagg.query.base import FinalRows, QueryStore
 
 
 class WorkerHandle(Protocol):
@@ -73,6 +73,7 @@ class AppState:
     supervisor: WorkerHandle | None
     registry: CollectorRegistry
     metrics: IngestMetrics
+    final: FinalRows | None = None
     recent_rejections: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
     def remember_rejection(self, event_id: str, reason: str, limit: int = 10_000) -> None:
