@@ -164,3 +164,53 @@ def test_a_restatement_is_listed_as_adjustments_and_the_report_is_served(rig: Ri
     rows = reader.reconciliation(start_ms=HOUR, end_ms=HOUR + HOUR_MS, ad_id="ad-2")
     [row] = rows
     assert row.batch_clicks == row.stream_clicks  # the stream counted the late-sent x too
+
+
+@pytest.mark.slow
+def test_a_reconciliation_killed_mid_run_then_rerun_equals_an_uninterrupted_one(
+    rig: Rig, tmp_path: Path
+) -> None:
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    hours = 96
+    for h in range(hours):
+        rig.append(
+            [Ev(f"k{h}-{i}", f"ad-{i % 4}", HOUR + h * HOUR_MS + i * 1000) for i in range(12)]
+        )
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    twin = tmp_path / "twin"
+    shutil.copytree(rig.root / "archive", twin / "archive")
+
+    def command(data_dir: Path) -> list[str]:
+        since = time.strftime("%Y-%m-%dT%H", time.gmtime(HOUR / 1000))
+        until = time.strftime("%Y-%m-%dT%H", time.gmtime((HOUR + hours * HOUR_MS) / 1000))
+        return [
+            *(sys.executable, "-m", "clickagg", "reconcile", "--since", since),
+            *("--until", until, "--data-dir", str(data_dir), "--partitions", "1"),
+        ]
+
+    run = subprocess.Popen(command(rig.root), stdout=subprocess.DEVNULL)
+    published = batch_dir(rig.settings)
+    deadline = time.monotonic() + 60
+    while not list(published.glob("hour=*/CURRENT")):
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=10)
+    assert len(list(published.glob("hour=*/CURRENT"))) < hours  # it died mid-run
+    rerun = subprocess.run(command(rig.root), capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    whole = subprocess.run(command(twin), capture_output=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+
+    mine, theirs = FinalHours(published), FinalHours(twin / "batch")
+    for h in range(hours):
+        hour = HOUR + h * HOUR_MS
+        for table in ("minute", "country", "device", "browser"):
+            assert mine.read(hour, table) == theirs.read(hour, table), (h, table)
+        assert [v.version for v in mine.versions(hour)] == [1]
