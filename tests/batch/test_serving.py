@@ -78,6 +78,18 @@ def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
         minutes = rows(server, hour, hour + HOUR_MS, "minute")
         assert [(r["clicks"], r["final"]) for r in minutes] == [(30, True), (5, True)]
         assert "unchanged" in reconcile(server, hour)  # twice: same rows, one version
+        shown = subprocess.run(
+            [
+                *(sys.executable, "-m", "clickagg", "query", "ad-1", "--url", server.url),
+                *("--start", str(hour), "--end", str(hour + 2 * HOUR_MS), "--granularity", "hour"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        ).stdout
+        table_rows = [line.split("│") for line in shown.splitlines() if line.startswith("│")]
+        assert [cells[-2].strip() for cells in table_rows] == ["yes", "no"], shown  # final
 
         post(server, clicks("ad-1", hour + 30 * MINUTE_MS, 2, "later"))  # very late
         settle(server)

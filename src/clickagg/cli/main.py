@@ -265,7 +265,7 @@ def rows_table(rows: list[dict[str, Any]], *, title: str) -> Table:
     if not rows:
         table.add_column("no rows")
         return table
-    columns = [key for key in rows[0] if key not in ("final", "spend_micros")]
+    columns = [key for key in rows[0] if key != "spend_micros"]  # final: batch-reconciled
     for key in columns:
         table.add_column(key, justify="left" if key in ("window", "ad_id") else "right")
     for row in rows:
@@ -276,6 +276,8 @@ def rows_table(rows: list[dict[str, Any]], *, title: str) -> Table:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.4f}".rstrip("0").rstrip(".")
     if isinstance(value, int):
