@@ -23,6 +23,7 @@ class Ev:
     device: str | None = None
     browser: str | None = None
     cost_micros: int = -1
+    advertiser_id: str | None = None
 
 
 def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns:
@@ -39,7 +40,7 @@ def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns
             cost_micros=ev.cost_micros,
             user_hash=ids.user_hash(ev.user_id),
             ad_id=ev.ad_id,
-            advertiser_id=None,
+            advertiser_id=ev.advertiser_id,
             campaign_id=None,
             user_id=ev.user_id,
             ip=None,

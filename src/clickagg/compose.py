@@ -14,6 +14,7 @@ from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.query.base import QueryStore
 from clickagg.query.serving import ServingQueryStore
+from clickagg.registry import load_advertisers
 from clickagg.runtime import roles
 from clickagg.runtime.services import Services
 
@@ -30,7 +31,10 @@ def create_app(
     workers to the caller."""
 
     def open_embedded(settings: Settings) -> Backends:
-        final = FinalRowsReader(settings.batch_dir)
+        advertisers = (
+            load_advertisers(settings.advertisers_file) if settings.advertisers_file else {}
+        )
+        final = FinalRowsReader(settings.batch_dir, advertisers=advertisers)
         return Backends(
             writer=roles.log_writer(settings),
             reader=roles.log_reader(settings),

@@ -86,6 +86,9 @@ class Settings:
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.
     ads_file: Path | None = None
+    # Advertisers: a CSV ``advertiser_id,name,currency,time_zone``. Statements are made per
+    # day in the advertiser's time zone (UTC for an advertiser not listed).
+    advertisers_file: Path | None = None
     # Which adapter plays each role (clickagg.runtime.roles lists them).
     log_backend: str = "segments"
     store_backend: str = "duckdb"

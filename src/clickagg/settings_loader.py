@@ -38,6 +38,7 @@ FLAGS = {
     "allowed_lateness": "--allowed-lateness",
     "dedup_horizon": "--dedup-horizon",
     "ads_file": "--ads",
+    "advertisers_file": "--advertisers",
     "log_level": "--log-level",
 }
 # Settings whose value is one of a few words (uvicorn's and logging's level names).

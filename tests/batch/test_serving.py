@@ -104,6 +104,12 @@ def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
         [change] = httpx.get(server.url + "/billing/adjustments", params=span, timeout=30).json()
         assert (change["ad_id"], change["clicks"], change["version"]) == ("ad-1", 2, 2)
         assert change["reason"] == "very late clicks"
+        month = time.strftime("%Y-%m", time.gmtime(hour / 1000))
+        statement = httpx.get(
+            f"{server.url}/billing/advertisers/unknown/statement", params={"month": month}
+        ).json()  # the clicks named no advertiser
+        assert statement["totals"]["clicks"] == 37 and statement["time_zone"] == "UTC"
+        assert not statement["final"]  # most hours of the month are not reconciled
     finally:
         server.kill9()
 

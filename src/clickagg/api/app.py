@@ -59,6 +59,7 @@ ROUTES = [
     Route("/api/v1/ads/{ad_id}/metrics/realtime", queries.ad_realtime, methods=["GET"]),
     Route("/reconciliation", billing.reconciliation, methods=["GET"]),
     Route("/billing/adjustments", billing.adjustments, methods=["GET"]),
+    Route("/billing/advertisers/{advertiser_id}/statement", billing.statement, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -18,11 +19,11 @@ MAX_SPAN_MS = 366 * DAY_MS
 
 
 def _span(request: Request) -> tuple[int, int]:
+    """[start, end) from the parameters; by default the last 30 days."""
     params = request.query_params
-    for name in ("start", "end"):
-        if name not in params:
-            raise bad_request(f"{name} is required")
-    start, end = parse_time("start", params["start"]), parse_time("end", params["end"])
+    now = state_of(request).clock.now_ms()
+    end = parse_time("end", params["end"]) if "end" in params else now + 1
+    start = parse_time("start", params["start"]) if "start" in params else end - 30 * DAY_MS
     if start >= end:
         raise bad_request(f"start ({iso(start)}) must be before end ({iso(end)})")
     if end - start > MAX_SPAN_MS:
@@ -107,3 +108,22 @@ async def adjustments(request: Request) -> Response:
             for a in rows
         ]
     )
+
+
+MONTH_PATTERN = r"^(19[7-9][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9])-(0[1-9]|1[0-2])$"
+
+
+async def statement(request: Request) -> Response:
+    """``GET /billing/advertisers/{advertiser_id}/statement?month=YYYY-MM``: per ad and day
+    in the advertiser's time zone, from final rows only, with later adjustments."""
+    advertiser_id = request.path_params["advertiser_id"]
+    if not 1 <= len(advertiser_id) <= 256:
+        raise bad_request("advertiser_id must be 1 to 256 characters")
+    month = request.query_params.get("month")
+    if month is None:
+        raise bad_request("month is required (YYYY-MM)")
+    if re.match(MONTH_PATTERN, month) is None:
+        raise bad_request(f"month={month!r}: expected YYYY-MM (1970-01 to 9989-12)")
+    final = _final(request)
+    body = await asyncio.to_thread(final.statement, advertiser_id=advertiser_id, month=month)
+    return JSONResponse(body)

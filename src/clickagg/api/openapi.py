@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from clickagg.api.billing import MONTH_PATTERN
 from clickagg.api.timefmt import LATEST_MS
 from clickagg.config import Settings
 from clickagg.core.events import EARLIEST_MS, IncomingEvent, timestamp_ms
@@ -309,8 +310,12 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
                 "summary": "Stream vs batch per (ad, reconciled hour), and why they differ",
                 "description": "start before end, at most 366 days apart",
                 "parameters": [
-                    _query("start", "start: epoch s/ms or date-time", time_schema, required=True),
-                    _query("end", "exclusive end", time_schema, required=True),
+                    _query(
+                        "start",
+                        "start: epoch s/ms or date-time (default: end - 30 days)",
+                        time_schema,
+                    ),
+                    _query("end", "exclusive end (default: now)", time_schema),
                     _query("ad_id", "only this ad", ad_id),
                 ],
                 "responses": {"200": _json(rows, "rows"), **_errors(400, 503)},
@@ -321,11 +326,35 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
                 "summary": "Changes restatements made to closed hours, per ad",
                 "description": "start before end, at most 366 days apart",
                 "parameters": [
-                    _query("start", "start: epoch s/ms or date-time", time_schema, required=True),
-                    _query("end", "exclusive end", time_schema, required=True),
+                    _query(
+                        "start",
+                        "start: epoch s/ms or date-time (default: end - 30 days)",
+                        time_schema,
+                    ),
+                    _query("end", "exclusive end (default: now)", time_schema),
                     _query("advertiser_id", "only this advertiser", ad_id),
                 ],
                 "responses": {"200": _json(rows, "adjustments"), **_errors(400, 503)},
+            }
+        },
+        "/billing/advertisers/{advertiser_id}/statement": {
+            "get": {
+                "summary": "An advertiser's monthly statement, per ad and local day",
+                "parameters": [
+                    {
+                        "name": "advertiser_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", **_ID_LENGTH},
+                    },
+                    _query(
+                        "month",
+                        "YYYY-MM, in the advertiser's time zone",
+                        {"type": "string", "pattern": MONTH_PATTERN},
+                        required=True,
+                    ),
+                ],
+                "responses": {"200": _json({"type": "object"}, "statement"), **_errors(400, 503)},
             }
         },
         "/healthz": {

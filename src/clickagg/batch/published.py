@@ -25,11 +25,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clickagg.batch.statement import build_statement, statement_json
 from clickagg.core import aggregate, hll
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.query.base import (
@@ -39,6 +41,7 @@ from clickagg.query.base import (
     Granularity,
     ReconciliationRow,
 )
+from clickagg.registry import Advertiser
 
 CURRENT = "CURRENT"
 _TABLES = ("minute", *aggregate.DIMENSIONS)
@@ -221,8 +224,15 @@ class FinalRowsReader:
     """:class:`clickagg.query.base.FinalRows` over the published versions: the API
     process reads the Parquet files itself (they never change once published)."""
 
-    def __init__(self, directory: Path, *, cache_entries: int = 512) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        advertisers: Mapping[str, Advertiser] | None = None,
+        cache_entries: int = 512,
+    ) -> None:
         self.hours = FinalHours(directory)
+        self.advertisers = dict(advertisers or {})
         self._cache: dict[tuple[int, int, str], pl.DataFrame] = {}
         self._cache_entries = cache_entries
 
@@ -242,6 +252,16 @@ class FinalRowsReader:
                 self._cache.pop(next(iter(self._cache)))
             frame = self._cache[key] = loaded
         return frame
+
+    def statement(self, *, advertiser_id: str, month: str) -> dict[str, Any]:
+        advertiser = self.advertisers.get(advertiser_id) or Advertiser(
+            advertiser_id, advertiser_id, "USD", "UTC"
+        )
+        return statement_json(build_statement(self, advertiser, month))
+
+    def minute_frame(self, hour_ms: int) -> pl.DataFrame | None:
+        """The current final minute rows of one hour (cached by version)."""
+        return self._frame(hour_ms, "minute")
 
     def aggregates(
         self,

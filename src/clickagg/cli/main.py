@@ -106,6 +106,11 @@ def _settings_options(command: F) -> F:
             "cost_micros.",
             type=click.Path(path_type=Path, exists=True, dir_okay=False),
         ),
+        _setting_flag(
+            "advertisers_file",
+            "Advertisers CSV (advertiser_id,name,currency,time_zone): statement time zones.",
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        ),
         _setting_flag("log_level", "Server and worker log level."),
     ]
     for option in reversed(options):
@@ -140,6 +145,15 @@ def _resolve_settings(
         except RegistryError as exc:
             raise SettingsUsageError(f"{exc} ({loaded.sources['ads_file']})") from None
         settings = dataclasses.replace(settings, ads_file=settings.ads_file.resolve())
+    if settings.advertisers_file is not None:
+        from clickagg.registry import load_advertisers
+
+        try:
+            load_advertisers(settings.advertisers_file)
+        except RegistryError as exc:
+            raise SettingsUsageError(f"{exc} ({loaded.sources['advertisers_file']})") from None
+        resolved = settings.advertisers_file.resolve()
+        settings = dataclasses.replace(settings, advertisers_file=resolved)
     return settings
 
 
@@ -539,3 +553,95 @@ def _iso_hour(ms: int) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:00Z")
+
+
+@main.command()
+@_settings_options
+@click.option("--advertiser", "advertiser_id", required=True, help="The advertiser's id.")
+@click.option("--month", required=True, help="YYYY-MM, in the advertiser's time zone.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+)
+@click.option("--output", type=click.Path(path_type=Path), help="Write here (parquet needs it).")
+def statement(
+    config_file: Path | None,
+    print_config: bool,
+    advertiser_id: str,
+    month: str,
+    fmt: str,
+    output: Path | None,
+    **flags: object,
+) -> None:
+    """An advertiser's monthly statement from final (reconciled) hours: per ad and day in
+    the advertiser's time zone, billable clicks, spend, invalid clicks removed, and the
+    adjustments restatements made after the month closed."""
+    from clickagg.batch.published import FinalRowsReader
+    from clickagg.batch.statement import build_statement, statement_frame, statement_json
+    from clickagg.registry import Advertiser, load_advertisers
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    known = load_advertisers(settings.advertisers_file) if settings.advertisers_file else {}
+    advertiser = known.get(advertiser_id) or Advertiser(advertiser_id, advertiser_id, "USD", "UTC")
+    try:
+        result = build_statement(FinalRowsReader(settings.batch_dir), advertiser, month)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--month") from None
+    if fmt == "parquet" and output is None:
+        raise click.UsageError("--format parquet needs --output")
+    if fmt == "json":
+        text = json.dumps(statement_json(result), indent=2)
+    elif fmt == "csv":
+        text = statement_frame(result).write_csv()
+    elif fmt == "parquet":
+        assert output is not None
+        statement_frame(result).write_parquet(output)
+        click.echo(f"wrote {len(result.lines)} lines to {output}")
+        return
+    else:
+        pending = len(result.hours_not_final)
+        table = Table(
+            title=f"{advertiser.name} ({advertiser.advertiser_id}), {month}, "
+            f"{advertiser.time_zone}, {advertiser.currency}"
+            + (f" — {pending} hours not final yet" if pending else "")
+        )
+        for column in ("ad", "day", "clicks", "impressions", "spend", "invalid removed"):
+            table.add_column(column, justify="left" if column in ("ad", "day") else "right")
+        for line in result.lines:
+            table.add_row(
+                line.ad_id,
+                line.day.isoformat(),
+                f"{line.clicks:,}",
+                f"{line.impressions:,}",
+                f"{line.spend_micros / 1e6:,.2f}",
+                f"{line.invalid_clicks:,}",
+            )
+        totals = result.totals
+        table.add_row(
+            "total",
+            "",
+            f"{totals['clicks']:,}",
+            f"{totals['impressions']:,}",
+            f"{totals['spend_micros'] / 1e6:,.2f}",
+            f"{totals['invalid_clicks']:,}",
+        )
+        for ad_id, sums in sorted(result.adjustments_after_close.items()):
+            table.add_row(
+                ad_id,
+                "adjusted later",
+                f"{sums['clicks']:+,}",
+                f"{sums['impressions']:+,}",
+                f"{sums['spend_micros'] / 1e6:+,.2f}",
+                f"{sums['invalid_clicks']:+,}",
+            )
+        Console().print(table)
+        return
+    if output is not None:
+        output.write_text(text)
+    else:
+        click.echo(text)

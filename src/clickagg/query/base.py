@@ -40,7 +40,7 @@ was the alternative: simpler readers, but every copy rewrites the whole base.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Granularity = Literal["minute", "hour", "day"]
 Dimension = Literal["country", "device", "browser"]
@@ -169,6 +169,11 @@ class FinalRows(Protocol):
     ) -> list[Adjustment]:
         """Every change between consecutive versions of the hours in [start_ms, end_ms),
         per (ad, hour) that changed, oldest first."""
+        ...
+
+    def statement(self, *, advertiser_id: str, month: str) -> dict[str, Any]:
+        """The advertiser's statement of ``month`` (YYYY-MM) as JSON-ready data: per ad and
+        local day, from final rows only. Raises ValueError for a month it cannot read."""
         ...
 
 
