@@ -8,11 +8,16 @@ micro-batches committed after the next restart.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import polars as pl
+
+from clickagg.core.prices import Price, PriceBook
 
 
 class RegistryError(ValueError):
@@ -65,3 +70,72 @@ def load_advertisers(path: Path) -> dict[str, Advertiser]:
             advertiser_id, row.get("name") or advertiser_id, row.get("currency") or "USD", zone
         )
     return out
+
+
+class PriceRegistry:
+    """Prices set over time (``clickagg ads set|import``), kept as an append-only JSON-lines
+    file in the data dir: every change with when it was recorded, when it applies from
+    and by whom. The effective book is the ``ads_file`` CSV (prices from the beginning of
+    time) overlaid with these changes."""
+
+    def __init__(self, path: Path, *, ads_file: Path | None = None) -> None:
+        self.path = path
+        self.ads_file = ads_file
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path, ads_file: Path | None = None) -> PriceRegistry:
+        return cls(data_dir / "registry" / "prices.jsonl", ads_file=ads_file)
+
+    def changes(self) -> list[dict[str, Any]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def book(self) -> PriceBook:
+        base = load_cpc_micros(self.ads_file) if self.ads_file else {}
+        changes = [
+            Price(c["ad_id"], int(c["cpc_micros"]), int(c["effective_from_ms"]))
+            for c in self.changes()
+        ]
+        return PriceBook.of(base).with_prices(changes)
+
+    def version(self) -> tuple[float, int]:
+        """Changes when the file does (mtime, size): what a worker polls to reload."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return (0.0, 0)
+        return (stat.st_mtime, stat.st_size)
+
+    def record(self, prices: list[Price], *, by: str, now_ms: int) -> None:
+        """Append price changes; each applies from its effective time on, which must not be
+        in the past: the spend of a click already counted never changes (a retroactive
+        correction is a restatement: re-run ``clickagg reconcile``)."""
+        for price in prices:
+            if price.effective_from_ms < now_ms - 1000:
+                raise RegistryError(
+                    f"{price.ad_id}: a price applies from now on, not from the past "
+                    f"({price.effective_from_ms} < {now_ms})"
+                )
+            if price.cpc_micros < 0:
+                raise RegistryError(f"{price.ad_id}: cpc_micros must not be negative")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = "".join(
+            json.dumps(
+                {
+                    "ad_id": p.ad_id,
+                    "cpc_micros": p.cpc_micros,
+                    "effective_from_ms": p.effective_from_ms,
+                    "recorded_ms": now_ms,
+                    "by": by,
+                }
+            )
+            + "\n"
+            for p in prices
+        )
+        with open(self.path, "a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())

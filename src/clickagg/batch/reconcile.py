@@ -33,6 +33,7 @@ import polars as pl
 import pyarrow as pa
 
 from clickagg.core import aggregate, fates, ids
+from clickagg.core.prices import PriceBook
 from clickagg.core.windows import HOUR_MS
 
 InvalidHook = Callable[[pl.DataFrame], pl.Series]
@@ -180,7 +181,7 @@ def reconcile_hour(
     view: PeriodView,
     hour_ms: int,
     *,
-    cpc_micros: Mapping[str, int],
+    cpc_micros: PriceBook | Mapping[str, int],
     invalid: InvalidHook | None = None,
 ) -> HourResult:
     """The final rows of one event hour, from its billing period's view."""
@@ -206,7 +207,7 @@ def reconcile_hour(
         flagged.alias("invalid"),
         pl.col("cost_micros").fill_null(-1),
     )
-    priced = aggregate.with_minute_and_spend(events, dict(cpc_micros))
+    priced = aggregate.with_minute_and_spend(events, cpc_micros)
     minute, dimensions = aggregate.round_deltas(priced)
     return HourResult(
         hour_ms,

@@ -18,7 +18,7 @@ from clickagg.batch.published import FinalHours, Version
 from clickagg.batch.reconcile import HourResult, PeriodView, month_of, reconcile_hour
 from clickagg.config import Settings
 from clickagg.core.windows import HOUR_MS
-from clickagg.registry import load_cpc_micros
+from clickagg.registry import PriceRegistry
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def reconcile_hours(settings: Settings, hours: list[int], *, reason: str) -> list[HourRun]:
     """Reconcile each hour (a UTC hour start, ms) and publish a version where it changed."""
-    cpc = load_cpc_micros(settings.ads_file) if settings.ads_file else {}
+    cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
     archive = ParquetArchiveReader(settings.archive_dir)
     final = FinalHours(batch_dir(settings))
     runs = []

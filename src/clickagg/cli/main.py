@@ -645,3 +645,102 @@ def statement(
         output.write_text(text)
     else:
         click.echo(text)
+
+
+@main.group()
+def ads() -> None:
+    """The ad registry's prices: set, import and list them, versioned by effective time."""
+
+
+def _when(text: str | None) -> int:
+    now = int(time.time() * 1000)
+    return now if text is None else _utc_ms(text, "--effective-from")
+
+
+@ads.command(name="set")
+@_settings_options
+@click.argument("ad_id")
+@click.option("--cpc-micros", type=int, required=True, help="Price of a click, in micros.")
+@click.option("--effective-from", help="When it applies (event time; default: now).")
+def ads_set(
+    config_file: Path | None,
+    print_config: bool,
+    ad_id: str,
+    cpc_micros: int,
+    effective_from: str | None,
+    **flags: object,
+) -> None:
+    """Set an ad's price from now (or a later time) on: clicks before keep their price.
+    A running server applies it without a restart."""
+    from clickagg.core.prices import Price
+    from clickagg.registry import PriceRegistry, RegistryError
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    registry = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+    price = Price(ad_id, cpc_micros, _when(effective_from))
+    try:
+        registry.record([price], by=os.environ.get("USER", "cli"), now_ms=int(time.time() * 1000))
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{ad_id}: {cpc_micros} micros per click from {_iso_ms(price.effective_from_ms)}")
+
+
+@ads.command(name="import")
+@_settings_options
+@click.argument("csv_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--effective-from", help="When the prices apply (event time; default: now).")
+def ads_import(
+    config_file: Path | None,
+    print_config: bool,
+    csv_file: Path,
+    effective_from: str | None,
+    **flags: object,
+) -> None:
+    """Set many prices at once from a CSV with columns ad_id,cpc_micros."""
+    from clickagg.core.prices import Price
+    from clickagg.registry import PriceRegistry, RegistryError, load_cpc_micros
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    since = _when(effective_from)
+    try:
+        prices = [Price(ad, cpc, since) for ad, cpc in load_cpc_micros(csv_file).items()]
+        registry = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+        registry.record(prices, by=os.environ.get("USER", "cli"), now_ms=int(time.time() * 1000))
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"imported {len(prices)} prices effective from {_iso_ms(since)}")
+
+
+@ads.command(name="list")
+@_settings_options
+@click.option("--at", "at", help="Prices in force at this time (default: now).")
+def ads_list(config_file: Path | None, print_config: bool, at: str | None, **flags: object) -> None:
+    """Every ad's price in force at a time, and when it was set."""
+    from clickagg.registry import PriceRegistry
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    moment = _when(at)
+    book = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
+    table = Table(title=f"prices at {_iso_ms(moment)}")
+    for column in ("ad", "cpc (micros)", "since"):
+        table.add_column(column, justify="right" if column.startswith("cpc") else "left")
+    in_force = (
+        book.table.filter(book.table["effective_from_ms"] <= moment)
+        .sort("ad_id", "effective_from_ms")
+        .unique("ad_id", keep="last", maintain_order=True)
+    )
+    for ad_id, since, cpc in in_force.select("ad_id", "effective_from_ms", "cpc_micros").rows():
+        table.add_row(ad_id, f"{cpc:,}", _iso_ms(since))
+    Console().print(table)
+
+
+def _iso_ms(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")

@@ -22,6 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from clickagg.core import hll, ids
+from clickagg.core.prices import PriceBook
 from clickagg.core.windows import MINUTE_MS
 
 UNKNOWN = "unknown"
@@ -75,9 +76,12 @@ def _measure_exprs() -> list[pl.Expr]:
     ]
 
 
-def with_minute_and_spend(events: pl.DataFrame, cpc_micros: dict[str, int]) -> pl.DataFrame:
-    """Add ``minute_ms`` and ``spend_micros`` (the event's cost, else the ad's CPC, else 0)."""
-    cpc = pl.col("ad_id").replace_strict(cpc_micros, default=0, return_dtype=pl.Int64)
+def with_minute_and_spend(
+    events: pl.DataFrame, prices: PriceBook | Mapping[str, int]
+) -> pl.DataFrame:
+    """Add ``minute_ms`` and ``spend_micros``: the event's cost, else the ad's CPC in force
+    at the event's time (``clickagg.core.prices``), else 0."""
+    cpc = PriceBook.of(prices).cpc_expr_or_series(events)
     return events.with_columns(
         (pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS).alias("minute_ms"),
         pl.when(pl.col("cost_micros") >= 0)

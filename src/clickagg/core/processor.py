@@ -32,6 +32,7 @@ import pyarrow as pa
 from clickagg.core import aggregate, columns, decisions, fates
 from clickagg.core.dedup import IdSet
 from clickagg.core.ids import CLICK, EVENT_TYPES
+from clickagg.core.prices import PriceBook
 from clickagg.core.windows import MINUTE_MS, NO_EVENT_MS, late_mask, minute_start
 
 
@@ -92,7 +93,7 @@ class PartitionProcessor:
         *,
         allowed_lateness_ms: int,
         dedup_horizon_ms: int,
-        cpc_micros: Mapping[str, int] | None = None,
+        cpc_micros: PriceBook | Mapping[str, int] | None = None,
         rules: Sequence[Rule] = (),
     ) -> None:
         if dedup_horizon_ms < allowed_lateness_ms + MINUTE_MS:
@@ -100,7 +101,7 @@ class PartitionProcessor:
         self.state = state
         self.allowed_lateness_ms = allowed_lateness_ms
         self.dedup_horizon_ms = dedup_horizon_ms
-        self.cpc_micros = dict(cpc_micros or {})
+        self.prices = PriceBook.of(cpc_micros)
         self.rules = list(rules)
 
     @property
@@ -200,7 +201,7 @@ class PartitionProcessor:
             .replace_strict(dict(enumerate(EVENT_TYPES)), return_dtype=pl.String)
             .alias("event_type_name"),
         )
-        priced = aggregate.with_minute_and_spend(labelled, self.cpc_micros)
+        priced = aggregate.with_minute_and_spend(labelled, self.prices)
         billed = (
             pl.when((pl.col("status") == fates.COUNTED) & (pl.col("event_type") == CLICK))
             .then(pl.col("spend_micros"))

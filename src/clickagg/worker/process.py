@@ -36,7 +36,7 @@ from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.realtime.base import RealtimeCounters
-from clickagg.registry import load_cpc_micros
+from clickagg.registry import PriceRegistry
 from clickagg.runtime import roles
 from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
@@ -125,7 +125,9 @@ class _Session:
             snapshots = SnapshotStore(settings.snapshot_dir)
             self.archive = roles.archive_writer(settings)
             undo.callback(_close_quietly, self.archive.close, "archive writer")
-            cpc_micros = load_cpc_micros(settings.ads_file) if settings.ads_file else {}
+            self.price_registry = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+            self._prices_version = self.price_registry.version()
+            cpc_micros = self.price_registry.book()
             self.workers = [
                 PartitionWorker(
                     p,
@@ -165,6 +167,7 @@ class _Session:
                 # fail until the next round), so look now; this raises if so.
                 self.compactor.out_of_space.clear()
                 self.store.committed_offsets()
+            self._reload_prices()
             processed = step_all(self.workers, self.store, self.counters)
             if processed:
                 backoff.succeeded()
@@ -182,6 +185,17 @@ class _Session:
             if max_idle_loops is not None and idle_loops >= max_idle_loops:
                 return
             time.sleep(IDLE_SLEEP_S)
+
+    def _reload_prices(self) -> None:
+        """A price set with ``clickagg ads set`` applies without a restart: from the next
+        round on (it is effective from now or later, so no counted click is repriced)."""
+        version = self.price_registry.version()
+        if version != self._prices_version:
+            self._prices_version = version
+            book = self.price_registry.book()
+            for worker in self.workers:
+                worker.set_prices(book)
+            log.info("prices reloaded: %d entries", book.table.height)
 
     def stop_writing(self) -> None:
         """After a failure: stop the compactor and the archive writer (it publishes what it

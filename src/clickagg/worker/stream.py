@@ -33,6 +33,7 @@ from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.core import aggregate, columns
+from clickagg.core.prices import PriceBook
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
 from clickagg.disk import is_out_of_space
 from clickagg.log.base import CorruptFrameError, Frame, LogReader
@@ -86,10 +87,10 @@ class PartitionWorker:
         snapshots: SnapshotStore,
         settings: Settings,
         clock: Clock,
-        cpc_micros: Mapping[str, int] | None = None,
+        cpc_micros: PriceBook | Mapping[str, int] | None = None,
     ) -> None:
         self.partition = partition
-        self.cpc_micros = dict(cpc_micros or {})
+        self.prices = PriceBook.of(cpc_micros)
         self.reader = reader
         self.store = store
         self.archive = archive
@@ -108,7 +109,7 @@ class PartitionWorker:
             state,
             allowed_lateness_ms=self.settings.allowed_lateness_ms,
             dedup_horizon_ms=self.settings.dedup_horizon_ms,
-            cpc_micros=self.cpc_micros,
+            cpc_micros=self.prices,
         )
 
     def _recover(self) -> PartitionProcessor:
@@ -210,6 +211,11 @@ class PartitionWorker:
             outcome = self.processor.process(events, deltas=deltas)
         assert outcome is not None
         return Prepared(self._commit_of(outcome), outcome.kept, outcome.decisions)
+
+    def set_prices(self, prices: PriceBook) -> None:
+        """Price events processed from now on with ``prices`` (a changed registry)."""
+        self.prices = prices
+        self.processor.prices = prices
 
     def recover(self) -> None:
         self.processor = self._recover()
