@@ -44,6 +44,7 @@ from clickagg.query.base import (
 from clickagg.registry import Advertiser
 
 CURRENT = "CURRENT"
+EPOCH = "EPOCH"
 _TABLES = ("minute", *aggregate.DIMENSIONS)
 
 
@@ -175,7 +176,37 @@ class FinalHours:
             os.fsync(f.fileno())
         os.replace(tmp, hdir / CURRENT)
         _fsync_dir(hdir)
+        self._bump_epoch()
         return version
+
+    def _bump_epoch(self) -> None:
+        """Replace ``EPOCH`` (a new inode each time): readers stat it once per query and
+        rescan the hours only when it changed."""
+        tmp = self.directory / f".{EPOCH}.tmp"
+        tmp.write_text(str(time.time_ns()))
+        os.replace(tmp, self.directory / EPOCH)
+
+    def epoch(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.directory / EPOCH)
+        except FileNotFoundError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns)
+
+    def current_versions(self) -> dict[int, Version]:
+        """Every hour with a current version (a scan of the directory)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for name in names:
+            if name.startswith("hour="):
+                hour = _hour_of(name)
+                version = self.current(hour)
+                if version is not None:
+                    out[hour] = version
+        return out
 
     def write_report(self, hour_ms: int, report: pa.Table) -> None:
         """The latest run's stream-vs-batch report of the hour (replaced atomically every
@@ -233,20 +264,31 @@ class FinalRowsReader:
     ) -> None:
         self.hours = FinalHours(directory)
         self.advertisers = dict(advertisers or {})
+        self._epoch: tuple[int, int] | None = None
+        self._current: dict[int, Version] = {}
         self._cache: dict[tuple[int, int, str], pl.DataFrame] = {}
         self._cache_entries = cache_entries
 
+    def _versions(self) -> dict[int, Version]:
+        """The current version of every final hour, rescanned only when a publish changed
+        ``EPOCH``: a query costs one stat, however many hours are final."""
+        epoch = self.hours.epoch()
+        if epoch != self._epoch:
+            self._current = self.hours.current_versions()
+            self._epoch = epoch
+        return self._current
+
     def final_hours(self, start_ms: int, end_ms: int) -> list[int]:
-        return self.hours.final_hours(start_ms, end_ms)
+        return sorted(h for h in self._versions() if h + HOUR_MS > start_ms and h < end_ms)
 
     def _frame(self, hour_ms: int, table: str) -> pl.DataFrame | None:
-        version = self.hours.current(hour_ms)
+        version = self._versions().get(hour_ms)
         if version is None:
             return None
         key = (hour_ms, version.version, table)
         frame = self._cache.get(key)
         if frame is None:
-            loaded = pl.from_arrow(self.hours.read(hour_ms, table))
+            loaded = pl.from_arrow(self.hours.read_version(hour_ms, version.version, table))
             assert isinstance(loaded, pl.DataFrame)
             if len(self._cache) >= self._cache_entries:
                 self._cache.pop(next(iter(self._cache)))
