@@ -17,7 +17,11 @@ The stream decides within its horizon; the batch layer decides over the billing 
   definition of a minute row, its breakdowns and its unique-user sketch for both layers.
 
 The engine only selects the winning copies (SQL over the archive's Parquet files); what
-they add up to is computed by the same core code as the stream's.
+they add up to is computed by the same core code as the stream's. Engines are adapters of
+:class:`PeriodSource`: :class:`PeriodView` (DuckDB, in process, the default) and
+``clickagg.batch.spark_engine.SparkPeriodView`` (Spark, for archives a single process should
+not rank). Both return the same tables, :data:`WINNERS_SCHEMA` and :data:`STREAM_SCHEMA` in
+the same row order, so the final rows do not depend on the engine.
 """
 
 from __future__ import annotations
@@ -27,23 +31,107 @@ import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 import polars as pl
 import pyarrow as pa
 
 from clickagg.core import aggregate, fates, ids
+from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.prices import PriceBook
 from clickagg.core.windows import HOUR_MS
 
 InvalidHook = Callable[[pl.DataFrame], pl.Series]
 """Given the hour's winning events, a reason per event (null: valid): batch-only verdicts."""
 
-_COLUMNS = (
-    'partition, "offset", event_id, event_type, status, reason, ad_id, advertiser_id, '
-    "campaign_id, user_id, country, device, browser, ts_ms, received_ms, cost_micros, "
-    "fp_high, fp_low"
+WINNER_COLUMNS = (
+    "partition",
+    "offset",
+    "event_id",
+    "event_type",
+    "status",
+    "reason",
+    "ad_id",
+    "advertiser_id",
+    "campaign_id",
+    "user_id",
+    "country",
+    "device",
+    "browser",
+    "ts_ms",
+    "received_ms",
+    "cost_micros",
+    "fp_high",
+    "fp_low",
 )
+WINNERS_SCHEMA = pa.schema([DECISION_SCHEMA.field(name) for name in WINNER_COLUMNS])
+"""The winning copies of an hour's events, in log order (partition, offset)."""
+
+STREAM_SCHEMA = pa.schema(
+    [
+        pa.field("ad_id", pa.string(), nullable=False),
+        *(
+            pa.field(name, pa.int64(), nullable=False)
+            for name in (
+                "stream_clicks",
+                "stream_impressions",
+                "stream_spend_micros",
+                "beyond_horizon_clicks",
+                "beyond_horizon_spend_micros",
+            )
+        ),
+    ]
+)
+"""The stream's view of an hour per ad, by ad_id: what it counted (every archived copy of
+the hour's events, each with the stream's verdict) and which of that was a copy the batch
+does not count (not the first of its id over the period: beyond the stream's horizon)."""
+
+_COLUMNS = ", ".join(f'"{name}"' for name in WINNER_COLUMNS)
+
+
+class PeriodSource(Protocol):
+    """A batch engine's view of one billing period of the archive: every copy of each
+    (event type, id) ranked in log order over the whole period, asked one hour at a time.
+    What the winners add up to is not the engine's business (:func:`reconcile_hour`)."""
+
+    def hour(self, hour_ms: int) -> tuple[pa.Table, pa.Table] | None:
+        """(the winning copy of every event of the hour, :data:`WINNERS_SCHEMA` in log
+        order; the stream's view of it per ad, :data:`STREAM_SCHEMA` by ad_id), or None when
+        the period holds nothing."""
+        ...
+
+    def close(self) -> None: ...
+
+
+EngineFactory = Callable[[Sequence[Path], int, int], PeriodSource]
+"""Opens an engine's :class:`PeriodSource` on (the period's archive files, the first event
+time it must answer for, the end of the last): the engine ranks the whole files."""
+
+ENGINES = ("duckdb", "spark")
+
+
+class EngineError(RuntimeError):
+    """The engine asked for cannot run here (an optional dependency missing): a user's
+    error to show, not a bug."""
+
+
+def engine_factory(engine: str) -> EngineFactory:
+    """The factory of the engine named ``engine`` (one of :data:`ENGINES`). Spark is
+    imported only when asked for: it is an optional dependency (and a JVM)."""
+    if engine == "duckdb":
+        return PeriodView
+    if engine == "spark":
+        try:
+            from clickagg.batch.spark_engine import SparkPeriodView
+        except ImportError as e:
+            if (e.name or "").split(".")[0] not in ("pyspark", "py4j"):
+                raise
+            raise EngineError(
+                "the spark engine needs pyspark, the spark extra: pip install -e '.[spark]'"
+            ) from e
+        return SparkPeriodView
+    raise ValueError(f"unknown batch engine {engine!r}: one of {', '.join(ENGINES)}")
 
 
 @dataclass(frozen=True)
@@ -87,9 +175,9 @@ REPORT_SCHEMA = pa.schema(
 
 
 class PeriodView:
-    """The archive of one billing period in DuckDB, every copy numbered in log order per
-    (event type, id) over the whole period, kept for the events of the hours asked for:
-    reconciling many hours of a month ranks the month once."""
+    """The DuckDB engine: the archive of one billing period, every copy numbered in log
+    order per (event type, id) over the whole period, kept for the events of the hours asked
+    for: reconciling many hours of a month ranks the month once."""
 
     def __init__(self, files: Sequence[Path], start_ms: int, end_ms: int) -> None:
         self.start_ms, self.end_ms = start_ms, end_ms
@@ -123,6 +211,7 @@ class PeriodView:
             'ORDER BY partition, "offset"',
             params=bounds,
         ).to_arrow_table()
+        # sum() of BIGINT is HUGEINT in DuckDB: back to int64 (a month of micros fits).
         stream = self.con.sql(
             """
             SELECT ad_id,
@@ -130,16 +219,16 @@ class PeriodView:
                     AS stream_clicks,
                 count(*) FILTER (WHERE status IN ('counted', 'invalid')
                                  AND event_type = 'impression') AS stream_impressions,
-                coalesce(sum(spend_micros), 0) AS stream_spend_micros,
+                CAST(coalesce(sum(spend_micros), 0) AS BIGINT) AS stream_spend_micros,
                 count(*) FILTER (WHERE copy > 1 AND status = 'counted'
                                  AND event_type = 'click') AS beyond_horizon_clicks,
-                coalesce(sum(spend_micros) FILTER (WHERE copy > 1), 0)
+                CAST(coalesce(sum(spend_micros) FILTER (WHERE copy > 1), 0) AS BIGINT)
                     AS beyond_horizon_spend_micros
-            FROM ranked WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY ad_id
+            FROM ranked WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY ad_id ORDER BY ad_id
             """,
             params=bounds,
         ).to_arrow_table()
-        return winners, stream
+        return winners.cast(WINNERS_SCHEMA), stream.cast(STREAM_SCHEMA)
 
     def close(self) -> None:
         self.con.close()
@@ -178,7 +267,7 @@ def _report(priced: pl.DataFrame, stream: pa.Table) -> pa.Table:
 
 
 def reconcile_hour(
-    view: PeriodView,
+    view: PeriodSource,
     hour_ms: int,
     *,
     cpc_micros: PriceBook | Mapping[str, int],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.batch.published import FinalHours, Version
-from clickagg.batch.reconcile import HourResult, PeriodView, month_of, reconcile_hour
+from clickagg.batch.reconcile import HourResult, engine_factory, month_of, reconcile_hour
 from clickagg.config import Settings
 from clickagg.core.windows import HOUR_MS
 from clickagg.registry import PriceRegistry
@@ -48,8 +48,14 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def reconcile_hours(settings: Settings, hours: list[int], *, reason: str) -> list[HourRun]:
-    """Reconcile each hour (a UTC hour start, ms) and publish a version where it changed."""
+def reconcile_hours(
+    settings: Settings, hours: list[int], *, reason: str, engine: str = "duckdb"
+) -> list[HourRun]:
+    """Reconcile each hour (a UTC hour start, ms) and publish a version where it changed.
+
+    ``engine`` (``reconcile.ENGINES``) only selects the winning copies; the rows are the
+    same whichever does."""
+    open_period = engine_factory(engine)
     cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
     archive = ParquetArchiveReader(settings.archive_dir)
     final = FinalHours(batch_dir(settings))
@@ -64,7 +70,7 @@ def reconcile_hours(settings: Settings, hours: list[int], *, reason: str) -> lis
             for (month_start, month_end), month_hours in by_month.items():
                 files = archive.files(month_start, month_end)
                 span = (min(month_hours), max(month_hours) + HOUR_MS)
-                with PeriodView(files, *span) as view:
+                with closing(open_period(files, *span)) as view:
                     for hour_ms in month_hours:
                         result = reconcile_hour(view, hour_ms, cpc_micros=cpc)
                         runs.append(_publish(final, result, reason))

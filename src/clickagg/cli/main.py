@@ -445,10 +445,10 @@ def _utc_ms(text: str, what: str) -> int:
 @click.option("--until", "until", help="... up to this time (default: now).")
 @click.option(
     "--engine",
-    type=click.Choice(["duckdb"]),
+    type=click.Choice(["duckdb", "spark"]),
     default="duckdb",
     show_default=True,
-    help="Batch engine that reads the archive.",
+    help="Batch engine that reads the archive (spark: the spark extra and Java 17+).",
 )
 @click.option("--reason", default="reconciled", show_default=True, help="Kept with a new version.")
 @click.option(
@@ -471,6 +471,7 @@ def reconcile(
     """Compute final, billing-grade hours from the archive: exact dedup over the month,
     late events counted, a new version published only where the numbers changed. Safe
     beside a running server, and to run again."""
+    from clickagg.batch.reconcile import EngineError
     from clickagg.batch.runner import reconcile_hours
     from clickagg.core.windows import DAY_MS, HOUR_MS
 
@@ -493,7 +494,10 @@ def reconcile(
     hours = list(range(start, end, HOUR_MS))
     if not hours:
         raise click.UsageError("the period holds no hour")
-    runs = reconcile_hours(settings, hours, reason=reason)
+    try:
+        runs = reconcile_hours(settings, hours, reason=reason, engine=engine)
+    except EngineError as e:
+        raise click.ClickException(str(e)) from e
     table = Table(title=f"reconciled {len(runs)} hours ({engine})")
     for column in ("hour", "clicks", "impressions", "spend", "late counted", "invalid", "version"):
         table.add_column(column, justify="left" if column == "hour" else "right")

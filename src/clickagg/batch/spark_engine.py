@@ -1,0 +1,182 @@
+"""The Spark engine of the batch layer: the same billing-period view as DuckDB's
+(:class:`clickagg.batch.reconcile.PeriodView`), computed by Spark over the same Parquet files.
+
+Why a second engine: the archive is plain Parquet in a documented schema, so any engine can
+reconcile it, and a month of a busy archive is a job for a cluster, not one process. This
+adapter is that job in local mode; it ranks every copy of each (event type, id) over the
+period in log order with a window function and answers, per hour, the same two tables as
+DuckDB (:data:`~clickagg.batch.reconcile.WINNERS_SCHEMA` in log order,
+:data:`~clickagg.batch.reconcile.STREAM_SCHEMA` by ad), as Arrow. What the winners add up to
+is still computed by the stream's core code, so the final rows are the same bytes whichever
+engine selected them.
+
+Types: Spark has no unsigned integers and reads the archive's ``uint64`` fingerprints as
+``decimal(20,0)``; they partition the window exactly as well, and go back to ``uint64`` in
+Arrow. The session runs ``local[2]`` on the loopback interface with the UI off; a session
+already active in the process (a notebook's, a test module's) is used as it is and left
+running, one this adapter started is stopped on :meth:`SparkPeriodView.close`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from clickagg.batch.reconcile import STREAM_SCHEMA, WINNER_COLUMNS, WINNERS_SCHEMA, EngineError
+from clickagg.core import fates, ids
+from clickagg.core.windows import HOUR_MS
+
+LOCAL_CONF: Mapping[str, str] = {
+    "spark.master": "local[2]",
+    "spark.app.name": "clickagg-reconcile",
+    # Loopback only: the driver, its block manager and the executors of local mode.
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    # A period's ranking is one shuffle; the default 200 partitions are 200 tiny tasks here.
+    "spark.sql.shuffle.partitions": "4",
+    "spark.sql.session.timeZone": "UTC",
+}
+
+
+def java_available() -> bool:
+    """Whether a JVM can be launched: Spark (4.x) needs Java 17+ on PATH or JAVA_HOME."""
+    home = os.environ.get("JAVA_HOME")
+    return bool(shutil.which("java") or (home and (Path(home) / "bin" / "java").exists()))
+
+
+_WAREHOUSE_PREFIX = "clickagg-spark-"
+
+
+def local_session() -> SparkSession:
+    """A local Spark session bound to 127.0.0.1 (:data:`LOCAL_CONF`), quiet but for errors;
+    end it with :func:`stop_session`."""
+    if not java_available():
+        raise EngineError("the spark engine needs Java 17+ (java on PATH, or JAVA_HOME)")
+    # Read by the JVM's launcher before any conf: without it Spark resolves the host name
+    # and may pick another interface for its own services.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # Spark makes its (unused) warehouse directory on start, by default in the working
+    # directory: a temporary one instead, removed by stop_session.
+    warehouse = tempfile.mkdtemp(prefix=_WAREHOUSE_PREFIX)
+    builder = SparkSession.builder.config("spark.sql.warehouse.dir", warehouse)
+    for key, value in LOCAL_CONF.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def stop_session(spark: SparkSession) -> None:
+    """Stop a session of :func:`local_session` and remove its warehouse directory."""
+    warehouse = Path(spark.conf.get("spark.sql.warehouse.dir", "") or "")
+    spark.stop()
+    local = Path(str(warehouse).removeprefix("file:"))
+    if local.name.startswith(_WAREHOUSE_PREFIX) and local.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _count(condition: Column) -> Column:
+    return F.count_if(condition).cast("long")
+
+
+def _spend(condition: Column | None = None) -> Column:
+    spend = F.col("spend_micros")
+    summed = F.sum(spend if condition is None else F.when(condition, spend))
+    return F.coalesce(summed, F.lit(0)).cast("long")
+
+
+class SparkPeriodView:
+    """The Spark engine: :class:`clickagg.batch.reconcile.PeriodSource` over one billing
+    period's archive files, ranked once (cached) for the hours in [start_ms, end_ms)."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        start_ms: int,
+        end_ms: int,
+        *,
+        session: SparkSession | None = None,
+    ) -> None:
+        self.start_ms, self.end_ms = start_ms, end_ms
+        self._owned = False
+        self._ranked: DataFrame | None = None
+        if not files:  # nothing to rank: no JVM either
+            return
+        spark = session or SparkSession.getActiveSession()
+        if spark is None:
+            spark = local_session()
+            self._owned = True
+        self._spark = spark
+        # Every copy of an id is in one partition, so (partition, offset) is the order the
+        # log acknowledged them; the first is the one the stream saw first.
+        by_id = Window.partitionBy("fp_high", "fp_low", "event_type").orderBy("partition", "offset")
+        ranked = (
+            spark.read.parquet(*(str(f) for f in files))
+            .select(*WINNER_COLUMNS, "spend_micros")
+            .withColumn("copy", F.row_number().over(by_id))
+            # After the window (Spark pushes no filter on other columns below it): copies
+            # of other hours of the period still rank.
+            .where((F.col("ts_ms") >= start_ms) & (F.col("ts_ms") < end_ms))
+        )
+        self._ranked = ranked.persist(StorageLevel.MEMORY_AND_DISK)
+
+    def hour(self, hour_ms: int) -> tuple[pa.Table, pa.Table] | None:
+        """(the winning copy of every event of the hour, the stream's view of it per ad),
+        or None when the period holds nothing: the tables DuckDB's view returns."""
+        if not self.start_ms <= hour_ms < self.end_ms:
+            raise ValueError("hour outside the view")
+        if self._ranked is None:
+            return None
+        ts = F.col("ts_ms")
+        rows = self._ranked.where((ts >= hour_ms) & (ts < hour_ms + HOUR_MS))
+        winners = (
+            rows.where(F.col("copy") == 1)
+            .select(*WINNER_COLUMNS)
+            .orderBy("partition", "offset")
+            .toArrow()
+        )
+        status, event_type = F.col("status"), F.col("event_type")
+        click = event_type == ids.EVENT_TYPES[ids.CLICK]
+        impression = event_type == ids.EVENT_TYPES[ids.IMPRESSION]
+        counted = status == fates.COUNTED
+        beyond = F.col("copy") > 1
+        stream = (
+            rows.groupBy("ad_id")
+            .agg(
+                _count(counted & click).alias("stream_clicks"),
+                _count(status.isin(fates.COUNTED, fates.INVALID) & impression).alias(
+                    "stream_impressions"
+                ),
+                _spend().alias("stream_spend_micros"),
+                _count(beyond & counted & click).alias("beyond_horizon_clicks"),
+                _spend(beyond).alias("beyond_horizon_spend_micros"),
+            )
+            .orderBy("ad_id")
+            .toArrow()
+        )
+        return winners.cast(WINNERS_SCHEMA), stream.cast(STREAM_SCHEMA)
+
+    def close(self) -> None:
+        """Drop the cached ranking; stop the session if this view started it."""
+        if self._ranked is not None:
+            self._ranked.unpersist()
+            self._ranked = None
+            if self._owned:
+                stop_session(self._spark)
+                self._owned = False
+
+    def __enter__(self) -> SparkPeriodView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

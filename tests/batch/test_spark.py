@@ -1,0 +1,322 @@
+"""The Spark engine against the DuckDB engine on an archive the real stream wrote: the same
+hours reconciled by both publish the same rows, sketches and reports, byte for byte; and
+the unique-user sketches are Spark's own ``hll_sketch_agg`` bytes.
+
+One Spark session (a JVM) serves the whole module; the engine borrows it, as it borrows any
+session already active in the process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from clickagg.archive.parquet import ParquetArchiveReader
+from clickagg.batch.published import FinalHours
+from clickagg.batch.reconcile import (
+    STREAM_SCHEMA,
+    WINNERS_SCHEMA,
+    PeriodView,
+    month_of,
+    reconcile_hour,
+)
+from clickagg.batch.runner import HourRun, batch_dir, reconcile_hours
+from clickagg.batch.spark_engine import (
+    SparkPeriodView,
+    java_available,
+    local_session,
+    stop_session,
+)
+from clickagg.cli.main import main
+from clickagg.config import Settings
+from clickagg.core import hll, ids
+from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from tests.conftest import Ev
+from tests.worker.test_stream import T0, Rig
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not java_available(),
+        reason="the Spark engine needs Java 17+: no java on PATH and no JAVA_HOME",
+    ),
+]
+
+HOUR = T0 - T0 % HOUR_MS
+# An hour before any traffic (empty), the hour with every case, the next, the next day's.
+HOURS = [HOUR - HOUR_MS, HOUR, HOUR + HOUR_MS, HOUR + 2 * HOUR_MS]
+ADS = [f"ad-{i}" for i in range(4)]
+TABLES = ("minute", "country", "device", "browser")
+
+
+def traffic(prefix: str, n: int, start_ms: int) -> list[Ev]:
+    """On-time events of several ads, users, countries, devices and browsers; every fifth
+    without a cost (priced by the ad's CPC), every fourth an impression."""
+    return [
+        Ev(
+            f"{prefix}{i}",
+            ADS[i % len(ADS)],
+            start_ms + i * 1_013,
+            event_type=ids.IMPRESSION if i % 4 == 0 else ids.CLICK,
+            user_id=f"u{i * 7 % 45}",
+            country=("US", "DE", "FR")[i % 3],
+            device=("mobile", "desktop")[i % 2],
+            browser=("Chrome", "Firefox", "Safari", "Edge", "Other")[i % 5],
+            cost_micros=-1 if i % 5 == 0 else 1_000 + i,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir whose archive the real stream wrote over 2 partitions: on-time traffic
+    with copies it deduplicates, copies re-sent beyond its horizon (in the same hour and in
+    the next), events it left out as late; and the ads' CPCs (ads.csv)."""
+    root = tmp_path_factory.mktemp("stream")
+    rig = Rig(root, partitions=2)
+    rig.clock.advance(30 * MINUTE_MS)
+    try:
+        rig.start()
+        first = traffic("e", 240, HOUR + MINUTE_MS)
+        rig.send(first + first[::9])  # copies within the horizon: duplicates
+        rig.run()
+        rig.send([Ev(f"mid{i}", ADS[i % 4], HOUR + 45 * MINUTE_MS) for i in range(8)])
+        rig.run()  # the stream has forgotten the first ids now
+        again = [
+            Ev(e.event_id, e.ad_id, ts, user_id=e.user_id, cost_micros=e.cost_micros)
+            for e, ts in (
+                (first[1], HOUR + 59 * MINUTE_MS),
+                (first[2], HOUR + 59 * MINUTE_MS + 1),
+                (first[6], HOUR + HOUR_MS + 10 * MINUTE_MS),
+            )
+        ]
+        rig.send(again)
+        rig.run()
+        rig.send(traffic("n", 120, HOUR + HOUR_MS + 15 * MINUTE_MS))
+        rig.send([Ev(f"far{i}", ADS[i % 4], HOUR + HOUR_MS + 40 * MINUTE_MS) for i in range(8)])
+        rig.run()  # the watermarks are past HOUR's end
+        late = traffic("late", 30, HOUR + 5 * MINUTE_MS)
+        rig.send(late + traffic("d", 60, HOUR + 2 * HOUR_MS + 3 * MINUTE_MS))
+        rig.run()
+        assert all(rig.appended.values())  # both partitions have traffic
+    finally:
+        rig.close()
+    (root / "ads.csv").write_text(
+        "ad_id,cpc_micros\n" + "".join(f"{a},{i * 250 + 100}\n" for i, a in enumerate(ADS))
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[SparkSession]:
+    session = local_session()
+    yield session
+    stop_session(session)
+
+
+def data_dir(archive: Path, into: Path) -> Settings:
+    shutil.copytree(archive / "archive", into / "archive")
+    return Settings(data_dir=into, partitions=2, ads_file=archive / "ads.csv")
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    duckdb: tuple[Settings, list[HourRun]]
+    spark: tuple[Settings, list[HourRun]]
+
+
+@pytest.fixture(scope="module")
+def reconciled(
+    archive: Path, spark: SparkSession, tmp_path_factory: pytest.TempPathFactory
+) -> Reconciled:
+    out = {}
+    for engine in ("duckdb", "spark"):
+        settings = data_dir(archive, tmp_path_factory.mktemp(engine))
+        out[engine] = (settings, reconcile_hours(settings, HOURS, reason="t", engine=engine))
+    return Reconciled(**out)
+
+
+def test_both_engines_publish_the_same_rows_and_reports(reconciled: Reconciled) -> None:
+    (mine, mine_runs), (theirs, their_runs) = reconciled.duckdb, reconciled.spark
+
+    def summary(run: HourRun) -> tuple[object, ...]:
+        version = run.published.version if run.published else None
+        return (
+            run.hour_ms,
+            version,
+            run.clicks,
+            run.impressions,
+            run.spend_micros,
+            run.events,
+            run.late_counted,
+            run.invalid,
+        )
+
+    assert [summary(r) for r in mine_runs] == [summary(r) for r in their_runs]
+    a, b = FinalHours(batch_dir(mine)), FinalHours(batch_dir(theirs))
+    for hour in HOURS:
+        for table in TABLES:
+            assert a.read(hour, table) == b.read(hour, table), (hour, table)
+        assert a.read_report(hour) == b.read_report(hour), hour
+
+    # The case was the one meant: every kind of difference between stream and batch.
+    by_hour = {run.hour_ms: run for run in mine_runs}
+    assert by_hour[HOUR - HOUR_MS].events == 0
+    assert by_hour[HOUR].late_counted == 30 and by_hour[HOUR + HOUR_MS].late_counted == 0
+    assert all(by_hour[h].clicks > 0 for h in HOURS[1:])
+    beyond = {
+        hour: sum(r["beyond_horizon_clicks"] for r in a.read_report(hour).to_pylist())
+        for hour in (HOUR, HOUR + HOUR_MS)
+    }
+    assert beyond == {HOUR: 2, HOUR + HOUR_MS: 1}
+    minute = a.read(HOUR)
+    assert minute is not None and set(minute["ad_id"].to_pylist()) == set(ADS)
+    countries = a.read(HOUR, "country")
+    assert countries is not None and {"US", "DE", "FR"} <= set(countries["country"].to_pylist())
+
+
+def test_the_views_answer_the_same_tables_and_an_invalid_hook_works_with_both(
+    archive: Path, spark: SparkSession
+) -> None:
+    files = ParquetArchiveReader(archive / "archive").files(*month_of(HOUR))
+    span = (HOURS[0], HOUR + HOUR_MS)  # an empty hour and the busy one
+
+    def bots(frame: pl.DataFrame) -> pl.Series:
+        rule = pl.when(pl.col("user_id") == "u7").then(pl.lit("test rule")).otherwise(None)
+        return frame.select(rule.alias("reason"))["reason"]
+
+    with PeriodView(files, *span) as duck, SparkPeriodView(files, *span) as sparks:
+        for hour in range(*span, HOUR_MS):
+            ours, theirs = duck.hour(hour), sparks.hour(hour)
+            assert ours is not None and theirs is not None
+            assert ours[0].schema == WINNERS_SCHEMA and ours[1].schema == STREAM_SCHEMA
+            assert ours[0].equals(theirs[0], check_metadata=True), hour
+            assert ours[1].equals(theirs[1], check_metadata=True), hour
+        x = reconcile_hour(duck, HOUR, cpc_micros={}, invalid=bots)
+        y = reconcile_hour(sparks, HOUR, cpc_micros={}, invalid=bots)
+    assert x.invalid > 0 and (x.events, x.late_counted, x.invalid) == (
+        y.events,
+        y.late_counted,
+        y.invalid,
+    )
+    assert x.minute == y.minute and x.report == y.report
+    assert all(x.dimensions[name] == y.dimensions[name] for name in x.dimensions)
+    # The view borrowed the module's session: still running.
+    assert spark.range(1).count() == 1
+
+
+def test_the_cli_reconciles_with_spark(
+    archive: Path, reconciled: Reconciled, spark: SparkSession, tmp_path: Path
+) -> None:
+    settings = data_dir(archive, tmp_path)
+    hour = time.strftime("%Y-%m-%dT%H", time.gmtime(HOUR / 1000))
+    args = ["reconcile", "--hour", hour, "--engine", "spark", "--report"]
+    args += ["--data-dir", str(tmp_path), "--partitions", "2", "--ads", str(settings.ads_file)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "reconciled 1 hours (spark)" in result.output
+    mine = FinalHours(batch_dir(reconciled.duckdb[0]))
+    theirs = FinalHours(batch_dir(settings))
+    assert all(mine.read(HOUR, table) == theirs.read(HOUR, table) for table in TABLES)
+    assert mine.read_report(HOUR) == theirs.read_report(HOUR)
+
+
+# -- unique users: clickagg's sketches are Spark's hll_sketch_agg bytes -----------------------
+
+
+def spark_minute_sketches(
+    spark: SparkSession, archive: Path, *, ordered: bool
+) -> dict[tuple[str, int], bytes]:
+    """``hll_sketch_agg(user_id)`` per (ad, minute) of the winning copies of the hours,
+    ranked here again in Spark SQL (not the engine's code). ``ordered``: the users fed in the
+    order clickagg feeds them, (group, user), in one pass; else in Spark's own plan (partial
+    sketches per task, merged by a Union)."""
+    files = ParquetArchiveReader(archive / "archive").files(*month_of(HOUR))
+    spark.read.parquet(*(str(f) for f in files)).createOrReplaceTempView("decisions")
+    winners = spark.sql(
+        """
+        SELECT ad_id, ts_ms - ts_ms % 60000 AS minute_ms, user_id FROM (
+            SELECT *, row_number() OVER (
+                PARTITION BY fp_high, fp_low, event_type ORDER BY partition, offset) AS copy
+            FROM decisions)
+        WHERE copy = 1 AND ts_ms >= :start AND ts_ms < :end
+        """,
+        args={"start": HOURS[0], "end": HOURS[-1] + HOUR_MS},
+    )
+    if ordered:
+        winners = winners.repartition(1).sortWithinPartitions("ad_id", "minute_ms", "user_id")
+    sketches = winners.groupBy("ad_id", "minute_ms").agg(
+        F.hll_sketch_agg("user_id", 12).alias("users")
+    )
+    return {(r["ad_id"], r["minute_ms"]): r["users"] for r in sketches.toArrow().to_pylist()}
+
+
+def coupons(sketch: bytes) -> list[int]:
+    """The non-empty 32-bit coupons of a LIST/SET-mode sketch, sorted."""
+    preamble = sketch[0] * 4
+    words = struct.unpack_from(f"<{(len(sketch) - preamble) // 4}I", sketch, preamble)
+    return sorted(w for w in words if w)
+
+
+def test_minute_sketches_are_spark_hll_sketch_agg_bytes(
+    reconciled: Reconciled, archive: Path, spark: SparkSession
+) -> None:
+    final = FinalHours(batch_dir(reconciled.spark[0]))
+    ours: dict[tuple[str, int], bytes | None] = {}
+    for hour in HOURS:
+        minute = final.read(hour)
+        assert minute is not None
+        ours.update(((r["ad_id"], r["minute_ms"]), r["users"]) for r in minute.to_pylist())
+    assert len(ours) > 20 and any(v is None for v in ours.values())
+    theirs = spark_minute_sketches(spark, archive, ordered=True)
+    # A row without a user: clickagg stores null, Spark the empty sketch.
+    assert {k for k, v in ours.items() if v is None} == {
+        k for k, v in theirs.items() if v == hll.empty()
+    }
+    assert theirs == {k: hll.empty() if v is None else v for k, v in ours.items()}
+    # In another order a small sketch (LIST/SET mode) keeps the same header, coupons and
+    # estimate, its coupons in other slots of its hash table (open addressing).
+    for key, sketch in spark_minute_sketches(spark, archive, ordered=False).items():
+        mine = ours[key] or hll.empty()
+        assert sketch[:8] == mine[:8] and coupons(sketch) == coupons(mine)
+        assert hll.estimate(sketch) == hll.estimate(mine)
+        assert coupons(hll.union([sketch, mine])) == coupons(mine)
+
+
+def test_large_sketches_share_their_registers_with_spark(spark: SparkSession) -> None:
+    """Past 384 users a sketch is an HLL register array: the registers are Spark's, and a
+    union of a Spark sketch and clickagg's estimates as clickagg's. The header may differ:
+    clickagg marks its sketches out of order (composite estimator, the same for any split
+    of the events), while Spark's one-pass sketch keeps its HIP accumulator, whose estimate
+    depends on the update order."""
+    users = [f"user-{i}" for i in range(2_000)]
+    ours = hll.sketches_by_group(np.zeros(len(users), dtype=np.int64), pa.array(users), 1)
+    mine: bytes = ours[0].as_py()
+    frame = spark.createDataFrame([(u,) for u in users], "user_id string")
+    ordered = frame.repartition(1).sortWithinPartitions("user_id")
+    [row] = ordered.agg(
+        F.hll_sketch_agg("user_id", 12).alias("users"),
+        F.hll_sketch_estimate(F.lit(mine)).alias("estimate_of_ours"),
+    ).collect()
+    theirs = bytes(row["users"])
+    header = 40  # HLL_8: a 40-byte preamble, then one byte per register (K = 4096)
+    assert len(theirs) == len(mine) == header + hll.K
+    assert theirs[header:] == mine[header:]  # the same registers
+    differ = [i for i in range(header) if theirs[i] != mine[i]]
+    # Only the flags byte (out of order) and the HIP accumulator (a double at 8).
+    assert set(differ) <= {5} | set(range(8, 16)), differ
+    assert row["estimate_of_ours"] == hll.estimate(mine)  # Spark reads our bytes
+    assert hll.estimate(hll.union([theirs, mine])) == hll.estimate(mine)
