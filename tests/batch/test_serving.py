@@ -46,6 +46,7 @@ def reconcile(server: ServeProcess, hour: int, *more: str) -> str:
     env = {**os.environ, "COLUMNS": "200"}  # tables unwrapped
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "reconciled 1/1 hours" in done.stderr and "events/s" in done.stderr  # progress
     return done.stdout
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,27 @@ class HourRun:
     invalid: int
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a run is, after each hour: for a progress bar or a log line."""
+
+    hours_done: int
+    hours: int
+    files: int  # archive files read so far (each billing month's)
+    events: int  # winning events reconciled so far
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float:
+        if not self.hours_done:
+            return 0.0
+        return self.elapsed_s / self.hours_done * (self.hours - self.hours_done)
+
+
 def batch_dir(settings: Settings) -> Path:
     return settings.batch_dir
 
@@ -49,12 +71,17 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def reconcile_hours(
-    settings: Settings, hours: list[int], *, reason: str, engine: str = "duckdb"
+    settings: Settings,
+    hours: list[int],
+    *,
+    reason: str,
+    engine: str = "duckdb",
+    progress: Callable[[Progress], None] | None = None,
 ) -> list[HourRun]:
     """Reconcile each hour (a UTC hour start, ms) and publish a version where it changed.
 
     ``engine`` (``reconcile.ENGINES``) only selects the winning copies; the rows are the
-    same whichever does."""
+    same whichever does. ``progress`` hears after each hour how far the run is."""
     open_period = engine_factory(engine)
     cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
     archive = ParquetArchiveReader(settings.archive_dir)
@@ -65,15 +92,29 @@ def reconcile_hours(
         if hour_ms % HOUR_MS:
             raise ValueError(f"{hour_ms} is not the start of a UTC hour")
         by_month.setdefault(month_of(hour_ms), []).append(hour_ms)
+    started = time.monotonic()
+    files_read = events = 0
     try:
         with _locked(batch_dir(settings)):
             for (month_start, month_end), month_hours in by_month.items():
                 files = archive.files(month_start, month_end)
+                files_read += len(files)
                 span = (min(month_hours), max(month_hours) + HOUR_MS)
                 with closing(open_period(files, *span)) as view:
                     for hour_ms in month_hours:
                         result = reconcile_hour(view, hour_ms, cpc_micros=cpc)
                         runs.append(_publish(final, result, reason))
+                        events += result.events
+                        if progress is not None:
+                            progress(
+                                Progress(
+                                    len(runs),
+                                    len(hours),
+                                    files_read,
+                                    events,
+                                    time.monotonic() - started,
+                                )
+                            )
     finally:
         archive.close()
     return runs

@@ -29,6 +29,7 @@ from clickagg.settings_loader import (
 DEFAULT_URL = "http://127.0.0.1:8000"
 LOG_WAIT_S = 60
 F = TypeVar("F", bound=Callable[..., Any])
+_R = TypeVar("_R")
 
 
 @click.group()
@@ -495,7 +496,12 @@ def reconcile(
     if not hours:
         raise click.UsageError("the period holds no hour")
     try:
-        runs = reconcile_hours(settings, hours, reason=reason, engine=engine)
+        runs = _with_progress(
+            lambda report: reconcile_hours(
+                settings, hours, reason=reason, engine=engine, progress=report
+            ),
+            total=len(hours),
+        )
     except EngineError as e:
         raise click.ClickException(str(e)) from e
     table = Table(title=f"reconciled {len(runs)} hours ({engine})")
@@ -515,6 +521,38 @@ def reconcile(
     Console().print(table)
     if report:
         _print_report(settings, hours)
+
+
+def _with_progress(run: Callable[[Callable[[Any], None]], _R], *, total: int) -> _R:
+    """A progress bar (hours, archive files, events, rate, ETA) on a terminal; a log line
+    per hour on stderr otherwise."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    err = Console(stderr=True)
+    if not err.is_terminal:
+
+        def log_line(p: Any) -> None:
+            click.echo(
+                f"reconciled {p.hours_done}/{p.hours} hours, {p.files} files, "
+                f"{p.events:,} events, {p.rate:,.0f} events/s, ETA {p.eta_s:.0f} s",
+                err=True,
+            )
+
+        return run(log_line)
+    with Progress(
+        TextColumn("reconcile"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} hours {task.fields[detail]}"),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("reconcile", total=total, detail="")
+
+        def update(p: Any) -> None:
+            detail = f"· {p.files} files · {p.events:,} events · {p.rate:,.0f}/s"
+            bar.update(task, completed=p.hours_done, detail=detail)
+
+        return run(update)
 
 
 def _print_report(settings: Settings, hours: list[int]) -> None:
