@@ -86,6 +86,9 @@ class Settings:
     # The ad registry: a CSV with at least ad_id and cpc_micros (the price of a click when
     # the event carries no cost_micros). Without it such clicks are counted with spend 0.
     ads_file: Path | None = None
+    # Invalid-traffic rules (TOML, clickagg.core.rules.loading); None: the built-in rules.
+    # The worker re-reads it when it or a file it names changes, and records each change.
+    rules_file: Path | None = None
     # Which adapter plays each role (clickagg.runtime.roles lists them).
     log_backend: str = "segments"
     store_backend: str = "duckdb"
@@ -128,6 +131,11 @@ class Settings:
     @property
     def snapshot_dir(self) -> Path:
         return self.data_dir / "snapshots"
+
+    @property
+    def rules_changes_path(self) -> Path:
+        """Every change of the invalid-traffic rules the worker applied (JSON lines)."""
+        return self.data_dir / "rules" / "changes.jsonl"
 
     @property
     def rpc_socket(self) -> Path:
