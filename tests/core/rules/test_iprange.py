@@ -92,6 +92,9 @@ def test_addresses_parse_to_their_value_in_every_spelling(
         "g::1",
         "::1.2.3.256",
         "::1.2.3",
+        "::a1.2.3.4",
+        "1.2.3.4::",
+        "::1.2.3.4:5",
     ],
 )
 def test_what_is_not_an_address_is_not_parsed(text: str) -> None:

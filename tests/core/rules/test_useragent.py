@@ -86,3 +86,17 @@ def test_excluded_patterns_and_case_insensitive_matching() -> None:
 def test_bad_patterns_are_an_error_naming_the_rule(params: dict[str, object]) -> None:
     with pytest.raises(RuleError, match="'ua'"):
         non_browser_client(RuleSpec("ua", "non_browser_client", "r", params))
+
+
+def test_remembered_verdicts_give_the_same_answers_across_batches_and_after_clearing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("clickagg.core.rules.useragent.VERDICT_CACHE_AGENTS", 4)
+    rule = declared_crawler(builtin_rule("declared-crawler"))
+    agents = [GOOGLEBOT, *USER_AGENTS[:3], "curl/8.5.0", *USER_AGENTS[3:]]
+    expected = [rule(log_frame([Hit(user_agent=ua)])).to_list()[0] for ua in agents]
+    for start in range(len(agents)):  # batches that overlap, some beyond the cache's size
+        batch = agents[start:] + agents[: start % 3]
+        assert rule(log_frame([Hit(user_agent=ua) for ua in batch])).to_list() == [
+            expected[agents.index(ua)] for ua in batch
+        ]

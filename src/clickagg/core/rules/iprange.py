@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from clickagg.core.rules.base import Matcher, RuleError, RuleSpec
+from clickagg.core.rules.base import Matcher, RuleError, RuleSpec, nulls
 from clickagg.core.rules.registry import params_of, register_kind
 
 KEY = np.dtype("S16")
@@ -37,7 +37,7 @@ _V4_MAPPED = 0xFFFF << 32
 _V4 = r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$"
 _GROUPS = r"[0-9a-f]{1,4}(?::[0-9a-f]{1,4})*"
 _V6 = rf"^(?:{_GROUPS})?(?:::(?:{_GROUPS})?)?$"
-_EMBEDDED_V4 = r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$"
+_EMBEDDED_V4 = r":(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$"
 
 
 def _keys(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> npt.NDArray[np.bytes_]:
@@ -47,12 +47,23 @@ def _keys(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> npt.NDArray
     return pairs.view(KEY).reshape(len(hi))
 
 
-def _quad(octets: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
-    """(value, valid) of a struct of four decimal octet strings (fields "1".."4")."""
-    parts = [octets.struct.field(str(i)).cast(pl.UInt64, strict=False) for i in range(1, 5)]
-    valid = pl.all_horizontal([p.is_not_null() & (p <= 255) for p in parts])
-    value = ((parts[0] * 256 + parts[1]) * 256 + parts[2]) * 256 + parts[3]
-    return value, valid
+def _quads(text: pl.Series, pattern: str) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
+    """(value, valid) of the dotted quad that ``pattern``'s four groups find in each text.
+    Each step is materialized: polars would evaluate a shared sub-expression per use."""
+    octets = (
+        pl.DataFrame({"t": text})
+        .select(pl.col("t").str.extract_groups(pattern).alias("g"))
+        .unnest("g")
+        .select(pl.all().cast(pl.UInt64, strict=False))
+    )
+    a, b, c, d = (pl.col(name) for name in octets.columns)
+    quads = octets.select(
+        (((a * 256 + b) * 256 + c) * 256 + d).fill_null(0).alias("value"),
+        pl.all_horizontal([x.is_not_null() & (x <= 255) for x in (a, b, c, d)])
+        .fill_null(False)
+        .alias("ok"),
+    )
+    return quads["value"].to_numpy().astype(np.uint64), quads["ok"].to_numpy()
 
 
 def parse_ips(ips: pl.Series) -> tuple[npt.NDArray[np.bytes_], npt.NDArray[np.bool_]]:
@@ -60,18 +71,12 @@ def parse_ips(ips: pl.Series) -> tuple[npt.NDArray[np.bytes_], npt.NDArray[np.bo
     count = ips.len()
     hi = np.zeros(count, dtype=np.uint64)
     lo = np.zeros(count, dtype=np.uint64)
-    valid = np.zeros(count, dtype=np.bool_)
     text = ips.cast(pl.String).fill_null("")
-
-    value4, valid4 = _quad(pl.col("t").str.extract_groups(_V4))
-    v4 = pl.DataFrame({"t": text}).select(value4.alias("v"), valid4.fill_null(False).alias("ok"))
-    is_v4 = v4["ok"].to_numpy()
-    lo[is_v4] = _V4_MAPPED | v4["v"].to_numpy()[is_v4].astype(np.uint64)
-    valid |= is_v4
-
-    six = np.flatnonzero(~is_v4 & text.str.contains(":", literal=True).to_numpy())
+    value4, valid = _quads(text, _V4)
+    lo[valid] = np.uint64(_V4_MAPPED) | value4[valid]
+    six = np.flatnonzero(~valid & text.str.contains(":", literal=True).to_numpy())
     if len(six):
-        v6_hi, v6_lo, v6_ok = _parse_v6(text[six])
+        v6_hi, v6_lo, v6_ok = _parse_v6(text.gather(six))
         hi[six], lo[six], valid[six] = v6_hi, v6_lo, v6_ok
     return _keys(hi, lo), valid
 
@@ -79,34 +84,32 @@ def parse_ips(ips: pl.Series) -> tuple[npt.NDArray[np.bytes_], npt.NDArray[np.bo
 def _parse_v6(
     text: pl.Series,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
-    lower = pl.col("t").str.to_lowercase().str.replace(r"%.*$", "")
-    embedded, embedded_ok = _quad(lower.str.extract_groups(_EMBEDDED_V4))
-    has_embedded = lower.str.contains(r"\.")
+    lower = text.str.to_lowercase().str.replace(r"%.*$", "")
+    has_embedded = lower.str.contains(".", literal=True).to_numpy()
+    embedded, embedded_ok = _quads(lower, _EMBEDDED_V4)
+    embedded = np.where(has_embedded, embedded, np.uint64(0))
     # An embedded dotted quad stands for the last two groups: parse "0:0" in its place and
     # add its 32 bits afterwards.
-    plain = pl.when(has_embedded).then(lower.str.replace(_EMBEDDED_V4, "0:0")).otherwise(lower)
-    frame = pl.DataFrame({"t": text}).select(
-        plain.alias("plain"),
-        pl.when(has_embedded).then(embedded).otherwise(0).alias("embedded"),
-        (~has_embedded | embedded_ok.fill_null(False)).alias("embedded_ok"),
-    )
-    parts = pl.col("plain").str.split("::")
+    plain = lower.str.replace(_EMBEDDED_V4, ":0:0")
+    parts = plain.str.split("::")
 
     def groups(part: pl.Expr) -> pl.Expr:
         return part.fill_null("").str.split(":").list.eval(pl.element().filter(pl.element() != ""))
 
+    frame = pl.DataFrame({"plain": plain, "parts": parts}).select(
+        pl.col("plain").str.contains(_V6).alias("syntax"),
+        pl.col("parts").list.len().alias("count"),
+        groups(pl.col("parts").list.get(0, null_on_oob=True)).alias("head"),
+        groups(pl.col("parts").list.get(1, null_on_oob=True)).alias("tail"),
+    )
     frame = frame.with_columns(
-        parts.list.len().alias("parts"),
-        groups(parts.list.get(0, null_on_oob=True)).alias("head"),
-        groups(parts.list.get(1, null_on_oob=True)).alias("tail"),
-    ).with_columns(pl.col("head").list.len().alias("nh"), pl.col("tail").list.len().alias("nt"))
-    compressed = pl.col("parts") == 2
+        pl.col("head").list.len().alias("nh"), pl.col("tail").list.len().alias("nt")
+    )
+    compressed = pl.col("count") == 2
     sized = pl.when(compressed).then(pl.col("nh") + pl.col("nt") <= 7).otherwise(pl.col("nh") == 8)
-    ok = (
-        pl.col("plain").str.contains(_V6) & sized & pl.col("embedded_ok") & (pl.col("parts") <= 2)
-    ).fill_null(False)
-    frame = frame.with_columns(ok.alias("ok"))
-    good = frame.filter(pl.col("ok"))
+    ok = (pl.col("syntax") & sized & (pl.col("count") <= 2)).fill_null(False)
+    rows = frame.select(ok).to_series().to_numpy() & (~has_embedded | embedded_ok)
+    good = frame.filter(pl.Series(rows))
     fill = (8 - pl.col("nh") - pl.col("nt")).clip(lower_bound=0)
     full = good.select(
         pl.concat_list("head", pl.lit("0").repeat_by(fill), "tail")
@@ -117,10 +120,9 @@ def _parse_v6(
     g = full["g"].to_numpy().astype(np.uint64).reshape(good.height, 8)
     hi = np.zeros(text.len(), dtype=np.uint64)
     lo = np.zeros(text.len(), dtype=np.uint64)
-    rows = frame["ok"].to_numpy()
     hi[rows] = (g[:, 0] << 48) | (g[:, 1] << 32) | (g[:, 2] << 16) | g[:, 3]
     lo[rows] = (g[:, 4] << 48) | (g[:, 5] << 32) | (g[:, 6] << 16) | g[:, 7]
-    lo[rows] |= good["embedded"].to_numpy().astype(np.uint64)
+    lo[rows] |= embedded[rows]
     return hi, lo, rows
 
 
@@ -201,6 +203,8 @@ def ip_matcher(table: RangeTable) -> Matcher:
         keys, valid = parse_ips(distinct)
         found = table.lookup(keys, valid)
         hit = found >= 0
+        if not hit.any():
+            return nulls("evidence", ips.len())
         flagged = distinct.filter(pl.Series(hit))
         evidence = pl.select(
             pl.format("{} in {}", pl.lit(flagged), pl.lit(table.labels.gather(found[hit])))
