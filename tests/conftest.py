@@ -24,6 +24,7 @@ class Ev:
     browser: str | None = None
     cost_micros: int = -1
     advertiser_id: str | None = None
+    user_agent: str | None = None
 
 
 def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns:
@@ -44,7 +45,7 @@ def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns
             campaign_id=None,
             user_id=ev.user_id,
             ip=None,
-            user_agent=None,
+            user_agent=ev.user_agent,
             country=ev.country,
             device=ev.device,
             browser=ev.browser,

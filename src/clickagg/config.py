@@ -89,6 +89,9 @@ class Settings:
     # Advertisers: a CSV ``advertiser_id,name,currency,time_zone``. Statements are made per
     # day in the advertiser's time zone (UTC for an advertiser not listed).
     advertisers_file: Path | None = None
+    # Invalid-traffic rules (TOML, clickagg.core.rules.loading); None: the built-in rules.
+    # The worker re-reads it when it or a file it names changes, and records each change.
+    rules_file: Path | None = None
     # Which adapter plays each role (clickagg.runtime.roles lists them).
     log_backend: str = "segments"
     store_backend: str = "duckdb"
@@ -131,6 +134,11 @@ class Settings:
     @property
     def snapshot_dir(self) -> Path:
         return self.data_dir / "snapshots"
+
+    @property
+    def rules_changes_path(self) -> Path:
+        """Every change of the invalid-traffic rules the worker applied (JSON lines)."""
+        return self.data_dir / "rules" / "changes.jsonl"
 
     @property
     def rpc_socket(self) -> Path:

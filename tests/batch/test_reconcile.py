@@ -214,3 +214,27 @@ def test_a_reconciliation_killed_mid_run_then_rerun_equals_an_uninterrupted_one(
         for table in ("minute", "country", "device", "browser"):
             assert mine.read(hour, table) == theirs.read(hour, table), (h, table)
         assert [v.version for v in mine.versions(hour)] == [1]
+
+
+def test_the_batch_applies_the_stream_s_rules_to_late_clicks_the_stream_never_judged(
+    rig: Rig,
+) -> None:
+    bot = "Googlebot/2.1 (+http://www.google.com/bot.html)"
+    rig.append(on_time(20))
+    rig.append([Ev("later", "ad-9", HOUR + HOUR_MS + 40 * MINUTE_MS)])  # watermark moves on
+    rig.append(
+        [
+            Ev("late-bot", "ad-0", HOUR + 5 * MINUTE_MS, user_agent=bot, cost_micros=50),
+            Ev("late-ok", "ad-0", HOUR + 5 * MINUTE_MS, cost_micros=50),
+        ]
+    )
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    [run] = reconcile_hours(rig.settings, [HOUR], reason="test")
+    sent = sum(1 for e in on_time(20) if e.event_type == ids.CLICK)
+    assert run.clicks == sent + 1 and run.invalid == 1  # the late bot click is not billed
+    report = FinalHours(batch_dir(rig.settings)).read_report(HOUR)
+    assert report is not None
+    [ad0] = [r for r in report.to_pylist() if r["ad_id"] == "ad-0"]
+    assert (ad0["late_clicks"], ad0["newly_invalid_clicks"]) == (1, 0)  # only late-ok
+    assert ad0["batch_clicks"] - ad0["stream_clicks"] == 1

@@ -18,6 +18,7 @@ from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.batch.published import FinalHours, Version
 from clickagg.batch.reconcile import HourResult, engine_factory, month_of, reconcile_hour
 from clickagg.config import Settings
+from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import HOUR_MS
 from clickagg.registry import PriceRegistry
 
@@ -84,6 +85,7 @@ def reconcile_hours(
     same whichever does. ``progress`` hears after each hour how far the run is."""
     open_period = engine_factory(engine)
     cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
+    rules = load_rules(settings.rules_file)  # the stream's rules, applied to every winner
     archive = ParquetArchiveReader(settings.archive_dir)
     final = FinalHours(batch_dir(settings))
     runs = []
@@ -102,7 +104,9 @@ def reconcile_hours(
                 span = (min(month_hours), max(month_hours) + HOUR_MS)
                 with closing(open_period(files, *span)) as view:
                     for hour_ms in month_hours:
-                        result = reconcile_hour(view, hour_ms, cpc_micros=cpc)
+                        result = reconcile_hour(
+                            view, hour_ms, cpc_micros=cpc, invalid=rules.batch_reasons
+                        )
                         runs.append(_publish(final, result, reason))
                         events += result.events
                         if progress is not None:

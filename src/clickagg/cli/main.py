@@ -155,6 +155,15 @@ def _resolve_settings(
             raise SettingsUsageError(f"{exc} ({loaded.sources['advertisers_file']})") from None
         resolved = settings.advertisers_file.resolve()
         settings = dataclasses.replace(settings, advertisers_file=resolved)
+    if settings.rules_file is not None:
+        from clickagg.core.rules import RuleError
+        from clickagg.core.rules.loading import load_rules
+
+        try:
+            load_rules(settings.rules_file)  # refuse a bad rules file now, not in the worker
+        except RuleError as exc:
+            raise SettingsUsageError(f"{exc} ({loaded.sources['rules_file']})") from None
+        settings = dataclasses.replace(settings, rules_file=settings.rules_file.resolve())
     return settings
 
 

@@ -37,9 +37,13 @@ from clickagg.core.windows import MINUTE_MS, NO_EVENT_MS, late_mask, minute_star
 
 
 class Rule(Protocol):
-    """An invalid-traffic rule: flags events of a batch, with a reason per flagged event."""
+    """An invalid-traffic rule: flags events of a batch, with a reason per flagged event
+    (``clickagg.core.rules`` compiles them from rules files)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Names the rule in the reason it gives: ``"<name>: <reason>"``."""
+        ...
 
     def evaluate(self, events: pl.DataFrame) -> pl.Series:
         """A String series aligned with ``events``: the reason, or null when not flagged."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -35,6 +36,7 @@ from clickagg.config import Settings
 from clickagg.core import aggregate, columns
 from clickagg.core.prices import PriceBook
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
+from clickagg.core.rules.loading import RulesWatcher
 from clickagg.disk import is_out_of_space
 from clickagg.log.base import CorruptFrameError, Frame, LogReader
 from clickagg.realtime.base import RealtimeCounters
@@ -69,6 +71,22 @@ def _readable_run(frames: list[Frame]) -> list[Frame]:
     return frames
 
 
+_RULES: dict[tuple[Path | None, Path], RulesWatcher] = {}
+
+
+def rules_watcher(settings: Settings) -> RulesWatcher:
+    """The invalid-traffic rules of a worker process, loaded once and shared by all its
+    partitions; re-read when their files change (checked at most once a second), each
+    change recorded under the data dir. A rules file that does not load stops the start
+    (``clickagg serve`` checks it first); a bad edit later leaves the rules in force."""
+    key = (settings.rules_file, settings.data_dir)
+    watcher = _RULES.get(key)
+    if watcher is None:
+        watcher = RulesWatcher(settings.rules_file, changes=settings.rules_changes_path)
+        _RULES[key] = watcher
+    return watcher
+
+
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     commit: PartitionCommit
@@ -100,6 +118,8 @@ class PartitionWorker:
         # Why this partition is stalled: the log lost data it needs (recorded in the log,
         # so ingest stops for it and /healthz names it). Cleared only by a restart.
         self.damage: str | None = None
+        self.rules = rules_watcher(settings)
+        self._ruleset = self.rules.current()
         self.processor = self._recover()
         self._last_snapshot_ms = clock.now_ms()
         self._snapshots_skipped = False
@@ -110,7 +130,18 @@ class PartitionWorker:
             allowed_lateness_ms=self.settings.allowed_lateness_ms,
             dedup_horizon_ms=self.settings.dedup_horizon_ms,
             cpc_micros=self.prices,
+            rules=self._ruleset.rules,
         )
+
+    def _refresh_rules(self) -> None:
+        """Take up reloaded rules between micro-batches (never within one). Rules decide
+        only the fate of fresh events, not the state (ids, watermark), so a change never
+        disturbs dedup; a recovery re-derives unarchived decisions with the rules then in
+        force (see README, Invalid traffic)."""
+        ruleset = self.rules.current()
+        if ruleset is not self._ruleset:
+            self._ruleset = ruleset
+            self.processor.rules = list(ruleset.rules)
 
     def _recover(self) -> PartitionProcessor:
         """Rebuild state = snapshot at or before the archive's offset + replay up to it;
@@ -188,6 +219,7 @@ class PartitionWorker:
         """
         if self.damage is not None:
             return None
+        self._refresh_rules()
         state = self.processor.state
         try:
             frames = self.reader.read(
