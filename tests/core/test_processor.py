@@ -202,7 +202,7 @@ def test_breakdowns_and_unique_users() -> None:
     minute = outcome.minute_deltas.to_pylist()
     assert len(minute) == 1 and hll.estimate(minute[0]["users"]) == 2
     assert (minute[0]["advertiser_id"], minute[0]["campaign_id"]) == ("unknown", "unknown")
-    assert set(outcome.dimension_deltas) == {"country", "device", "browser"}
+    assert set(outcome.dimension_deltas) == {"country", "device", "browser", "invalid_reason"}
     # one narrow table per dimension: rows do not multiply across dimensions
     country = pl.from_arrow(outcome.dimension_deltas["country"])
     assert isinstance(country, pl.DataFrame)

@@ -111,6 +111,23 @@ def test_flagged_clicks_are_kept_with_their_reason_and_not_billed(tmp_path: Path
             "invalid_clicks": 5,
             "spend_micros": 5 * COST,
         }
+        by_rule = httpx.get(
+            server.url + "/aggregates",
+            params={
+                "ad_id": AD,
+                "start": now - 600,
+                "end": now + 600,
+                "granularity": "hour",
+                "group_by": "invalid_reason",
+            },
+            timeout=10,
+        ).json()
+        per_rule: dict[str, int] = {}
+        for row in by_rule:
+            per_rule[row["invalid_reason"]] = (
+                per_rule.get(row["invalid_reason"], 0) + row["invalid_clicks"]
+            )
+        assert per_rule == {"declared-crawler": 1, "non-browser-client": 1, "datacenter-ip": 3}
         assert fate(server.url, "ok-0")["status"] == "counted"
         assert fate(server.url, "imp-bot")["status"] == "counted"  # only clicks are judged
         expected = {

@@ -227,7 +227,11 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
             {"type": "string", "pattern": DURATION_PATTERN},
         ),
         _query("granularity", "window size (default: hour)", _enum("minute", "hour", "day")),
-        _query("group_by", "breakdown", _enum("country", "device", "browser")),
+        _query(
+            "group_by",
+            "breakdown; invalid_reason: invalid clicks by the rule that flagged them",
+            _enum("country", "device", "browser", "invalid_reason"),
+        ),
     ]
     ad_id = {"type": "string", **_ID_LENGTH}
     ad_path = {"name": "ad_id", "in": "path", "required": True, "schema": ad_id}

@@ -238,7 +238,7 @@ def _get(url: str, path: str, params: dict[str, Any]) -> Any:
 @click.option(
     "--granularity", type=click.Choice(["minute", "hour", "day"]), default="hour", show_default=True
 )
-@click.option("--group-by", type=click.Choice(["country", "device", "browser"]))
+@click.option("--group-by", type=click.Choice(["country", "device", "browser", "invalid_reason"]))
 @click.option("--realtime", is_flag=True, help="Sliding windows ending now instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def query(

@@ -43,7 +43,11 @@ MINUTE_SCHEMA = pa.schema(
         *MEASURES,
     ]
 )
-DIMENSIONS = ("country", "device", "browser")
+DIMENSIONS = ("country", "device", "browser", "invalid_reason")
+# invalid_reason holds invalid events only, keyed by the id of the rule that flagged them
+# (the text of a reason before its first ":"): the breakdown of invalid_clicks by rule,
+# a table as small as the invalid traffic.
+REASON_DIMENSION = "invalid_reason"
 # One narrow schema per dimension: (ad_id, minute_ms, <dimension>, measures).
 DIMENSION_SCHEMAS: Mapping[str, pa.Schema] = {
     name: pa.schema(
@@ -111,12 +115,22 @@ def _with_sketches(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
 
 def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
     """The minute deltas and every dimension's deltas of ``counted`` (which has minute,
-    spend, invalid), in one polars pass: the four group-bys run in parallel. Each table's
+    spend, invalid), in one polars pass: the group-bys run in parallel. Each table's
     sketches are built from its rows' distinct user ids (one group index per table)."""
     missing = [
-        pl.lit(None, pl.String).alias(name) for name in (*OWNERS, "user_id") if name not in counted
+        pl.lit(None, pl.String).alias(name)
+        for name in (*OWNERS, "user_id", "reason")
+        if name not in counted
     ]
     lazy = counted.lazy().with_columns(missing)
+    rule_id = pl.col("reason").str.split_exact(":", 1).struct.field("field_0")
+    by_value = {
+        **{name: (lazy, pl.col(name).fill_null(UNKNOWN)) for name in DIMENSIONS},
+        REASON_DIMENSION: (
+            lazy.filter(pl.col("invalid")),
+            rule_id.fill_null(UNKNOWN).alias(REASON_DIMENSION),
+        ),
+    }
     # The owners are part of the key (an ad has one of each, so it stays one row per ad
     # and minute): a row never changes owner when deltas merge, so roll-ups are the same
     # before and after compaction even when some events do not name their advertiser.
@@ -126,10 +140,10 @@ def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
         .agg(_measure_exprs())
         .sort("ad_id", "minute_ms", *OWNERS),
         *(
-            lazy.group_by("ad_id", "minute_ms", pl.col(name).fill_null(UNKNOWN))
+            rows.group_by("ad_id", "minute_ms", value)
             .agg(_measure_exprs())
             .sort("ad_id", "minute_ms", name)
-            for name in DIMENSIONS
+            for name, (rows, value) in by_value.items()
         ),
     ]
     minute, *dims = pl.collect_all(plans)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 Granularity = Literal["minute", "hour", "day"]
-Dimension = Literal["country", "device", "browser"]
+Dimension = Literal["country", "device", "browser", "invalid_reason"]
 RollupLevel = Literal["advertiser", "campaign"]
 RankBy = Literal["clicks", "impressions", "spend_micros", "invalid_clicks"]
 
