@@ -211,7 +211,7 @@ def test_a_reconciliation_killed_mid_run_then_rerun_equals_an_uninterrupted_one(
     mine, theirs = FinalHours(published), FinalHours(twin / "batch")
     for h in range(hours):
         hour = HOUR + h * HOUR_MS
-        for table in ("minute", "country", "device", "browser"):
+        for table in ("minute", "country", "device", "browser", "invalid_reason"):
             assert mine.read(hour, table) == theirs.read(hour, table), (h, table)
         assert [v.version for v in mine.versions(hour)] == [1]
 

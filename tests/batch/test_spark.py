@@ -58,7 +58,7 @@ HOUR = T0 - T0 % HOUR_MS
 # An hour before any traffic (empty), the hour with every case, the next, the next day's.
 HOURS = [HOUR - HOUR_MS, HOUR, HOUR + HOUR_MS, HOUR + 2 * HOUR_MS]
 ADS = [f"ad-{i}" for i in range(4)]
-TABLES = ("minute", "country", "device", "browser")
+TABLES = ("minute", "country", "device", "browser", "invalid_reason")
 
 
 def traffic(prefix: str, n: int, start_ms: int) -> list[Ev]:
