@@ -25,6 +25,7 @@ class Ev:
     cost_micros: int = -1
     advertiser_id: str | None = None
     user_agent: str | None = None
+    ip: str | None = None
 
 
 def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns:
@@ -44,7 +45,7 @@ def build_columns(events: Iterable[Ev], *, received_ms: int = 0) -> EventColumns
             advertiser_id=ev.advertiser_id,
             campaign_id=None,
             user_id=ev.user_id,
-            ip=None,
+            ip=ev.ip,
             user_agent=ev.user_agent,
             country=ev.country,
             device=ev.device,

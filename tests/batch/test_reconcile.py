@@ -238,3 +238,23 @@ def test_the_batch_applies_the_stream_s_rules_to_late_clicks_the_stream_never_ju
     [ad0] = [r for r in report.to_pylist() if r["ad_id"] == "ad-0"]
     assert (ad0["late_clicks"], ad0["newly_invalid_clicks"]) == (1, 0)  # only late-ok
     assert ad0["batch_clicks"] - ad0["stream_clicks"] == 1
+
+
+def test_a_one_ip_burst_the_stream_billed_is_removed_from_the_final_hour(rig: Rig) -> None:
+    burst = [
+        Ev(f"burst{i}", "ad-1", HOUR + 10 * MINUTE_MS + i * 100, ip="203.0.113.9", cost_micros=10)
+        for i in range(300)
+    ]
+    rig.append(on_time(20) + burst)
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    streamed = sum(r[1] for r in stream_minutes(rig, "ad-1"))
+    [run] = reconcile_hours(rig.settings, [HOUR], reason="closed")
+    assert run.invalid == 300
+    report = FinalHours(batch_dir(rig.settings)).read_report(HOUR)
+    assert report is not None
+    [ad1] = [r for r in report.to_pylist() if r["ad_id"] == "ad-1"]
+    assert ad1["stream_clicks"] == streamed  # the stream billed the burst ...
+    assert ad1["batch_clicks"] == streamed - 300  # ... the final hour does not
+    assert ad1["newly_invalid_clicks"] == 300
+    assert ad1["batch_spend_micros"] == ad1["stream_spend_micros"] - 300 * 10

@@ -130,7 +130,7 @@ class PartitionWorker:
             allowed_lateness_ms=self.settings.allowed_lateness_ms,
             dedup_horizon_ms=self.settings.dedup_horizon_ms,
             cpc_micros=self.prices,
-            rules=self._ruleset.rules,
+            rules=self._ruleset.stream_rules,
         )
 
     def _refresh_rules(self) -> None:
@@ -141,7 +141,7 @@ class PartitionWorker:
         ruleset = self.rules.current()
         if ruleset is not self._ruleset:
             self._ruleset = ruleset
-            self.processor.rules = list(ruleset.rules)
+            self.processor.rules = list(ruleset.stream_rules)
 
     def _recover(self) -> PartitionProcessor:
         """Rebuild state = snapshot at or before the archive's offset + replay up to it;

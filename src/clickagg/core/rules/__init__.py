@@ -6,7 +6,7 @@ block-list files it names and the crawler-user-agents list is :mod:`.loading`'s 
 
 from __future__ import annotations
 
-from clickagg.core.rules import iprange, useragent
+from clickagg.core.rules import iprange, useragent, velocity
 from clickagg.core.rules.base import (
     CompiledRule,
     Matcher,
@@ -30,4 +30,5 @@ __all__ = [
     "iprange",
     "register_kind",
     "useragent",
+    "velocity",
 ]

@@ -108,6 +108,14 @@ class RuleSet:
     def ids(self) -> list[str]:
         return [rule.name for rule in self.rules]
 
+    @property
+    def stream_rules(self) -> tuple[CompiledRule, ...]:
+        """The rules a partition's worker can apply exactly: not the keyed ones, whose
+        verdict needs every event of a key (an IP) across all partitions."""
+        from clickagg.core.rules.velocity import KEYED_KINDS
+
+        return tuple(rule for rule in self.rules if rule.spec.kind not in KEYED_KINDS)
+
     def batch_reasons(self, decisions: pl.DataFrame) -> pl.Series:
         """The batch layer's ``InvalidHook``: each archived decision's reason as the stream
         would have written it (``"<id>: <reason>: <evidence>"``, first rule wins), null
