@@ -168,7 +168,12 @@ def test_flagged_clicks_are_kept_with_their_reason_and_not_billed(tmp_path: Path
         wait_caught_up(server)
         assert totals(server.url, now)["invalid_clicks"] == 6
         records = [msgspec.json.decode(line) for line in changes.read_text().splitlines()]
-        assert records[0]["added"] == ["datacenter-ip", "declared-crawler", "non-browser-client"]
+        assert records[0]["added"] == [
+            "datacenter-ip",
+            "declared-crawler",
+            "ip-click-velocity",
+            "non-browser-client",
+        ]
         assert records[1]["changed"] == ["datacenter-ip"]
         assert records[1]["source"] == str(rules_file) and records[1]["who"]
     finally:
