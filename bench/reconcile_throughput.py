@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -460,6 +461,10 @@ class SparkRun:
         start = time.perf_counter()
         self.session = local_session()
         self.start_s = time.perf_counter() - start
+        # The driver's heap (spark.driver.memory, 1g unless SPARK_DRIVER_MEMORY or the
+        # like says otherwise): in local mode it holds the executors' work too.
+        runtime = self.session.sparkContext._jvm.java.lang.Runtime.getRuntime()
+        self.heap_mib = int(runtime.maxMemory()) // 2**20
 
     def jvm_pid(self) -> int | None:
         gateway = getattr(self.session.sparkContext, "_gateway", None)
@@ -497,7 +502,7 @@ def report(
     distinct: int,
     hours: list[int],
     hour_decisions: int,
-    spark_start_s: float | None,
+    spark: SparkRun | None,
 ) -> None:
     fmt = common.fmt
     base = median([r.seconds for r in results.get("baseline", [])])
@@ -533,8 +538,11 @@ def report(
         ],
         rows,
     )
-    if spark_start_s is not None:
-        print(f"spark: session start (JVM, local[2]) {spark_start_s:.1f} s, not in the times")
+    if spark is not None:
+        print(
+            f"spark: session start (JVM, local[2], {spark.heap_mib:,} MiB heap) "
+            f"{spark.start_s:.1f} s, not in the times"
+        )
 
     # Closing ONE hour: the runner ranks the whole month to date (every file of the billing
     # period) before it selects the hour, so its cost has two parts, read from the progress
@@ -587,7 +595,7 @@ def report(
 # -- main ------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000_000, help="archived decisions")
     parser.add_argument("--hours", type=int, default=24, help="event hours (from 2026-01-05)")
@@ -658,13 +666,21 @@ def main(argv: list[str] | None = None) -> None:
         return {"jvm": spark.jvm_pid()} if spark is not None else {}
 
     meter = metered(pids)
+    failed: dict[str, str] = {}  # engine -> why a run failed; its further runs are skipped
     try:
         for rep in range(args.runs):
             for engine in results:
-                if engine == "baseline":
-                    run = meter(lambda: baseline_run(root, hours))
-                else:
-                    run = meter(lambda engine=engine: reconcile_run(root, hours, engine))
+                if engine in failed:
+                    continue
+                try:
+                    if engine == "baseline":
+                        run = meter(lambda: baseline_run(root, hours))
+                    else:
+                        run = meter(lambda engine=engine: reconcile_run(root, hours, engine))
+                except Exception as e:  # e.g. Spark out of heap: report it, keep the others
+                    failed[engine] = f"run {rep + 1} of {args.runs} failed: {_why(e)}"
+                    print(f"  run {rep + 1}/{args.runs} {engine}: FAILED: {_why(e)}", flush=True)
+                    continue
                 if run.winners != distinct:
                     raise AssertionError(
                         f"{engine}: {run.winners:,} winners, the archive holds {distinct:,}"
@@ -678,15 +694,28 @@ def main(argv: list[str] | None = None) -> None:
                 )
     finally:
         if spark is not None:
-            spark.stop()
+            with contextlib.suppress(Exception):  # a JVM that died with its task is gone
+                spark.stop()
     report(
         results,
         decisions=spec.events,
         distinct=distinct,
         hours=hours,
         hour_decisions=spec.events // len(hours),
-        spark_start_s=spark.start_s if spark is not None else None,
+        spark=spark,
     )
+    for engine, why in failed.items():
+        done = len(results[engine])
+        print(f"{engine}: {why}; figures above from its {done} completed run(s)")
+    return 1 if failed else 0
+
+
+def _why(error: Exception) -> str:
+    """One line for a failure: the innermost cause a Java stack trace names, if any."""
+    text = str(error)
+    causes = re.findall(r"Caused by: ([^\n]+)", text)
+    line = causes[-1] if causes else (text.strip().splitlines() or [type(error).__name__])[0]
+    return line.strip()[:200]
 
 
 if __name__ == "__main__":
