@@ -21,8 +21,8 @@ Then, per repetition (medians of ``--runs``), on the same files:
   aggregate them with the stream's code and publish the final rows and report, into a fresh
   data dir whose ``archive`` links to the cached one;
 * ``spark``: the same with ``engine="spark"`` (skipped, with the reason, without Java or
-  pyspark). The session (a JVM) is started once, timed apart, and reused by every run, as
-  the engine reuses any active session;
+  pyspark), each run in a fresh process with its own JVM, as ``clickagg reconcile`` runs;
+  the session's start is timed apart (the engine uses the session active in the process);
 * ``baseline``: ``SELECT ad_id, count(DISTINCT (fp_high, fp_low)) ... GROUP BY ad_id``
   over the same files in DuckDB: exact dedup over the period and nothing else (by ad, not
   by hour: a copy re-sent with a new timestamp would count again in another hour).
@@ -42,6 +42,7 @@ import json
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +60,6 @@ import pyarrow.compute as pc
 import common
 import traffic_shapes
 from clickagg.archive.parquet import INDEX_DIR, ParquetArchiveReader, ParquetArchiveWriter
-from clickagg.batch.reconcile import EngineError
 from clickagg.batch.runner import Progress, reconcile_hours
 from clickagg.config import Settings
 from clickagg.core import fates
@@ -388,6 +388,9 @@ class Run:
     other_cores: float  # CPU of processes not ours during the run (concurrent load)
     first_hour_s: float = float("nan")  # until the first hour was published (ranking incl.)
     first_hour_winners: int = 0
+    start_s: float = float("nan")  # Spark: JVM and session start, before ``seconds``
+    process_s: float = float("nan")  # Spark: the whole process of the run
+    heap_mib: int = 0  # Spark: the driver's heap (in local mode, the executors' too)
 
 
 @contextlib.contextmanager
@@ -400,17 +403,13 @@ def fresh_data_dir(root: Path) -> Iterator[Settings]:
         yield Settings(data_dir=data, ads_file=root / "ads.csv")
 
 
-def metered(pids: Callable[[], dict[str, int | None]]) -> Callable[[Callable[[], Run]], Run]:
-    """Run ``measure`` under a CPU meter; fill in the load of other processes."""
-
-    def call(measure: Callable[[], Run]) -> Run:
-        meter = common.CpuMeter(pids())
-        meter.start()
-        run = measure()
-        run.other_cores = meter.stop()["other_processes"]
-        return run
-
-    return call
+def metered(measure: Callable[[], Run], pids: dict[str, int | None] | None = None) -> Run:
+    """Run ``measure`` under a CPU meter; fill in the load of processes not ours."""
+    meter = common.CpuMeter(pids or {})
+    meter.start()
+    run = measure()
+    run.other_cores = meter.stop()["other_processes"]
+    return run
 
 
 def reconcile_run(root: Path, hours: list[int], engine: str) -> Run:
@@ -452,29 +451,56 @@ def baseline_run(root: Path, hours: list[int]) -> Run:
     return Run(seconds, int(pc.sum(table["events"]).as_py() or 0), 0.0)
 
 
-class SparkRun:
-    """One local session for every Spark run (started and stopped here, timed apart)."""
+def spark_run(root: Path) -> Run:
+    """One Spark run in a fresh process, as ``clickagg reconcile --engine spark`` runs: its
+    own JVM, started, used and stopped (a reused JVM ran out of heap on a later run)."""
+    start = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--spark-child", str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    process_s = time.perf_counter() - start
+    lines = child.stdout.strip().splitlines()
+    answer: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    if child.returncode or "error" in answer:
+        raise RuntimeError(answer.get("error") or _why(RuntimeError(child.stderr)))
+    return Run(**answer, process_s=process_s)
 
-    def __init__(self) -> None:
-        from clickagg.batch.spark_engine import local_session
 
+def spark_child(root: Path) -> int:
+    """The child of :func:`spark_run`: one JSON line, its :class:`Run` or the error."""
+    from clickagg.batch.spark_engine import local_session, stop_session
+
+    try:
         start = time.perf_counter()
-        self.session = local_session()
-        self.start_s = time.perf_counter() - start
-        # The driver's heap (spark.driver.memory, 1g unless SPARK_DRIVER_MEMORY or the
-        # like says otherwise): in local mode it holds the executors' work too.
-        runtime = self.session.sparkContext._jvm.java.lang.Runtime.getRuntime()
-        self.heap_mib = int(runtime.maxMemory()) // 2**20
-
-    def jvm_pid(self) -> int | None:
-        gateway = getattr(self.session.sparkContext, "_gateway", None)
-        proc = getattr(gateway, "proc", None)
-        return getattr(proc, "pid", None)
-
-    def stop(self) -> None:
-        from clickagg.batch.spark_engine import stop_session
-
-        stop_session(self.session)
+        session = local_session()
+        start_s = time.perf_counter() - start
+        context = session.sparkContext
+        heap_mib = int(context._jvm.java.lang.Runtime.getRuntime().maxMemory()) // 2**20
+        proc = getattr(getattr(context, "_gateway", None), "proc", None)
+        try:
+            reader = ParquetArchiveReader(root / "archive")
+            try:
+                hours = reader.event_hours()
+            finally:
+                reader.close()
+            # The engine uses the active session: this one, started (and timed) apart.
+            run = metered(
+                lambda: reconcile_run(root, hours, "spark"), {"jvm": getattr(proc, "pid", None)}
+            )
+        finally:
+            with contextlib.suppress(Exception):  # a JVM that died with its task is gone
+                stop_session(session)
+    except Exception as e:
+        print(json.dumps({"error": _why(e)}))
+        return 1
+    run.start_s, run.heap_mib = start_s, heap_mib
+    answer = dataclasses.asdict(run)
+    del answer["process_s"]
+    print(json.dumps(answer))
+    return 0
 
 
 def spark_unavailable() -> str | None:
@@ -502,7 +528,6 @@ def report(
     distinct: int,
     hours: list[int],
     hour_decisions: int,
-    spark: SparkRun | None,
 ) -> None:
     fmt = common.fmt
     base = median([r.seconds for r in results.get("baseline", [])])
@@ -538,10 +563,13 @@ def report(
         ],
         rows,
     )
-    if spark is not None:
+    spark = results.get("spark", [])
+    if spark:
         print(
-            f"spark: session start (JVM, local[2], {spark.heap_mib:,} MiB heap) "
-            f"{spark.start_s:.1f} s, not in the times"
+            "spark: each run in a fresh process, as `clickagg reconcile --engine spark`: JVM "
+            f"and session start {median([r.start_s for r in spark]):.1f} s (not in the times "
+            f"above), {median([r.process_s for r in spark]):.1f} s for the whole process; "
+            f"local[2], {spark[0].heap_mib:,} MiB heap"
         )
 
     # Closing ONE hour: the runner ranks the whole month to date (every file of the billing
@@ -612,7 +640,10 @@ def main(argv: list[str] | None = None) -> int:
         help="where archives are cached, one subdirectory per parameter set",
     )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached archive")
+    parser.add_argument("--spark-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.spark_child:
+        return spark_child(args.spark_child)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - set(ENGINES):
         parser.error(f"--engines: some of {', '.join(ENGINES)}")
@@ -647,62 +678,48 @@ def main(argv: list[str] | None = None) -> int:
         f"{total / 2**20:,.0f} MiB)"
     )
 
-    spark: SparkRun | None = None
     results: dict[str, list[Run]] = {e: [] for e in ENGINES if e in engines}
     if "spark" in results:
         reason = spark_unavailable()
-        if reason is None:
-            try:
-                spark = SparkRun()
-            except EngineError as e:
-                reason = str(e)
         if reason is not None:
             print(f"spark: skipped: {reason}")
             del results["spark"]
     elif "spark" not in engines:
         print("spark: skipped: not in --engines")
 
-    def pids() -> dict[str, int | None]:
-        return {"jvm": spark.jvm_pid()} if spark is not None else {}
-
-    meter = metered(pids)
+    measures: dict[str, Callable[[], Run]] = {
+        "duckdb": lambda: metered(lambda: reconcile_run(root, hours, "duckdb")),
+        "spark": lambda: spark_run(root),
+        "baseline": lambda: metered(lambda: baseline_run(root, hours)),
+    }
     failed: dict[str, str] = {}  # engine -> why a run failed; its further runs are skipped
-    try:
-        for rep in range(args.runs):
-            for engine in results:
-                if engine in failed:
-                    continue
-                try:
-                    if engine == "baseline":
-                        run = meter(lambda: baseline_run(root, hours))
-                    else:
-                        run = meter(lambda engine=engine: reconcile_run(root, hours, engine))
-                except Exception as e:  # e.g. Spark out of heap: report it, keep the others
-                    failed[engine] = f"run {rep + 1} of {args.runs} failed: {_why(e)}"
-                    print(f"  run {rep + 1}/{args.runs} {engine}: FAILED: {_why(e)}", flush=True)
-                    continue
-                if run.winners != distinct:
-                    raise AssertionError(
-                        f"{engine}: {run.winners:,} winners, the archive holds {distinct:,}"
-                    )
-                results[engine].append(run)
-                print(
-                    f"  run {rep + 1}/{args.runs} {engine}: {run.seconds:.2f} s, "
-                    f"{run.winners:,} winners (= distinct events), other load "
-                    f"{run.other_cores:.2f} cores",
-                    flush=True,
+    for rep in range(args.runs):
+        for engine in results:
+            if engine in failed:
+                continue
+            try:
+                run = measures[engine]()
+            except Exception as e:  # e.g. Spark out of heap: report it, keep the others
+                failed[engine] = f"run {rep + 1} of {args.runs} failed: {_why(e)}"
+                print(f"  run {rep + 1}/{args.runs} {engine}: FAILED: {_why(e)}", flush=True)
+                continue
+            if run.winners != distinct:
+                raise AssertionError(
+                    f"{engine}: {run.winners:,} winners, the archive holds {distinct:,}"
                 )
-    finally:
-        if spark is not None:
-            with contextlib.suppress(Exception):  # a JVM that died with its task is gone
-                spark.stop()
+            results[engine].append(run)
+            print(
+                f"  run {rep + 1}/{args.runs} {engine}: {run.seconds:.2f} s, "
+                f"{run.winners:,} winners (= distinct events), other load "
+                f"{run.other_cores:.2f} cores",
+                flush=True,
+            )
     report(
         results,
         decisions=spec.events,
         distinct=distinct,
         hours=hours,
         hour_decisions=spec.events // len(hours),
-        spark=spark,
     )
     for engine, why in failed.items():
         done = len(results[engine])
