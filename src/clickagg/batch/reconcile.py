@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,9 +119,13 @@ class EngineError(RuntimeError):
     error to show, not a bug."""
 
 
-def engine_factory(engine: str) -> EngineFactory:
+def engine_factory(engine: str, *, spark_master: str | None = None) -> EngineFactory:
     """The factory of the engine named ``engine`` (one of :data:`ENGINES`). Spark is
-    imported only when asked for: it is an optional dependency (and a JVM)."""
+    imported only when asked for: it is an optional dependency (and a JVM).
+    ``spark_master`` (a Spark master URL, e.g. ``spark://host:7077``) runs the Spark engine
+    on that cluster instead of in local mode."""
+    if spark_master is not None and engine != "spark":
+        raise ValueError("a Spark master applies to the spark engine only")
     if engine == "duckdb":
         return PeriodView
     if engine == "spark":
@@ -132,7 +137,9 @@ def engine_factory(engine: str) -> EngineFactory:
             raise EngineError(
                 "the spark engine needs pyspark, the spark extra: pip install -e '.[spark]'"
             ) from e
-        return SparkPeriodView
+        if spark_master is None:
+            return SparkPeriodView
+        return functools.partial(SparkPeriodView, master=spark_master)
     raise ValueError(f"unknown batch engine {engine!r}: one of {', '.join(ENGINES)}")
 
 

@@ -77,13 +77,15 @@ def reconcile_hours(
     *,
     reason: str,
     engine: str = "duckdb",
+    spark_master: str | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> list[HourRun]:
     """Reconcile each hour (a UTC hour start, ms) and publish a version where it changed.
 
     ``engine`` (``reconcile.ENGINES``) only selects the winning copies; the rows are the
-    same whichever does. ``progress`` hears after each hour how far the run is."""
-    open_period = engine_factory(engine)
+    same whichever does (``spark_master``: run Spark on that cluster, not in local mode).
+    ``progress`` hears after each hour how far the run is."""
+    open_period = engine_factory(engine, spark_master=spark_master)
     cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
     rules = load_rules(settings.rules_file)  # the stream's rules, applied to every winner
     archive = ParquetArchiveReader(settings.archive_dir)

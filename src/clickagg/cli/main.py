@@ -460,6 +460,13 @@ def _utc_ms(text: str, what: str) -> int:
     show_default=True,
     help="Batch engine that reads the archive (spark: the spark extra and Java 17+).",
 )
+@click.option(
+    "--spark-master",
+    envvar="CLICKAGG_SPARK_MASTER",
+    metavar="URL",
+    help="Run the spark engine on this cluster (e.g. spark://host:7077) instead of local "
+    "mode; its executors must see the data dir at the same path.",
+)
 @click.option("--reason", default="reconciled", show_default=True, help="Kept with a new version.")
 @click.option(
     "--report",
@@ -474,6 +481,7 @@ def reconcile(
     since: str | None,
     until: str | None,
     engine: str,
+    spark_master: str | None,
     reason: str,
     report: bool,
     **flags: object,
@@ -490,6 +498,8 @@ def reconcile(
         return
     if sum(x is not None for x in (hour, day, since)) != 1:
         raise click.UsageError("give exactly one of --hour, --day, --since")
+    if spark_master and engine != "spark":
+        raise click.UsageError("--spark-master applies to --engine spark")
     if hour is not None:
         start = _utc_ms(hour, "--hour")
         end = start + HOUR_MS
@@ -507,7 +517,12 @@ def reconcile(
     try:
         runs = _with_progress(
             lambda report: reconcile_hours(
-                settings, hours, reason=reason, engine=engine, progress=report
+                settings,
+                hours,
+                reason=reason,
+                engine=engine,
+                spark_master=spark_master or None,
+                progress=report,
             ),
             total=len(hours),
         )
