@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from clickagg.query.base import (
 from clickagg.registry import Advertiser
 
 CURRENT = "CURRENT"
+INPUTS = "INPUTS"  # the archive files of the hour its latest run read
 EPOCH = "EPOCH"
 _TABLES = ("minute", *aggregate.DIMENSIONS)
 
@@ -219,6 +220,27 @@ class FinalHours:
             os.fsync(f.fileno())
         os.replace(tmp, hdir / "report.parquet")
         _fsync_dir(hdir)
+
+    def record_inputs(self, hour_ms: int, archive_files: Sequence[str]) -> None:
+        """The hour's archive files (names) the latest run read: the closer restates a
+        closed hour when its archive holds files this list lacks (very late events)."""
+        hdir = self.directory / hour_name(hour_ms)
+        hdir.mkdir(parents=True, exist_ok=True)
+        tmp = hdir / f".{INPUTS}.tmp"
+        tmp.write_text(json.dumps(sorted(archive_files)))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, hdir / INPUTS)
+        _fsync_dir(hdir)
+
+    def inputs(self, hour_ms: int) -> list[str] | None:
+        """What :meth:`record_inputs` recorded last; None before any run of this hour
+        recorded them."""
+        try:
+            names = json.loads((self.directory / hour_name(hour_ms) / INPUTS).read_text())
+        except FileNotFoundError:
+            return None
+        return [str(name) for name in names]
 
     def read_report(self, hour_ms: int) -> pa.Table | None:
         try:

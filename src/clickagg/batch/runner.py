@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clickagg.archive.parquet import ParquetArchiveReader
+from clickagg.archive.parquet import ParquetArchiveReader, hour_dir
 from clickagg.batch.published import FinalHours, Version
 from clickagg.batch.reconcile import HourResult, engine_factory, month_of, reconcile_hour
 from clickagg.config import Settings
@@ -110,6 +110,7 @@ def reconcile_hours(
                             view, hour_ms, cpc_micros=cpc, invalid=rules.batch_reasons
                         )
                         runs.append(_publish(final, result, reason))
+                        final.record_inputs(hour_ms, _names_of_hour(files, hour_ms))
                         events += result.events
                         if progress is not None:
                             progress(
@@ -146,6 +147,12 @@ def _publish(final: FinalHours, result: HourResult, reason: str) -> HourRun:
         result.late_counted,
         result.invalid,
     )
+
+
+def _names_of_hour(files: list[Path], hour_ms: int) -> list[str]:
+    """The names of the hour's own archive files among the period's."""
+    directory = hour_dir(hour_ms)
+    return [f.name for f in files if f.parent.name == directory]
 
 
 def _sum(table: pa.Table, column: str) -> int:
