@@ -28,6 +28,9 @@ RANGE_OPERATIONS = {
     "GET /api/v1/ads/{ad_id}/metrics",
     "GET /reconciliation",
     "GET /billing/adjustments",
+    "GET /ads/top",
+    "GET /advertisers/{advertiser_id}/metrics",
+    "GET /campaigns/{campaign_id}/metrics",
 }
 RELATIONAL = ("must be before end", "range too long")
 

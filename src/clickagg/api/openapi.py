@@ -235,6 +235,10 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
     ]
     ad_id = {"type": "string", **_ID_LENGTH}
     ad_path = {"name": "ad_id", "in": "path", "required": True, "schema": ad_id}
+
+    def owner_path(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True, "schema": ad_id}
+
     ad_query = _query("ad_id", "the ad", ad_id, required=True)
     rows = {"type": "array", "items": {"type": "object"}}
     paths: dict[str, Any] = {
@@ -307,6 +311,46 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
                 "summary": "Last minute, 5 minutes and hour",
                 "parameters": [ad_path],
                 "responses": {"200": _json({"type": "object"}, "totals"), **_errors(400, 503)},
+            }
+        },
+        "/ads/top": {
+            "get": {
+                "summary": "The ads with the most clicks (or impressions, spend) over a range",
+                "description": (
+                    "final: the whole range is reconciled and ranked from billing rows; "
+                    "start before end, at most 366 days apart"
+                ),
+                "parameters": [
+                    *range_params[:3],
+                    _query(
+                        "by",
+                        "rank by (default: clicks)",
+                        _enum("clicks", "impressions", "spend_micros", "invalid_clicks"),
+                    ),
+                    _query(
+                        "limit",
+                        "how many ads (default: 10)",
+                        {"type": "string", "pattern": "^0{0,14}([1-9][0-9]{0,2}|1000)$"},
+                    ),
+                    _query("advertiser_id", "only this advertiser's ads", ad_id),
+                ],
+                "responses": {"200": _json({"type": "object"}, "ranking"), **_errors(400, 503)},
+            }
+        },
+        "/advertisers/{advertiser_id}/metrics": {
+            "get": {
+                "summary": "Every ad of one advertiser, per window (final where reconciled)",
+                "description": "Range rules" + time_rules,
+                "parameters": [owner_path("advertiser_id"), *range_params[:4]],
+                "responses": {"200": _json({"type": "object"}, "metrics"), **_errors(400, 503)},
+            }
+        },
+        "/campaigns/{campaign_id}/metrics": {
+            "get": {
+                "summary": "Every ad of one campaign, per window (final where reconciled)",
+                "description": "Range rules" + time_rules,
+                "parameters": [owner_path("campaign_id"), *range_params[:4]],
+                "responses": {"200": _json({"type": "object"}, "metrics"), **_errors(400, 503)},
             }
         },
         "/reconciliation": {
