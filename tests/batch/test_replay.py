@@ -260,3 +260,37 @@ def test_the_current_rules_change_nothing(rig: Rig) -> None:
 def test_an_empty_period_reports_nothing(rig: Rig) -> None:
     report = replay_rules(rig.settings, load_rules(None), HOUR + 5 * HOUR_MS, HOUR + 6 * HOUR_MS)
     assert (report.hours, report.events, report.ads, report.flipped_total) == (1, 0, [], 0)
+
+
+def test_the_command_line_reports_and_refuses_rules_that_do_not_load(
+    rig: Rig, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from clickagg.api.timefmt import iso
+    from clickagg.cli.main import main
+
+    rules_file = tmp_path / "candidate.toml"
+    rules_file.write_text(CANDIDATE)
+    since, until = iso(HOUR), iso(HOUR + HOUR_MS)
+    before = tree(rig.root)
+    command = ["rules", "replay", "--data-dir", str(rig.root), "--rules", str(rules_file)]
+    period = ["--since", since, "--until", until]
+    result = CliRunner().invoke(main, [*command, *period, "--format", "json", "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    expected = replay_rules(rig.settings, load_rules(rules_file), HOUR, HOUR + HOUR_MS)
+    assert body["flipped_total"] == expected.flipped_total and len(body["flipped"]) == 2
+    assert body["total"]["delta_clicks"] == expected.total.delta_clicks
+    assert body["since"] == since and body["until"] == until
+    table = CliRunner().invoke(main, [*command, *period])
+    assert table.exit_code == 0, table.output
+    assert f"shown of {expected.flipped_total}" in table.stdout and "ad-1" in table.stdout
+    assert tree(rig.root) == before
+
+    rules_file.write_text(CANDIDATE.replace('kind = "ip_click_velocity"', 'kind = "velocity"'))
+    bad = CliRunner().invoke(main, [*command, *period])
+    assert bad.exit_code == 2 and "unknown kind 'velocity'" in bad.output, bad.output
+    rules_file.write_text("include_builtin = \n")
+    bad = CliRunner().invoke(main, [*command, *period])
+    assert bad.exit_code == 2 and "not a TOML file" in bad.output, bad.output
