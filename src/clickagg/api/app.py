@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from clickagg.api import audit, billing, health, ingest, openapi, queries
+from clickagg.api import audit, billing, health, ingest, openapi, queries, rules
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
 from clickagg.api.state import AppState, IngestMetrics, WorkerHandle, state_of
@@ -63,6 +63,7 @@ ROUTES = [
     Route("/reconciliation", billing.reconciliation, methods=["GET"]),
     Route("/billing/adjustments", billing.adjustments, methods=["GET"]),
     Route("/billing/advertisers/{advertiser_id}/statement", billing.statement, methods=["GET"]),
+    Route("/rules/replay", rules.replay, methods=["POST"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),

@@ -152,6 +152,9 @@ class HourResult:
     events: int  # winning events of the hour (counted + invalid)
     late_counted: int  # winners the stream had left out as late
     invalid: int
+    # Each winner with its verdict (``invalid``, ``reason``) and ``spend_micros``, in log
+    # order: what a what-if replay compares click by click.
+    judged: pl.DataFrame | None = None
 
 
 def month_of(hour_ms: int) -> tuple[int, int]:
@@ -283,8 +286,14 @@ def reconcile_hour(
     *,
     cpc_micros: PriceBook | Mapping[str, int],
     invalid: InvalidHook | None = None,
+    stream_verdicts: bool = True,
 ) -> HourResult:
-    """The final rows of one event hour, from its billing period's view."""
+    """The final rows of one event hour, from its billing period's view.
+
+    ``stream_verdicts=False`` sets the stream's invalid-traffic verdicts aside and lets
+    ``invalid`` alone judge every winner: what the hour would be had those rules been in
+    force when its events arrived (the stream judged with the rules then in force). A
+    what-if (``clickagg rules replay``); reconciling keeps them."""
     if hour_ms % HOUR_MS:
         raise ValueError("an hour starts on a whole UTC hour")
     selected = view.hour(hour_ms)
@@ -296,6 +305,9 @@ def reconcile_hour(
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     flagged = pl.col("status") == fates.INVALID
+    if not stream_verdicts:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("reason"))
+        flagged = pl.lit(False)
     if invalid is not None:
         extra = invalid(frame)
         frame = frame.with_columns(
@@ -317,4 +329,5 @@ def reconcile_hour(
         events=events.height,
         late_counted=int((events["status"] == fates.LATE).sum()),
         invalid=int(events["invalid"].sum()),
+        judged=priced,
     )
