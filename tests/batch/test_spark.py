@@ -415,6 +415,7 @@ def test_spark_master_reconciles_on_a_cluster(
     settings = data_dir(archive, tmp_path)
     hour = time.strftime("%Y-%m-%dT%H", time.gmtime(HOUR / 1000))
     args = ["reconcile", "--hour", hour, "--engine", "spark", "--spark-master", cluster.url]
+    args += ["--spark-conf", "spark.executor.memory=512m"]
     args += ["--data-dir", str(tmp_path), "--partitions", "2", "--ads", str(settings.ads_file)]
     # Its own process, as from cron: the module's local session must not be borrowed.
     result = subprocess.run(
@@ -437,7 +438,7 @@ def test_a_spark_master_needs_the_spark_engine(tmp_path: Path) -> None:
     args = ["reconcile", "--hour", "2026-01-05T10", "--spark-master", "spark://127.0.0.1:1"]
     result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
-    assert "--spark-master applies to --engine spark" in result.output
+    assert "--spark-master and --spark-conf apply to --engine spark" in result.output
 
 
 def test_the_driver_stays_on_loopback_only_for_a_loopback_master() -> None:
@@ -447,3 +448,5 @@ def test_the_driver_stays_on_loopback_only_for_a_loopback_master() -> None:
     remote = session_conf("spark://spark-master.internal:7077")
     assert remote["spark.master"] == "spark://spark-master.internal:7077"
     assert "spark.driver.host" not in remote and "spark.driver.bindAddress" not in remote
+    bigger = session_conf(None, {"spark.driver.memory": "3g"})
+    assert bigger["spark.driver.memory"] == "3g" and bigger["spark.master"] == "local[2]"

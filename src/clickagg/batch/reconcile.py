@@ -119,13 +119,18 @@ class EngineError(RuntimeError):
     error to show, not a bug."""
 
 
-def engine_factory(engine: str, *, spark_master: str | None = None) -> EngineFactory:
+def engine_factory(
+    engine: str,
+    *,
+    spark_master: str | None = None,
+    spark_conf: Mapping[str, str] | None = None,
+) -> EngineFactory:
     """The factory of the engine named ``engine`` (one of :data:`ENGINES`). Spark is
     imported only when asked for: it is an optional dependency (and a JVM).
     ``spark_master`` (a Spark master URL, e.g. ``spark://host:7077``) runs the Spark engine
-    on that cluster instead of in local mode."""
-    if spark_master is not None and engine != "spark":
-        raise ValueError("a Spark master applies to the spark engine only")
+    on that cluster instead of in local mode; ``spark_conf`` adds Spark settings."""
+    if (spark_master is not None or spark_conf) and engine != "spark":
+        raise ValueError("a Spark master or Spark settings apply to the spark engine only")
     if engine == "duckdb":
         return PeriodView
     if engine == "spark":
@@ -137,9 +142,9 @@ def engine_factory(engine: str, *, spark_master: str | None = None) -> EngineFac
             raise EngineError(
                 "the spark engine needs pyspark, the spark extra: pip install -e '.[spark]'"
             ) from e
-        if spark_master is None:
+        if spark_master is None and not spark_conf:
             return SparkPeriodView
-        return functools.partial(SparkPeriodView, master=spark_master)
+        return functools.partial(SparkPeriodView, master=spark_master, conf=spark_conf)
     raise ValueError(f"unknown batch engine {engine!r}: one of {', '.join(ENGINES)}")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,14 +78,16 @@ def reconcile_hours(
     reason: str,
     engine: str = "duckdb",
     spark_master: str | None = None,
+    spark_conf: Mapping[str, str] | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> list[HourRun]:
     """Reconcile each hour (a UTC hour start, ms) and publish a version where it changed.
 
     ``engine`` (``reconcile.ENGINES``) only selects the winning copies; the rows are the
-    same whichever does (``spark_master``: run Spark on that cluster, not in local mode).
+    same whichever does (``spark_master``: run Spark on that cluster, not in local mode;
+    ``spark_conf``: more Spark settings).
     ``progress`` hears after each hour how far the run is."""
-    open_period = engine_factory(engine, spark_master=spark_master)
+    open_period = engine_factory(engine, spark_master=spark_master, spark_conf=spark_conf)
     cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
     rules = load_rules(settings.rules_file)  # the stream's rules, applied to every winner
     archive = ParquetArchiveReader(settings.archive_dir)

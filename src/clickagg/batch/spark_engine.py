@@ -73,26 +73,32 @@ def on_loopback(master: str) -> bool:
     return host in _LOOPBACK_HOSTS or f"[{host}]" in _LOOPBACK_HOSTS
 
 
-def session_conf(master: str | None = None) -> dict[str, str]:
-    """The session's settings: :data:`LOCAL_CONF`, on ``master`` if given. For a master
-    off this machine the driver's address is left to Spark (``SPARK_LOCAL_IP`` or the host
-    name), since executors elsewhere must reach it, and the shuffle width to the cluster."""
+def session_conf(
+    master: str | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The session's settings: :data:`LOCAL_CONF`, on ``master`` if given, then ``extra``
+    (``--spark-conf``, e.g. ``spark.driver.memory=8g`` for a big month in local mode).
+    For a master off this machine the driver's address is left to Spark
+    (``SPARK_LOCAL_IP`` or the host name), since executors elsewhere must reach it, and the
+    shuffle width to the cluster."""
     if master is None:
-        return dict(LOCAL_CONF)
+        return {**LOCAL_CONF, **(extra or {})}
     conf = {**LOCAL_CONF, "spark.master": master}
     if not on_loopback(master):
         for key in ("spark.driver.host", "spark.driver.bindAddress"):
             del conf[key]
         del conf["spark.sql.shuffle.partitions"]
-    return conf
+    return {**conf, **(extra or {})}
 
 
-def local_session(master: str | None = None) -> SparkSession:
+def local_session(
+    master: str | None = None, extra: Mapping[str, str] | None = None
+) -> SparkSession:
     """A Spark session (:func:`session_conf`: local and bound to 127.0.0.1 unless
     ``master`` says otherwise), quiet but for errors; end it with :func:`stop_session`."""
     if not java_available():
         raise EngineError("the spark engine needs Java 17+ (java on PATH, or JAVA_HOME)")
-    conf = session_conf(master)
+    conf = session_conf(master, extra)
     if "spark.driver.host" in conf:
         # Read by the JVM's launcher before any conf: without it Spark resolves the host
         # name and may pick another interface for its own services.
@@ -139,6 +145,7 @@ class SparkPeriodView:
         *,
         session: SparkSession | None = None,
         master: str | None = None,
+        conf: Mapping[str, str] | None = None,
     ) -> None:
         self.start_ms, self.end_ms = start_ms, end_ms
         self._owned = False
@@ -147,7 +154,7 @@ class SparkPeriodView:
             return
         spark = session or SparkSession.getActiveSession()
         if spark is None:
-            spark = local_session(master)
+            spark = local_session(master, conf)
             self._owned = True
         self._spark = spark
         # Every copy of an id is in one partition, so (partition, offset) is the order the

@@ -467,6 +467,13 @@ def _utc_ms(text: str, what: str) -> int:
     help="Run the spark engine on this cluster (e.g. spark://host:7077) instead of local "
     "mode; its executors must see the data dir at the same path.",
 )
+@click.option(
+    "--spark-conf",
+    "spark_conf",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A Spark setting for the spark engine, e.g. spark.driver.memory=8g (repeatable).",
+)
 @click.option("--reason", default="reconciled", show_default=True, help="Kept with a new version.")
 @click.option(
     "--report",
@@ -482,6 +489,7 @@ def reconcile(
     until: str | None,
     engine: str,
     spark_master: str | None,
+    spark_conf: tuple[str, ...],
     reason: str,
     report: bool,
     **flags: object,
@@ -498,8 +506,14 @@ def reconcile(
         return
     if sum(x is not None for x in (hour, day, since)) != 1:
         raise click.UsageError("give exactly one of --hour, --day, --since")
-    if spark_master and engine != "spark":
-        raise click.UsageError("--spark-master applies to --engine spark")
+    if (spark_master or spark_conf) and engine != "spark":
+        raise click.UsageError("--spark-master and --spark-conf apply to --engine spark")
+    extra_conf = {}
+    for item in spark_conf:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--spark-conf")
+        extra_conf[key.strip()] = value
     if hour is not None:
         start = _utc_ms(hour, "--hour")
         end = start + HOUR_MS
@@ -522,6 +536,7 @@ def reconcile(
                 reason=reason,
                 engine=engine,
                 spark_master=spark_master or None,
+                spark_conf=extra_conf,
                 progress=report,
             ),
             total=len(hours),
