@@ -137,3 +137,30 @@ def test_adjustments_after_the_month_closed_and_the_cli_formats(rig: Rig, tmp_pa
     import polars as pl
 
     assert pl.read_parquet(out)["clicks"].to_list() == [4]
+
+
+def test_a_half_hour_zone_month_takes_only_its_minutes_of_a_restated_boundary_hour(
+    rig: Rig,
+) -> None:
+    """December 2023 starts in Kolkata at 18:30 UTC on Nov 30: the hour 18:00-19:00 UTC
+    belongs to two statements. A restatement of it adjusts each month by the changes in
+    its own minutes, never both by the whole hour."""
+    kz = KOLKATA.time_zone
+    boundary = ms(kz, 2023, 12, 1, 0, 0)  # 18:30 UTC
+    hour = boundary - boundary % HOUR_MS
+    rig.append(clicks_at("on", "adv-in", [boundary - 20 * 60_000, boundary + 10 * 60_000], "ad"))
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    reconcile_span(rig, hour, hour + HOUR_MS)
+    late = [boundary - 15 * 60_000, boundary + 12 * 60_000, boundary + 14 * 60_000]
+    rig.append(clicks_at("late", "adv-in", late, "ad"))  # 1 in November, 2 in December
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    reconcile_span(rig, hour, hour + HOUR_MS)  # a restatement, long after both months
+    reader = FinalRowsReader(batch_dir(rig.settings))
+    november = build_statement(reader, KOLKATA, "2023-11")
+    december = build_statement(reader, KOLKATA, "2023-12")
+    assert (november.totals["clicks"], december.totals["clicks"]) == (2, 3)
+    assert november.adjustments_after_close["ad"]["clicks"] == 1
+    assert december.adjustments_after_close["ad"]["clicks"] == 2
+    assert november.adjustments_after_close["ad"]["spend_micros"] == 250_000

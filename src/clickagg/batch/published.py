@@ -453,8 +453,8 @@ class FinalRowsReader:
         for hour in self.final_hours(start_ms, end_ms):
             versions = self.hours.versions(hour)
             for previous, version in itertools.pairwise(versions):
-                old = _per_ad(self.hours.read_version(hour, previous.version))
-                new = _per_ad(self.hours.read_version(hour, version.version))
+                old = _per_ad(self.hours.read_version(hour, previous.version), start_ms, end_ms)
+                new = _per_ad(self.hours.read_version(hour, version.version), start_ms, end_ms)
                 keys = ["ad_id", *aggregate.OWNERS]
                 diff = new.join(old, on=keys, how="full", coalesce=True, suffix="_old")
                 diff = diff.fill_null(strategy="zero").with_columns(
@@ -484,7 +484,10 @@ _SUMS = ("clicks", "impressions", "spend_micros", "invalid_clicks")
 _OWNER_COLUMNS = {"advertiser": "advertiser_id", "campaign": "campaign_id"}
 
 
-def _per_ad(minute: pa.Table) -> pl.DataFrame:
+def _per_ad(minute: pa.Table, start_ms: int, end_ms: int) -> pl.DataFrame:
+    """Sums per ad of the minutes in [start_ms, end_ms): a period that starts or ends
+    inside an hour (a month in a half-hour zone) takes only its own minutes' changes."""
     frame = pl.from_arrow(minute)
     assert isinstance(frame, pl.DataFrame)
-    return frame.group_by("ad_id", *aggregate.OWNERS).agg(pl.col(m).sum() for m in _SUMS)
+    inside = frame.filter(pl.col("minute_ms").is_between(start_ms, end_ms, closed="left"))
+    return inside.group_by("ad_id", *aggregate.OWNERS).agg(pl.col(m).sum() for m in _SUMS)

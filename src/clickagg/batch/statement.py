@@ -90,7 +90,7 @@ def build_statement(reader: FinalRowsReader, advertiser: Advertiser, month: str)
         lines = [StatementLine(**row) for row in daily.iter_rows(named=True)]
     later: dict[str, dict[str, int]] = {}
     for change in reader.adjustments(
-        start_ms=first_hour, end_ms=end, advertiser_id=advertiser.advertiser_id
+        start_ms=start, end_ms=end, advertiser_id=advertiser.advertiser_id
     ):
         if change.created_ms >= end:  # published after the month closed
             sums = later.setdefault(change.ad_id, dict.fromkeys(_SUMS, 0))

@@ -187,7 +187,8 @@ class FinalRows(Protocol):
         self, *, start_ms: int, end_ms: int, advertiser_id: str | None = None
     ) -> list[Adjustment]:
         """Every change between consecutive versions of the hours in [start_ms, end_ms),
-        per (ad, hour) that changed, oldest first."""
+        per (ad, hour) that changed, oldest first; counting only the minutes in the range
+        (an hour cut by the range's edge contributes its own side's changes)."""
         ...
 
     def statement(self, *, advertiser_id: str, month: str) -> dict[str, Any]:
