@@ -92,6 +92,11 @@ class Settings:
     # Invalid-traffic rules (TOML, clickagg.core.rules.loading); None: the built-in rules.
     # The worker re-reads it when it or a file it names changes, and records each change.
     rules_file: Path | None = None
+    # The admin endpoints (/admin/*: the ad registry, advertisers, the IP blocklist) answer
+    # only requests that carry one of these as ``Authorization: Bearer <token>``: a comma-
+    # separated list of ``name:token`` (or a bare token, named "admin"); the name is
+    # recorded as who made each change. Empty: the admin endpoints are off (403).
+    admin_token: str = ""
     # Which adapter plays each role (clickagg.runtime.roles lists them).
     log_backend: str = "segments"
     store_backend: str = "duckdb"
@@ -139,6 +144,11 @@ class Settings:
     def rules_changes_path(self) -> Path:
         """Every change of the invalid-traffic rules the worker applied (JSON lines)."""
         return self.data_dir / "rules" / "changes.jsonl"
+
+    @property
+    def blocklist_path(self) -> Path:
+        """The managed IP blocklist: every add and remove, who and why (JSON lines)."""
+        return self.data_dir / "rules" / "blocklist.jsonl"
 
     @property
     def rpc_socket(self) -> Path:

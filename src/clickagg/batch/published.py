@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,11 +259,15 @@ class FinalRowsReader:
         self,
         directory: Path,
         *,
-        advertisers: Mapping[str, Advertiser] | None = None,
+        advertisers: Mapping[str, Advertiser]
+        | Callable[[], Mapping[str, Advertiser]]
+        | None = None,
         cache_entries: int = 512,
     ) -> None:
+        """``advertisers``: who statements are for, or a function reading them afresh
+        (the advertiser registry, which changes while the server runs)."""
         self.hours = FinalHours(directory)
-        self.advertisers = dict(advertisers or {})
+        self._advertisers = advertisers if callable(advertisers) else dict(advertisers or {})
         self._epoch: tuple[int, int] | None = None
         self._current: dict[int, Version] = {}
         self._cache: dict[tuple[int, int, str], pl.DataFrame] = {}
@@ -296,7 +300,8 @@ class FinalRowsReader:
         return frame
 
     def statement(self, *, advertiser_id: str, month: str) -> dict[str, Any]:
-        advertiser = self.advertisers.get(advertiser_id) or Advertiser(
+        known = self._advertisers() if callable(self._advertisers) else self._advertisers
+        advertiser = known.get(advertiser_id) or Advertiser(
             advertiser_id, advertiser_id, "USD", "UTC"
         )
         return statement_json(build_statement(self, advertiser, month))
