@@ -24,6 +24,7 @@ from typing import Any
 STATUSES = ("active", "paused", "archived")
 FIELDS = ("cpc_micros", "advertiser_id", "campaign_id", "status")
 MAX_ID_CHARS = 256
+MAX_CPC_MICROS = 2**63 - 1  # prices are Int64 columns
 
 
 class AdChangeError(ValueError):
@@ -84,8 +85,10 @@ def change_of(ad_id: str, effective_from_ms: int, fields: Mapping[str, Any]) -> 
     if not given:
         raise AdChangeError(f"{ad_id}: nothing to change (give any of {', '.join(FIELDS)})")
     cpc = given.get("cpc_micros")
-    if cpc is not None and (isinstance(cpc, bool) or not isinstance(cpc, int) or cpc < 0):
-        raise AdChangeError("cpc_micros must be a non-negative integer")
+    if cpc is not None and (
+        isinstance(cpc, bool) or not isinstance(cpc, int) or not 0 <= cpc <= MAX_CPC_MICROS
+    ):
+        raise AdChangeError(f"cpc_micros must be an integer from 0 to {MAX_CPC_MICROS}")
     for name in ("advertiser_id", "campaign_id"):
         if name in given:
             check_id(name, given[name])
