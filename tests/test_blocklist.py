@@ -3,13 +3,18 @@ rules that apply it, reloaded by the watcher when the record grows."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from clickagg.blocklist import Blocklist, BlocklistError
+from clickagg.blocklist import CIDR_PATTERN, Blocklist, BlocklistError, normal_cidr
 from clickagg.core.rules.base import RuleError
 from clickagg.core.rules.iprange import ManagedEntry, fold_blocklist
 from clickagg.core.rules.loading import RulesWatcher, load_rules
@@ -135,3 +140,25 @@ def test_a_rules_file_rule_can_apply_the_managed_list(tmp_path: Path) -> None:
     )
     with pytest.raises(RuleError, match="managed` must be true or false"):
         load_rules(rules_file, blocklist=path)
+
+
+@settings(max_examples=500)
+@given(st.from_regex(CIDR_PATTERN, fullmatch=True))
+def test_what_the_pattern_admits_is_a_network(text: str) -> None:
+    assert normal_cidr(text) == str(ipaddress.ip_network(text, strict=False))
+
+
+@given(
+    st.one_of(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)).map(
+            lambda p: ipaddress.IPv4Network(p, strict=False)
+        ),
+        st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 128)).map(
+            lambda p: ipaddress.IPv6Network(p, strict=False)
+        ),
+    )
+)
+def test_every_network_in_its_usual_spellings_is_taken(network: Any) -> None:
+    for text in (str(network), network.exploded, str(network.network_address)):
+        assert re.match(CIDR_PATTERN, text), text
+        assert normal_cidr(text).split("/")[0] == str(network.network_address)

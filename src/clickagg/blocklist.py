@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,22 @@ from clickagg.core.rules.iprange import fold_blocklist, network_range
 
 MAX_REASON_CHARS = 500
 
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_V4 = rf"{_OCTET}(\.{_OCTET}){{3}}(/(3[0-2]|[12]?[0-9]))?"
+_H = "[0-9a-fA-F]{1,4}"
+_V6_FORMS = (
+    rf"({_H}:){{7}}{_H}",
+    rf"({_H}:){{1,7}}:",
+    *(rf"({_H}:){{1,{7 - n}}}(:{_H}){{1,{n}}}" for n in range(1, 7)),
+    rf":((:{_H}){{1,7}}|:)",
+)
+_V6 = "(" + "|".join(_V6_FORMS) + ")(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?"
+CIDR_PATTERN = f"^({_V4}|{_V6})$"
+"""What the managed list takes: an IPv4 address (dotted quad, no leading zeros) or an IPv6
+address (hex groups, ``::`` compression; no embedded dotted quad or zone), each with an
+optional prefix length. The OpenAPI document states this same pattern."""
+_CIDR = re.compile(CIDR_PATTERN)
+
 
 class BlocklistError(ValueError):
     """An entry that cannot be added or removed; the message says which and why."""
@@ -32,9 +49,9 @@ class BlocklistError(ValueError):
 def normal_cidr(text: object) -> str:
     """A CIDR or single address (IPv4 or IPv6) in its normal form (``10.0.0.0/8``,
     ``2001:db8::/32``; a single address gets /32 or /128)."""
-    if not isinstance(text, str) or not text.strip():
-        raise BlocklistError("a CIDR must be a non-empty string, e.g. 203.0.113.0/24")
     try:
+        if not isinstance(text, str) or not _CIDR.match(text) or text.endswith("\n"):
+            raise ValueError(text)
         return network_range(text)[2]
     except ValueError:
         raise BlocklistError(

@@ -10,6 +10,10 @@ which built-in check each one stands in for.
 - ``relational_rejections_only``: the query ranges' rules between parameters (start before
   end, the span a granularity allows) are in the descriptions. A query valid parameter by
   parameter may be refused with 400 for them, and for nothing else.
+- ``cidr_rejections_only``: the blocklist's CIDRs match the document's pattern, whose
+  ``$`` also matches before a final line break (the server refuses such a string), and
+  a CIDR may be well formed but not listed. A request valid by the schema may be refused
+  with 400 for a CIDR, or 404 for removing one not listed, and for nothing else.
 - ``batch_rejects_invalid_items``: a batch stores its valid items and names the others by
   index (202), by design. A request the schema refuses must therefore be refused whole (4xx,
   413 for too many items) or have its invalid items named in ``rejected``.
@@ -74,6 +78,24 @@ def relational_rejections_only(
         return None
     if 400 <= response.status_code < 500:
         raise AssertionError(f"a query valid parameter by parameter was refused: {response.text}")
+    return None
+
+
+CIDR_OPERATIONS = {"POST /admin/blocklist", "DELETE /admin/blocklist/{cidr}"}
+
+
+@schemathesis.check
+def cidr_rejections_only(
+    ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case
+) -> bool | None:
+    if case.operation.label not in CIDR_OPERATIONS or not _is_positive(case):
+        return None
+    if response.status_code == 400 and "not an IP address or CIDR" in response.json()["detail"]:
+        return None
+    if response.status_code == 404 and "not on the blocklist" in response.json()["detail"]:
+        return None
+    if 400 <= response.status_code < 500:
+        raise AssertionError(f"a request valid but for its CIDRs was refused: {response.text}")
     return None
 
 

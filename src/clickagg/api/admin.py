@@ -89,6 +89,9 @@ async def _body(request: Request) -> dict[str, Any]:
         raise bad_request(f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("body must be a JSON object")
+    for key, value in body.items():
+        if value is None:
+            raise bad_request(f"{key}: null is not a value (leave the field out to keep it)")
     return body
 
 

@@ -21,7 +21,7 @@ import msgspec
 from clickagg.api.admin import MAX_CIDRS
 from clickagg.api.billing import MONTH_PATTERN
 from clickagg.api.timefmt import LATEST_MS
-from clickagg.blocklist import MAX_REASON_CHARS
+from clickagg.blocklist import CIDR_PATTERN, MAX_REASON_CHARS
 from clickagg.config import Settings
 from clickagg.core.ads import MAX_CPC_MICROS, STATUSES
 from clickagg.core.events import EARLIEST_MS, IncomingEvent, timestamp_ms
@@ -497,6 +497,7 @@ def _admin_paths(now_ms: int, time_schema: dict[str, Any]) -> dict[str, Any]:
                 "type": "array",
                 "items": {
                     "type": "string",
+                    "pattern": CIDR_PATTERN,
                     "description": "an IPv4 or IPv6 address or CIDR (203.0.113.0/24)",
                 },
                 "minItems": 1,
@@ -597,7 +598,6 @@ def _admin_paths(now_ms: int, time_schema: dict[str, Any]) -> dict[str, Any]:
             },
             "post": {
                 "summary": "List addresses or CIDRs: their clicks from now on are invalid",
-                "description": "A string that is not an address or CIDR is refused (400).",
                 "security": security,
                 "requestBody": body(add_cidrs),
                 "responses": {
@@ -622,7 +622,14 @@ def _admin_paths(now_ms: int, time_schema: dict[str, Any]) -> dict[str, Any]:
                 "summary": "Take an entry off the list (URL-encoded CIDR: 203.0.113.0%2F24)",
                 "security": security,
                 "parameters": [
-                    {"name": "cidr", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {
+                        "name": "cidr",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": CIDR_PATTERN},
+                        # the "/" of a CIDR is sent URL-encoded (%2F)
+                        "example": "203.0.113.0/24",
+                    }
                 ],
                 "responses": {
                     "200": _json({"type": "object"}, "removed"),
