@@ -14,7 +14,7 @@ from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.query.base import QueryStore
 from clickagg.query.serving import ServingQueryStore
-from clickagg.registry import AdvertiserRegistry
+from clickagg.registry import AdRegistry, AdvertiserRegistry
 from clickagg.runtime import roles
 from clickagg.runtime.services import Services
 
@@ -32,7 +32,10 @@ def create_app(
 
     def open_embedded(settings: Settings) -> Backends:
         advertisers = AdvertiserRegistry.for_data_dir(settings.data_dir, settings.advertisers_file)
-        final = FinalRowsReader(settings.batch_dir, advertisers=advertisers.current)
+        ads = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+        final = FinalRowsReader(
+            settings.batch_dir, advertisers=advertisers.current, ads=ads.entries
+        )
         return Backends(
             writer=roles.log_writer(settings),
             reader=roles.log_reader(settings),

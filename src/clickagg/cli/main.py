@@ -632,15 +632,18 @@ def statement(
     adjustments restatements made after the month closed."""
     from clickagg.batch.published import FinalRowsReader
     from clickagg.batch.statement import build_statement, statement_frame, statement_json
-    from clickagg.registry import AdvertiserRegistry
+    from clickagg.registry import AdRegistry, AdvertiserRegistry
 
     settings = _resolve_settings(config_file, print_config, flags)
     if settings is None:
         return
     registry = AdvertiserRegistry.for_data_dir(settings.data_dir, settings.advertisers_file)
     advertiser = registry.get(advertiser_id)
+    ads = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
     try:
-        result = build_statement(FinalRowsReader(settings.batch_dir), advertiser, month)
+        result = build_statement(
+            FinalRowsReader(settings.batch_dir), advertiser, month, ads=ads.entries
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
     if fmt == "parquet" and output is None:
@@ -661,11 +664,14 @@ def statement(
             f"{advertiser.time_zone}, {advertiser.currency}"
             + (f" — {pending} hours not final yet" if pending else "")
         )
-        for column in ("ad", "day", "clicks", "impressions", "spend", "invalid removed"):
-            table.add_column(column, justify="left" if column in ("ad", "day") else "right")
+        for column in ("ad", "status", "day", "clicks", "impressions", "spend", "invalid removed"):
+            table.add_column(
+                column, justify="left" if column in ("ad", "status", "day") else "right"
+            )
         for line in result.lines:
             table.add_row(
                 line.ad_id,
+                result.ad_status.get(line.ad_id, ""),
                 line.day.isoformat(),
                 f"{line.clicks:,}",
                 f"{line.impressions:,}",
@@ -676,6 +682,7 @@ def statement(
         table.add_row(
             "total",
             "",
+            "",
             f"{totals['clicks']:,}",
             f"{totals['impressions']:,}",
             f"{totals['spend_micros'] / 1e6:,.2f}",
@@ -684,6 +691,7 @@ def statement(
         for ad_id, sums in sorted(result.adjustments_after_close.items()):
             table.add_row(
                 ad_id,
+                "",
                 "adjusted later",
                 f"{sums['clicks']:+,}",
                 f"{sums['impressions']:+,}",
