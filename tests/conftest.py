@@ -7,9 +7,16 @@ from dataclasses import dataclass
 
 import polars as pl
 import pytest
+from hypothesis import settings
 
 from clickagg.core import ids
 from clickagg.core.columns import ColumnBuilder, EventColumns, decode, encode, to_frame
+
+# No per-example deadline: these 2-core machines run servers, Spark and benchmarks beside
+# the tests, and a property test that took 280 ms once is not wrong. Timings are measured
+# in bench/, never asserted here.
+settings.register_profile("clickagg", deadline=None)
+settings.load_profile("clickagg")
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,12 @@ def test_the_readme_documents_every_setting_and_its_default() -> None:
         assert row["flag"] == (spec.flag or "-"), name
         assert row["default"] == display_value(spec, spec.default), name
         assert row["meaning"], name
+
+
+def test_print_config_says_the_admin_token_is_set_without_showing_it() -> None:
+    loaded = load_settings(environ={"CLICKAGG_ADMIN_TOKEN": "ops:hunter2"})
+    assert loaded.settings.admin_token == "ops:hunter2"
+    text = loaded.to_toml()
+    assert "hunter2" not in text
+    assert 'admin_token = "(set, not shown)"' in text
+    assert 'admin_token = ""' in load_settings(environ={}).to_toml()

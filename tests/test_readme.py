@@ -200,9 +200,14 @@ def test_the_matching_rules() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """``clickagg serve`` as the README starts it: default settings (8 partitions)."""
+    """``clickagg serve`` as the README starts it: default settings (8 partitions), and
+    the admin token its Admin examples say."""
     data_dir = tmp_path_factory.mktemp("readme") / "data"
-    serve = ServeProcess(data_dir, partitions=Settings().partitions)
+    serve = ServeProcess(
+        data_dir,
+        partitions=Settings().partitions,
+        extra_env={"CLICKAGG_ADMIN_TOKEN": "ops:s3cret"},
+    )
     serve.start()
     try:
         yield serve

@@ -14,7 +14,7 @@ from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.query.base import QueryStore
 from clickagg.query.serving import ServingQueryStore
-from clickagg.registry import load_advertisers
+from clickagg.registry import AdRegistry, AdvertiserRegistry
 from clickagg.runtime import roles
 from clickagg.runtime.services import Services
 
@@ -31,10 +31,11 @@ def create_app(
     workers to the caller."""
 
     def open_embedded(settings: Settings) -> Backends:
-        advertisers = (
-            load_advertisers(settings.advertisers_file) if settings.advertisers_file else {}
+        advertisers = AdvertiserRegistry.for_data_dir(settings.data_dir, settings.advertisers_file)
+        ads = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+        final = FinalRowsReader(
+            settings.batch_dir, advertisers=advertisers.current, ads=ads.entries
         )
-        final = FinalRowsReader(settings.batch_dir, advertisers=advertisers)
         return Backends(
             writer=roles.log_writer(settings),
             reader=roles.log_reader(settings),

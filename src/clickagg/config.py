@@ -95,6 +95,11 @@ class Settings:
     # ``POST /rules/replay`` replays candidate rules over at most this much of the archive
     # per request (a thread of the API process reads it); the command line has no limit.
     replay_max_span_ms: int = 31 * 24 * 60 * MINUTE_MS
+    # The admin endpoints (/admin/*: the ad registry, advertisers, the IP blocklist) answer
+    # only requests that carry one of these as ``Authorization: Bearer <token>``: a comma-
+    # separated list of ``name:token`` (or a bare token, named "admin"); the name is
+    # recorded as who made each change. Empty: the admin endpoints are off (403).
+    admin_token: str = ""
     # Which adapter plays each role (clickagg.runtime.roles lists them).
     log_backend: str = "segments"
     store_backend: str = "duckdb"
@@ -142,6 +147,11 @@ class Settings:
     def rules_changes_path(self) -> Path:
         """Every change of the invalid-traffic rules the worker applied (JSON lines)."""
         return self.data_dir / "rules" / "changes.jsonl"
+
+    @property
+    def blocklist_path(self) -> Path:
+        """The managed IP blocklist: every add and remove, who and why (JSON lines)."""
+        return self.data_dir / "rules" / "blocklist.jsonl"
 
     @property
     def rpc_socket(self) -> Path:

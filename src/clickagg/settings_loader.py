@@ -42,6 +42,8 @@ FLAGS = {
     "log_level": "--log-level",
 }
 # Settings whose value is one of a few words (uvicorn's and logging's level names).
+# Settings whose value is a secret: --print-config shows whether it is set, not the value.
+SECRETS = {"admin_token"}
 CHOICES = {"log_level": ("critical", "error", "warning", "info", "debug")}
 
 _T = TypeVar("_T")
@@ -202,6 +204,12 @@ def toml_value(spec: Spec, value: object) -> str:
     return json.dumps(display_value(spec, value))
 
 
+def _shown(spec: Spec, value: object) -> str:
+    if spec.name in SECRETS and value:
+        return '"(set, not shown)"'
+    return toml_value(spec, value)
+
+
 @dataclass(frozen=True)
 class Loaded:
     settings: Settings
@@ -211,7 +219,7 @@ class Loaded:
     def to_toml(self) -> str:
         """The effective settings as a TOML file, each line saying where its value came from."""
         lines = [
-            (f"{name} = {toml_value(spec, getattr(self.settings, spec.field))}", self.sources[name])
+            (f"{name} = {_shown(spec, getattr(self.settings, spec.field))}", self.sources[name])
             for name, spec in SPECS.items()
         ]
         width = max(len(line) for line, _ in lines)

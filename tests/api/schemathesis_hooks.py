@@ -17,6 +17,10 @@ which built-in check each one stands in for.
   its rules and the report never checked against the schema: a generated ``rules`` string
   is replaced by the text of real rules (a ``rules`` that is not a string stays, so a
   request that breaks the schema still does).
+- ``cidr_rejections_only``: the blocklist's CIDRs match the document's pattern, whose
+  ``$`` also matches before a final line break (the server refuses such a string), and
+  a CIDR may be well formed but not listed. A request valid by the schema may be refused
+  with 400 for a CIDR, or 404 for removing one not listed, and for nothing else.
 - ``batch_rejects_invalid_items``: a batch stores its valid items and names the others by
   index (202), by design. A request the schema refuses must therefore be refused whole (4xx,
   413 for too many items) or have its invalid items named in ``rejected``.
@@ -84,6 +88,24 @@ def relational_rejections_only(
         return None
     if 400 <= response.status_code < 500:
         raise AssertionError(f"a query valid parameter by parameter was refused: {response.text}")
+    return None
+
+
+CIDR_OPERATIONS = {"POST /admin/blocklist", "DELETE /admin/blocklist/{cidr}"}
+
+
+@schemathesis.check
+def cidr_rejections_only(
+    ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case
+) -> bool | None:
+    if case.operation.label not in CIDR_OPERATIONS or not _is_positive(case):
+        return None
+    if response.status_code == 400 and "not an IP address or CIDR" in response.json()["detail"]:
+        return None
+    if response.status_code == 404 and "not on the blocklist" in response.json()["detail"]:
+        return None
+    if 400 <= response.status_code < 500:
+        raise AssertionError(f"a request valid but for its CIDRs was refused: {response.text}")
     return None
 
 

@@ -34,6 +34,8 @@ from clickagg.launcher import free_port
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 FUTURE_MS = 5 * 60_000
+# schemathesis.toml sends this token to the admin endpoints.
+ADMIN_TOKEN = "schemathesis:schemathesis-admin-token"
 
 
 @dataclass
@@ -55,7 +57,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     served, and with a moving clock a value just past them is accepted a moment later."""
     data_dir = tmp_path_factory.mktemp("openapi") / "data"
     clock = FixedClock(time.time_ns() // 1_000_000 // 1000 * 1000)
-    settings = Settings(data_dir=data_dir, partitions=2, max_batch_events=50)
+    settings = Settings(
+        data_dir=data_dir, partitions=2, max_batch_events=50, admin_token=ADMIN_TOKEN
+    )
     port = free_port()
     config = uvicorn.Config(
         create_app(settings, clock=clock), host="127.0.0.1", port=port, log_level="warning"

@@ -14,7 +14,8 @@ import pytest
 
 from clickagg.batch.published import FinalRowsReader
 from clickagg.batch.runner import batch_dir, reconcile_hours
-from clickagg.batch.statement import build_statement
+from clickagg.batch.statement import build_statement, statement_frame, statement_json
+from clickagg.core.ads import AdChange, AdEntry, as_of
 from clickagg.core.windows import HOUR_MS
 from clickagg.registry import Advertiser
 from tests.conftest import Ev
@@ -127,10 +128,11 @@ def test_adjustments_after_the_month_closed_and_the_cli_formats(rig: Rig, tmp_pa
             "impressions": 0,
             "spend_micros": 1_000_000,
             "invalid_clicks_removed": 0,
+            "ad_status": None,  # not in the registry
         }
     ]
     as_csv = subprocess.run([*command, "--format", "csv"], capture_output=True, text=True)
-    assert as_csv.stdout.splitlines()[1] == "adv-la,ad-la,2023-11-20,4,0,1000000,0"
+    assert as_csv.stdout.splitlines()[1] == "adv-la,ad-la,2023-11-20,4,0,1000000,0,"
     out = tmp_path / "statement.parquet"
     done = subprocess.run([*command, "--format", "parquet", "--output", str(out)], check=True)
     assert done.returncode == 0
@@ -164,3 +166,34 @@ def test_a_half_hour_zone_month_takes_only_its_minutes_of_a_restated_boundary_ho
     assert november.adjustments_after_close["ad"]["clicks"] == 1
     assert december.adjustments_after_close["ad"]["clicks"] == 2
     assert november.adjustments_after_close["ad"]["spend_micros"] == 250_000
+
+
+def test_lines_report_the_ad_status_at_the_month_end_and_counts_are_unchanged(
+    rig: Rig,
+) -> None:
+    tz = LA.time_zone
+    start = ms(tz, 2023, 11, 20, 12, 0)
+    rig.append(clicks_at("s", "adv-la", [start, start + 60_000], "ad-la"))
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    reconcile_span(rig, start, start + HOUR_MS)
+    month_end = ms(tz, 2023, 12, 1, 0, 0)
+    changes = [
+        AdChange("ad-la", start + HOUR_MS, status="paused"),
+        AdChange("ad-la", month_end, status="archived"),  # December's: not November's
+    ]
+    asked: list[int] = []
+
+    def ads(at_ms: int) -> dict[str, AdEntry]:
+        asked.append(at_ms)
+        return as_of({}, changes, at_ms)
+
+    reader = FinalRowsReader(batch_dir(rig.settings))
+    plain = build_statement(reader, LA, "2023-11")
+    statement = build_statement(reader, LA, "2023-11", ads=ads)
+    assert asked == [month_end - 1]
+    assert statement.ad_status == {"ad-la": "paused"}
+    assert statement.lines == plain.lines  # a paused ad's clicks are counted all the same
+    assert {line["ad_status"] for line in statement_json(statement)["lines"]} == {"paused"}
+    assert statement_frame(statement)["ad_status"].to_list() == ["paused"]
+    assert {line["ad_status"] for line in statement_json(plain)["lines"]} == {None}

@@ -171,6 +171,7 @@ def test_flagged_clicks_are_kept_with_their_reason_and_not_billed(tmp_path: Path
         assert records[0]["added"] == [
             "datacenter-ip",
             "declared-crawler",
+            "ip-blocklist",
             "ip-click-velocity",
             "non-browser-client",
         ]

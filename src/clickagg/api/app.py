@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from clickagg.api import audit, billing, health, ingest, openapi, queries, rules
+from clickagg.api import admin, audit, billing, health, ingest, openapi, queries, rules
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
 from clickagg.api.state import AppState, IngestMetrics, WorkerHandle, state_of
@@ -67,6 +67,7 @@ ROUTES = [
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),
+    *admin.ROUTES,
 ]
 
 

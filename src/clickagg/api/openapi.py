@@ -18,12 +18,16 @@ from typing import Any
 
 import msgspec
 
+from clickagg.api.admin import MAX_CIDRS
 from clickagg.api.billing import MONTH_PATTERN
 from clickagg.api.rules import MAX_LIMIT, RULES_PROBLEM
 from clickagg.api.timefmt import LATEST_MS
 from clickagg.batch.replay import DEFAULT_LIMIT
+from clickagg.blocklist import CIDR_PATTERN, MAX_REASON_CHARS
 from clickagg.config import Settings
+from clickagg.core.ads import MAX_CPC_MICROS, STATUSES
 from clickagg.core.events import EARLIEST_MS, IncomingEvent, timestamp_ms
+from clickagg.registry import time_zones
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _ID_LENGTH = {"minLength": 1, "maxLength": 256}
@@ -553,6 +557,9 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
             }
         },
     }
+    paths.update(_admin_paths(now_ms, time_schema))
+    components["AdEntry"] = _AD_ENTRY
+    components["Advertiser"] = _ADVERTISER
     return {
         "openapi": "3.1.0",
         "info": {
@@ -561,5 +568,245 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
             "description": "Exactly-once ad-click aggregation",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                ADMIN_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a token of the admin_token setting",
+                }
+            },
+        },
+    }
+
+
+ADMIN_SCHEME = "adminToken"
+_AD_ENTRY = {
+    "type": "object",
+    "properties": {
+        "ad_id": {"type": "string"},
+        "cpc_micros": {"type": ["integer", "null"]},
+        "advertiser_id": {"type": ["string", "null"]},
+        "campaign_id": {"type": ["string", "null"]},
+        "status": {"enum": list(STATUSES)},
+        "since_ms": {"type": "integer"},
+    },
+    "required": ["ad_id", "cpc_micros", "advertiser_id", "campaign_id", "status", "since_ms"],
+}
+_ADVERTISER = {
+    "type": "object",
+    "properties": {
+        "advertiser_id": {"type": "string"},
+        "name": {"type": "string"},
+        "currency": {"type": "string"},
+        "time_zone": {"type": "string"},
+    },
+    "required": ["advertiser_id", "name", "currency", "time_zone"],
+}
+
+
+def _one_of_fields(*names: str) -> list[dict[str, Any]]:
+    """At least one of ``names`` (a change that changes nothing is refused)."""
+    return [{"required": [name]} for name in names]
+
+
+def _admin_paths(now_ms: int, time_schema: dict[str, Any]) -> dict[str, Any]:
+    """The admin endpoints: bearer token; 403 while the admin_token setting is unset."""
+    security: list[dict[str, list[str]]] = [{ADMIN_SCHEME: []}]
+    auth_errors = {
+        "401": _json(_ERROR, "no token, or not one of admin_token's"),
+        "403": _json(_ERROR, "admin endpoints off: the admin_token setting is unset"),
+    }
+    ad_ref = {"$ref": "#/components/schemas/AdEntry"}
+    advertiser_ref = {"$ref": "#/components/schemas/Advertiser"}
+    this_year = datetime.fromtimestamp(now_ms / 1000, tz=UTC).year
+    # A change applies from now on: epoch seconds or ms not before now (the rule of
+    # clickagg.registry, to the second: 1 s of slack), or a date-time of a later year.
+    earliest_ms = now_ms - 1000
+    effective_from = {
+        "description": (
+            "when the change applies (event time; default: now): epoch seconds (below 1e11) "
+            "or milliseconds, or a date-time; never before now"
+        ),
+        "anyOf": [
+            {
+                "type": "integer",
+                "minimum": -(-earliest_ms // 1000),
+                "maximum": 99_999_999_999,
+            },
+            {"type": "integer", "minimum": max(earliest_ms, 10**11), "maximum": LATEST_MS},
+            _date_time(_years(this_year + 1, this_year + 20)),
+        ],
+    }
+    ad_change = {
+        "type": "object",
+        "properties": {
+            "cpc_micros": {"type": "integer", "minimum": 0, "maximum": MAX_CPC_MICROS},
+            "advertiser_id": {"type": "string", **_ID_LENGTH},
+            "campaign_id": {"type": "string", **_ID_LENGTH},
+            "status": _enum(*STATUSES),
+            "effective_from": effective_from,
+        },
+        "additionalProperties": False,
+        "anyOf": _one_of_fields("cpc_micros", "advertiser_id", "campaign_id", "status"),
+    }
+    advertiser_change = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", **_ID_LENGTH},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217"},
+            "time_zone": {"enum": sorted(time_zones()), "description": "IANA time zone"},
+        },
+        "additionalProperties": False,
+        "anyOf": _one_of_fields("name", "currency", "time_zone"),
+    }
+    add_cidrs = {
+        "type": "object",
+        "properties": {
+            "cidrs": {
+                "type": "array",
+                "items": {
+                    "type": "string",
+                    "pattern": CIDR_PATTERN,
+                    "description": "an IPv4 or IPv6 address or CIDR (203.0.113.0/24)",
+                },
+                "minItems": 1,
+                "maxItems": MAX_CIDRS,
+            },
+            "reason": {"type": "string", "maxLength": MAX_REASON_CHARS},
+        },
+        "required": ["cidrs"],
+        "additionalProperties": False,
+    }
+
+    def body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+    def path_id(name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", **_ID_LENGTH},
+        }
+
+    def obj(key: str, item: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {key: {"type": "array", "items": item}},
+            "required": [key],
+        }
+
+    listed = {
+        "type": "object",
+        "properties": {
+            "cidr": {"type": "string"},
+            "since_ms": {"type": "integer"},
+            "by": {"type": "string"},
+            "reason": {"type": "string"},
+        },
+        "required": ["cidr", "since_ms", "by", "reason"],
+    }
+    return {
+        "/admin/ads": {
+            "get": {
+                "summary": "The ad registry as of a time: price, owner, status of every ad",
+                "security": security,
+                "parameters": [_query("at", "epoch s/ms or date-time (default: now)", time_schema)],
+                "responses": {
+                    "200": _json(obj("ads", ad_ref), "the registry then"),
+                    **_errors(400),
+                    **auth_errors,
+                },
+            }
+        },
+        "/admin/ads/{ad_id}": {
+            "put": {
+                "summary": "Change an ad's price, advertiser, campaign or status from a time on",
+                "description": (
+                    "Fields left out keep their value. Status is reported in listings and "
+                    "statements; clicks are counted whatever it is."
+                ),
+                "security": security,
+                "parameters": [path_id("ad_id")],
+                "requestBody": body(ad_change),
+                "responses": {
+                    "200": _json({"type": "object"}, "recorded: the ad from then on"),
+                    **_errors(400, 413),
+                    **auth_errors,
+                },
+            }
+        },
+        "/admin/advertisers": {
+            "get": {
+                "summary": "Every advertiser: name, currency, time zone",
+                "security": security,
+                "responses": {
+                    "200": _json(obj("advertisers", advertiser_ref), "advertisers"),
+                    **auth_errors,
+                },
+            }
+        },
+        "/admin/advertisers/{advertiser_id}": {
+            "put": {
+                "summary": "Describe an advertiser (fields left out keep their value)",
+                "security": security,
+                "parameters": [path_id("advertiser_id")],
+                "requestBody": body(advertiser_change),
+                "responses": {
+                    "200": _json({"type": "object"}, "recorded: the advertiser now"),
+                    **_errors(400, 413),
+                    **auth_errors,
+                },
+            }
+        },
+        "/admin/blocklist": {
+            "get": {
+                "summary": "The managed IP blocklist: entries listed now",
+                "security": security,
+                "responses": {"200": _json(obj("entries", listed), "entries"), **auth_errors},
+            },
+            "post": {
+                "summary": "List addresses or CIDRs: their clicks from now on are invalid",
+                "security": security,
+                "requestBody": body(add_cidrs),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "added": {"type": "array", "items": {"type": "string"}},
+                                "by": {"type": "string"},
+                            },
+                            "required": ["added", "by"],
+                        },
+                        "recorded: the CIDRs newly listed",
+                    ),
+                    **_errors(400, 413),
+                    **auth_errors,
+                },
+            },
+        },
+        "/admin/blocklist/{cidr}": {
+            "delete": {
+                "summary": "Take an entry off the list (URL-encoded CIDR: 203.0.113.0%2F24)",
+                "security": security,
+                "parameters": [
+                    {
+                        "name": "cidr",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": CIDR_PATTERN},
+                        # the "/" of a CIDR is sent URL-encoded (%2F)
+                        "example": "203.0.113.0/24",
+                    }
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "removed"),
+                    **_errors(400, 404),
+                    **auth_errors,
+                },
+            }
+        },
     }

@@ -66,7 +66,9 @@ def _candidate(settings: Settings, text: str) -> RuleSet:
     from clickagg.core.rules.loading import load_rules_text
 
     base: Path | None = settings.rules_file.parent if settings.rules_file else None
-    return load_rules_text(text, source="request", base=base, confine=True)
+    return load_rules_text(
+        text, source="request", base=base, confine=True, blocklist=settings.blocklist_path
+    )
 
 
 def _replay(

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clickagg.batch.statement import build_statement, statement_json
+from clickagg.batch.statement import AdsAsOf, build_statement, statement_json
 from clickagg.core import aggregate, hll
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.query.base import (
@@ -284,11 +284,18 @@ class FinalRowsReader:
         self,
         directory: Path,
         *,
-        advertisers: Mapping[str, Advertiser] | None = None,
+        advertisers: Mapping[str, Advertiser]
+        | Callable[[], Mapping[str, Advertiser]]
+        | None = None,
+        ads: AdsAsOf | None = None,
         cache_entries: int = 512,
     ) -> None:
+        """``advertisers``: who statements are for, or a function reading them afresh
+        (the advertiser registry, which changes while the server runs); ``ads``: the ad
+        registry as of a time, for the status statements report."""
         self.hours = FinalHours(directory)
-        self.advertisers = dict(advertisers or {})
+        self._ads = ads
+        self._advertisers = advertisers if callable(advertisers) else dict(advertisers or {})
         self._epoch: tuple[int, int] | None = None
         self._current: dict[int, Version] = {}
         self._cache: dict[tuple[int, int, str], pl.DataFrame] = {}
@@ -321,10 +328,11 @@ class FinalRowsReader:
         return frame
 
     def statement(self, *, advertiser_id: str, month: str) -> dict[str, Any]:
-        advertiser = self.advertisers.get(advertiser_id) or Advertiser(
+        known = self._advertisers() if callable(self._advertisers) else self._advertisers
+        advertiser = known.get(advertiser_id) or Advertiser(
             advertiser_id, advertiser_id, "USD", "UTC"
         )
-        return statement_json(build_statement(self, advertiser, month))
+        return statement_json(build_statement(self, advertiser, month, ads=self._ads))
 
     def minute_frame(self, hour_ms: int) -> pl.DataFrame | None:
         """The current final minute rows of one hour (cached by version)."""

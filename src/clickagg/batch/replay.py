@@ -35,7 +35,7 @@ from clickagg.core import ids
 from clickagg.core.rules.base import RuleSet
 from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import HOUR_MS
-from clickagg.registry import PriceRegistry
+from clickagg.registry import AdRegistry
 
 DEFAULT_LIMIT = 100
 
@@ -184,8 +184,8 @@ def replay_rules(
     against the current rules. Reads the archive only."""
     first = start_ms - start_ms % HOUR_MS
     hours = list(range(first, end_ms, HOUR_MS))
-    current = load_rules(settings.rules_file)
-    cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
+    current = load_rules(settings.rules_file, blocklist=settings.blocklist_path)
+    cpc = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
     open_period = engine_factory(engine)
     by_month: dict[tuple[int, int], list[int]] = {}
     for hour_ms in hours:

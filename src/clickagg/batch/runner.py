@@ -20,7 +20,7 @@ from clickagg.batch.reconcile import HourResult, engine_factory, month_of, recon
 from clickagg.config import Settings
 from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import HOUR_MS
-from clickagg.registry import PriceRegistry
+from clickagg.registry import AdRegistry
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,9 @@ def reconcile_hours(
     ``spark_conf``: more Spark settings).
     ``progress`` hears after each hour how far the run is."""
     open_period = engine_factory(engine, spark_master=spark_master, spark_conf=spark_conf)
-    cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
-    rules = load_rules(settings.rules_file)  # the stream's rules, applied to every winner
+    cpc = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
+    # The stream's rules, applied to every winner.
+    rules = load_rules(settings.rules_file, blocklist=settings.blocklist_path)
     archive = ParquetArchiveReader(settings.archive_dir)
     final = FinalHours(batch_dir(settings))
     runs = []

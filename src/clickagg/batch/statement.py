@@ -11,12 +11,14 @@ restatements published after the month closed (see ``FinalRowsReader.adjustments
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import polars as pl
 
+from clickagg.core.ads import AdEntry
 from clickagg.core.windows import HOUR_MS
 from clickagg.registry import Advertiser
 
@@ -45,6 +47,9 @@ class Statement:
     lines: list[StatementLine]
     adjustments_after_close: dict[str, dict[str, int]]  # ad_id -> sums changed later
     hours_not_final: list[int]
+    # Each ad's registry status at the month's end (reported only: it never changes what
+    # is counted or billed; see clickagg.core.ads).
+    ad_status: dict[str, str] = field(default_factory=dict)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -62,7 +67,15 @@ def month_bounds(month: str, zone: str) -> tuple[int, int]:
     return int(first.timestamp() * 1000), int(following.timestamp() * 1000)
 
 
-def build_statement(reader: FinalRowsReader, advertiser: Advertiser, month: str) -> Statement:
+AdsAsOf = Callable[[int], Mapping[str, AdEntry]]
+"""The ad registry as of a time (``AdRegistry.entries``)."""
+
+
+def build_statement(
+    reader: FinalRowsReader, advertiser: Advertiser, month: str, *, ads: AdsAsOf | None = None
+) -> Statement:
+    """``ads``: where each line's ad status comes from (the registry as of the month's
+    last moment); without it, no status is reported."""
     start, end = month_bounds(month, advertiser.time_zone)
     first_hour = start - start % HOUR_MS
     hours = list(range(first_hour, end, HOUR_MS))
@@ -96,6 +109,8 @@ def build_statement(reader: FinalRowsReader, advertiser: Advertiser, month: str)
             sums = later.setdefault(change.ad_id, dict.fromkeys(_SUMS, 0))
             for m in _SUMS:
                 sums[m] += getattr(change, m)
+    registry = ads(end - 1) if ads is not None else {}
+    status = {line.ad_id: registry[line.ad_id].status for line in lines if line.ad_id in registry}
     return Statement(
         advertiser,
         month,
@@ -104,6 +119,7 @@ def build_statement(reader: FinalRowsReader, advertiser: Advertiser, month: str)
         lines,
         later,
         [h for h in hours if h not in final],
+        status,
     )
 
 
@@ -130,6 +146,7 @@ def statement_json(statement: Statement) -> dict[str, Any]:
                 "impressions": line.impressions,
                 "spend_micros": line.spend_micros,
                 "invalid_clicks_removed": line.invalid_clicks,
+                "ad_status": statement.ad_status.get(line.ad_id),
             }
             for line in statement.lines
         ],
@@ -153,6 +170,7 @@ def statement_frame(statement: Statement) -> pl.DataFrame:
                 "impressions": line.impressions,
                 "spend_micros": line.spend_micros,
                 "invalid_clicks_removed": line.invalid_clicks,
+                "ad_status": statement.ad_status.get(line.ad_id),
             }
             for line in statement.lines
         ],
@@ -164,5 +182,6 @@ def statement_frame(statement: Statement) -> pl.DataFrame:
             "impressions": pl.Int64,
             "spend_micros": pl.Int64,
             "invalid_clicks_removed": pl.Int64,
+            "ad_status": pl.String,
         },
     )

@@ -694,7 +694,7 @@ def rules_replay(
     if settings is None:
         return
     try:
-        candidate = load_rules(candidate_file)
+        candidate = load_rules(candidate_file, blocklist=settings.blocklist_path)
     except RuleError as exc:
         raise SettingsUsageError(f"--rules: {exc}") from None
     start = _utc_ms(since, "--since")
@@ -802,15 +802,18 @@ def statement(
     adjustments restatements made after the month closed."""
     from clickagg.batch.published import FinalRowsReader
     from clickagg.batch.statement import build_statement, statement_frame, statement_json
-    from clickagg.registry import Advertiser, load_advertisers
+    from clickagg.registry import AdRegistry, AdvertiserRegistry
 
     settings = _resolve_settings(config_file, print_config, flags)
     if settings is None:
         return
-    known = load_advertisers(settings.advertisers_file) if settings.advertisers_file else {}
-    advertiser = known.get(advertiser_id) or Advertiser(advertiser_id, advertiser_id, "USD", "UTC")
+    registry = AdvertiserRegistry.for_data_dir(settings.data_dir, settings.advertisers_file)
+    advertiser = registry.get(advertiser_id)
+    ads = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
     try:
-        result = build_statement(FinalRowsReader(settings.batch_dir), advertiser, month)
+        result = build_statement(
+            FinalRowsReader(settings.batch_dir), advertiser, month, ads=ads.entries
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
     if fmt == "parquet" and output is None:
@@ -831,11 +834,14 @@ def statement(
             f"{advertiser.time_zone}, {advertiser.currency}"
             + (f" — {pending} hours not final yet" if pending else "")
         )
-        for column in ("ad", "day", "clicks", "impressions", "spend", "invalid removed"):
-            table.add_column(column, justify="left" if column in ("ad", "day") else "right")
+        for column in ("ad", "status", "day", "clicks", "impressions", "spend", "invalid removed"):
+            table.add_column(
+                column, justify="left" if column in ("ad", "status", "day") else "right"
+            )
         for line in result.lines:
             table.add_row(
                 line.ad_id,
+                result.ad_status.get(line.ad_id, ""),
                 line.day.isoformat(),
                 f"{line.clicks:,}",
                 f"{line.impressions:,}",
@@ -846,6 +852,7 @@ def statement(
         table.add_row(
             "total",
             "",
+            "",
             f"{totals['clicks']:,}",
             f"{totals['impressions']:,}",
             f"{totals['spend_micros'] / 1e6:,.2f}",
@@ -854,6 +861,7 @@ def statement(
         for ad_id, sums in sorted(result.adjustments_after_close.items()):
             table.add_row(
                 ad_id,
+                "",
                 "adjusted later",
                 f"{sums['clicks']:+,}",
                 f"{sums['impressions']:+,}",
@@ -870,7 +878,8 @@ def statement(
 
 @main.group()
 def ads() -> None:
-    """The ad registry's prices: set, import and list them, versioned by effective time."""
+    """The ad registry: each ad's price, advertiser, campaign and status, versioned by
+    effective time (set, import and list them)."""
 
 
 def _when(text: str | None) -> int:
@@ -878,40 +887,65 @@ def _when(text: str | None) -> int:
     return now if text is None else _utc_ms(text, "--effective-from")
 
 
+def _who() -> str:
+    return os.environ.get("USER", "cli")
+
+
 @ads.command(name="set")
 @_settings_options
 @click.argument("ad_id")
-@click.option("--cpc-micros", type=int, required=True, help="Price of a click, in micros.")
+@click.option("--cpc-micros", type=click.IntRange(min=0), help="Price of a click, in micros.")
+@click.option("--advertiser", "advertiser_id", help="The advertiser who owns the ad.")
+@click.option("--campaign", "campaign_id", help="The campaign the ad runs in.")
+@click.option(
+    "--status",
+    type=click.Choice(["active", "paused", "archived"]),
+    help="Reported in listings and statements; clicks are counted whatever it is.",
+)
 @click.option("--effective-from", help="When it applies (event time; default: now).")
 def ads_set(
     config_file: Path | None,
     print_config: bool,
     ad_id: str,
-    cpc_micros: int,
+    cpc_micros: int | None,
+    advertiser_id: str | None,
+    campaign_id: str | None,
+    status: str | None,
     effective_from: str | None,
     **flags: object,
 ) -> None:
-    """Set an ad's price from now (or a later time) on: clicks before keep their price.
+    """Change an ad from now (or a later time) on: clicks before keep their price.
     A running server applies it without a restart."""
-    from clickagg.core.prices import Price
-    from clickagg.registry import PriceRegistry, RegistryError
+    from clickagg.core.ads import AdChangeError, change_of
+    from clickagg.registry import AdRegistry, RegistryError
 
     settings = _resolve_settings(config_file, print_config, flags)
     if settings is None:
         return
-    registry = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file)
-    price = Price(ad_id, cpc_micros, _when(effective_from))
+    registry = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+    since = _when(effective_from)
+    fields = {
+        "cpc_micros": cpc_micros,
+        "advertiser_id": advertiser_id,
+        "campaign_id": campaign_id,
+        "status": status,
+    }
     try:
-        registry.record([price], by=os.environ.get("USER", "cli"), now_ms=int(time.time() * 1000))
-    except RegistryError as exc:
+        change = change_of(ad_id, since, fields)
+        registry.record_changes([change], by=_who(), now_ms=int(time.time() * 1000))
+    except (RegistryError, AdChangeError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{ad_id}: {cpc_micros} micros per click from {_iso_ms(price.effective_from_ms)}")
+    said = ", ".join(
+        f"{cpc_micros} micros per click" if k == "cpc_micros" else f"{k} {v}"
+        for k, v in change.fields().items()
+    )
+    click.echo(f"{ad_id}: {said} from {_iso_ms(since)}")
 
 
 @ads.command(name="import")
 @_settings_options
 @click.argument("csv_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--effective-from", help="When the prices apply (event time; default: now).")
+@click.option("--effective-from", help="When the changes apply (event time; default: now).")
 def ads_import(
     config_file: Path | None,
     print_config: bool,
@@ -919,45 +953,188 @@ def ads_import(
     effective_from: str | None,
     **flags: object,
 ) -> None:
-    """Set many prices at once from a CSV with columns ad_id,cpc_micros."""
-    from clickagg.core.prices import Price
-    from clickagg.registry import PriceRegistry, RegistryError, load_cpc_micros
+    """Change many ads at once from a CSV: ad_id and any of cpc_micros, advertiser_id,
+    campaign_id, status (an empty cell leaves that field as it is)."""
+    from clickagg.registry import AdRegistry, RegistryError, load_ad_changes
 
     settings = _resolve_settings(config_file, print_config, flags)
     if settings is None:
         return
     since = _when(effective_from)
     try:
-        prices = [Price(ad, cpc, since) for ad, cpc in load_cpc_micros(csv_file).items()]
-        registry = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file)
-        registry.record(prices, by=os.environ.get("USER", "cli"), now_ms=int(time.time() * 1000))
+        changes = load_ad_changes(csv_file, since)
+        registry = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+        registry.record_changes(changes, by=_who(), now_ms=int(time.time() * 1000))
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"imported {len(prices)} prices effective from {_iso_ms(since)}")
+    prices = sum(1 for c in changes if c.cpc_micros is not None)
+    click.echo(f"imported {len(changes)} ads ({prices} prices) effective from {_iso_ms(since)}")
 
 
 @ads.command(name="list")
 @_settings_options
-@click.option("--at", "at", help="Prices in force at this time (default: now).")
-def ads_list(config_file: Path | None, print_config: bool, at: str | None, **flags: object) -> None:
-    """Every ad's price in force at a time, and when it was set."""
-    from clickagg.registry import PriceRegistry
+@click.option("--at", "at", help="The registry as of this time (default: now).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+def ads_list(
+    config_file: Path | None, print_config: bool, at: str | None, as_json: bool, **flags: object
+) -> None:
+    """Every ad as the registry describes it at a time: price, owner, status, and since
+    when."""
+    from clickagg.registry import AdRegistry
 
     settings = _resolve_settings(config_file, print_config, flags)
     if settings is None:
         return
     moment = _when(at)
-    book = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
-    table = Table(title=f"prices at {_iso_ms(moment)}")
-    for column in ("ad", "cpc (micros)", "since"):
+    entries = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file).entries(moment)
+    if as_json:
+        for entry in entries.values():
+            click.echo(json.dumps(entry.as_json()))
+        return
+    table = Table(title=f"ads at {_iso_ms(moment)}")
+    for column in ("ad", "cpc (micros)", "advertiser", "campaign", "status", "since"):
         table.add_column(column, justify="right" if column.startswith("cpc") else "left")
-    in_force = (
-        book.table.filter(book.table["effective_from_ms"] <= moment)
-        .sort("ad_id", "effective_from_ms")
-        .unique("ad_id", keep="last", maintain_order=True)
+    for entry in entries.values():
+        table.add_row(
+            entry.ad_id,
+            "" if entry.cpc_micros is None else f"{entry.cpc_micros:,}",
+            entry.advertiser_id or "",
+            entry.campaign_id or "",
+            entry.status,
+            _iso_ms(entry.since_ms),
+        )
+    Console().print(table)
+
+
+@main.group()
+def advertisers() -> None:
+    """Advertisers: the name, currency and time zone their statements are made in."""
+
+
+@advertisers.command(name="set")
+@_settings_options
+@click.argument("advertiser_id")
+@click.option("--name", help="Shown on statements.")
+@click.option("--currency", help="ISO 4217 code, e.g. EUR.")
+@click.option("--time-zone", help="IANA time zone, e.g. Europe/Paris: statement days.")
+def advertisers_set(
+    config_file: Path | None,
+    print_config: bool,
+    advertiser_id: str,
+    name: str | None,
+    currency: str | None,
+    time_zone: str | None,
+    **flags: object,
+) -> None:
+    """Describe an advertiser (a field not given keeps its value); recorded with who and
+    when, over the advertisers_file CSV."""
+    from clickagg.registry import AdvertiserRegistry, RegistryError
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    registry = AdvertiserRegistry.for_data_dir(settings.data_dir, settings.advertisers_file)
+    fields = {"name": name, "currency": currency, "time_zone": time_zone}
+    try:
+        advertiser = registry.record(
+            advertiser_id, fields, by=_who(), now_ms=int(time.time() * 1000)
+        )
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{advertiser.advertiser_id}: {advertiser.name}, {advertiser.currency}, "
+        f"{advertiser.time_zone}"
     )
-    for ad_id, since, cpc in in_force.select("ad_id", "effective_from_ms", "cpc_micros").rows():
-        table.add_row(ad_id, f"{cpc:,}", _iso_ms(since))
+
+
+@advertisers.command(name="list")
+@_settings_options
+def advertisers_list(config_file: Path | None, print_config: bool, **flags: object) -> None:
+    """Every advertiser as statements are made for them now."""
+    from clickagg.registry import AdvertiserRegistry
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    registry = AdvertiserRegistry.for_data_dir(settings.data_dir, settings.advertisers_file)
+    table = Table(title="advertisers")
+    for column in ("advertiser", "name", "currency", "time zone"):
+        table.add_column(column)
+    for a in registry.current().values():
+        table.add_row(a.advertiser_id, a.name, a.currency, a.time_zone)
+    Console().print(table)
+
+
+@main.group()
+def blocklist() -> None:
+    """The managed IP blocklist: addresses and CIDRs whose clicks are invalid from when
+    they are added until they are removed (applied by rules with managed = true, such as
+    the built-in ip-blocklist)."""
+
+
+@blocklist.command(name="add")
+@_settings_options
+@click.argument("cidrs", nargs=-1, required=True)
+@click.option("--reason", default="", help="Why: recorded with the entry.")
+def blocklist_add(
+    config_file: Path | None,
+    print_config: bool,
+    cidrs: tuple[str, ...],
+    reason: str,
+    **flags: object,
+) -> None:
+    """List addresses or CIDRs (IPv4 or IPv6). A running server applies them to the
+    events it processes from its next rules check on (about a second)."""
+    from clickagg.blocklist import Blocklist, BlocklistError
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    try:
+        added = Blocklist(settings.blocklist_path).add(
+            cidrs, reason=reason, by=_who(), now_ms=int(time.time() * 1000)
+        )
+    except BlocklistError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"added {', '.join(added) or 'nothing (already listed)'}")
+
+
+@blocklist.command(name="remove")
+@_settings_options
+@click.argument("cidr")
+@click.option("--reason", default="", help="Why: recorded with the removal.")
+def blocklist_remove(
+    config_file: Path | None, print_config: bool, cidr: str, reason: str, **flags: object
+) -> None:
+    """Take an entry off the list; the clicks it flagged while listed stay invalid."""
+    from clickagg.blocklist import Blocklist, BlocklistError
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    try:
+        removed = Blocklist(settings.blocklist_path).remove(
+            cidr, by=_who(), now_ms=int(time.time() * 1000), reason=reason
+        )
+    except (BlocklistError, LookupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {removed}")
+
+
+@blocklist.command(name="list")
+@_settings_options
+def blocklist_list(config_file: Path | None, print_config: bool, **flags: object) -> None:
+    """The entries listed now: since when, by whom and why."""
+    from clickagg.blocklist import Blocklist
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    table = Table(title="IP blocklist")
+    for column in ("cidr", "since", "by", "reason"):
+        table.add_column(column)
+    for entry in Blocklist(settings.blocklist_path).listed():
+        table.add_row(entry.cidr, _iso_ms(entry.since_ms), entry.by, entry.reason)
     Console().print(table)
 
 

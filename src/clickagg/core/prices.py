@@ -76,6 +76,9 @@ class PriceBook:
             right_on="effective_from_ms",
             by="ad_id",
             strategy="backward",
+            # Both sides are sorted just above; with ``by`` polars cannot check it and
+            # warns on some inputs (once per call: a worker's log full of them).
+            check_sortedness=False,
         )
         return priced.sort("_row")["cpc_micros"].fill_null(0).alias("cpc")
 

@@ -36,7 +36,7 @@ from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.realtime.base import RealtimeCounters
-from clickagg.registry import PriceRegistry
+from clickagg.registry import AdRegistry
 from clickagg.runtime import roles
 from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
@@ -125,7 +125,7 @@ class _Session:
             snapshots = SnapshotStore(settings.snapshot_dir)
             self.archive = roles.archive_writer(settings)
             undo.callback(_close_quietly, self.archive.close, "archive writer")
-            self.price_registry = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file)
+            self.price_registry = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
             self._prices_version = self.price_registry.version()
             cpc_micros = self.price_registry.book()
             self.workers = [

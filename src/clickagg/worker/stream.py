@@ -82,7 +82,11 @@ def rules_watcher(settings: Settings) -> RulesWatcher:
     key = (settings.rules_file, settings.data_dir)
     watcher = _RULES.get(key)
     if watcher is None:
-        watcher = RulesWatcher(settings.rules_file, changes=settings.rules_changes_path)
+        watcher = RulesWatcher(
+            settings.rules_file,
+            changes=settings.rules_changes_path,
+            blocklist=settings.blocklist_path,
+        )
         _RULES[key] = watcher
     return watcher
 

@@ -21,8 +21,9 @@ address and is never flagged by this rule.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -190,12 +191,96 @@ class BlockList(msgspec.Struct, forbid_unknown_fields=True):
     cidrs: list[str]
 
 
+class ManagedEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A CIDR of the managed blocklist (``clickagg blocklist``, ``/admin/blocklist``) and
+    the event times it applies to: from when it was added until it was removed."""
+
+    cidr: str
+    from_ms: int
+    until_ms: int | None = None
+
+
 class BlocklistParams(msgspec.Struct, forbid_unknown_fields=True):
-    lists: list[BlockList]
+    lists: list[BlockList] = msgspec.field(default_factory=list)
+    # The managed list's entries (the rules loader reads them when a rule says
+    # ``managed = true``).
+    managed: list[ManagedEntry] = msgspec.field(default_factory=list)
+
+
+MANAGED_LIST = "blocklist"
+
+
+def fold_blocklist(records: Sequence[Mapping[str, Any]]) -> list[ManagedEntry]:
+    """The managed list's entries from its append-only record of adds and removes (in
+    the order recorded): an add opens an entry for its CIDR, a remove closes the open one.
+    Adding a listed CIDR again, or removing one not listed, changes nothing."""
+    open_from: dict[str, int] = {}
+    closed: list[ManagedEntry] = []
+    for record in records:
+        cidr, time_ms = str(record["cidr"]), int(record["time_ms"])
+        if record["op"] == "add":
+            open_from.setdefault(cidr, time_ms)
+        elif record["op"] == "remove" and cidr in open_from:
+            closed.append(ManagedEntry(cidr, open_from.pop(cidr), time_ms))
+    return closed + [ManagedEntry(cidr, since) for cidr, since in open_from.items()]
+
+
+def managed_matcher(entries: Sequence[ManagedEntry]) -> Matcher:
+    """Events whose ``ip`` is in an entry's CIDR and whose event time is in the entry's
+    span: an address added to the list flags the events of its time of addition on,
+    whenever they arrive, so the stream and the batch layer judge an event alike, and
+    a removal does not clear the events flagged while it was listed."""
+    if not entries:
+        return lambda events: nulls("evidence", events.height)
+    ranges = [network_range(entry.cidr) for entry in entries]
+    union = RangeTable.build([(MANAGED_LIST, [text for _, _, text in ranges])])
+    starts, ends = _int_keys([r[0] for r in ranges]), _int_keys([r[1] for r in ranges])
+    spans = pl.DataFrame(
+        {
+            "entry": np.arange(len(entries)),
+            "from_ms": [entry.from_ms for entry in entries],
+            "until_ms": [entry.until_ms for entry in entries],
+            "label": [f"{MANAGED_LIST} {text}" for _, _, text in ranges],
+        },
+        schema={"entry": pl.Int64, "from_ms": pl.Int64, "until_ms": pl.Int64, "label": pl.String},
+    )
+
+    def match(events: pl.DataFrame) -> pl.Series:
+        ips = events["ip"]
+        distinct = ips.drop_nulls().unique()
+        keys, valid = parse_ips(distinct)
+        hit = union.lookup(keys, valid) >= 0  # the few addresses any entry may hold
+        if not hit.any():
+            return nulls("evidence", ips.len())
+        keys = keys[hit]
+        inside = (keys[:, None] >= starts[None, :]) & (keys[:, None] <= ends[None, :])
+        address, entry = np.nonzero(inside)
+        pairs = pl.DataFrame(
+            {"ip": distinct.filter(pl.Series(hit)).gather(address), "entry": entry.astype(np.int64)}
+        ).join(spans, on="entry")
+        rows = events.select(pl.int_range(pl.len()).alias("_row"), pl.col("ip"), pl.col("ts_ms"))
+        found = (
+            rows.join(pairs, on="ip")
+            .filter(
+                (pl.col("ts_ms") >= pl.col("from_ms"))
+                & (pl.col("until_ms").is_null() | (pl.col("ts_ms") < pl.col("until_ms")))
+            )
+            .sort("_row", "from_ms", "entry")
+            .unique("_row", keep="first")
+            .select("_row", pl.format("{} in {}", "ip", "label").alias("evidence"))
+        )
+        evidence = nulls("evidence", ips.len())
+        if not found.height:
+            return evidence
+        return evidence.scatter(found["_row"].to_numpy(), found["evidence"])
+
+    return match
 
 
 def ip_matcher(table: RangeTable) -> Matcher:
     """A matcher flagging events whose ``ip`` lies in one of ``table``'s ranges."""
+    if not len(table):  # the built-in rule while the managed list is empty: parse nothing
+        return lambda events: nulls("evidence", events.height)
 
     def match(events: pl.DataFrame) -> pl.Series:
         ips = events["ip"]
@@ -217,10 +302,20 @@ def ip_matcher(table: RangeTable) -> Matcher:
 @register_kind("ip_blocklist")
 def ip_blocklist(spec: RuleSpec) -> Matcher:
     """Addresses on IP or CIDR blocklists, IPv4 and IPv6: named lists of CIDRs (the rules
-    loader reads them from plain CIDR lists and the cloud providers' range files)."""
+    loader reads them from plain CIDR lists and the cloud providers' range files), and
+    the managed list's entries when the rule says ``managed = true``: a static list's
+    verdict first, the managed list's where no static list holds the address."""
     params = params_of(spec, BlocklistParams)
     try:
         table = RangeTable.build([(lst.name, lst.cidrs) for lst in params.lists])
+        managed = managed_matcher(params.managed)
     except ValueError as exc:
         raise RuleError(f"rule {spec.id!r} ({spec.kind}): {exc}") from None
-    return ip_matcher(table)
+    static = ip_matcher(table)
+    if not params.managed:
+        return static
+
+    def match(events: pl.DataFrame) -> pl.Series:
+        return static(events).fill_null(managed(events))
+
+    return match

@@ -51,7 +51,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from clickagg.core.rules.base import RuleError, RuleSet, RuleSpec
+from clickagg.core.rules.iprange import fold_blocklist
 from clickagg.core.rules.registry import compile_rules
 
 log = logging.getLogger(__name__)
@@ -74,15 +77,23 @@ def crawler_patterns() -> tuple[list[str], str]:
 
 
 class _Reader:
-    """One load: the files read (for the watcher) and the digest of all their bytes.
+    """One load: the files read (for the watcher) and the digest of all their bytes, and
+    where the managed blocklist is kept (None: no managed list).
 
     ``confine_to``: rules text from outside (an HTTP request) may name files only under
     this directory, and none at all when it is None and ``files_allowed`` is false: a
     request must not make the server read, and echo back, any file it can."""
 
-    def __init__(self, *, confine_to: Path | None = None, files_allowed: bool = True) -> None:
+    def __init__(
+        self,
+        blocklist: Path | None = None,
+        *,
+        confine_to: Path | None = None,
+        files_allowed: bool = True,
+    ) -> None:
         self.files: list[Path] = []
         self.digest = hashlib.sha256()
+        self.blocklist = blocklist
         self.confine_to = confine_to
         self.files_allowed = files_allowed
 
@@ -101,14 +112,25 @@ class _Reader:
         self._add(str(path), data)
         return data
 
+    def read_optional(self, path: Path) -> bytes:
+        """A file that may not exist yet (empty then), watched either way: the managed
+        blocklist appears with its first entry."""
+        if not path.exists():
+            self.files.append(path)
+            self._add(str(path), b"")
+            return b""
+        return self.read(path)
+
     def _add(self, name: str, data: bytes) -> None:
         self.digest.update(f"{name}\0{len(data)}\0".encode())
         self.digest.update(data)
 
 
-def load_rules(path: Path | None = None) -> RuleSet:
-    """The rules of ``path`` (None: the built-in rules), compiled."""
-    reader = _Reader()
+def load_rules(path: Path | None = None, *, blocklist: Path | None = None) -> RuleSet:
+    """The rules of ``path`` (None: the built-in rules), compiled; an ``ip_blocklist``
+    rule with ``managed = true`` also holds the entries of the managed ``blocklist``
+    record (``DATA_DIR/rules/blocklist.jsonl``), which is then one of the files watched."""
+    reader = _Reader(blocklist)
     if path is None:
         data = builtin_text()
         reader._add(BUILTIN, data)
@@ -124,13 +146,20 @@ def load_rules(path: Path | None = None) -> RuleSet:
 
 
 def load_rules_text(
-    text: str, *, source: str, base: Path | None = None, confine: bool = False
+    text: str,
+    *,
+    source: str,
+    base: Path | None = None,
+    confine: bool = False,
+    blocklist: Path | None = None,
 ) -> RuleSet:
     """Rules given as TOML text rather than a file (a candidate sent over HTTP), compiled
     as :func:`load_rules` compiles a file, ``include_builtin`` included. Files it names are
     relative to ``base``; with ``confine`` they must lie under it, and without a ``base``
-    none may be named."""
-    reader = _Reader(confine_to=base if confine else None, files_allowed=base is not None)
+    none may be named. ``blocklist``: the managed blocklist, as for :func:`load_rules`."""
+    reader = _Reader(
+        blocklist, confine_to=base if confine else None, files_allowed=base is not None
+    )
     data = text.encode()
     reader._add(source, data)
     specs = _specs(data, source, base or Path("."), reader)
@@ -247,7 +276,30 @@ def _blocklist_params(
                 raise RuleError(f"{where}: {path} is not a {fmt} range file: {exc}") from None
             entry["cidrs"] = [*entry.get("cidrs", []), *cidrs]
         resolved.append(entry)
+    managed = params.pop("managed", False)
+    if not isinstance(managed, bool):
+        raise RuleError(f"{where}: `params.managed` must be true or false")
+    if managed:
+        params["managed"] = _managed_entries(reader, where)
     return {**params, "lists": resolved}
+
+
+def _managed_entries(reader: _Reader, where: str) -> list[dict[str, Any]]:
+    if reader.blocklist is None:
+        return []
+    records = []
+    for line in reader.read_optional(reader.blocklist).decode().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line after a crash
+    try:
+        entries = fold_blocklist(records)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuleError(f"{where}: {reader.blocklist} is not a blocklist record: {exc}") from None
+    return [msgspec.to_builtins(entry) for entry in entries]
 
 
 def _plain_cidrs(data: bytes) -> Iterator[str]:
@@ -371,14 +423,16 @@ class RulesWatcher:
         path: Path | None,
         *,
         changes: Path | None = None,
+        blocklist: Path | None = None,
         check_interval_s: float = 1.0,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.path = path
         self.changes = changes
+        self.blocklist = blocklist
         self.check_interval_s = check_interval_s
         self._now_ms = now_ms
-        self.rules = load_rules(path)
+        self.rules = load_rules(path, blocklist=blocklist)
         self._signature = _signature(self.rules.files)
         self._checked = time.monotonic()
         self._record()
@@ -401,7 +455,7 @@ class RulesWatcher:
             return self.rules
         self._signature = signature
         try:
-            rules = load_rules(self.path)
+            rules = load_rules(self.path, blocklist=self.blocklist)
         except RuleError as exc:
             log.error("invalid-traffic rules not reloaded, keeping the rules in force: %s", exc)
             return self.rules
