@@ -1,15 +1,20 @@
 """Cost of the HLL unique-users sketches: µs per event to build them, µs per union.
 
 Builds the sketches of 500,000 events over 10,000 groups (Zipf-distributed group sizes) drawn
-from 1,000,000 distinct users, as one worker round would, then unions rows of 60 sketches
-(an hour of minute sketches). Prints the best of a few runs.
+from 1,000,000 distinct users, as one worker round would, twice: with one DataSketches
+``update`` per distinct (group, user) (``sketches_by_group_via_library``, the path before
+issue 9) and vectorized (``sketches_by_group``), checks that both give the same bytes, and
+prints the median of a few runs of each, interleaved, and their ratio. Then unions rows of 60
+sketches (an hour of minute sketches).
 
-    .venv/bin/python bench/hll_cost.py [--events N] [--groups G] [--users U]
+    .venv/bin/python bench/hll_cost.py [--events N] [--groups G] [--users U] [--repeat R]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -19,13 +24,14 @@ import pyarrow as pa
 from clickagg.core import hll
 
 
-def best_seconds(run: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def median_seconds(run: Callable[[], object], repeat: int) -> float:
+    return statistics.median(seconds(run) for _ in range(repeat))
 
 
 def main() -> None:
@@ -43,15 +49,31 @@ def main() -> None:
     group_index = groups.astype(np.int64)
 
     sketches = hll.sketches_by_group(group_index, users, args.groups)
+    if not sketches.equals(hll.sketches_by_group_via_library(group_index, users, args.groups)):
+        raise SystemExit("the vectorized sketches differ from the library's")
     filled = [s for s in sketches.to_pylist() if s is not None]
-    build = best_seconds(
-        lambda: hll.sketches_by_group(group_index, users, args.groups), args.repeat
-    )
+    modes = np.bincount([s[7] & 3 for s in filled], minlength=3)
     print(
-        f"sketches_by_group: {args.events:,} events, {len(filled):,} non-empty groups "
-        f"of {args.groups:,}: {build * 1e3:.1f} ms = {build / args.events * 1e6:.3f} µs/event, "
-        f"{build / len(filled) * 1e6:.1f} µs/group"
+        f"{args.events:,} events, {len(filled):,} non-empty groups of {args.groups:,} "
+        f"(LIST {modes[0]:,}, SET {modes[1]:,}, HLL {modes[2]:,}); load average "
+        f"{os.getloadavg()[0]:.1f}; median of {args.repeat}, interleaved:"
     )
+    timings: dict[str, list[float]] = {"library": [], "vectorized": []}
+    for _ in range(args.repeat):
+        timings["library"].append(
+            seconds(lambda: hll.sketches_by_group_via_library(group_index, users, args.groups))
+        )
+        timings["vectorized"].append(
+            seconds(lambda: hll.sketches_by_group(group_index, users, args.groups))
+        )
+    medians = {name: statistics.median(runs) for name, runs in timings.items()}
+    for name, took in medians.items():
+        runs = ", ".join(f"{t * 1e3:.0f}" for t in timings[name])
+        print(
+            f"  {name:>10}: {took * 1e3:6.1f} ms = {took / args.events * 1e6:.3f} µs/event, "
+            f"{took / len(filled) * 1e6:.1f} µs/group (runs: {runs} ms)"
+        )
+    print(f"  ratio library / vectorized: {medians['library'] / medians['vectorized']:.2f}")
     sizes = np.array([len(s) for s in filled])
     print(f"  sketch bytes: mean {sizes.mean():.0f}, max {sizes.max()}, total {sizes.sum():,}")
 
@@ -60,10 +82,10 @@ def main() -> None:
     for label, pool in (("largest sketches", by_size[:60]), ("random sketches", filled)):
         rows = [[pool[i] for i in rng.integers(0, len(pool), 60)] for _ in range(200)]
         column = pa.array(rows, type=pa.list_(pa.binary()))
-        took = best_seconds(lambda column=column: hll.union_many(column), args.repeat)
+        took = median_seconds(lambda column=column: hll.union_many(column), args.repeat)
         print(f"union of 60 ({label}): {took / len(rows) * 1e6:.0f} µs per union")
 
-    estimate = best_seconds(lambda: hll.estimates(sketches), args.repeat)
+    estimate = median_seconds(lambda: hll.estimates(sketches), args.repeat)
     print(f"estimate: {estimate / len(filled) * 1e6:.2f} µs per sketch")
 
 
