@@ -94,6 +94,8 @@ _LIST_PREINTS, _SET_PREINTS, _HLL_PREINTS = 2, 3, 10
 _LG_LIST_SLOTS = 3  # a LIST holds up to 7 coupons; the 8th turns it into a SET
 _LG_FIRST_SET_SLOTS = 5
 _MAX_LIST_COUPONS = (1 << _LG_LIST_SLOTS) - 1
+_INVERSE_POWERS_OF_2 = np.ldexp(1.0, -np.arange(64))
+_HLL_REGISTERS_START = 40  # after the preamble, HIP, KxQ0, KxQ1, zero and aux counts
 
 
 def _finish(sketch: datasketches.hll_sketch) -> bytes:
@@ -176,7 +178,7 @@ def sketches_by_group(
                 blocks.extend(_set_blocks(np.flatnonzero(in_set), ordered, starts, counts))
         if in_hll.any():
             of_hll = in_hll[event_group]
-            blocks.append(_hll_block(in_hll, event_group[of_hll], low[of_hll], high[of_hll]))
+            blocks.append(_hll_block(in_hll, event_group[of_hll], coupons[of_hll]))
         for group_ids, block in blocks:
             sizes[group_ids] = block.shape[1]
     return _binary_array(sizes, blocks)
@@ -213,12 +215,13 @@ def _digest_halves(
     digests: pl.Series,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """The low and high 64-bit halves of each 16-byte digest, read from the Arrow buffer."""
-    arrow = digests.rechunk().to_arrow()
+    # The oldest compatibility level gives a large_binary array: int64 offsets, one buffer.
+    arrow = digests.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
     if isinstance(arrow, pa.ChunkedArray):
         arrow = arrow.combine_chunks()
     offsets = np.frombuffer(arrow.buffers()[1], dtype=np.int64)
     offsets = offsets[arrow.offset : arrow.offset + len(arrow) + 1]
-    if arrow.null_count or not np.all(np.diff(offsets) == 16):
+    if arrow.type != pa.large_binary() or arrow.null_count or np.any(np.diff(offsets) != 16):
         raise AssertionError("expected one 16-byte digest per user id")
     halves = np.frombuffer(arrow.buffers()[2], dtype="<u8")[offsets[0] // 8 : offsets[-1] // 8]
     pairs = halves.reshape(-1, 2)
@@ -341,13 +344,14 @@ def _insert_in_order(
     flat = tables.reshape(-1)
     lg = tables.shape[1].bit_length() - 1
     mask = np.uint32((1 << lg) - 1)
+    key_mask = np.uint32(_KEY_MASK_26)
     live = np.flatnonzero(lengths > 0)
-    base = live << lg  # tables[i] starts at flat[i << lg]
+    base = live.astype(np.uint32) << np.uint32(lg)  # tables[i] starts at flat[i << lg]
     at = starts[live]
     end = at + lengths[live]
     coupon = coupons[at]
-    where = base + (coupon & mask)
-    stride = ((coupon & np.uint32(_KEY_MASK_26)) >> np.uint32(lg)) | np.uint32(1)
+    where = base | (coupon & mask)
+    stride = ((coupon & key_mask) >> np.uint32(lg)) | np.uint32(1)
     last = len(coupons) - 1
     while len(at):
         placed = flat[where] == 0
@@ -364,36 +368,27 @@ def _insert_in_order(
                 stride[going_on],
                 placed[going_on],
             )
-        upcoming = coupons[np.minimum(at, last)]
-        coupon = np.where(placed, upcoming, coupon)
-        stride = np.where(
-            placed,
-            ((coupon & np.uint32(_KEY_MASK_26)) >> np.uint32(lg)) | np.uint32(1),
-            stride,
-        )
-        # Tables are 2**lg apart, so masking the flat position keeps the probe in its table.
-        where = np.where(placed, base + (coupon & mask), base + ((where + stride) & mask))
+        coupon = np.where(placed, coupons[np.minimum(at, last)], coupon)
+        stride = np.where(placed, ((coupon & key_mask) >> np.uint32(lg)) | np.uint32(1), stride)
+        # Tables are 2**lg apart: the high bits of a flat position name the table, the low
+        # ``lg`` bits the slot, so masking the sum keeps the probe in its table.
+        where = base | np.where(placed, coupon, where + stride) & mask
 
 
 def _hll_block(
     in_hll: npt.NDArray[np.bool_],
     pair_group: npt.NDArray[np.int64],
-    low: npt.NDArray[np.uint64],
-    high: npt.NDArray[np.uint64],
+    coupons: npt.NDArray[np.uint32],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
     """HLL-mode sketches as :func:`_finish` leaves them: what a union returns.
 
-    A union result is rebuilt from its registers alone: out of order, HIP accumulator 0,
-    KxQ0 = zero registers + sum of 2^-v over registers below 32, KxQ1 the rest, current
-    minimum 0 with the count of zero registers. The sums are exact in any order (they are
-    multiples of 2^-63 well inside a double's 53 bits), so they equal the library's.
+    Each register holds the largest value of the coupons of its slot. A union result is
+    rebuilt from its registers alone: out of order, HIP accumulator 0, KxQ0 = the sum of
+    2^-v over the registers below 32 (zeros count 1), KxQ1 over the rest, current minimum 0
+    with the count of zero registers. The sums are exact in any order (multiples of 2^-63
+    well inside a double's 53 bits), so they equal the library's running sums.
     """
     group_ids = np.flatnonzero(in_hll)
-    row = np.cumsum(in_hll)[pair_group] - 1
-    value = _values(high)
-    slot = (low & np.uint64(K - 1)).astype(np.int64)
-    registers = np.zeros((len(group_ids), K), dtype=np.uint8)
-    np.maximum.at(registers.reshape(-1), row * K + slot, value)
     layout = np.dtype(
         [
             ("preamble", "u1", 8),
@@ -407,13 +402,20 @@ def _hll_block(
     )
     out = np.zeros(len(group_ids), dtype=layout)
     out["preamble"] = _preamble(_HLL_PREINTS, 0, _HLL_MODE, flags=_OUT_OF_ORDER_FLAG)
-    inverse_powers = np.ldexp(1.0, -registers.astype(np.int64))
-    zeros = np.count_nonzero(registers == 0, axis=1)
-    out["kxq0"] = np.where(registers < 32, inverse_powers, 0.0).sum(axis=1)
-    out["kxq1"] = np.where(registers >= 32, inverse_powers, 0.0).sum(axis=1)
-    out["at_cur_min"] = zeros
-    out["registers"] = registers
-    return group_ids, out.view(np.uint8).reshape(len(group_ids), -1)
+    raw = out.view(np.uint8).reshape(-1)
+    row = np.cumsum(in_hll)[pair_group] - 1
+    first_register = row * layout.itemsize + _HLL_REGISTERS_START
+    slot = (coupons & np.uint32(K - 1)).astype(np.int64)
+    np.maximum.at(raw, first_register + slot, (coupons >> np.uint32(26)).astype(np.uint8))
+    registers = out["registers"]
+    histogram = np.bincount(
+        (np.arange(len(group_ids))[:, None] * 64 + registers).reshape(-1),
+        minlength=64 * len(group_ids),
+    ).reshape(-1, 64)
+    out["kxq0"] = histogram[:, :32] @ _INVERSE_POWERS_OF_2[:32]
+    out["kxq1"] = histogram[:, 32:] @ _INVERSE_POWERS_OF_2[32:]
+    out["at_cur_min"] = histogram[:, 0]
+    return group_ids, raw.reshape(len(group_ids), -1)
 
 
 def _preamble(pre_ints: int, lg_arr: int, mode: int, flags: int = 0) -> npt.NDArray[np.uint8]:
