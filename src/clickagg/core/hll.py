@@ -194,13 +194,20 @@ def _coupons_in_update_order(
     """The distinct coupons of the ``selected`` events' groups, by group, in update order.
 
     The library path updates a sketch with its group's users sorted; a user's coupon counts
-    where the first user with that coupon comes. Only these (small) groups need the sort.
+    where the first user with that coupon comes. Only these (small) groups need the sort,
+    and each sorts alone (cheaper than one sort of all by group and user). Equal users have
+    equal keys, so how a sort orders them does not matter.
     """
     ordered = (
-        events.select("g", "u", pl.Series("k", keys))
-        .filter(pl.Series(selected))
-        .sort("g", "u")
+        events.lazy()
+        .select("g", "u", pl.lit(pl.Series(keys)).alias("k"))
+        .filter(pl.lit(pl.Series(selected)))
+        .group_by("g")
+        .agg(pl.col("k").sort_by("u"))
+        .sort("g")
+        .explode("k")
         .filter(pl.col("k").is_first_distinct())
+        .collect()
     )
     return (ordered["k"].to_numpy() & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
