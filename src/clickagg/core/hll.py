@@ -43,16 +43,18 @@ split equals the sketch of the whole, byte for byte). In LIST/SET mode the estim
 same for any split, but the byte layout of the coupons follows the update order; updates
 go in (group, user) order so the same events always give the same bytes.
 
-How the bytes are built: :func:`sketches_by_group` does not call the library once per user
-(that held the GIL for ~17 % of a worker's CPU). It hashes the whole user column at once
-(MurmurHash3_x64_128, seed 9001, over the UTF-8 bytes, as the library does; polars-hash),
-turns the hashes into coupons with numpy, and lays each group out as the library would have:
-LIST mode (up to 7 coupons) in update order; SET mode (8 to 384) by replaying the library's
-open-addressing inserts and table growths for all groups in lock step, one numpy step per
-insert rank; HLL mode as the register maxima with the header a union result carries (out of
-order, HIP 0, KxQ sums and zero count recomputed from the registers). The library path
-(:func:`sketches_by_group_via_library`) stays as the definition these bytes must equal; the
-tests hold the two to byte equality.
+How the bytes are built: :func:`sketches_by_group` makes no library call per user (one
+``update`` per distinct (group, user), holding the GIL, was ~17 % of a worker's CPU). It
+hashes the whole user column at once (MurmurHash3_x64_128, seed 9001, over the UTF-8 bytes,
+as the library hashes a string; polars-hash), turns the hashes into coupons with numpy, and
+lays each group out as the library would have. HLL mode (over 384 distinct coupons): the
+register maxima, with the header of a union result (out of order, HIP 0, KxQ sums and zero
+count recomputed from the registers), needing no order at all. LIST mode (up to 7 coupons):
+the coupons in update order. SET mode (8 to 384): the library's open-addressing inserts and
+table growths replayed in update order for all groups at once, each numpy step one probe in
+every table. Only the LIST and SET groups' users are sorted. The per-user path stays as
+:func:`sketches_by_group_via_library`, the definition these bytes must equal; the tests hold
+the two equal, byte for byte.
 """
 
 from __future__ import annotations
