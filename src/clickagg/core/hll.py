@@ -155,7 +155,6 @@ def sketches_by_group(
         .with_columns(_digests("u"))
         .collect()
     )
-    sizes = np.zeros(groups, dtype=np.int64)
     blocks: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] = []
     if events.height:
         event_group = events["g"].to_numpy()
@@ -181,9 +180,7 @@ def sketches_by_group(
         if in_hll.any():
             of_hll = in_hll[event_group]
             blocks.append(_hll_block(in_hll, event_group[of_hll], coupons[of_hll]))
-        for group_ids, block in blocks:
-            sizes[group_ids] = block.shape[1]
-    return _binary_array(sizes, blocks)
+    return _binary_array(groups, blocks)
 
 
 def _series(users: pa.Array | pa.ChunkedArray | pl.Series) -> pl.Series:
@@ -361,10 +358,10 @@ def _insert_in_order(
     coupon = coupons[at]
     where = base | (coupon & mask)
     stride = ((coupon & key_mask) >> np.uint32(lg)) | np.uint32(1)
-    last = len(coupons) - 1
     while len(at):
-        placed = flat[where] == 0
-        flat[where[placed]] = coupon[placed]
+        held = flat[where]
+        placed = held == 0
+        flat[where] = np.where(placed, coupon, held)  # one probe per table: no clash
         at += placed
         going_on = at < end
         if not going_on.all():
@@ -377,7 +374,7 @@ def _insert_in_order(
                 stride[going_on],
                 placed[going_on],
             )
-        coupon = np.where(placed, coupons[np.minimum(at, last)], coupon)
+        coupon = np.where(placed, coupons[at], coupon)  # at < end: in range
         stride = np.where(placed, ((coupon & key_mask) >> np.uint32(lg)) | np.uint32(1), stride)
         # Tables are 2**lg apart: the high bits of a flat position name the table, the low
         # ``lg`` bits the slot, so masking the sum keeps the probe in its table.
@@ -435,28 +432,32 @@ def _preamble(pre_ints: int, lg_arr: int, mode: int, flags: int = 0) -> npt.NDAr
 
 
 def _binary_array(
-    sizes: npt.NDArray[np.int64],
-    blocks: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
+    groups: int, blocks: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
 ) -> pa.BinaryArray:
-    """A binary array of ``len(sizes)`` entries: each block's rows at their groups, else null."""
-    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    if offsets[-1] > np.iinfo(np.int32).max:
-        raise ValueError(f"{offsets[-1]:,} bytes of sketches exceed a binary array's 2 GiB")
-    data = np.empty(int(offsets[-1]), dtype=np.uint8)
-    for group_ids, block in blocks:
-        data[offsets[group_ids][:, None] + np.arange(block.shape[1])] = block
-    valid = sizes > 0
-    return pa.BinaryArray.from_buffers(
-        pa.binary(),
-        len(sizes),
-        [
-            pa.py_buffer(np.packbits(valid, bitorder="little")),
-            pa.py_buffer(offsets.astype(np.int32)),
-            pa.py_buffer(data),
-        ],
-        null_count=int(len(sizes) - np.count_nonzero(valid)),
+    """``groups`` entries: row ``i`` of a block at its ``group_ids[i]``, null where none."""
+    parts = [
+        pa.BinaryArray.from_buffers(
+            pa.binary(),
+            len(group_ids),
+            [
+                None,
+                pa.py_buffer(np.arange(len(block) + 1, dtype=np.int32) * block.shape[1]),
+                pa.py_buffer(block),
+            ],
+        )
+        for group_ids, block in blocks
+    ]
+    position = np.full(groups, -1, dtype=np.int64)
+    if blocks:
+        position[np.concatenate([group_ids for group_ids, _ in blocks])] = np.arange(
+            sum(len(group_ids) for group_ids, _ in blocks)
+        )
+    taken = pa.concat_arrays(parts or [pa.array([], pa.binary())]).take(
+        pa.array(position, mask=position < 0)
     )
+    if not isinstance(taken, pa.BinaryArray):
+        raise AssertionError(f"expected a binary array, got {taken.type}")
+    return taken
 
 
 def sketches_by_group_via_library(
