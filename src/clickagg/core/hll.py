@@ -281,9 +281,9 @@ def _set_blocks(
 
     The slot of a coupon depends on the coupons inserted before it and on the growths of the
     table, so the library's inserts are replayed in order. Every group grows at the same
-    counts (past 3/4 of its table), so the replay goes table size by table size: insert the
-    coupons this size holds, then move the groups that outgrew it into tables twice as large,
-    re-inserting their coupons in slot order as the library does.
+    counts (past 3/4 of its table), so the replay goes table size by table size: each size
+    takes the coupons of the smaller table it replaces, in slot order as the library
+    re-inserts them, then its own share of the group's coupons in update order.
     """
     order = group_ids[np.argsort(-counts[group_ids], kind="stable")]
     order_counts = counts[order]
@@ -291,15 +291,18 @@ def _set_blocks(
     blocks = []
     lg = _LG_FIRST_SET_SLOTS
     tables = np.zeros((len(order), 1 << lg), dtype=np.uint32)
+    moved = np.zeros(0, dtype=np.uint32)  # coupons of the outgrown tables, row by row
+    moved_rows = np.zeros(0, dtype=np.int64)
     first_rank = 0
     while True:
         rows = len(tables)
         grow_at = (3 << lg) // 4 + 1  # the count that makes this table grow
+        lengths = np.minimum(order_counts[:rows], grow_at) - first_rank
+        new_rows = np.repeat(np.arange(rows), lengths)
+        rank = np.arange(len(new_rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        new = coupons[order_starts[new_rows] + first_rank + rank]
         _insert_in_order(
-            tables,
-            coupons,
-            order_starts[:rows] + first_rank,
-            np.minimum(order_counts[:rows], grow_at) - first_rank,
+            tables, np.concatenate((moved, new)), np.concatenate((moved_rows, new_rows))
         )
         growing = int(np.count_nonzero(order_counts[:rows] >= grow_at))
         if growing < rows:
@@ -307,14 +310,10 @@ def _set_blocks(
         if not growing:
             return blocks
         outgrown = tables[:growing]
-        tables = np.zeros((growing, 2 << lg), dtype=np.uint32)
+        moved = outgrown[outgrown != 0]  # row by row, in slot order
+        moved_rows = np.repeat(np.arange(growing), grow_at)
         lg += 1
-        _insert_in_order(
-            tables,
-            outgrown[outgrown != 0],  # row by row, in slot order
-            np.arange(growing) * grow_at,
-            np.full(growing, grow_at),
-        )
+        tables = np.zeros((growing, 1 << lg), dtype=np.uint32)
         first_rank = grow_at
 
 
@@ -333,52 +332,42 @@ def _set_block(
 
 
 def _insert_in_order(
-    tables: npt.NDArray[np.uint32],
-    coupons: npt.NDArray[np.uint32],
-    starts: npt.NDArray[np.int64],
-    lengths: npt.NDArray[np.int64],
+    tables: npt.NDArray[np.uint32], coupons: npt.NDArray[np.uint32], rows: npt.NDArray[np.int64]
 ) -> None:
-    """Insert ``coupons[starts[i] : starts[i] + lengths[i]]``, in order, into hash table
-    ``tables[i]``, as the library does; none is in its table already.
+    """Insert each coupon into the empty hash table ``tables[rows[i]]`` as the library does,
+    a table's coupons in their order in ``coupons``; none twice in one table.
 
-    Open addressing: a coupon goes to the slot of its low bits or, if taken, steps on by an
-    odd stride taken from its higher address bits until a slot is free. Each numpy step makes
-    one probe in every table, so a table whose coupon found its slot goes on with its next
-    coupon while others still probe: the steps number about the longest sequence, not the
-    sum over ranks of the slowest table's probes.
+    The library's open addressing: a coupon goes to the slot of its low bits or, if taken,
+    steps on by an odd stride taken from its higher address bits until a slot is free. One
+    at a time, that would be a numpy step per coupon rank. Instead all coupons probe at
+    once: a slot goes to the earliest coupon that asks for it, so a later one that held it
+    moves on, as does every coupon that asked and lost. A slot, once lost to an earlier
+    coupon, stays with an earlier one; so when no coupon moves, each sits in the first slot
+    of its probe sequence that no earlier coupon took: where the library puts it. The rounds
+    number about the longest chain of displacements, not the coupons per table.
     """
     flat = tables.reshape(-1)
     lg = tables.shape[1].bit_length() - 1
-    mask = np.uint32((1 << lg) - 1)
-    key_mask = np.uint32(_KEY_MASK_26)
-    live = np.flatnonzero(lengths > 0)
-    base = live.astype(np.uint32) << np.uint32(lg)  # tables[i] starts at flat[i << lg]
-    at = starts[live]
-    end = at + lengths[live]
-    coupon = coupons[at]
-    where = base | (coupon & mask)
-    stride = ((coupon & key_mask) >> np.uint32(lg)) | np.uint32(1)
-    while len(at):
-        held = flat[where]
-        placed = held == 0
-        flat[where] = np.where(placed, coupon, held)  # one probe per table: no clash
-        at += placed
-        going_on = at < end
-        if not going_on.all():
-            base, at, end, coupon, where, stride, placed = (
-                base[going_on],
-                at[going_on],
-                end[going_on],
-                coupon[going_on],
-                where[going_on],
-                stride[going_on],
-                placed[going_on],
-            )
-        coupon = np.where(placed, coupons[at], coupon)  # at < end: in range
-        stride = np.where(placed, ((coupon & key_mask) >> np.uint32(lg)) | np.uint32(1), stride)
+    mask = (1 << lg) - 1
+    nobody = len(coupons)
+    owner = np.full(len(flat), nobody, dtype=np.int64)
+    where = (rows << lg) | (coupons & np.uint32(mask)).astype(np.int64)
+    stride = (((coupons & np.uint32(_KEY_MASK_26)) >> np.uint32(lg)) | np.uint32(1)).astype(
+        np.int64
+    )
+    movers = np.arange(len(coupons))
+    while len(movers):
+        slots = where[movers]
+        before = owner[slots]
+        np.minimum.at(owner, slots, movers)
+        after = owner[slots]
+        ousted = np.unique(before[(after != before) & (before != nobody)])
+        movers = np.concatenate((movers[after != movers], ousted))
         # Tables are 2**lg apart: the high bits of a flat position name the table, the low
         # ``lg`` bits the slot, so masking the sum keeps the probe in its table.
-        where = base | np.where(placed, coupon, where + stride) & mask
+        at = where[movers]
+        where[movers] = (at & ~mask) | ((at + stride[movers]) & mask)
+    flat[where] = coupons
 
 
 def _hll_block(
