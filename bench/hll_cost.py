@@ -8,6 +8,11 @@ prints the median of a few runs of each, interleaved, and their ratio. Then unio
 sketches (an hour of minute sketches).
 
     .venv/bin/python bench/hll_cost.py [--events N] [--groups G] [--users U] [--repeat R]
+        [--by-mode]
+
+``--by-mode`` also times both builders on the events of the LIST/SET groups alone and of
+the HLL groups alone: where the vectorized path gains, and whether replaying the library's
+SET layout pays for itself.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +53,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=10_000)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--by-mode", action="store_true")
     args = parser.parse_args()
 
     rng = np.random.default_rng(1)
@@ -88,6 +95,28 @@ def main() -> None:
         f"  ratio library / vectorized: {medians['library'][0] / medians['vectorized'][0]:.2f} "
         f"elapsed, {medians['library'][1] / medians['vectorized'][1]:.2f} CPU"
     )
+    if args.by_mode:
+        mode = np.array([-1 if s is None else s[7] & 3 for s in sketches.to_pylist()])
+        for label, keep in (
+            ("LIST/SET groups", (mode >= 0) & (mode < 2)),
+            ("HLL groups", mode == 2),
+        ):
+            events = keep[group_index]
+            part_groups, part_users = group_index[events], users.filter(pa.array(events))
+            part = {
+                name: statistics.median(
+                    wall_and_cpu_seconds(partial(build, part_groups, part_users, args.groups))[1]
+                    for _ in range(args.repeat)
+                )
+                for name, build in (
+                    ("library", hll.sketches_by_group_via_library),
+                    ("vectorized", hll.sketches_by_group),
+                )
+            }
+            print(
+                f"  {label} alone ({np.count_nonzero(events):,} events): CPU library "
+                f"{part['library'] * 1e3:.1f} ms, vectorized {part['vectorized'] * 1e3:.1f} ms"
+            )
     sizes = np.array([len(s) for s in filled])
     print(f"  sketch bytes: mean {sizes.mean():.0f}, max {sizes.max()}, total {sizes.sum():,}")
 
