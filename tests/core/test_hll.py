@@ -180,3 +180,106 @@ def test_empty_sketch_and_none_estimate_zero() -> None:
     assert hll.estimate(hll.empty()) == 0
     assert hll.union([]) == hll.empty()
     assert hll.union([None, hll.empty()]) == hll.empty()
+
+
+# Group sizes (distinct users) on either side of each change of layout: LIST holds up to 7
+# coupons, a SET table of 2**lg slots grows past 3/4 full (at 25, 49, 97, 193 coupons) and
+# turns into HLL registers at 385.
+TRANSITION_SIZES = [1, 2, 7, 8, 9, 24, 25, 26, 48, 49, 96, 97, 192, 193, 384, 385, 386, 4000]
+ID_SHAPES = ["user-{}", "ü{}", "日本{}語", "😀{}", "{}", "{}" + "x" * 40, "a\u0301{}\u0000z"]
+
+
+@st.composite
+def grouped_events(draw: st.DrawFn) -> tuple[np.ndarray, list[str | None], int]:
+    """Events of a few groups: sizes across the layout changes, repeats, empty and null ids,
+    ids of any text, in shuffled order, and a group with no event."""
+    sizes = draw(
+        st.lists(st.sampled_from(TRANSITION_SIZES) | st.integers(0, 700), min_size=1, max_size=5)
+    )
+    shape = draw(st.sampled_from(ID_SHAPES))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    groups: list[int] = []
+    users: list[str | None] = []
+    next_id = 0
+    for group, size in enumerate(sizes):
+        ids = [shape.format(next_id + i) for i in range(size)]
+        next_id += size
+        # Some groups share ids with the previous one; some ids come back.
+        if group and rng.random() < 0.5:
+            ids[: size // 3] = [shape.format(i) for i in range(size // 3)]
+        repeats = [ids[i] for i in rng.integers(0, size, size // 4)] if size else []
+        extra = [None, ""] * int(rng.integers(0, 3))
+        for user in ids + repeats + extra:
+            groups.append(group)
+            users.append(user)
+    texts = draw(st.lists(st.text(max_size=6) | st.none(), max_size=30))
+    groups += [len(sizes)] * len(texts)
+    users += texts
+    order = rng.permutation(len(users))
+    return (
+        np.array(groups, dtype=np.int64)[order],
+        [users[i] for i in order],
+        len(sizes) + 2,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(grouped_events(), st.sampled_from(["arrow", "chunked", "polars"]))
+def test_vectorized_sketches_equal_the_library_path_byte_for_byte(
+    events: tuple[np.ndarray, list[str | None], int], container: str
+) -> None:
+    groups, user_list, group_count = events
+    users: pa.Array | pa.ChunkedArray | pl.Series = pa.array(user_list, type=pa.string())
+    if container == "chunked":
+        half = len(user_list) // 2
+        users = pa.chunked_array(
+            [pa.array(user_list[:half], pa.string()), pa.array(user_list[half:], pa.string())]
+        )
+    elif container == "polars":
+        users = pl.Series(user_list, dtype=pl.String)
+    vectorized = hll.sketches_by_group(groups, users, group_count)
+    library = hll.sketches_by_group_via_library(groups, users, group_count)
+    assert vectorized.type == library.type == pa.binary()
+    assert vectorized.to_pylist() == library.to_pylist()
+    # So estimates and unions are the library's too; the library reads the bytes back.
+    assert hll.estimates(vectorized).tolist() == hll.estimates(library).tolist()
+    sketches = vectorized.to_pylist()
+    assert hll.union(sketches) == hll.union(library.to_pylist())
+    for data in sketches:
+        if data is not None:
+            assert datasketches.hll_sketch.deserialize(data).serialize_updatable() == data
+
+
+def coupon_collision() -> tuple[str, str]:
+    """Two ids whose hashes give one coupon (26 address bits and the value): found with the
+    module's hashing, confirmed by the library, which counts the pair as one."""
+    candidates = pl.Series([f"c{i}" for i in range(150_000)])
+    low, high = hll._digest_halves(candidates.to_frame("u").select(hll._digests("u")).to_series())
+    coupons = hll._coupons(low, high)
+    order = np.argsort(coupons, kind="stable")
+    same = np.flatnonzero(coupons[order][1:] == coupons[order][:-1])
+    assert len(same), "no coupon collision among the candidates"
+    first, second = candidates[int(order[same[0]])], candidates[int(order[same[0] + 1])]
+    pair = spark_like([first, second])
+    assert pair.get_estimate() == 1.0
+    return first, second
+
+
+def test_users_sharing_a_coupon_count_once_and_keep_the_library_layout() -> None:
+    first, second = coupon_collision()
+    # 7, 24, 48 and 384 distinct coupons from one more user each: the layout the library
+    # keeps for that many coupons (LIST; SET before a growth; SET before HLL), not the next.
+    sizes = [7, 24, 48, 384]
+    groups: list[int] = []
+    users: list[str] = []
+    for group, coupons in enumerate(sizes):
+        others = [f"other-{group}-{i}" for i in range(coupons - 1)]
+        groups += [group] * (coupons + 1)
+        users += [first, second, *others]
+    vectorized = hll.sketches_by_group(np.array(groups), pa.array(users), len(sizes)).to_pylist()
+    library = hll.sketches_by_group_via_library(np.array(groups), pa.array(users), len(sizes))
+    assert vectorized == library.to_pylist()
+    modes = [data[7] & 3 for data in vectorized]
+    assert modes == [0, 1, 1, 1]
+    assert [data[4] for data in vectorized[1:]] == [5, 6, 9]  # lg of the SET tables
+    assert hll.estimates(pa.array(vectorized)).tolist() == sizes
