@@ -194,7 +194,7 @@ def test_the_views_answer_the_same_tables_and_an_invalid_hook_works_with_both(
     files = ParquetArchiveReader(archive / "archive").files(*month_of(HOUR))
     span = (HOURS[0], HOUR + HOUR_MS)  # an empty hour and the busy one
 
-    def bots(frame: pl.DataFrame) -> pl.Series:
+    def bots(frame: pl.DataFrame, hour_ms: int) -> pl.Series:
         rule = pl.when(pl.col("user_id") == "u7").then(pl.lit("test rule")).otherwise(None)
         return frame.select(rule.alias("reason"))["reason"]
 

@@ -33,6 +33,7 @@ class HourRun:
     events: int
     late_counted: int
     invalid: int
+    review: int = 0  # billable clicks a review-only rule flagged
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,20 @@ def reconcile_hours(
     try:
         with _locked(batch_dir(settings)):
             for (month_start, month_end), month_hours in by_month.items():
-                files = archive.files(month_start, month_end)
+                # The rules' context reaches back before the first hour, maybe into the month
+                # before: all of that month is read, so its events are its own winners.
+                span = (min(month_hours) - rules.lookback_ms, max(month_hours) + HOUR_MS)
+                files = archive.files(min(month_start, month_of(span[0])[0]), month_end)
                 files_read += len(files)
-                span = (min(month_hours), max(month_hours) + HOUR_MS)
                 with closing(open_period(files, *span)) as view:
                     for hour_ms in month_hours:
                         result = reconcile_hour(
-                            view, hour_ms, cpc_micros=cpc, invalid=rules.batch_reasons
+                            view,
+                            hour_ms,
+                            cpc_micros=cpc,
+                            invalid=rules.batch_reasons,
+                            review=rules.batch_reviews if rules.has_reviews else None,
+                            lookback_ms=rules.lookback_ms,
                         )
                         runs.append(_publish(final, result, reason))
                         events += result.events
@@ -143,6 +151,7 @@ def _publish(final: FinalHours, result: HourResult, reason: str) -> HourRun:
         result.events,
         result.late_counted,
         result.invalid,
+        result.review,
     )
 
 

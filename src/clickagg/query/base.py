@@ -119,6 +119,7 @@ class ReconciliationRow:
     beyond_horizon_clicks: int  # copies the stream counted again beyond its dedup horizon
     beyond_horizon_spend_micros: int
     newly_invalid_clicks: int  # invalid by a verdict only the batch made
+    review_clicks: int = 0  # billable, flagged for review (reports before it: none)
 
 
 @dataclass(frozen=True)
