@@ -222,7 +222,7 @@ def test_ctr_spike_against_the_ads_own_trailing_baseline(seed: int, exclude: boo
         if (
             clicks >= 10
             and base_impressions
-            and clicks / max(impressions, 1e-9) > 3.0 * base_clicks / base_impressions
+            and clicks / max(impressions, 1e-9) > 3.0 * (base_clicks + 1) / base_impressions
         ):
             spikes.add((ad, hour))
     expected = {

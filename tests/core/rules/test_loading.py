@@ -79,7 +79,13 @@ def blocklist_file(tmp_path: Path) -> Path:
 
 def test_the_builtin_rules_load_from_the_package() -> None:
     rules = load_rules()
-    assert rules.ids == ["non-browser-client", "declared-crawler", "ip-click-velocity"]
+    assert rules.ids == [
+        "non-browser-client",
+        "declared-crawler",
+        "ip-click-velocity",
+        "repeat-click",
+        "ip-ad-spread",
+    ]
     assert [r.name for r in rules.stream_rules] == ["non-browser-client", "declared-crawler"]
     assert rules.source == "builtin"
     assert len(rules.rules[1].spec.params["patterns"]) > 1000
@@ -129,7 +135,13 @@ def test_include_builtin_keeps_the_builtins_first_and_a_same_id_rule_replaces_on
         params.lists = [{ name = "ours", cidrs = ["192.0.2.0/24"] }]
         """,
     )
-    assert load_rules(path).ids == ["non-browser-client", "ip-click-velocity", "blocked"]
+    assert load_rules(path).ids == [
+        "non-browser-client",
+        "ip-click-velocity",
+        "repeat-click",
+        "ip-ad-spread",
+        "blocked",
+    ]
 
 
 def test_effective_from_applies_to_event_times_at_or_after_it(tmp_path: Path) -> None:

@@ -232,7 +232,12 @@ def no_impression_click(spec: RuleSpec) -> FrameMatcher:
             .sort("ts_ms")
         )
         last = clicks.join_asof(
-            seen, left_on="ts_ms", right_on="_seen_ms", by=["_key", "ad_id"], strategy="backward"
+            seen,
+            left_on="ts_ms",
+            right_on="_seen_ms",
+            by=["_key", "ad_id"],
+            strategy="backward",
+            check_sortedness=False,  # both sorted by time above; polars cannot tell with `by`
         )
         unseen = last.filter(
             pl.col("_seen_ms").is_null() | (pl.col("ts_ms") - pl.col("_seen_ms") > window_ms)
@@ -266,11 +271,12 @@ class CtrSpikeParams(msgspec.Struct, forbid_unknown_fields=True):
 def ctr_spike(spec: RuleSpec) -> FrameMatcher:
     """Every click of an ad in a UTC hour whose CTR (clicks / impressions, every event the
     rule sees) is above ``factor`` x the ad's CTR over the ``baseline_hours`` hours before,
-    with at least ``min_clicks`` clicks in the hour. An ad without impressions in the
-    baseline has none and is not judged; an hour without impressions but with a baseline is
-    above any. ``exclude = false`` (default): the clicks are reported for review and stay
+    with at least ``min_clicks`` clicks in the hour. The baseline counts one click more than
+    it saw, so a thin baseline with no clicks yet is not a CTR of zero that any click
+    exceeds. An ad without impressions in the baseline has none and is not judged; an hour
+    without impressions but with a baseline is above any. ``exclude = false`` (default): the clicks are reported for review and stay
     billable; ``true``: they are invalid. Evidence: ``"ad <ad> hour <hour>: CTR <c> clicks /
-    <i> impressions vs baseline <bc> / <bi> over <n> h (factor <f>)"``."""
+    <i> impressions vs baseline <bc> / <bi> over <n> h (factor <f>)"`` (``bc`` as seen)."""
     params = params_of(spec, CtrSpikeParams)
     _positive(
         spec,
@@ -294,7 +300,7 @@ def ctr_spike(spec: RuleSpec) -> FrameMatcher:
             group_by="ad_id",
         ).agg(pl.col("_c").sum().alias("_bc"), pl.col("_i").sum().alias("_bi"))
         c, i = pl.col("_c").cast(pl.Float64), pl.col("_i").cast(pl.Float64)
-        bc, bi = pl.col("_bc").cast(pl.Float64), pl.col("_bi").cast(pl.Float64)
+        bc, bi = pl.col("_bc").cast(pl.Float64) + 1, pl.col("_bi").cast(pl.Float64)
         spikes = counts.with_columns(baseline["_bc"], baseline["_bi"]).filter(
             (pl.col("_c") >= params.min_clicks)
             & (pl.col("_bi") > 0)
