@@ -274,9 +274,10 @@ def ctr_spike(spec: RuleSpec) -> FrameMatcher:
     with at least ``min_clicks`` clicks in the hour. The baseline counts one click more than
     it saw, so a thin baseline with no clicks yet is not a CTR of zero that any click
     exceeds. An ad without impressions in the baseline has none and is not judged; an hour
-    without impressions but with a baseline is above any. ``exclude = false`` (default): the clicks are reported for review and stay
-    billable; ``true``: they are invalid. Evidence: ``"ad <ad> hour <hour>: CTR <c> clicks /
-    <i> impressions vs baseline <bc> / <bi> over <n> h (factor <f>)"`` (``bc`` as seen)."""
+    without impressions but with a baseline is above any. ``exclude = false`` (default): the
+    clicks are reported for review and stay billable; ``true``: they are invalid.
+    Evidence: ``"ad <ad> hour <hour>: CTR <c> clicks / <i> impressions vs baseline <bc> /
+    <bi> over <n> h (factor <f>)"`` (``bc`` as seen)."""
     params = params_of(spec, CtrSpikeParams)
     _positive(
         spec,
