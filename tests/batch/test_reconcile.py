@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+from click.testing import CliRunner
 
 from clickagg.batch.published import FinalHours, hour_name
 from clickagg.batch.runner import batch_dir, reconcile_hours
+from clickagg.cli.main import main
 from clickagg.core import hll, ids
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from tests.conftest import Ev
@@ -306,3 +309,49 @@ def test_a_repeat_click_across_the_hours_end_is_flagged_once_in_the_next_hour(
     assert reasons is not None
     [row] = [r for r in reasons.to_pylist() if r["ad_id"] == "ad-7"]
     assert (row["invalid_reason"], row["minute_ms"]) == ("repeat-click", nxt)  # the rule's id
+
+
+CTR_RULES = """
+[[rules]]
+id = "ctr-spike"
+kind = "ctr_spike"
+reason = "CTR far above the ad's baseline"
+[rules.params]
+factor = 3.0
+baseline_hours = 1
+min_clicks = 20
+"""
+
+
+def test_a_ctr_spike_is_reported_for_review_and_stays_billable(rig: Rig, tmp_path: Path) -> None:
+    """An ad at 1 click per 10 impressions for an hour, then 40 clicks on 50 impressions:
+    the spike's clicks are counted in the report (and ``clickagg reconcile --report``) for
+    review, and billed."""
+    nxt = HOUR + HOUR_MS
+
+    def events(prefix: str, start: int, impressions: int, clicks: int) -> list[Ev]:
+        kinds = [ids.IMPRESSION] * impressions + [ids.CLICK] * clicks
+        return [
+            Ev(f"{prefix}{i}", "ad-5", start + i * 1000, event_type=kind, user_id=f"{prefix}{i}")
+            for i, kind in enumerate(kinds)
+        ]
+
+    rig.append(events("base", HOUR + MINUTE_MS, 200, 20) + events("spike", nxt + MINUTE_MS, 50, 40))
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    rules = tmp_path / "rules.toml"
+    rules.write_text(CTR_RULES)
+    settings = dataclasses.replace(rig.settings, rules_file=rules)
+    runs = reconcile_hours(settings, [HOUR, nxt], reason="closed")
+    assert [(run.clicks, run.invalid, run.review) for run in runs] == [(20, 0, 0), (40, 0, 40)]
+    report = FinalHours(batch_dir(settings)).read_report(nxt)
+    assert report is not None
+    [row] = report.to_pylist()
+    assert (row["batch_clicks"], row["review_clicks"], row["newly_invalid_clicks"]) == (40, 40, 0)
+
+    hour = time.strftime("%Y-%m-%dT%H", time.gmtime(nxt / 1000))
+    args = ["reconcile", "--hour", hour, "--report", "--data-dir", str(settings.data_dir)]
+    result = CliRunner().invoke(main, args, env={"CLICKAGG_RULES_FILE": str(rules)})
+    assert result.exit_code == 0, result.output
+    assert "flagged for review: 1 (ad, hour)" in result.output
+    assert "ad-5" in result.output.split("flagged for review")[1]
