@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickagg.batch.reconcile import PeriodView, reconcile_hour
+from clickagg.batch.reconcile import PeriodView, context_start, reconcile_hour
 from clickagg.core import ids
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.rules import RuleSet, RuleSpec, compile_rules
@@ -91,7 +91,7 @@ def expected_clicks(table: pa.Table) -> Counter[tuple[str, int]]:
 
 def reconcile(files: list[Path], rules: RuleSet | None = None) -> dict[str, pa.Table]:
     lookback = rules.lookback_ms if rules else 0
-    with PeriodView(files, HOUR - lookback, HOUR + HOUR_MS) as view:
+    with PeriodView(files, context_start(HOUR, lookback), HOUR + HOUR_MS) as view:
         if rules is None:
             result = reconcile_hour(view, HOUR, cpc_micros=PRICES)
         else:

@@ -325,10 +325,13 @@ def reconcile_hour(
     invalid: InvalidHook | None = None,
     review: InvalidHook | None = None,
     lookback_ms: int = 0,
+    recent: dict[int, pa.Table] | None = None,
 ) -> HourResult:
     """The final rows of one event hour, from its billing period's view. The hooks judge
-    the hour's winners with the ``lookback_ms`` before it as context (the view must hold
-    it); ``review`` flags billable clicks for the report only."""
+    the hour's winners with the whole hours reaching ``lookback_ms`` before it as context
+    (the view must hold them, from :func:`context_start`); ``review`` flags billable clicks
+    for the report only. ``recent``: winners of hours already asked for, by hour, kept
+    across calls by a caller reconciling consecutive hours (their contexts overlap)."""
     if hour_ms % HOUR_MS:
         raise ValueError("an hour starts on a whole UTC hour")
     selected = view.hour(hour_ms)
@@ -339,7 +342,10 @@ def reconcile_hour(
     table, stream = selected
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    judged = _with_context(view, frame, hour_ms, lookback_ms if invalid or review else 0)
+    lookback_ms = lookback_ms if invalid or review else 0
+    judged = _with_context(view, frame, hour_ms, lookback_ms, recent)
+    if recent is not None:
+        recent[hour_ms] = table
     context = judged.height - frame.height
 
     def verdicts(hook: InvalidHook) -> pl.Series:
@@ -378,13 +384,32 @@ def reconcile_hour(
     )
 
 
+def context_start(hour_ms: int, lookback_ms: int) -> int:
+    """Where an hour's context starts: the start of the hour holding ``hour_ms -
+    lookback_ms`` (whole hours: each rule sees its own lookback of them)."""
+    start = hour_ms - lookback_ms
+    return start - start % HOUR_MS
+
+
 def _with_context(
-    view: PeriodSource, hour: pl.DataFrame, hour_ms: int, lookback_ms: int
+    view: PeriodSource,
+    hour: pl.DataFrame,
+    hour_ms: int,
+    lookback_ms: int,
+    recent: dict[int, pa.Table] | None,
 ) -> pl.DataFrame:
-    """The hour's winners preceded by those of the ``lookback_ms`` before it (log order in
-    each part; every context event is earlier than every event of the hour)."""
+    """The hour's winners preceded by those of the whole hours of its context, each hour in
+    log order (events of equal times are in one hour: the same order whatever asks)."""
     if not lookback_ms:
         return hour
-    context = pl.from_arrow(view.winners(hour_ms - lookback_ms, hour_ms))
+    first = context_start(hour_ms, lookback_ms)
+    parts = []
+    for start in range(first, hour_ms, HOUR_MS):
+        table = recent.get(start) if recent is not None else None
+        parts.append(table if table is not None else view.winners(start, start + HOUR_MS))
+    if recent is not None:
+        for start in [h for h in recent if h < first]:
+            del recent[start]
+    context = pl.from_arrow(pa.concat_tables(parts))
     assert isinstance(context, pl.DataFrame)
     return pl.concat([context, hour], how="vertical")

@@ -16,7 +16,13 @@ import pyarrow.compute as pc
 
 from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.batch.published import FinalHours, Version
-from clickagg.batch.reconcile import HourResult, engine_factory, month_of, reconcile_hour
+from clickagg.batch.reconcile import (
+    HourResult,
+    context_start,
+    engine_factory,
+    month_of,
+    reconcile_hour,
+)
 from clickagg.config import Settings
 from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import HOUR_MS
@@ -102,7 +108,11 @@ def reconcile_hours(
             for (month_start, month_end), month_hours in by_month.items():
                 # The rules' context reaches back before the first hour, maybe into the month
                 # before: all of that month is read, so its events are its own winners.
-                span = (min(month_hours) - rules.lookback_ms, max(month_hours) + HOUR_MS)
+                span = (
+                    context_start(min(month_hours), rules.lookback_ms),
+                    max(month_hours) + HOUR_MS,
+                )
+                recent: dict[int, pa.Table] = {}  # winners of the hours just reconciled
                 files = archive.files(min(month_start, month_of(span[0])[0]), month_end)
                 files_read += len(files)
                 with closing(open_period(files, *span)) as view:
@@ -114,6 +124,7 @@ def reconcile_hours(
                             invalid=rules.batch_reasons,
                             review=rules.batch_reviews if rules.has_reviews else None,
                             lookback_ms=rules.lookback_ms,
+                            recent=recent,
                         )
                         runs.append(_publish(final, result, reason))
                         events += result.events

@@ -129,7 +129,12 @@ class CompiledRule:
         ts = decisions["ts_ms"].to_numpy()
         seen = np.flatnonzero(ts >= judged_from_ms - self.lookback_ms)
         judged = applies[seen] & (ts[seen] >= judged_from_ms)
-        frame = decisions if len(seen) == decisions.height else decisions[seen]
+        if len(seen) == decisions.height:
+            frame = decisions
+        elif len(seen) and seen[-1] - seen[0] + 1 == len(seen):  # a run: the hour after its
+            frame = decisions.slice(int(seen[0]), len(seen))  # context, no copy
+        else:
+            frame = decisions[seen]
         return nulls("reason", decisions.height).scatter(seen, self._reasons(frame, judged))
 
     def _reasons(self, frame: pl.DataFrame, applies: np.ndarray[Any, Any]) -> pl.Series:
