@@ -143,6 +143,29 @@ def test_ip_ad_spread_counts_distinct_ads_in_the_window_ending_at_each_click(see
         assert f"ip {rows[i]['ip']}: {n} distinct ads clicked in the 5 min" in got[i]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_ip_click_volume_counts_an_addresses_clicks_over_hours(seed: int) -> None:
+    rows = random_rows(seed, 300, 6 * HOUR_MS)
+    spec = RuleSpec("vol", "ip_click_volume", "volume", {"max_clicks": 20, "window_hours": 2})
+    expected = {}
+    for i, row in enumerate(rows):
+        if row["event_type"] != "click" or row["ip"] is None:
+            continue
+        n = sum(
+            1
+            for r in rows
+            if r["event_type"] == "click"
+            and r["ip"] == row["ip"]
+            and row["ts_ms"] - 2 * HOUR_MS <= r["ts_ms"] <= row["ts_ms"]
+        )
+        if n > 20:
+            expected[i] = n
+    got = flagged(spec, rows)
+    assert set(got) == set(expected) and expected and len(expected) < len(rows) // 2
+    for i, n in expected.items():
+        assert f"ip {rows[i]['ip']}: {n} clicks in the 2 h to" in got[i]
+
+
 # -- no_impression_click -------------------------------------------------------------------------
 
 
@@ -312,6 +335,7 @@ def test_the_stream_form_names_event_types_for_a_frame_matcher() -> None:
     [
         ("repeat_click", {"window_seconds": 0}),
         ("ip_ad_spread", {"max_ads": 3}),
+        ("ip_click_volume", {"max_clicks": 3, "window_hours": 0}),
         ("no_impression_click", {"window_minutes": 5, "colour": "red"}),
         ("ctr_spike", {"factor": -1, "baseline_hours": 24, "min_clicks": 5}),
     ],

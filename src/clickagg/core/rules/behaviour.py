@@ -1,5 +1,6 @@
 """Behavioural (sophisticated) invalid traffic beyond per-IP velocity: repeat clicks, one
-address spreading clicks over many ads, clicks without an impression, an ad's CTR spiking.
+address spreading clicks over many ads or clicking steadily for hours, clicks without an
+impression, an ad's CTR spiking.
 
 Each is *keyed* (:mod:`.velocity`): its verdict on a click depends on other events of the
 same user, address or ad, which the stream's partitions split, so the batch layer applies
@@ -193,6 +194,50 @@ def ip_ad_spread(spec: RuleSpec) -> FrameMatcher:
     return FrameMatcher(match, lookback_ms=window_ms)
 
 
+# -- one address's volume over hours ------------------------------------------------------------
+
+
+class VolumeParams(msgspec.Struct, forbid_unknown_fields=True):
+    max_clicks: int
+    window_hours: int
+
+
+@register_kind("ip_click_volume")
+def ip_click_volume(spec: RuleSpec) -> FrameMatcher:
+    """A click from an address with more than ``max_clicks`` clicks in the
+    ``window_hours`` up to and including it (sliding): steady volume a per-minute burst
+    limit does not see, judged over up to a day of context. Evidence: ``"ip <ip>: <n>
+    clicks in the <h> h to <time>"``."""
+    params = params_of(spec, VolumeParams)
+    _positive(spec, max_clicks=params.max_clicks, window_hours=params.window_hours)
+    window_ms = params.window_hours * HOUR_MS
+
+    def match(frame: pl.DataFrame) -> pl.Series:
+        clicks = (
+            frame.with_row_index("_row")
+            .filter(CLICK & pl.col("ip").is_not_null())
+            .select("_row", "ip", "ts_ms")
+            .sort("ip", "ts_ms", maintain_order=True)
+        )
+        volume = clicks.rolling(
+            index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip"
+        ).agg(pl.len().alias("_n"))
+        counted = clicks.with_columns(volume["_n"]).filter(pl.col("_n") > params.max_clicks)
+        evidence = counted.select(
+            pl.concat_str(
+                pl.lit("ip "),
+                pl.col("ip"),
+                pl.lit(": "),
+                pl.col("_n").cast(pl.String),
+                pl.lit(f" clicks in the {params.window_hours} h to "),
+                _stamp("ts_ms"),
+            )
+        ).to_series()
+        return _scattered(frame.height, counted["_row"], evidence)
+
+    return FrameMatcher(match, lookback_ms=window_ms)
+
+
 # -- clicks without an impression ---------------------------------------------------------------
 
 
@@ -339,5 +384,11 @@ def ctr_spike(spec: RuleSpec) -> FrameMatcher:
     )
 
 
-for _kind in ("repeat_click", "ip_ad_spread", "no_impression_click", "ctr_spike"):
+for _kind in (
+    "repeat_click",
+    "ip_ad_spread",
+    "ip_click_volume",
+    "no_impression_click",
+    "ctr_spike",
+):
     keyed(_kind)
