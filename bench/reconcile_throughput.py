@@ -31,6 +31,7 @@ Each run's winners are checked against the generator's number of distinct events
 
     .venv/bin/python bench/reconcile_throughput.py [--events 10000000] [--runs 3]
         [--hours 24] [--flush 200000] [--engines duckdb,spark,baseline] [--dir DIR]
+        [--spark-driver-memory 4g]
 """
 
 from __future__ import annotations
@@ -451,12 +452,15 @@ def baseline_run(root: Path, hours: list[int]) -> Run:
     return Run(seconds, int(pc.sum(table["events"]).as_py() or 0), 0.0)
 
 
-def spark_run(root: Path) -> Run:
+def spark_run(root: Path, driver_memory: str) -> Run:
     """One Spark run in a fresh process, as ``clickagg reconcile --engine spark`` runs: its
     own JVM, started, used and stopped (a reused JVM ran out of heap on a later run)."""
     start = time.perf_counter()
     child = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--spark-child", str(root)],
+        [
+            *(sys.executable, str(Path(__file__).resolve()), "--spark-child", str(root)),
+            *("--spark-driver-memory", driver_memory),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -469,13 +473,14 @@ def spark_run(root: Path) -> Run:
     return Run(**answer, process_s=process_s)
 
 
-def spark_child(root: Path) -> int:
+def spark_child(root: Path, driver_memory: str) -> int:
     """The child of :func:`spark_run`: one JSON line, its :class:`Run` or the error."""
     from clickagg.batch.spark_engine import local_session, stop_session
 
     try:
         start = time.perf_counter()
-        session = local_session()
+        # As `clickagg reconcile --engine spark --spark-conf spark.driver.memory=...`.
+        session = local_session(extra={"spark.driver.memory": driver_memory})
         start_s = time.perf_counter() - start
         context = session.sparkContext
         heap_mib = int(context._jvm.java.lang.Runtime.getRuntime().maxMemory()) // 2**20
@@ -640,10 +645,15 @@ def main(argv: list[str] | None = None) -> int:
         help="where archives are cached, one subdirectory per parameter set",
     )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached archive")
+    parser.add_argument(
+        "--spark-driver-memory",
+        default="4g",
+        help="spark.driver.memory of the Spark runs (local mode: the executors' heap too)",
+    )
     parser.add_argument("--spark-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spark_child:
-        return spark_child(args.spark_child)
+        return spark_child(args.spark_child, args.spark_driver_memory)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - set(ENGINES):
         parser.error(f"--engines: some of {', '.join(ENGINES)}")
@@ -689,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
 
     measures: dict[str, Callable[[], Run]] = {
         "duckdb": lambda: metered(lambda: reconcile_run(root, hours, "duckdb")),
-        "spark": lambda: spark_run(root),
+        "spark": lambda: spark_run(root, args.spark_driver_memory),
         "baseline": lambda: metered(lambda: baseline_run(root, hours)),
     }
     failed: dict[str, str] = {}  # engine -> why a run failed; its further runs are skipped

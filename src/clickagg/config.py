@@ -92,6 +92,9 @@ class Settings:
     # Invalid-traffic rules (TOML, clickagg.core.rules.loading); None: the built-in rules.
     # The worker re-reads it when it or a file it names changes, and records each change.
     rules_file: Path | None = None
+    # ``POST /rules/replay`` replays candidate rules over at most this much of the archive
+    # per request (a thread of the API process reads it); the command line has no limit.
+    replay_max_span_ms: int = 31 * 24 * 60 * MINUTE_MS
     # Which adapter plays each role (clickagg.runtime.roles lists them).
     log_backend: str = "segments"
     store_backend: str = "duckdb"

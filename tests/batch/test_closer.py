@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clickagg.batch.closer import REASON, closable_hours, close_due_hours
+from clickagg.batch.closer import REASON, RESTATED, closable_hours, close_due_hours
 from clickagg.batch.published import FinalHours
 from clickagg.config import Settings
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
@@ -49,3 +49,31 @@ def test_one_pass_closes_due_hours_once(rig: Rig) -> None:
     later = now + HOUR_MS
     [second] = close_due_hours(settings, later)
     assert second.hour_ms == HOUR + HOUR_MS and second.clicks == 30
+
+
+def test_a_closed_hour_is_restated_when_very_late_events_arrive(rig: Rig) -> None:
+    rig.append([Ev(f"e{i}", "ad-1", HOUR + i * MINUTE_MS) for i in range(90)])
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    settings = rig.settings
+    now = HOUR + HOUR_MS + settings.allowed_lateness_ms + settings.close_delay_ms
+    [closed] = close_due_hours(settings, now)
+    assert closed.clicks == 60
+    # Hours after the hour closed: events of it the stream leaves out as late, and a copy
+    # of one it counted (re-sent beyond its horizon).
+    worker = rig.worker()
+    rig.append([Ev(f"late{i}", "ad-1", HOUR + 10 * MINUTE_MS + i) for i in range(7)])
+    rig.drain(worker)
+    rig.archive.flush()
+    [restated] = close_due_hours(settings, now + 5 * MINUTE_MS)
+    assert restated.hour_ms == HOUR and restated.clicks == 67
+    assert restated.published is not None and restated.published.version == 2
+    assert restated.published.reason == RESTATED
+    assert close_due_hours(settings, now + 6 * MINUTE_MS) == []  # nothing new: no run
+    rig.append([Ev("e3", "ad-1", HOUR + 3 * MINUTE_MS)])  # a copy: counts once already
+    rig.drain(worker)
+    rig.archive.flush()
+    [again] = close_due_hours(settings, now + 7 * MINUTE_MS)
+    assert again.hour_ms == HOUR and again.clicks == 67 and again.published is None
+    assert close_due_hours(settings, now + 8 * MINUTE_MS) == []
+    assert [v.version for v in FinalHours(settings.batch_dir).versions(HOUR)] == [1, 2]

@@ -137,3 +137,69 @@ def test_the_server_closes_a_past_hour_by_itself(tmp_path: Path) -> None:
         assert version["reason"] == "closed on schedule"
     finally:
         server.kill9()
+
+
+def owned(
+    ad: str, advertiser: str, campaign: str, ts_ms: int, n: int, prefix: str
+) -> list[dict[str, Any]]:
+    return [
+        {**event, "advertiser_id": advertiser, "campaign_id": campaign}
+        for event in clicks(ad, ts_ms, n, prefix)
+    ]
+
+
+def test_rollups_and_top_ads_are_final_where_reconciled(tmp_path: Path) -> None:
+    """Advertiser and campaign roll-ups serve reconciled hours from the billing rows, late
+    clicks included; a top-N over a reconciled range is ranked from them (``final``), one
+    reaching into an open hour by the stream."""
+    now = int(time.time() * 1000)
+    hour = now - now % HOUR_MS - 2 * HOUR_MS
+    server = ServeProcess(tmp_path / "data", partitions=4)
+    try:
+        server.start()
+        post(server, owned("ad-1", "adv-A", "camp-1", hour + 10 * MINUTE_MS, 12, "a1"))
+        post(server, owned("ad-2", "adv-A", "camp-2", hour + 11 * MINUTE_MS, 10, "a2"))
+        post(server, owned("ad-3", "adv-B", "camp-3", hour + 12 * MINUTE_MS, 3, "b3"))
+        post(server, owned("ad-1", "adv-A", "camp-1", hour + HOUR_MS + MINUTE_MS, 2, "n1"))
+        # Every partition's watermark passes the hour (ids spread over all 4 partitions).
+        post(server, clicks("ad-9", now, 40, "now"))
+        post(server, owned("ad-2", "adv-A", "camp-2", hour + 20 * MINUTE_MS, 5, "late2"))
+        settle(server)
+
+        def get(path: str, **params: Any) -> Any:
+            response = httpx.get(server.url + path, params=params, timeout=30)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        def ranking(start: int, end: int, **more: Any) -> tuple[bool, list[tuple[str, int]]]:
+            body = get("/ads/top", start=start, end=end, **more)
+            return body["final"], [(ad["ad_id"], ad["clicks"]) for ad in body["ads"]]
+
+        def windows(path: str) -> list[tuple[int, bool]]:
+            body = get(path, start=hour, end=hour + 2 * HOUR_MS, granularity="hour")
+            return [(m["clicks"], m["final"]) for m in body["metrics"]]
+
+        # The stream left the 5 late clicks of ad-2 out.
+        assert ranking(hour, hour + HOUR_MS) == (False, [("ad-1", 12), ("ad-2", 10), ("ad-3", 3)])
+        assert windows("/advertisers/adv-A/metrics") == [(22, False), (2, False)]
+        reconcile(server, hour)
+        assert windows("/advertisers/adv-A/metrics") == [(27, True), (2, False)]
+        assert windows("/campaigns/camp-2/metrics") == [(15, True)]
+        assert windows("/advertisers/adv-B/metrics") == [(3, True)]
+        assert ranking(hour, hour + HOUR_MS) == (True, [("ad-2", 15), ("ad-1", 12), ("ad-3", 3)])
+        assert ranking(hour, hour + HOUR_MS, limit=1, advertiser_id="adv-B") == (
+            True,
+            [("ad-3", 3)],
+        )
+        # Into the open next hour: the stream's ranking, whole.
+        assert ranking(hour, hour + 2 * HOUR_MS) == (
+            False,
+            [("ad-1", 14), ("ad-2", 10), ("ad-3", 3)],
+        )
+        for bad in ("0", "1001", "²", "ten"):
+            response = httpx.get(server.url + "/ads/top", params={"limit": bad}, timeout=30)
+            assert response.status_code == 400 and "limit" in response.json()["detail"]
+        response = httpx.get(server.url + "/ads/top", params={"by": "ctr"}, timeout=30)
+        assert response.status_code == 400 and "by=" in response.json()["detail"]
+    finally:
+        server.kill9()

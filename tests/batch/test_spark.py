@@ -9,8 +9,11 @@ session already active in the process.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from clickagg.batch.spark_engine import (
     SparkPeriodView,
     java_available,
     local_session,
+    session_conf,
     stop_session,
 )
 from clickagg.cli.main import main
@@ -45,6 +49,7 @@ from clickagg.config import Settings
 from clickagg.core import hll, ids
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from tests.conftest import Ev
+from tests.e2e.server import free_port
 from tests.worker.test_stream import T0, Rig
 
 pytestmark = [
@@ -327,6 +332,131 @@ def test_large_sketches_share_their_registers_with_spark(spark: SparkSession) ->
     assert set(differ) <= {5} | set(range(8, 16)), differ
     assert row["estimate_of_ours"] == hll.estimate(mine)  # Spark reads our bytes
     assert hll.estimate(hll.union([theirs, mine])) == hll.estimate(mine)
+
+
+# -- a cluster: --spark-master runs the same reconciliation on a standalone Spark cluster ------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str
+    work_dir: Path
+
+
+def _spark_class(pyspark_home: Path, cls: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """One daemon of a standalone cluster, in the foreground (its pid is the JVM's)."""
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(pyspark_home),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_NO_DAEMONIZE": "1",
+        # No REST submission server (it would listen on 6066 whatever the master's port).
+        "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+    }
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [str(pyspark_home / "bin" / "spark-class"), cls, *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        assert process.poll() is None, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.25)
+    raise AssertionError(f"no {text!r} in {log} after 90 s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A standalone Spark cluster on 127.0.0.1: one master, one worker with one core,
+    started from pyspark's own launcher and stopped by pid."""
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    root = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    master_log, worker_log = root / "master.log", root / "worker.log"
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        master = _spark_class(
+            home,
+            "org.apache.spark.deploy.master.Master",
+            *("--host", "127.0.0.1", "--port", str(port), "--webui-port", str(free_port())),
+            log=master_log,
+        )
+        started.append(master)
+        _wait_for_line(master_log, "New state: ALIVE", master)
+        url = f"spark://127.0.0.1:{port}"
+        worker = _spark_class(
+            home,
+            "org.apache.spark.deploy.worker.Worker",
+            *("--host", "127.0.0.1", "--webui-port", str(free_port())),
+            *("--cores", "1", "--memory", "1g", "--work-dir", str(root / "work"), url),
+            log=worker_log,
+        )
+        started.append(worker)
+        _wait_for_line(master_log, "Registering worker", master)
+        yield Cluster(url, root / "work")
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_spark_master_reconciles_on_a_cluster(
+    archive: Path, reconciled: Reconciled, cluster: Cluster, tmp_path: Path
+) -> None:
+    """``--spark-master`` runs the ranking on the cluster's executors (the worker holds the
+    application's directory afterwards) and publishes DuckDB's rows, byte for byte."""
+    settings = data_dir(archive, tmp_path)
+    hour = time.strftime("%Y-%m-%dT%H", time.gmtime(HOUR / 1000))
+    args = ["reconcile", "--hour", hour, "--engine", "spark", "--spark-master", cluster.url]
+    args += ["--spark-conf", "spark.executor.memory=512m"]
+    args += ["--data-dir", str(tmp_path), "--partitions", "2", "--ads", str(settings.ads_file)]
+    # Its own process, as from cron: the module's local session must not be borrowed.
+    result = subprocess.run(
+        [sys.executable, "-m", "clickagg", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reconciled 1 hours (spark)" in result.stdout
+    assert [p.name for p in cluster.work_dir.iterdir() if p.name.startswith("app-")]
+    mine = FinalHours(batch_dir(reconciled.duckdb[0]))
+    theirs = FinalHours(batch_dir(settings))
+    assert all(mine.read(HOUR, table) == theirs.read(HOUR, table) for table in TABLES)
+    assert mine.read_report(HOUR) == theirs.read_report(HOUR)
+
+
+def test_a_spark_master_needs_the_spark_engine(tmp_path: Path) -> None:
+    args = ["reconcile", "--hour", "2026-01-05T10", "--spark-master", "spark://127.0.0.1:1"]
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--spark-master and --spark-conf apply to --engine spark" in result.output
+
+
+def test_the_driver_stays_on_loopback_only_for_a_loopback_master() -> None:
+    assert session_conf()["spark.driver.host"] == "127.0.0.1"
+    assert session_conf("local[1]")["spark.master"] == "local[1]"
+    assert session_conf("spark://127.0.0.1:7077")["spark.driver.bindAddress"] == "127.0.0.1"
+    remote = session_conf("spark://spark-master.internal:7077")
+    assert remote["spark.master"] == "spark://spark-master.internal:7077"
+    assert "spark.driver.host" not in remote and "spark.driver.bindAddress" not in remote
+    bigger = session_conf(None, {"spark.driver.memory": "3g"})
+    assert bigger["spark.driver.memory"] == "3g" and bigger["spark.master"] == "local[2]"
 
 
 # -- the behavioural rules: context before each hour, from both engines ----------------------

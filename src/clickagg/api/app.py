@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from clickagg.api import audit, billing, health, ingest, openapi, queries
+from clickagg.api import audit, billing, health, ingest, openapi, queries, rules
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
 from clickagg.api.state import AppState, IngestMetrics, WorkerHandle, state_of
@@ -57,9 +57,13 @@ ROUTES = [
     Route("/aggregates/realtime", queries.realtime, methods=["GET"]),
     Route("/api/v1/ads/{ad_id}/metrics", queries.ad_metrics, methods=["GET"]),
     Route("/api/v1/ads/{ad_id}/metrics/realtime", queries.ad_realtime, methods=["GET"]),
+    Route("/ads/top", queries.top_ads, methods=["GET"]),
+    Route("/advertisers/{advertiser_id}/metrics", queries.advertiser_metrics, methods=["GET"]),
+    Route("/campaigns/{campaign_id}/metrics", queries.campaign_metrics, methods=["GET"]),
     Route("/reconciliation", billing.reconciliation, methods=["GET"]),
     Route("/billing/adjustments", billing.adjustments, methods=["GET"]),
     Route("/billing/advertisers/{advertiser_id}/statement", billing.statement, methods=["GET"]),
+    Route("/rules/replay", rules.replay, methods=["POST"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),

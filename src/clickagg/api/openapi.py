@@ -19,7 +19,9 @@ from typing import Any
 import msgspec
 
 from clickagg.api.billing import MONTH_PATTERN
+from clickagg.api.rules import MAX_LIMIT, RULES_PROBLEM
 from clickagg.api.timefmt import LATEST_MS
+from clickagg.batch.replay import DEFAULT_LIMIT
 from clickagg.config import Settings
 from clickagg.core.events import EARLIEST_MS, IncomingEvent, timestamp_ms
 
@@ -160,6 +162,130 @@ def _event_schemas(now_ms: int, max_future_ms: int) -> dict[str, dict[str, Any]]
     return schemas
 
 
+def _replay_operation(settings: Settings) -> dict[str, Any]:
+    """``POST /rules/replay``: the request as :class:`clickagg.api.rules.ReplayRequest`
+    decodes it, the report as :func:`clickagg.batch.replay.report_json` writes it."""
+    count = {"type": "integer"}
+    text_or_null = {"type": ["string", "null"]}
+    change = {
+        name: count
+        for name in (
+            "now_clicks",
+            "candidate_clicks",
+            "delta_clicks",
+            "now_spend_micros",
+            "candidate_spend_micros",
+            "delta_spend_micros",
+        )
+    }
+
+    def strict(properties: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": list(properties),
+            "additionalProperties": False,
+        }
+
+    rules_info = strict(
+        {
+            "source": {"type": "string"},
+            "digest": {"type": "string"},
+            "ids": {"type": "array", "items": {"type": "string"}},
+        }
+    )
+    report = strict(
+        {
+            "since": {"type": "string", "format": "date-time"},
+            "until": {"type": "string", "format": "date-time"},
+            "hours": count,
+            "events": count,
+            "current_rules": rules_info,
+            "candidate_rules": rules_info,
+            "total": strict(change),
+            "ads": {
+                "type": "array",
+                "items": strict(
+                    {
+                        "ad_id": {"type": "string"},
+                        "advertiser_id": text_or_null,
+                        "campaign_id": text_or_null,
+                        **change,
+                    }
+                ),
+            },
+            "advertisers": {
+                "type": "array",
+                "items": strict({"advertiser_id": text_or_null, **change}),
+            },
+            "flipped_total": count,
+            "flipped": {
+                "type": "array",
+                "items": strict(
+                    {
+                        "event_id": {"type": "string"},
+                        "ad_id": {"type": "string"},
+                        "advertiser_id": text_or_null,
+                        "ts": {"type": "string", "format": "date-time"},
+                        "ip": text_or_null,
+                        "user_agent": text_or_null,
+                        "spend_micros": count,
+                        "now_reason": text_or_null,
+                        "candidate_reason": text_or_null,
+                    }
+                ),
+            },
+        }
+    )
+    # JSON tells a number from a string: epoch s/ms as a number, or a string that
+    # parses as a time (ISO-8601, or epoch s/ms); one that does not is a 400 naming it.
+    moment = {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": LATEST_MS},
+            {"type": "string", "description": "ISO-8601 (2025-01-15T10:00:00Z) or epoch s/ms"},
+        ]
+    }
+    request = {
+        "type": "object",
+        "properties": {
+            "rules": {
+                "type": "string",
+                "description": (
+                    "the candidate rules file's text (TOML, as rules_file); files it names "
+                    "must be next to the server's rules_file"
+                ),
+            },
+            "since": {**moment, "description": "from this time's hour on"},
+            "until": {
+                "anyOf": [*moment["anyOf"], {"type": "null"}],
+                "description": "exclusive end (default: now, floored to the hour)",
+            },
+            "limit": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_LIMIT,
+                "default": DEFAULT_LIMIT,
+                "description": "flipped clicks listed (flipped_total counts them all)",
+            },
+        },
+        "required": ["rules", "since"],
+        "additionalProperties": False,
+    }
+    span_days = settings.replay_max_span_ms / 86_400_000
+    return {
+        "summary": "What candidate invalid-traffic rules would change, without changing it",
+        "description": (
+            "Over the archive's whole hours from since to until, per ad and advertiser the "
+            "billable clicks and spend now (as reconciled) and under the candidate, and the "
+            "clicks whose verdict flips. 400 for rules that do not load (detail begins "
+            f"`{RULES_PROBLEM}`), since not before until, or a period longer than "
+            f"{span_days:g} days (replay_max_span)."
+        ),
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+        "responses": {"200": _json(report, "the report"), **_errors(400, 413)},
+    }
+
+
 def build(settings: Settings, now_ms: int) -> dict[str, Any]:
     """The document as of ``now_ms`` for a server with these settings."""
     components: dict[str, Any] = _event_schemas(now_ms, settings.max_future_ms)
@@ -235,6 +361,10 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
     ]
     ad_id = {"type": "string", **_ID_LENGTH}
     ad_path = {"name": "ad_id", "in": "path", "required": True, "schema": ad_id}
+
+    def owner_path(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True, "schema": ad_id}
+
     ad_query = _query("ad_id", "the ad", ad_id, required=True)
     rows = {"type": "array", "items": {"type": "object"}}
     paths: dict[str, Any] = {
@@ -309,6 +439,46 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "totals"), **_errors(400, 503)},
             }
         },
+        "/ads/top": {
+            "get": {
+                "summary": "The ads with the most clicks (or impressions, spend) over a range",
+                "description": (
+                    "final: the whole range is reconciled and ranked from billing rows; "
+                    "start before end, at most 366 days apart"
+                ),
+                "parameters": [
+                    *range_params[:3],
+                    _query(
+                        "by",
+                        "rank by (default: clicks)",
+                        _enum("clicks", "impressions", "spend_micros", "invalid_clicks"),
+                    ),
+                    _query(
+                        "limit",
+                        "how many ads (default: 10)",
+                        {"type": "string", "pattern": "^0{0,14}([1-9][0-9]{0,2}|1000)$"},
+                    ),
+                    _query("advertiser_id", "only this advertiser's ads", ad_id),
+                ],
+                "responses": {"200": _json({"type": "object"}, "ranking"), **_errors(400, 503)},
+            }
+        },
+        "/advertisers/{advertiser_id}/metrics": {
+            "get": {
+                "summary": "Every ad of one advertiser, per window (final where reconciled)",
+                "description": "Range rules" + time_rules,
+                "parameters": [owner_path("advertiser_id"), *range_params[:4]],
+                "responses": {"200": _json({"type": "object"}, "metrics"), **_errors(400, 503)},
+            }
+        },
+        "/campaigns/{campaign_id}/metrics": {
+            "get": {
+                "summary": "Every ad of one campaign, per window (final where reconciled)",
+                "description": "Range rules" + time_rules,
+                "parameters": [owner_path("campaign_id"), *range_params[:4]],
+                "responses": {"200": _json({"type": "object"}, "metrics"), **_errors(400, 503)},
+            }
+        },
         "/reconciliation": {
             "get": {
                 "summary": "Stream vs batch per (ad, reconciled hour), and why they differ",
@@ -361,6 +531,7 @@ def build(settings: Settings, now_ms: int) -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "statement"), **_errors(400, 503)},
             }
         },
+        "/rules/replay": {"post": _replay_operation(settings)},
         "/healthz": {
             "get": {
                 "summary": "200 when ready",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar, cast, get_args
 
@@ -17,12 +19,16 @@ from clickagg.query.base import (
     Dimension,
     Granularity,
     QueryError,
+    RankBy,
+    RollupLevel,
     StoreUnavailable,
     Totals,
 )
+from clickagg.query.serving import all_final
 
 GRANULARITIES = get_args(Granularity)
 DIMENSIONS = get_args(Dimension)
+RANK_BY = get_args(RankBy)
 REALTIME_WINDOWS = {"1m": MINUTE_MS, "5m": 5 * MINUTE_MS, "1h": HOUR_MS}
 MAX_RANGE_MS = {"minute": 31 * DAY_MS, "hour": 366 * DAY_MS, "day": 10 * 366 * DAY_MS}
 DEFAULT_RANGE_MS = DAY_MS
@@ -182,3 +188,89 @@ async def ad_realtime(request: Request) -> Response:
         body[f"spend_last_{suffix}"] = totals.spend_micros / 1_000_000
     body["as_of"] = iso(state.clock.now_ms())
     return JSONResponse(body)
+
+
+def _owner_id(request: Request, name: str) -> str:
+    value = str(request.path_params[name])
+    if len(value) > 256:
+        raise bad_request(f"{name} is longer than 256 characters")
+    return value
+
+
+async def _rollup(request: Request, level: RollupLevel, name: str) -> Response:
+    state = state_of(request)
+    owner = _owner_id(request, name)
+    granularity = cast(Granularity, _choice(request, "granularity", GRANULARITIES, "hour"))
+    start, end = _range(request, state, granularity)
+    size = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}[granularity]
+    rows = await answer(
+        state.queries.rollup(
+            level=level,
+            id=owner,
+            start_ms=window_start(start, size),
+            end_ms=end,
+            granularity=granularity,
+        )
+    )
+    return JSONResponse(
+        {
+            name: owner,
+            "granularity": granularity,
+            "metrics": [_row(row, "window_start", None) for row in rows],
+        }
+    )
+
+
+async def advertiser_metrics(request: Request) -> Response:
+    """``GET /advertisers/{advertiser_id}/metrics``: every ad of the advertiser, per window."""
+    return await _rollup(request, "advertiser", "advertiser_id")
+
+
+async def campaign_metrics(request: Request) -> Response:
+    """``GET /campaigns/{campaign_id}/metrics``: every ad of the campaign, per window."""
+    return await _rollup(request, "campaign", "campaign_id")
+
+
+TOP_LIMIT = 1000
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit takes '²', which int() refuses
+
+
+async def top_ads(request: Request) -> Response:
+    """``GET /ads/top?start&end|last&by&limit[&advertiser_id]``: the ads with the most
+    clicks (or impressions, spend, invalid clicks) over the range; ``final`` when the whole
+    range is reconciled, and then ranked from the billing rows."""
+    state = state_of(request)
+    by = cast(RankBy, _choice(request, "by", RANK_BY, "clicks"))
+    limit_text = request.query_params.get("limit", "10")
+    if not _DIGITS.fullmatch(limit_text) or not 1 <= int(limit_text) <= TOP_LIMIT:
+        raise bad_request(f"limit={limit_text!r}: expected an integer from 1 to {TOP_LIMIT}")
+    advertiser = request.query_params.get("advertiser_id")
+    if advertiser is not None and not 1 <= len(advertiser) <= 256:
+        raise bad_request("advertiser_id must be 1 to 256 characters")
+    start, end = _range(request, state, "hour")
+    start = window_start(start, MINUTE_MS)
+    final = state.final is not None and await asyncio.to_thread(all_final, state.final, start, end)
+    ads = await answer(
+        state.queries.top_ads(
+            start_ms=start, end_ms=end, by=by, limit=int(limit_text), advertiser_id=advertiser
+        )
+    )
+    return JSONResponse(
+        {
+            "start": iso(start),
+            "end": iso(end),
+            "by": by,
+            "final": final,
+            "ads": [
+                {
+                    "ad_id": ad.ad_id,
+                    "advertiser_id": ad.advertiser_id,
+                    "campaign_id": ad.campaign_id,
+                    **_measures(ad.clicks, ad.impressions, ad.spend_micros),
+                    "unique_users": ad.unique_users,
+                    "invalid_clicks": ad.invalid_clicks,
+                }
+                for ad in ads
+            ],
+        }
+    )

@@ -5,9 +5,13 @@ An hour ``H`` is closable once ``now >= H + 1h + allowed_lateness + close_delay`
 the stream has counted or left as late every event of ``H`` (the watermark lags by the
 allowed lateness), and the delay leaves the archive time to publish them. Hours with
 archived events, not closed yet and within ``close_lookback``, are closed oldest first.
-Very late events that arrive after an hour closed are left for a restatement
-(``clickagg reconcile --hour H`` again, or ``--since``), which publishes a new version only
-if the rows change.
+
+Very late events that arrive after an hour closed are restated the same way: every run
+records which of the hour's archive files it read (``FinalHours.record_inputs``), and a
+closed hour within the lookback whose archive has gained files since is reconciled again,
+which publishes a new version only if the rows change (a copy of an event already counted
+changes nothing; a very late event does). Older hours are restated by hand
+(``clickagg reconcile --hour H`` or ``--since``).
 """
 
 from __future__ import annotations
@@ -25,36 +29,62 @@ from clickagg.core.windows import HOUR_MS
 
 log = logging.getLogger(__name__)
 REASON = "closed on schedule"
+RESTATED = "restated on schedule: archived events arrived after the hour closed"
+
+
+def due_hours(now_ms: int, settings: Settings, *, archived_hours: list[int]) -> list[int]:
+    """Archived hours past ``allowed_lateness + close_delay`` and within the lookback."""
+    cutoff = now_ms - settings.allowed_lateness_ms - settings.close_delay_ms
+    oldest = now_ms - settings.close_lookback_ms
+    return [hour for hour in archived_hours if oldest < hour + HOUR_MS <= cutoff]
 
 
 def closable_hours(
     now_ms: int, settings: Settings, *, archived_hours: list[int], final: FinalHours
 ) -> list[int]:
     """The hours to close now (see the module docstring), oldest first."""
-    cutoff = now_ms - settings.allowed_lateness_ms - settings.close_delay_ms
-    oldest = now_ms - settings.close_lookback_ms
+    due = due_hours(now_ms, settings, archived_hours=archived_hours)
+    return [hour for hour in due if final.current(hour) is None]
+
+
+def restatable_hours(
+    now_ms: int,
+    settings: Settings,
+    *,
+    archive: ParquetArchiveReader,
+    final: FinalHours,
+) -> list[int]:
+    """Closed hours within the lookback whose archive files are not the ones their latest
+    run read, oldest first."""
+    due = due_hours(now_ms, settings, archived_hours=archive.event_hours())
     return [
         hour
-        for hour in archived_hours
-        if hour + HOUR_MS <= cutoff and hour + HOUR_MS > oldest and final.current(hour) is None
+        for hour in due
+        if final.current(hour) is not None
+        and final.inputs(hour) != sorted(f.name for f in archive.files(hour, hour + HOUR_MS))
     ]
 
 
 def close_due_hours(settings: Settings, now_ms: int) -> list[HourRun]:
-    """One pass of the schedule: reconcile every hour that is due."""
+    """One pass of the schedule: close every hour that is due, then restate every closed
+    hour that has new archived events."""
+    final = FinalHours(settings.batch_dir)
     archive = ParquetArchiveReader(settings.archive_dir)
     try:
         archived = archive.event_hours()
+        restate = restatable_hours(now_ms, settings, archive=archive, final=final)
     finally:
         archive.close()
-    hours = closable_hours(
-        now_ms, settings, archived_hours=archived, final=FinalHours(settings.batch_dir)
-    )
-    if not hours:
-        return []
-    runs = reconcile_hours(settings, hours, reason=REASON)
+    runs = []
+    close = closable_hours(now_ms, settings, archived_hours=archived, final=final)
+    if close:
+        runs += reconcile_hours(settings, close, reason=REASON)
+    if restate:
+        runs += reconcile_hours(settings, restate, reason=RESTATED)
     for run in runs:
-        log.info("closed hour %d: %d clicks", run.hour_ms, run.clicks)
+        what = "closed" if run.hour_ms in close else "restated"
+        changed = f"v{run.published.version}" if run.published else "unchanged"
+        log.info("%s hour %d: %d clicks (%s)", what, run.hour_ms, run.clicks, changed)
     return runs
 
 

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +36,18 @@ from clickagg.core import aggregate, hll
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.query.base import (
     Adjustment,
+    AdTotals,
     AggregateRow,
     Dimension,
     Granularity,
+    RankBy,
     ReconciliationRow,
+    RollupLevel,
 )
 from clickagg.registry import Advertiser
 
 CURRENT = "CURRENT"
+INPUTS = "INPUTS"  # the archive files of the hour its latest run read
 EPOCH = "EPOCH"
 _TABLES = ("minute", *aggregate.DIMENSIONS)
 
@@ -220,6 +224,27 @@ class FinalHours:
         os.replace(tmp, hdir / "report.parquet")
         _fsync_dir(hdir)
 
+    def record_inputs(self, hour_ms: int, archive_files: Sequence[str]) -> None:
+        """The hour's archive files (names) the latest run read: the closer restates a
+        closed hour when its archive holds files this list lacks (very late events)."""
+        hdir = self.directory / hour_name(hour_ms)
+        hdir.mkdir(parents=True, exist_ok=True)
+        tmp = hdir / f".{INPUTS}.tmp"
+        tmp.write_text(json.dumps(sorted(archive_files)))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, hdir / INPUTS)
+        _fsync_dir(hdir)
+
+    def inputs(self, hour_ms: int) -> list[str] | None:
+        """What :meth:`record_inputs` recorded last; None before any run of this hour
+        recorded them."""
+        try:
+            names = json.loads((self.directory / hour_name(hour_ms) / INPUTS).read_text())
+        except FileNotFoundError:
+            return None
+        return [str(name) for name in names]
+
     def read_report(self, hour_ms: int) -> pa.Table | None:
         try:
             return pq.read_table(self.directory / hour_name(hour_ms) / "report.parquet")
@@ -313,24 +338,37 @@ class FinalRowsReader:
         granularity: Granularity,
         group_by: Dimension | None = None,
     ) -> list[AggregateRow]:
+        return self._windows("ad_id", ad_id, hours, granularity, group_by)
+
+    def rollup(
+        self, *, level: RollupLevel, id: str, hours: list[int], granularity: Granularity
+    ) -> list[AggregateRow]:
+        if level not in _OWNER_COLUMNS:
+            raise ValueError(f"unknown roll-up level {level!r}")
+        return self._windows(_OWNER_COLUMNS[level], id, hours, granularity, None)
+
+    def _windows(
+        self,
+        key: str,
+        value: str,
+        hours: list[int],
+        granularity: Granularity,
+        group_by: Dimension | None,
+    ) -> list[AggregateRow]:
         size = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}[granularity]
         table = group_by or "minute"
+        if key != "ad_id" and group_by is not None:
+            raise ValueError("a roll-up has no breakdown")
         parts = [f for h in hours if (f := self._frame(h, table)) is not None]
         if not parts:
             return []
-        rows = pl.concat(parts).filter(pl.col("ad_id") == ad_id)
+        rows = pl.concat(parts).filter(pl.col(key) == value)
         keys = [pl.col("minute_ms") - pl.col("minute_ms") % size]
         if group_by is not None:
             keys.append(pl.col(group_by))
         grouped = (
             rows.group_by(keys)
-            .agg(
-                pl.col("clicks").sum(),
-                pl.col("impressions").sum(),
-                pl.col("spend_micros").sum(),
-                pl.col("invalid_clicks").sum(),
-                pl.col("users"),
-            )
+            .agg(*(pl.col(m).sum() for m in _SUMS), pl.col("users"))
             .sort(["minute_ms", *([group_by] if group_by else [])])
         )
         users = hll.estimates(hll.union_many(grouped["users"].to_arrow()))
@@ -346,6 +384,53 @@ class FinalRowsReader:
                 final=True,
             )
             for r, u in zip(grouped.iter_rows(named=True), users.tolist(), strict=True)
+        ]
+
+    def top_ads(
+        self,
+        *,
+        start_ms: int,
+        end_ms: int,
+        by: RankBy = "clicks",
+        limit: int = 10,
+        advertiser_id: str | None = None,
+    ) -> list[AdTotals]:
+        if by not in _SUMS:
+            raise ValueError(f"cannot rank by {by!r}")
+        parts = [
+            f
+            for h in self.final_hours(start_ms, end_ms)
+            if (f := self._frame(h, "minute")) is not None
+        ]
+        if not parts or limit <= 0:
+            return []
+        rows = pl.concat(parts).filter(pl.col("minute_ms").is_between(start_ms, end_ms - 1))
+        if advertiser_id is not None:
+            rows = rows.filter(pl.col("advertiser_id") == advertiser_id)
+        ranked = (
+            rows.group_by("ad_id")
+            .agg(
+                # An ad's owners as its newest row says (an ad can move campaigns).
+                *(pl.col(o).sort_by("minute_ms").last() for o in aggregate.OWNERS),
+                *(pl.col(m).sum() for m in _SUMS),
+                pl.col("users"),
+            )
+            .sort([by, "ad_id"], descending=[True, False])
+            .head(limit)
+        )
+        users = hll.estimates(hll.union_many(ranked["users"].to_arrow()))
+        return [
+            AdTotals(
+                ad_id=r["ad_id"],
+                advertiser_id=r["advertiser_id"],
+                campaign_id=r["campaign_id"],
+                clicks=int(r["clicks"]),
+                impressions=int(r["impressions"]),
+                spend_micros=int(r["spend_micros"]),
+                unique_users=int(u),
+                invalid_clicks=int(r["invalid_clicks"]),
+            )
+            for r, u in zip(ranked.iter_rows(named=True), users.tolist(), strict=True)
         ]
 
     def reconciliation(
@@ -396,6 +481,7 @@ class FinalRowsReader:
 
 
 _SUMS = ("clicks", "impressions", "spend_micros", "invalid_clicks")
+_OWNER_COLUMNS = {"advertiser": "advertiser_id", "campaign": "campaign_id"}
 
 
 def _per_ad(minute: pa.Table) -> pl.DataFrame:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clickagg.archive.parquet import ParquetArchiveReader
+from clickagg.archive.parquet import ParquetArchiveReader, hour_dir
 from clickagg.batch.published import FinalHours, Version
 from clickagg.batch.reconcile import (
     HourResult,
@@ -84,13 +84,17 @@ def reconcile_hours(
     *,
     reason: str,
     engine: str = "duckdb",
+    spark_master: str | None = None,
+    spark_conf: Mapping[str, str] | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> list[HourRun]:
     """Reconcile each hour (a UTC hour start, ms) and publish a version where it changed.
 
     ``engine`` (``reconcile.ENGINES``) only selects the winning copies; the rows are the
-    same whichever does. ``progress`` hears after each hour how far the run is."""
-    open_period = engine_factory(engine)
+    same whichever does (``spark_master``: run Spark on that cluster, not in local mode;
+    ``spark_conf``: more Spark settings).
+    ``progress`` hears after each hour how far the run is."""
+    open_period = engine_factory(engine, spark_master=spark_master, spark_conf=spark_conf)
     cpc = PriceRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
     rules = load_rules(settings.rules_file)  # the stream's rules, applied to every winner
     archive = ParquetArchiveReader(settings.archive_dir)
@@ -127,6 +131,7 @@ def reconcile_hours(
                             recent=recent,
                         )
                         runs.append(_publish(final, result, reason))
+                        final.record_inputs(hour_ms, _names_of_hour(files, hour_ms))
                         events += result.events
                         if progress is not None:
                             progress(
@@ -164,6 +169,12 @@ def _publish(final: FinalHours, result: HourResult, reason: str) -> HourRun:
         result.invalid,
         result.review,
     )
+
+
+def _names_of_hour(files: list[Path], hour_ms: int) -> list[str]:
+    """The names of the hour's own archive files among the period's."""
+    directory = hour_dir(hour_ms)
+    return [f.name for f in files if f.parent.name == directory]
 
 
 def _sum(table: pa.Table, column: str) -> int:

@@ -12,7 +12,10 @@ engine selected them.
 
 Types: Spark has no unsigned integers and reads the archive's ``uint64`` fingerprints as
 ``decimal(20,0)``; they partition the window exactly as well, and go back to ``uint64`` in
-Arrow. The session runs ``local[2]`` on the loopback interface with the UI off; a session
+Arrow. By default the session runs ``local[2]`` on the loopback interface with the UI off;
+``master`` (``clickagg reconcile --spark-master URL``) runs it on a cluster instead, e.g. a
+standalone ``spark://host:7077``: the executors then read the archive files by the same
+paths, so the data dir must be on storage every node mounts at the same path. A session
 already active in the process (a notebook's, a test module's) is used as it is and left
 running, one this adapter started is stopped on :meth:`SparkPeriodView.close`.
 """
@@ -24,6 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 from pyspark import StorageLevel
@@ -63,19 +67,53 @@ def java_available() -> bool:
 _WAREHOUSE_PREFIX = "clickagg-spark-"
 
 
-def local_session() -> SparkSession:
-    """A local Spark session bound to 127.0.0.1 (:data:`LOCAL_CONF`), quiet but for errors;
-    end it with :func:`stop_session`."""
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def on_loopback(master: str) -> bool:
+    """Whether the driver can stay on 127.0.0.1 for this master: local mode, or a cluster
+    whose master (and so, here, whose workers) listen on this machine's loopback."""
+    if master.startswith("local"):
+        return True
+    host = urlsplit(master).hostname or ""
+    return host in _LOOPBACK_HOSTS or f"[{host}]" in _LOOPBACK_HOSTS
+
+
+def session_conf(
+    master: str | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The session's settings: :data:`LOCAL_CONF`, on ``master`` if given, then ``extra``
+    (``--spark-conf``, e.g. ``spark.driver.memory=8g`` for a big month in local mode).
+    For a master off this machine the driver's address is left to Spark
+    (``SPARK_LOCAL_IP`` or the host name), since executors elsewhere must reach it, and the
+    shuffle width to the cluster."""
+    if master is None:
+        return {**LOCAL_CONF, **(extra or {})}
+    conf = {**LOCAL_CONF, "spark.master": master}
+    if not on_loopback(master):
+        for key in ("spark.driver.host", "spark.driver.bindAddress"):
+            del conf[key]
+        del conf["spark.sql.shuffle.partitions"]
+    return {**conf, **(extra or {})}
+
+
+def local_session(
+    master: str | None = None, extra: Mapping[str, str] | None = None
+) -> SparkSession:
+    """A Spark session (:func:`session_conf`: local and bound to 127.0.0.1 unless
+    ``master`` says otherwise), quiet but for errors; end it with :func:`stop_session`."""
     if not java_available():
         raise EngineError("the spark engine needs Java 17+ (java on PATH, or JAVA_HOME)")
-    # Read by the JVM's launcher before any conf: without it Spark resolves the host name
-    # and may pick another interface for its own services.
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    conf = session_conf(master, extra)
+    if "spark.driver.host" in conf:
+        # Read by the JVM's launcher before any conf: without it Spark resolves the host
+        # name and may pick another interface for its own services.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Spark makes its (unused) warehouse directory on start, by default in the working
     # directory: a temporary one instead, removed by stop_session.
     warehouse = tempfile.mkdtemp(prefix=_WAREHOUSE_PREFIX)
     builder = SparkSession.builder.config("spark.sql.warehouse.dir", warehouse)
-    for key, value in LOCAL_CONF.items():
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
@@ -112,6 +150,8 @@ class SparkPeriodView:
         end_ms: int,
         *,
         session: SparkSession | None = None,
+        master: str | None = None,
+        conf: Mapping[str, str] | None = None,
     ) -> None:
         self.start_ms, self.end_ms = start_ms, end_ms
         self._owned = False
@@ -120,7 +160,7 @@ class SparkPeriodView:
             return
         spark = session or SparkSession.getActiveSession()
         if spark is None:
-            spark = local_session()
+            spark = local_session(master, conf)
             self._owned = True
         self._spark = spark
         # Every copy of an id is in one partition, so (partition, offset) is the order the

@@ -460,6 +460,20 @@ def _utc_ms(text: str, what: str) -> int:
     show_default=True,
     help="Batch engine that reads the archive (spark: the spark extra and Java 17+).",
 )
+@click.option(
+    "--spark-master",
+    envvar="CLICKAGG_SPARK_MASTER",
+    metavar="URL",
+    help="Run the spark engine on this cluster (e.g. spark://host:7077) instead of local "
+    "mode; its executors must see the data dir at the same path.",
+)
+@click.option(
+    "--spark-conf",
+    "spark_conf",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A Spark setting for the spark engine, e.g. spark.driver.memory=8g (repeatable).",
+)
 @click.option("--reason", default="reconciled", show_default=True, help="Kept with a new version.")
 @click.option(
     "--report",
@@ -474,6 +488,8 @@ def reconcile(
     since: str | None,
     until: str | None,
     engine: str,
+    spark_master: str | None,
+    spark_conf: tuple[str, ...],
     reason: str,
     report: bool,
     **flags: object,
@@ -490,6 +506,14 @@ def reconcile(
         return
     if sum(x is not None for x in (hour, day, since)) != 1:
         raise click.UsageError("give exactly one of --hour, --day, --since")
+    if (spark_master or spark_conf) and engine != "spark":
+        raise click.UsageError("--spark-master and --spark-conf apply to --engine spark")
+    extra_conf = {}
+    for item in spark_conf:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--spark-conf")
+        extra_conf[key.strip()] = value
     if hour is not None:
         start = _utc_ms(hour, "--hour")
         end = start + HOUR_MS
@@ -507,7 +531,13 @@ def reconcile(
     try:
         runs = _with_progress(
             lambda report: reconcile_hours(
-                settings, hours, reason=reason, engine=engine, progress=report
+                settings,
+                hours,
+                reason=reason,
+                engine=engine,
+                spark_master=spark_master or None,
+                spark_conf=extra_conf,
+                progress=report,
             ),
             total=len(hours),
         )
@@ -532,30 +562,33 @@ def reconcile(
         _print_report(settings, hours)
 
 
-def _with_progress(run: Callable[[Callable[[Any], None]], _R], *, total: int) -> _R:
+def _with_progress(
+    run: Callable[[Callable[[Any], None]], _R], *, total: int, label: str = "reconcile"
+) -> _R:
     """A progress bar (hours, archive files, events, rate, ETA) on a terminal; a log line
     per hour on stderr otherwise."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     err = Console(stderr=True)
     if not err.is_terminal:
+        done = {"reconcile": "reconciled", "replay": "replayed"}.get(label, label)
 
         def log_line(p: Any) -> None:
             click.echo(
-                f"reconciled {p.hours_done}/{p.hours} hours, {p.files} files, "
+                f"{done} {p.hours_done}/{p.hours} hours, {p.files} files, "
                 f"{p.events:,} events, {p.rate:,.0f} events/s, ETA {p.eta_s:.0f} s",
                 err=True,
             )
 
         return run(log_line)
     with Progress(
-        TextColumn("reconcile"),
+        TextColumn(label),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} hours {task.fields[detail]}"),
         TimeRemainingColumn(),
         console=err,
     ) as bar:
-        task = bar.add_task("reconcile", total=total, detail="")
+        task = bar.add_task(label, total=total, detail="")
 
         def update(p: Any) -> None:
             detail = f"· {p.files} files · {p.events:,} events · {p.rate:,.0f}/s"
@@ -608,6 +641,143 @@ def _print_report(settings: Settings, hours: list[int]) -> None:
                 _iso_hour(r.hour_ms), r.ad_id, f"{r.batch_clicks:,}", f"{r.review_clicks:,}"
             )
         Console().print(flagged)
+
+
+@main.group(name="rules")
+def rules_group() -> None:
+    """Invalid-traffic rules."""
+
+
+@rules_group.command(name="replay")
+@_settings_options
+@click.option(
+    "--rules",
+    "candidate_file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The candidate rules file (TOML, as rules_file).",
+)
+@click.option("--since", "since", required=True, help="Every hour from this time on ...")
+@click.option("--until", "until", help="... up to this time (default: now, floored to the hour).")
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Flipped clicks listed (the total is always given).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["duckdb", "spark"]),
+    default="duckdb",
+    show_default=True,
+    help="Batch engine that reads the archive.",
+)
+def rules_replay(
+    config_file: Path | None,
+    print_config: bool,
+    candidate_file: Path,
+    since: str,
+    until: str | None,
+    output: str,
+    limit: int,
+    engine: str,
+    **flags: object,
+) -> None:
+    """What candidate rules would change: over the archive's hours, per ad and advertiser
+    the billable clicks and spend now (as reconciled) and under the candidate, and the
+    clicks whose verdict flips. Changes nothing."""
+    from clickagg.batch.reconcile import EngineError
+    from clickagg.batch.replay import replay_rules, report_json
+    from clickagg.core.rules import RuleError
+    from clickagg.core.rules.loading import load_rules
+    from clickagg.core.windows import HOUR_MS
+
+    settings = _resolve_settings(config_file, print_config, flags)
+    if settings is None:
+        return
+    try:
+        candidate = load_rules(candidate_file)
+    except RuleError as exc:
+        raise SettingsUsageError(f"--rules: {exc}") from None
+    start = _utc_ms(since, "--since")
+    if until:
+        end = _utc_ms(until, "--until")
+    else:
+        now = int(time.time() * 1000)
+        end = now - now % HOUR_MS
+    start -= start % HOUR_MS
+    if end <= start:
+        raise click.UsageError("the period holds no hour (--until must be after --since)")
+    hours = len(range(start, end, HOUR_MS))
+    try:
+        report = _with_progress(
+            lambda progress: replay_rules(
+                settings, candidate, start, end, limit=limit, engine=engine, progress=progress
+            ),
+            total=hours,
+            label="replay",
+        )
+    except EngineError as e:
+        raise click.ClickException(str(e)) from e
+    if output == "json":
+        from clickagg.api.timefmt import iso
+
+        click.echo(json.dumps(report_json(report, iso), indent=2))
+        return
+    _print_replay(report)
+
+
+def _print_replay(report: Any) -> None:
+    """Ads and advertisers whose numbers change, the totals, and the first flipped clicks."""
+    console = Console()
+    period = f"{_iso_hour(report.start_ms)} to {_iso_hour(report.end_ms)}"
+    console.print(
+        f"replayed {report.hours} hours ({period}), {report.events:,} events; "
+        f"candidate {report.candidate.source}: {', '.join(report.candidate.ids) or 'no rules'}"
+    )
+
+    def changes(title: str, rows: list[tuple[str, Any]], of: int) -> None:
+        table = Table(title=f"{title}: {len(rows)} of {of} change")
+        for column in ("", "clicks now", "candidate", "delta", "spend now", "candidate", "delta"):
+            table.add_column(column, justify="left" if not column else "right")
+        for name, c in rows:
+            table.add_row(
+                name,
+                f"{c.now_clicks:,}",
+                f"{c.candidate_clicks:,}",
+                f"{c.delta_clicks:+,}",
+                f"{c.now_spend_micros / 1e6:,.2f}",
+                f"{c.candidate_spend_micros / 1e6:,.2f}",
+                f"{c.delta_spend_micros / 1e6:+,.2f}",
+            )
+        console.print(table)
+
+    ads = [(f"{a.ad_id} ({a.advertiser_id or '-'})", a) for a in report.ads if a.changed]
+    changes("ads", ads, len(report.ads))
+    advertisers = [(a.advertiser_id or "(none)", a) for a in report.advertisers if a.changed]
+    changes("advertisers", [*advertisers, ("total", report.total)], len(report.advertisers))
+    flips = Table(title=f"flipped clicks: {len(report.flipped)} shown of {report.flipped_total}")
+    for column in ("event", "ad", "time", "ip", "user agent", "now", "candidate"):
+        flips.add_column(column, overflow="fold")
+    for f in report.flipped:
+        flips.add_row(
+            f.event_id,
+            f.ad_id,
+            _iso_ms(f.ts_ms),
+            f.ip or "",
+            (f.user_agent or "")[:60],
+            f.now_reason or "billable",
+            f.candidate_reason or "billable",
+        )
+    console.print(flips)
 
 
 def _iso_hour(ms: int) -> str:

@@ -159,6 +159,25 @@ class FinalRows(Protocol):
         per hour, or per day (then ``hours`` must hold whole days)."""
         ...
 
+    def rollup(
+        self, *, level: RollupLevel, id: str, hours: list[int], granularity: Granularity
+    ) -> list[AggregateRow]:
+        """:meth:`aggregates` over every ad of one advertiser or campaign."""
+        ...
+
+    def top_ads(
+        self,
+        *,
+        start_ms: int,
+        end_ms: int,
+        by: RankBy = "clicks",
+        limit: int = 10,
+        advertiser_id: str | None = None,
+    ) -> list[AdTotals]:
+        """:meth:`QueryStore.top_ads` over the final minutes in [start_ms, end_ms) (the
+        caller checks that every hour of the range is final)."""
+        ...
+
     def reconciliation(
         self, *, start_ms: int, end_ms: int, ad_id: str | None = None
     ) -> list[ReconciliationRow]:

@@ -5,12 +5,16 @@ A window is served whole from one side: a minute or hour window from the batch l
 its hour is final, a day window when all 24 of its hours are; otherwise from the stream
 (``final: false``). So no window ever mixes the two, and a window turns final at once when
 its hour is reconciled (the reader sees a new version by its ``CURRENT`` pointer).
-Sliding real-time windows, totals, top ads and roll-ups stay on the stream for now.
+Advertiser and campaign roll-ups are served the same way. A top-N ranking is one answer
+over its whole range: from the batch layer when every hour of the range is final, else from
+the stream (rankings of the two sides cannot be added: the N of each are other ads).
+Sliding real-time windows and totals stay on the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from clickagg.query.base import (
     AdTotals,
@@ -29,6 +33,12 @@ _HOUR_MS = 3_600_000
 _SIZES = {"minute": 60_000, "hour": _HOUR_MS, "day": 24 * _HOUR_MS}
 
 
+def all_final(final: FinalRows, start_ms: int, end_ms: int) -> bool:
+    """Whether every hour overlapping [start_ms, end_ms) is final."""
+    first = start_ms - start_ms % _HOUR_MS
+    return set(final.final_hours(start_ms, end_ms)) >= set(range(first, end_ms, _HOUR_MS))
+
+
 class ServingQueryStore:
     """:class:`QueryStore` over the stream's store and the batch layer's final rows."""
 
@@ -45,8 +55,6 @@ class ServingQueryStore:
         granularity: Granularity,
         group_by: Dimension | None = None,
     ) -> list[AggregateRow]:
-        size = _SIZES[granularity]
-        final_hours = set(await asyncio.to_thread(self.final.final_hours, start_ms, end_ms))
         stream_rows = await self.stream.aggregates(
             ad_id=ad_id,
             start_ms=start_ms,
@@ -54,6 +62,43 @@ class ServingQueryStore:
             granularity=granularity,
             group_by=group_by,
         )
+
+        def final_rows(hours: list[int]) -> list[AggregateRow]:
+            return self.final.aggregates(
+                ad_id=ad_id, hours=hours, granularity=granularity, group_by=group_by
+            )
+
+        return await self._merged(stream_rows, final_rows, start_ms, end_ms, granularity)
+
+    async def rollup(
+        self,
+        *,
+        level: RollupLevel,
+        id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+    ) -> list[AggregateRow]:
+        stream_rows = await self.stream.rollup(
+            level=level, id=id, start_ms=start_ms, end_ms=end_ms, granularity=granularity
+        )
+
+        def final_rows(hours: list[int]) -> list[AggregateRow]:
+            return self.final.rollup(level=level, id=id, hours=hours, granularity=granularity)
+
+        return await self._merged(stream_rows, final_rows, start_ms, end_ms, granularity)
+
+    async def _merged(
+        self,
+        stream_rows: list[AggregateRow],
+        final_rows: Callable[[list[int]], list[AggregateRow]],
+        start_ms: int,
+        end_ms: int,
+        granularity: Granularity,
+    ) -> list[AggregateRow]:
+        """The stream's windows, each replaced whole by the batch's where it is final."""
+        size = _SIZES[granularity]
+        final_hours = set(await asyncio.to_thread(self.final.final_hours, start_ms, end_ms))
         if not final_hours:
             return stream_rows
         if granularity == "day":
@@ -72,18 +117,12 @@ class ServingQueryStore:
             def is_final(window_ms: int) -> bool:
                 return window_ms - window_ms % _HOUR_MS in final_hours
 
-        final_rows = [
+        batch_rows = [
             row
-            for row in await asyncio.to_thread(
-                self.final.aggregates,
-                ad_id=ad_id,
-                hours=hours,
-                granularity=granularity,
-                group_by=group_by,
-            )
+            for row in await asyncio.to_thread(final_rows, hours)
             if start_ms <= row.window_ms < end_ms
         ]
-        merged = [row for row in stream_rows if not is_final(row.window_ms)] + final_rows
+        merged = [row for row in stream_rows if not is_final(row.window_ms)] + batch_rows
         return sorted(merged, key=lambda r: (r.window_ms, r.group or ""))
 
     async def totals(
@@ -105,21 +144,17 @@ class ServingQueryStore:
         limit: int = 10,
         advertiser_id: str | None = None,
     ) -> list[AdTotals]:
+        if await asyncio.to_thread(all_final, self.final, start_ms, end_ms):
+            return await asyncio.to_thread(
+                self.final.top_ads,
+                start_ms=start_ms,
+                end_ms=end_ms,
+                by=by,
+                limit=limit,
+                advertiser_id=advertiser_id,
+            )
         return await self.stream.top_ads(
             start_ms=start_ms, end_ms=end_ms, by=by, limit=limit, advertiser_id=advertiser_id
-        )
-
-    async def rollup(
-        self,
-        *,
-        level: RollupLevel,
-        id: str,
-        start_ms: int,
-        end_ms: int,
-        granularity: Granularity,
-    ) -> list[AggregateRow]:
-        return await self.stream.rollup(
-            level=level, id=id, start_ms=start_ms, end_ms=end_ms, granularity=granularity
         )
 
     async def partition_status(self) -> list[PartitionStatus]:

@@ -260,3 +260,25 @@ def test_the_watcher_reloads_changed_files_keeps_rules_on_a_bad_edit_and_records
     # A restart with the same rules records nothing new; the log only grows.
     RulesWatcher(rules_file, changes=changes)
     assert len(changes.read_text().splitlines()) == 3
+
+
+def test_rules_text_names_files_only_under_its_base(tmp_path: Path) -> None:
+    from clickagg.core.rules.loading import load_rules_text
+
+    (tmp_path / "abuse.txt").write_text("198.51.100.0/24\n")
+    text = (
+        '[[rules]]\nid = "abuse"\nkind = "ip_blocklist"\nreason = "r"\n'
+        '[[rules.params.lists]]\nname = "abuse"\nfile = "{}"\n'
+    )
+    rules = load_rules_text(text.format("abuse.txt"), source="request", base=tmp_path, confine=True)
+    assert rules.ids == ["abuse"] and rules.files == (str(tmp_path / "abuse.txt"),)
+    outside = tmp_path.parent / "outside.txt"
+    outside.write_text("203.0.113.0/24\n")
+    with pytest.raises(RuleError, match="files must be under"):
+        load_rules_text(
+            text.format("../outside.txt"), source="request", base=tmp_path, confine=True
+        )
+    with pytest.raises(RuleError, match="may not name files"):
+        load_rules_text(text.format("abuse.txt"), source="request")
+    builtin = load_rules_text("include_builtin = true\n", source="request")
+    assert builtin.ids == load_rules(None).ids

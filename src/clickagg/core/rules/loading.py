@@ -74,13 +74,25 @@ def crawler_patterns() -> tuple[list[str], str]:
 
 
 class _Reader:
-    """One load: the files read (for the watcher) and the digest of all their bytes."""
+    """One load: the files read (for the watcher) and the digest of all their bytes.
 
-    def __init__(self) -> None:
+    ``confine_to``: rules text from outside (an HTTP request) may name files only under
+    this directory, and none at all when it is None and ``files_allowed`` is false: a
+    request must not make the server read, and echo back, any file it can."""
+
+    def __init__(self, *, confine_to: Path | None = None, files_allowed: bool = True) -> None:
         self.files: list[Path] = []
         self.digest = hashlib.sha256()
+        self.confine_to = confine_to
+        self.files_allowed = files_allowed
 
     def read(self, path: Path) -> bytes:
+        if not self.files_allowed:
+            raise RuleError(f"{path}: these rules may not name files")
+        if self.confine_to is not None:
+            root = self.confine_to.resolve()
+            if not path.resolve().is_relative_to(root):
+                raise RuleError(f"{path}: files must be under {root}")
         self.files.append(path)
         try:
             data = path.read_bytes()
@@ -106,6 +118,25 @@ def load_rules(path: Path | None = None) -> RuleSet:
     return RuleSet(
         rules=compile_rules(specs),
         source=BUILTIN if path is None else str(path),
+        digest=reader.digest.hexdigest(),
+        files=tuple(str(f) for f in reader.files),
+    )
+
+
+def load_rules_text(
+    text: str, *, source: str, base: Path | None = None, confine: bool = False
+) -> RuleSet:
+    """Rules given as TOML text rather than a file (a candidate sent over HTTP), compiled
+    as :func:`load_rules` compiles a file, ``include_builtin`` included. Files it names are
+    relative to ``base``; with ``confine`` they must lie under it, and without a ``base``
+    none may be named."""
+    reader = _Reader(confine_to=base if confine else None, files_allowed=base is not None)
+    data = text.encode()
+    reader._add(source, data)
+    specs = _specs(data, source, base or Path("."), reader)
+    return RuleSet(
+        rules=compile_rules(specs),
+        source=source,
         digest=reader.digest.hexdigest(),
         files=tuple(str(f) for f in reader.files),
     )
