@@ -77,3 +77,32 @@ def test_a_closed_hour_is_restated_when_very_late_events_arrive(rig: Rig) -> Non
     assert again.hour_ms == HOUR and again.clicks == 67 and again.published is None
     assert close_due_hours(settings, now + 8 * MINUTE_MS) == []
     assert [v.version for v in FinalHours(settings.batch_dir).versions(HOUR)] == [1, 2]
+
+
+def test_a_late_click_restates_the_next_closed_hour_whose_context_holds_it(rig: Rig) -> None:
+    """User u clicks ad-7 at 11:00:05; after both hours closed, a click of u on ad-7 at
+    10:59:55 arrives very late: its hour is restated (one more click), and so is the next
+    (the built-in repeat-click rule now finds 11:00:05 a repeat: one click less)."""
+    nxt = HOUR + HOUR_MS
+    rig.append([Ev(f"e{i}", "ad-1", HOUR + i * MINUTE_MS) for i in range(90)])
+    rig.append([Ev("u-first", "ad-7", nxt + 5_000, user_id="u")])
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    settings = rig.settings
+    now = nxt + HOUR_MS + settings.allowed_lateness_ms + settings.close_delay_ms
+    closed = close_due_hours(settings, now)
+    assert [(run.hour_ms, run.clicks, run.invalid) for run in closed] == [
+        (HOUR, 60, 0),
+        (nxt, 31, 0),
+    ]
+    worker = rig.worker()
+    rig.append([Ev("u-late", "ad-7", nxt - 5_000, user_id="u")])
+    rig.drain(worker)
+    rig.archive.flush()
+    restated = close_due_hours(settings, now + 5 * MINUTE_MS)
+    assert [(run.hour_ms, run.clicks, run.invalid) for run in restated] == [
+        (HOUR, 61, 0),
+        (nxt, 30, 1),
+    ]
+    assert all(run.published is not None for run in restated)
+    assert close_due_hours(settings, now + 6 * MINUTE_MS) == []

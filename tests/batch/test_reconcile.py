@@ -3,14 +3,18 @@ the stream is exact, and exact where it is not (late events, copies beyond its h
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+from click.testing import CliRunner
 
 from clickagg.batch.published import FinalHours, hour_name
 from clickagg.batch.runner import batch_dir, reconcile_hours
+from clickagg.cli.main import main
 from clickagg.core import hll, ids
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from tests.conftest import Ev
@@ -258,3 +262,96 @@ def test_a_one_ip_burst_the_stream_billed_is_removed_from_the_final_hour(rig: Ri
     assert ad1["batch_clicks"] == streamed - 300  # ... the final hour does not
     assert ad1["newly_invalid_clicks"] == 300
     assert ad1["batch_spend_micros"] == ad1["stream_spend_micros"] - 300 * 10
+
+
+REPEAT_RULES = """
+include_builtin = true
+
+[[rules]]
+id = "repeat-click"
+kind = "repeat_click"
+reason = "repeated click"
+[rules.params]
+window_seconds = 30
+"""
+
+
+def test_a_repeat_click_across_the_hours_end_is_flagged_once_in_the_next_hour(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """One user clicks an ad at :59:50 and again at :00:05 (15 s later, a repeat) and at
+    :00:25 (35 s after the counted one: billable). Each hour is reconciled on its own: the
+    next hour's sees the click before its start as context, and the earlier hour's verdicts
+    do not change."""
+    nxt = HOUR + HOUR_MS
+    clicks = [
+        Ev("r0", "ad-7", nxt - 10_000, user_id="u-rep", cost_micros=100),
+        Ev("r1", "ad-7", nxt + 5_000, user_id="u-rep", cost_micros=100),
+        Ev("r2", "ad-7", nxt + 25_000, user_id="u-rep", cost_micros=100),
+    ]
+    rig.append(on_time(20) + clicks)
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    rules = tmp_path / "rules.toml"
+    rules.write_text(REPEAT_RULES)
+    settings = dataclasses.replace(rig.settings, rules_file=rules)
+    runs = [reconcile_hours(settings, [hour], reason="closed")[0] for hour in (HOUR, nxt)]
+    runs += reconcile_hours(settings, [HOUR, nxt], reason="again")  # together: the same
+    assert [run.invalid for run in runs] == [0, 1, 0, 1]
+    final = FinalHours(batch_dir(settings))
+    for hour, billed in ((HOUR, 1), (nxt, 1)):
+        report = final.read_report(hour)
+        assert report is not None
+        [row] = [r for r in report.to_pylist() if r["ad_id"] == "ad-7"]
+        assert row["batch_clicks"] == billed and row["stream_clicks"] == billed + (hour == nxt)
+        assert row["newly_invalid_clicks"] == (hour == nxt)
+    reasons = final.read(nxt, "invalid_reason")
+    assert reasons is not None
+    [row] = [r for r in reasons.to_pylist() if r["ad_id"] == "ad-7"]
+    assert (row["invalid_reason"], row["minute_ms"]) == ("repeat-click", nxt)  # the rule's id
+
+
+CTR_RULES = """
+[[rules]]
+id = "ctr-spike"
+kind = "ctr_spike"
+reason = "CTR far above the ad's baseline"
+[rules.params]
+factor = 3.0
+baseline_hours = 1
+min_clicks = 20
+"""
+
+
+def test_a_ctr_spike_is_reported_for_review_and_stays_billable(rig: Rig, tmp_path: Path) -> None:
+    """An ad at 1 click per 10 impressions for an hour, then 40 clicks on 50 impressions:
+    the spike's clicks are counted in the report (and ``clickagg reconcile --report``) for
+    review, and billed."""
+    nxt = HOUR + HOUR_MS
+
+    def events(prefix: str, start: int, impressions: int, clicks: int) -> list[Ev]:
+        kinds = [ids.IMPRESSION] * impressions + [ids.CLICK] * clicks
+        return [
+            Ev(f"{prefix}{i}", "ad-5", start + i * 1000, event_type=kind, user_id=f"{prefix}{i}")
+            for i, kind in enumerate(kinds)
+        ]
+
+    rig.append(events("base", HOUR + MINUTE_MS, 200, 20) + events("spike", nxt + MINUTE_MS, 50, 40))
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    rules = tmp_path / "rules.toml"
+    rules.write_text(CTR_RULES)
+    settings = dataclasses.replace(rig.settings, rules_file=rules)
+    runs = reconcile_hours(settings, [HOUR, nxt], reason="closed")
+    assert [(run.clicks, run.invalid, run.review) for run in runs] == [(20, 0, 0), (40, 0, 40)]
+    report = FinalHours(batch_dir(settings)).read_report(nxt)
+    assert report is not None
+    [row] = report.to_pylist()
+    assert (row["batch_clicks"], row["review_clicks"], row["newly_invalid_clicks"]) == (40, 40, 0)
+
+    hour = time.strftime("%Y-%m-%dT%H", time.gmtime(nxt / 1000))
+    args = ["reconcile", "--hour", hour, "--report", "--data-dir", str(settings.data_dir)]
+    result = CliRunner().invoke(main, args, env={"CLICKAGG_RULES_FILE": str(rules)})
+    assert result.exit_code == 0, result.output
+    assert "flagged for review: 1 (ad, hour)" in result.output
+    assert "ad-5" in result.output.split("flagged for review")[1]

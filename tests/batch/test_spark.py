@@ -8,6 +8,7 @@ session already active in the process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import struct
@@ -67,15 +68,16 @@ TABLES = ("minute", "country", "device", "browser", "invalid_reason")
 
 
 def traffic(prefix: str, n: int, start_ms: int) -> list[Ev]:
-    """On-time events of several ads, users, countries, devices and browsers; every fifth
-    without a cost (priced by the ad's CPC), every fourth an impression."""
+    """On-time events of several ads, users, addresses, countries, devices and browsers;
+    every fifth without a cost (priced by the ad's CPC), another fifth impressions."""
     return [
         Ev(
             f"{prefix}{i}",
             ADS[i % len(ADS)],
             start_ms + i * 1_013,
-            event_type=ids.IMPRESSION if i % 4 == 0 else ids.CLICK,
+            event_type=ids.IMPRESSION if i % 5 == 4 else ids.CLICK,
             user_id=f"u{i * 7 % 45}",
+            ip=f"10.0.0.{i % 3}",
             country=("US", "DE", "FR")[i % 3],
             device=("mobile", "desktop")[i % 2],
             browser=("Chrome", "Firefox", "Safari", "Edge", "Other")[i % 5],
@@ -114,7 +116,12 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rig.send([Ev(f"far{i}", ADS[i % 4], HOUR + HOUR_MS + 40 * MINUTE_MS) for i in range(8)])
         rig.run()  # the watermarks are past HOUR's end
         late = traffic("late", 30, HOUR + 5 * MINUTE_MS)
-        rig.send(late + traffic("d", 60, HOUR + 2 * HOUR_MS + 3 * MINUTE_MS))
+        # The next day's hour: ad-3's CTR far above its own baseline (the rules' case).
+        spike = [
+            Ev(f"spike{i}", ADS[3], HOUR + 2 * HOUR_MS + 20 * MINUTE_MS + i, user_id=f"s{i}")
+            for i in range(40)
+        ]
+        rig.send(late + traffic("d", 60, HOUR + 2 * HOUR_MS + 3 * MINUTE_MS) + spike)
         rig.run()
         assert all(rig.appended.values())  # both partitions have traffic
     finally:
@@ -199,7 +206,7 @@ def test_the_views_answer_the_same_tables_and_an_invalid_hook_works_with_both(
     files = ParquetArchiveReader(archive / "archive").files(*month_of(HOUR))
     span = (HOURS[0], HOUR + HOUR_MS)  # an empty hour and the busy one
 
-    def bots(frame: pl.DataFrame) -> pl.Series:
+    def bots(frame: pl.DataFrame, hour_ms: int) -> pl.Series:
         rule = pl.when(pl.col("user_id") == "u7").then(pl.lit("test rule")).otherwise(None)
         return frame.select(rule.alias("reason"))["reason"]
 
@@ -450,3 +457,67 @@ def test_the_driver_stays_on_loopback_only_for_a_loopback_master() -> None:
     assert "spark.driver.host" not in remote and "spark.driver.bindAddress" not in remote
     bigger = session_conf(None, {"spark.driver.memory": "3g"})
     assert bigger["spark.driver.memory"] == "3g" and bigger["spark.master"] == "local[2]"
+
+
+# -- the behavioural rules: context before each hour, from both engines ----------------------
+
+SIVT_RULES = """
+[[rules]]
+id = "repeat"
+kind = "repeat_click"
+reason = "repeat"
+params = { window_seconds = 600 }
+
+[[rules]]
+id = "spread"
+kind = "ip_ad_spread"
+reason = "spread"
+params = { max_ads = 3, window_minutes = 2 }
+
+[[rules]]
+id = "no-impression"
+kind = "no_impression_click"
+reason = "no impression"
+# Not the next day's hour: 3 impressions per ad, so its spike clicks stay billable.
+params = { window_minutes = 2, min_ad_impressions = 5 }
+
+[[rules]]
+id = "ctr"
+kind = "ctr_spike"
+reason = "ctr spike"
+params = { factor = 3.0, baseline_hours = 2, min_clicks = 20 }
+"""
+
+
+def test_both_engines_agree_on_the_behavioural_rules_with_their_context(
+    archive: Path, spark: SparkSession, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(SIVT_RULES)
+    runs, finals = {}, {}
+    for engine in ("duckdb", "spark"):
+        settings = data_dir(archive, tmp_path / engine)
+        settings = dataclasses.replace(settings, rules_file=rules)
+        runs[engine] = reconcile_hours(settings, HOURS, reason="t", engine=engine)
+        finals[engine] = FinalHours(batch_dir(settings))
+
+    def unpublished(engine: str) -> list[HourRun]:
+        return [dataclasses.replace(run, published=None) for run in runs[engine]]
+
+    assert unpublished("duckdb") == unpublished("spark")
+    for hour in HOURS:
+        for table in TABLES:
+            assert finals["duckdb"].read(hour, table) == finals["spark"].read(hour, table)
+        assert finals["duckdb"].read_report(hour) == finals["spark"].read_report(hour)
+    # Every rule had something to judge: invalid clicks of each rule, and a review.
+    by_rule: dict[str, int] = {}
+    for hour in HOURS:
+        reasons = finals["duckdb"].read(hour, "invalid_reason")
+        assert reasons is not None
+        for row in reasons.to_pylist():
+            by_rule[row["invalid_reason"]] = (
+                by_rule.get(row["invalid_reason"], 0) + row["invalid_clicks"]
+            )
+    assert {"repeat", "spread", "no-impression"} <= set(by_rule), by_rule
+    review = {run.hour_ms: run.review for run in runs["duckdb"]}
+    assert review[HOUR + 2 * HOUR_MS] > 0, review

@@ -28,9 +28,12 @@ BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko
 
 
 def click(event_id: str, ts_ms: int, ip: str) -> dict[str, Any]:
+    """One user's click (a user of its own: the batch's repeat-click rule must not see
+    one user clicking the ad again and again)."""
     return {
         "event_type": "click",
         "event_id": event_id,
+        "user_id": f"user-{event_id}",
         "ad_id": AD,
         "timestamp": ts_ms,
         "ip": ip,

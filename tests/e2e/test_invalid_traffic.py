@@ -171,9 +171,11 @@ def test_flagged_clicks_are_kept_with_their_reason_and_not_billed(tmp_path: Path
         assert records[0]["added"] == [
             "datacenter-ip",
             "declared-crawler",
+            "ip-ad-spread",
             "ip-blocklist",
             "ip-click-velocity",
             "non-browser-client",
+            "repeat-click",
         ]
         assert records[1]["changed"] == ["datacenter-ip"]
         assert records[1]["source"] == str(rules_file) and records[1]["who"]

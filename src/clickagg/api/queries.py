@@ -23,8 +23,8 @@ from clickagg.query.base import (
     RollupLevel,
     StoreUnavailable,
     Totals,
+    all_final,
 )
-from clickagg.query.serving import all_final
 
 GRANULARITIES = get_args(Granularity)
 DIMENSIONS = get_args(Dimension)

@@ -10,8 +10,10 @@ Very late events that arrive after an hour closed are restated the same way: eve
 records which of the hour's archive files it read (``FinalHours.record_inputs``), and a
 closed hour within the lookback whose archive has gained files since is reconciled again,
 which publishes a new version only if the rows change (a copy of an event already counted
-changes nothing; a very late event does). Older hours are restated by hand
-(``clickagg reconcile --hour H`` or ``--since``).
+changes nothing; a very late event does). So are the closed hours whose rules' context
+(``RuleSet.lookback_ms``) holds such an hour: a late click at 10:59:55 makes one at
+11:00:05 a repeat. Older hours are restated by hand (``clickagg reconcile --hour H`` or
+``--since``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import time
 
 from clickagg.archive.parquet import ParquetArchiveReader
 from clickagg.batch.published import FinalHours
+from clickagg.batch.reconcile import context_start
 from clickagg.batch.runner import HourRun, reconcile_hours
 from clickagg.config import Settings
+from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import HOUR_MS
 
 log = logging.getLogger(__name__)
@@ -53,15 +57,21 @@ def restatable_hours(
     *,
     archive: ParquetArchiveReader,
     final: FinalHours,
+    rules_lookback_ms: int = 0,
 ) -> list[int]:
     """Closed hours within the lookback whose archive files are not the ones their latest
-    run read, oldest first."""
+    run read, and the closed hours whose rules' context holds one of those, oldest first."""
     due = due_hours(now_ms, settings, archived_hours=archive.event_hours())
+    closed = [hour for hour in due if final.current(hour) is not None]
+    changed = [
+        hour
+        for hour in closed
+        if final.inputs(hour) != sorted(f.name for f in archive.files(hour, hour + HOUR_MS))
+    ]
     return [
         hour
-        for hour in due
-        if final.current(hour) is not None
-        and final.inputs(hour) != sorted(f.name for f in archive.files(hour, hour + HOUR_MS))
+        for hour in closed
+        if any(context_start(hour, rules_lookback_ms) <= c <= hour for c in changed)
     ]
 
 
@@ -72,7 +82,10 @@ def close_due_hours(settings: Settings, now_ms: int) -> list[HourRun]:
     archive = ParquetArchiveReader(settings.archive_dir)
     try:
         archived = archive.event_hours()
-        restate = restatable_hours(now_ms, settings, archive=archive, final=final)
+        lookback = load_rules(settings.rules_file).lookback_ms
+        restate = restatable_hours(
+            now_ms, settings, archive=archive, final=final, rules_lookback_ms=lookback
+        )
     finally:
         archive.close()
     runs = []

@@ -9,8 +9,12 @@ The stream decides within its horizon; the batch layer decides over the billing 
   first. It counts in the hour of its own event time. So a copy the stream
   could not recognise (re-sent beyond its horizon, with another timestamp) never counts
   twice, and a copy the stream left out as late counts where it belongs.
-* **Invalid traffic** keeps the stream's verdict (status ``invalid`` with its reason); the
-  rules work will add batch-only verdicts through :data:`InvalidHook`.
+* **Invalid traffic** keeps the stream's verdict (status ``invalid`` with its reason) and
+  adds the batch-only verdicts of :data:`InvalidHook` (the keyed, behavioural rules): the
+  hour's winners are judged with the winners of the ``lookback`` before the hour as context
+  (a repeat click at ``:00:05`` of one at ``:59:55``), and only the hour's are flagged. A
+  review hook's verdicts (e.g. an ad's CTR spike) are counted in the report
+  (``review_clicks``) and stay billable.
 * **Spend** is the event's own cost, else the ad's CPC from the registry: the stream's
   definition (``aggregate.with_minute_and_spend``), applied to late events too.
 * **The rows** come from the stream's own aggregation (``aggregate.round_deltas``): one
@@ -37,14 +41,17 @@ from typing import Protocol
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clickagg.core import aggregate, fates, ids
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.prices import PriceBook
 from clickagg.core.windows import HOUR_MS
 
-InvalidHook = Callable[[pl.DataFrame], pl.Series]
-"""Given the hour's winning events, a reason per event (null: valid): batch-only verdicts."""
+InvalidHook = Callable[[pl.DataFrame, int], pl.Series]
+"""Given the hour's winning events preceded by the lookback's (context: before the hour), and
+the hour's start, a reason per event (null: valid): batch-only verdicts. Only the hour's
+reasons are used."""
 
 WINNER_COLUMNS = (
     "partition",
@@ -104,12 +111,20 @@ class PeriodSource(Protocol):
         the period holds nothing."""
         ...
 
+    def winners(self, start_ms: int, end_ms: int) -> pa.Table:
+        """The winning copy of every event in [start_ms, end_ms), :data:`WINNERS_SCHEMA` in
+        log order: an hour's context for the rules. Each event is the winner of its own
+        billing period (context before the month's start ranks in the month before)."""
+        ...
+
     def close(self) -> None: ...
 
 
 EngineFactory = Callable[[Sequence[Path], int, int], PeriodSource]
 """Opens an engine's :class:`PeriodSource` on (the period's archive files, the first event
-time it must answer for, the end of the last): the engine ranks the whole files."""
+time it must answer for, the end of the last): the engine ranks the whole files. The billing
+period is the month of the last hour; events before its start (the rules' context of its
+first hours, with the files of their own month) rank within their own month."""
 
 ENGINES = ("duckdb", "spark")
 
@@ -157,9 +172,26 @@ class HourResult:
     events: int  # winning events of the hour (counted + invalid)
     late_counted: int  # winners the stream had left out as late
     invalid: int
+    review: int = 0  # billable clicks flagged for review
     # Each winner with its verdict (``invalid``, ``reason``) and ``spend_micros``, in log
     # order: what a what-if replay compares click by click.
     judged: pl.DataFrame | None = None
+
+
+def period_rank(start_ms: int, end_ms: int) -> str:
+    """The SQL (DuckDB's and Spark's alike, no time zone involved) of the billing period an
+    event of a view of [start_ms, end_ms) is deduplicated in: the number of month starts
+    after ``start_ms`` at or before its time. A view is one month's hours and maybe the
+    rules' context before them, from the months before."""
+    starts = []
+    month = month_of(start_ms)[1]
+    while month < end_ms:
+        starts.append(month)
+        month = month_of(month)[1]
+    if not starts:
+        return "0"
+    cases = " ".join(f"WHEN ts_ms < {m} THEN {i}" for i, m in enumerate(starts))
+    return f"CASE {cases} ELSE {len(starts)} END"
 
 
 def month_of(hour_ms: int) -> tuple[int, int]:
@@ -186,6 +218,8 @@ REPORT_SCHEMA = pa.schema(
         pa.field("beyond_horizon_clicks", pa.int64(), nullable=False),
         pa.field("beyond_horizon_spend_micros", pa.int64(), nullable=False),
         pa.field("newly_invalid_clicks", pa.int64(), nullable=False),
+        # Billable clicks a review-only rule flagged (e.g. a CTR spike): reported, not removed.
+        pa.field("review_clicks", pa.int64(), nullable=False),
     ]
 )
 """Per ad of one hour: what the stream counted, what the batch counts, and why they differ."""
@@ -203,11 +237,11 @@ class PeriodView:
         if self.empty:
             return
         self.con.execute(
-            """
+            f"""
             CREATE TEMP TABLE ranked AS
             SELECT * FROM (
                 SELECT *, row_number() OVER (
-                    PARTITION BY fp_high, fp_low, event_type
+                    PARTITION BY fp_high, fp_low, event_type, {period_rank(start_ms, end_ms)}
                     ORDER BY partition, "offset") AS copy
                 FROM read_parquet(?)
             ) WHERE ts_ms >= ? AND ts_ms < ?
@@ -223,11 +257,7 @@ class PeriodView:
         if self.empty:
             return None
         bounds = [hour_ms, hour_ms + HOUR_MS]
-        winners = self.con.sql(
-            f"SELECT {_COLUMNS} FROM ranked WHERE copy = 1 AND ts_ms >= $1 AND ts_ms < $2 "
-            'ORDER BY partition, "offset"',
-            params=bounds,
-        ).to_arrow_table()
+        winners = self.winners(*bounds)
         # sum() of BIGINT is HUGEINT in DuckDB: back to int64 (a month of micros fits).
         stream = self.con.sql(
             """
@@ -245,7 +275,23 @@ class PeriodView:
             """,
             params=bounds,
         ).to_arrow_table()
-        return winners.cast(WINNERS_SCHEMA), stream.cast(STREAM_SCHEMA)
+        return winners, stream.cast(STREAM_SCHEMA)
+
+    def winners(self, start_ms: int, end_ms: int) -> pa.Table:
+        """The winning copies of the events in [start_ms, end_ms), in log order."""
+        if start_ms < self.start_ms or end_ms > self.end_ms:
+            raise ValueError("winners asked for outside the view")
+        if self.empty:
+            return WINNERS_SCHEMA.empty_table()
+        return (
+            self.con.sql(
+                f"SELECT {_COLUMNS} FROM ranked WHERE copy = 1 AND ts_ms >= $1 AND ts_ms < $2 "
+                'ORDER BY partition, "offset"',
+                params=[start_ms, end_ms],
+            )
+            .to_arrow_table()
+            .cast(WINNERS_SCHEMA)
+        )
 
     def close(self) -> None:
         self.con.close()
@@ -278,6 +324,7 @@ def _report(priced: pl.DataFrame, stream: pa.Table) -> pa.Table:
         .sum()
         .cast(pl.Int64)
         .alias("newly_invalid_clicks"),
+        (valid_click & pl.col("review")).sum().cast(pl.Int64).alias("review_clicks"),
     )
     streamed = pl.from_arrow(stream)
     assert isinstance(streamed, pl.DataFrame)
@@ -291,9 +338,16 @@ def reconcile_hour(
     *,
     cpc_micros: PriceBook | Mapping[str, int],
     invalid: InvalidHook | None = None,
+    review: InvalidHook | None = None,
+    lookback_ms: int = 0,
+    recent: dict[int, pa.Table] | None = None,
     stream_verdicts: bool = True,
 ) -> HourResult:
-    """The final rows of one event hour, from its billing period's view.
+    """The final rows of one event hour, from its billing period's view. The hooks judge
+    the hour's winners with the whole hours reaching ``lookback_ms`` before it as context
+    (the view must hold them, from :func:`context_start`); ``review`` flags billable clicks
+    for the report only. ``recent``: winners of hours already asked for, by hour, kept
+    across calls by a caller reconciling consecutive hours (their contexts overlap).
 
     ``stream_verdicts=False`` sets the stream's invalid-traffic verdicts aside and lets
     ``invalid`` alone judge every winner: what the hour would be had those rules been in
@@ -309,16 +363,30 @@ def reconcile_hour(
     table, stream = selected
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
+    lookback_ms = lookback_ms if invalid or review else 0
+    seen = _with_context(view, frame, hour_ms, lookback_ms, recent)
+    if recent is not None:
+        recent[hour_ms] = table
+    context = seen.height - frame.height
+
+    def verdicts(hook: InvalidHook) -> pl.Series:
+        return hook(seen, hour_ms).slice(context).cast(pl.String)
+
     flagged = pl.col("status") == fates.INVALID
     if not stream_verdicts:
         frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("reason"))
         flagged = pl.lit(False)
     if invalid is not None:
-        extra = invalid(frame)
+        extra = verdicts(invalid)
         frame = frame.with_columns(
             pl.when(flagged).then(pl.col("reason")).otherwise(extra).alias("reason")
         )
         flagged = flagged | pl.col("reason").is_not_null()
+    for_review = (
+        verdicts(review).is_not_null()
+        if review is not None
+        else pl.repeat(False, frame.height, eager=True)
+    ).alias("review")
     events = frame.with_columns(
         pl.col("event_type").replace_strict(ids.EVENT_TYPE_CODES, return_dtype=pl.UInt8),
         flagged.alias("invalid"),
@@ -326,13 +394,46 @@ def reconcile_hour(
     )
     priced = aggregate.with_minute_and_spend(events, cpc_micros)
     minute, dimensions = aggregate.round_deltas(priced)
+    report = _report(priced.with_columns(for_review), stream)
     return HourResult(
         hour_ms,
         minute,
         dimensions,
-        _report(priced, stream),
+        report,
         events=events.height,
         late_counted=int((events["status"] == fates.LATE).sum()),
         invalid=int(events["invalid"].sum()),
+        review=int(pc.sum(report["review_clicks"]).as_py() or 0),
         judged=priced,
     )
+
+
+def context_start(hour_ms: int, lookback_ms: int) -> int:
+    """Where an hour's context starts: the start of the hour holding ``hour_ms -
+    lookback_ms`` (whole hours: each rule sees its own lookback of them)."""
+    start = hour_ms - lookback_ms
+    return start - start % HOUR_MS
+
+
+def _with_context(
+    view: PeriodSource,
+    hour: pl.DataFrame,
+    hour_ms: int,
+    lookback_ms: int,
+    recent: dict[int, pa.Table] | None,
+) -> pl.DataFrame:
+    """The hour's winners preceded by those of the whole hours of its context, each hour in
+    log order (events of equal times are in one hour: the same order whatever asks)."""
+    if not lookback_ms:
+        return hour
+    first = context_start(hour_ms, lookback_ms)
+    parts = []
+    for start in range(first, hour_ms, HOUR_MS):
+        table = recent.get(start) if recent is not None else None
+        parts.append(table if table is not None else view.winners(start, start + HOUR_MS))
+    if recent is not None:
+        for start in [h for h in recent if h < first]:
+            del recent[start]
+    context = pl.from_arrow(pa.concat_tables(parts))
+    assert isinstance(context, pl.DataFrame)
+    return pl.concat([context, hour], how="vertical")

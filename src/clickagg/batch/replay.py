@@ -28,7 +28,13 @@ import polars as pl
 import pyarrow as pa
 
 from clickagg.archive.parquet import ParquetArchiveReader
-from clickagg.batch.reconcile import PeriodSource, engine_factory, month_of, reconcile_hour
+from clickagg.batch.reconcile import (
+    PeriodSource,
+    context_start,
+    engine_factory,
+    month_of,
+    reconcile_hour,
+)
 from clickagg.batch.runner import Progress
 from clickagg.config import Settings
 from clickagg.core import ids
@@ -148,6 +154,9 @@ class _SameWinners:
             self._hour, self._tables = hour_ms, self.view.hour(hour_ms)
         return self._tables
 
+    def winners(self, start_ms: int, end_ms: int) -> pa.Table:
+        return self.view.winners(start_ms, end_ms)
+
     def close(self) -> None:
         self.view.close()
 
@@ -196,19 +205,30 @@ def replay_rules(
     done = files_read = events = 0
     try:
         for (month_start, month_end), month_hours in by_month.items():
-            files = archive.files(month_start, month_end)
+            # Both rule sets' context before the first hour, as reconcile reads it.
+            lookback = max(current.lookback_ms, candidate.lookback_ms)
+            span = (context_start(min(month_hours), lookback), max(month_hours) + HOUR_MS)
+            files = archive.files(min(month_start, month_of(span[0])[0]), month_end)
             files_read += len(files)
-            span = (min(month_hours), max(month_hours) + HOUR_MS)
+            recent_now: dict[int, pa.Table] = {}
+            recent_later: dict[int, pa.Table] = {}
             with closing(_SameWinners(open_period(files, *span))) as view:
                 for hour_ms in month_hours:
                     now = reconcile_hour(
-                        view, hour_ms, cpc_micros=cpc, invalid=current.batch_reasons
+                        view,
+                        hour_ms,
+                        cpc_micros=cpc,
+                        invalid=current.batch_reasons,
+                        lookback_ms=current.lookback_ms,
+                        recent=recent_now,
                     )
                     later = reconcile_hour(
                         view,
                         hour_ms,
                         cpc_micros=cpc,
                         invalid=candidate.batch_reasons,
+                        lookback_ms=candidate.lookback_ms,
+                        recent=recent_later,
                         stream_verdicts=False,
                     )
                     clicks = _clicks_of_hour(now.judged, later.judged)

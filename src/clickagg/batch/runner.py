@@ -16,7 +16,13 @@ import pyarrow.compute as pc
 
 from clickagg.archive.parquet import ParquetArchiveReader, hour_dir
 from clickagg.batch.published import FinalHours, Version
-from clickagg.batch.reconcile import HourResult, engine_factory, month_of, reconcile_hour
+from clickagg.batch.reconcile import (
+    HourResult,
+    context_start,
+    engine_factory,
+    month_of,
+    reconcile_hour,
+)
 from clickagg.config import Settings
 from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import HOUR_MS
@@ -33,6 +39,7 @@ class HourRun:
     events: int
     late_counted: int
     invalid: int
+    review: int = 0  # billable clicks a review-only rule flagged
 
 
 @dataclass(frozen=True)
@@ -104,13 +111,25 @@ def reconcile_hours(
     try:
         with _locked(batch_dir(settings)):
             for (month_start, month_end), month_hours in by_month.items():
-                files = archive.files(month_start, month_end)
+                # The rules' context reaches back before the first hour, maybe into the month
+                # before: all of that month is read, so its events are its own winners.
+                span = (
+                    context_start(min(month_hours), rules.lookback_ms),
+                    max(month_hours) + HOUR_MS,
+                )
+                recent: dict[int, pa.Table] = {}  # winners of the hours just reconciled
+                files = archive.files(min(month_start, month_of(span[0])[0]), month_end)
                 files_read += len(files)
-                span = (min(month_hours), max(month_hours) + HOUR_MS)
                 with closing(open_period(files, *span)) as view:
                     for hour_ms in month_hours:
                         result = reconcile_hour(
-                            view, hour_ms, cpc_micros=cpc, invalid=rules.batch_reasons
+                            view,
+                            hour_ms,
+                            cpc_micros=cpc,
+                            invalid=rules.batch_reasons,
+                            review=rules.batch_reviews if rules.has_reviews else None,
+                            lookback_ms=rules.lookback_ms,
+                            recent=recent,
                         )
                         runs.append(_publish(final, result, reason))
                         final.record_inputs(hour_ms, _names_of_hour(files, hour_ms))
@@ -149,6 +168,7 @@ def _publish(final: FinalHours, result: HourResult, reason: str) -> HourRun:
         result.events,
         result.late_counted,
         result.invalid,
+        result.review,
     )
 
 

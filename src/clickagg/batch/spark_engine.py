@@ -34,7 +34,13 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from clickagg.batch.reconcile import STREAM_SCHEMA, WINNER_COLUMNS, WINNERS_SCHEMA, EngineError
+from clickagg.batch.reconcile import (
+    STREAM_SCHEMA,
+    WINNER_COLUMNS,
+    WINNERS_SCHEMA,
+    EngineError,
+    period_rank,
+)
 from clickagg.core import fates, ids
 from clickagg.core.windows import HOUR_MS
 
@@ -158,8 +164,12 @@ class SparkPeriodView:
             self._owned = True
         self._spark = spark
         # Every copy of an id is in one partition, so (partition, offset) is the order the
-        # log acknowledged them; the first is the one the stream saw first.
-        by_id = Window.partitionBy("fp_high", "fp_low", "event_type").orderBy("partition", "offset")
+        # log acknowledged them; the first is the one the stream saw first. Per billing
+        # period: the context before the month's start ranks in its own month.
+        period = F.expr(period_rank(start_ms, end_ms))
+        by_id = Window.partitionBy("fp_high", "fp_low", "event_type", period).orderBy(
+            "partition", "offset"
+        )
         ranked = (
             spark.read.parquet(*(str(f) for f in files))
             .select(*WINNER_COLUMNS, "spend_micros")
@@ -179,12 +189,7 @@ class SparkPeriodView:
             return None
         ts = F.col("ts_ms")
         rows = self._ranked.where((ts >= hour_ms) & (ts < hour_ms + HOUR_MS))
-        winners = (
-            rows.where(F.col("copy") == 1)
-            .select(*WINNER_COLUMNS)
-            .orderBy("partition", "offset")
-            .toArrow()
-        )
+        winners = self.winners(hour_ms, hour_ms + HOUR_MS)
         status, event_type = F.col("status"), F.col("event_type")
         click = event_type == ids.EVENT_TYPES[ids.CLICK]
         impression = event_type == ids.EVENT_TYPES[ids.IMPRESSION]
@@ -204,7 +209,23 @@ class SparkPeriodView:
             .orderBy("ad_id")
             .toArrow()
         )
-        return winners.cast(WINNERS_SCHEMA), stream.cast(STREAM_SCHEMA)
+        return winners, stream.cast(STREAM_SCHEMA)
+
+    def winners(self, start_ms: int, end_ms: int) -> pa.Table:
+        """The winning copies of the events in [start_ms, end_ms), in log order: the same
+        table as DuckDB's view."""
+        if start_ms < self.start_ms or end_ms > self.end_ms:
+            raise ValueError("winners asked for outside the view")
+        if self._ranked is None:
+            return WINNERS_SCHEMA.empty_table()
+        ts = F.col("ts_ms")
+        return (
+            self._ranked.where((ts >= start_ms) & (ts < end_ms) & (F.col("copy") == 1))
+            .select(*WINNER_COLUMNS)
+            .orderBy("partition", "offset")
+            .toArrow()
+            .cast(WINNERS_SCHEMA)
+        )
 
     def close(self) -> None:
         """Drop the cached ranking; stop the session if this view started it."""

@@ -631,6 +631,16 @@ def _print_report(settings: Settings, hours: list[int]) -> None:
             "; ".join(causes) or "impressions only",
         )
     Console().print(table)
+    reviews = [r for r in rows if r.review_clicks]
+    if reviews:
+        flagged = Table(title=f"billable clicks flagged for review: {len(reviews)} (ad, hour)")
+        for column in ("hour", "ad", "batch clicks", "for review"):
+            flagged.add_column(column, justify="left" if column in ("hour", "ad") else "right")
+        for r in reviews:
+            flagged.add_row(
+                _iso_hour(r.hour_ms), r.ad_id, f"{r.batch_clicks:,}", f"{r.review_clicks:,}"
+            )
+        Console().print(flagged)
 
 
 @main.group(name="rules")

@@ -119,6 +119,7 @@ class ReconciliationRow:
     beyond_horizon_clicks: int  # copies the stream counted again beyond its dedup horizon
     beyond_horizon_spend_micros: int
     newly_invalid_clicks: int  # invalid by a verdict only the batch made
+    review_clicks: int = 0  # billable, flagged for review (reports before it: none)
 
 
 @dataclass(frozen=True)
@@ -259,3 +260,9 @@ class QueryStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def all_final(final: FinalRows, start_ms: int, end_ms: int) -> bool:
+    """Whether every hour overlapping [start_ms, end_ms) is final."""
+    first = start_ms - start_ms % 3_600_000
+    return set(final.final_hours(start_ms, end_ms)) >= set(range(first, end_ms, 3_600_000))

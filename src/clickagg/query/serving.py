@@ -27,16 +27,11 @@ from clickagg.query.base import (
     RankBy,
     RollupLevel,
     Totals,
+    all_final,
 )
 
 _HOUR_MS = 3_600_000
 _SIZES = {"minute": 60_000, "hour": _HOUR_MS, "day": 24 * _HOUR_MS}
-
-
-def all_final(final: FinalRows, start_ms: int, end_ms: int) -> bool:
-    """Whether every hour overlapping [start_ms, end_ms) is final."""
-    first = start_ms - start_ms % _HOUR_MS
-    return set(final.final_hours(start_ms, end_ms)) >= set(range(first, end_ms, _HOUR_MS))
 
 
 class ServingQueryStore:

@@ -57,7 +57,8 @@ hits = st.builds(
 def test_the_batch_form_on_archived_decisions_gives_the_stream_reasons(
     events: list[Hit], batch: int
 ) -> None:
-    ruleset = rules()
+    # The rules the stream applies: a keyed rule's verdict needs more than one micro-batch.
+    ruleset = RuleSet(rules().stream_rules)
     processor = PartitionProcessor(
         PartitionState.empty(0),
         allowed_lateness_ms=10 * MINUTE_MS,
@@ -86,7 +87,8 @@ def test_the_batch_form_on_archived_decisions_gives_the_stream_reasons(
 
 
 def test_reasons_name_the_rule_and_its_evidence_and_clicks_are_not_billed() -> None:
-    ruleset = rules()
+    # The rules the stream applies: a keyed rule's verdict needs more than one micro-batch.
+    ruleset = RuleSet(rules().stream_rules)
     processor = PartitionProcessor(
         PartitionState.empty(0),
         allowed_lateness_ms=10 * MINUTE_MS,

@@ -6,9 +6,10 @@ block-list files it names and the crawler-user-agents list is :mod:`.loading`'s 
 
 from __future__ import annotations
 
-from clickagg.core.rules import iprange, useragent, velocity
+from clickagg.core.rules import behaviour, iprange, useragent, velocity
 from clickagg.core.rules.base import (
     CompiledRule,
+    FrameMatcher,
     Matcher,
     RuleError,
     RuleSet,
@@ -20,10 +21,12 @@ from clickagg.core.rules.registry import KINDS, compile_rule, compile_rules, reg
 __all__ = [
     "KINDS",
     "CompiledRule",
+    "FrameMatcher",
     "Matcher",
     "RuleError",
     "RuleSet",
     "RuleSpec",
+    "behaviour",
     "compile_rule",
     "compile_rules",
     "first_reasons",

@@ -15,9 +15,9 @@ from typing import TypeVar
 
 import msgspec
 
-from clickagg.core.rules.base import CompiledRule, Matcher, RuleError, RuleSpec
+from clickagg.core.rules.base import CompiledRule, FrameMatcher, Matcher, RuleError, RuleSpec
 
-RuleKind = Callable[[RuleSpec], Matcher]
+RuleKind = Callable[[RuleSpec], Matcher | FrameMatcher]
 KINDS: dict[str, RuleKind] = {}
 
 _K = TypeVar("_K", bound=RuleKind)

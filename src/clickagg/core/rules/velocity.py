@@ -25,7 +25,8 @@ class VelocityParams(msgspec.Struct, forbid_unknown_fields=True):
     max_clicks_per_minute: int
 
 
-def _keyed(name: str) -> None:
+def keyed(name: str) -> None:
+    """Mark a kind as keyed: the stream skips it (``RuleSet.stream_rules``)."""
     KEYED_KINDS.add(name)
 
 
@@ -55,4 +56,4 @@ def ip_click_velocity(spec: RuleSpec) -> Matcher:
     return match
 
 
-_keyed("ip_click_velocity")
+keyed("ip_click_velocity")
