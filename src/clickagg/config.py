@@ -105,10 +105,18 @@ class Settings:
     store_backend: str = "duckdb"
     archive_backend: str = "parquet"
     counters_backend: str = "memory"
+    # The stream's keyed second stage (clickagg.keyed): stage 1 appends every fresh click to
+    # an internal log of ``keyed_partitions`` partitions by IP, and stage 2 applies the keyed
+    # rules (per-IP click velocity) to it and corrects the counts. Off: keyed rules are left
+    # to the batch layer, as before.
+    keyed_stage: bool = False
+    keyed_partitions: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 1024:
             raise ValueError("partitions must be between 1 and 1024")
+        if not 1 <= self.keyed_partitions <= 1024:
+            raise ValueError("keyed partitions must be between 1 and 1024")
         if self.allowed_lateness_ms < 0:
             raise ValueError("allowed lateness must not be negative")
         if not 0 <= self.disk_reserve_percent <= 100:
@@ -152,6 +160,11 @@ class Settings:
     def blocklist_path(self) -> Path:
         """The managed IP blocklist: every add and remove, who and why (JSON lines)."""
         return self.data_dir / "rules" / "blocklist.jsonl"
+
+    @property
+    def keyed_dir(self) -> Path:
+        """The keyed stage's internal log (segments, partitioned by IP) and its marker."""
+        return self.data_dir / "keyed"
 
     @property
     def rpc_socket(self) -> Path:

@@ -52,6 +52,28 @@ class PartitionCommit:
 
 
 @dataclass(frozen=True)
+class KeyedCommit:
+    """What the keyed stage's stage 2 consumed from one keyed partition, and the corrections
+    its verdicts make (``clickagg.core.keyed.correction_deltas``)."""
+
+    keyed_partition: int
+    from_offset: int  # the keyed log offset consumed so far: the fence
+    to_offset: int
+    high_water: Mapping[int, int]  # source partition -> highest source offset consumed
+    minute_deltas: pa.Table
+    dimension_deltas: Mapping[str, pa.Table]
+    corrections: int  # clicks flagged by this commit
+    committed_at_ms: int
+
+
+@dataclass(frozen=True)
+class KeyedProgress:
+    consumed_offset: int
+    high_water: dict[int, int]
+    corrections: int
+
+
+@dataclass(frozen=True)
 class CompactionResult:
     cut_seq: int  # every delta with seq <= cut_seq is now in the base tables
     delta_rows: int  # delta rows merged (and deleted)
@@ -71,6 +93,16 @@ class AggregateStore(Protocol):
     def commit_many(self, commits: Sequence[PartitionCommit]) -> None:
         """Like :meth:`commit` for several partitions (each at most once) in ONE
         transaction: all apply or none. Fixed per-transaction costs are paid once."""
+        ...
+
+    def commit_keyed(self, commits: Sequence[KeyedCommit]) -> None:
+        """Apply keyed partitions' corrections, consumed offsets and high-water marks in ONE
+        transaction, each only if the partition's consumed offset is still ``from_offset``
+        (FencedError otherwise, leaving the store untouched)."""
+        ...
+
+    def keyed_progress(self) -> dict[int, KeyedProgress]:
+        """Per keyed partition that ever committed: what stage 2 consumed so far."""
         ...
 
     def aggregates(

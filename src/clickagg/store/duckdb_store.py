@@ -84,6 +84,8 @@ from clickagg.store.base import (
     Dimension,
     FencedError,
     Granularity,
+    KeyedCommit,
+    KeyedProgress,
     PartitionCommit,
     PartitionStatus,
     RankBy,
@@ -179,6 +181,14 @@ _SCHEMA_DDL: Final = (
         max_event_ms BIGINT NOT NULL, watermark_ms BIGINT NOT NULL,
         counted BIGINT NOT NULL, duplicates BIGINT NOT NULL, late BIGINT NOT NULL,
         invalid BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
+    # The keyed stage's stage 2: per keyed partition, the keyed log offset consumed, and per
+    # (keyed partition, source partition) the highest source offset taken (idempotence).
+    """CREATE TABLE IF NOT EXISTS keyed_offsets (
+        keyed_partition INTEGER PRIMARY KEY, consumed_offset BIGINT NOT NULL,
+        corrections BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS keyed_high_water (
+        keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
+        source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
 )
 
 
@@ -423,6 +433,31 @@ _MINUTE_ROWS_SINCE: Final = f"""
     GROUP BY ad_id, minute_ms"""
 
 
+def _append_deltas(
+    cur: duckdb.DuckDBPyConnection, commits: Sequence[PartitionCommit | KeyedCommit], seq: int
+) -> None:
+    """Append the commits' minute and dimension deltas, tagged with ``seq``."""
+    deltas = {
+        _ADS.view: pa.concat_tables([c.minute_deltas for c in commits]),
+        **{
+            f.view: pa.concat_tables([c.dimension_deltas[dim] for c in commits])
+            for dim, f in _BY_DIMENSION.items()
+        },
+    }
+    live: list[str] = []  # empty tables: no view, no statement
+    try:
+        for name, table in deltas.items():
+            if table.num_rows > 0:
+                cur.register(name, table)
+                live.append(name)
+        for family in _FAMILIES:
+            if family.view in live:
+                cur.execute(_APPENDS[family.view], [seq])
+    finally:
+        for name in live:
+            cur.unregister(name)
+
+
 def _create_schema(cur: duckdb.DuckDBPyConnection) -> None:
     """Create missing tables (idempotent). A file of an older build (per-key upserted
     aggregates, no owners, or KMV sketches) is refused rather than migrated: 0.1.0 is
@@ -556,6 +591,75 @@ class DuckDBStore:
         with self._state_lock:
             self._pending_rows += appended
 
+    def commit_keyed(self, commits: Sequence[KeyedCommit]) -> None:
+        """The keyed stage's corrections, consumed offsets and high-water marks, in one
+        transaction (all or none), each fenced by its consumed offset; the corrections are
+        deltas like any round's (compaction merges them the same way)."""
+        if not commits:
+            return
+        keys = [c.keyed_partition for c in commits]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"a keyed partition appears twice in one commit: {keys}")
+        with self._commit_lock:
+            seq = self._last_seq + 1
+            self._transaction(lambda cur: self._apply_keyed(cur, commits, seq))
+            self._last_seq = seq
+        appended = sum(
+            c.minute_deltas.num_rows + sum(t.num_rows for t in c.dimension_deltas.values())
+            for c in commits
+        )
+        with self._state_lock:
+            self._pending_rows += appended
+
+    def _apply_keyed(
+        self, cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommit], seq: int
+    ) -> None:
+        rows = cur.execute(
+            "SELECT keyed_partition, consumed_offset FROM keyed_offsets "
+            "WHERE keyed_partition IN (SELECT unnest(?))",
+            [[c.keyed_partition for c in commits]],
+        ).fetchall()
+        stored = {int(k): int(o) for k, o in rows}
+        stale = [c for c in commits if stored.get(c.keyed_partition, 0) != c.from_offset]
+        if stale:
+            raise FencedError(
+                "; ".join(
+                    f"keyed partition {c.keyed_partition}: consumed offset is "
+                    f"{stored.get(c.keyed_partition, 0)}, records were read from {c.from_offset}"
+                    for c in stale
+                ),
+                [c.keyed_partition for c in stale],
+            )
+        _append_deltas(cur, commits, seq)
+        for c in commits:
+            cur.execute(
+                "INSERT INTO keyed_offsets AS k VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (keyed_partition) DO UPDATE SET "
+                "consumed_offset = excluded.consumed_offset, "
+                "corrections = k.corrections + excluded.corrections, "
+                "committed_at_ms = excluded.committed_at_ms",
+                [c.keyed_partition, c.to_offset, c.corrections, c.committed_at_ms],
+            )
+            if c.high_water:
+                cur.executemany(
+                    "INSERT INTO keyed_high_water VALUES (?, ?, ?) "
+                    "ON CONFLICT (keyed_partition, source_partition) DO UPDATE SET "
+                    "source_offset = excluded.source_offset",
+                    [[c.keyed_partition, p, o] for p, o in sorted(c.high_water.items())],
+                )
+
+    def keyed_progress(self) -> dict[int, KeyedProgress]:
+        offsets = self._fetch(
+            "SELECT keyed_partition, consumed_offset, corrections FROM keyed_offsets"
+        )
+        marks = self._fetch(
+            "SELECT keyed_partition, source_partition, source_offset FROM keyed_high_water"
+        )
+        high: dict[int, dict[int, int]] = {}
+        for k, p, o in marks:
+            high.setdefault(int(k), {})[int(p)] = int(o)
+        return {int(k): KeyedProgress(int(o), high.get(int(k), {}), int(n)) for k, o, n in offsets}
+
     def pending_delta_rows(self) -> int:
         """Delta rows appended and not yet compacted (what the next compaction merges)."""
         return self._pending_rows
@@ -673,25 +777,7 @@ class DuckDBStore:
                 ),
                 [c.partition for c in stale],
             )
-        deltas = {
-            _ADS.view: pa.concat_tables([c.minute_deltas for c in commits]),
-            **{
-                f.view: pa.concat_tables([c.dimension_deltas[dim] for c in commits])
-                for dim, f in _BY_DIMENSION.items()
-            },
-        }
-        live: list[str] = []  # empty tables: no view, no statement
-        try:
-            for name, table in deltas.items():
-                if table.num_rows > 0:
-                    cur.register(name, table)
-                    live.append(name)
-            for family in _FAMILIES:
-                if family.view in live:
-                    cur.execute(_APPENDS[family.view], [seq])
-        finally:
-            for name in live:
-                cur.unregister(name)
+        _append_deltas(cur, commits, seq)
         cur.execute(
             _upsert_offsets_sql(len(commits)),
             [

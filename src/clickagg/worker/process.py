@@ -35,6 +35,9 @@ from types import FrameType
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
+from clickagg.keyed.stage1 import KeyedAppender
+from clickagg.keyed.stage2 import KeyedStage, counter_key
+from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.registry import AdRegistry
 from clickagg.runtime import roles
@@ -42,7 +45,7 @@ from clickagg.store.base import AggregateStore
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
 from clickagg.worker.snapshots import SnapshotStore
-from clickagg.worker.stream import PartitionWorker, step_all
+from clickagg.worker.stream import PartitionWorker, rules_watcher, step_all
 
 log = logging.getLogger(__name__)
 IDLE_SLEEP_S = 0.002
@@ -128,6 +131,26 @@ class _Session:
             self.price_registry = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
             self._prices_version = self.price_registry.version()
             cpc_micros = self.price_registry.book()
+            keyed: KeyedAppender | None = None
+            self._keyed_closers: list[Callable[[], None]] = []
+            self.keyed_stage: KeyedStage | None = None
+            if settings.keyed_stage:
+                keyed_writer = SegmentLogWriter(
+                    settings.keyed_dir / "log",
+                    settings.keyed_partitions,
+                    segment_bytes=settings.segment_bytes,
+                    retention_ms=settings.retention_ms,
+                    retention_bytes=settings.retention_bytes,
+                )
+                undo.callback(keyed_writer.close)
+                keyed = KeyedAppender(
+                    keyed_writer,
+                    settings.keyed_dir / "stage1.json",
+                    self.store.committed_offsets(),
+                )
+                keyed_reader = SegmentLogReader(settings.keyed_dir / "log")
+                undo.callback(keyed_reader.close)
+                self._keyed_closers = [keyed_reader.close, keyed_writer.close]
             self.workers = [
                 PartitionWorker(
                     p,
@@ -138,12 +161,23 @@ class _Session:
                     settings=settings,
                     clock=clock,
                     cpc_micros=cpc_micros,
+                    keyed=keyed,
                 )
                 for p in range(self.reader.partitions)
             ]
             self.counters = refill_counters(
                 roles.counters(settings), self.store, now_ms=clock.now_ms()
             )
+            if keyed is not None:
+                self.keyed_stage = KeyedStage(
+                    keyed_reader,
+                    self.store,
+                    rules=rules_watcher(settings),
+                    clock=clock,
+                    allowed_lateness_ms=settings.allowed_lateness_ms,
+                    batch_records=settings.micro_batch_events,
+                    counters=self.counters,
+                )
             self.server = QueryServer(settings.rpc_socket, self.store, self.counters)
             self.server.start()
             undo.callback(self.server.stop)
@@ -169,6 +203,8 @@ class _Session:
                 self.store.committed_offsets()
             self._reload_prices()
             processed = step_all(self.workers, self.store, self.counters)
+            if self.keyed_stage is not None:
+                processed += self.keyed_stage.step()
             if processed:
                 backoff.succeeded()
             if processed >= SMALL_ROUND_EVENTS:
@@ -212,7 +248,11 @@ class _Session:
             try:
                 self.store.close()
             finally:
-                self.reader.close()
+                try:
+                    self.reader.close()
+                finally:
+                    for close in self._keyed_closers:
+                        _close_quietly(close, "keyed log")
 
     def close_gracefully(self) -> None:
         """Snapshot every partition, publish what the archive holds, close everything."""
@@ -351,9 +391,13 @@ def refill_counters(
     at the store's committed offsets: rounds committed before are then ignored as redos,
     and the next round continues exactly where the store is."""
     committed = store.committed_offsets()
+    # The keyed stage's corrections are in the minute rows too: at its consumed offsets.
+    keyed = {
+        counter_key(k): progress.consumed_offset for k, progress in store.keyed_progress().items()
+    }
     counters.apply(
         store.minute_rows_since(now_ms - counters.retain_ms),
-        {p: (0, offset) for p, offset in committed.items()},
+        {p: (0, offset) for p, offset in {**committed, **keyed}.items()},
     )
     return counters
 

@@ -12,6 +12,11 @@ Commit order, for one round over partitions p (this is the whole protocol):
    archived offset).
 6. Every ``snapshot_interval`` write the state snapshot at ``to_offset`` (atomic file).
 
+With the keyed stage on, step 4 is followed by appending the round's fresh clicks to the
+keyed log (``clickagg.keyed.stage1``), which keeps its own marker like the archive's
+offset: recovery re-derives ``[min(archived, keyed marker), committed)`` and hands each
+sink what it lacks.
+
 A crash before 3 loses nothing: the store still says ``from_offset`` and the restarted
 worker redoes the round. A crash after 3 loses nothing either: recovery loads the newest
 snapshot at or before the archive's offset, replays the log up to it without emitting,
@@ -38,6 +43,7 @@ from clickagg.core.prices import PriceBook
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.disk import is_out_of_space
+from clickagg.keyed.stage1 import KeyedAppender
 from clickagg.log.base import CorruptFrameError, Frame, LogReader
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, PartitionCommit
@@ -110,8 +116,10 @@ class PartitionWorker:
         settings: Settings,
         clock: Clock,
         cpc_micros: PriceBook | Mapping[str, int] | None = None,
+        keyed: KeyedAppender | None = None,
     ) -> None:
         self.partition = partition
+        self.keyed = keyed
         self.prices = PriceBook.of(cpc_micros)
         self.reader = reader
         self.store = store
@@ -157,20 +165,24 @@ class PartitionWorker:
                 f"partition {self.partition}: the archive holds decisions up to {archived} "
                 f"but the store committed only {committed}; the store lost committed data"
             )
-        found = self.snapshots.load_at_or_before(self.partition, archived)
+        # Decisions from here on are re-derived: each sink takes only what it lacks.
+        resume = archived
+        if self.keyed is not None:
+            resume = min(resume, self.keyed.next_offset(self.partition))
+        found = self.snapshots.load_at_or_before(self.partition, resume)
         if found is None:
             state = PartitionState.empty(self.partition, self.reader.start_offset(self.partition))
         else:
             state = PartitionState.restore(found[1])
         processor = self._new_processor(state)
         try:
-            replayed = self._replay(processor, archived, archive=False)
+            replayed = self._replay(processor, resume, archive=False)
             rearchived = self._replay(processor, committed, archive=True)
         except CorruptFrameError as exc:
             self._stall(str(exc))
             return processor
         log.info(
-            "partition %d recovered at offset %d (replayed %d, re-archived %d)",
+            "partition %d recovered at offset %d (replayed %d, re-derived %d)",
             self.partition,
             committed,
             replayed,
@@ -204,9 +216,10 @@ class PartitionWorker:
                 outcome = processor.process(events, emit=archive, deltas=False)
                 replayed += events.height
             if outcome is not None:
-                self.archive.append(
-                    outcome.decisions, {self.partition: (outcome.from_offset, outcome.to_offset)}
-                )
+                ranges = {self.partition: (outcome.from_offset, outcome.to_offset)}
+                self.archive.append(outcome.decisions, ranges)
+                if self.keyed is not None:
+                    self.keyed.append(outcome.kept, ranges)
         return replayed
 
     def _stall(self, why: str) -> None:
@@ -332,6 +345,9 @@ def step_all(
     ranges = {c.partition: (c.from_offset, c.to_offset) for c in commits}
     if counters is not None:  # only committed deltas: counters never run ahead of the store
         counters.apply(minute, ranges)
+    keyed = batch[0][0].keyed
+    if keyed is not None:
+        keyed.append(kept, ranges)
     archive = batch[0][0].archive
     archive.append(pa.concat_tables([item.decisions for _, item in batch]), ranges)
     archive.maybe_flush()

@@ -3,9 +3,10 @@
 A rule keyed by IP must see every click of an IP, but the log partitions events by id, so
 one IP's clicks are spread over every partition and no partition's worker can count them
 exactly. Such rules are *keyed*: the batch layer applies them (it reads the whole hour
-from the archive), and a restated hour removes what they flag from billing. The stream's
-keyed second stage (an internal log partitioned by IP) is what would let the stream apply
-them too; until then the stream skips keyed rules (``RuleSet.stream_rules``).
+from the archive), and a restated hour removes what they flag from billing. A partition's
+worker skips them (``RuleSet.stream_rules``); with the ``keyed_stage`` setting on, the
+stream's keyed second stage (``clickagg.core.keyed``: an internal log partitioned by IP)
+applies this one with the same spec and corrects the counts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from clickagg.core.rules.registry import params_of, register_kind
 
 MINUTE_MS = 60_000
 KEYED_KINDS: set[str] = set()
-"""Kinds whose verdict depends on other events than the one judged (batch only for now)."""
+"""Kinds whose verdict depends on other events than the one judged (not stage-1 rules)."""
 
 
 class VelocityParams(msgspec.Struct, forbid_unknown_fields=True):

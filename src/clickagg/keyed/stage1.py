@@ -1,0 +1,95 @@
+"""Stage 1's half of the keyed stage: append a committed round's fresh clicks to the keyed
+log, at least once, and know from where recovery must append them again.
+
+After a round's store commit, :meth:`KeyedAppender.append` writes the round's records to
+their keyed partitions, syncs the keyed log, then moves its marker (per source partition,
+the offset up to which every record is durable in the keyed log) and writes the marker
+file. A crash anywhere in between leaves the marker behind the store's committed offset:
+the restarted worker re-derives the decisions of ``[marker, committed)`` from the log (the
+processor is deterministic, exactly as for the archive) and appends them again. Records
+that were already durable are then in the keyed log twice; stage 2 takes each once (see
+``clickagg.core.keyed``). The marker file needs no fsync for the same reason: an old marker
+only means more copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from clickagg.core.keyed import keyed_records
+from clickagg.log.base import LogWriter
+
+
+class KeyedGapError(RuntimeError):
+    """Records that do not continue the marker: appending them would lose the gap."""
+
+
+def encode_records(records: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, records.schema) as stream:
+        stream.write_table(records)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def decode_records(payload: bytes) -> pa.Table:
+    return pa.ipc.open_stream(payload).read_all()
+
+
+class KeyedAppender:
+    def __init__(self, writer: LogWriter, marker_path: Path, committed: Mapping[int, int]) -> None:
+        """``committed``: the store's committed offsets, where a marker starts the first
+        time (the keyed stage turned on for a data dir that already counted: what was
+        counted before is not re-derived)."""
+        self.writer = writer
+        self.marker_path = marker_path
+        if marker_path.exists():
+            stored = json.loads(marker_path.read_text())
+            self._next = {int(p): int(o) for p, o in stored.items()}
+        else:
+            self._next = dict(committed)
+            self._write_marker()  # before any append: no marker now means never started
+
+    def next_offset(self, partition: int) -> int:
+        """Records of the source partition before this offset are durable in the keyed log."""
+        return self._next.get(partition, 0)
+
+    def append(self, kept: pl.DataFrame, ranges: Mapping[int, tuple[int, int]]) -> None:
+        """Append the records of ``kept`` (fresh events of the source ranges ``ranges``,
+        already committed to the store) from each source partition's marker on, sync, then
+        move the markers to the ranges' ends. Ranges already appended are skipped."""
+        fresh: dict[int, int] = {}
+        for partition, (lo, hi) in ranges.items():
+            at = self.next_offset(partition)
+            if lo > at:
+                raise KeyedGapError(
+                    f"partition {partition}: records from offset {lo}, but the keyed log "
+                    f"holds them only up to {at}"
+                )
+            if hi > at:
+                fresh[partition] = at
+        if not fresh:
+            return
+        if not kept.is_empty():
+            starts = pl.DataFrame(
+                {"partition": list(fresh), "_from": list(fresh.values())},
+                schema={"partition": kept.schema["partition"], "_from": pl.Int64},
+            )
+            kept = kept.join(starts, on="partition").filter(pl.col("offset") >= pl.col("_from"))
+        for k, records in sorted(keyed_records(kept, self.writer.partitions).items()):
+            self.writer.append(k, encode_records(records), records.num_rows)
+        self.writer.sync()
+        for partition in fresh:
+            self._next[partition] = ranges[partition][1]
+        self._write_marker()
+
+    def _write_marker(self) -> None:
+        self.marker_path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.marker_path.with_suffix(".tmp")
+        temp.write_text(json.dumps({str(p): o for p, o in sorted(self._next.items())}))
+        os.replace(temp, self.marker_path)

@@ -1,0 +1,138 @@
+"""The keyed stage through the real server: a click burst from one address, spread over
+every partition, is taken out of the stream's counts within moments, the real-time
+counters included, and the batch layer's final rows for the hour then agree with it."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clickagg.batch.runner import reconcile_hours
+from clickagg.config import Settings
+from tests.e2e.server import ServeProcess
+from tests.e2e.test_kill9 import post, wait_caught_up
+
+ADS = ("ad-k1", "ad-k2", "ad-k3", "ad-k4")
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0"
+BURST_IP = "198.51.100.7"
+LIMIT = 60  # the built-in ip-click-velocity rule
+
+
+def minute_rows(url: str, ad: str, start_s: int, *, group_by: str | None = None) -> list[Any]:
+    params: dict[str, Any] = {
+        "ad_id": ad,
+        "start": start_s - 600,
+        "end": start_s + 600,
+        "granularity": "minute",
+    }
+    if group_by:
+        params["group_by"] = group_by
+    response = httpx.get(url + "/aggregates", params=params, timeout=10)
+    response.raise_for_status()
+    rows: list[Any] = response.json()
+    return rows
+
+
+def per_minute(url: str, minute_s: int) -> dict[tuple[str, str], tuple[int, int, int, bool]]:
+    return {
+        (ad, row["window"]): (
+            row["clicks"],
+            row["spend_micros"],
+            row["invalid_clicks"],
+            row["final"],
+        )
+        for ad in ADS
+        for row in minute_rows(url, ad, minute_s)
+    }
+
+
+def test_a_burst_is_corrected_in_the_stream_and_agrees_with_the_batch(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = ServeProcess(
+        data,
+        partitions=4,
+        extra_env={
+            "CLICKAGG_KEYED_STAGE": "true",
+            "CLICKAGG_KEYED_PARTITIONS": "3",
+            "CLICKAGG_CLOSE_INTERVAL": "0",  # this test closes the hour itself
+        },
+    )
+    server.start()
+    try:
+        rng = random.Random(3)
+        now_s = int(time.time())
+        minute_s = now_s - now_s % 60 - 60  # the whole burst in one past UTC minute
+
+        def click(event_id: str, ip: str, ad: str) -> dict[str, Any]:
+            return {
+                "event_type": "click",
+                "event_id": event_id,
+                "ad_id": ad,
+                # A user of its own: the batch's built-in repeat-click rule must not
+                # flag the normal traffic (one user clicking one ad twice in 30 s).
+                "user_id": f"u-{event_id}",
+                "timestamp": (minute_s * 1000 + rng.randrange(60_000)) / 1000,
+                "ip": ip,
+                "user_agent": BROWSER,
+                "cost_micros": 1_000 * rng.randrange(1, 5),
+            }
+
+        burst = [click(f"burst-{i}", BURST_IP, ADS[i % 4]) for i in range(300)]
+        normal = [click(f"ok-{i}", f"192.0.2.{i % 50}", ADS[i % 4]) for i in range(200)]
+        events = burst + normal
+        rng.shuffle(events)
+        for i in range(0, len(events), 50):  # several rounds: the limit is crossed mid-way
+            assert post(server.url, events[i : i + 50])
+        wait_caught_up(server)
+
+        # Computed from what was sent: the burst's clicks invalid, the others billed.
+        expected: Counter[tuple[str, str]] = Counter()
+        spend: Counter[str] = Counter()
+        for event in normal:
+            expected[(event["ad_id"], "clicks")] += 1
+            spend[event["ad_id"]] += event["cost_micros"]
+        for event in burst:
+            expected[(event["ad_id"], "invalid")] += 1
+
+        def stream_totals() -> Counter[tuple[str, str]]:
+            got: Counter[tuple[str, str]] = Counter()
+            for ad in ADS:
+                for row in minute_rows(server.url, ad, minute_s):
+                    got[(ad, "clicks")] += row["clicks"]
+                    got[(ad, "invalid")] += row["invalid_clicks"]
+                    got[(ad, "spend")] += row["spend_micros"]
+            return got
+
+        deadline = time.monotonic() + 30
+        while (got := stream_totals()) != expected + Counter(
+            {(ad, "spend"): spend[ad] for ad in ADS}
+        ):
+            assert time.monotonic() < deadline, got
+            time.sleep(0.1)
+        by_reason: Counter[str] = Counter()
+        for ad in ADS:
+            for row in minute_rows(server.url, ad, minute_s, group_by="invalid_reason"):
+                by_reason[row["invalid_reason"]] += row["invalid_clicks"]
+        assert by_reason == Counter({"ip-click-velocity": 300})
+        for ad in ADS:
+            realtime = httpx.get(
+                server.url + "/aggregates/realtime", params={"ad_id": ad, "window": "1h"}
+            ).json()
+            assert realtime["clicks"] == expected[(ad, "clicks")]
+            assert realtime["spend_micros"] == spend[ad]
+
+        # The batch layer applies the same rule to the archive: its final rows agree.
+        stream = per_minute(server.url, minute_s)
+        assert not any(final for *_, final in stream.values())
+        hour_ms = (minute_s - minute_s % 3600) * 1000
+        reconcile_hours(Settings(data_dir=data, partitions=4), [hour_ms], reason="test")
+        final = per_minute(server.url, minute_s)
+        assert all(is_final for *_, is_final in final.values())
+        assert {k: v[:3] for k, v in final.items()} == {k: v[:3] for k, v in stream.items()}
+    finally:
+        server.stop()
