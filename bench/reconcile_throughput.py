@@ -29,9 +29,14 @@ Then, per repetition (medians of ``--runs``), on the same files:
 
 Each run's winners are checked against the generator's number of distinct events.
 
+``--last-hour-only`` reconciles only the archive's last hour in the ``duckdb`` and ``spark``
+runs: what the server's hour closer does when an hour ends, the hour a month ranking makes
+pay for the whole month to date. Its winners are checked against a count of the hour's
+first copies computed here in DuckDB over every file (once, untimed).
+
     .venv/bin/python bench/reconcile_throughput.py [--events 10000000] [--runs 3]
         [--hours 24] [--flush 200000] [--engines duckdb,spark,baseline] [--dir DIR]
-        [--spark-driver-memory 4g]
+        [--spark-driver-memory 4g] [--last-hour-only]
 """
 
 from __future__ import annotations
@@ -413,6 +418,29 @@ def metered(measure: Callable[[], Run], pids: dict[str, int | None] | None = Non
     return run
 
 
+def first_copies_in(root: Path, hours: list[int], hour_ms: int) -> int:
+    """How many (event type, id) of the period have their first copy in log order in the
+    hour ``hour_ms``: the winners an engine must find there (the reference of
+    ``--last-hour-only``, computed apart from the engines, over every file)."""
+    reader = ParquetArchiveReader(root / "archive")
+    try:
+        files = [str(f) for f in reader.files(min(hours), max(hours) + HOUR_MS)]
+    finally:
+        reader.close()
+    con = duckdb.connect()
+    try:
+        row = con.sql(
+            'SELECT count(*) FROM (SELECT arg_min(ts_ms, (partition, "offset")) AS ts '
+            "FROM read_parquet($files) GROUP BY fp_high, fp_low, event_type) "
+            "WHERE ts >= $start AND ts < $end",
+            params={"files": files, "start": hour_ms, "end": hour_ms + HOUR_MS},
+        ).fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    return int(row[0])
+
+
 def reconcile_run(root: Path, hours: list[int], engine: str) -> Run:
     with fresh_data_dir(root) as settings:
         seen: list[Progress] = []
@@ -452,7 +480,7 @@ def baseline_run(root: Path, hours: list[int]) -> Run:
     return Run(seconds, int(pc.sum(table["events"]).as_py() or 0), 0.0)
 
 
-def spark_run(root: Path, driver_memory: str) -> Run:
+def spark_run(root: Path, driver_memory: str, last_hour_only: bool = False) -> Run:
     """One Spark run in a fresh process, as ``clickagg reconcile --engine spark`` runs: its
     own JVM, started, used and stopped (a reused JVM ran out of heap on a later run)."""
     start = time.perf_counter()
@@ -460,6 +488,7 @@ def spark_run(root: Path, driver_memory: str) -> Run:
         [
             *(sys.executable, str(Path(__file__).resolve()), "--spark-child", str(root)),
             *("--spark-driver-memory", driver_memory),
+            *(["--last-hour-only"] if last_hour_only else []),
         ],
         capture_output=True,
         text=True,
@@ -473,7 +502,7 @@ def spark_run(root: Path, driver_memory: str) -> Run:
     return Run(**answer, process_s=process_s)
 
 
-def spark_child(root: Path, driver_memory: str) -> int:
+def spark_child(root: Path, driver_memory: str, last_hour_only: bool = False) -> int:
     """The child of :func:`spark_run`: one JSON line, its :class:`Run` or the error."""
     from clickagg.batch.spark_engine import local_session, stop_session
 
@@ -491,6 +520,7 @@ def spark_child(root: Path, driver_memory: str) -> int:
                 hours = reader.event_hours()
             finally:
                 reader.close()
+            hours = hours[-1:] if last_hour_only else hours
             # The engine uses the active session: this one, started (and timed) apart.
             run = metered(
                 lambda: reconcile_run(root, hours, "spark"), {"jvm": getattr(proc, "pid", None)}
@@ -533,6 +563,7 @@ def report(
     distinct: int,
     hours: list[int],
     hour_decisions: int,
+    last_hour_only: bool = False,
 ) -> None:
     fmt = common.fmt
     base = median([r.seconds for r in results.get("baseline", [])])
@@ -576,6 +607,10 @@ def report(
             f"above), {median([r.process_s for r in spark]):.1f} s for the whole process; "
             f"local[2], {spark[0].heap_mib:,} MiB heap"
         )
+
+    if last_hour_only:
+        _report_last_hour(results, decisions=decisions, hour_decisions=hour_decisions)
+        return
 
     # Closing ONE hour: the runner ranks the whole month to date (every file of the billing
     # period) before it selects the hour, so its cost has two parts, read from the progress
@@ -625,6 +660,34 @@ def report(
         )
 
 
+def _report_last_hour(
+    results: dict[str, list[Run]], *, decisions: int, hour_decisions: int
+) -> None:
+    """What closing the archive's last hour took, and the two ways to extrapolate it: by the
+    month to date (an engine that ranks the month) or by the hour (one that does not)."""
+    fmt = common.fmt
+    hour_events = RATE * 3600
+    month_events = hour_events * 24 * 30
+    print()
+    print(
+        f"closing the LAST hour only (~{hour_decisions:,} decisions of {decisions:,} in the "
+        f"month to date); LINEAR EXTRAPOLATIONS to {RATE:,} events/s, not measured:"
+    )
+    for engine in ("duckdb", "spark"):
+        runs = results.get(engine, [])
+        if not runs:
+            continue
+        seconds = median([r.seconds for r in runs])
+        print(
+            f"  {engine}: {seconds:.2f} s ({min(r.seconds for r in runs):.2f}-"
+            f"{max(r.seconds for r in runs):.2f}); per decision of the month to date "
+            f"{seconds / decisions * 1e9:,.0f} ns -> last hour of a 30-day month "
+            f"~{fmt(seconds / decisions * month_events / 3600)} h if it grows with the month; "
+            f"per decision of the hour {seconds / hour_decisions * 1e9:,.0f} ns -> "
+            f"~{fmt(seconds / hour_decisions * hour_events / 60)} min if it grows with the hour"
+        )
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -650,10 +713,15 @@ def main(argv: list[str] | None = None) -> int:
         default="4g",
         help="spark.driver.memory of the Spark runs (local mode: the executors' heap too)",
     )
+    parser.add_argument(
+        "--last-hour-only",
+        action="store_true",
+        help="the duckdb and spark runs reconcile only the last hour (what the closer does)",
+    )
     parser.add_argument("--spark-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spark_child:
-        return spark_child(args.spark_child, args.spark_driver_memory)
+        return spark_child(args.spark_child, args.spark_driver_memory, args.last_hour_only)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - set(ENGINES):
         parser.error(f"--engines: some of {', '.join(ENGINES)}")
@@ -697,9 +765,16 @@ def main(argv: list[str] | None = None) -> int:
     elif "spark" not in engines:
         print("spark: skipped: not in --engines")
 
+    # What each engine's run must find: every distinct event, or the last hour's winners.
+    expected = {engine: distinct for engine in ENGINES}
+    reconciled = hours
+    if args.last_hour_only:
+        reconciled = hours[-1:]
+        expected["duckdb"] = expected["spark"] = first_copies_in(root, hours, hours[-1])
+        print(f"last hour only: {expected['duckdb']:,} winners in the last hour")
     measures: dict[str, Callable[[], Run]] = {
-        "duckdb": lambda: metered(lambda: reconcile_run(root, hours, "duckdb")),
-        "spark": lambda: spark_run(root, args.spark_driver_memory),
+        "duckdb": lambda: metered(lambda: reconcile_run(root, reconciled, "duckdb")),
+        "spark": lambda: spark_run(root, args.spark_driver_memory, args.last_hour_only),
         "baseline": lambda: metered(lambda: baseline_run(root, hours)),
     }
     failed: dict[str, str] = {}  # engine -> why a run failed; its further runs are skipped
@@ -713,14 +788,14 @@ def main(argv: list[str] | None = None) -> int:
                 failed[engine] = f"run {rep + 1} of {args.runs} failed: {_why(e)}"
                 print(f"  run {rep + 1}/{args.runs} {engine}: FAILED: {_why(e)}", flush=True)
                 continue
-            if run.winners != distinct:
+            if run.winners != expected[engine]:
                 raise AssertionError(
-                    f"{engine}: {run.winners:,} winners, the archive holds {distinct:,}"
+                    f"{engine}: {run.winners:,} winners, the archive holds {expected[engine]:,}"
                 )
             results[engine].append(run)
             print(
                 f"  run {rep + 1}/{args.runs} {engine}: {run.seconds:.2f} s, "
-                f"{run.winners:,} winners (= distinct events), other load "
+                f"{run.winners:,} winners (as expected), other load "
                 f"{run.other_cores:.2f} cores",
                 flush=True,
             )
@@ -730,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         distinct=distinct,
         hours=hours,
         hour_decisions=spec.events // len(hours),
+        last_hour_only=args.last_hour_only,
     )
     for engine, why in failed.items():
         done = len(results[engine])
