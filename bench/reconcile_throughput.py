@@ -429,16 +429,15 @@ def first_copies_in(root: Path, hours: list[int], hour_ms: int) -> int:
         reader.close()
     con = duckdb.connect()
     try:
-        row = con.sql(
+        [(count,)] = con.sql(
             'SELECT count(*) FROM (SELECT arg_min(ts_ms, (partition, "offset")) AS ts '
             "FROM read_parquet($files) GROUP BY fp_high, fp_low, event_type) "
             "WHERE ts >= $start AND ts < $end",
             params={"files": files, "start": hour_ms, "end": hour_ms + HOUR_MS},
-        ).fetchone()
+        ).fetchall()
     finally:
         con.close()
-    assert row is not None
-    return int(row[0])
+    return int(count)
 
 
 def reconcile_run(root: Path, hours: list[int], engine: str) -> Run:
