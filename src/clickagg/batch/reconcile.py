@@ -22,10 +22,13 @@ The stream decides within its horizon; the batch layer decides over the billing 
 
 The engine only selects the winning copies (SQL over the archive's Parquet files); what
 they add up to is computed by the same core code as the stream's. Engines are adapters of
-:class:`PeriodSource`: :class:`PeriodView` (DuckDB, in process, the default) and
-``clickagg.batch.spark_engine.SparkPeriodView`` (Spark, for archives a single process should
-not rank). Both return the same tables, :data:`WINNERS_SCHEMA` and :data:`STREAM_SCHEMA` in
-the same row order, so the final rows do not depend on the engine.
+:class:`PeriodSource`: :class:`PeriodView` (DuckDB, in process, the default: it reads an
+hour and, through the archive's id index, the copies of its ids elsewhere in the month, so
+closing an hour costs the hour, not the month to date) and
+``clickagg.batch.spark_engine.SparkPeriodView`` (Spark, which ranks the whole period: for
+archives a single process should not rank). Both return the same tables,
+:data:`WINNERS_SCHEMA` and :data:`STREAM_SCHEMA` in the same row order, so the final rows do
+not depend on the engine.
 """
 
 from __future__ import annotations
