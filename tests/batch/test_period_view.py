@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
+from clickagg.archive.parquet import INDEX_DIR, ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.batch.reconcile import MonthRankedView, PeriodView, month_of
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
@@ -201,3 +201,19 @@ def test_any_archive_is_decided_as_the_month_ranking_decides(
         with PeriodView(files, HOURS[0], HOURS[-1] + HOUR_MS) as view:
             for hour in range(len(HOURS)):
                 assert sorted(winner_names(view, hour)) == sorted(first_copies(copies, hour))
+
+
+def test_files_the_index_does_not_cover_are_answered_without_it(tmp_path: Path) -> None:
+    a = (101, 1)
+    copies = [Copy("a", a, hour=5), Copy("a-resent-earlier-hour", a, hour=4), Copy("b", (9, 2), 4)]
+    files = archive_of(copies, tmp_path, flushes=3)
+    span = (HOURS[0], HOURS[-1] + HOUR_MS)
+    with PeriodView(files, *span) as view:
+        assert view.index is not None
+        indexed = answers(view)
+    runs = sorted((tmp_path / "archive" / INDEX_DIR).glob("*.npy"))
+    runs[-1].unlink()  # the last flush's run lost: the index no longer covers every file
+    with PeriodView(files, *span) as view, MonthRankedView(files, *span) as reference:
+        assert view.index is None
+        assert answers(view) == answers(reference) == indexed
+        assert winner_names(view, 4) == ["b"]

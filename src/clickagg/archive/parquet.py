@@ -678,6 +678,7 @@ class ParquetArchiveReader:
 COPY_KEY_COLUMNS: Final = ["fp_high", "fp_low", "event_type", "partition", "offset", "ts_ms"]
 """What decides which copy of an event is the first: its id, its place in the log and its
 event time (which billing period it is in)."""
+_COPY_KEY_SCHEMA: Final = pa.schema([DECISION_SCHEMA.field(name) for name in COPY_KEY_COLUMNS])
 
 
 def _hour_of_dir(name: str) -> int | None:
@@ -755,7 +756,7 @@ class PeriodIndex:
         wanted = np.unique(np.asarray(fp_high, dtype=np.uint64))
         hour_lo, hour_hi = (t // HOUR_MS for t in within)
         skip_lo, skip_hi = (t // HOUR_MS for t in inside)
-        found: dict[tuple[int, int], list[npt.NDArray[np.uint64]]] = {}
+        places, rows = [], []  # (event hour, flush seq) and row in that file, per match
         for run in self._runs:
             keys = run[0]
             first = np.searchsorted(keys, wanted, side="left")
@@ -768,21 +769,27 @@ class PeriodIndex:
             positions = np.repeat(first - (ends - counts), counts) + np.arange(total)
             hours = np.asarray(run[2][positions])
             keep = (hours >= hour_lo) & (hours < hour_hi) & ((hours < skip_lo) | (hours >= skip_hi))
-            if not keep.any():
-                continue
             where = np.asarray(run[1][positions[keep]])
-            seqs, rows = where >> np.uint64(32), where & np.uint64(_ROW_MASK)
-            kept_hours = hours[keep]
-            for seq, hour in set(zip(seqs.tolist(), kept_hours.tolist(), strict=True)):
-                mine = (seqs == seq) & (kept_hours == hour)
-                found.setdefault((seq, hour * HOUR_MS), []).append(rows[mine])
-        parts = [
-            _rows_of(path, np.unique(np.concatenate(rows)))
-            for place, rows in found.items()
-            if (path := self._files.get(place)) is not None  # not among the files: not asked
-        ]
-        schema = pa.schema([DECISION_SCHEMA.field(name) for name in COPY_KEY_COLUMNS])
-        return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
+            places.append((hours[keep] << np.uint64(32)) | (where >> np.uint64(32)))
+            rows.append(where & np.uint64(_ROW_MASK))
+        place = np.concatenate(places) if places else np.zeros(0, dtype=np.uint64)
+        if not len(place):
+            return _COPY_KEY_SCHEMA.empty_table()
+        row = np.concatenate(rows)
+        order = np.lexsort((row, place))  # by file, then row
+        place, row = place[order], row[order]
+        cuts = np.flatnonzero(np.diff(place)) + 1
+        parts = []
+        for chunk_place, chunk_rows in zip(
+            place[np.r_[0, cuts]].tolist(),
+            np.split(row, cuts),
+            strict=True,
+        ):
+            hour, seq = chunk_place >> 32, chunk_place & _ROW_MASK
+            path = self._files.get((seq, hour * HOUR_MS))
+            if path is not None:  # not among the files: not asked about
+                parts.append(_rows_of(path, np.unique(chunk_rows)).cast(_COPY_KEY_SCHEMA))
+        return pa.concat_tables(parts) if parts else _COPY_KEY_SCHEMA.empty_table()
 
     def close(self) -> None:
         self._runs = []
