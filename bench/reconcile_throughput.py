@@ -29,9 +29,14 @@ Then, per repetition (medians of ``--runs``), on the same files:
 
 Each run's winners are checked against the generator's number of distinct events.
 
+``--last-hour-only`` reconciles only the archive's last hour in the ``duckdb`` and ``spark``
+runs: what the server's hour closer does when an hour ends, the hour a month ranking makes
+pay for the whole month to date. Its winners are checked against a count of the hour's
+first copies computed here in DuckDB over every file (once, untimed).
+
     .venv/bin/python bench/reconcile_throughput.py [--events 10000000] [--runs 3]
         [--hours 24] [--flush 200000] [--engines duckdb,spark,baseline] [--dir DIR]
-        [--spark-driver-memory 4g]
+        [--spark-driver-memory 4g] [--last-hour-only]
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import pyarrow.compute as pc
 import common
 import traffic_shapes
 from clickagg.archive.parquet import INDEX_DIR, ParquetArchiveReader, ParquetArchiveWriter
+from clickagg.batch.reconcile import MonthRankedView, PeriodView
 from clickagg.batch.runner import Progress, reconcile_hours
 from clickagg.config import Settings
 from clickagg.core import fates
@@ -413,6 +419,52 @@ def metered(measure: Callable[[], Run], pids: dict[str, int | None] | None = Non
     return run
 
 
+def first_copies_in(root: Path, hours: list[int], hour_ms: int) -> int:
+    """How many (event type, id) of the period have their first copy in log order in the
+    hour ``hour_ms``: the winners an engine must find there (the reference of
+    ``--last-hour-only``, computed apart from the engines, over every file)."""
+    reader = ParquetArchiveReader(root / "archive")
+    try:
+        files = [str(f) for f in reader.files(min(hours), max(hours) + HOUR_MS)]
+    finally:
+        reader.close()
+    con = duckdb.connect()
+    try:
+        [(count,)] = con.sql(
+            'SELECT count(*) FROM (SELECT arg_min(ts_ms, (partition, "offset")) AS ts '
+            "FROM read_parquet($files) GROUP BY fp_high, fp_low, event_type) "
+            "WHERE ts >= $start AND ts < $end",
+            params={"files": files, "start": hour_ms, "end": hour_ms + HOUR_MS},
+        ).fetchall()
+    finally:
+        con.close()
+    return int(count)
+
+
+def selection_times(root: Path, hours: list[int], runs: int) -> list[tuple[str, int, float]]:
+    """(DuckDB view, hour's index, median seconds) of selecting one hour's winners and the
+    stream's view of it alone, each view opened on the month's files for that hour only:
+    the engine's part of closing the hour (the rest, aggregating and publishing, is the
+    same whichever view), for the first and the last hour of the archive."""
+    reader = ParquetArchiveReader(root / "archive")
+    try:
+        files = reader.files(min(hours), max(hours) + HOUR_MS)
+    finally:
+        reader.close()
+    out = []
+    for view in (PeriodView, MonthRankedView):
+        for position in (0, len(hours) - 1):
+            hour = hours[position]
+            seconds = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                with view(files, hour, hour + HOUR_MS) as selecting:
+                    selecting.hour(hour)
+                seconds.append(time.perf_counter() - start)
+            out.append((view.__name__, position, median(seconds)))
+    return out
+
+
 def reconcile_run(root: Path, hours: list[int], engine: str) -> Run:
     with fresh_data_dir(root) as settings:
         seen: list[Progress] = []
@@ -452,7 +504,7 @@ def baseline_run(root: Path, hours: list[int]) -> Run:
     return Run(seconds, int(pc.sum(table["events"]).as_py() or 0), 0.0)
 
 
-def spark_run(root: Path, driver_memory: str) -> Run:
+def spark_run(root: Path, driver_memory: str, last_hour_only: bool = False) -> Run:
     """One Spark run in a fresh process, as ``clickagg reconcile --engine spark`` runs: its
     own JVM, started, used and stopped (a reused JVM ran out of heap on a later run)."""
     start = time.perf_counter()
@@ -460,6 +512,7 @@ def spark_run(root: Path, driver_memory: str) -> Run:
         [
             *(sys.executable, str(Path(__file__).resolve()), "--spark-child", str(root)),
             *("--spark-driver-memory", driver_memory),
+            *(["--last-hour-only"] if last_hour_only else []),
         ],
         capture_output=True,
         text=True,
@@ -473,7 +526,7 @@ def spark_run(root: Path, driver_memory: str) -> Run:
     return Run(**answer, process_s=process_s)
 
 
-def spark_child(root: Path, driver_memory: str) -> int:
+def spark_child(root: Path, driver_memory: str, last_hour_only: bool = False) -> int:
     """The child of :func:`spark_run`: one JSON line, its :class:`Run` or the error."""
     from clickagg.batch.spark_engine import local_session, stop_session
 
@@ -491,6 +544,7 @@ def spark_child(root: Path, driver_memory: str) -> int:
                 hours = reader.event_hours()
             finally:
                 reader.close()
+            hours = hours[-1:] if last_hour_only else hours
             # The engine uses the active session: this one, started (and timed) apart.
             run = metered(
                 lambda: reconcile_run(root, hours, "spark"), {"jvm": getattr(proc, "pid", None)}
@@ -533,6 +587,7 @@ def report(
     distinct: int,
     hours: list[int],
     hour_decisions: int,
+    last_hour_only: bool = False,
 ) -> None:
     fmt = common.fmt
     base = median([r.seconds for r in results.get("baseline", [])])
@@ -577,10 +632,15 @@ def report(
             f"local[2], {spark[0].heap_mib:,} MiB heap"
         )
 
-    # Closing ONE hour: the runner ranks the whole month to date (every file of the billing
-    # period) before it selects the hour, so its cost has two parts, read from the progress
-    # of the same runs: until the first hour was published (ranking the month + that hour),
-    # and each further hour (select + aggregate + publish).
+    if last_hour_only:
+        _report_last_hour(results, decisions=decisions, hour_decisions=hour_decisions)
+        return
+
+    # Closing ONE hour: an engine that ranks the whole month to date (every file of the
+    # billing period) does so before it selects the hour, so its cost has two parts, read
+    # from the progress of the same runs: until the first hour was published (ranking the
+    # month, if the engine does, + that hour), and each further hour (select + aggregate +
+    # publish).
     hour_events = RATE * 3600
     month_events = hour_events * 24 * 30
     print()
@@ -601,12 +661,13 @@ def report(
         rank = max(0.0, first - per_winner * first_winners) / decisions  # s per decision
         hour_part = per_winner * hour_events * distinct / decisions
         print(
-            f"  {engine}: first hour published after {first:.2f} s = ranking the "
-            f"{decisions:,} decisions (~{rank * 1e9:,.0f} ns each) + the hour; each further "
+            f"  {engine}: first hour published after {first:.2f} s = what precedes the "
+            f"hours (~{rank * 1e9:,.0f} ns per decision of the {decisions:,}: ranking them, "
+            "where the engine ranks the month) + the hour; each further "
             f"hour ~{per_winner * 1e9:,.0f} ns per winner. So one {RATE // 1000}K/s hour: "
             f"~{fmt((rank * hour_events + hour_part) / 60)} min as the first hour of a month, "
             f"~{fmt((rank * month_events + hour_part) / 3600)} h as the last hour of a 30-day "
-            f"month ({month_events / 1e9:,.0f}G decisions ranked to close it)"
+            f"month (where the engine ranks its {month_events / 1e9:,.0f}G decisions to close it)"
         )
     if results.get("duckdb") or results.get("spark"):
         whole = ", ".join(
@@ -622,6 +683,34 @@ def report(
         print(
             "  note: hours this small are dominated by fixed per-hour costs (publishing "
             "files, a Spark job per query): the extrapolation overstates"
+        )
+
+
+def _report_last_hour(
+    results: dict[str, list[Run]], *, decisions: int, hour_decisions: int
+) -> None:
+    """What closing the archive's last hour took, and the two ways to extrapolate it: by the
+    month to date (an engine that ranks the month) or by the hour (one that does not)."""
+    fmt = common.fmt
+    hour_events = RATE * 3600
+    month_events = hour_events * 24 * 30
+    print()
+    print(
+        f"closing the LAST hour only (~{hour_decisions:,} decisions of {decisions:,} in the "
+        f"month to date); LINEAR EXTRAPOLATIONS to {RATE:,} events/s, not measured:"
+    )
+    for engine in ("duckdb", "spark"):
+        runs = results.get(engine, [])
+        if not runs:
+            continue
+        seconds = median([r.seconds for r in runs])
+        print(
+            f"  {engine}: {seconds:.2f} s ({min(r.seconds for r in runs):.2f}-"
+            f"{max(r.seconds for r in runs):.2f}); per decision of the month to date "
+            f"{seconds / decisions * 1e9:,.0f} ns -> last hour of a 30-day month "
+            f"~{fmt(seconds / decisions * month_events / 3600)} h if it grows with the month; "
+            f"per decision of the hour {seconds / hour_decisions * 1e9:,.0f} ns -> "
+            f"~{fmt(seconds / hour_decisions * hour_events / 60)} min if it grows with the hour"
         )
 
 
@@ -650,10 +739,15 @@ def main(argv: list[str] | None = None) -> int:
         default="4g",
         help="spark.driver.memory of the Spark runs (local mode: the executors' heap too)",
     )
+    parser.add_argument(
+        "--last-hour-only",
+        action="store_true",
+        help="the duckdb and spark runs reconcile only the last hour (what the closer does)",
+    )
     parser.add_argument("--spark-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spark_child:
-        return spark_child(args.spark_child, args.spark_driver_memory)
+        return spark_child(args.spark_child, args.spark_driver_memory, args.last_hour_only)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - set(ENGINES):
         parser.error(f"--engines: some of {', '.join(ENGINES)}")
@@ -697,9 +791,18 @@ def main(argv: list[str] | None = None) -> int:
     elif "spark" not in engines:
         print("spark: skipped: not in --engines")
 
+    # What each engine's run must find: every distinct event, or the last hour's winners.
+    expected = {engine: distinct for engine in ENGINES}
+    meaning = {engine: "= distinct events" for engine in ENGINES}
+    reconciled = hours
+    if args.last_hour_only:
+        reconciled = hours[-1:]
+        expected["duckdb"] = expected["spark"] = first_copies_in(root, hours, hours[-1])
+        meaning["duckdb"] = meaning["spark"] = "= the hour's first copies"
+        print(f"last hour only: {expected['duckdb']:,} winners in the last hour")
     measures: dict[str, Callable[[], Run]] = {
-        "duckdb": lambda: metered(lambda: reconcile_run(root, hours, "duckdb")),
-        "spark": lambda: spark_run(root, args.spark_driver_memory),
+        "duckdb": lambda: metered(lambda: reconcile_run(root, reconciled, "duckdb")),
+        "spark": lambda: spark_run(root, args.spark_driver_memory, args.last_hour_only),
         "baseline": lambda: metered(lambda: baseline_run(root, hours)),
     }
     failed: dict[str, str] = {}  # engine -> why a run failed; its further runs are skipped
@@ -713,14 +816,14 @@ def main(argv: list[str] | None = None) -> int:
                 failed[engine] = f"run {rep + 1} of {args.runs} failed: {_why(e)}"
                 print(f"  run {rep + 1}/{args.runs} {engine}: FAILED: {_why(e)}", flush=True)
                 continue
-            if run.winners != distinct:
+            if run.winners != expected[engine]:
                 raise AssertionError(
-                    f"{engine}: {run.winners:,} winners, the archive holds {distinct:,}"
+                    f"{engine}: {run.winners:,} winners, the archive holds {expected[engine]:,}"
                 )
             results[engine].append(run)
             print(
                 f"  run {rep + 1}/{args.runs} {engine}: {run.seconds:.2f} s, "
-                f"{run.winners:,} winners (= distinct events), other load "
+                f"{run.winners:,} winners ({meaning[engine]}), other load "
                 f"{run.other_cores:.2f} cores",
                 flush=True,
             )
@@ -730,7 +833,12 @@ def main(argv: list[str] | None = None) -> int:
         distinct=distinct,
         hours=hours,
         hour_decisions=spec.events // len(hours),
+        last_hour_only=args.last_hour_only,
     )
+    if args.last_hour_only and results.get("duckdb"):
+        print("  selecting the hour alone (its winners and the stream's view), medians:")
+        for view, position, seconds in selection_times(root, hours, args.runs):
+            print(f"    {view}: hour {position + 1} of {len(hours)}: {seconds * 1000:,.0f} ms")
     for engine, why in failed.items():
         done = len(results[engine])
         print(f"{engine}: {why}; figures above from its {done} completed run(s)")

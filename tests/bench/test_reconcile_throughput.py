@@ -85,3 +85,16 @@ def test_spark_engine_figures(tmp_path: Path) -> None:
     assert re.search(rf"spark: each run in a fresh process.* JVM and session start {NUMBER} s", out)
     assert re.search(rf"local\[2\], {NUMBER} MiB heap", out)
     assert re.search(rf"spark: first hour published after {NUMBER} s", out)
+
+
+def test_last_hour_only_checks_the_hour_s_winners_and_times_the_selection(tmp_path: Path) -> None:
+    args = ("--events", "20000", "--hours", "4", "--flush", "5000", "--engines", "duckdb")
+    out = run_bench(tmp_path, *args, "--last-hour-only")
+    # The run's winners were checked against the hour's first copies counted apart.
+    found = re.search(rf"last hour only: ({NUMBER}) winners in the last hour", out)
+    assert found is not None, out
+    assert re.search(rf"run 1/1 duckdb: .* {found.group(1)} winners \(= the hour's first", out)
+    assert "closing the LAST hour only" in out
+    assert re.search(rf"~{NUMBER} min if it grows with the hour", out)
+    for view in ("PeriodView", "MonthRankedView"):
+        assert re.search(rf"{view}: hour 4 of 4: {NUMBER} ms", out)

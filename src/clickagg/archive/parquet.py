@@ -671,3 +671,141 @@ class ParquetArchiveReader:
         group = pq.ParquetFile(path).read_row_group(row // ROW_GROUP_ROWS, columns=_FATE_COLUMNS)
         [values] = group.slice(row % ROW_GROUP_ROWS, 1).to_pylist()
         return Fate(**values)
+
+
+# -- a billing period's id index, for the batch layer ------------------------------------------
+
+COPY_KEY_COLUMNS: Final = ["fp_high", "fp_low", "event_type", "partition", "offset", "ts_ms"]
+"""What decides which copy of an event is the first: its id, its place in the log and its
+event time (which billing period it is in)."""
+_COPY_KEY_SCHEMA: Final = pa.schema([DECISION_SCHEMA.field(name) for name in COPY_KEY_COLUMNS])
+
+
+def _hour_of_dir(name: str) -> int | None:
+    try:
+        day = datetime.strptime(f"{name}+0000", "hour=%Y-%m-%dT%H%z")
+    except ValueError:
+        return None
+    return int(day.timestamp() * 1000)
+
+
+def _map_runs(index_dir: Path) -> list[tuple[int, int, npt.NDArray[np.uint64]]]:
+    """The published index runs, memory-mapped, as (first seq, last seq, run)."""
+    for _attempt in range(5):
+        try:
+            return [
+                (lo, hi, np.load(path, mmap_mode="r")) for lo, hi, path in _index_runs(index_dir)
+            ]
+        except FileNotFoundError:
+            continue  # merged away between the listing and the open: list again
+    raise RuntimeError("archive index runs kept changing while being opened")
+
+
+class PeriodIndex:
+    """A set of published archive files (what :meth:`ParquetArchiveReader.files` listed) and
+    the archive's id index: which of them hold an hour's events, and where else in them the
+    same fingerprints occur. It lets the batch layer select an hour's first copies by reading
+    that hour and the few copies elsewhere, instead of every file of the billing period."""
+
+    def __init__(
+        self, directory: Path, files: Mapping[tuple[int, int], Path], runs: list[Any]
+    ) -> None:
+        self.directory = directory
+        self._files = dict(files)  # (flush seq, event hour) -> path
+        self._runs: list[npt.NDArray[np.uint64]] = runs
+
+    @classmethod
+    def over(cls, files: list[Path]) -> PeriodIndex | None:
+        """The index over ``files`` if they are published files of one archive whose index
+        covers every one of them; else None (files of another origin: no index to use)."""
+        if not files:
+            return None
+        directory = files[0].parent.parent
+        placed: dict[tuple[int, int], Path] = {}
+        for path in files:
+            hour_ms = _hour_of_dir(path.parent.name)
+            if path.parent.parent != directory or hour_ms is None or not path.stem.isdigit():
+                return None
+            placed[(int(path.stem), hour_ms)] = path
+        index_dir = directory / INDEX_DIR
+        if not (directory / MANIFEST_DIR).is_dir() or not index_dir.is_dir():
+            return None
+        runs = _map_runs(index_dir)
+        bounds = np.array([(lo, hi) for lo, hi, _ in runs], dtype=np.int64).reshape(-1, 2)
+        seqs = np.unique(np.array([seq for seq, _ in placed], dtype=np.int64))
+        # Runs are disjoint and sorted by first seq: the one that may hold each file's seq.
+        which = np.searchsorted(bounds[:, 0], seqs, side="right") - 1
+        if (which < 0).any() or (bounds[which, 1] < seqs).any():
+            return None  # a file the index does not cover (yet): it cannot be answered for
+        return cls(directory, placed, [run for _, _, run in runs])
+
+    def files_of(self, start_ms: int, end_ms: int) -> list[Path]:
+        """The files of the event hours in [start_ms, end_ms) (their rows are all there)."""
+        return [path for (_, hour), path in self._files.items() if start_ms <= hour < end_ms]
+
+    def copies_elsewhere(
+        self,
+        fp_high: npt.NDArray[np.uint64],
+        inside: tuple[int, int],
+        within: tuple[int, int],
+    ) -> pa.Table:
+        """The :data:`COPY_KEY_COLUMNS` of every row of the files in event hours of
+        ``within`` but outside ``inside`` (both [start, end) in ms, on whole hours) whose
+        fingerprint's high half is one of ``fp_high``: the candidates for an earlier copy of
+        an event of ``inside`` (same high half; the caller compares the whole key)."""
+        wanted = np.unique(np.asarray(fp_high, dtype=np.uint64))
+        hour_lo, hour_hi = (t // HOUR_MS for t in within)
+        skip_lo, skip_hi = (t // HOUR_MS for t in inside)
+        places, rows = [], []  # (event hour, flush seq) and row in that file, per match
+        for run in self._runs:
+            keys = run[0]
+            first = np.searchsorted(keys, wanted, side="left")
+            counts = np.searchsorted(keys, wanted, side="right") - first
+            total = int(counts.sum())
+            if not total:
+                continue
+            # Every matching position: each range [first, first + count) laid end to end.
+            ends = np.cumsum(counts)
+            positions = np.repeat(first - (ends - counts), counts) + np.arange(total)
+            hours = np.asarray(run[2][positions])
+            keep = (hours >= hour_lo) & (hours < hour_hi) & ((hours < skip_lo) | (hours >= skip_hi))
+            where = np.asarray(run[1][positions[keep]])
+            places.append((hours[keep] << np.uint64(32)) | (where >> np.uint64(32)))
+            rows.append(where & np.uint64(_ROW_MASK))
+        place = np.concatenate(places) if places else np.zeros(0, dtype=np.uint64)
+        if not len(place):
+            return _COPY_KEY_SCHEMA.empty_table()
+        row = np.concatenate(rows)
+        order = np.lexsort((row, place))  # by file, then row
+        place, row = place[order], row[order]
+        cuts = np.flatnonzero(np.diff(place)) + 1
+        parts = []
+        for chunk_place, chunk_rows in zip(
+            place[np.r_[0, cuts]].tolist(),
+            np.split(row, cuts),
+            strict=True,
+        ):
+            hour, seq = chunk_place >> 32, chunk_place & _ROW_MASK
+            path = self._files.get((seq, hour * HOUR_MS))
+            if path is not None:  # not among the files: not asked about
+                parts.append(_rows_of(path, np.unique(chunk_rows)).cast(_COPY_KEY_SCHEMA))
+        return pa.concat_tables(parts) if parts else _COPY_KEY_SCHEMA.empty_table()
+
+    def close(self) -> None:
+        self._runs = []
+
+
+def _rows_of(path: Path, rows: npt.NDArray[np.uint64]) -> pa.Table:
+    """The :data:`COPY_KEY_COLUMNS` of these rows of one file (sorted, unique), reading only
+    the row groups that hold them."""
+    parquet = pq.ParquetFile(path)
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    starts = np.cumsum([0, *sizes])
+    wanted = rows.astype(np.int64)
+    groups = np.searchsorted(starts, wanted, side="right") - 1
+    chosen = np.unique(groups)
+    read_starts = np.cumsum([0, *(sizes[g] for g in chosen.tolist())])
+    # A row's place in the concatenation of the chosen groups.
+    places = read_starts[np.searchsorted(chosen, groups)] + (wanted - starts[groups])
+    table = parquet.read_row_groups(chosen.tolist(), columns=COPY_KEY_COLUMNS)
+    return table.take(pa.array(places))

@@ -22,10 +22,13 @@ The stream decides within its horizon; the batch layer decides over the billing 
 
 The engine only selects the winning copies (SQL over the archive's Parquet files); what
 they add up to is computed by the same core code as the stream's. Engines are adapters of
-:class:`PeriodSource`: :class:`PeriodView` (DuckDB, in process, the default) and
-``clickagg.batch.spark_engine.SparkPeriodView`` (Spark, for archives a single process should
-not rank). Both return the same tables, :data:`WINNERS_SCHEMA` and :data:`STREAM_SCHEMA` in
-the same row order, so the final rows do not depend on the engine.
+:class:`PeriodSource`: :class:`PeriodView` (DuckDB, in process, the default: it reads an
+hour and, through the archive's id index, the copies of its ids elsewhere in the month, so
+closing an hour costs the hour, not the month to date) and
+``clickagg.batch.spark_engine.SparkPeriodView`` (Spark, which ranks the whole period: for
+archives a single process should not rank). Both return the same tables,
+:data:`WINNERS_SCHEMA` and :data:`STREAM_SCHEMA` in the same row order, so the final rows do
+not depend on the engine.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clickagg.archive.parquet import COPY_KEY_COLUMNS, PeriodIndex
 from clickagg.core import aggregate, fates, ids
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.prices import PriceBook
@@ -226,9 +230,152 @@ REPORT_SCHEMA = pa.schema(
 
 
 class PeriodView:
-    """The DuckDB engine: the archive of one billing period, every copy numbered in log
-    order per (event type, id) over the whole period, kept for the events of the hours asked
-    for: reconciling many hours of a month ranks the month once."""
+    """The DuckDB engine: the first copies of an hour's events, found from that hour.
+
+    A copy of hour H loses to an earlier copy (log order) of its (event type, id) in the
+    same billing period, in H or in another hour of the month. So the view reads H's rows,
+    plus the rows elsewhere in the month that share a fingerprint with one of them, and ranks
+    that union as the month's ranking would rank it (:class:`MonthRankedView`, its
+    reference): the same winners and the same ``copy > 1`` for the stream's view, for work
+    that grows with the hour, not with the month to date.
+
+    Where else a fingerprint occurs comes from the archive's id index
+    (:class:`~clickagg.archive.parquet.PeriodIndex`: a binary search per fingerprint, then
+    the few matching rows read in full and compared on the whole key). Files that are not
+    an indexed archive's (a test's, a copy) are asked the same question with a semi-join
+    that reads only the key columns of the period's other rows."""
+
+    def __init__(self, files: Sequence[Path], start_ms: int, end_ms: int) -> None:
+        self.start_ms, self.end_ms = start_ms, end_ms
+        self.files = [str(f) for f in files]
+        self.con = duckdb.connect()
+        self.empty = not files
+        self.index = PeriodIndex.over(list(files)) if files else None
+        self._ranked: tuple[int, int] | None = None  # the range the table ``ranked`` holds
+
+    def hour(self, hour_ms: int) -> tuple[pa.Table, pa.Table] | None:
+        """(the winning copy of every event of the hour, the stream's view of it per ad),
+        or None when the period holds nothing."""
+        if not self.start_ms <= hour_ms < self.end_ms:
+            raise ValueError("hour outside the view")
+        if self.empty:
+            return None
+        bounds = (hour_ms, hour_ms + HOUR_MS)
+        winners = self.winners(*bounds)
+        return winners, _stream_view(self.con)
+
+    def winners(self, start_ms: int, end_ms: int) -> pa.Table:
+        """The winning copies of the events in [start_ms, end_ms), in log order."""
+        if start_ms < self.start_ms or end_ms > self.end_ms:
+            raise ValueError("winners asked for outside the view")
+        if self.empty:
+            return WINNERS_SCHEMA.empty_table()
+        self._rank(start_ms, end_ms)
+        return (
+            self.con.sql(
+                f'SELECT {_COLUMNS} FROM ranked WHERE copy = 1 ORDER BY partition, "offset"'
+            )
+            .to_arrow_table()
+            .cast(WINNERS_SCHEMA)
+        )
+
+    def _rank(self, start_ms: int, end_ms: int) -> None:
+        """Fill ``ranked``: every copy of [start_ms, end_ms) with its number among the
+        copies of its (event type, id) in its billing period, in log order."""
+        if self._ranked == (start_ms, end_ms):
+            return
+        # The months of the range: where an earlier copy of its events may be.
+        months = (month_of(start_ms)[0], month_of(end_ms - 1)[1])
+        sources = self.index.files_of(start_ms, end_ms) if self.index else self.files
+        if sources:
+            rows = self.con.sql(
+                "SELECT * FROM read_parquet($files) WHERE ts_ms >= $start AND ts_ms < $end",
+                params={"files": [str(f) for f in sources], "start": start_ms, "end": end_ms},
+            ).to_arrow_table()
+        else:
+            rows = DECISION_SCHEMA.empty_table()
+        self.con.register("in_range", rows)
+        if self.index is not None:
+            elsewhere = self.index.copies_elsewhere(
+                rows["fp_high"].to_numpy(), (start_ms, end_ms), months
+            )
+        else:
+            elsewhere = self.con.sql(
+                f"""
+                SELECT {", ".join(f'"{c}"' for c in COPY_KEY_COLUMNS)} FROM read_parquet($files)
+                WHERE (ts_ms < $start OR ts_ms >= $end) AND ts_ms >= $lo AND ts_ms < $hi
+                    AND fp_high IN (SELECT fp_high FROM in_range)
+                """,
+                params={
+                    "files": self.files,
+                    "start": start_ms,
+                    "end": end_ms,
+                    "lo": months[0],
+                    "hi": months[1],
+                },
+            ).to_arrow_table()
+        self.con.register("other_copies", elsewhere)
+        self.con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE ranked AS
+            SELECT * EXCLUDE (inside) FROM (
+                SELECT *, row_number() OVER (
+                    PARTITION BY fp_high, fp_low, event_type, {period_rank(*months)}
+                    ORDER BY partition, "offset") AS copy
+                FROM (
+                    SELECT *, true AS inside FROM in_range
+                    UNION ALL BY NAME
+                    SELECT *, false AS inside FROM other_copies
+                )
+            ) WHERE inside
+            """
+        )
+        self.con.unregister("in_range")
+        self.con.unregister("other_copies")
+        self._ranked = (start_ms, end_ms)
+
+    def close(self) -> None:
+        if self.index is not None:
+            self.index.close()
+        self.con.close()
+
+    def __enter__(self) -> PeriodView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stream_view(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """The stream's view per ad of the copies in ``ranked``: what it counted, and which of
+    that was not the first copy of its id in the period (:data:`STREAM_SCHEMA`)."""
+    # sum() of BIGINT is HUGEINT in DuckDB: back to int64 (a month of micros fits).
+    return (
+        con.sql(
+            """
+            SELECT ad_id,
+                count(*) FILTER (WHERE status = 'counted' AND event_type = 'click')
+                    AS stream_clicks,
+                count(*) FILTER (WHERE status IN ('counted', 'invalid')
+                                 AND event_type = 'impression') AS stream_impressions,
+                CAST(coalesce(sum(spend_micros), 0) AS BIGINT) AS stream_spend_micros,
+                count(*) FILTER (WHERE copy > 1 AND status = 'counted'
+                                 AND event_type = 'click') AS beyond_horizon_clicks,
+                CAST(coalesce(sum(spend_micros) FILTER (WHERE copy > 1), 0) AS BIGINT)
+                    AS beyond_horizon_spend_micros
+            FROM ranked GROUP BY ad_id ORDER BY ad_id
+            """
+        )
+        .to_arrow_table()
+        .cast(STREAM_SCHEMA)
+    )
+
+
+class MonthRankedView:
+    """The reference the DuckDB engine answers as: every copy of the whole billing period
+    (all the files) numbered in log order per (event type, id) with a window function, kept
+    for the hours asked for. Exact and simple, but closing the last hour of a month ranks the
+    whole month to date; :class:`PeriodView` gives the same tables from the hour's rows."""
 
     def __init__(self, files: Sequence[Path], start_ms: int, end_ms: int) -> None:
         self.start_ms, self.end_ms = start_ms, end_ms
@@ -296,7 +443,7 @@ class PeriodView:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> PeriodView:
+    def __enter__(self) -> MonthRankedView:
         return self
 
     def __exit__(self, *exc: object) -> None:
