@@ -346,13 +346,15 @@ class PeriodView:
         self.close()
 
 
-def _stream_view(con: duckdb.DuckDBPyConnection) -> pa.Table:
-    """The stream's view per ad of the copies in ``ranked``: what it counted, and which of
-    that was not the first copy of its id in the period (:data:`STREAM_SCHEMA`)."""
+def _stream_view(con: duckdb.DuckDBPyConnection, bounds: tuple[int, int] | None = None) -> pa.Table:
+    """The stream's view per ad of the copies in ``ranked`` (those with an event time in
+    ``bounds``, if given): what it counted, and which of that was not the first copy of its
+    id in the period (:data:`STREAM_SCHEMA`)."""
+    where = "WHERE ts_ms >= $1 AND ts_ms < $2" if bounds else ""
     # sum() of BIGINT is HUGEINT in DuckDB: back to int64 (a month of micros fits).
     return (
         con.sql(
-            """
+            f"""
             SELECT ad_id,
                 count(*) FILTER (WHERE status = 'counted' AND event_type = 'click')
                     AS stream_clicks,
@@ -363,8 +365,9 @@ def _stream_view(con: duckdb.DuckDBPyConnection) -> pa.Table:
                                  AND event_type = 'click') AS beyond_horizon_clicks,
                 CAST(coalesce(sum(spend_micros) FILTER (WHERE copy > 1), 0) AS BIGINT)
                     AS beyond_horizon_spend_micros
-            FROM ranked GROUP BY ad_id ORDER BY ad_id
-            """
+            FROM ranked {where} GROUP BY ad_id ORDER BY ad_id
+            """,
+            params=list(bounds) if bounds else None,
         )
         .to_arrow_table()
         .cast(STREAM_SCHEMA)
@@ -403,26 +406,8 @@ class MonthRankedView:
             raise ValueError("hour outside the view")
         if self.empty:
             return None
-        bounds = [hour_ms, hour_ms + HOUR_MS]
-        winners = self.winners(*bounds)
-        # sum() of BIGINT is HUGEINT in DuckDB: back to int64 (a month of micros fits).
-        stream = self.con.sql(
-            """
-            SELECT ad_id,
-                count(*) FILTER (WHERE status = 'counted' AND event_type = 'click')
-                    AS stream_clicks,
-                count(*) FILTER (WHERE status IN ('counted', 'invalid')
-                                 AND event_type = 'impression') AS stream_impressions,
-                CAST(coalesce(sum(spend_micros), 0) AS BIGINT) AS stream_spend_micros,
-                count(*) FILTER (WHERE copy > 1 AND status = 'counted'
-                                 AND event_type = 'click') AS beyond_horizon_clicks,
-                CAST(coalesce(sum(spend_micros) FILTER (WHERE copy > 1), 0) AS BIGINT)
-                    AS beyond_horizon_spend_micros
-            FROM ranked WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY ad_id ORDER BY ad_id
-            """,
-            params=bounds,
-        ).to_arrow_table()
-        return winners, stream.cast(STREAM_SCHEMA)
+        bounds = (hour_ms, hour_ms + HOUR_MS)
+        return self.winners(*bounds), _stream_view(self.con, bounds)
 
     def winners(self, start_ms: int, end_ms: int) -> pa.Table:
         """The winning copies of the events in [start_ms, end_ms), in log order."""
