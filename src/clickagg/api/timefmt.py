@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from clickagg.api.errors import bad_request
@@ -11,10 +12,19 @@ from clickagg.core.events import timestamp_ms
 LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time ISO-8601 can say
 
 
+_DECIMAL = re.compile(r"[0-9]{1,14}\.[0-9]{1,6}")
+"""What the OpenAPI document allows of a decimal epoch time (ASCII digits only)."""
+
+
 def parse_time(name: str, text: str) -> int:
     text = text.strip()
     try:
         if text.lstrip("-").replace(".", "", 1).isdigit():
+            if "." in text and not _DECIMAL.fullmatch(text):
+                raise bad_request(
+                    f"{name}={text!r}: a decimal time has at most 14 digits before the point "
+                    "and 6 after (microseconds)"
+                )
             ms = timestamp_ms(float(text) if "." in text else int(text))
         else:
             ms = timestamp_ms(datetime.fromisoformat(text))
