@@ -30,6 +30,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from clickagg.api.health import ConnectionRefusals
 from clickagg.compose import create_app
 from clickagg.config import Settings
 
@@ -117,6 +118,7 @@ class GuardedProtocol(HttpToolsProtocol):
         """Log refusals at most every ``WARN_EVERY_S``: a flood must not flood the log."""
         cls = GuardedProtocol
         cls._refused += 1
+        ConnectionRefusals.total += 1
         now = self.loop.time()
         if now - cls._warned_at >= WARN_EVERY_S:
             log.warning(

@@ -215,6 +215,13 @@ def test_over_the_connection_cap_a_request_is_answered_503(tmp_path: Path) -> No
                 break
             time.sleep(0.05)
         assert response.status_code == 200, response.text
+        metrics = httpx.get(server.url + "/metrics", timeout=5).text
+        [refused] = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("clickagg_connections_refused_total")
+        ]
+        assert float(refused.split()[-1]) >= 1
     finally:
         for sock in idle:
             sock.close()

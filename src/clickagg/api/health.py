@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -12,6 +13,14 @@ from starlette.responses import JSONResponse, Response
 from clickagg.api.queries import answer
 from clickagg.api.state import state_of
 from clickagg.core.windows import NO_EVENT_MS
+
+
+class ConnectionRefusals:
+    """Requests answered 503 because more than ``max_connections`` connections were open:
+    counted by the HTTP protocol (``clickagg.server``), exposed by ``/metrics``. Process-wide,
+    as the connections are."""
+
+    total: ClassVar[int] = 0
 
 
 async def healthz(request: Request) -> Response:
@@ -99,6 +108,12 @@ async def metrics(request: Request) -> Response:
     )
     for recovery in state.committer.writer.recoveries:
         recoveries.labels(str(recovery.partition), recovery.action).inc()
+    refused = Counter(
+        "clickagg_connections_refused",
+        "Requests answered 503 because more than max_connections connections were open",
+        registry=registry,
+    )
+    refused.inc(ConnectionRefusals.total)
     restarts = Gauge("clickagg_worker_restarts", "Worker process restarts", registry=registry)
     restarts.set(state.supervisor.restarts if state.supervisor else 0)
     reserve = state.committer.reserve
