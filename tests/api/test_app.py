@@ -343,6 +343,7 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_partition_events_late",
         "clickagg_partition_events_invalid",
         "clickagg_worker_restarts",
+        "clickagg_connections_refused_total",
         "clickagg_log_partition_damaged",
         "clickagg_disk_free_bytes",
         "clickagg_disk_reserve_bytes",
