@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clickagg.batch.closer import REASON, RESTATED, closable_hours, close_due_hours
-from clickagg.batch.published import FinalHours
+from clickagg.batch.published import INPUTS, FinalHours, hour_name
 from clickagg.config import Settings
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from tests.conftest import Ev
@@ -106,3 +106,21 @@ def test_a_late_click_restates_the_next_closed_hour_whose_context_holds_it(rig: 
     ]
     assert all(run.published is not None for run in restated)
     assert close_due_hours(settings, now + 6 * MINUTE_MS) == []
+
+
+def test_an_hour_closed_before_inputs_were_recorded_is_not_restated_for_it(rig: Rig) -> None:
+    """An hour closed by an older clickagg has no INPUTS: the first pass records today's
+    files instead of publishing a new version of an hour that may be invoiced."""
+    rig.append([Ev(f"e{i}", "ad-1", HOUR + i * MINUTE_MS) for i in range(90)])
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    settings = rig.settings
+    now = HOUR + HOUR_MS + settings.allowed_lateness_ms + settings.close_delay_ms
+    [closed] = close_due_hours(settings, now)
+    assert closed.published is not None
+    final = FinalHours(settings.batch_dir)
+    inputs = final.inputs(HOUR)
+    (settings.batch_dir / hour_name(HOUR) / INPUTS).unlink()  # as an older version left it
+    assert close_due_hours(settings, now + MINUTE_MS) == []
+    assert final.inputs(HOUR) == inputs
+    assert [v.version for v in final.versions(HOUR)] == [1]

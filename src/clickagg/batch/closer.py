@@ -60,14 +60,20 @@ def restatable_hours(
     rules_lookback_ms: int = 0,
 ) -> list[int]:
     """Closed hours within the lookback whose archive files are not the ones their latest
-    run read, and the closed hours whose rules' context holds one of those, oldest first."""
+    run read, and the closed hours whose rules' context holds one of those, oldest first.
+    A closed hour with no record of its inputs gets today's files recorded, not restated."""
     due = due_hours(now_ms, settings, archived_hours=archive.event_hours())
     closed = [hour for hour in due if final.current(hour) is not None]
-    changed = [
-        hour
-        for hour in closed
-        if final.inputs(hour) != sorted(f.name for f in archive.files(hour, hour + HOUR_MS))
-    ]
+    changed = []
+    for hour in closed:
+        files = sorted(f.name for f in archive.files(hour, hour + HOUR_MS))
+        recorded = final.inputs(hour)
+        if recorded is None:
+            # Closed before runs recorded their inputs (an older clickagg): take today's
+            # files as read. Restating it would re-bill an invoiced hour for no new event.
+            final.record_inputs(hour, files)
+        elif recorded != files:
+            changed.append(hour)
     return [
         hour
         for hour in closed
