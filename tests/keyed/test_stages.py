@@ -15,7 +15,7 @@ from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
 from clickagg.core.windows import MINUTE_MS
-from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError
+from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError, retire_marker
 from clickagg.keyed.stage2 import KeyedStage
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
@@ -339,5 +339,35 @@ def test_records_that_skip_the_marker_are_refused(tmp_path: Path) -> None:
                 columns.to_frame(columns.SCHEMA.empty_table(), partition=0, base_offset=0),
                 {0: (5, 9)},
             )
+    finally:
+        rig.close()
+
+
+def test_a_stage_turned_off_and_on_again_starts_at_the_committed_offsets(tmp_path: Path) -> None:
+    """Rounds committed while the stage was off are not the keyed log's: once its marker is
+    retired, the stage turned on again starts where the store is, not where it stopped."""
+    rig = KeyedRig(tmp_path, partitions=1, keyed_partitions=1)
+    try:
+        rig.send(burst_traffic()[:50])
+        rig.run()
+        marker = rig.settings.keyed_dir / "stage1.json"
+        stopped_at = rig.appender.next_offset(0)
+        assert stopped_at == 50
+        # While off, the store commits on (here: as if 40 more events had been counted).
+        off_period = {0: stopped_at + 40}
+        stale = KeyedAppender(rig.keyed_writer, marker, off_period)
+        with pytest.raises(KeyedGapError):  # what the stale marker would do on the next round
+            stale.append(
+                columns.to_frame(columns.SCHEMA.empty_table(), partition=0, base_offset=0),
+                {0: (90, 95)},
+            )
+        retire_marker(marker)
+        fresh = KeyedAppender(rig.keyed_writer, marker, off_period)
+        assert fresh.next_offset(0) == 90
+        fresh.append(
+            columns.to_frame(columns.SCHEMA.empty_table(), partition=0, base_offset=0),
+            {0: (90, 95)},
+        )
+        assert fresh.next_offset(0) == 95
     finally:
         rig.close()

@@ -41,6 +41,14 @@ def decode_records(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload).read_all()
 
 
+def retire_marker(marker_path: Path) -> None:
+    """The keyed stage is off: forget where stage 1 was. Left in place, a marker from before
+    would make the stage, turned on again, re-derive and append everything counted while it
+    was off (or refuse to start once the log's retention removed those events); without
+    one it starts at the store's committed offsets, as the first time."""
+    marker_path.unlink(missing_ok=True)
+
+
 class KeyedAppender:
     def __init__(self, writer: LogWriter, marker_path: Path, committed: Mapping[int, int]) -> None:
         """``committed``: the store's committed offsets, where a marker starts the first

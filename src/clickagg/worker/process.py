@@ -35,7 +35,7 @@ from types import FrameType
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
-from clickagg.keyed.stage1 import KeyedAppender
+from clickagg.keyed.stage1 import KeyedAppender, retire_marker
 from clickagg.keyed.stage2 import KeyedStage, counter_key
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.base import RealtimeCounters
@@ -151,6 +151,8 @@ class _Session:
                 keyed_reader = SegmentLogReader(settings.keyed_dir / "log")
                 undo.callback(keyed_reader.close)
                 self._keyed_closers = [keyed_reader.close, keyed_writer.close]
+            else:
+                retire_marker(settings.keyed_dir / "stage1.json")
             self.workers = [
                 PartitionWorker(
                     p,
