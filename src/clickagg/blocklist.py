@@ -13,8 +13,6 @@ processes from its next rules check on (about a second).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clickagg.core.rules.iprange import fold_blocklist, network_range
+from clickagg.jsonl import append_jsonl, read_jsonl
 
 MAX_REASON_CHARS = 500
 
@@ -77,18 +76,7 @@ class Blocklist:
         self.path = path
 
     def records(self) -> list[dict[str, Any]]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        records = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line after a crash
-        return records
+        return read_jsonl(self.path)
 
     def listed(self) -> list[Listed]:
         """The entries in force now, in CIDR order."""
@@ -131,11 +119,4 @@ class Blocklist:
         return normal
 
     def _append(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        if not lines:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, records)

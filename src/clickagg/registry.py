@@ -13,10 +13,8 @@ registry between rounds when its record grows.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import polars as pl
 
 from clickagg.core.ads import AdChange, AdChangeError, AdEntry, as_of, change_of
 from clickagg.core.prices import Price, PriceBook
+from clickagg.jsonl import append_jsonl, read_jsonl
 
 
 class RegistryError(ValueError):
@@ -170,31 +169,6 @@ def load_ad_changes(path: Path, effective_from_ms: int) -> list[AdChange]:
     return changes
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """A change record's lines; a torn last line (a crash mid-append) is skipped."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def _append_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in records)
-    with open(path, "a") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class AdRegistry:
     """Ad changes set over time (``clickagg ads set|import``, ``PUT /admin/ads/{id}``),
     kept as an append-only JSON-lines file in the data dir: every change with when it was
@@ -211,7 +185,7 @@ class AdRegistry:
         return cls(data_dir / "registry" / "prices.jsonl", ads_file=ads_file)
 
     def changes(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.path)
+        return read_jsonl(self.path)
 
     def _ad_changes(self) -> list[AdChange]:
         fields = ("cpc_micros", "advertiser_id", "campaign_id", "status")
@@ -263,7 +237,7 @@ class AdRegistry:
                 )
             if change.cpc_micros is not None and change.cpc_micros < 0:
                 raise RegistryError(f"{change.ad_id}: cpc_micros must not be negative")
-        _append_jsonl(
+        append_jsonl(
             self.path,
             (
                 {
@@ -295,7 +269,7 @@ class AdvertiserRegistry:
         return cls(data_dir / "registry" / "advertisers.jsonl", advertisers_file=advertisers_file)
 
     def changes(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.path)
+        return read_jsonl(self.path)
 
     def current(self) -> dict[str, Advertiser]:
         out = load_advertisers(self.advertisers_file) if self.advertisers_file else {}
@@ -334,5 +308,5 @@ class AdvertiserRegistry:
         current = self.current().get(advertiser_id)
         advertiser = advertiser_of(advertiser_id, **given, base=current)
         record = {"advertiser_id": advertiser_id, **given, "recorded_ms": now_ms, "by": by}
-        _append_jsonl(self.path, [record])
+        append_jsonl(self.path, [record])
         return advertiser

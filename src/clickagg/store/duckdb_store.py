@@ -63,7 +63,7 @@ import contextlib
 import errno
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -500,6 +500,20 @@ def _ceil(value: int, size: int) -> int:
     return -(-value // size) * size
 
 
+def _fence(stored: Mapping[Any, Any], read_from: Mapping[int, int], message: str) -> None:
+    """The fenced commit's check: each key's stored offset (0 when none) must still be the
+    offset its records were read from, else FencedError naming every stale key."""
+    offsets = {int(k): int(o) for k, o in stored.items()}
+    stale = [k for k, read in read_from.items() if offsets.get(k, 0) != read]
+    if stale:
+        raise FencedError(
+            "; ".join(
+                message.format(key=k, stored=offsets.get(k, 0), read=read_from[k]) for k in stale
+            ),
+            stale,
+        )
+
+
 class DuckDBStore:
     """AggregateStore on a DuckDB file; safe to share between one writer and many readers."""
 
@@ -619,17 +633,11 @@ class DuckDBStore:
             "WHERE keyed_partition IN (SELECT unnest(?))",
             [[c.keyed_partition for c in commits]],
         ).fetchall()
-        stored = {int(k): int(o) for k, o in rows}
-        stale = [c for c in commits if stored.get(c.keyed_partition, 0) != c.from_offset]
-        if stale:
-            raise FencedError(
-                "; ".join(
-                    f"keyed partition {c.keyed_partition}: consumed offset is "
-                    f"{stored.get(c.keyed_partition, 0)}, records were read from {c.from_offset}"
-                    for c in stale
-                ),
-                [c.keyed_partition for c in stale],
-            )
+        _fence(
+            dict(rows),
+            {c.keyed_partition: c.from_offset for c in commits},
+            "keyed partition {key}: consumed offset is {stored}, records were read from {read}",
+        )
         _append_deltas(cur, commits, seq)
         for c in commits:
             cur.execute(
@@ -766,17 +774,11 @@ class DuckDBStore:
             'WHERE "partition" IN (SELECT unnest(?))',
             [[c.partition for c in commits]],
         ).fetchall()
-        stored = {int(p): int(o) for p, o in rows}
-        stale = [c for c in commits if stored.get(c.partition, 0) != c.from_offset]
-        if stale:
-            raise FencedError(
-                "; ".join(
-                    f"partition {c.partition}: committed offset is "
-                    f"{stored.get(c.partition, 0)}, batch was read from {c.from_offset}"
-                    for c in stale
-                ),
-                [c.partition for c in stale],
-            )
+        _fence(
+            dict(rows),
+            {c.partition: c.from_offset for c in commits},
+            "partition {key}: committed offset is {stored}, batch was read from {read}",
+        )
         _append_deltas(cur, commits, seq)
         cur.execute(
             _upsert_offsets_sql(len(commits)),

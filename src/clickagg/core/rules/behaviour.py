@@ -150,6 +150,45 @@ def repeat_click(spec: RuleSpec) -> FrameMatcher:
     return FrameMatcher(match, lookback_ms=max(window_ms, HOUR_MS))
 
 
+def _sliding_per_ip(
+    frame: pl.DataFrame,
+    window_ms: int,
+    measure: pl.Expr,
+    limit: int,
+    what: str,
+    *,
+    with_ad: bool,
+) -> pl.Series:
+    """Flag each click whose address's ``measure`` over the ``window_ms`` up to and
+    including it (a sliding window ending at each click; equal times share one window) is
+    above ``limit``. Evidence: ``"ip <ip>: <measure><what><time>"``. ``with_ad``: only
+    clicks that name an ad take part."""
+    taking = CLICK & pl.col("ip").is_not_null()
+    if with_ad:
+        taking &= pl.col("ad_id").is_not_null()
+    clicks = (
+        frame.with_row_index("_row")
+        .filter(taking)
+        .select("_row", "ip", "ad_id", "ts_ms")
+        .sort("ip", "ts_ms", maintain_order=True)
+    )
+    windowed = clicks.rolling(
+        index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip"
+    ).agg(measure.alias("_n"))
+    counted = clicks.with_columns(windowed["_n"]).filter(pl.col("_n") > limit)
+    evidence = counted.select(
+        pl.concat_str(
+            pl.lit("ip "),
+            pl.col("ip"),
+            pl.lit(": "),
+            pl.col("_n").cast(pl.String),
+            pl.lit(what),
+            _stamp("ts_ms"),
+        )
+    ).to_series()
+    return _scattered(frame.height, counted["_row"], evidence)
+
+
 # -- one address, many ads ---------------------------------------------------------------------
 
 
@@ -168,28 +207,14 @@ def ip_ad_spread(spec: RuleSpec) -> FrameMatcher:
     window_ms = params.window_minutes * MINUTE_MS
 
     def match(frame: pl.DataFrame) -> pl.Series:
-        clicks = (
-            frame.with_row_index("_row")
-            .filter(CLICK & pl.col("ip").is_not_null() & pl.col("ad_id").is_not_null())
-            .select("_row", "ip", "ad_id", "ts_ms")
-            .sort("ip", "ts_ms", maintain_order=True)
+        return _sliding_per_ip(
+            frame,
+            window_ms,
+            pl.col("ad_id").n_unique(),
+            params.max_ads,
+            f" distinct ads clicked in the {params.window_minutes} min to ",
+            with_ad=True,
         )
-        # One row per click, in the same (ip, ts) order; equal times share one window.
-        spread = clicks.rolling(
-            index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip"
-        ).agg(pl.col("ad_id").n_unique().alias("_ads"))
-        counted = clicks.with_columns(spread["_ads"]).filter(pl.col("_ads") > params.max_ads)
-        evidence = counted.select(
-            pl.concat_str(
-                pl.lit("ip "),
-                pl.col("ip"),
-                pl.lit(": "),
-                pl.col("_ads").cast(pl.String),
-                pl.lit(f" distinct ads clicked in the {params.window_minutes} min to "),
-                _stamp("ts_ms"),
-            )
-        ).to_series()
-        return _scattered(frame.height, counted["_row"], evidence)
 
     return FrameMatcher(match, lookback_ms=window_ms)
 
@@ -213,27 +238,14 @@ def ip_click_volume(spec: RuleSpec) -> FrameMatcher:
     window_ms = params.window_hours * HOUR_MS
 
     def match(frame: pl.DataFrame) -> pl.Series:
-        clicks = (
-            frame.with_row_index("_row")
-            .filter(CLICK & pl.col("ip").is_not_null())
-            .select("_row", "ip", "ts_ms")
-            .sort("ip", "ts_ms", maintain_order=True)
+        return _sliding_per_ip(
+            frame,
+            window_ms,
+            pl.len(),
+            params.max_clicks,
+            f" clicks in the {params.window_hours} h to ",
+            with_ad=False,
         )
-        volume = clicks.rolling(
-            index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip"
-        ).agg(pl.len().alias("_n"))
-        counted = clicks.with_columns(volume["_n"]).filter(pl.col("_n") > params.max_clicks)
-        evidence = counted.select(
-            pl.concat_str(
-                pl.lit("ip "),
-                pl.col("ip"),
-                pl.lit(": "),
-                pl.col("_n").cast(pl.String),
-                pl.lit(f" clicks in the {params.window_hours} h to "),
-                _stamp("ts_ms"),
-            )
-        ).to_series()
-        return _scattered(frame.height, counted["_row"], evidence)
 
     return FrameMatcher(match, lookback_ms=window_ms)
 

@@ -56,6 +56,7 @@ import msgspec
 from clickagg.core.rules.base import RuleError, RuleSet, RuleSpec
 from clickagg.core.rules.iprange import fold_blocklist
 from clickagg.core.rules.registry import compile_rules
+from clickagg.jsonl import parse_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -287,14 +288,7 @@ def _blocklist_params(
 def _managed_entries(reader: _Reader, where: str) -> list[dict[str, Any]]:
     if reader.blocklist is None:
         return []
-    records = []
-    for line in reader.read_optional(reader.blocklist).decode().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line after a crash
+    records = parse_jsonl(reader.read_optional(reader.blocklist).decode())
     try:
         entries = fold_blocklist(records)
     except (KeyError, TypeError, ValueError) as exc:
