@@ -14,21 +14,30 @@ The clock starts at the first send; "accept" ends at the last 202, "end to end" 
 Baseline (same run, between repetitions): the same valid events, already in an in-memory
 Arrow table, counted by one DuckDB ``GROUP BY ad_id, minute`` (clicks and impressions).
 
+With ``--rules-compare`` the working tree runs twice per repetition, alternating: with no
+invalid-traffic rules at all (``rules-off``: an empty rules file) and with every rule on
+(``rules-on``: the built-in rules, the keyed second stage, and a blocklist rule of 10,000
+IPv4 and 2,000 IPv6 CIDRs, about AWS's range file; its ranges lie outside the generator's
+addresses, so it costs what a blocklist costs and flags nothing): both medians and the
+ratio, the cost of the rules end to end.
+
 With ``--baseline-commit [REV]`` (default 3a2a018) the same workload also runs against
 ``clickagg serve`` built from that commit (bench/common.py:build_commit, cached venv),
 alternating commit and working tree (ABAB, --repeat pairs): both medians and their ratio.
 
     .venv/bin/python bench/e2e_throughput.py [--events 1000000] [--batch 10000]
         [--concurrency 8] [--repeat 3] [--shape production|legacy|production,legacy]
-        [--ads N] [--users N] [--baseline-commit [REV]] [--py-spy OUTDIR]
+        [--ads N] [--users N] [--baseline-commit [REV] | --rules-compare] [--py-spy OUTDIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -197,6 +206,11 @@ def main() -> None:
         "working tree, --repeat pairs",
     )
     p.add_argument(
+        "--rules-compare",
+        action="store_true",
+        help="run the tree with no rules and with every rule on, alternately, --repeat pairs",
+    )
+    p.add_argument(
         "--py-spy",
         type=Path,
         metavar="OUTDIR",
@@ -209,6 +223,8 @@ def main() -> None:
         "--live-src", action="store_true", help="import the working tree, not a frozen copy"
     )
     args = p.parse_args()
+    if args.rules_compare and args.baseline_commit:
+        p.error("--rules-compare and --baseline-commit each make the run's pair: pick one")
     common.install_sigterm_handler()
     with common.source_snapshot(not args.live_src) as snap:
         run_all(args, snap)
@@ -254,6 +270,18 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     sides: list[tuple[str, str | None, dict[str, str]]] = [("tree", None, env)]
     if base_build is not None:
         sides = [(base_build.short, base_build.python, base_build.env()), *sides]
+    rules_dir = None
+    if args.rules_compare:
+        rules_dir = tempfile.TemporaryDirectory(prefix="clickagg-rules-")
+        off, on = write_rules_files(Path(rules_dir.name))
+        sides = [
+            ("rules-off", None, env | {"CLICKAGG_RULES_FILE": str(off)}),
+            (
+                "rules-on",
+                None,
+                env | {"CLICKAGG_RULES_FILE": str(on), "CLICKAGG_KEYED_STAGE": "true"},
+            ),
+        ]
     tables = {shape: arrow_table(t) for shape, t in traffics.items()}
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     baselines: dict[str, list[float]] = {shape: [] for shape in shapes}
@@ -284,7 +312,35 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
                 )
         for shape in shapes:
             baselines[shape].append(baseline(tables[shape]))
+    if rules_dir is not None:
+        rules_dir.cleanup()
     report(args, info, shapes, sides, runs, baselines)
+
+
+def write_rules_files(directory: Path) -> tuple[Path, Path]:
+    """An empty rules file (no rule at all), and one with every rule: the built-in ones
+    plus a blocklist of data-centre-sized CIDR lists in 211.0.0.0-223.255.255.255 and
+    2a00::/12, which the generator's addresses (11-210.x.x.x) never fall in."""
+    rng = random.Random(11)
+    v4 = []
+    for _ in range(10_000):
+        start = rng.randrange(211 << 24, 224 << 24)
+        prefix = rng.randrange(16, 25)
+        start &= ~((1 << (32 - prefix)) - 1)
+        v4.append(
+            f"{start >> 24}.{(start >> 16) & 255}.{(start >> 8) & 255}.{start & 255}/{prefix}"
+        )
+    v6 = [f"2a0{i % 10}:{i:x}::/{32 + i % 17}" for i in range(2_000)]
+    (directory / "datacenter.txt").write_text("\n".join(v4 + v6) + "\n")
+    off = directory / "no-rules.toml"
+    off.write_text("# no invalid-traffic rules at all\n")
+    on = directory / "all-rules.toml"
+    on.write_text(
+        "include_builtin = true\n\n[[rules]]\n"
+        'id = "datacenter-ip"\nkind = "ip_blocklist"\nreason = "data-centre address"\n'
+        '[[rules.params.lists]]\nname = "datacenter"\nfile = "datacenter.txt"\n'
+    )
+    return off, on
 
 
 def report(
@@ -347,17 +403,20 @@ def report(
     ratios: dict[str, Any] = {}
     if len(sides) == 2:
         base_label = sides[0][0]
-        print(f"\nworking tree vs {base_label} (same run, alternating, medians):")
+        new_label = sides[1][0]
+        print(f"\n{new_label} vs {base_label} (same run, alternating, medians):")
         ratio_rows = []
         for shape in shapes:
             for metric, name in (("ingest_eps", "accept"), ("e2e_eps", "end to end")):
                 old = figures[f"{base_label}/{shape}"][metric]["median"]
-                new = figures[f"tree/{shape}"][metric]["median"]
+                new = figures[f"{new_label}/{shape}"][metric]["median"]
                 ratios[f"{shape}/{metric}"] = new / old
                 ratio_rows.append(
                     [f"{name}, {shape}", common.fmt(old), common.fmt(new), f"{new / old:.3f}"]
                 )
-        common.print_table(["figure (events/s)", base_label, "tree", "tree / base"], ratio_rows)
+        common.print_table(
+            ["figure (events/s)", base_label, new_label, f"{new_label} / {base_label}"], ratio_rows
+        )
     if len(shapes) == 2:
         for label, _, _ in sides:
             prod = figures[f"{label}/production"]["e2e_eps"]["median"]
