@@ -19,7 +19,7 @@ same matchers).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,21 +161,101 @@ class _SameWinners:
         self.view.close()
 
 
-def _clicks_of_hour(now: pl.DataFrame | None, candidate: pl.DataFrame | None) -> pl.DataFrame:
-    """The hour's winning clicks with both verdicts side by side."""
-    if now is None or candidate is None:
-        return pl.DataFrame()
-    assert now.height == candidate.height
-    both = now.select(
-        *_CLICK_COLUMNS,
-        pl.col("event_type"),
-        pl.col("invalid").alias("now_invalid"),
-        pl.col("reason").alias("now_reason"),
-    ).with_columns(
-        candidate["invalid"].alias("candidate_invalid"),
-        candidate["reason"].alias("candidate_reason"),
+def _clicks(judged: pl.DataFrame | None) -> pl.DataFrame | None:
+    if judged is None:
+        return None
+    return judged.filter(pl.col("event_type") == ids.CLICK).select(
+        *_CLICK_COLUMNS, "invalid", "reason"
     )
-    return both.filter(pl.col("event_type") == ids.CLICK).drop("event_type")
+
+
+@dataclass(frozen=True)
+class Judge:
+    """One way of judging the winners: a rule set, and whether the stream's verdicts are
+    kept (what ``reconcile`` bills) or set aside (what the rules alone would say)."""
+
+    rules: RuleSet
+    stream_verdicts: bool = False
+
+
+@dataclass(frozen=True)
+class Judged:
+    """The period's winning clicks (``_CLICK_COLUMNS`` plus ``invalid`` and ``reason``),
+    one frame per judge, row for row the same clicks in the same order."""
+
+    clicks: list[pl.DataFrame]
+    hours: int
+    events: int  # winning events judged (each hour's, every judge the same)
+
+
+def judge_clicks(
+    settings: Settings,
+    judges: Sequence[Judge],
+    start_ms: int,
+    end_ms: int,
+    *,
+    engine: str = "duckdb",
+    progress: Callable[[Progress], None] | None = None,
+) -> Judged:
+    """Judge every winning click of the whole hours of [start_ms, end_ms) (start floored
+    to its hour; the hour holding end_ms counts when end_ms is not on one, as in
+    reconcile) by each judge, over the same winners (ranked once per hour by the engine)
+    with the same prices. Reads the archive only."""
+    first = start_ms - start_ms % HOUR_MS
+    hours = list(range(first, end_ms, HOUR_MS))
+    cpc = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
+    open_period = engine_factory(engine)
+    by_month: dict[tuple[int, int], list[int]] = {}
+    for hour_ms in hours:
+        by_month.setdefault(month_of(hour_ms), []).append(hour_ms)
+    archive = ParquetArchiveReader(settings.archive_dir)
+    frames: list[list[pl.DataFrame]] = [[] for _ in judges]
+    lookback = max((judge.rules.lookback_ms for judge in judges), default=0)
+    started = time.monotonic()
+    done = files_read = events = 0
+    try:
+        for (month_start, month_end), month_hours in by_month.items():
+            # Every judge's context before the first hour, as reconcile reads it.
+            span = (context_start(min(month_hours), lookback), max(month_hours) + HOUR_MS)
+            files = archive.files(min(month_start, month_of(span[0])[0]), month_end)
+            files_read += len(files)
+            recent: list[dict[int, pa.Table]] = [{} for _ in judges]
+            with closing(_SameWinners(open_period(files, *span))) as view:
+                for hour_ms in month_hours:
+                    results = [
+                        reconcile_hour(
+                            view,
+                            hour_ms,
+                            cpc_micros=cpc,
+                            invalid=judge.rules.batch_reasons,
+                            lookback_ms=judge.rules.lookback_ms,
+                            recent=recent[n],
+                            stream_verdicts=judge.stream_verdicts,
+                        )
+                        for n, judge in enumerate(judges)
+                    ]
+                    clicks = [c for r in results if (c := _clicks(r.judged)) is not None]
+                    if len(clicks) == len(judges) and clicks[0].height:
+                        assert len({c.height for c in clicks}) == 1  # the same winners
+                        for n, c in enumerate(clicks):
+                            frames[n].append(c)
+                    done += 1
+                    events += results[0].events if results else 0
+                    if progress is not None:
+                        elapsed = time.monotonic() - started
+                        progress(Progress(done, len(hours), files_read, events, elapsed))
+    finally:
+        archive.close()
+    return Judged(
+        clicks=[pl.concat(f, how="vertical_relaxed") if f else _no_clicks() for f in frames],
+        hours=len(hours),
+        events=events,
+    )
+
+
+def _no_clicks() -> pl.DataFrame:
+    schema = {k: v for k, v in _EMPTY.items() if not k.startswith(("now_", "candidate_"))}
+    return pl.DataFrame(schema=schema | {"invalid": pl.Boolean, "reason": pl.String})
 
 
 def replay_rules(
@@ -188,65 +268,29 @@ def replay_rules(
     engine: str = "duckdb",
     progress: Callable[[Progress], None] | None = None,
 ) -> ReplayReport:
-    """Replay ``candidate`` over the whole hours of [start_ms, end_ms) (start floored to
-    its hour; the hour holding end_ms counts when end_ms is not on one, as in reconcile),
-    against the current rules. Reads the archive only."""
-    first = start_ms - start_ms % HOUR_MS
-    hours = list(range(first, end_ms, HOUR_MS))
+    """Replay ``candidate`` over the whole hours of [start_ms, end_ms) against the current
+    rules (see :func:`judge_clicks`). Reads the archive only."""
     current = load_rules(settings.rules_file, blocklist=settings.blocklist_path)
-    cpc = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file).book()
-    open_period = engine_factory(engine)
-    by_month: dict[tuple[int, int], list[int]] = {}
-    for hour_ms in hours:
-        by_month.setdefault(month_of(hour_ms), []).append(hour_ms)
-    archive = ParquetArchiveReader(settings.archive_dir)
-    frames: list[pl.DataFrame] = []
-    started = time.monotonic()
-    done = files_read = events = 0
-    try:
-        for (month_start, month_end), month_hours in by_month.items():
-            # Both rule sets' context before the first hour, as reconcile reads it.
-            lookback = max(current.lookback_ms, candidate.lookback_ms)
-            span = (context_start(min(month_hours), lookback), max(month_hours) + HOUR_MS)
-            files = archive.files(min(month_start, month_of(span[0])[0]), month_end)
-            files_read += len(files)
-            recent_now: dict[int, pa.Table] = {}
-            recent_later: dict[int, pa.Table] = {}
-            with closing(_SameWinners(open_period(files, *span))) as view:
-                for hour_ms in month_hours:
-                    now = reconcile_hour(
-                        view,
-                        hour_ms,
-                        cpc_micros=cpc,
-                        invalid=current.batch_reasons,
-                        lookback_ms=current.lookback_ms,
-                        recent=recent_now,
-                    )
-                    later = reconcile_hour(
-                        view,
-                        hour_ms,
-                        cpc_micros=cpc,
-                        invalid=candidate.batch_reasons,
-                        lookback_ms=candidate.lookback_ms,
-                        recent=recent_later,
-                        stream_verdicts=False,
-                    )
-                    clicks = _clicks_of_hour(now.judged, later.judged)
-                    if clicks.height:
-                        frames.append(clicks)
-                    done += 1
-                    events += now.events
-                    if progress is not None:
-                        elapsed = time.monotonic() - started
-                        progress(Progress(done, len(hours), files_read, events, elapsed))
-    finally:
-        archive.close()
+    judged = judge_clicks(
+        settings,
+        [Judge(current, stream_verdicts=True), Judge(candidate)],
+        start_ms,
+        end_ms,
+        engine=engine,
+        progress=progress,
+    )
+    now, later = judged.clicks
+    both = now.rename({"invalid": "now_invalid", "reason": "now_reason"}).with_columns(
+        later["invalid"].alias("candidate_invalid"),
+        later["reason"].alias("candidate_reason"),
+    )
+    first = start_ms - start_ms % HOUR_MS
     return _report(
-        _concat(frames),
+        both,
         start_ms=first,
-        end_ms=first + len(hours) * HOUR_MS,
-        hours=len(hours),
-        events=events,
+        end_ms=first + judged.hours * HOUR_MS,
+        hours=judged.hours,
+        events=judged.events,
         current=current,
         candidate=candidate,
         limit=limit,
@@ -267,12 +311,6 @@ _EMPTY = {
     "candidate_invalid": pl.Boolean,
     "candidate_reason": pl.String,
 }
-
-
-def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
-    if not frames:
-        return pl.DataFrame(schema=_EMPTY)
-    return pl.concat(frames, how="vertical_relaxed")
 
 
 def _sums() -> list[pl.Expr]:
