@@ -4,6 +4,7 @@ steps of either stage changes nothing in the final counts."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -104,7 +105,13 @@ class KeyedRig:
     and a fresh start on the same files."""
 
     def __init__(
-        self, root: Path, *, partitions: int, keyed_partitions: int, crash: Crash | None = None
+        self,
+        root: Path,
+        *,
+        partitions: int,
+        keyed_partitions: int,
+        crash: Crash | None = None,
+        rules_file: Path | None = None,
     ) -> None:
         self.root = root
         self.settings = Settings(
@@ -114,6 +121,7 @@ class KeyedRig:
             snapshot_interval_ms=0,
             keyed_stage=True,
             keyed_partitions=keyed_partitions,
+            rules_file=rules_file,
         )
         self.writer = SegmentLogWriter(
             root / "log", partitions, retention_ms=DAY, retention_bytes=2**40
@@ -371,3 +379,74 @@ def test_a_stage_turned_off_and_on_again_starts_at_the_committed_offsets(tmp_pat
         assert fresh.next_offset(0) == 95
     finally:
         rig.close()
+
+
+def write_velocity_rules(path: Path, limit: int) -> None:
+    path.write_text(
+        "[[rules]]\n"
+        f'id = "{RULE}"\n'
+        'kind = "ip_click_velocity"\n'
+        'reason = "click burst from one address"\n'
+        "[rules.params]\n"
+        f"max_clicks_per_minute = {limit}\n"
+    )
+
+
+def clicks_from(ip: str, n: int, minute: int, tag: str) -> list[Ev]:
+    rng = random.Random(f"{ip}-{tag}")
+    return [
+        Ev(
+            f"{ip}-{tag}-{i}",
+            ADS[i % 4],
+            T0 + minute * MINUTE_MS + rng.randrange(MINUTE_MS),
+            ip=ip,
+            user_id=f"u{i}",
+            cost_micros=1_000,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(("before", "after"), [(60, 100), (100, 60)])
+def test_a_limit_changed_between_commits_survives_a_restart(
+    tmp_path: Path, before: int, after: int
+) -> None:
+    """Minutes still open when the limit changes: a restart replays each consumed range
+    under the spec it was committed with, so it corrects exactly what an uninterrupted run
+    corrects (a replay under the new limit would re-flag a flagged minute's clicks, or
+    forget a minute's pending ones)."""
+    # Under the first limit: 80 clicks over 60 (flagged) and under 100 (pending); 50 under
+    # both. Under the second: 30 more each, the first address now at 110 clicks.
+    first = clicks_from("198.51.100.1", 80, 1, "a") + clicks_from("198.51.100.2", 50, 1, "a")
+    second = clicks_from("198.51.100.1", 30, 1, "b") + clicks_from("198.51.100.2", 30, 1, "b")
+    results = []
+    for restart in (False, True):
+        root = tmp_path / f"restart-{restart}"
+        root.mkdir()
+        rules = root / "rules.toml"
+        write_velocity_rules(rules, before)
+        rig = KeyedRig(root, partitions=2, keyed_partitions=2, rules_file=rules)
+        try:
+            rig.send(first)
+            rig.run()
+            write_velocity_rules(rules, after)
+            rig.stage.rules.reload()
+            if restart:
+                rig.restart()
+            rig.send(second)
+            rig.run()
+            progress = rig.store.keyed_progress()
+            results.append((rig.counts(), sum(x.corrections for x in progress.values())))
+            # Every partition judged under both limits has both specs recorded, in order.
+            for x in progress.values():
+                limits = [json.loads(spec)["max_clicks_per_minute"] for _, spec in x.specs]
+                assert limits in ([before, after], [before], [after]), limits
+        finally:
+            rig.close()
+    (uninterrupted, corrections), (restarted, restarted_corrections) = results
+    # By hand: 60 -> 100: 80 flagged, then each of its 30 later clicks (110 in all); 100 ->
+    # 60: the first address's 80 pending flagged with the next click (110), the second's
+    # 50 and 30 once the minute passes 60 (80).
+    assert corrections == (110 if before < after else 190)
+    assert restarted_corrections == corrections
+    assert restarted == uninterrupted

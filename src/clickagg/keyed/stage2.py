@@ -20,6 +20,13 @@ Commit order, for one step over keyed partitions k (the keyed stage's own protoc
 A crash before 3 loses nothing (the store still has the old offset; the state is rebuilt
 by replaying the keyed log up to it). A crash after 3: the restarted process refills its
 counters from the store, corrections included.
+
+The rules may change between two steps (the rules file is re-read while the worker runs).
+Step 3 records, in the same transaction, the keyed spec the verdicts were made under
+whenever it differs from the previous one, so a recovery replays each consumed range with
+the spec it was committed with, not the one in force when it runs: a minute that was
+flagged stays flagged, and no click is corrected twice or missed. The spec is opaque JSON
+here and in the store (``spec_json`` / ``limit_of``).
 """
 
 from __future__ import annotations
@@ -64,6 +71,19 @@ def velocity_limit(ruleset: RuleSet) -> VelocityLimit | None:
     return None
 
 
+NO_SPEC = "null"
+
+
+def spec_json(ruleset: RuleSet) -> str:
+    """The keyed spec in force, as the canonical JSON the store records."""
+    limit = velocity_limit(ruleset)
+    return limit.to_json() if limit is not None else NO_SPEC
+
+
+def limit_of(spec: str) -> VelocityLimit | None:
+    return None if spec == NO_SPEC else VelocityLimit.from_json(spec)
+
+
 def keyed_horizon_ms(allowed_lateness_ms: int) -> int:
     """How long (event time) an IP-minute is kept open: stage 1 counts no click older than
     its partition's watermark, so a minute takes no more clicks once the newest event time
@@ -96,34 +116,54 @@ class KeyedStage:
 
     def recover(self) -> None:
         """Rebuild every keyed partition's windows by replaying the keyed log up to the
-        consumed offset the store holds (verdicts made then are already committed)."""
+        consumed offset the store holds (verdicts made then are already committed), each
+        range under the spec the store recorded for it (before the first record: the spec
+        in force now, as for a store of a build that recorded none)."""
         progress = self.store.keyed_progress()
-        limit = velocity_limit(self.rules.current())
+        current = spec_json(self.rules.current())
         for k in range(self.reader.partitions):
             stored = progress.get(k)
             until = stored.consumed_offset if stored is not None else 0
+            specs = list(stored.specs) if stored is not None else []
             windows = VelocityWindows(self.horizon_ms)
             at = self.reader.start_offset(k)
-            while at < until:
-                frames = self.reader.read(k, at, min(self.batch_records, until - at))
-                if not frames:
-                    raise RuntimeError(
-                        f"keyed partition {k}: the keyed log ends at {at} but the store "
-                        f"consumed up to {until}"
-                    )
-                for frame in frames:
-                    records = decode_records(frame.payload).to_pylist()
-                    skip = max(0, at - frame.base_offset)
-                    windows.consume(records[skip : until - frame.base_offset], limit)
-                    at = min(frame.end_offset, until)
+            cuts = sorted({start for start, _ in specs if at < start < until} | {until})
+            for cut in cuts:
+                if at >= until:
+                    break
+                in_force = [spec for start, spec in specs if start <= at]
+                limit = limit_of(in_force[-1] if in_force else current)
+                self._consume(k, windows, at, cut, limit)
+                at = cut
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
             self.windows[k] = windows
             self.consumed[k] = until
 
+    def _consume(
+        self, k: int, windows: VelocityWindows, lo: int, hi: int, limit: VelocityLimit | None
+    ) -> list[dict[str, object]]:
+        """Feed the records of keyed offsets [lo, hi) to ``windows``; what they flag."""
+        flagged: list[dict[str, object]] = []
+        at = lo
+        while at < hi:
+            frames = self.reader.read(k, at, min(self.batch_records, hi - at))
+            if not frames:
+                raise RuntimeError(
+                    f"keyed partition {k}: the keyed log ends at {at} but the store "
+                    f"consumed up to {hi}"
+                )
+            for frame in frames:
+                records = decode_records(frame.payload).to_pylist()
+                skip = max(0, at - frame.base_offset)
+                flagged += windows.consume(records[skip : hi - frame.base_offset], limit)
+                at = min(frame.end_offset, hi)
+        return flagged
+
     def step(self) -> int:
         """Steps 1-4 over every keyed partition with new records; returns how many."""
-        limit = velocity_limit(self.rules.current())
+        spec = spec_json(self.rules.current())
+        limit = limit_of(spec)
         commits: list[KeyedCommit] = []
         for k, windows in self.windows.items():
             start = self.consumed[k]
@@ -146,6 +186,8 @@ class KeyedStage:
                     dimension_deltas=dimensions,
                     corrections=len(flagged),
                     committed_at_ms=self.clock.now_ms(),
+                    spec_json=spec,
+                    replay_from=self.reader.start_offset(k),
                 )
             )
         if not commits:
