@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from clickagg.archive.parquet import ParquetArchiveWriter
+from clickagg.archive.corrections import ParquetCorrectionReader, corrections_writer
+from clickagg.archive.parquet import CORRECTIONS, ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
@@ -137,6 +140,9 @@ class KeyedRig:
         self.store = DuckDBStore(s.store_path)
         self.snapshots = SnapshotStore(s.snapshot_dir)
         self.archive = ParquetArchiveWriter(s.archive_dir, flush_events=50, flush_interval_ms=0)
+        self.corrections = corrections_writer(
+            s.corrections_dir, flush_events=50, flush_interval_ms=0
+        )
         self.counters = InMemoryCounters(retain_ms=DAY)
         self.keyed_writer = SegmentLogWriter(
             s.keyed_dir / "log", s.keyed_partitions, retention_ms=DAY, retention_bytes=2**40
@@ -181,6 +187,7 @@ class KeyedRig:
             allowed_lateness_ms=self.settings.allowed_lateness_ms,
             batch_records=29,
             counters=self.counters,
+            corrections=self.corrections,
         )
         wrap = self.crash.wrap
         wrap(self.store, "commit_many", after="after-commit")
@@ -190,11 +197,20 @@ class KeyedRig:
         wrap(self.store, "commit_keyed", before="keyed-before-commit", after="keyed-after-commit")
         wrap(self.store, "_apply_keyed", after="keyed-inside-commit")
         wrap(self.counters, "apply", after="after-counters")
+        wrap(self.corrections, "append", after="corrections-after-append")
+        wrap(
+            self.corrections,
+            "_publish_manifest",
+            before="corrections-before-publish",
+            after="corrections-after-publish",
+        )
         self.crash.rearm()
 
     def restart(self) -> None:
         self.crash.armed = False
         self.archive.abandon()
+        self.corrections.abandon()
+        self.crash.died_in_background = False
         self.store.close()
         self.reader.close()
         self.keyed_reader.close()
@@ -207,7 +223,12 @@ class KeyedRig:
             try:
                 processed = step_all(self.workers, self.store, self.counters)
                 processed += self.stage.step()
+                if processed == 0:
+                    self.corrections.flush()
             except CrashError:
+                self.restart()
+                continue
+            if self.crash.died_in_background:  # the process dies with its flush thread
                 self.restart()
                 continue
             if processed == 0:
@@ -234,8 +255,15 @@ class KeyedRig:
             totals.update(clicks=t.clicks, spend_micros=t.spend_micros, invalid=t.invalid_clicks)
         return totals
 
+    def corrected(self) -> pa.Table:
+        """Every published correction (all of them once the writer is flushed)."""
+        return ParquetArchiveReader(self.settings.corrections_dir, layout=CORRECTIONS).decisions(
+            start_ms=0, end_ms=T0 + DAY
+        )
+
     def close(self) -> None:
         self.archive.close()
+        self.corrections.close()
         self.store.close()
         self.reader.close()
         self.writer.close()
@@ -250,7 +278,7 @@ def traffic() -> list[Ev]:
 
 def _run(
     root: Path, events: list[Ev], partitions: int, keyed: int, crash: Crash | None = None
-) -> tuple[dict[str, Counter[Key]], Counter[str], dict[int, KeyedProgress]]:
+) -> tuple[dict[str, Counter[Key]], Counter[str], dict[int, KeyedProgress], pa.Table]:
     rig = KeyedRig(root, partitions=partitions, keyed_partitions=keyed, crash=crash)
     try:
         half = len(events) // 2
@@ -258,9 +286,48 @@ def _run(
         rig.run()
         rig.send(events[half:])
         rig.run()
-        return rig.counts(), rig.realtime(), rig.store.keyed_progress()
+        result = rig.counts(), rig.realtime(), rig.store.keyed_progress()
     finally:
         rig.close()
+    return (*result, rig.corrected())
+
+
+def corrected_ids(events: list[Ev]) -> set[str]:
+    """From the traffic alone: the distinct clicks of IP-minutes over the limit that no
+    stage-1 rule had flagged (those the keyed stage corrects)."""
+    distinct = {(e.event_type, e.event_id): e for e in events}.values()
+    clicks = [e for e in distinct if e.event_type == ids.CLICK]
+    per_ip_minute = Counter((e.ip, e.ts_ms // MINUTE_MS) for e in clicks)
+    return {
+        e.event_id
+        for e in clicks
+        if per_ip_minute[(e.ip, e.ts_ms // MINUTE_MS)] > LIMIT and e.user_agent != BOT
+    }
+
+
+def check_corrections(
+    corrected: pa.Table, events: list[Ev], progress: dict[int, KeyedProgress], root: Path
+) -> None:
+    """Each corrected click archived exactly once, with its rule and evidence, and the
+    archive's ends are the store's consumed offsets."""
+    rows = corrected.to_pylist()
+    assert sorted(r["event_id"] for r in rows) == sorted(corrected_ids(events))
+    assert len({(r["source_partition"], r["source_offset"]) for r in rows}) == len(rows)
+    assert len({(r["keyed_partition"], r["keyed_offset"]) for r in rows}) == len(rows)
+    for r in rows:
+        assert r["rule_id"] == RULE and r["reason"] == "click burst from one address"
+        stamp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(r["ts_ms"] // 1000))
+        ip = r["event_id"].split("-")[0]
+        assert r["evidence"] == f"ip {ip}: more than {LIMIT} clicks in minute {stamp}"
+    reader = ParquetCorrectionReader(root / "keyed" / "corrections")
+    assert reader.archived_offsets() == {k: x.consumed_offset for k, x in progress.items()}
+    sample = rows[len(rows) // 2]
+    [found] = reader.corrections(sample["event_id"])
+    assert (found.source_partition, found.source_offset) == (
+        sample["source_partition"],
+        sample["source_offset"],
+    )
+    assert reader.corrections("198.51.100.8-1-0") == []  # at the limit: never corrected
 
 
 def _sums(counts: dict[str, Counter[Key]]) -> Counter[str]:
@@ -281,7 +348,8 @@ def test_counts_match_the_reference_and_do_not_depend_on_partitions(
     runs = {
         (p, k): _run(tmp_path / f"p{p}-k{k}", traffic, p, k) for p, k in [(1, 1), (4, 4), (16, 3)]
     }
-    for (p, k), (counts, realtime, progress) in runs.items():
+    for (p, k), (counts, realtime, progress, corrected) in runs.items():
+        check_corrections(corrected, traffic, progress, tmp_path / f"p{p}-k{k}")
         for name in ("clicks", "impressions", "spend_micros", "invalid_clicks"):
             assert counts.get(name, Counter()) == expected[name], (p, k, name)
         for reason in ("non-browser-client", RULE):
@@ -289,7 +357,7 @@ def test_counts_match_the_reference_and_do_not_depend_on_partitions(
         assert realtime == _sums(counts)  # the counters were corrected too
         assert sum(x.corrections for x in progress.values()) == 300 + LIMIT + 1
     first = runs[(1, 1)][0]
-    for counts, _, _ in runs.values():
+    for counts, *_ in runs.values():
         assert counts == first  # every count, breakdowns included, identical
 
 
@@ -303,6 +371,9 @@ CRASH_POINTS = [
     "keyed-inside-commit",
     "keyed-after-commit",  # corrections committed, counters not corrected
     "after-counters",
+    "corrections-after-append",  # corrections buffered, not published
+    "corrections-before-publish",  # files written, manifest not
+    "corrections-after-publish",
 ]
 
 
@@ -311,8 +382,9 @@ def test_a_crash_between_any_two_steps_changes_nothing(
     tmp_path: Path, traffic: list[Ev], point: str
 ) -> None:
     crash = Crash(point, at=2, times=4)
-    counts, realtime, progress = _run(tmp_path, traffic, 4, 3, crash)
+    counts, realtime, progress, corrected = _run(tmp_path, traffic, 4, 3, crash)
     assert crash.fired >= 1
+    check_corrections(corrected, traffic, progress, tmp_path)
     expected = reference(traffic)
     for name in ("clicks", "spend_micros", "invalid_clicks", f"reason {RULE}"):
         assert counts.get(name, Counter()) == expected[name], name
