@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from clickagg.batch.runner import reconcile_hours
 from clickagg.cli.main import main
@@ -159,6 +160,28 @@ def test_a_burst_is_corrected_in_the_stream_and_agrees_with_the_batch(tmp_path: 
         assert f"{burst_click['event_id']}: invalid (partition" in traced.output
         assert "first: counted by the stream" in traced.output
         assert f"evidence: {evidence}" in traced.output
+
+        # /metrics: stage 2 consumes every keyed record, and made the 300 corrections.
+        def keyed_samples() -> dict[str, dict[str, float]]:
+            samples: dict[str, dict[str, float]] = {}
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            for family in text_string_to_metric_families(metrics):
+                for sample in family.samples:
+                    if sample.name.startswith("clickagg_keyed_"):
+                        labels = sample.labels
+                        label = labels.get("keyed_partition") or labels.get("rule_id")
+                        samples.setdefault(sample.name, {})[str(label)] = sample.value
+            return samples
+
+        deadline = time.monotonic() + 30
+        while (samples := keyed_samples())["clickagg_keyed_partition_lag_records"] != {
+            "0": 0,
+            "1": 0,
+            "2": 0,
+        }:
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.1)
+        assert samples["clickagg_keyed_corrections_total"] == {"ip-click-velocity": 300}
 
         # The batch layer applies the same rule to the archive: its final rows agree.
         stream = per_minute(server.url, minute_s)

@@ -20,7 +20,7 @@ from clickagg.config import Settings
 from clickagg.core import columns, ids
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError, retire_marker
-from clickagg.keyed.stage2 import KeyedStage
+from clickagg.keyed.stage2 import KeyedStage, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.base import KeyedProgress
@@ -522,3 +522,30 @@ def test_a_limit_changed_between_commits_survives_a_restart(
     assert corrections == (110 if before < after else 190)
     assert restarted_corrections == corrections
     assert restarted == uninterrupted
+
+
+def test_keyed_status_gives_the_lag_and_the_corrections_by_rule(
+    tmp_path: Path, traffic: list[Ev]
+) -> None:
+    rig = KeyedRig(tmp_path, partitions=2, keyed_partitions=3)
+    try:
+        rig.send(traffic)
+        while step_all(rig.workers, rig.store, rig.counters):  # stage 1 only
+            pass
+        before = keyed_status(rig.keyed_reader, rig.store)
+        ends = [rig.keyed_reader.durable_end(k) for k in range(3)]
+        assert sum(ends) >= len(corrected_ids(traffic))  # every click went to the keyed log
+        assert [(p.keyed_partition, p.durable_end_offset) for p in before.partitions] == list(
+            enumerate(ends)
+        )
+        assert [p.consumed_offset for p in before.partitions] == [0, 0, 0]
+        assert before.corrections_by_rule == {}
+        rig.stage.step()  # one step: a few frames of each keyed partition, not all
+        middle = keyed_status(rig.keyed_reader, rig.store)
+        assert all(0 < p.consumed_offset < p.durable_end_offset for p in middle.partitions)
+        rig.run()
+        after = keyed_status(rig.keyed_reader, rig.store)
+        assert [p.consumed_offset for p in after.partitions] == ends  # no lag left
+        assert after.corrections_by_rule == {RULE: 300 + LIMIT + 1}
+    finally:
+        rig.close()

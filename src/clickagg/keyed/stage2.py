@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock
@@ -54,6 +55,7 @@ from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import decode_records
 from clickagg.log.base import LogReader
+from clickagg.query.base import KeyedPartitionStatus, KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, KeyedCommit
 
@@ -116,6 +118,34 @@ def velocity_flagged(flagged: Sequence[Mapping[str, Any]], limit: VelocityLimit 
             minute.dt.strftime("%Y-%m-%dT%H:%MZ"),
         ).alias("evidence"),
     ).to_arrow()
+
+
+def count_by_rule(flagged: pa.Table) -> dict[str, int]:
+    """How many clicks each rule flagged (flagged clicks as :func:`velocity_flagged`)."""
+    counts = pc.value_counts(flagged["rule_id"])
+    return {
+        str(rule): int(n)
+        for rule, n in zip(
+            counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+        )
+    }
+
+
+def keyed_status(reader: LogReader, store: AggregateStore) -> KeyedStatus:
+    """What ``/metrics`` shows of the keyed stage: per keyed partition its durable end and
+    what stage 2 consumed of it (the difference is its lag), and corrections per rule."""
+    progress = store.keyed_progress()
+    return KeyedStatus(
+        partitions=[
+            KeyedPartitionStatus(
+                keyed_partition=k,
+                durable_end_offset=reader.durable_end(k),
+                consumed_offset=progress[k].consumed_offset if k in progress else 0,
+            )
+            for k in range(reader.partitions)
+        ],
+        corrections_by_rule=store.keyed_corrections_by_rule(),
+    )
 
 
 def keyed_horizon_ms(allowed_lateness_ms: int) -> int:
@@ -183,7 +213,7 @@ class KeyedStage:
                 limit = limit_of(in_force[-1] if in_force else current)
                 flagged = self._consume(k, windows, at, cut, limit)
                 if at >= archived and flagged:
-                    redo.append(self._correction_rows(k, flagged, limit))
+                    redo.append(self._correction_rows(k, velocity_flagged(flagged, limit), limit))
                 at = cut
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
@@ -220,12 +250,10 @@ class KeyedStage:
                 at = min(frame.end_offset, hi)
         return flagged
 
-    def _correction_rows(
-        self, k: int, flagged: Sequence[Mapping[str, Any]], limit: VelocityLimit | None
-    ) -> pa.Table:
+    def _correction_rows(self, k: int, flagged: pa.Table, limit: VelocityLimit | None) -> pa.Table:
         reasons = {limit.rule_id: limit.reason} if limit is not None else {}
         return correction_rows(
-            velocity_flagged(flagged, limit),
+            flagged,
             keyed_partition=k,
             reasons=reasons,
             corrected_at_ms=self.clock.now_ms(),
@@ -246,8 +274,9 @@ class KeyedStage:
             flagged = self._consume(k, windows, start, end, limit)
             rule_id = limit.rule_id if limit is not None else ""
             minute, dimensions = correction_deltas(flagged, rule_id)
+            marked = velocity_flagged(flagged, limit)
             if flagged:
-                corrected.append(self._correction_rows(k, flagged, limit))
+                corrected.append(self._correction_rows(k, marked, limit))
             commits.append(
                 KeyedCommit(
                     keyed_partition=k,
@@ -260,6 +289,7 @@ class KeyedStage:
                     committed_at_ms=self.clock.now_ms(),
                     spec_json=spec,
                     replay_from=self.reader.start_offset(k),
+                    corrections_by_rule=count_by_rule(marked),
                 )
             )
         if not commits:

@@ -9,7 +9,7 @@ Table layouts are documented in ``clickagg.core.aggregate`` where the deltas are
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
@@ -68,6 +68,8 @@ class KeyedCommit:
     # specs are equal text). The store records it with the offset it applies from when it
     # differs from the previous one, so a recovery replays each range under its own spec.
     spec_json: str = "null"
+    # ``corrections`` by the id of the rule that made them (the keyed stage's counter).
+    corrections_by_rule: Mapping[str, int] = field(default_factory=dict)
     # Where a recovery's replay of the keyed log starts (its first retained offset): spec
     # records wholly before it are no longer needed.
     replay_from: int = 0
@@ -110,6 +112,10 @@ class AggregateStore(Protocol):
         spec each commit was made under (when it changed) in ONE transaction, each only if
         the partition's consumed offset is still ``from_offset`` (FencedError otherwise,
         leaving the store untouched)."""
+        ...
+
+    def keyed_corrections_by_rule(self) -> dict[str, int]:
+        """Clicks the keyed stage ever corrected, per rule id."""
         ...
 
     def keyed_progress(self) -> dict[int, KeyedProgress]:

@@ -192,6 +192,8 @@ _SCHEMA_DDL: Final = (
     # The keyed rules' spec each range of a keyed partition was judged under: a row when
     # the spec changes (it applies from from_offset to the next row's), so that a recovery
     # replays the range with the verdicts it was committed with. No key: a handful of rows.
+    """CREATE TABLE IF NOT EXISTS keyed_rule_corrections (
+        rule_id VARCHAR PRIMARY KEY, corrections BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS keyed_specs (
         keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
         spec_json VARCHAR NOT NULL)""",
@@ -682,6 +684,20 @@ class DuckDBStore:
                     [[c.keyed_partition, p, o] for p, o in sorted(c.high_water.items())],
                 )
             _record_spec(cur, c)
+        by_rule: dict[str, int] = {}
+        for c in commits:
+            for rule, n in c.corrections_by_rule.items():
+                by_rule[rule] = by_rule.get(rule, 0) + n
+        if by_rule:
+            cur.executemany(
+                "INSERT INTO keyed_rule_corrections AS r VALUES (?, ?) ON CONFLICT (rule_id) "
+                "DO UPDATE SET corrections = r.corrections + excluded.corrections",
+                [[rule, n] for rule, n in sorted(by_rule.items())],
+            )
+
+    def keyed_corrections_by_rule(self) -> dict[str, int]:
+        rows = self._fetch("SELECT rule_id, corrections FROM keyed_rule_corrections")
+        return {str(rule): int(n) for rule, n in rows}
 
     def keyed_progress(self) -> dict[int, KeyedProgress]:
         offsets = self._fetch(

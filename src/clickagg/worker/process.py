@@ -21,6 +21,7 @@ offsets they hold from the log.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -37,8 +38,9 @@ from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.keyed.stage1 import KeyedAppender, retire_marker
-from clickagg.keyed.stage2 import KeyedStage, counter_key
+from clickagg.keyed.stage2 import KeyedStage, counter_key, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
+from clickagg.query.base import KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.registry import AdRegistry
 from clickagg.runtime import roles
@@ -185,7 +187,12 @@ class _Session:
                     counters=self.counters,
                     corrections=self.corrections,
                 )
-            self.server = QueryServer(settings.rpc_socket, self.store, self.counters)
+            status: Callable[[], KeyedStatus] | None = None
+            if keyed is not None:
+                status = functools.partial(keyed_status, keyed_reader, self.store)
+            self.server = QueryServer(
+                settings.rpc_socket, self.store, self.counters, keyed_status=status
+            )
             self.server.start()
             undo.callback(self.server.stop)
             self.compactor = Compactor(
