@@ -42,6 +42,7 @@ def create_app(
             queries=ServingQueryStore(query_store or roles.query_store(settings), final),
             final=final,
             archive=roles.archive_reader(settings),
+            corrections=roles.correction_reader(settings),
             supervisor=Services(settings) if manage_worker else None,
         )
 

@@ -167,5 +167,10 @@ class Settings:
         return self.data_dir / "keyed"
 
     @property
+    def corrections_dir(self) -> Path:
+        """The keyed stage's corrections archive (Parquet, like the decisions')."""
+        return self.keyed_dir / "corrections"
+
+    @property
     def rpc_socket(self) -> Path:
         return self.data_dir / "worker.sock"

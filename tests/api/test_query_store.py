@@ -18,6 +18,7 @@ from clickagg.query.base import (
     AggregateRow,
     Dimension,
     Granularity,
+    KeyedStatus,
     PartitionStatus,
     QueryError,
     QueryStore,
@@ -92,6 +93,10 @@ class FakeQueryStore:
     async def partition_status(self) -> list[PartitionStatus]:
         self._ask("partition_status")
         return [PartitionStatus(0, 5, T0, T0, 4, 1, 0, 0, T0)]
+
+    async def keyed_status(self) -> KeyedStatus:
+        self._ask("keyed_status")
+        return KeyedStatus(partitions=[], corrections_by_rule={})
 
     async def ping(self) -> bool:
         return self.failure is None

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from clickagg.batch.runner import reconcile_hours
+from clickagg.cli.main import main
 from clickagg.config import Settings
 from tests.e2e.server import ServeProcess
 from tests.e2e.test_kill9 import post, wait_caught_up
@@ -36,6 +39,14 @@ def minute_rows(url: str, ad: str, start_s: int, *, group_by: str | None = None)
     response.raise_for_status()
     rows: list[Any] = response.json()
     return rows
+
+
+def fate(url: str, event_id: str) -> Any:
+    response = httpx.get(f"{url}/events/{event_id}", timeout=10)
+    if response.status_code == 404:  # not archived yet
+        return {"status": None}
+    response.raise_for_status()
+    return response.json()
 
 
 def per_minute(url: str, minute_s: int) -> dict[tuple[str, str], tuple[int, int, int, bool]]:
@@ -125,6 +136,52 @@ def test_a_burst_is_corrected_in_the_stream_and_agrees_with_the_batch(tmp_path: 
             ).json()
             assert realtime["clicks"] == expected[(ad, "clicks")]
             assert realtime["spend_micros"] == spend[ad]
+
+        # The audit trail: a corrected burst click's final fate is invalid, with the rule
+        # and its evidence, and the stream's first decision kept as history.
+        burst_click = burst[123]
+        deadline = time.monotonic() + 30
+        while (trail := fate(server.url, burst_click["event_id"]))["status"] != "invalid":
+            assert time.monotonic() < deadline, trail
+            time.sleep(0.1)
+        stamp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(minute_s))
+        evidence = f"ip {BURST_IP}: more than {LIMIT} clicks in minute {stamp}"
+        assert trail["reason"] == f"ip-click-velocity: click burst from one address: {evidence}"
+        counted, corrected = trail["history"]
+        assert (counted["stage"], counted["status"]) == ("stream", "counted")
+        assert (counted["partition"], counted["offset"]) == (trail["partition"], trail["offset"])
+        assert (corrected["stage"], corrected["status"]) == ("keyed", "invalid")
+        assert (corrected["rule_id"], corrected["evidence"]) == ("ip-click-velocity", evidence)
+        assert [c["status"] for c in trail["copies"]] == ["invalid"]
+        normal_trail = fate(server.url, normal[7]["event_id"])
+        assert normal_trail["status"] == "counted" and len(normal_trail["history"]) == 1
+        traced = CliRunner().invoke(main, ["trace", burst_click["event_id"], "--url", server.url])
+        assert traced.exit_code == 0, traced.output
+        assert f"{burst_click['event_id']}: invalid (partition" in traced.output
+        assert "first: counted by the stream" in traced.output
+        assert f"evidence: {evidence}" in traced.output
+
+        # /metrics: stage 2 consumes every keyed record, and made the 300 corrections.
+        def keyed_samples() -> dict[str, dict[str, float]]:
+            samples: dict[str, dict[str, float]] = {}
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            for family in text_string_to_metric_families(metrics):
+                for sample in family.samples:
+                    if sample.name.startswith("clickagg_keyed_"):
+                        labels = sample.labels
+                        label = labels.get("keyed_partition") or labels.get("rule_id")
+                        samples.setdefault(sample.name, {})[str(label)] = sample.value
+            return samples
+
+        deadline = time.monotonic() + 30
+        while (samples := keyed_samples())["clickagg_keyed_partition_lag_records"] != {
+            "0": 0,
+            "1": 0,
+            "2": 0,
+        }:
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.1)
+        assert samples["clickagg_keyed_corrections_total"] == {"ip-click-velocity": 300}
 
         # The batch layer applies the same rule to the archive: its final rows agree.
         stream = per_minute(server.url, minute_s)

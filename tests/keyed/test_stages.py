@@ -4,19 +4,23 @@ steps of either stage changes nothing in the final counts."""
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from clickagg.archive.parquet import ParquetArchiveWriter
+from clickagg.archive.corrections import ParquetCorrectionReader, corrections_writer
+from clickagg.archive.parquet import CORRECTIONS, ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError, retire_marker
-from clickagg.keyed.stage2 import KeyedStage
+from clickagg.keyed.stage2 import KeyedStage, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.base import KeyedProgress
@@ -104,7 +108,13 @@ class KeyedRig:
     and a fresh start on the same files."""
 
     def __init__(
-        self, root: Path, *, partitions: int, keyed_partitions: int, crash: Crash | None = None
+        self,
+        root: Path,
+        *,
+        partitions: int,
+        keyed_partitions: int,
+        crash: Crash | None = None,
+        rules_file: Path | None = None,
     ) -> None:
         self.root = root
         self.settings = Settings(
@@ -114,6 +124,7 @@ class KeyedRig:
             snapshot_interval_ms=0,
             keyed_stage=True,
             keyed_partitions=keyed_partitions,
+            rules_file=rules_file,
         )
         self.writer = SegmentLogWriter(
             root / "log", partitions, retention_ms=DAY, retention_bytes=2**40
@@ -129,6 +140,9 @@ class KeyedRig:
         self.store = DuckDBStore(s.store_path)
         self.snapshots = SnapshotStore(s.snapshot_dir)
         self.archive = ParquetArchiveWriter(s.archive_dir, flush_events=50, flush_interval_ms=0)
+        self.corrections = corrections_writer(
+            s.corrections_dir, flush_events=50, flush_interval_ms=0
+        )
         self.counters = InMemoryCounters(retain_ms=DAY)
         self.keyed_writer = SegmentLogWriter(
             s.keyed_dir / "log", s.keyed_partitions, retention_ms=DAY, retention_bytes=2**40
@@ -173,6 +187,7 @@ class KeyedRig:
             allowed_lateness_ms=self.settings.allowed_lateness_ms,
             batch_records=29,
             counters=self.counters,
+            corrections=self.corrections,
         )
         wrap = self.crash.wrap
         wrap(self.store, "commit_many", after="after-commit")
@@ -182,11 +197,20 @@ class KeyedRig:
         wrap(self.store, "commit_keyed", before="keyed-before-commit", after="keyed-after-commit")
         wrap(self.store, "_apply_keyed", after="keyed-inside-commit")
         wrap(self.counters, "apply", after="after-counters")
+        wrap(self.corrections, "append", after="corrections-after-append")
+        wrap(
+            self.corrections,
+            "_publish_manifest",
+            before="corrections-before-publish",
+            after="corrections-after-publish",
+        )
         self.crash.rearm()
 
     def restart(self) -> None:
         self.crash.armed = False
         self.archive.abandon()
+        self.corrections.abandon()
+        self.crash.died_in_background = False
         self.store.close()
         self.reader.close()
         self.keyed_reader.close()
@@ -199,7 +223,12 @@ class KeyedRig:
             try:
                 processed = step_all(self.workers, self.store, self.counters)
                 processed += self.stage.step()
+                if processed == 0:
+                    self.corrections.flush()
             except CrashError:
+                self.restart()
+                continue
+            if self.crash.died_in_background:  # the process dies with its flush thread
                 self.restart()
                 continue
             if processed == 0:
@@ -226,8 +255,15 @@ class KeyedRig:
             totals.update(clicks=t.clicks, spend_micros=t.spend_micros, invalid=t.invalid_clicks)
         return totals
 
+    def corrected(self) -> pa.Table:
+        """Every published correction (all of them once the writer is flushed)."""
+        return ParquetArchiveReader(self.settings.corrections_dir, layout=CORRECTIONS).decisions(
+            start_ms=0, end_ms=T0 + DAY
+        )
+
     def close(self) -> None:
         self.archive.close()
+        self.corrections.close()
         self.store.close()
         self.reader.close()
         self.writer.close()
@@ -242,7 +278,7 @@ def traffic() -> list[Ev]:
 
 def _run(
     root: Path, events: list[Ev], partitions: int, keyed: int, crash: Crash | None = None
-) -> tuple[dict[str, Counter[Key]], Counter[str], dict[int, KeyedProgress]]:
+) -> tuple[dict[str, Counter[Key]], Counter[str], dict[int, KeyedProgress], pa.Table]:
     rig = KeyedRig(root, partitions=partitions, keyed_partitions=keyed, crash=crash)
     try:
         half = len(events) // 2
@@ -250,9 +286,48 @@ def _run(
         rig.run()
         rig.send(events[half:])
         rig.run()
-        return rig.counts(), rig.realtime(), rig.store.keyed_progress()
+        result = rig.counts(), rig.realtime(), rig.store.keyed_progress()
     finally:
         rig.close()
+    return (*result, rig.corrected())
+
+
+def corrected_ids(events: list[Ev]) -> set[str]:
+    """From the traffic alone: the distinct clicks of IP-minutes over the limit that no
+    stage-1 rule had flagged (those the keyed stage corrects)."""
+    distinct = {(e.event_type, e.event_id): e for e in events}.values()
+    clicks = [e for e in distinct if e.event_type == ids.CLICK]
+    per_ip_minute = Counter((e.ip, e.ts_ms // MINUTE_MS) for e in clicks)
+    return {
+        e.event_id
+        for e in clicks
+        if per_ip_minute[(e.ip, e.ts_ms // MINUTE_MS)] > LIMIT and e.user_agent != BOT
+    }
+
+
+def check_corrections(
+    corrected: pa.Table, events: list[Ev], progress: dict[int, KeyedProgress], root: Path
+) -> None:
+    """Each corrected click archived exactly once, with its rule and evidence, and the
+    archive's ends are the store's consumed offsets."""
+    rows = corrected.to_pylist()
+    assert sorted(r["event_id"] for r in rows) == sorted(corrected_ids(events))
+    assert len({(r["source_partition"], r["source_offset"]) for r in rows}) == len(rows)
+    assert len({(r["keyed_partition"], r["keyed_offset"]) for r in rows}) == len(rows)
+    for r in rows:
+        assert r["rule_id"] == RULE and r["reason"] == "click burst from one address"
+        stamp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(r["ts_ms"] // 1000))
+        ip = r["event_id"].split("-")[0]
+        assert r["evidence"] == f"ip {ip}: more than {LIMIT} clicks in minute {stamp}"
+    reader = ParquetCorrectionReader(root / "keyed" / "corrections")
+    assert reader.archived_offsets() == {k: x.consumed_offset for k, x in progress.items()}
+    sample = rows[len(rows) // 2]
+    [found] = reader.corrections(sample["event_id"])
+    assert (found.source_partition, found.source_offset) == (
+        sample["source_partition"],
+        sample["source_offset"],
+    )
+    assert reader.corrections("198.51.100.8-1-0") == []  # at the limit: never corrected
 
 
 def _sums(counts: dict[str, Counter[Key]]) -> Counter[str]:
@@ -273,7 +348,8 @@ def test_counts_match_the_reference_and_do_not_depend_on_partitions(
     runs = {
         (p, k): _run(tmp_path / f"p{p}-k{k}", traffic, p, k) for p, k in [(1, 1), (4, 4), (16, 3)]
     }
-    for (p, k), (counts, realtime, progress) in runs.items():
+    for (p, k), (counts, realtime, progress, corrected) in runs.items():
+        check_corrections(corrected, traffic, progress, tmp_path / f"p{p}-k{k}")
         for name in ("clicks", "impressions", "spend_micros", "invalid_clicks"):
             assert counts.get(name, Counter()) == expected[name], (p, k, name)
         for reason in ("non-browser-client", RULE):
@@ -281,7 +357,7 @@ def test_counts_match_the_reference_and_do_not_depend_on_partitions(
         assert realtime == _sums(counts)  # the counters were corrected too
         assert sum(x.corrections for x in progress.values()) == 300 + LIMIT + 1
     first = runs[(1, 1)][0]
-    for counts, _, _ in runs.values():
+    for counts, *_ in runs.values():
         assert counts == first  # every count, breakdowns included, identical
 
 
@@ -295,6 +371,9 @@ CRASH_POINTS = [
     "keyed-inside-commit",
     "keyed-after-commit",  # corrections committed, counters not corrected
     "after-counters",
+    "corrections-after-append",  # corrections buffered, not published
+    "corrections-before-publish",  # files written, manifest not
+    "corrections-after-publish",
 ]
 
 
@@ -303,8 +382,9 @@ def test_a_crash_between_any_two_steps_changes_nothing(
     tmp_path: Path, traffic: list[Ev], point: str
 ) -> None:
     crash = Crash(point, at=2, times=4)
-    counts, realtime, progress = _run(tmp_path, traffic, 4, 3, crash)
+    counts, realtime, progress, corrected = _run(tmp_path, traffic, 4, 3, crash)
     assert crash.fired >= 1
+    check_corrections(corrected, traffic, progress, tmp_path)
     expected = reference(traffic)
     for name in ("clicks", "spend_micros", "invalid_clicks", f"reason {RULE}"):
         assert counts.get(name, Counter()) == expected[name], name
@@ -369,5 +449,103 @@ def test_a_stage_turned_off_and_on_again_starts_at_the_committed_offsets(tmp_pat
             {0: (90, 95)},
         )
         assert fresh.next_offset(0) == 95
+    finally:
+        rig.close()
+
+
+def write_velocity_rules(path: Path, limit: int) -> None:
+    path.write_text(
+        "[[rules]]\n"
+        f'id = "{RULE}"\n'
+        'kind = "ip_click_velocity"\n'
+        'reason = "click burst from one address"\n'
+        "[rules.params]\n"
+        f"max_clicks_per_minute = {limit}\n"
+    )
+
+
+def clicks_from(ip: str, n: int, minute: int, tag: str) -> list[Ev]:
+    rng = random.Random(f"{ip}-{tag}")
+    return [
+        Ev(
+            f"{ip}-{tag}-{i}",
+            ADS[i % 4],
+            T0 + minute * MINUTE_MS + rng.randrange(MINUTE_MS),
+            ip=ip,
+            user_id=f"u{i}",
+            cost_micros=1_000,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(("before", "after"), [(60, 100), (100, 60)])
+def test_a_limit_changed_between_commits_survives_a_restart(
+    tmp_path: Path, before: int, after: int
+) -> None:
+    """Minutes still open when the limit changes: a restart replays each consumed range
+    under the spec it was committed with, so it corrects exactly what an uninterrupted run
+    corrects (a replay under the new limit would re-flag a flagged minute's clicks, or
+    forget a minute's pending ones)."""
+    # Under the first limit: 80 clicks over 60 (flagged) and under 100 (pending); 50 under
+    # both. Under the second: 30 more each, the first address now at 110 clicks.
+    first = clicks_from("198.51.100.1", 80, 1, "a") + clicks_from("198.51.100.2", 50, 1, "a")
+    second = clicks_from("198.51.100.1", 30, 1, "b") + clicks_from("198.51.100.2", 30, 1, "b")
+    results = []
+    for restart in (False, True):
+        root = tmp_path / f"restart-{restart}"
+        root.mkdir()
+        rules = root / "rules.toml"
+        write_velocity_rules(rules, before)
+        rig = KeyedRig(root, partitions=2, keyed_partitions=2, rules_file=rules)
+        try:
+            rig.send(first)
+            rig.run()
+            write_velocity_rules(rules, after)
+            rig.stage.rules.reload()
+            if restart:
+                rig.restart()
+            rig.send(second)
+            rig.run()
+            progress = rig.store.keyed_progress()
+            results.append((rig.counts(), sum(x.corrections for x in progress.values())))
+            # Every partition judged under both limits has both specs recorded, in order.
+            for x in progress.values():
+                limits = [json.loads(spec)["max_clicks_per_minute"] for _, spec in x.specs]
+                assert limits in ([before, after], [before], [after]), limits
+        finally:
+            rig.close()
+    (uninterrupted, corrections), (restarted, restarted_corrections) = results
+    # By hand: 60 -> 100: 80 flagged, then each of its 30 later clicks (110 in all); 100 ->
+    # 60: the first address's 80 pending flagged with the next click (110), the second's
+    # 50 and 30 once the minute passes 60 (80).
+    assert corrections == (110 if before < after else 190)
+    assert restarted_corrections == corrections
+    assert restarted == uninterrupted
+
+
+def test_keyed_status_gives_the_lag_and_the_corrections_by_rule(
+    tmp_path: Path, traffic: list[Ev]
+) -> None:
+    rig = KeyedRig(tmp_path, partitions=2, keyed_partitions=3)
+    try:
+        rig.send(traffic)
+        while step_all(rig.workers, rig.store, rig.counters):  # stage 1 only
+            pass
+        before = keyed_status(rig.keyed_reader, rig.store)
+        ends = [rig.keyed_reader.durable_end(k) for k in range(3)]
+        assert sum(ends) >= len(corrected_ids(traffic))  # every click went to the keyed log
+        assert [(p.keyed_partition, p.durable_end_offset) for p in before.partitions] == list(
+            enumerate(ends)
+        )
+        assert [p.consumed_offset for p in before.partitions] == [0, 0, 0]
+        assert before.corrections_by_rule == {}
+        rig.stage.step()  # one step: a few frames of each keyed partition, not all
+        middle = keyed_status(rig.keyed_reader, rig.store)
+        assert all(0 < p.consumed_offset < p.durable_end_offset for p in middle.partitions)
+        rig.run()
+        after = keyed_status(rig.keyed_reader, rig.store)
+        assert [p.consumed_offset for p in after.partitions] == ends  # no lag left
+        assert after.corrections_by_rule == {RULE: 300 + LIMIT + 1}
     finally:
         rig.close()

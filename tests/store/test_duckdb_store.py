@@ -23,7 +23,7 @@ import pytest
 
 from clickagg.core import aggregate, hll, ids
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
-from clickagg.store.base import AggregateRow, FencedError, PartitionCommit, Totals
+from clickagg.store.base import AggregateRow, FencedError, KeyedCommit, PartitionCommit, Totals
 from clickagg.store.duckdb_store import DuckDBStore
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % DAY_MS  # a UTC midnight
@@ -638,3 +638,36 @@ def test_totals_without_users_skips_the_sketch_but_not_the_sums(tmp_path: Path) 
             full.spend_micros,
         )
         assert full.clicks == 1 and fast.unique_users == 0
+
+
+def _keyed(k: int, lo: int, hi: int, spec: str, *, replay_from: int = 0) -> KeyedCommit:
+    return KeyedCommit(
+        keyed_partition=k,
+        from_offset=lo,
+        to_offset=hi,
+        high_water={0: hi - 1},
+        minute_deltas=aggregate.MINUTE_SCHEMA.empty_table(),
+        dimension_deltas=aggregate.empty_dimension_deltas(),
+        corrections=0,
+        committed_at_ms=0,
+        spec_json=spec,
+        replay_from=replay_from,
+    )
+
+
+def test_keyed_specs_are_recorded_when_they_change_and_pruned_behind_the_replay(
+    store: DuckDBStore,
+) -> None:
+    for lo, hi, spec in [(0, 5, "a"), (5, 9, "a"), (9, 12, "b"), (12, 20, "a")]:
+        store.commit_keyed([_keyed(0, lo, hi, spec), _keyed(1, lo, hi, "a")])
+    progress = store.keyed_progress()
+    assert progress[0].specs == ((0, "a"), (9, "b"), (12, "a"))
+    assert progress[1].specs == ((0, "a"),)
+    with pytest.raises(FencedError):  # a fenced commit records no spec either
+        store.commit_keyed([_keyed(0, 12, 25, "c")])
+    assert store.keyed_progress()[0].specs == ((0, "a"), (9, "b"), (12, "a"))
+    # The keyed log now starts at 10: the spec in force there (from 9) is kept, not before.
+    store.commit_keyed([_keyed(0, 20, 25, "a", replay_from=10)])
+    assert store.keyed_progress()[0].specs == ((9, "b"), (12, "a"))
+    store.commit_keyed([_keyed(0, 25, 30, "a", replay_from=12)])
+    assert store.keyed_progress()[0].specs == ((12, "a"),)

@@ -24,7 +24,7 @@ from clickagg.api import admin, audit, billing, health, ingest, openapi, queries
 from clickagg.api.committer import GroupCommitter
 from clickagg.api.errors import ApiError, api_error_handler, http_error_handler
 from clickagg.api.state import AppState, IngestMetrics, WorkerHandle, state_of
-from clickagg.archive.base import ArchiveReader
+from clickagg.archive.base import ArchiveReader, CorrectionReader
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
 from clickagg.disk import DiskReserve
@@ -81,6 +81,7 @@ class Backends:
     archive: ArchiveReader
     supervisor: WorkerHandle | None = None  # started with the app, stopped with it
     final: FinalRows | None = None  # the batch layer's reconciled hours and reports
+    corrections: CorrectionReader | None = None  # the keyed stage's, for the audit trail
 
 
 async def _retention_loop(state: AppState, writer: LogWriter) -> None:
@@ -139,6 +140,7 @@ def build_app(
             reader=reader,
             queries=backends.queries,
             archive=backends.archive,
+            corrections=backends.corrections,
             supervisor=supervisor,
             final=backends.final,
             registry=registry,
@@ -157,6 +159,8 @@ def build_app(
                 await supervisor.stop()
             await state.queries.close()
             state.archive.close()
+            if state.corrections is not None:
+                state.corrections.close()
             reader.close()
             writer.close()
 

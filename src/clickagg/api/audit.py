@@ -1,5 +1,9 @@
 """``GET /events/{id}``: what happened to an event (partition, offset, status, reason).
 
+A click the keyed stage corrected after the stream counted it has that correction as its
+final fate (``invalid``, with the rule and its evidence); ``history`` keeps the stream's
+first decision before it.
+
 Answered from the archive, which this process reads directly (no round trip to the worker
 process). Decisions are published there within ``archive_flush_interval`` of being
 counted, so right after ingest an id may still be unknown: the 404 says so.
@@ -8,6 +12,7 @@ counted, so right after ingest an id may still be unknown: the 404 says so.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,8 +20,40 @@ from starlette.responses import JSONResponse, Response
 from clickagg.api.errors import ApiError
 from clickagg.api.state import state_of
 from clickagg.api.timefmt import iso
-from clickagg.archive.base import Fate
+from clickagg.archive.base import Correction, Fate
 from clickagg.core import fates, ids
+
+
+def _corrected_reason(c: Correction) -> str:
+    """As a stage-1 rule writes its reasons: ``"<rule id>: <reason>: <evidence>"``."""
+    return f"{c.rule_id}: {c.reason}: {c.evidence}"
+
+
+def _history(first: Fate, correction: Correction | None) -> list[dict[str, Any]]:
+    """The decisions about one copy, oldest first: the stream's, then the keyed stage's."""
+    history: list[dict[str, Any]] = [
+        {
+            "stage": "stream",
+            "status": first.status,
+            "reason": first.reason,
+            "partition": first.partition,
+            "offset": first.offset,
+        }
+    ]
+    if correction is not None:
+        history.append(
+            {
+                "stage": "keyed",
+                "status": fates.INVALID,
+                "reason": _corrected_reason(correction),
+                "rule_id": correction.rule_id,
+                "evidence": correction.evidence,
+                "keyed_partition": correction.keyed_partition,
+                "keyed_offset": correction.keyed_offset,
+                "corrected_at": iso(correction.corrected_at_ms),
+            }
+        )
+    return history
 
 
 async def event_fate(request: Request) -> Response:
@@ -26,14 +63,29 @@ async def event_fate(request: Request) -> Response:
         raise ApiError(400, "invalid request", "event id is longer than 256 characters")
     found: list[Fate] = await asyncio.to_thread(state.archive.fates, event_id)
     if found:
+        corrections: dict[tuple[int, int], Correction] = {}
+        if state.corrections is not None:
+            for c in await asyncio.to_thread(state.corrections.corrections, event_id):
+                corrections[(c.source_partition, c.source_offset)] = c
+
+        def correction_of(f: Fate) -> Correction | None:
+            if f.event_type != ids.EVENT_TYPES[ids.CLICK]:
+                return None
+            return corrections.get((f.partition, f.offset))
+
+        def final(f: Fate) -> tuple[str, str | None]:
+            c = correction_of(f)
+            return (f.status, f.reason) if c is None else (fates.INVALID, _corrected_reason(c))
+
         first = found[0]
+        status, reason = final(first)
         return JSONResponse(
             {
                 "event_id": event_id,
-                "status": first.status,
+                "status": status,
                 "partition": first.partition,
                 "offset": first.offset,
-                "reason": first.reason,
+                "reason": reason,
                 "event_type": first.event_type,
                 "ad_id": first.ad_id,
                 "timestamp": iso(first.ts_ms),
@@ -42,11 +94,12 @@ async def event_fate(request: Request) -> Response:
                         "event_type": f.event_type,
                         "partition": f.partition,
                         "offset": f.offset,
-                        "status": f.status,
-                        "reason": f.reason,
+                        "status": final(f)[0],
+                        "reason": final(f)[1],
                     }
                     for f in found
                 ],
+                "history": _history(first, correction_of(first)),
             }
         )
     if event_id in state.recent_rejections:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from clickagg.api.queries import answer
 from clickagg.api.state import state_of
 from clickagg.core.windows import NO_EVENT_MS
+from clickagg.query.base import KeyedStatus
 
 
 class ConnectionRefusals:
@@ -47,6 +48,25 @@ async def healthz(request: Request) -> Response:
         status = "degraded" if degraded else "unavailable"
         return JSONResponse({"status": status, "problems": problems}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+def _keyed_metrics(status: KeyedStatus, registry: CollectorRegistry) -> None:
+    lag = Gauge(
+        "clickagg_keyed_partition_lag_records",
+        "Keyed log records not yet consumed by the keyed stage's second stage",
+        ["keyed_partition"],
+        registry=registry,
+    )
+    for p in status.partitions:
+        lag.labels(str(p.keyed_partition)).set(max(0, p.durable_end_offset - p.consumed_offset))
+    corrections = Counter(
+        "clickagg_keyed_corrections",
+        "Clicks the keyed stage corrected (taken out of the counts), by rule",
+        ["rule_id"],
+        registry=registry,
+    )
+    for rule, n in sorted(status.corrections_by_rule.items()):
+        corrections.labels(rule).inc(n)
 
 
 async def metrics(request: Request) -> Response:
@@ -91,6 +111,8 @@ async def metrics(request: Request) -> Response:
         gauges["events_duplicate"].labels(label).set(status.duplicates)
         gauges["events_late"].labels(label).set(status.late)
         gauges["events_invalid"].labels(label).set(status.invalid)
+    if state.settings.keyed_stage:
+        _keyed_metrics(await answer(state.queries.keyed_status()), registry)
     damaged = state.committer.writer.damaged()
     damaged_gauge = Gauge(
         "clickagg_log_partition_damaged",

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 
 from clickagg.api.committer import GroupCommitter
-from clickagg.archive.base import ArchiveReader
+from clickagg.archive.base import ArchiveReader, CorrectionReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.log.base import LogReader
@@ -74,6 +74,7 @@ class AppState:
     registry: CollectorRegistry
     metrics: IngestMetrics
     final: FinalRows | None = None
+    corrections: CorrectionReader | None = None
     recent_rejections: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
     def remember_rejection(self, event_id: str, reason: str, limit: int = 10_000) -> None:

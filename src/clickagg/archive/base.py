@@ -38,6 +38,24 @@ class Fate:
     ts_ms: int
 
 
+@dataclass(frozen=True)
+class Correction:
+    """The keyed stage's later verdict on a click the stream counted (its final fate)."""
+
+    event_id: str
+    source_partition: int
+    source_offset: int
+    keyed_partition: int
+    keyed_offset: int
+    ad_id: str
+    ts_ms: int
+    rule_id: str
+    reason: str
+    evidence: str
+    spend_micros: int
+    corrected_at_ms: int
+
+
 class ArchiveWriter(Protocol):
     def next_offset(self, partition: int) -> int:
         """The offset the next appended decisions of ``partition`` must start at."""
@@ -81,6 +99,22 @@ class ArchiveReader(Protocol):
     def decisions_at(self, partition: int, start: int, end: int) -> pa.Table:
         """Archived decisions of the log offsets ``[start, end)`` of ``partition``, in
         offset order: what a log repair rebuilds lost frames from."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class CorrectionReader(Protocol):
+    """Read side of the keyed stage's corrections (``clickagg.core.corrections``), kept
+    like the decisions: per keyed partition, exactly the corrections of ``[0, archived)``."""
+
+    def archived_offsets(self) -> dict[int, int]:
+        """Per keyed partition, the end of the keyed offsets whose corrections are published."""
+        ...
+
+    def corrections(self, event_id: str) -> list[Correction]:
+        """Every published correction of the click ``event_id`` (at most one per copy the
+        stream counted), in source (partition, offset) order."""
         ...
 
     def close(self) -> None: ...

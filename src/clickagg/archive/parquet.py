@@ -23,6 +23,10 @@ fingerprint, where its row is (flush << 32 | row in the file) and its event hour
 fingerprint, memory-mapped by readers (24 bytes per event). A lookup binary-searches every
 run and reads the one row group holding each match (row groups have a fixed size). Runs
 are merged in tiers of ``merge_fan_in`` in the background, so there are O(log n) of them.
+
+The same machinery keeps the keyed stage's corrections (``clickagg.core.corrections``,
+fenced by keyed partition and offset): an :class:`ArchiveLayout` says which table an
+archive holds, how its rows are placed in the log and what a lookup reads.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -49,6 +54,7 @@ import pyarrow.parquet as pq
 
 from clickagg.archive.base import ArchiveFencedError, ArchiveGapError, Fate
 from clickagg.core import ids
+from clickagg.core.corrections import CORRECTION_SCHEMA
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.windows import HOUR_MS
 from clickagg.disk import OutOfSpaceError, mentions_out_of_space
@@ -85,6 +91,41 @@ _FATE_COLUMNS: Final = [
     "ad_id",
     "ts_ms",
 ]
+
+
+@dataclass(frozen=True)
+class ArchiveLayout:
+    """What one archive holds. Every layout has ``ts_ms`` (files are split by event hour)
+    and ``fp_high`` (the id index)."""
+
+    schema: pa.Schema
+    dictionary_columns: tuple[str, ...]
+    partition_column: str  # the log partition its manifest ranges are of
+    # The log offset of each row: a redo that overlaps the archive drops the rows below
+    # the archived offset by it. None: a row is not tied to one offset of its range (a
+    # correction is made by a later record than its own), so an appended range must
+    # continue the archive exactly or lie wholly below it (a redo, dropped whole).
+    offset_column: str | None
+    lookup_columns: tuple[str, ...]  # what an id lookup reads of each match
+    sort_columns: tuple[str, ...]  # the order of a range scan's rows
+
+
+DECISIONS: Final = ArchiveLayout(
+    schema=DECISION_SCHEMA,
+    dictionary_columns=tuple(_DICTIONARY_COLUMNS),
+    partition_column="partition",
+    offset_column="offset",
+    lookup_columns=tuple(_FATE_COLUMNS),
+    sort_columns=("partition", "offset"),
+)
+CORRECTIONS: Final = ArchiveLayout(
+    schema=CORRECTION_SCHEMA,
+    dictionary_columns=("ad_id", "rule_id", "reason"),
+    partition_column="keyed_partition",
+    offset_column=None,
+    lookup_columns=tuple(n for n in CORRECTION_SCHEMA.names if n != "fp_high"),
+    sort_columns=("keyed_partition", "keyed_offset"),
+)
 
 
 def _seq_name(seq: int) -> str:
@@ -247,8 +288,10 @@ class ParquetArchiveWriter:
         flush_interval_ms: int = 2_000,
         merge_fan_in: int = 8,
         checkpoint_every: int = 256,
+        layout: ArchiveLayout = DECISIONS,
     ) -> None:
         self.directory = directory
+        self.layout = layout
         self.flush_events = flush_events
         self.flush_interval_ms = flush_interval_ms
         self.merge_fan_in = merge_fan_in
@@ -288,11 +331,16 @@ class ParquetArchiveWriter:
                     f"ends at {expected}"
                 )
             if hi > expected:
+                if lo < expected and self.layout.offset_column is None:
+                    raise ArchiveGapError(
+                        f"partition {partition}: rows of offsets [{lo}, {hi}) overlap the "
+                        f"archive's end {expected}, and its rows cannot be split by offset"
+                    )
                 fresh[partition] = (expected, hi)
         if not fresh:
             return
         if any(lo < self.next_offset(p) for p, (lo, _) in ranges.items()):
-            decisions = _rows_from(decisions, self._next)
+            decisions = _rows_from(decisions, self._next, self.layout, fresh)
         for partition, (lo, hi) in fresh.items():
             self._next[partition] = hi
             first = self._buffer_ranges.get(partition, (lo, hi))[0]
@@ -370,7 +418,7 @@ class ParquetArchiveWriter:
         self._wait()
         self._check_not_failed()
         self._seq += 1
-        table = pa.concat_tables(self._buffer) if self._buffer else DECISION_SCHEMA.empty_table()
+        table = pa.concat_tables(self._buffer) if self._buffer else self.layout.schema.empty_table()
         ranges = dict(self._buffer_ranges)
         self._buffer, self._buffer_ranges, self._buffer_rows = [], {}, 0
         self._buffer_since_ms = None
@@ -392,7 +440,7 @@ class ParquetArchiveWriter:
                     handle,
                     compression="zstd",
                     row_group_size=ROW_GROUP_ROWS,
-                    use_dictionary=_DICTIONARY_COLUMNS,
+                    use_dictionary=list(self.layout.dictionary_columns),
                 ),
             )
             index_parts.append(_index_entries(part, seq, hour_ms))
@@ -502,12 +550,21 @@ class ParquetArchiveWriter:
         return int(math.log(max(rows, base) / base, self.merge_fan_in))
 
 
-def _rows_from(decisions: pa.Table, next_offsets: Mapping[int, int]) -> pa.Table:
-    """Rows at or beyond their partition's next offset (a redo overlaps the archive)."""
-    partitions = decisions["partition"].to_numpy()
+def _rows_from(
+    decisions: pa.Table,
+    next_offsets: Mapping[int, int],
+    layout: ArchiveLayout = DECISIONS,
+    fresh: Mapping[int, object] | None = None,
+) -> pa.Table:
+    """Rows at or beyond their partition's next offset (a redo overlaps the archive); for
+    a layout without row offsets, the rows of the ``fresh`` partitions (the others' ranges
+    were wholly archived; partial overlaps were refused)."""
+    partitions = decisions[layout.partition_column].to_numpy()
+    if layout.offset_column is None:
+        return decisions.filter(pa.array(np.isin(partitions, list(fresh or {}))))
     size = int(partitions.max()) + 1 if len(partitions) else 0
     floor = np.array([next_offsets.get(p, 0) for p in range(size)], dtype=np.int64)
-    keep = decisions["offset"].to_numpy() >= floor[partitions]
+    keep = decisions[layout.offset_column].to_numpy() >= floor[partitions]
     return decisions.filter(pa.array(keep))
 
 
@@ -555,8 +612,9 @@ def _run_rows(path: Path) -> int:
 class ParquetArchiveReader:
     """Read side of an archive directory; any number of processes, read-only."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, layout: ArchiveLayout = DECISIONS) -> None:
         self.directory = directory
+        self.layout = layout
         self._view = _ManifestView(directory)
         self._runs: dict[Path, npt.NDArray[np.uint64]] = {}
         self._lock = threading.Lock()
@@ -567,14 +625,23 @@ class ParquetArchiveReader:
             return dict(self._view.offsets)
 
     def fates(self, event_id: str) -> list[Fate]:
+        found: dict[tuple[int, int], Fate] = {}
+        for values in self.lookup(event_id):
+            fate = Fate(**values)
+            found[(fate.partition, fate.offset)] = fate
+        return [found[key] for key in sorted(found)]
+
+    def lookup(self, event_id: str) -> list[dict[str, Any]]:
+        """The layout's ``lookup_columns`` of every published row about ``event_id``, in
+        the order they were published."""
         with self._lock:
             self._view.refresh()
-            found: dict[tuple[int, int], Fate] = {}
-            for seq, row, hour_ms in self._locate(event_id):
-                fate = self._read_fate(seq, row, hour_ms)
-                if fate is not None and fate.event_id == event_id:
-                    found[(fate.partition, fate.offset)] = fate
-        return [found[key] for key in sorted(found)]
+            found = []
+            for seq, row, hour_ms in sorted(self._locate(event_id)):
+                values = self._read_row(seq, row, hour_ms)
+                if values is not None and values["event_id"] == event_id:
+                    found.append(values)
+        return found
 
     def decisions(
         self, *, start_ms: int, end_ms: int, statuses: tuple[str, ...] | None = None
@@ -587,14 +654,15 @@ class ParquetArchiveReader:
                 for hour in range(first, end_ms, HOUR_MS)
                 for path in self._view.paths(hour)
             ]
+        schema = self.layout.schema
         if not paths:
-            return DECISION_SCHEMA.empty_table()
+            return schema.empty_table()
         condition = (ds.field("ts_ms") >= start_ms) & (ds.field("ts_ms") < end_ms)
         if statuses is not None:
             condition &= ds.field("status").isin(list(statuses))
-        dataset = ds.dataset(paths, format="parquet", schema=DECISION_SCHEMA)
+        dataset = ds.dataset(paths, format="parquet", schema=schema)
         table = dataset.to_table(filter=condition)
-        return table.sort_by([("partition", "ascending"), ("offset", "ascending")])
+        return table.sort_by([(name, "ascending") for name in self.layout.sort_columns])
 
     def event_hours(self) -> list[int]:
         """The event hours that have archived decisions, ascending."""
@@ -664,13 +732,15 @@ class ParquetArchiveReader:
             return [self._runs[path] for _, _, path in runs]
         raise RuntimeError("archive index runs kept changing while being opened")
 
-    def _read_fate(self, seq: int, row: int, hour_ms: int) -> Fate | None:
+    def _read_row(self, seq: int, row: int, hour_ms: int) -> dict[str, Any] | None:
         if seq > self._view.last_seq:
             return None  # indexed by a flush that is not published (yet, or ever)
         path = self.directory / hour_dir(hour_ms) / f"{_seq_name(seq)}.parquet"
-        group = pq.ParquetFile(path).read_row_group(row // ROW_GROUP_ROWS, columns=_FATE_COLUMNS)
+        group = pq.ParquetFile(path).read_row_group(
+            row // ROW_GROUP_ROWS, columns=list(self.layout.lookup_columns)
+        )
         [values] = group.slice(row % ROW_GROUP_ROWS, 1).to_pylist()
-        return Fate(**values)
+        return dict(values)
 
 
 # -- a billing period's id index, for the batch layer ------------------------------------------

@@ -313,7 +313,8 @@ def _cell(value: Any) -> str:
 @click.argument("event_id")
 @click.option("--url", default=DEFAULT_URL, show_default=True)
 def trace(event_id: str, url: str) -> None:
-    """Say what happened to an event: partition, offset, status and reason."""
+    """Say what happened to an event: partition, offset, status and reason (and, for a
+    click the keyed stage corrected, the stream's first decision and the rule's evidence)."""
     try:
         response = httpx.get(f"{url}/events/{event_id}", timeout=30)
     except httpx.HTTPError as exc:
@@ -334,6 +335,20 @@ def trace(event_id: str, url: str) -> None:
     )
     if data.get("reason"):
         click.echo(f"  reason: {data['reason']}")
+    history = data.get("history", [])
+    if len(history) > 1:  # a later stage changed the stream's decision
+        first = history[0]
+        click.echo(
+            f"  first: {first['status']} by the stream"
+            + (f" ({first['reason']})" if first.get("reason") else "")
+        )
+        for later in history[1:]:
+            click.echo(
+                f"  then: {later['status']} by the keyed stage at {later['corrected_at']} "
+                f"(rule {later['rule_id']}, keyed partition {later['keyed_partition']}, "
+                f"offset {later['keyed_offset']})"
+            )
+            click.echo(f"  evidence: {later['evidence']}")
     for copy in data.get("copies", [])[1:]:
         click.echo(
             f"  copy at partition {copy['partition']}, offset {copy['offset']}: "

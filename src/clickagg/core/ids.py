@@ -8,6 +8,10 @@ fixed, documented algorithm, so the mapping never changes across versions or mac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 import xxhash
 
 CLICK = 0
@@ -22,6 +26,16 @@ def fingerprint(event_type: int, event_id: str) -> tuple[int, int]:
     """128-bit fingerprint of (type, id) as (high, low) unsigned 64-bit halves."""
     value: int = xxhash.xxh3_128_intdigest(event_id.encode(), seed=event_type)
     return value >> 64, value & _MASK64
+
+
+def fingerprints(
+    event_ids: Sequence[str], event_type: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """:func:`fingerprint` of many ids of one type, computed into one buffer."""
+    digest = xxhash.xxh3_128_digest
+    joined = b"".join([digest(i.encode(), event_type) for i in event_ids])
+    halves = np.frombuffer(joined, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    return np.ascontiguousarray(halves[:, 0]), np.ascontiguousarray(halves[:, 1])
 
 
 def partition_of(fp_low: int, partitions: int) -> int:

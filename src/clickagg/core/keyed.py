@@ -20,8 +20,9 @@ once, and each later click as it arrives.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import polars as pl
@@ -99,6 +100,15 @@ class VelocityLimit:
     reason: str
     max_clicks_per_minute: int
     effective_from_ms: int | None = None
+
+    def to_json(self) -> str:
+        """Canonical (sorted keys, no spaces): equal specs give equal text, so a store can
+        record a spec only when it changes by comparing strings."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> VelocityLimit:
+        return cls(**json.loads(text))
 
 
 @dataclass

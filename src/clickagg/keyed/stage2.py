@@ -16,26 +16,46 @@ Commit order, for one step over keyed partitions k (the keyed stage's own protoc
    the one read from (FencedError otherwise: recover).
 4. Apply the corrections to the real-time counters, fenced by the keyed offsets (under
    keys of their own, ``counter_key``), so a redo never doubles them.
+5. Hand the corrected clicks (``clickagg.core.corrections``: each with its rule and
+   evidence) to the corrections archive, fenced like the decisions' archive: per keyed
+   partition it holds exactly the corrections of keyed offsets ``[0, archived)``.
 
 A crash before 3 loses nothing (the store still has the old offset; the state is rebuilt
 by replaying the keyed log up to it). A crash after 3: the restarted process refills its
-counters from the store, corrections included.
+counters from the store, corrections included, and its recovery re-derives the
+corrections of ``[archived, consumed)`` by replaying that range (verdicts are a function of
+the keyed log and the recorded specs) and hands them to the archive: none is archived
+twice, none is missed.
+
+The rules may change between two steps (the rules file is re-read while the worker runs).
+Step 3 records, in the same transaction, the keyed spec the verdicts were made under
+whenever it differs from the previous one, so a recovery replays each consumed range with
+the spec it was committed with, not the one in force when it runs: a minute that was
+flagged stays flagged, and no click is corrected twice or missed. The spec is opaque JSON
+here and in the store (``spec_json`` / ``limit_of``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
+import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock
-from clickagg.core.keyed import VelocityLimit, VelocityWindows, correction_deltas
+from clickagg.core.corrections import CORRECTION_SCHEMA, correction_rows
+from clickagg.core.keyed import RECORD_SCHEMA, VelocityLimit, VelocityWindows, correction_deltas
 from clickagg.core.rules.base import RuleSet
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import decode_records
 from clickagg.log.base import LogReader
+from clickagg.query.base import KeyedPartitionStatus, KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, KeyedCommit
 
@@ -64,6 +84,70 @@ def velocity_limit(ruleset: RuleSet) -> VelocityLimit | None:
     return None
 
 
+NO_SPEC = "null"
+
+
+def spec_json(ruleset: RuleSet) -> str:
+    """The keyed spec in force, as the canonical JSON the store records."""
+    limit = velocity_limit(ruleset)
+    return limit.to_json() if limit is not None else NO_SPEC
+
+
+def limit_of(spec: str) -> VelocityLimit | None:
+    return None if spec == NO_SPEC else VelocityLimit.from_json(spec)
+
+
+_FLAGGED_SCHEMA = RECORD_SCHEMA.append(pa.field("keyed_offset", pa.int64(), nullable=False))
+
+
+def velocity_flagged(flagged: Sequence[Mapping[str, Any]], limit: VelocityLimit | None) -> pa.Table:
+    """The velocity verdicts as the keyed rules' flagged clicks: the records (with their
+    ``keyed_offset``) plus ``rule_id`` and ``evidence``, the shape the rest of stage 2
+    takes whatever rule flagged a click. The evidence names the rule's threshold, not the
+    count when it was crossed (which depends on where a step happened to end)."""
+    frame = pl.DataFrame(list(flagged), schema=pl.Schema(_FLAGGED_SCHEMA))
+    rule_id = limit.rule_id if limit is not None else ""
+    threshold = limit.max_clicks_per_minute if limit is not None else 0
+    minute = pl.from_epoch(pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS, time_unit="ms")
+    return frame.with_columns(
+        pl.lit(rule_id, pl.String).alias("rule_id"),
+        pl.concat_str(
+            pl.lit("ip "),
+            pl.col("ip"),
+            pl.lit(f": more than {threshold} clicks in minute "),
+            minute.dt.strftime("%Y-%m-%dT%H:%MZ"),
+        ).alias("evidence"),
+    ).to_arrow()
+
+
+def count_by_rule(flagged: pa.Table) -> dict[str, int]:
+    """How many clicks each rule flagged (flagged clicks as :func:`velocity_flagged`)."""
+    counts = pc.value_counts(flagged["rule_id"])
+    return {
+        str(rule): int(n)
+        for rule, n in zip(
+            counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+        )
+    }
+
+
+def keyed_status(reader: LogReader, store: AggregateStore) -> KeyedStatus:
+    """What ``/metrics`` shows of the keyed stage: per keyed partition its durable end and
+    what stage 2 consumed of it (the difference is its lag), and corrections per rule."""
+    progress = store.keyed_progress()
+    return KeyedStatus(
+        partitions=[
+            KeyedPartitionStatus(
+                keyed_partition=k,
+                durable_end_offset=reader.durable_end(k),
+                consumed_offset=progress[k].consumed_offset if k in progress else 0,
+            )
+            for k in range(reader.partitions)
+        ],
+        corrections_by_rule=store.keyed_corrections_by_rule(),
+    )
+
+
 def keyed_horizon_ms(allowed_lateness_ms: int) -> int:
     """How long (event time) an IP-minute is kept open: stage 1 counts no click older than
     its partition's watermark, so a minute takes no more clicks once the newest event time
@@ -82,6 +166,7 @@ class KeyedStage:
         allowed_lateness_ms: int,
         batch_records: int = 50_000,
         counters: RealtimeCounters | None = None,
+        corrections: ArchiveWriter | None = None,
     ) -> None:
         self.reader = reader
         self.store = store
@@ -90,62 +175,121 @@ class KeyedStage:
         self.horizon_ms = keyed_horizon_ms(allowed_lateness_ms)
         self.batch_records = batch_records
         self.counters = counters
+        self.corrections = corrections
         self.windows: dict[int, VelocityWindows] = {}
         self.consumed: dict[int, int] = {}
         self.recover()
 
     def recover(self) -> None:
         """Rebuild every keyed partition's windows by replaying the keyed log up to the
-        consumed offset the store holds (verdicts made then are already committed)."""
+        consumed offset the store holds (verdicts made then are already committed), each
+        range under the spec the store recorded for it (before the first record: the spec
+        in force now, as for a store of a build that recorded none); hand the corrections
+        of the replayed range past the corrections archive's end to it again."""
         progress = self.store.keyed_progress()
-        limit = velocity_limit(self.rules.current())
+        current = spec_json(self.rules.current())
+        redo: list[pa.Table] = []
+        ranges: dict[int, tuple[int, int]] = {}
         for k in range(self.reader.partitions):
             stored = progress.get(k)
             until = stored.consumed_offset if stored is not None else 0
+            specs = list(stored.specs) if stored is not None else []
+            archived = self.corrections.next_offset(k) if self.corrections is not None else until
             windows = VelocityWindows(self.horizon_ms)
             at = self.reader.start_offset(k)
-            while at < until:
-                frames = self.reader.read(k, at, min(self.batch_records, until - at))
-                if not frames:
-                    raise RuntimeError(
-                        f"keyed partition {k}: the keyed log ends at {at} but the store "
-                        f"consumed up to {until}"
-                    )
-                for frame in frames:
-                    records = decode_records(frame.payload).to_pylist()
-                    skip = max(0, at - frame.base_offset)
-                    windows.consume(records[skip : until - frame.base_offset], limit)
-                    at = min(frame.end_offset, until)
+            if archived > until or (archived < min(at, until)):
+                raise RuntimeError(
+                    f"keyed partition {k}: corrections are archived up to {archived}, the "
+                    f"store consumed up to {until} and the keyed log starts at {at}: the "
+                    "corrections between cannot be re-derived"
+                )
+            cuts = {start for start, _ in specs if at < start < until} | {until}
+            if at < archived < until:
+                cuts.add(archived)
+            for cut in sorted(cuts):
+                if at >= until:
+                    break
+                in_force = [spec for start, spec in specs if start <= at]
+                limit = limit_of(in_force[-1] if in_force else current)
+                flagged = self._consume(k, windows, at, cut, limit)
+                if at >= archived and flagged:
+                    redo.append(self._correction_rows(k, velocity_flagged(flagged, limit), limit))
+                at = cut
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
             self.windows[k] = windows
             self.consumed[k] = until
+            if archived < until:
+                ranges[k] = (archived, until)
+        if self.corrections is not None and ranges:
+            rows = pa.concat_tables(redo) if redo else CORRECTION_SCHEMA.empty_table()
+            self.corrections.append(rows, ranges)
+            self.corrections.maybe_flush()
+
+    def _consume(
+        self, k: int, windows: VelocityWindows, lo: int, hi: int, limit: VelocityLimit | None
+    ) -> list[dict[str, Any]]:
+        """Feed the records of keyed offsets [lo, hi) to ``windows``; what they flag (each
+        record with its ``keyed_offset``)."""
+        flagged: list[dict[str, Any]] = []
+        at = lo
+        while at < hi:
+            frames = self.reader.read(k, at, min(self.batch_records, hi - at))
+            if not frames:
+                raise RuntimeError(
+                    f"keyed partition {k}: the keyed log ends at {at} but the store "
+                    f"consumed up to {hi}"
+                )
+            for frame in frames:
+                records = decode_records(frame.payload)
+                offsets = np.arange(frame.base_offset, frame.base_offset + records.num_rows)
+                records = records.append_column("keyed_offset", pa.array(offsets, pa.int64()))
+                skip = max(0, at - frame.base_offset)
+                rows = records.slice(skip, max(0, hi - frame.base_offset - skip)).to_pylist()
+                flagged += windows.consume(rows, limit)
+                at = min(frame.end_offset, hi)
+        return flagged
+
+    def _correction_rows(self, k: int, flagged: pa.Table, limit: VelocityLimit | None) -> pa.Table:
+        reasons = {limit.rule_id: limit.reason} if limit is not None else {}
+        return correction_rows(
+            flagged,
+            keyed_partition=k,
+            reasons=reasons,
+            corrected_at_ms=self.clock.now_ms(),
+        )
 
     def step(self) -> int:
-        """Steps 1-4 over every keyed partition with new records; returns how many."""
-        limit = velocity_limit(self.rules.current())
+        """Steps 1-5 over every keyed partition with new records; returns how many."""
+        spec = spec_json(self.rules.current())
+        limit = limit_of(spec)
         commits: list[KeyedCommit] = []
+        corrected: list[pa.Table] = []
         for k, windows in self.windows.items():
             start = self.consumed[k]
             frames = self.reader.read(k, start, self.batch_records)
             if not frames:
                 continue
-            flagged = []
-            for frame in frames:
-                records = decode_records(frame.payload).to_pylist()
-                flagged += windows.consume(records[max(0, start - frame.base_offset) :], limit)
+            end = frames[-1].end_offset
+            flagged = self._consume(k, windows, start, end, limit)
             rule_id = limit.rule_id if limit is not None else ""
             minute, dimensions = correction_deltas(flagged, rule_id)
+            marked = velocity_flagged(flagged, limit)
+            if flagged:
+                corrected.append(self._correction_rows(k, marked, limit))
             commits.append(
                 KeyedCommit(
                     keyed_partition=k,
                     from_offset=start,
-                    to_offset=frames[-1].end_offset,
+                    to_offset=end,
                     high_water=dict(windows.high_water),
                     minute_deltas=minute,
                     dimension_deltas=dimensions,
                     corrections=len(flagged),
                     committed_at_ms=self.clock.now_ms(),
+                    spec_json=spec,
+                    replay_from=self.reader.start_offset(k),
+                    corrections_by_rule=count_by_rule(marked),
                 )
             )
         if not commits:
@@ -161,13 +305,20 @@ class KeyedStage:
             raise
         for c in commits:
             self.consumed[c.keyed_partition] = c.to_offset
+        ranges = {c.keyed_partition: (c.from_offset, c.to_offset) for c in commits}
         if self.counters is not None:
             minute = pa.concat_tables([c.minute_deltas for c in commits])
-            self.counters.apply(
-                minute,
-                {counter_key(c.keyed_partition): (c.from_offset, c.to_offset) for c in commits},
-            )
+            self.counters.apply(minute, {counter_key(k): r for k, r in ranges.items()})
+        if self.corrections is not None:
+            rows = pa.concat_tables(corrected) if corrected else CORRECTION_SCHEMA.empty_table()
+            self.corrections.append(rows, ranges)
+            self.corrections.maybe_flush()
         return sum(c.to_offset - c.from_offset for c in commits)
+
+    def maybe_flush(self) -> None:
+        """A quiet stage still publishes the corrections it made."""
+        if self.corrections is not None:
+            self.corrections.maybe_flush()
 
     def applied_offsets(self) -> Mapping[int, int]:
         """Per counter key, the keyed offsets the store holds: refilled counters start here."""

@@ -70,6 +70,22 @@ class PartitionStatus:
 
 
 @dataclass(frozen=True)
+class KeyedPartitionStatus:
+    keyed_partition: int
+    durable_end_offset: int  # one past the last durable record of the keyed log
+    consumed_offset: int  # up to where stage 2 has committed its verdicts
+
+
+@dataclass(frozen=True)
+class KeyedStatus:
+    """The keyed stage's progress: per keyed partition, and corrections per rule id (both
+    empty while the stage is off)."""
+
+    partitions: list[KeyedPartitionStatus]
+    corrections_by_rule: dict[str, int]
+
+
+@dataclass(frozen=True)
 class AggregateRow:
     window_ms: int
     group: str | None  # the group_by dimension's value, None without group_by
@@ -253,6 +269,10 @@ class QueryStore(Protocol):
 
     async def partition_status(self) -> list[PartitionStatus]:
         """Per partition that has committed: offsets, watermark, fate counts."""
+        ...
+
+    async def keyed_status(self) -> KeyedStatus:
+        """The keyed stage's lag and corrections (empty while it is off)."""
         ...
 
     async def ping(self) -> bool:

@@ -22,6 +22,7 @@ from clickagg.query.base import (
     Dimension,
     FinalRows,
     Granularity,
+    KeyedStatus,
     PartitionStatus,
     QueryStore,
     RankBy,
@@ -154,6 +155,9 @@ class ServingQueryStore:
 
     async def partition_status(self) -> list[PartitionStatus]:
         return await self.stream.partition_status()
+
+    async def keyed_status(self) -> KeyedStatus:
+        return await self.stream.keyed_status()
 
     async def ping(self) -> bool:
         return await self.stream.ping()

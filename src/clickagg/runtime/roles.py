@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final, TypeVar
 
-from clickagg.archive.base import ArchiveReader, ArchiveWriter
+from clickagg.archive.base import ArchiveReader, ArchiveWriter, CorrectionReader
+from clickagg.archive.corrections import ParquetCorrectionReader, corrections_writer
 from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.config import Settings
 from clickagg.log.base import LogReader, LogWriter
@@ -71,6 +72,17 @@ ARCHIVE_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {
 ARCHIVE_READERS: Final[Mapping[str, Callable[[Settings], ArchiveReader]]] = {
     "parquet": lambda settings: ParquetArchiveReader(settings.archive_dir),
 }
+# The keyed stage's corrections, kept by the archive's backend.
+CORRECTION_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {
+    "parquet": lambda settings: corrections_writer(
+        settings.corrections_dir,
+        flush_events=settings.archive_flush_events,
+        flush_interval_ms=settings.archive_flush_interval_ms,
+    ),
+}
+CORRECTION_READERS: Final[Mapping[str, Callable[[Settings], CorrectionReader]]] = {
+    "parquet": lambda settings: ParquetCorrectionReader(settings.corrections_dir),
+}
 
 
 def _pick(
@@ -110,6 +122,14 @@ def archive_writer(settings: Settings) -> ArchiveWriter:
 
 def archive_reader(settings: Settings) -> ArchiveReader:
     return _pick(ARCHIVE_READERS, "archive", settings.archive_backend)(settings)
+
+
+def correction_writer(settings: Settings) -> ArchiveWriter:
+    return _pick(CORRECTION_WRITERS, "archive", settings.archive_backend)(settings)
+
+
+def correction_reader(settings: Settings) -> CorrectionReader:
+    return _pick(CORRECTION_READERS, "archive", settings.archive_backend)(settings)
 
 
 def check(settings: Settings) -> None:

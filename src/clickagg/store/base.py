@@ -9,7 +9,7 @@ Table layouts are documented in ``clickagg.core.aggregate`` where the deltas are
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
@@ -64,6 +64,15 @@ class KeyedCommit:
     dimension_deltas: Mapping[str, pa.Table]
     corrections: int  # clicks flagged by this commit
     committed_at_ms: int
+    # The keyed rules' spec the verdicts were made under (opaque JSON, canonical: equal
+    # specs are equal text). The store records it with the offset it applies from when it
+    # differs from the previous one, so a recovery replays each range under its own spec.
+    spec_json: str = "null"
+    # ``corrections`` by the id of the rule that made them (the keyed stage's counter).
+    corrections_by_rule: Mapping[str, int] = field(default_factory=dict)
+    # Where a recovery's replay of the keyed log starts (its first retained offset): spec
+    # records wholly before it are no longer needed.
+    replay_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,9 @@ class KeyedProgress:
     consumed_offset: int
     high_water: dict[int, int]
     corrections: int
+    # (from keyed offset, spec JSON), ascending: each spec applies up to the next one's
+    # offset (the last up to ``consumed_offset``).
+    specs: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,13 +108,19 @@ class AggregateStore(Protocol):
         ...
 
     def commit_keyed(self, commits: Sequence[KeyedCommit]) -> None:
-        """Apply keyed partitions' corrections, consumed offsets and high-water marks in ONE
-        transaction, each only if the partition's consumed offset is still ``from_offset``
-        (FencedError otherwise, leaving the store untouched)."""
+        """Apply keyed partitions' corrections, consumed offsets, high-water marks and the
+        spec each commit was made under (when it changed) in ONE transaction, each only if
+        the partition's consumed offset is still ``from_offset`` (FencedError otherwise,
+        leaving the store untouched)."""
+        ...
+
+    def keyed_corrections_by_rule(self) -> dict[str, int]:
+        """Clicks the keyed stage ever corrected, per rule id."""
         ...
 
     def keyed_progress(self) -> dict[int, KeyedProgress]:
-        """Per keyed partition that ever committed: what stage 2 consumed so far."""
+        """Per keyed partition that ever committed: what stage 2 consumed so far, and the
+        specs its consumed ranges were judged under."""
         ...
 
     def aggregates(

@@ -189,6 +189,14 @@ _SCHEMA_DDL: Final = (
     """CREATE TABLE IF NOT EXISTS keyed_high_water (
         keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
         source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
+    # The keyed rules' spec each range of a keyed partition was judged under: a row when
+    # the spec changes (it applies from from_offset to the next row's), so that a recovery
+    # replays the range with the verdicts it was committed with. No key: a handful of rows.
+    """CREATE TABLE IF NOT EXISTS keyed_rule_corrections (
+        rule_id VARCHAR PRIMARY KEY, corrections BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS keyed_specs (
+        keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
+        spec_json VARCHAR NOT NULL)""",
 )
 
 
@@ -496,6 +504,26 @@ def _out_of_space_as_oserror() -> Iterator[None]:
         raise
 
 
+def _record_spec(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> None:
+    """Record the commit's spec from its first offset if it is not the one in force, and
+    forget the specs of ranges before the keyed log's first retained offset (a replay
+    starts there: only the spec in force at it is still needed)."""
+    k = commit.keyed_partition
+    [last] = cur.execute(
+        "SELECT arg_max(spec_json, from_offset) FROM keyed_specs WHERE keyed_partition = ?", [k]
+    ).fetchall()
+    if last[0] != commit.spec_json:
+        cur.execute(
+            "INSERT INTO keyed_specs VALUES (?, ?, ?)", [k, commit.from_offset, commit.spec_json]
+        )
+    cur.execute(
+        "DELETE FROM keyed_specs WHERE keyed_partition = $k AND from_offset < ("
+        "SELECT max(from_offset) FROM keyed_specs WHERE keyed_partition = $k "
+        "AND from_offset <= $start)",
+        {"k": k, "start": commit.replay_from},
+    )
+
+
 def _ceil(value: int, size: int) -> int:
     return -(-value // size) * size
 
@@ -655,6 +683,21 @@ class DuckDBStore:
                     "source_offset = excluded.source_offset",
                     [[c.keyed_partition, p, o] for p, o in sorted(c.high_water.items())],
                 )
+            _record_spec(cur, c)
+        by_rule: dict[str, int] = {}
+        for c in commits:
+            for rule, n in c.corrections_by_rule.items():
+                by_rule[rule] = by_rule.get(rule, 0) + n
+        if by_rule:
+            cur.executemany(
+                "INSERT INTO keyed_rule_corrections AS r VALUES (?, ?) ON CONFLICT (rule_id) "
+                "DO UPDATE SET corrections = r.corrections + excluded.corrections",
+                [[rule, n] for rule, n in sorted(by_rule.items())],
+            )
+
+    def keyed_corrections_by_rule(self) -> dict[str, int]:
+        rows = self._fetch("SELECT rule_id, corrections FROM keyed_rule_corrections")
+        return {str(rule): int(n) for rule, n in rows}
 
     def keyed_progress(self) -> dict[int, KeyedProgress]:
         offsets = self._fetch(
@@ -666,7 +709,18 @@ class DuckDBStore:
         high: dict[int, dict[int, int]] = {}
         for k, p, o in marks:
             high.setdefault(int(k), {})[int(p)] = int(o)
-        return {int(k): KeyedProgress(int(o), high.get(int(k), {}), int(n)) for k, o, n in offsets}
+        specs: dict[int, list[tuple[int, str]]] = {}
+        for k, start, spec in self._fetch(
+            "SELECT keyed_partition, from_offset, spec_json FROM keyed_specs "
+            "ORDER BY keyed_partition, from_offset"
+        ):
+            specs.setdefault(int(k), []).append((int(start), str(spec)))
+        return {
+            int(k): KeyedProgress(
+                int(o), high.get(int(k), {}), int(n), tuple(specs.get(int(k), ()))
+            )
+            for k, o, n in offsets
+        }
 
     def pending_delta_rows(self) -> int:
         """Delta rows appended and not yet compacted (what the next compaction merges)."""

@@ -17,6 +17,7 @@ import socket
 import socketserver
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from clickagg.query.base import (
     AggregateRow,
     Dimension,
     Granularity,
+    KeyedStatus,
     PartitionStatus,
     QueryError,
     QueryStore,
@@ -44,7 +46,16 @@ _LENGTH = struct.Struct("<I")
 # The methods the server answers; anything else is an error. "window" is the real-time
 # counters', "ping" the server's own, the rest the store's.
 _METHODS = frozenset(
-    {"ping", "aggregates", "totals", "top_ads", "rollup", "window", "partition_status"}
+    {
+        "ping",
+        "aggregates",
+        "totals",
+        "top_ads",
+        "rollup",
+        "window",
+        "partition_status",
+        "keyed_status",
+    }
 )
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(tuple[str, dict[str, Any]])
@@ -57,6 +68,8 @@ _ad_totals: msgspec.msgpack.Decoder[list[AdTotals]] = msgspec.msgpack.Decoder(li
 _statuses: msgspec.msgpack.Decoder[list[PartitionStatus]] = msgspec.msgpack.Decoder(
     list[PartitionStatus]
 )
+_keyed: msgspec.msgpack.Decoder[KeyedStatus] = msgspec.msgpack.Decoder(KeyedStatus)
+NO_KEYED_STAGE = KeyedStatus(partitions=[], corrections_by_rule={})
 
 _T = TypeVar("_T")
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -89,9 +102,16 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     # The default backlog (5) makes connects fail with EAGAIN under a burst of queries.
     request_queue_size = 256
 
-    def __init__(self, path: str, store: AggregateStore, counters: RealtimeCounters) -> None:
+    def __init__(
+        self,
+        path: str,
+        store: AggregateStore,
+        counters: RealtimeCounters,
+        keyed_status: Callable[[], KeyedStatus] | None,
+    ) -> None:
         self.store = store
         self.counters = counters
+        self.keyed_status = keyed_status
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._closing = False
@@ -129,6 +149,8 @@ class _Server(socketserver.ThreadingUnixStreamServer):
                 result: object = True
             elif method == "window":
                 result = self.counters.window(**kwargs)
+            elif method == "keyed_status":
+                result = NO_KEYED_STAGE if self.keyed_status is None else self.keyed_status()
             else:
                 result = getattr(self.store, method)(**kwargs)
             return _encoder.encode((True, result))
@@ -140,10 +162,18 @@ class QueryServer:
     """Serves a store's read methods and the real-time counters on a Unix socket from a
     background thread."""
 
-    def __init__(self, path: Path, store: AggregateStore, counters: RealtimeCounters) -> None:
+    def __init__(
+        self,
+        path: Path,
+        store: AggregateStore,
+        counters: RealtimeCounters,
+        *,
+        keyed_status: Callable[[], KeyedStatus] | None = None,
+    ) -> None:
+        """``keyed_status``: the keyed stage's progress, where it runs."""
         path.unlink(missing_ok=True)
         self.path = path
-        self._server = _Server(str(path), store, counters)
+        self._server = _Server(str(path), store, counters, keyed_status)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="query-server", daemon=True
         )
@@ -220,6 +250,9 @@ class RpcQueryStore(QueryStore):
 
     async def partition_status(self) -> list[PartitionStatus]:
         return await self._call("partition_status", {}, _statuses)
+
+    async def keyed_status(self) -> KeyedStatus:
+        return await self._call("keyed_status", {}, _keyed)
 
     async def ping(self) -> bool:
         try:

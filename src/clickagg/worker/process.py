@@ -21,6 +21,7 @@ offsets they hold from the log.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -32,12 +33,14 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.keyed.stage1 import KeyedAppender, retire_marker
-from clickagg.keyed.stage2 import KeyedStage, counter_key
+from clickagg.keyed.stage2 import KeyedStage, counter_key, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
+from clickagg.query.base import KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.registry import AdRegistry
 from clickagg.runtime import roles
@@ -170,7 +173,10 @@ class _Session:
             self.counters = refill_counters(
                 roles.counters(settings), self.store, now_ms=clock.now_ms()
             )
+            self.corrections: ArchiveWriter | None = None
             if keyed is not None:
+                self.corrections = roles.correction_writer(settings)
+                undo.callback(_close_quietly, self.corrections.close, "corrections writer")
                 self.keyed_stage = KeyedStage(
                     keyed_reader,
                     self.store,
@@ -179,8 +185,14 @@ class _Session:
                     allowed_lateness_ms=settings.allowed_lateness_ms,
                     batch_records=settings.micro_batch_events,
                     counters=self.counters,
+                    corrections=self.corrections,
                 )
-            self.server = QueryServer(settings.rpc_socket, self.store, self.counters)
+            status: Callable[[], KeyedStatus] | None = None
+            if keyed is not None:
+                status = functools.partial(keyed_status, keyed_reader, self.store)
+            self.server = QueryServer(
+                settings.rpc_socket, self.store, self.counters, keyed_status=status
+            )
             self.server.start()
             undo.callback(self.server.stop)
             self.compactor = Compactor(
@@ -219,6 +231,8 @@ class _Session:
                 time.sleep(SMALL_ROUND_PAUSE_S)
                 continue
             self.archive.maybe_flush()  # a quiet stream still publishes what it decided
+            if self.keyed_stage is not None:
+                self.keyed_stage.maybe_flush()
             idle_loops += 1
             if max_idle_loops is not None and idle_loops >= max_idle_loops:
                 return
@@ -241,6 +255,8 @@ class _Session:
         published, and recovery re-derives the rest). Queries are still answered."""
         self.compactor.stop()
         _close_quietly(self.archive.close, "archive writer")
+        if self.corrections is not None:
+            _close_quietly(self.corrections.close, "corrections writer")
 
     def close(self) -> None:
         """After :meth:`stop_writing`: close what is left."""
@@ -265,6 +281,8 @@ class _Session:
             self.compactor.stop()
             try:
                 self.archive.close()
+                if self.corrections is not None:
+                    self.corrections.close()
             except Exception as exc:
                 if not is_out_of_space(exc):
                     raise

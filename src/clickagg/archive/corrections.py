@@ -1,0 +1,43 @@
+"""The keyed stage's corrections on Parquet: the archive's own machinery (manifests, atomic
+publish, id index; ``clickagg.archive.parquet``) with the corrections' layout, under
+``<data_dir>/keyed/corrections``. Its manifest ranges are keyed partitions' offsets: per
+keyed partition it holds exactly the corrections made by consuming ``[0, archived)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clickagg.archive.base import Correction
+from clickagg.archive.parquet import CORRECTIONS, ParquetArchiveReader, ParquetArchiveWriter
+
+
+def corrections_writer(
+    directory: Path, *, flush_events: int = 200_000, flush_interval_ms: int = 2_000
+) -> ParquetArchiveWriter:
+    return ParquetArchiveWriter(
+        directory,
+        flush_events=flush_events,
+        flush_interval_ms=flush_interval_ms,
+        layout=CORRECTIONS,
+    )
+
+
+class ParquetCorrectionReader:
+    """:class:`clickagg.archive.base.CorrectionReader` over a corrections directory (which
+    need not exist: no corrections yet)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._reader = ParquetArchiveReader(directory, layout=CORRECTIONS)
+
+    def archived_offsets(self) -> dict[int, int]:
+        return self._reader.archived_offsets()
+
+    def corrections(self, event_id: str) -> list[Correction]:
+        found = {
+            (c.source_partition, c.source_offset): c
+            for c in (Correction(**values) for values in self._reader.lookup(event_id))
+        }
+        return [found[key] for key in sorted(found)]
+
+    def close(self) -> None:
+        self._reader.close()
