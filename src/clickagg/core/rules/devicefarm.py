@@ -72,6 +72,21 @@ def window_counts(
     return clicks, ips
 
 
+def _presence_end(group: np.ndarray, ip: np.ndarray, ts: np.ndarray, window_ms: int) -> np.ndarray:
+    """When each click's address stops being present in its group's windows (exclusive):
+    at the address's next click in the group, or ``window_ms`` after the click, whichever
+    is first. ``group`` and ``ts`` sorted by (group, ts)."""
+    end = ts + window_ms + 1
+    if len(ts) < 2:
+        return end
+    by_ip = np.lexsort((ip, group))  # stable: in time order within (group, address)
+    same = group[by_ip][1:] == group[by_ip][:-1]
+    same &= ip[by_ip][1:] == ip[by_ip][:-1]
+    later, earlier = by_ip[1:][same], by_ip[:-1][same]  # stable: in time order
+    end[earlier] = np.minimum(end[earlier], ts[later])
+    return end
+
+
 @register_kind("shared_agent_ad_spread")
 def shared_agent_ad_spread(spec: RuleSpec) -> FrameMatcher:
     """A click on an ad by a (user agent, device) whose clicks on that ad in the
@@ -95,18 +110,22 @@ def shared_agent_ad_spread(spec: RuleSpec) -> FrameMatcher:
     def match(frame: pl.DataFrame) -> pl.Series:
         known = pl.all_horizontal(pl.col(c).is_not_null() for c in (*KEY, "ip"))
         clicks = (
-            frame.with_row_index("_row")
-            .filter(CLICK & known)
-            .select("_row", *KEY, "ip", "ts_ms")
-            .sort(*KEY, "ts_ms", maintain_order=True)
-            .with_columns(pl.struct(*KEY).rle_id().alias("_group"))
+            frame.with_row_index("_row").filter(CLICK & known).select("_row", *KEY, "ip", "ts_ms")
         )
-        next_ts = pl.col("ts_ms").shift(-1).over("_group", "ip")
+        # Categorical codes stand for the strings: sorting by them groups equal values.
+        codes = clicks.select(pl.col(c).cast(pl.Categorical).to_physical() for c in (*KEY, "ip"))
+        agent, device, ad, ip = (codes[c].to_numpy() for c in (*KEY, "ip"))
         ts = clicks["ts_ms"].to_numpy()
-        end = clicks.select(pl.min_horizontal(next_ts, pl.col("ts_ms") + window_ms + 1)).to_series()
-        n_clicks, n_ips = window_counts(clicks["_group"].to_numpy(), ts, end.to_numpy(), window_ms)
-        hit = clicks.with_columns(pl.Series("_clicks", n_clicks), pl.Series("_ips", n_ips)).filter(
-            (pl.col("_ips") >= params.min_ips) & (pl.col("_clicks") >= params.min_clicks)
+        order = np.lexsort((ts, ad, device, agent))
+        agent, device, ad, ip, ts = agent[order], device[order], ad[order], ip[order], ts[order]
+        changed = (agent[1:] != agent[:-1]) | (device[1:] != device[:-1]) | (ad[1:] != ad[:-1])
+        group = np.concatenate([[0], np.cumsum(changed)]) if len(ts) else ts
+        n_clicks, n_ips = window_counts(
+            group, ts, _presence_end(group, ip, ts, window_ms), window_ms
+        )
+        reached = (n_ips >= params.min_ips) & (n_clicks >= params.min_clicks)
+        hit = clicks[order[reached]].with_columns(
+            pl.Series("_clicks", n_clicks[reached]), pl.Series("_ips", n_ips[reached])
         )
         evidence = hit.select(
             pl.concat_str(
