@@ -9,6 +9,7 @@ import random
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,7 +59,7 @@ def decisions(events: list[tuple[int, str, str, int, str]]) -> pa.Table:
                 "ip": f"10.0.0.{number % 3}",
                 "user_agent": "Mozilla/5.0",
                 "country": "US" if number % 2 else None,
-                "device": None,
+                "device": "mobile" if number % 4 else None,
                 "browser": None,
                 "ts_ms": HOUR + minute * MINUTE_MS + number,
                 "received_ms": HOUR,
@@ -149,6 +150,7 @@ def test_any_split_any_order_any_rerun_gives_the_same_exact_rows(
 
 
 WINDOW_S = 5 * 60
+FARM = {"min_ips": 3, "min_clicks": 4, "window_hours": 1}
 
 
 def behavioural_rules() -> RuleSet:
@@ -156,21 +158,28 @@ def behavioural_rules() -> RuleSet:
         RuleSpec("repeat", "repeat_click", "repeat", {"window_seconds": WINDOW_S}),
         RuleSpec("spread", "ip_ad_spread", "spread", {"max_ads": 1, "window_minutes": 3}),
         RuleSpec("ctr", "ctr_spike", "ctr", {"factor": 2.0, "baseline_hours": 1, "min_clicks": 2}),
+        RuleSpec("farm", "shared_agent_ad_spread", "farm", FARM),
     ]
     return RuleSet(compile_rules(specs))
+
+
+def winners(table: pa.Table, lookback_ms: int) -> list[dict[str, Any]]:
+    """The first copy of each (type, id) in log order, from the lookback before the hour
+    to its end, in time order (log order for equal times)."""
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: (r["partition"], r["offset"])):
+        first.setdefault((row["event_type"], row["event_id"]), row)
+    return sorted(
+        (r for r in first.values() if HOUR - lookback_ms <= r["ts_ms"] < HOUR + HOUR_MS),
+        key=lambda r: (r["ts_ms"], r["partition"], r["offset"]),
+    )
 
 
 def expected_invalid_clicks(table: pa.Table, lookback_ms: int) -> Counter[tuple[str, int]]:
     """Invalid clicks of the hour per (ad, minute) under the stream's verdicts and the
     repeat-click rule alone: the winners from the lookback on, in time order (log order
     for equal times), the visitor's counted click per ad carried along."""
-    first: dict[tuple[str, str], dict[str, object]] = {}
-    for row in sorted(table.to_pylist(), key=lambda r: (r["partition"], r["offset"])):
-        first.setdefault((row["event_type"], row["event_id"]), row)
-    seen = sorted(
-        (r for r in first.values() if HOUR - lookback_ms <= int(r["ts_ms"]) < HOUR + HOUR_MS),  # type: ignore[call-overload]
-        key=lambda r: (r["ts_ms"], r["partition"], r["offset"]),
-    )
+    seen = winners(table, lookback_ms)
     counted: dict[tuple[str, object], int] = {}
     out: Counter[tuple[str, int]] = Counter()
     for row in seen:
@@ -219,3 +228,49 @@ def test_the_behavioural_rules_see_the_hours_context_whatever_the_split(
         {(r["ad_id"], r["minute_ms"]): r["invalid_clicks"] for r in minute if r["invalid_clicks"]}
     )
     assert got == expected_invalid_clicks(table, repeat_only.lookback_ms)
+
+
+def expected_farm_clicks(table: pa.Table, lookback_ms: int) -> Counter[tuple[str, int]]:
+    """Invalid clicks of the hour per (ad, minute) under the stream's verdicts and the
+    shared-agent rule alone: a click whose (agent, device, ad) has at least ``min_ips``
+    addresses and ``min_clicks`` clicks among the winning clicks of the window to it."""
+    keys = ("user_agent", "device", "ad_id", "ip")
+    seen = winners(table, lookback_ms)
+    clicks = [r for r in seen if r["event_type"] == "click"]
+    judged = [r for r in clicks if all(r[k] is not None for k in keys)]
+    window_ms = FARM["window_hours"] * HOUR_MS
+    out: Counter[tuple[str, int]] = Counter()
+    for row in clicks:
+        ts = row["ts_ms"]
+        if ts < HOUR:
+            continue
+        window = [
+            r
+            for r in judged
+            if row in judged
+            and all(r[k] == row[k] for k in keys[:3])
+            and ts - window_ms <= r["ts_ms"] <= ts
+        ]
+        farm = len({r["ip"] for r in window}) >= FARM["min_ips"] and (
+            len(window) >= FARM["min_clicks"]
+        )
+        if farm or row["status"] == "invalid":
+            out[(str(row["ad_id"]), ts - ts % MINUTE_MS)] += 1
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(near_the_hour, min_size=1, max_size=60), st.integers(0, 2**32), st.integers(1, 6))
+def test_the_shared_agent_rule_judges_the_hour_with_its_window_before_it_whatever_the_split(
+    events: list[tuple[int, str, str, int, str]], seed: int, parts: int
+) -> None:
+    table = decisions(events)
+    farm_only = RuleSet(compile_rules([RuleSpec("farm", "shared_agent_ad_spread", "f", FARM)]))
+    assert farm_only.lookback_ms == HOUR_MS
+    with tempfile.TemporaryDirectory() as tmp:
+        files = split(table, Path(tmp), seed, parts)
+        minute = reconcile(files, farm_only)["minute"].to_pylist()
+    got = Counter(
+        {(r["ad_id"], r["minute_ms"]): r["invalid_clicks"] for r in minute if r["invalid_clicks"]}
+    )
+    assert got == expected_farm_clicks(table, farm_only.lookback_ms)

@@ -87,6 +87,25 @@ def traffic(prefix: str, n: int, start_ms: int) -> list[Ev]:
     ]
 
 
+FARM_AGENT = "Mozilla/5.0 (Linux; Android 9; SM-J600G) AppleWebKit/537.36 Mobile Safari/537.36"
+
+
+def farm(first: int, n: int, start_ms: int) -> list[Ev]:
+    """Clicks on one ad by one agent and device, each from an address of its own."""
+    return [
+        Ev(
+            f"farm{i}",
+            ADS[2],
+            start_ms + (i - first) * 10_000,
+            user_id=f"f{i}",
+            ip=f"192.0.2.{i}",
+            user_agent=FARM_AGENT,
+            device="mobile",
+        )
+        for i in range(first, first + n)
+    ]
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir whose archive the real stream wrote over 2 partitions: on-time traffic
@@ -101,6 +120,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rig.send(first + first[::9])  # copies within the horizon: duplicates
         rig.run()
         rig.send([Ev(f"mid{i}", ADS[i % 4], HOUR + 45 * MINUTE_MS) for i in range(8)])
+        rig.send(farm(0, 10, HOUR + 45 * MINUTE_MS))  # the behavioural rules' device farm
         rig.run()  # the stream has forgotten the first ids now
         again = [
             Ev(e.event_id, e.ad_id, ts, user_id=e.user_id, cost_micros=e.cost_micros)
@@ -113,6 +133,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rig.send(again)
         rig.run()
         rig.send(traffic("n", 120, HOUR + HOUR_MS + 15 * MINUTE_MS))
+        rig.send(farm(10, 4, HOUR + HOUR_MS + 16 * MINUTE_MS))
         rig.send([Ev(f"far{i}", ADS[i % 4], HOUR + HOUR_MS + 40 * MINUTE_MS) for i in range(8)])
         rig.run()  # the watermarks are past HOUR's end
         late = traffic("late", 30, HOUR + 5 * MINUTE_MS)
@@ -462,6 +483,14 @@ def test_the_driver_stays_on_loopback_only_for_a_loopback_master() -> None:
 # -- the behavioural rules: context before each hour, from both engines ----------------------
 
 SIVT_RULES = """
+# First: the farm's clicks have no impressions either. 10 clicks from 10 addresses in
+# HOUR, 4 more in the next: the 12th on, judged with HOUR as context, are flagged.
+[[rules]]
+id = "farm"
+kind = "shared_agent_ad_spread"
+reason = "device farm"
+params = { min_ips = 8, min_clicks = 12, window_hours = 1 }
+
 [[rules]]
 id = "repeat"
 kind = "repeat_click"
@@ -519,5 +548,6 @@ def test_both_engines_agree_on_the_behavioural_rules_with_their_context(
                 by_rule.get(row["invalid_reason"], 0) + row["invalid_clicks"]
             )
     assert {"repeat", "spread", "no-impression"} <= set(by_rule), by_rule
+    assert by_rule["farm"] == 3, by_rule  # the 12th to 14th clicks, all in the next hour
     review = {run.hour_ms: run.review for run in runs["duckdb"]}
     assert review[HOUR + 2 * HOUR_MS] > 0, review

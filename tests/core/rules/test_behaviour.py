@@ -1,6 +1,6 @@
 """The behavioural rules against references computed here with plain loops over the same
-hand-built events: repeat clicks, one address on many ads, clicks without an impression and
-an ad's CTR spike."""
+hand-built events: repeat clicks, one address on many ads, clicks without an impression, an
+ad's CTR spike and one agent and device on one ad from many addresses."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ SCHEMA = {
     "user_id": pl.String,
     "ip": pl.String,
     "user_agent": pl.String,
+    "device": pl.String,
     "ad_id": pl.String,
     "ts_ms": pl.Int64,
 }
@@ -263,6 +264,149 @@ def test_ctr_spike_against_the_ads_own_trailing_baseline(seed: int, exclude: boo
     assert rule.review_only is not exclude and ruleset.has_reviews is not exclude
 
 
+# -- shared_agent_ad_spread ------------------------------------------------------------------------
+
+AGENT = "Mozilla/5.0 (Linux; Android 10; SM-A105F) AppleWebKit/537.36 Chrome/120.0 Mobile"
+FARM = {"min_ips": 20, "min_clicks": 50, "window_hours": 24}
+
+
+def farm_reference(
+    rows: list[Row], window_ms: int, min_ips: int, min_clicks: int
+) -> dict[int, str]:
+    """Per flagged click: its group's distinct addresses and clicks in the window ending
+    at it, as the evidence says them."""
+    keys = ("user_agent", "device", "ad_id", "ip")
+    judged = [
+        (i, r)
+        for i, r in enumerate(rows)
+        if r["event_type"] == "click" and all(r.get(k) is not None for k in keys)
+    ]
+    out = {}
+    for i, row in judged:
+        window = [
+            r
+            for _, r in judged
+            if (r["user_agent"], r["device"], r["ad_id"])
+            == (row["user_agent"], row["device"], row["ad_id"])
+            and row["ts_ms"] - window_ms <= r["ts_ms"] <= row["ts_ms"]
+        ]
+        ips = {r["ip"] for r in window}
+        if len(ips) >= min_ips and len(window) >= min_clicks:
+            out[i] = f"{len(ips)} IPs, {len(window)} clicks on ad {row['ad_id']}"
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_agent_ad_spread_counts_addresses_and_clicks_in_the_window_ending_at_each_click(
+    seed: int,
+) -> None:
+    rnd = random.Random(seed)
+    rows = [
+        {
+            "event_type": rnd.choice(["click", "click", "click", "impression"]),
+            "ip": rnd.choice([*(f"10.0.0.{i}" for i in range(12)), None]),
+            "user_agent": rnd.choice(["Agent A", "Agent B", None]),
+            "device": rnd.choice(["mobile", "mobile", "tablet", None]),
+            "ad_id": rnd.choice(["ad0", "ad1", None]),
+            # Whole seconds, so that some clicks share a time (and a window).
+            "ts_ms": T + rnd.randrange(4 * 3600) * 1000,
+        }
+        for _ in range(1200)
+    ]
+    params = {"min_ips": 9, "min_clicks": 14, "window_hours": 2}
+    spec = RuleSpec("farm", "shared_agent_ad_spread", "farm", params)
+    expected = farm_reference(rows, 2 * HOUR_MS, 9, 14)
+    got = flagged(spec, rows)
+    assert set(got) == set(expected) and expected and len(expected) < len(rows) // 2
+    for i, counts in expected.items():
+        row = rows[i]
+        assert got[i] == (
+            f"farm: farm: agent {row['user_agent']} device {row['device']}: {counts} in the "
+            f"2 h to {iso(row['ts_ms'])}Z"
+        )
+
+
+def farm_rows(ips: int, clicks_each: int, start: int, step_ms: int, **fields: Any) -> list[Row]:
+    """``clicks_each`` rounds of one click from each of ``ips`` addresses, ``step_ms``
+    apart; a field given as a function of the address number varies by address."""
+    rows = []
+    for n in range(clicks_each * ips):
+        ip = n % ips
+        row: Row = {"event_type": "click", "ts_ms": start + n * step_ms}
+        defaults = {"ip": lambda n: f"198.51.100.{n}", "user_agent": AGENT, "device": "mobile"}
+        for name, value in {**defaults, "ad_id": "X"}.items():
+            given = fields.get(name, value)
+            row[name] = given(ip) if callable(given) else given
+        rows.append(row)
+    return rows
+
+
+def test_a_device_farm_on_one_ad_is_flagged_and_the_same_volume_spread_otherwise_is_not() -> None:
+    spec = RuleSpec("farm", "shared_agent_ad_spread", "device farm", FARM)
+    # 60 addresses, 3 clicks each over 18 h: 180 clicks, none per address a per-IP rule sees.
+    farm = farm_rows(60, 3, T, 6 * MINUTE_MS)
+    got = flagged(spec, farm)
+    # The 50th click is the first whose window holds 50 clicks (and 50 addresses): it and
+    # every later one are flagged, the 49 before stay billable.
+    assert set(got) == set(range(49, 180))
+    assert got[49] == (
+        f"farm: device farm: agent {AGENT[:40]}... device mobile: 50 IPs, 50 clicks on ad X "
+        f"in the 24 h to {iso(farm[49]['ts_ms'])}Z"
+    )
+    assert "60 IPs, 180 clicks on ad X" in got[179]
+
+    distinct_agents = farm_rows(60, 3, T, 6 * MINUTE_MS, user_agent=lambda ip: f"{AGENT} {ip}")
+    distinct_devices = farm_rows(60, 3, T, 6 * MINUTE_MS, device=lambda ip: f"model-{ip}")
+    many_ads = farm_rows(60, 3, T, 6 * MINUTE_MS, ad_id=lambda ip: f"ad-{ip}")
+    few_addresses = farm_rows(19, 10, T, 6 * MINUTE_MS)  # 190 clicks, 19 addresses
+    no_device = farm_rows(60, 3, T, 6 * MINUTE_MS, device=None)
+    no_agent = farm_rows(60, 3, T, 6 * MINUTE_MS, user_agent=None)
+    for rows in (distinct_agents, distinct_devices, many_ads, few_addresses, no_device, no_agent):
+        assert flagged(spec, rows) == {}
+    # Slower: one click every 30 min, so each 24 h (both ends in) holds 49 clicks.
+    assert flagged(spec, farm_rows(60, 3, T, 30 * MINUTE_MS)) == {}
+    # Impressions of the farm neither count nor are flagged.
+    shown = [{**row, "event_type": "impression"} for row in farm]
+    assert set(flagged(spec, farm + shown)) == set(range(49, 180))
+
+
+def test_the_farm_window_crosses_hours_and_the_day_with_its_lookback_exactly() -> None:
+    rule = compile_rule(RuleSpec("farm", "shared_agent_ad_spread", "device farm", FARM))
+    ruleset = RuleSet((rule,))
+    assert ruleset.lookback_ms == 24 * HOUR_MS and ruleset.stream_rules == ()
+    midnight = T - T % (24 * HOUR_MS) + 24 * HOUR_MS
+    # 49 clicks from 49 addresses through yesterday, the first exactly 24 h before the
+    # first click after midnight; a click 24 h + 1 ms before it (outside its window).
+    first_after = midnight + 10 * MINUTE_MS
+    outside = farm_rows(1, 1, first_after - 24 * HOUR_MS - 1, 0, ip="203.0.113.1")
+    yesterday = farm_rows(49, 1, first_after - 24 * HOUR_MS, 29 * MINUTE_MS)
+
+    def today_ip(n: int) -> str:
+        return f"192.0.2.{n}"
+
+    today = farm_rows(3, 1, first_after, MINUTE_MS, ip=today_ip)
+    rows = outside + yesterday + today
+    reasons = ruleset.batch_reasons(frame(rows), midnight).to_list()
+    assert reasons[:50] == [None] * 50  # context: never flagged
+    assert reasons[50] == (
+        f"farm: device farm: agent {AGENT[:40]}... device mobile: 50 IPs, 50 clicks on ad X "
+        f"in the 24 h to {iso(first_after)}Z"
+    )
+    assert all(r is not None for r in reasons[50:])
+    # Judging every event at once agrees after midnight; before it, yesterday's last click
+    # (50 addresses with the one 24 h + 1 ms before today's first) is flagged too, as the
+    # reference says: the hour's verdicts are the reference's, restricted to the hour.
+    whole = ruleset.batch_reasons(frame(rows)).to_list()
+    assert whole[50:] == reasons[50:]
+    expected = farm_reference(rows, 24 * HOUR_MS, 20, 50)
+    assert set(expected) == {49, 50, 51, 52}
+    assert {i for i, r in enumerate(whole) if r} == set(expected)
+    # One millisecond later, the first of yesterday's clicks is out of the window too.
+    later = outside + yesterday + farm_rows(3, 1, first_after + 1, MINUTE_MS, ip=today_ip)
+    reasons = ruleset.batch_reasons(frame(later), midnight).to_list()
+    assert reasons[50] is None and reasons[51] is not None  # the 51st's window: 50 again
+
+
 # -- context and contract --------------------------------------------------------------------------
 
 
@@ -338,6 +482,8 @@ def test_the_stream_form_names_event_types_for_a_frame_matcher() -> None:
         ("ip_click_volume", {"max_clicks": 3, "window_hours": 0}),
         ("no_impression_click", {"window_minutes": 5, "colour": "red"}),
         ("ctr_spike", {"factor": -1, "baseline_hours": 24, "min_clicks": 5}),
+        ("shared_agent_ad_spread", {"min_ips": 5, "min_clicks": 0}),
+        ("shared_agent_ad_spread", {"min_ips": 5}),
     ],
 )
 def test_bad_params_name_the_rule(kind: str, params: dict[str, Any]) -> None:

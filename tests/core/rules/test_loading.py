@@ -288,3 +288,27 @@ def test_rules_text_names_files_only_under_its_base(tmp_path: Path) -> None:
         load_rules_text(text.format("abuse.txt"), source="request")
     builtin = load_rules_text("include_builtin = true\n", source="request")
     assert builtin.ids == load_rules(None).ids
+
+
+def test_the_builtin_files_examples_shipped_off_load_once_uncommented() -> None:
+    """Each ``# [[rules]]`` block of builtin.toml, uncommented, is a rule that compiles:
+    the examples an operator copies stay valid as kinds change."""
+    from clickagg.core.rules.loading import builtin_text, load_rules_text
+
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in builtin_text().decode().splitlines():
+        if line == "# [[rules]]":
+            current = []
+            blocks.append(current)
+        elif current is None or not line.startswith("# "):
+            current = None  # a bare "#" ends an example; prose or live rules follow
+            continue
+        current.append(line[2:])
+    examples = ["\n".join(block) for block in blocks]
+    kinds = set()
+    for example in examples:
+        [rule] = load_rules_text(example, source="example").rules
+        kinds.add(rule.spec.kind)
+    expected = {"ip_click_volume", "shared_agent_ad_spread", "no_impression_click", "ctr_spike"}
+    assert kinds == expected

@@ -6,7 +6,7 @@ block-list files it names and the crawler-user-agents list is :mod:`.loading`'s 
 
 from __future__ import annotations
 
-from clickagg.core.rules import behaviour, iprange, useragent, velocity
+from clickagg.core.rules import behaviour, devicefarm, iprange, useragent, velocity
 from clickagg.core.rules.base import (
     CompiledRule,
     FrameMatcher,
@@ -29,6 +29,7 @@ __all__ = [
     "behaviour",
     "compile_rule",
     "compile_rules",
+    "devicefarm",
     "first_reasons",
     "iprange",
     "register_kind",
