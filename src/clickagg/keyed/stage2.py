@@ -9,8 +9,9 @@ round after the click that crossed the threshold (see BENCHMARKS.md, verdict lat
 Commit order, for one step over keyed partitions k (the keyed stage's own protocol):
 
 1. Read durable records of each k from its consumed offset (the store's).
-2. Run :class:`clickagg.core.keyed.VelocityWindows`: skip copies (at or below their
-   source's high-water offset), count per (ip, minute), flag what crosses the limit.
+2. Run :class:`clickagg.core.keyed.KeyedWindows`: skip copies (at or below their
+   source's high-water offset), judge each IP's clicks by the keyed rules in force
+   (:class:`clickagg.core.keyed.KeyedRules`), flag what crosses a limit.
 3. Commit the corrections (negative deltas), every k's new consumed offset and its
    high-water marks in ONE store transaction, each only if the consumed offset is still
    the one read from (FencedError otherwise: recover).
@@ -30,8 +31,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from clickagg.clock import Clock
-from clickagg.core.keyed import VelocityLimit, VelocityWindows, correction_deltas
-from clickagg.core.rules.base import RuleSet
+from clickagg.core.keyed import KeyedRules, KeyedWindows, correction_deltas, corrections
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import decode_records
@@ -41,27 +41,11 @@ from clickagg.store.base import AggregateStore, FencedError, KeyedCommit
 
 log = logging.getLogger(__name__)
 
-VELOCITY_KIND = "ip_click_velocity"
-
 
 def counter_key(keyed_partition: int) -> int:
     """The real-time counters fence by partition number: keyed partitions take negative
     ones, which no log partition has."""
     return -1 - keyed_partition
-
-
-def velocity_limit(ruleset: RuleSet) -> VelocityLimit | None:
-    """The first enabled per-IP velocity rule of the rules in force (the batch's too)."""
-    for rule in ruleset.rules:
-        spec = rule.spec
-        if spec.kind == VELOCITY_KIND and spec.enabled:
-            return VelocityLimit(
-                rule_id=spec.id,
-                reason=spec.reason,
-                max_clicks_per_minute=int(spec.params["max_clicks_per_minute"]),
-                effective_from_ms=spec.effective_from_ms,
-            )
-    return None
 
 
 def keyed_horizon_ms(allowed_lateness_ms: int) -> int:
@@ -90,7 +74,7 @@ class KeyedStage:
         self.horizon_ms = keyed_horizon_ms(allowed_lateness_ms)
         self.batch_records = batch_records
         self.counters = counters
-        self.windows: dict[int, VelocityWindows] = {}
+        self.windows: dict[int, KeyedWindows] = {}
         self.consumed: dict[int, int] = {}
         self.recover()
 
@@ -98,11 +82,11 @@ class KeyedStage:
         """Rebuild every keyed partition's windows by replaying the keyed log up to the
         consumed offset the store holds (verdicts made then are already committed)."""
         progress = self.store.keyed_progress()
-        limit = velocity_limit(self.rules.current())
+        rules = KeyedRules.from_ruleset(self.rules.current())
         for k in range(self.reader.partitions):
             stored = progress.get(k)
             until = stored.consumed_offset if stored is not None else 0
-            windows = VelocityWindows(self.horizon_ms)
+            windows = KeyedWindows(self.horizon_ms)
             at = self.reader.start_offset(k)
             while at < until:
                 frames = self.reader.read(k, at, min(self.batch_records, until - at))
@@ -112,9 +96,9 @@ class KeyedStage:
                         f"consumed up to {until}"
                     )
                 for frame in frames:
-                    records = decode_records(frame.payload).to_pylist()
+                    records = decode_records(frame.payload)
                     skip = max(0, at - frame.base_offset)
-                    windows.consume(records[skip : until - frame.base_offset], limit)
+                    windows.consume(records.slice(skip, until - frame.base_offset - skip), rules)
                     at = min(frame.end_offset, until)
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
@@ -123,19 +107,20 @@ class KeyedStage:
 
     def step(self) -> int:
         """Steps 1-4 over every keyed partition with new records; returns how many."""
-        limit = velocity_limit(self.rules.current())
+        rules = KeyedRules.from_ruleset(self.rules.current())
         commits: list[KeyedCommit] = []
         for k, windows in self.windows.items():
             start = self.consumed[k]
             frames = self.reader.read(k, start, self.batch_records)
             if not frames:
                 continue
-            flagged = []
-            for frame in frames:
-                records = decode_records(frame.payload).to_pylist()
-                flagged += windows.consume(records[max(0, start - frame.base_offset) :], limit)
-            rule_id = limit.rule_id if limit is not None else ""
-            minute, dimensions = correction_deltas(flagged, rule_id)
+            verdicts = pa.concat_tables(
+                windows.consume(
+                    decode_records(frame.payload).slice(max(0, start - frame.base_offset)), rules
+                )
+                for frame in frames
+            )
+            minute, dimensions = correction_deltas(verdicts)
             commits.append(
                 KeyedCommit(
                     keyed_partition=k,
@@ -144,7 +129,7 @@ class KeyedStage:
                     high_water=dict(windows.high_water),
                     minute_deltas=minute,
                     dimension_deltas=dimensions,
-                    corrections=len(flagged),
+                    corrections=corrections(verdicts),
                     committed_at_ms=self.clock.now_ms(),
                 )
             )
