@@ -172,10 +172,13 @@ def _sliding_per_ip(
         .select("_row", "ip", "ad_id", "ts_ms")
         .sort("ip", "ts_ms", maintain_order=True)
     )
-    windowed = clicks.rolling(
-        index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip"
-    ).agg(measure.alias("_n"))
-    counted = clicks.with_columns(windowed["_n"]).filter(pl.col("_n") > limit)
+    windowed = (
+        clicks.rolling(index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip")
+        .agg(measure.alias("_n"))
+        .unique(["ip", "ts_ms"])  # equal times share one window
+    )
+    # Joined, not set by position: ``rolling`` returns its groups in an order of its own.
+    counted = clicks.join(windowed, on=["ip", "ts_ms"], how="left").filter(pl.col("_n") > limit)
     evidence = counted.select(
         pl.concat_str(
             pl.lit("ip "),
@@ -359,7 +362,7 @@ def ctr_spike(spec: RuleSpec) -> FrameMatcher:
         ).agg(pl.col("_c").sum().alias("_bc"), pl.col("_i").sum().alias("_bi"))
         c, i = pl.col("_c").cast(pl.Float64), pl.col("_i").cast(pl.Float64)
         bc, bi = pl.col("_bc").cast(pl.Float64) + 1, pl.col("_bi").cast(pl.Float64)
-        spikes = counts.with_columns(baseline["_bc"], baseline["_bi"]).filter(
+        spikes = counts.join(baseline, on=["ad_id", "_hour"], how="left").filter(
             (pl.col("_c") >= params.min_clicks)
             & (pl.col("_bi") > 0)
             & (c * bi > params.factor * bc * i)
