@@ -1,6 +1,6 @@
 """The keyed second stage's pure half: its records, their partitioning by IP, the IP-keyed
-rules over them (per-IP click velocity in event-time minutes), and the corrections a
-verdict makes.
+rules over them (per-IP click velocity in event-time minutes, one IP clicking many ads in a
+sliding window), and the corrections a verdict makes.
 
 Stage 1 (one worker per partition of the log, which is partitioned by event id) appends
 every fresh click it decided to an internal log partitioned by a stable hash of the IP, so
@@ -13,7 +13,9 @@ keyed partition in offset order, copies after the originals).
 
 A verdict is the batch's verdict on the same clicks (``clickagg.core.rules.velocity``:
 more than the limit clicks from one IP in one UTC minute flags every click of that
-IP-minute, the ones before the threshold too): the same rule specs give the limits
+IP-minute, the ones before the threshold too; ``ip_ad_spread`` in
+``clickagg.core.rules.behaviour``: a click whose IP clicked more than the limit distinct
+ads in the window up to it): the same rule specs give the limits
 (:class:`KeyedRules`), and where several rules flag a click the first in the rule set's
 order names it, as in the batch's ``invalid_reason``. Clicks that a stage-1 rule had
 already flagged count toward the rules (the batch counts them too) but are not corrected
@@ -41,6 +43,7 @@ import xxhash
 
 from clickagg.core import aggregate, ids
 from clickagg.core.rules.base import RuleSet
+from clickagg.core.rules.behaviour import SpreadParams
 from clickagg.core.rules.registry import params_of
 from clickagg.core.rules.velocity import VelocityParams
 from clickagg.core.windows import MINUTE_MS, late_mask
@@ -126,8 +129,31 @@ class VelocityRule:
         return MINUTE_MS
 
 
-KeyedRule = VelocityRule
-_KINDS: dict[str, type[KeyedRule]] = {VELOCITY_KIND: VelocityRule}
+SPREAD_KIND = "ip_ad_spread"
+
+
+@dataclass(frozen=True)
+class SpreadRule:
+    """``ip_ad_spread`` as the keyed stage applies it: a click from an IP that clicked more
+    than ``max_ads`` distinct ads in the ``window_minutes`` up to and including it (a
+    sliding window ending at each click; equal times share one). Every click of the IP
+    counts toward the windows, the ones before ``effective_from_ms`` too (the batch's
+    matcher sees them all); only clicks from it on are flagged."""
+
+    rule_id: str
+    reason: str
+    max_ads: int
+    window_minutes: int
+    effective_from_ms: int | None = None
+    kind: ClassVar[str] = SPREAD_KIND
+
+    @property
+    def reach_ms(self) -> int:
+        return self.window_minutes * MINUTE_MS
+
+
+KeyedRule = VelocityRule | SpreadRule
+_KINDS: dict[str, type[KeyedRule]] = {VELOCITY_KIND: VelocityRule, SPREAD_KIND: SpreadRule}
 
 
 @dataclass(frozen=True)
@@ -147,13 +173,20 @@ class KeyedRules:
             spec = compiled.spec
             if not spec.enabled or spec.kind not in _KINDS:
                 continue
+            rule: KeyedRule
             if spec.kind == VELOCITY_KIND:
-                params = params_of(spec, VelocityParams)
-                rules.append(
-                    VelocityRule(
-                        spec.id, spec.reason, params.max_clicks_per_minute, spec.effective_from_ms
-                    )
+                limit = params_of(spec, VelocityParams).max_clicks_per_minute
+                rule = VelocityRule(spec.id, spec.reason, limit, spec.effective_from_ms)
+            else:
+                spread = params_of(spec, SpreadParams)
+                rule = SpreadRule(
+                    spec.id,
+                    spec.reason,
+                    spread.max_ads,
+                    spread.window_minutes,
+                    spec.effective_from_ms,
                 )
+            rules.append(rule)
         return cls(tuple(rules))
 
     @property
@@ -312,31 +345,79 @@ def _judge(judged: pl.DataFrame, rules: KeyedRules) -> tuple[pl.DataFrame, pa.Ta
 def _flags(kept: pl.DataFrame, rule: KeyedRule) -> np.ndarray[Any, np.dtype[np.bool_]]:
     """Which of the kept records ``rule`` flags (all of an IP's kept records in the reach
     of the ones judged are among them)."""
+    ts = kept["ts_ms"].to_numpy()
     applies = (
-        pl.lit(True)
+        np.ones(len(ts), dtype=np.bool_)
         if rule.effective_from_ms is None
-        else pl.col("ts_ms") >= rule.effective_from_ms
+        else ts >= rule.effective_from_ms
     )
-    minute = pl.when(applies).then(pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS)
-    counted = kept.select(
-        applies.alias("_applies"), pl.len().over(pl.col("ip"), minute).alias("_n")
+    if isinstance(rule, SpreadRule):
+        return applies & (_distinct_ads(kept, rule.reach_ms) > rule.max_ads)
+    minute = pl.when(pl.Series(applies)).then(pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS)
+    n = kept.select(pl.len().over(pl.col("ip"), minute)).to_series().to_numpy()
+    return applies & (n > rule.max_clicks_per_minute)
+
+
+def _distinct_ads(kept: pl.DataFrame, window_ms: int) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Per kept record, the distinct ads its IP clicked in the ``window_ms`` up to and
+    including its time: a click at ``t`` keeps its ad present over ``[t, t + window]``, so
+    the count at a time is how many of the IP's presence intervals (one ad's overlapping
+    ones merged) cover it, found by two binary searches per record."""
+    new_ip = (pl.col("ip") != pl.col("ip").shift()).fill_null(True)
+    new_ad = new_ip | (pl.col("ad_id") != pl.col("ad_id").shift()).fill_null(True)
+    gap = (pl.col("ts_ms").diff() > window_ms).fill_null(True)
+    ordered = (
+        kept.select("ip", "ad_id", "ts_ms")
+        .with_row_index("_row")
+        .sort("ip", "ad_id", "ts_ms")
+        .select(
+            "_row",
+            "ts_ms",
+            new_ip.cum_sum().cast(pl.Int64).alias("_ip"),
+            (new_ad | gap).alias("_opens"),
+        )
     )
-    flagged = counted["_applies"] & (counted["_n"] > rule.max_clicks_per_minute)
-    return flagged.to_numpy()
+    row, ts, ip = (ordered[name].to_numpy() for name in ("_row", "ts_ms", "_ip"))
+    first = np.flatnonzero(ordered["_opens"].to_numpy())  # where each interval opens
+    last = np.append(first[1:] - 1, len(ts) - 1)  # its last click
+    # Times as ranks (equal stays equal, order stays order), so (ip, time) fits one int64.
+    times = np.concatenate([ts, ts[last] + window_ms])
+    rank = np.unique(times, return_inverse=True)[1].astype(np.int64)
+    stride = len(times) + 1
+    at = ip * stride + rank[: len(ts)]
+    opened = np.sort(at[first])
+    closed = np.sort(ip[last] * stride + rank[len(ts) :])
+    # Intervals of earlier IPs opened and closed before ``at``: they cancel out.
+    covering = np.searchsorted(opened, at, side="right") - np.searchsorted(closed, at, side="left")
+    out = np.empty(len(ts), dtype=np.int64)
+    out[row] = covering
+    return out
 
 
 def _evidence(rules: KeyedRules) -> pl.Expr:
     """Worded as the batch's matchers word theirs, with what the verdict rests on (the
     rule's limit, which the count is above: the count itself may still grow)."""
     minute = pl.from_epoch(pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS, time_unit="ms")
+    moment = pl.from_epoch(pl.col("ts_ms"), time_unit="ms")
     text: pl.Expr = pl.lit(None, pl.String)
     for i, rule in reversed(list(enumerate(rules.rules))):
-        said = pl.concat_str(
-            pl.lit("ip "),
-            pl.col("ip"),
-            pl.lit(f": more than {rule.max_clicks_per_minute} clicks in minute "),
-            minute.dt.strftime("%Y-%m-%dT%H:%MZ"),
-        )
+        if isinstance(rule, SpreadRule):
+            said = pl.concat_str(
+                pl.lit("ip "),
+                pl.col("ip"),
+                pl.lit(
+                    f": more than {rule.max_ads} distinct ads clicked in the "
+                    f"{rule.window_minutes} min to "
+                ),
+                moment.dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            )
+        else:
+            said = pl.concat_str(
+                pl.lit("ip "),
+                pl.col("ip"),
+                pl.lit(f": more than {rule.max_clicks_per_minute} clicks in minute "),
+                minute.dt.strftime("%Y-%m-%dT%H:%MZ"),
+            )
         text = pl.when(pl.col("_first") == i).then(said).otherwise(text)
     return text
 

@@ -95,11 +95,13 @@ class KeyedStage:
                         f"keyed partition {k}: the keyed log ends at {at} but the store "
                         f"consumed up to {until}"
                     )
+                records = []
                 for frame in frames:
-                    records = decode_records(frame.payload)
                     skip = max(0, at - frame.base_offset)
-                    windows.consume(records.slice(skip, until - frame.base_offset - skip), rules)
+                    length = until - frame.base_offset - skip
+                    records.append(decode_records(frame.payload).slice(skip, length))
                     at = min(frame.end_offset, until)
+                windows.consume(pa.concat_tables(records), rules)
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
             self.windows[k] = windows
@@ -114,12 +116,11 @@ class KeyedStage:
             frames = self.reader.read(k, start, self.batch_records)
             if not frames:
                 continue
-            verdicts = pa.concat_tables(
-                windows.consume(
-                    decode_records(frame.payload).slice(max(0, start - frame.base_offset)), rules
-                )
+            records = pa.concat_tables(  # one consume: it judges a step's records at once
+                decode_records(frame.payload).slice(max(0, start - frame.base_offset))
                 for frame in frames
             )
+            verdicts = windows.consume(records, rules)
             minute, dimensions = correction_deltas(verdicts)
             commits.append(
                 KeyedCommit(
