@@ -272,14 +272,24 @@ class KeyedWindows:
         if not rules.rules or not new.height:
             self._kept = self._forget(kept, rules)
             return VERDICT_SCHEMA.empty_table()
+        # Kept in arrival order: new records are appended, old ones only filtered out.
         since = new.group_by("ip").agg((pl.col("ts_ms").min() - rules.reach_ms).alias("_since"))
-        joined = kept.join(since, on="ip", how="left")
-        touched = (pl.col("ts_ms") >= pl.col("_since")).fill_null(False)
-        judged = joined.filter(touched).drop("_since")
-        others = joined.filter(~touched).drop("_since")
-        judged, verdicts = _judge(judged, rules)
-        self._kept = self._forget(pl.concat([others, judged]), rules)
-        return verdicts
+        bound = kept.select("ip").join(since, on="ip", how="left", maintain_order="left")
+        touched = (kept["ts_ms"] >= bound["_since"]).fill_null(False).to_numpy()
+        rows = np.flatnonzero(touched)
+        changed, first = _judge(kept.select(_JUDGED)[rows], rules)
+        at, first = rows[changed], first[changed]
+        rule_ids = pl.Series(rules.ids, dtype=pl.String).gather(first)
+        verdicts = kept[at].select(
+            *RECORD_SCHEMA.names,
+            rule_ids.alias("rule_id"),
+            _evidence(rules, pl.Series(first)).alias("evidence"),
+            pl.col("_rule").alias("previous_rule_id"),
+        )
+        self._kept = self._forget(
+            kept.with_columns(kept["_rule"].scatter(at, rule_ids)) if len(at) else kept, rules
+        )
+        return verdicts.to_arrow().cast(VERDICT_SCHEMA)
 
     def _accept(self, batch: pl.DataFrame) -> pl.DataFrame:
         """The batch's records that are neither copies nor too late, numbered in arrival
@@ -309,15 +319,24 @@ class KeyedWindows:
 
     def _forget(self, kept: pl.DataFrame, rules: KeyedRules) -> pl.DataFrame:
         """Records that no accepted record can reach any more (it would be too late)."""
-        return kept.filter(pl.col("ts_ms") >= self.max_event_ms - self.horizon_ms - rules.reach_ms)
+        since = self.max_event_ms - self.horizon_ms - rules.reach_ms
+        if not kept.height or kept.select(pl.col("ts_ms").min()).item() >= since:
+            return kept
+        return kept.filter(pl.col("ts_ms") >= since)
 
 
-def _judge(judged: pl.DataFrame, rules: KeyedRules) -> tuple[pl.DataFrame, pa.Table]:
-    """Every rule's verdict on the kept records given: returns them with the rule each
-    counted click now stands corrected under, and the verdicts that changed."""
+_JUDGED = ["ip", "ad_id", "ts_ms", "counted", "_rule"]
+
+
+def _judge(
+    judged: pl.DataFrame, rules: KeyedRules
+) -> tuple[np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, np.dtype[np.int64]]]:
+    """Every rule's verdict on the kept records given: which counted clicks changed rule
+    (newly flagged, or flagged by an earlier rule than the one they stand corrected
+    under), and the index of the first rule that flags each record."""
     flags = np.stack([_flags(judged, rule) for rule in rules.rules])
     hit = flags.any(axis=0)
-    first = flags.argmax(axis=0)  # the first rule in order that flags it (where one does)
+    first = flags.argmax(axis=0).astype(np.int64)  # the first rule in order that flags it
     rank = {rule_id: i for i, rule_id in enumerate(rules.ids)}
     was = (
         judged["_rule"]
@@ -325,21 +344,7 @@ def _judge(judged: pl.DataFrame, rules: KeyedRules) -> tuple[pl.DataFrame, pa.Ta
         .fill_null(len(rank) + 1)  # never corrected
         .to_numpy()
     )
-    changed = judged["counted"].to_numpy() & hit & (first < was)
-    rule_ids = pl.Series(rules.ids, dtype=pl.String).gather(first)
-    now = judged.with_columns(
-        pl.when(pl.Series(changed)).then(rule_ids).otherwise(pl.col("_rule")).alias("_rule")
-    )
-    chosen = judged.with_columns(
-        rule_ids.alias("rule_id"), pl.Series("_first", first, dtype=pl.Int64)
-    ).filter(pl.Series(changed))
-    verdicts = chosen.sort("_seq").select(
-        *RECORD_SCHEMA.names,
-        "rule_id",
-        _evidence(rules).alias("evidence"),
-        pl.col("_rule").alias("previous_rule_id"),
-    )
-    return now, verdicts.to_arrow().cast(VERDICT_SCHEMA)
+    return judged["counted"].to_numpy() & hit & (first < was), first
 
 
 def _flags(kept: pl.DataFrame, rule: KeyedRule) -> np.ndarray[Any, np.dtype[np.bool_]]:
@@ -394,7 +399,7 @@ def _distinct_ads(kept: pl.DataFrame, window_ms: int) -> np.ndarray[Any, np.dtyp
     return out
 
 
-def _evidence(rules: KeyedRules) -> pl.Expr:
+def _evidence(rules: KeyedRules, first: pl.Series) -> pl.Expr:
     """Worded as the batch's matchers word theirs, with what the verdict rests on (the
     rule's limit, which the count is above: the count itself may still grow)."""
     minute = pl.from_epoch(pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS, time_unit="ms")
@@ -418,7 +423,7 @@ def _evidence(rules: KeyedRules) -> pl.Expr:
                 pl.lit(f": more than {rule.max_clicks_per_minute} clicks in minute "),
                 minute.dt.strftime("%Y-%m-%dT%H:%MZ"),
             )
-        text = pl.when(pl.col("_first") == i).then(said).otherwise(text)
+        text = pl.when(pl.lit(first) == i).then(said).otherwise(text)
     return text
 
 
