@@ -4,9 +4,10 @@ impression, an ad's CTR spiking.
 
 Each is *keyed* (:mod:`.velocity`): its verdict on a click depends on other events of the
 same user, address or ad, which the stream's partitions split, so the batch layer applies
-them. Each is a :class:`~clickagg.core.rules.base.FrameMatcher`: it sees impressions too and
-declares the lookback of earlier events it needs, which the batch layer supplies across the
-hour boundary (a repeat click at ``:00:05`` of one at ``:59:55``).
+them (and, for ``ip_ad_spread``, keyed by the address alone, the stream's keyed stage too:
+``clickagg.core.keyed``). Each is a :class:`~clickagg.core.rules.base.FrameMatcher`: it
+sees impressions too and declares the lookback of earlier events it needs, which the batch
+layer supplies across the hour boundary (a repeat click at ``:00:05`` of one at ``:59:55``).
 
 A *visitor* is the user (``user_id``), or where the event has none, the address and user
 agent together (``ip`` + ``user_agent``); an event with neither is not judged by the rules
