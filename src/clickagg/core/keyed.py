@@ -228,8 +228,8 @@ VERDICT_SCHEMA = pa.schema(
 """Stage 2's verdicts: counted clicks newly flagged, and flagged ones re-attributed."""
 
 _STATE_SCHEMA = pl.Schema(
-    [*pl.Schema(RECORD_SCHEMA).items(), ("_seq", pl.Int64()), ("_rule", pl.String())]
-)  # the records kept, their order of arrival, the rule each was corrected under
+    [*pl.Schema(RECORD_SCHEMA).items(), ("_rule", pl.String())]
+)  # the records kept (in arrival order), the rule each stands corrected under
 
 
 def corrections(verdicts: pa.Table) -> int:
@@ -254,7 +254,6 @@ class KeyedWindows:
     high_water: dict[int, int] = field(default_factory=dict)
     max_event_ms: int = 0
     _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
-    _seq: int = 0
 
     def consume(self, records: pa.Table | pl.DataFrame, rules: KeyedRules) -> pa.Table:
         """Take records (``RECORD_SCHEMA``) in keyed-log order; return the verdicts
@@ -292,8 +291,8 @@ class KeyedWindows:
         return verdicts.to_arrow().cast(VERDICT_SCHEMA)
 
     def _accept(self, batch: pl.DataFrame) -> pl.DataFrame:
-        """The batch's records that are neither copies nor too late, numbered in arrival
-        order; moves the high-water marks and the newest event time."""
+        """The batch's records that are neither copies nor too late; moves the high-water
+        marks and the newest event time."""
         if not batch.height:
             return _STATE_SCHEMA.to_frame()
         marks = pl.col("source_partition").replace_strict(
@@ -311,10 +310,8 @@ class KeyedWindows:
             allowed_lateness_ms=self.horizon_ms,
         )
         accepted = fresh.filter(pl.Series(~late)).with_columns(
-            (pl.int_range(pl.len(), dtype=pl.Int64) + self._seq).alias("_seq"),
-            pl.lit(None, pl.String).alias("_rule"),
+            pl.lit(None, pl.String).alias("_rule")
         )
-        self._seq += accepted.height
         return accepted.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
 
     def _forget(self, kept: pl.DataFrame, rules: KeyedRules) -> pl.DataFrame:
