@@ -1,10 +1,10 @@
 """The keyed stage over a real segment log, a real keyed log and a real DuckDB store: per-IP
-click velocity is exact whatever the number of partitions, and a crash between any two
-steps of either stage changes nothing in the final counts."""
+click velocity and one address's spread over many ads are exact whatever the number of
+partitions, and a crash between any two steps of either stage changes nothing in the final
+counts."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import Counter, defaultdict
@@ -18,6 +18,7 @@ from clickagg.archive.parquet import CORRECTIONS, ParquetArchiveReader, ParquetA
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
+from clickagg.core.keyed import KeyedRules, VelocityRule
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError, retire_marker
 from clickagg.keyed.stage2 import KeyedStage, keyed_status
@@ -36,6 +37,8 @@ DAY = 24 * 60 * MINUTE_MS
 ADS = ("ad-1", "ad-2", "ad-3", "ad-4")
 LIMIT = 60  # the built-in rule's max_clicks_per_minute
 RULE = "ip-click-velocity"
+MAX_ADS, SPREAD_MS = 20, 10 * MINUTE_MS  # the built-in ip-ad-spread rule's
+SPREAD = "ip-ad-spread"
 BOT = "curl/8.0"  # the built-in non-browser-client rule flags it in stage 1
 
 
@@ -80,11 +83,47 @@ def burst_traffic(seed: int = 7) -> list[Ev]:
 Key = tuple[str, int]
 
 
+def spread_traffic(seed: int = 11) -> list[Ev]:
+    """Addresses clicking many ads within 5 minutes (the lateness: stage 1 keeps them all):
+    one over the limit from its 21st distinct ad (a bot click on one more ad, flagged in
+    stage 1, counts toward it), one at the limit, one whose burst is also a spread (named
+    by velocity, the first rule), normal traffic, copies; shuffled."""
+    rng = random.Random(seed)
+    events: list[Ev] = []
+
+    def click(ip: str, ad: str, ts_ms: int, *, ua: str | None = None) -> None:
+        n = len(events)
+        events.append(Ev(f"s{n}", ad, ts_ms, ip=ip, user_id=f"v{n}", user_agent=ua))
+
+    click("192.0.2.10", "ad-s29", T0 + 25_000, ua=BOT)
+    for n in range(25):
+        click("192.0.2.10", f"ad-s{n}", T0 + 30_000 + n * 10_000)
+    for n in range(21):
+        click("192.0.2.11", f"ad-s{n % 20}", T0 + 30_000 + n * 10_000)
+    for n in range(70):
+        click("192.0.2.12", f"ad-s{n % 30}", T0 + 2 * MINUTE_MS + n * 500)
+    for n in range(200):
+        click(f"203.0.113.{n % 90}", f"ad-s{rng.randrange(30)}", T0 + rng.randrange(4 * MINUTE_MS))
+    events += rng.sample(events, 40)
+    rng.shuffle(events)
+    return events
+
+
 def reference(events: list[Ev]) -> dict[str, Counter[Key]]:
     """Computed from the traffic alone: distinct clicks; an IP-minute with more than LIMIT
-    clicks has every click invalid; bot clicks invalid for their own reason."""
+    clicks has every click invalid; else a click whose IP clicked more than MAX_ADS
+    distinct ads in the SPREAD_MS up to it is; bot clicks invalid for their own reason."""
     distinct = {(e.event_type, e.event_id): e for e in events}.values()
     per_ip_minute = Counter((e.ip, e.ts_ms // MINUTE_MS) for e in distinct if e.event_type == 0)
+
+    def spread(e: Ev) -> bool:
+        ads = {
+            o.ad_id
+            for o in distinct
+            if o.event_type == ids.CLICK and o.ip == e.ip and 0 <= e.ts_ms - o.ts_ms <= SPREAD_MS
+        }
+        return len(ads) > MAX_ADS
+
     out: dict[str, Counter[Key]] = defaultdict(Counter)
     for e in distinct:
         key = (e.ad_id, e.ts_ms - e.ts_ms % MINUTE_MS)
@@ -97,6 +136,9 @@ def reference(events: list[Ev]) -> dict[str, Counter[Key]]:
         elif per_ip_minute[(e.ip, e.ts_ms // MINUTE_MS)] > LIMIT:
             out["invalid_clicks"][key] += 1
             out[f"reason {RULE}"][key] += 1
+        elif spread(e):
+            out["invalid_clicks"][key] += 1
+            out[f"reason {SPREAD}"][key] += 1
         else:
             out["clicks"][key] += 1
             out["spend_micros"][key] += max(e.cost_micros, 0)
@@ -235,9 +277,9 @@ class KeyedRig:
                 return
         raise AssertionError("the stages did not drain")
 
-    def counts(self) -> dict[str, Counter[Key]]:
+    def counts(self, ads: tuple[str, ...] = ADS) -> dict[str, Counter[Key]]:
         out: dict[str, Counter[Key]] = defaultdict(Counter)
-        for ad in ADS:
+        for ad in ads:
             span = {"ad_id": ad, "start_ms": T0, "end_ms": T0 + DAY, "granularity": "minute"}
             for row in self.store.aggregates(**span):
                 for name in ("clicks", "impressions", "spend_micros", "invalid_clicks"):
@@ -248,9 +290,9 @@ class KeyedRig:
                 out[f"country {row.group} clicks"][(ad, row.window_ms)] += row.clicks
         return {name: +counter for name, counter in out.items()}
 
-    def realtime(self) -> Counter[str]:
+    def realtime(self, ads: tuple[str, ...] = ADS) -> Counter[str]:
         totals: Counter[str] = Counter()
-        for ad in ADS:
+        for ad in ads:
             t = self.counters.window(ad_id=ad, start_ms=T0, end_ms=T0 + DAY)
             totals.update(clicks=t.clicks, spend_micros=t.spend_micros, invalid=t.invalid_clicks)
         return totals
@@ -359,6 +401,34 @@ def test_counts_match_the_reference_and_do_not_depend_on_partitions(
     first = runs[(1, 1)][0]
     for counts, *_ in runs.values():
         assert counts == first  # every count, breakdowns included, identical
+
+
+def test_an_address_spreading_over_many_ads_is_corrected_as_the_batch_rule_flags_it(
+    tmp_path: Path,
+) -> None:
+    traffic = spread_traffic()
+    ads = tuple(f"ad-s{n}" for n in range(30))
+    expected = reference(traffic)
+    assert expected[f"reason {SPREAD}"].total() == 6  # the test's premise: 192.0.2.10's last 6
+    assert expected[f"reason {RULE}"].total() == 70  # 192.0.2.12's burst, named by velocity
+    for p, k in [(1, 1), (4, 4), (3, 16)]:
+        rig = KeyedRig(tmp_path / f"p{p}-k{k}", partitions=p, keyed_partitions=k)
+        try:
+            half = len(traffic) // 2
+            rig.send(traffic[:half])
+            rig.run()
+            rig.send(traffic[half:])
+            rig.run()
+            counts = rig.counts(ads)
+            for name in ("clicks", "spend_micros", "invalid_clicks"):
+                assert counts.get(name, Counter()) == expected[name], (p, k, name)
+            for reason in ("non-browser-client", RULE, SPREAD):
+                assert counts[f"reason {reason}"] == expected[f"reason {reason}"], (p, k, reason)
+            assert rig.realtime(ads) == _sums(counts)
+            progress = rig.store.keyed_progress().values()
+            assert sum(x.corrections for x in progress) == 6 + 70
+        finally:
+            rig.close()
 
 
 CRASH_POINTS = [
@@ -511,7 +581,12 @@ def test_a_limit_changed_between_commits_survives_a_restart(
             results.append((rig.counts(), sum(x.corrections for x in progress.values())))
             # Every partition judged under both limits has both specs recorded, in order.
             for x in progress.values():
-                limits = [json.loads(spec)["max_clicks_per_minute"] for _, spec in x.specs]
+                limits = [
+                    rule.max_clicks_per_minute
+                    for _, spec in x.specs
+                    for rule in KeyedRules.from_json(spec).rules
+                    if isinstance(rule, VelocityRule)
+                ]
                 assert limits in ([before, after], [before], [after]), limits
         finally:
             rig.close()

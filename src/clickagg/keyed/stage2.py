@@ -9,8 +9,9 @@ round after the click that crossed the threshold (see BENCHMARKS.md, verdict lat
 Commit order, for one step over keyed partitions k (the keyed stage's own protocol):
 
 1. Read durable records of each k from its consumed offset (the store's).
-2. Run :class:`clickagg.core.keyed.VelocityWindows`: skip copies (at or below their
-   source's high-water offset), count per (ip, minute), flag what crosses the limit.
+2. Run :class:`clickagg.core.keyed.KeyedWindows`: skip copies (at or below their
+   source's high-water offset), judge each IP's clicks by the keyed rules in force
+   (:class:`clickagg.core.keyed.KeyedRules`), flag what crosses a limit.
 3. Commit the corrections (negative deltas), every k's new consumed offset and its
    high-water marks in ONE store transaction, each only if the consumed offset is still
    the one read from (FencedError otherwise: recover).
@@ -32,24 +33,22 @@ Step 3 records, in the same transaction, the keyed spec the verdicts were made u
 whenever it differs from the previous one, so a recovery replays each consumed range with
 the spec it was committed with, not the one in force when it runs: a minute that was
 flagged stays flagged, and no click is corrected twice or missed. The spec is opaque JSON
-here and in the store (``spec_json`` / ``limit_of``).
+here and in the store (``spec_json`` / ``rules_of``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock
 from clickagg.core.corrections import CORRECTION_SCHEMA, correction_rows
-from clickagg.core.keyed import RECORD_SCHEMA, VelocityLimit, VelocityWindows, correction_deltas
+from clickagg.core.keyed import KeyedRules, KeyedWindows, correction_deltas, corrections
 from clickagg.core.rules.base import RuleSet
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.windows import MINUTE_MS
@@ -61,8 +60,6 @@ from clickagg.store.base import AggregateStore, FencedError, KeyedCommit
 
 log = logging.getLogger(__name__)
 
-VELOCITY_KIND = "ip_click_velocity"
-
 
 def counter_key(keyed_partition: int) -> int:
     """The real-time counters fence by partition number: keyed partitions take negative
@@ -70,58 +67,25 @@ def counter_key(keyed_partition: int) -> int:
     return -1 - keyed_partition
 
 
-def velocity_limit(ruleset: RuleSet) -> VelocityLimit | None:
-    """The first enabled per-IP velocity rule of the rules in force (the batch's too)."""
-    for rule in ruleset.rules:
-        spec = rule.spec
-        if spec.kind == VELOCITY_KIND and spec.enabled:
-            return VelocityLimit(
-                rule_id=spec.id,
-                reason=spec.reason,
-                max_clicks_per_minute=int(spec.params["max_clicks_per_minute"]),
-                effective_from_ms=spec.effective_from_ms,
-            )
-    return None
-
-
-NO_SPEC = "null"
+NO_SPEC = "null"  # recorded by no release; read as no keyed rule
 
 
 def spec_json(ruleset: RuleSet) -> str:
-    """The keyed spec in force, as the canonical JSON the store records."""
-    limit = velocity_limit(ruleset)
-    return limit.to_json() if limit is not None else NO_SPEC
+    """The keyed rules in force, as the canonical JSON the store records."""
+    return KeyedRules.from_ruleset(ruleset).to_json()
 
 
-def limit_of(spec: str) -> VelocityLimit | None:
-    return None if spec == NO_SPEC else VelocityLimit.from_json(spec)
+def rules_of(spec: str) -> KeyedRules:
+    return KeyedRules() if spec == NO_SPEC else KeyedRules.from_json(spec)
 
 
-_FLAGGED_SCHEMA = RECORD_SCHEMA.append(pa.field("keyed_offset", pa.int64(), nullable=False))
-
-
-def velocity_flagged(flagged: Sequence[Mapping[str, Any]], limit: VelocityLimit | None) -> pa.Table:
-    """The velocity verdicts as the keyed rules' flagged clicks: the records (with their
-    ``keyed_offset``) plus ``rule_id`` and ``evidence``, the shape the rest of stage 2
-    takes whatever rule flagged a click. The evidence names the rule's threshold, not the
-    count when it was crossed (which depends on where a step happened to end)."""
-    frame = pl.DataFrame(list(flagged), schema=pl.Schema(_FLAGGED_SCHEMA))
-    rule_id = limit.rule_id if limit is not None else ""
-    threshold = limit.max_clicks_per_minute if limit is not None else 0
-    minute = pl.from_epoch(pl.col("ts_ms") - pl.col("ts_ms") % MINUTE_MS, time_unit="ms")
-    return frame.with_columns(
-        pl.lit(rule_id, pl.String).alias("rule_id"),
-        pl.concat_str(
-            pl.lit("ip "),
-            pl.col("ip"),
-            pl.lit(f": more than {threshold} clicks in minute "),
-            minute.dt.strftime("%Y-%m-%dT%H:%MZ"),
-        ).alias("evidence"),
-    ).to_arrow()
+def newly_corrected(verdicts: pa.Table) -> pa.Table:
+    """The verdicts that correct a click (not those moving a corrected click's reason)."""
+    return verdicts.filter(pc.is_null(verdicts["previous_rule_id"]))
 
 
 def count_by_rule(flagged: pa.Table) -> dict[str, int]:
-    """How many clicks each rule flagged (flagged clicks as :func:`velocity_flagged`)."""
+    """How many clicks each rule flagged."""
     counts = pc.value_counts(flagged["rule_id"])
     return {
         str(rule): int(n)
@@ -176,7 +140,7 @@ class KeyedStage:
         self.batch_records = batch_records
         self.counters = counters
         self.corrections = corrections
-        self.windows: dict[int, VelocityWindows] = {}
+        self.windows: dict[int, KeyedWindows] = {}
         self.consumed: dict[int, int] = {}
         self.recover()
 
@@ -195,7 +159,7 @@ class KeyedStage:
             until = stored.consumed_offset if stored is not None else 0
             specs = list(stored.specs) if stored is not None else []
             archived = self.corrections.next_offset(k) if self.corrections is not None else until
-            windows = VelocityWindows(self.horizon_ms)
+            windows = KeyedWindows(self.horizon_ms)
             at = self.reader.start_offset(k)
             if archived > until or (archived < min(at, until)):
                 raise RuntimeError(
@@ -210,10 +174,10 @@ class KeyedStage:
                 if at >= until:
                     break
                 in_force = [spec for start, spec in specs if start <= at]
-                limit = limit_of(in_force[-1] if in_force else current)
-                flagged = self._consume(k, windows, at, cut, limit)
-                if at >= archived and flagged:
-                    redo.append(self._correction_rows(k, velocity_flagged(flagged, limit), limit))
+                rules = rules_of(in_force[-1] if in_force else current)
+                verdicts = newly_corrected(self._consume(k, windows, at, cut, rules))
+                if at >= archived and verdicts.num_rows:
+                    redo.append(self._correction_rows(k, verdicts, rules))
                 at = cut
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
@@ -227,11 +191,11 @@ class KeyedStage:
             self.corrections.maybe_flush()
 
     def _consume(
-        self, k: int, windows: VelocityWindows, lo: int, hi: int, limit: VelocityLimit | None
-    ) -> list[dict[str, Any]]:
-        """Feed the records of keyed offsets [lo, hi) to ``windows``; what they flag (each
-        record with its ``keyed_offset``)."""
-        flagged: list[dict[str, Any]] = []
+        self, k: int, windows: KeyedWindows, lo: int, hi: int, rules: KeyedRules
+    ) -> pa.Table:
+        """Feed the records of keyed offsets [lo, hi) to ``windows``, each with its
+        ``keyed_offset``, in one consume per read; their verdicts."""
+        verdicts: list[pa.Table] = []
         at = lo
         while at < hi:
             frames = self.reader.read(k, at, min(self.batch_records, hi - at))
@@ -240,29 +204,29 @@ class KeyedStage:
                     f"keyed partition {k}: the keyed log ends at {at} but the store "
                     f"consumed up to {hi}"
                 )
+            parts = []
             for frame in frames:
                 records = decode_records(frame.payload)
                 offsets = np.arange(frame.base_offset, frame.base_offset + records.num_rows)
                 records = records.append_column("keyed_offset", pa.array(offsets, pa.int64()))
                 skip = max(0, at - frame.base_offset)
-                rows = records.slice(skip, max(0, hi - frame.base_offset - skip)).to_pylist()
-                flagged += windows.consume(rows, limit)
+                parts.append(records.slice(skip, max(0, hi - frame.base_offset - skip)))
                 at = min(frame.end_offset, hi)
-        return flagged
+            verdicts.append(windows.consume(pa.concat_tables(parts), rules))
+        return pa.concat_tables(verdicts)
 
-    def _correction_rows(self, k: int, flagged: pa.Table, limit: VelocityLimit | None) -> pa.Table:
-        reasons = {limit.rule_id: limit.reason} if limit is not None else {}
+    def _correction_rows(self, k: int, flagged: pa.Table, rules: KeyedRules) -> pa.Table:
         return correction_rows(
             flagged,
             keyed_partition=k,
-            reasons=reasons,
+            reasons={rule.rule_id: rule.reason for rule in rules.rules},
             corrected_at_ms=self.clock.now_ms(),
         )
 
     def step(self) -> int:
         """Steps 1-5 over every keyed partition with new records; returns how many."""
         spec = spec_json(self.rules.current())
-        limit = limit_of(spec)
+        rules = rules_of(spec)
         commits: list[KeyedCommit] = []
         corrected: list[pa.Table] = []
         for k, windows in self.windows.items():
@@ -271,12 +235,11 @@ class KeyedStage:
             if not frames:
                 continue
             end = frames[-1].end_offset
-            flagged = self._consume(k, windows, start, end, limit)
-            rule_id = limit.rule_id if limit is not None else ""
-            minute, dimensions = correction_deltas(flagged, rule_id)
-            marked = velocity_flagged(flagged, limit)
-            if flagged:
-                corrected.append(self._correction_rows(k, marked, limit))
+            verdicts = self._consume(k, windows, start, end, rules)
+            minute, dimensions = correction_deltas(verdicts)
+            fresh = newly_corrected(verdicts)
+            if fresh.num_rows:
+                corrected.append(self._correction_rows(k, fresh, rules))
             commits.append(
                 KeyedCommit(
                     keyed_partition=k,
@@ -285,11 +248,11 @@ class KeyedStage:
                     high_water=dict(windows.high_water),
                     minute_deltas=minute,
                     dimension_deltas=dimensions,
-                    corrections=len(flagged),
+                    corrections=corrections(verdicts),
                     committed_at_ms=self.clock.now_ms(),
                     spec_json=spec,
                     replay_from=self.reader.start_offset(k),
-                    corrections_by_rule=count_by_rule(marked),
+                    corrections_by_rule=count_by_rule(fresh),
                 )
             )
         if not commits:

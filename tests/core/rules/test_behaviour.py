@@ -144,6 +144,20 @@ def test_ip_ad_spread_counts_distinct_ads_in_the_window_ending_at_each_click(see
         assert f"ip {rows[i]['ip']}: {n} distinct ads clicked in the 5 min" in got[i]
 
 
+def test_the_sliding_rules_keep_each_address_to_its_own_clicks() -> None:
+    """``rolling`` returns its groups in an order of its own: counts set back by position
+    landed on another address's clicks (here the single click of 198.51.100.3)."""
+    rows = [
+        {"event_type": "click", "ip": "203.0.113.1", "ad_id": f"ad{n}", "ts_ms": T}
+        for n in range(3)
+    ]
+    rows.append({"event_type": "click", "ip": "198.51.100.3", "ad_id": "ad0", "ts_ms": T})
+    spread = RuleSpec("spread", "ip_ad_spread", "spread", {"max_ads": 2, "window_minutes": 2})
+    volume = RuleSpec("vol", "ip_click_volume", "volume", {"max_clicks": 2, "window_hours": 1})
+    assert sorted(flagged(spread, rows)) == [0, 1, 2]
+    assert sorted(flagged(volume, rows)) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_ip_click_volume_counts_an_addresses_clicks_over_hours(seed: int) -> None:
     rows = random_rows(seed, 300, 6 * HOUR_MS)

@@ -4,9 +4,10 @@ impression, an ad's CTR spiking.
 
 Each is *keyed* (:mod:`.velocity`): its verdict on a click depends on other events of the
 same user, address or ad, which the stream's partitions split, so the batch layer applies
-them. Each is a :class:`~clickagg.core.rules.base.FrameMatcher`: it sees impressions too and
-declares the lookback of earlier events it needs, which the batch layer supplies across the
-hour boundary (a repeat click at ``:00:05`` of one at ``:59:55``).
+them (and, for ``ip_ad_spread``, keyed by the address alone, the stream's keyed stage too:
+``clickagg.core.keyed``). Each is a :class:`~clickagg.core.rules.base.FrameMatcher`: it
+sees impressions too and declares the lookback of earlier events it needs, which the batch
+layer supplies across the hour boundary (a repeat click at ``:00:05`` of one at ``:59:55``).
 
 A *visitor* is the user (``user_id``), or where the event has none, the address and user
 agent together (``ip`` + ``user_agent``); an event with neither is not judged by the rules
@@ -172,10 +173,13 @@ def _sliding_per_ip(
         .select("_row", "ip", "ad_id", "ts_ms")
         .sort("ip", "ts_ms", maintain_order=True)
     )
-    windowed = clicks.rolling(
-        index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip"
-    ).agg(measure.alias("_n"))
-    counted = clicks.with_columns(windowed["_n"]).filter(pl.col("_n") > limit)
+    windowed = (
+        clicks.rolling(index_column="ts_ms", period=f"{window_ms}i", closed="both", group_by="ip")
+        .agg(measure.alias("_n"))
+        .unique(["ip", "ts_ms"])  # equal times share one window
+    )
+    # Joined, not set by position: ``rolling`` returns its groups in an order of its own.
+    counted = clicks.join(windowed, on=["ip", "ts_ms"], how="left").filter(pl.col("_n") > limit)
     evidence = counted.select(
         pl.concat_str(
             pl.lit("ip "),
@@ -359,7 +363,7 @@ def ctr_spike(spec: RuleSpec) -> FrameMatcher:
         ).agg(pl.col("_c").sum().alias("_bc"), pl.col("_i").sum().alias("_bi"))
         c, i = pl.col("_c").cast(pl.Float64), pl.col("_i").cast(pl.Float64)
         bc, bi = pl.col("_bc").cast(pl.Float64) + 1, pl.col("_bi").cast(pl.Float64)
-        spikes = counts.with_columns(baseline["_bc"], baseline["_bi"]).filter(
+        spikes = counts.join(baseline, on=["ad_id", "_hour"], how="left").filter(
             (pl.col("_c") >= params.min_clicks)
             & (pl.col("_bi") > 0)
             & (c * bi > params.factor * bc * i)

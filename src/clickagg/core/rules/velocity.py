@@ -6,7 +6,8 @@ exactly. Such rules are *keyed*: the batch layer applies them (it reads the whol
 from the archive), and a restated hour removes what they flag from billing. A partition's
 worker skips them (``RuleSet.stream_rules``); with the ``keyed_stage`` setting on, the
 stream's keyed second stage (``clickagg.core.keyed``: an internal log partitioned by IP)
-applies this one with the same spec and corrects the counts.
+applies the rules keyed by IP (this one and ``ip_ad_spread``) with the same specs and
+corrects the counts.
 """
 
 from __future__ import annotations
