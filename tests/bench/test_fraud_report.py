@@ -17,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "talkingdata_train_sample.csv"
-ROWS = 3_000
+ROWS = 6_000
+HOURS = 24
 DAY_MS = 86_400_000
 
 pytestmark = pytest.mark.skipif(
@@ -42,50 +43,60 @@ def bench_module() -> ModuleType:
 
 VOLUME = """\
 [[rules]]
-id = "ip-click-volume-5"
+id = "ip-click-volume-2"
 kind = "ip_click_volume"
 reason = "sustained clicks from one address"
 [rules.params]
-max_clicks = 5
+max_clicks = 2
 window_hours = 24
 """
 
 
-def plain_rows() -> list[dict[str, Any]]:
-    """The same rows, read without polars' help: one dict per row, exact ones merged."""
+def ts(row: dict[str, Any]) -> int:
+    return calendar.timegm(time.strptime(row["click_time"], "%Y-%m-%d %H:%M:%S")) * 1000
+
+
+def plain_rows() -> tuple[int, list[dict[str, Any]]]:
+    """The same rows, read without polars' help: the first ROWS lines, of those the ones of
+    the first HOURS hours, exact copies merged (one dict per distinct line)."""
     lines = DATA.read_text().splitlines()
     header = lines[0].split(",")
-    seen: dict[str, dict[str, Any]] = {}
-    for line in lines[1 : ROWS + 1]:
-        row = dict(zip(header, line.split(","), strict=True))
-        seen.setdefault(line, row)
-    return list(seen.values())
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1 : ROWS + 1]]
+    first = min(map(ts, rows))
+    end = first - first % 3_600_000 + HOURS * 3_600_000
+    kept = [
+        (line, row) for line, row in zip(lines[1 : ROWS + 1], rows, strict=True) if ts(row) < end
+    ]
+    return len(kept), list(dict(kept).values())
 
 
 def test_the_report_counts_what_a_plain_count_of_the_rows_gives(tmp_path: Path) -> None:
     module = bench_module()
-    result = module.run(DATA, ROWS, tmp_path, candidates=VOLUME)
-    rows = plain_rows()
-    assert result["rows"] == ROWS
+    result = module.run(DATA, ROWS, tmp_path, candidates=VOLUME, hours=HOURS)
+    sent, rows = plain_rows()
+    assert result["rows"] == sent
     assert result["distinct_ids"] == len(rows)
     downloads = sum(int(r["is_attributed"]) for r in rows)
     assert result["downloads"] == downloads
     # No user agents and no bursts at this size: the stream counts every distinct click.
     assert result["fates"] == {"counted": len(rows)} | (
-        {"duplicate": ROWS - len(rows)} if len(rows) < ROWS else {}
+        {"duplicate": sent - len(rows)} if len(rows) < sent else {}
     )
 
-    # Per-address volume: a click is flagged when its address clicked more than 5 times
+    # Per-address volume: a click is flagged when its address clicked more than 2 times
     # in the 24 h up to it (that click included), counted here by brute force.
-    def ts(row: dict[str, Any]) -> int:
-        return calendar.timegm(time.strptime(row["click_time"], "%Y-%m-%d %H:%M:%S")) * 1000
-
+    times = [ts(r) for r in rows]
     flagged = [
         r
-        for r in rows
-        if sum(1 for o in rows if o["ip"] == r["ip"] and ts(r) - DAY_MS <= ts(o) <= ts(r)) > 5
+        for r, t in zip(rows, times, strict=True)
+        if sum(
+            1
+            for o, u in zip(rows, times, strict=True)
+            if o["ip"] == r["ip"] and t - DAY_MS <= u <= t
+        )
+        > 2
     ]
-    [volume] = [f for f in result["batch"] if f["rule"] == "batch: ip-click-volume-5 alone"]
+    [volume] = [f for f in result["batch"] if f["rule"] == "batch: ip-click-volume-2 alone"]
     assert volume["flagged"] == len(flagged) > 0
     flagged_downloads = sum(int(r["is_attributed"]) for r in flagged)
     assert volume["flagged_download_rate"] == pytest.approx(flagged_downloads / len(flagged))
