@@ -2,7 +2,10 @@
 
 Impressions outnumber clicks (CTR 1-8 % per ad), users repeat, a few user agents dominate,
 ad servers retransmit (duplicates with the same id), mobile clients deliver late, and now
-and then a line is malformed. Deterministic for a given seed.
+and then a line is malformed. Optionally (the demo) invalid traffic too: clicks from
+declared crawlers and scripts (``bot_rate``), and a click burst from one address
+(``burst_clicks`` per batch, over a minute far more than the built-in velocity limit).
+Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ USER_AGENTS = (
     "Version/17.4 Mobile/15E148 Safari/604.1",
     "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
 )
+# Declared crawlers and non-browser clients: the built-in user-agent rules flag them.
+BOT_AGENTS = (
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+    "python-requests/2.31.0",
+    "curl/8.4.0",
+)
+BURST_IP = "198.51.100.23"
 COUNTRIES = ("US", "US", "US", "GB", "DE", "FR", "IN", "BR", "JP", "CA")
 _encoder = msgspec.json.Encoder()
 
@@ -37,6 +48,8 @@ class TrafficMix:
     late_rate: float = 0.02
     malformed_rate: float = 0.005
     spread_ms: int = 60_000  # normal events are up to this old
+    bot_rate: float = 0.0  # share of new events that are clicks from a crawler or script
+    burst_clicks: int = 0  # clicks from BURST_IP added to each batch
 
 
 class TrafficGenerator:
@@ -47,6 +60,10 @@ class TrafficGenerator:
         self.ctr = {f"ad-{n:04d}": self.random.uniform(0.01, 0.08) for n in range(self.mix.ads)}
         self.ad_ids = list(self.ctr)
         self._sent: list[dict[str, object]] = []
+        self.bot_clicks = 0  # distinct invalid clicks made (their copies aside)
+        self.burst_clicks = 0
+        self._burst_minute = -1
+        self._burst_since = -60_000
 
     def event(self, now_ms: int) -> dict[str, object]:
         rnd = self.random
@@ -55,7 +72,8 @@ class TrafficGenerator:
             return dict(rnd.choice(self._sent[-1000:]))
         self.sequence += 1
         ad_id = rnd.choice(self.ad_ids)
-        is_click = rnd.random() < self.ctr[ad_id]
+        is_bot = mix.bot_rate > 0 and rnd.random() < mix.bot_rate
+        is_click = is_bot or rnd.random() < self.ctr[ad_id]
         if rnd.random() < mix.late_rate:
             ts_ms = now_ms - rnd.randint(6 * 60_000, 20 * 60_000)
         else:
@@ -73,14 +91,42 @@ class TrafficGenerator:
         }
         if is_click:
             event["cost_micros"] = rnd.choice((250_000, 500_000, 1_200_000))
+        if is_bot:
+            event["event_id"] = f"b-{self.sequence}"
+            event["user_agent"] = rnd.choice(BOT_AGENTS)
+            self.bot_clicks += 1
         self._sent.append(event)
         if len(self._sent) > 5000:
             del self._sent[:1000]
         return event
 
+    def burst_click(self, now_ms: int) -> dict[str, object]:
+        """One click of the one-address burst: a script clicking the top ads, stamping its
+        clicks with the UTC minute it started in for a whole minute (a minute begun at its
+        end would get too few to cross a limit), times never in the future."""
+        if now_ms - self._burst_since >= 60_000:
+            self._burst_since = now_ms
+            self._burst_minute = now_ms - now_ms % 60_000
+        self.sequence += 1
+        self.burst_clicks += 1
+        ad_id = self.ad_ids[self.random.randrange(3)]
+        return {
+            "event_type": "click",
+            "event_id": f"x-{self.sequence}",
+            "ad_id": ad_id,
+            "advertiser_id": f"adv-{int(ad_id[3:]) % 7}",
+            "user_id": f"ux-{self.sequence}",  # a script: no user repeats, no one else's
+            "timestamp": self._burst_minute
+            + self.random.randrange(min(60_000, now_ms - self._burst_minute + 1)),
+            "ip": BURST_IP,
+            "user_agent": USER_AGENTS[0],
+            "country": "US",
+            "cost_micros": 500_000,
+        }
+
     def ndjson(self, count: int, now_ms: int) -> bytes:
         """A batch body; a few lines are malformed on purpose."""
-        lines = []
+        lines = [_encoder.encode(self.burst_click(now_ms)) for _ in range(self.mix.burst_clicks)]
         for _ in range(count):
             if self.random.random() < self.mix.malformed_rate:
                 lines.append(b'{"event_type": "click", "ad_id": "ad-0001", "timestamp": "soon"}')

@@ -165,13 +165,14 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert 1 <= len(top) <= 10 and all(int(c[1].replace(",", "")) > 0 for c in top)
     # the traffic table: every fate with its count, and the counts add up
     fates = {c[0]: int(c[1].replace(",", "")) for c in cells if len(c) == 2 and c[1][:1].isdigit()}
-    assert set(fates) == {
+    assert set(fates) >= {
         "sent",
         "rejected at ingest (malformed)",
         "accepted (durable, 202)",
         "counted (clicks + impressions)",
         "duplicates dropped",
         "late (to the late log)",
+        "invalid at once (stage-1 rules)",
     }
     assert (
         fates["sent"] == fates["accepted (durable, 202)"] + fates["rejected at ingest (malformed)"]
@@ -180,4 +181,15 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     duplicates, late = fates["duplicates dropped"], fates["late (to the late log)"]
     # the generator sends about 10% duplicates and 2% late events: the demo reads them
     assert counted > 0 and duplicates > 0 and late > 0
-    assert counted + duplicates + late <= fates["accepted (durable, 202)"]
+    invalid = fates["invalid at once (stage-1 rules)"]
+    assert counted + duplicates + late + invalid <= fates["accepted (durable, 202)"]
+    # the invalid-traffic table: the bots by the user-agent rules, the one-address burst by
+    # the keyed stage's velocity rule, every click of each, and no ordinary click
+    assert "Invalid clicks (flagged with a reason, not billed)" in " ".join(lines)
+    sums = {c[0]: int(c[1].replace(",", "")) for c in cells if len(c) == 2 and c[1][:1].isdigit()}
+    bots, burst = sums["sent as crawler or script clicks"], sums["sent as a one-address burst"]
+    assert bots > 0 and burst > 60
+    assert sums.get("declared-crawler", 0) + sums.get("non-browser-client", 0) == bots
+    assert sums["ip-click-velocity"] == burst
+    assert sums["all invalid clicks"] == bots + burst
+    assert "Ordinary clicks flagged: 0 " in out
