@@ -145,6 +145,10 @@ def reference(events: list[Ev]) -> dict[str, Counter[Key]]:
     return {name: +counter for name, counter in out.items()}
 
 
+KEYED_SEGMENT_BYTES = 4096  # a few frames of records each
+KEYED_SNAPSHOT_RECORDS = 60
+
+
 class KeyedRig:
     """A worker process with the keyed stage on, in a temp dir; :meth:`restart` is a kill -9
     and a fresh start on the same files."""
@@ -173,6 +177,7 @@ class KeyedRig:
         )
         self.clock = FixedClock(T0 + 10 * MINUTE_MS)
         self.crash = crash or Crash()
+        self.trimmed = 0  # keyed log segments deleted behind stage 2's snapshots
         self._open()
         self.start()
 
@@ -186,9 +191,16 @@ class KeyedRig:
             s.corrections_dir, flush_events=50, flush_interval_ms=0
         )
         self.counters = InMemoryCounters(retain_ms=DAY)
+        # Small segments, trimmed as soon as stage 2's snapshots allow (as the worker
+        # does): recovery must start from a snapshot.
         self.keyed_writer = SegmentLogWriter(
-            s.keyed_dir / "log", s.keyed_partitions, retention_ms=DAY, retention_bytes=2**40
+            s.keyed_dir / "log",
+            s.keyed_partitions,
+            segment_bytes=KEYED_SEGMENT_BYTES,
+            retention_ms=0,
+            retention_bytes=0,
         )
+        self.keyed_snapshots = SnapshotStore(s.keyed_dir / "snapshots")
         self.keyed_reader = SegmentLogReader(s.keyed_dir / "log")
         self.appender = KeyedAppender(
             self.keyed_writer, s.keyed_dir / "stage1.json", self.store.committed_offsets()
@@ -230,6 +242,9 @@ class KeyedRig:
             batch_records=29,
             counters=self.counters,
             corrections=self.corrections,
+            snapshots=self.keyed_snapshots,
+            trim=self._trim,
+            snapshot_records=KEYED_SNAPSHOT_RECORDS,
         )
         wrap = self.crash.wrap
         wrap(self.store, "commit_many", after="after-commit")
@@ -239,6 +254,7 @@ class KeyedRig:
         wrap(self.store, "commit_keyed", before="keyed-before-commit", after="keyed-after-commit")
         wrap(self.store, "_apply_keyed", after="keyed-inside-commit")
         wrap(self.counters, "apply", after="after-counters")
+        wrap(self.keyed_snapshots, "save", before="keyed-before-snapshot", after="keyed-snapshot")
         wrap(self.corrections, "append", after="corrections-after-append")
         wrap(
             self.corrections,
@@ -247,6 +263,11 @@ class KeyedRig:
             after="corrections-after-publish",
         )
         self.crash.rearm()
+
+    def _trim(self, partition: int, keep_from: int) -> int:
+        deleted = self.keyed_writer.apply_retention(partition, keep_from=keep_from, now_ms=0)
+        self.trimmed += deleted
+        return deleted
 
     def restart(self) -> None:
         self.crash.armed = False
@@ -444,6 +465,8 @@ CRASH_POINTS = [
     "corrections-after-append",  # corrections buffered, not published
     "corrections-before-publish",  # files written, manifest not
     "corrections-after-publish",
+    "keyed-before-snapshot",
+    "keyed-snapshot",  # saved: the next restart starts from it
 ]
 
 
@@ -460,6 +483,34 @@ def test_a_crash_between_any_two_steps_changes_nothing(
         assert counts.get(name, Counter()) == expected[name], name
     assert realtime == _sums(counts)
     assert sum(x.corrections for x in progress.values()) == 300 + LIMIT + 1
+
+
+def test_a_restart_starts_from_stage_twos_snapshot_behind_which_the_keyed_log_is_trimmed(
+    tmp_path: Path, traffic: list[Ev]
+) -> None:
+    rig = KeyedRig(tmp_path, partitions=4, keyed_partitions=3)
+    try:
+        half = len(traffic) // 2
+        rig.send(traffic[:half])
+        rig.run()
+        assert rig.trimmed > 0  # segments stage 2 no longer needs are gone
+        starts = {k: rig.keyed_reader.start_offset(k) for k in range(3)}
+        assert any(starts.values())
+        rig.restart()
+        # Recovery began at a snapshot (the records before it are gone: it had to).
+        began = {k: at for k, (at, _) in rig.stage._snapshotted.items()}
+        assert all(began[k] >= starts[k] for k in starts) and any(began.values())
+        rig.send(traffic[half:])
+        rig.run()
+        rig.corrections.flush()
+        counts, realtime, progress = rig.counts(), rig.realtime(), rig.store.keyed_progress()
+    finally:
+        rig.close()
+    check_corrections(rig.corrected(), traffic, progress, tmp_path)
+    expected = reference(traffic)
+    for name in ("clicks", "spend_micros", "invalid_clicks", f"reason {RULE}"):
+        assert counts.get(name, Counter()) == expected[name], name
+    assert realtime == _sums(counts)
 
 
 def test_records_appended_twice_are_consumed_once(tmp_path: Path, traffic: list[Ev]) -> None:

@@ -61,6 +61,11 @@ class ArchiveWriter(Protocol):
         """The offset the next appended decisions of ``partition`` must start at."""
         ...
 
+    def published_offset(self, partition: int) -> int:
+        """What a restart finds archived: decisions of ``partition`` below this offset are
+        durable and visible (``next_offset`` counts the buffered ones too)."""
+        ...
+
     def append(self, decisions: pa.Table, ranges: Mapping[int, tuple[int, int]]) -> None:
         """Take the decisions (``clickagg.core.decisions.DECISION_SCHEMA``) of the offset
         ranges ``{partition: (from, to)}``. Rows below a partition's ``next_offset`` are

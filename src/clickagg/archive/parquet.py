@@ -320,6 +320,9 @@ class ParquetArchiveWriter:
     def next_offset(self, partition: int) -> int:
         return self._next.get(partition, 0)
 
+    def published_offset(self, partition: int) -> int:
+        return self._view.offsets.get(partition, 0)
+
     def append(self, decisions: pa.Table, ranges: Mapping[int, tuple[int, int]]) -> None:
         self._check_not_failed()
         fresh: dict[int, tuple[int, int]] = {}

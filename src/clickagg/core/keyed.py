@@ -296,6 +296,23 @@ class KeyedWindows:
         )
         return verdicts.to_arrow().cast(VERDICT_SCHEMA)
 
+    def kept(self) -> pl.DataFrame:
+        """The state besides the marks: the records kept, each with the rule it stands
+        corrected under (what a snapshot saves)."""
+        return self._kept
+
+    @classmethod
+    def restore(
+        cls, horizon_ms: int, *, high_water: dict[int, int], max_event_ms: int, kept: pl.DataFrame
+    ) -> KeyedWindows:
+        """The windows a snapshot saved (:meth:`kept` and the marks)."""
+        return cls(
+            horizon_ms,
+            high_water=dict(high_water),
+            max_event_ms=max_event_ms,
+            _kept=kept.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA),
+        )
+
     def _accept(self, batch: pl.DataFrame) -> pl.DataFrame:
         """The batch's records that are neither copies nor too late; moves the high-water
         marks and the newest event time."""

@@ -39,7 +39,8 @@ here and in the store (``spec_json`` / ``rules_of``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -52,13 +53,20 @@ from clickagg.core.keyed import KeyedRules, KeyedWindows, correction_deltas, cor
 from clickagg.core.rules.base import RuleSet
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.windows import MINUTE_MS
+from clickagg.keyed.snapshots import decode_windows, encode_windows
 from clickagg.keyed.stage1 import decode_records
 from clickagg.log.base import LogReader
 from clickagg.query.base import KeyedPartitionStatus, KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, KeyedCommit
+from clickagg.worker.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
+
+# A keyed partition's windows are saved after this many records consumed, or this long
+# after the last save once it consumed any: a restart replays at most about that much.
+SNAPSHOT_RECORDS = 200_000
+SNAPSHOT_SECONDS = 30.0
 
 
 def counter_key(keyed_partition: int) -> int:
@@ -131,7 +139,15 @@ class KeyedStage:
         batch_records: int = 50_000,
         counters: RealtimeCounters | None = None,
         corrections: ArchiveWriter | None = None,
+        snapshots: SnapshotStore | None = None,
+        trim: Callable[[int, int], object] | None = None,
+        snapshot_records: int = SNAPSHOT_RECORDS,
+        snapshot_seconds: float = SNAPSHOT_SECONDS,
     ) -> None:
+        """``snapshots``: where stage 2 saves its windows now and then, so that recovery
+        replays the keyed log from the newest usable one; ``trim(k, keep_from)`` then
+        deletes keyed partition k's whole segments below ``keep_from`` (the keyed log
+        writer's retention), which recovery never needs again."""
         self.reader = reader
         self.store = store
         self.rules = rules
@@ -140,8 +156,14 @@ class KeyedStage:
         self.batch_records = batch_records
         self.counters = counters
         self.corrections = corrections
+        self.snapshots = snapshots
+        self.trim = trim
+        self.snapshot_records = snapshot_records
+        self.snapshot_seconds = snapshot_seconds
         self.windows: dict[int, KeyedWindows] = {}
         self.consumed: dict[int, int] = {}
+        # per keyed partition: (consumed offset, monotonic time) of the last snapshot
+        self._snapshotted: dict[int, tuple[int, float]] = {}
         self.recover()
 
     def recover(self) -> None:
@@ -149,7 +171,9 @@ class KeyedStage:
         consumed offset the store holds (verdicts made then are already committed), each
         range under the spec the store recorded for it (before the first record: the spec
         in force now, as for a store of a build that recorded none); hand the corrections
-        of the replayed range past the corrections archive's end to it again."""
+        of the replayed range past the corrections archive's end to it again. The replay
+        starts at the newest snapshot at or before both the consumed offset and the
+        corrections archive's end, if there is one, else at the keyed log's start."""
         progress = self.store.keyed_progress()
         current = spec_json(self.rules.current())
         redo: list[pa.Table] = []
@@ -161,6 +185,19 @@ class KeyedStage:
             archived = self.corrections.next_offset(k) if self.corrections is not None else until
             windows = KeyedWindows(self.horizon_ms)
             at = self.reader.start_offset(k)
+            snapshot = (
+                self.snapshots.load_at_or_before(k, min(until, archived))
+                if self.snapshots is not None
+                else None
+            )
+            if snapshot is not None:
+                if snapshot[0] < at:
+                    raise RuntimeError(
+                        f"keyed partition {k}: its snapshot at {snapshot[0]} is behind the "
+                        f"keyed log's start {at}: the records between are gone"
+                    )
+                at, windows = snapshot[0], decode_windows(snapshot[1], self.horizon_ms)
+            self._snapshotted[k] = (at, time.monotonic())
             if archived > until or (archived < min(at, until)):
                 raise RuntimeError(
                     f"keyed partition {k}: corrections are archived up to {archived}, the "
@@ -276,12 +313,39 @@ class KeyedStage:
             rows = pa.concat_tables(corrected) if corrected else CORRECTION_SCHEMA.empty_table()
             self.corrections.append(rows, ranges)
             self.corrections.maybe_flush()
+        self._maintain()
         return sum(c.to_offset - c.from_offset for c in commits)
 
     def maybe_flush(self) -> None:
-        """A quiet stage still publishes the corrections it made."""
+        """A quiet stage still publishes the corrections it made, and saves its windows."""
         if self.corrections is not None:
             self.corrections.maybe_flush()
+        self._maintain()
+
+    def _maintain(self) -> None:
+        """Save the windows of partitions that consumed enough since their last snapshot,
+        then trim the keyed log below what a recovery could still need: the newest snapshot
+        at or before both the consumed offset and the corrections archive's published end
+        (a restart re-derives the corrections past that end from there)."""
+        if self.snapshots is None:
+            return
+        now = time.monotonic()
+        for k, consumed in self.consumed.items():
+            last, at = self._snapshotted.get(k, (0, now))
+            if consumed - last >= self.snapshot_records or (
+                consumed > last and now - at >= self.snapshot_seconds
+            ):
+                self.snapshots.save(k, consumed, encode_windows(self.windows[k]))
+                self._snapshotted[k] = (consumed, now)
+            if self.trim is not None:
+                published = (
+                    self.corrections.published_offset(k)
+                    if self.corrections is not None
+                    else consumed
+                )
+                keep_from = self.snapshots.oldest_needed(k, min(consumed, published))
+                if keep_from:
+                    self.trim(k, keep_from)
 
     def applied_offsets(self) -> Mapping[int, int]:
         """Per counter key, the keyed offsets the store holds: refilled counters start here."""

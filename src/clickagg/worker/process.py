@@ -34,7 +34,7 @@ from pathlib import Path
 from types import FrameType
 
 from clickagg.archive.base import ArchiveWriter
-from clickagg.clock import SystemClock
+from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.keyed.stage1 import KeyedAppender, retire_marker
@@ -138,12 +138,14 @@ class _Session:
             self._keyed_closers: list[Callable[[], None]] = []
             self.keyed_stage: KeyedStage | None = None
             if settings.keyed_stage:
+                # No age or size to wait for: stage 2 trims whole segments below what a
+                # recovery could need (its snapshots and the corrections archive's end).
                 keyed_writer = SegmentLogWriter(
                     settings.keyed_dir / "log",
                     settings.keyed_partitions,
                     segment_bytes=settings.segment_bytes,
-                    retention_ms=settings.retention_ms,
-                    retention_bytes=settings.retention_bytes,
+                    retention_ms=0,
+                    retention_bytes=0,
                 )
                 undo.callback(keyed_writer.close)
                 keyed = KeyedAppender(
@@ -186,6 +188,8 @@ class _Session:
                     batch_records=settings.micro_batch_events,
                     counters=self.counters,
                     corrections=self.corrections,
+                    snapshots=SnapshotStore(settings.keyed_dir / "snapshots"),
+                    trim=functools.partial(_trim_keyed_log, keyed_writer, clock),
                 )
             status: Callable[[], KeyedStatus] | None = None
             if keyed is not None:
@@ -294,6 +298,10 @@ class _Session:
             finally:
                 self.close()
         log.info("stopped")
+
+
+def _trim_keyed_log(writer: SegmentLogWriter, clock: Clock, partition: int, keep_from: int) -> int:
+    return writer.apply_retention(partition, keep_from=keep_from, now_ms=clock.now_ms())
 
 
 def _close_quietly(close: Callable[[], None], what: str) -> None:

@@ -1,0 +1,50 @@
+"""Stage 2's state on disk, so a restart replays seconds of the keyed log, not all of it,
+and the keyed log can be trimmed behind it.
+
+A snapshot of one keyed partition is its :class:`~clickagg.core.keyed.KeyedWindows` at a
+consumed offset: the records it keeps (an Arrow IPC stream, readable without clickagg)
+with the high-water marks and the newest event time in the schema's metadata. It is a
+function of the keyed log up to that offset and the specs the store recorded, so loading
+it and replaying from there gives exactly the state replaying from the log's start would.
+Files are written atomically and named by offset (``clickagg.worker.snapshots``); one
+taken ahead of what the store committed (the commit then lost) is never chosen.
+"""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pyarrow as pa
+
+from clickagg.core.keyed import KeyedWindows
+
+_META_KEY = b"clickagg.keyed_windows"
+
+
+def encode_windows(windows: KeyedWindows) -> bytes:
+    kept = windows.kept().to_arrow()
+    meta = {
+        "high_water": {str(p): o for p, o in sorted(windows.high_water.items())},
+        "max_event_ms": windows.max_event_ms,
+    }
+    kept = kept.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, kept.schema) as stream:
+        stream.write_table(kept)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def decode_windows(data: bytes, horizon_ms: int) -> KeyedWindows:
+    """The windows of a snapshot, keeping ``horizon_ms`` from now on (the setting's, which
+    may have changed since: records it no longer reaches are forgotten at the next step)."""
+    table = pa.ipc.open_stream(data).read_all()
+    meta = json.loads((table.schema.metadata or {})[_META_KEY])
+    kept = pl.from_arrow(table.replace_schema_metadata(None))
+    assert isinstance(kept, pl.DataFrame)
+    return KeyedWindows.restore(
+        horizon_ms,
+        high_water={int(p): int(o) for p, o in meta["high_water"].items()},
+        max_event_ms=int(meta["max_event_ms"]),
+        kept=kept,
+    )
