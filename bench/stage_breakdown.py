@@ -1,6 +1,7 @@
 """Where the time goes, stage by stage, in one process (no HTTP, no second process).
 
-Drives the same code paths as the server on TrafficGenerator events:
+Drives the same code paths as the server on --shape traffic (bench/traffic_shapes.py:
+production, the default: 10,000 Zipf ads, 1M users; or legacy: TrafficGenerator's 50 ads):
   ingest side, per request body: decode_many, normalize, then per group of --group bodies
     (as the group committer does) merge_columns + columns.encode, log append, log sync;
   worker side: the real ``PartitionWorker.step`` over the written log, its parts timed by
@@ -10,6 +11,7 @@ Run per micro-batch size (--micro-batch, comma-separated) on a fresh store, so t
 cost per commit shows beside the cost per event. --cprofile adds cProfile's top functions.
 
     .venv/bin/python bench/stage_breakdown.py [--events 400000] [--micro-batch 2000,20000,50000]
+        [--shape production|legacy] [--ads N] [--users N]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import traffic_shapes
 from clickagg.api.committer import merge_columns
 from clickagg.archive.parquet import ParquetArchiveWriter
 from clickagg.clock import SystemClock
@@ -285,6 +288,7 @@ def main() -> None:
         help="worker max events per partition per step (comma-separated runs)",
     )
     p.add_argument("--clean", action="store_true", help="no duplicates, late or malformed")
+    traffic_shapes.add_arguments(p)
     p.add_argument("--cprofile", action="store_true", help="print cProfile top functions")
     p.add_argument("--live-src", action="store_true", help="import the working tree")
     args = p.parse_args()
@@ -299,8 +303,14 @@ def main() -> None:
     common.print_machine(info)
     from clickagg.traffic import TrafficMix
 
+    [shape] = traffic_shapes.shapes_of(args)
     mix = TrafficMix(duplicate_rate=0, late_rate=0, malformed_rate=0) if args.clean else None
-    bodies = common.make_bodies(args.events, args.batch, seed=3, mix=mix)
+    clean = {"duplicate_fraction": 0.0, "late_fraction": 0.0} if args.clean else {}
+    traffic = traffic_shapes.build(
+        shape, args, args.events, args.batch, seed=3, legacy_mix=mix, **clean
+    )
+    bodies = traffic.bodies
+    print(traffic.description)
     results: dict[str, Any] = {"bench": "stage_breakdown", "machine": info, "params": vars(args)}
     profiler = cProfile.Profile() if args.cprofile else None
     sizes = [int(x) for x in args.micro_batch.split(",")]
