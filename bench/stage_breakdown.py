@@ -366,6 +366,8 @@ def main() -> None:
                     "store.commit",
                     *sql_keys,
                     "snapshot",
+                    "archive.append",
+                    "archive.flush",
                     "worker total",
                 ],
                 "worker total",
