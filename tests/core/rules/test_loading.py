@@ -84,8 +84,8 @@ def test_the_builtin_rules_load_from_the_package() -> None:
         "declared-crawler",
         "ip-blocklist",
         "ip-click-velocity",
+        "ip-ad-spread",  # the rules the keyed stage applies first: it names what it flags
         "repeat-click",
-        "ip-ad-spread",
     ]
     assert [r.name for r in rules.stream_rules] == [
         "non-browser-client",
@@ -144,8 +144,8 @@ def test_include_builtin_keeps_the_builtins_first_and_a_same_id_rule_replaces_on
         "non-browser-client",
         "ip-blocklist",
         "ip-click-velocity",
-        "repeat-click",
         "ip-ad-spread",
+        "repeat-click",
         "blocked",
     ]
 
