@@ -49,6 +49,12 @@ class Settings:
     # oldest buffered one has waited this long. The audit trail lags the counts by as much.
     archive_flush_events: int = 200_000
     archive_flush_interval_ms: int = 1_000
+    # The worker merges an event hour's small archive files into one once the hour is this
+    # long past its end and has this many of them (0: never); the files a merge replaces
+    # are deleted this long after it (readers that listed them can still read them).
+    archive_compact_files: int = 8
+    archive_compact_after_ms: int = 10 * MINUTE_MS
+    archive_compact_grace_ms: int = 60 * MINUTE_MS
     # The worker process compacts the store's appended deltas in the background this often,
     # or sooner once this many delta rows wait.
     compact_interval_ms: int = 2_000

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
+from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.batch.closer import REASON, RESTATED, closable_hours, close_due_hours
 from clickagg.batch.published import INPUTS, FinalHours, hour_name
+from clickagg.batch.runner import reconcile_hours
 from clickagg.config import Settings
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from tests.conftest import Ev
@@ -124,3 +127,71 @@ def test_an_hour_closed_before_inputs_were_recorded_is_not_restated_for_it(rig: 
     assert close_due_hours(settings, now + MINUTE_MS) == []
     assert final.inputs(HOUR) == inputs
     assert [v.version for v in final.versions(HOUR)] == [1]
+
+
+def test_compacting_a_closed_hours_archive_changes_nothing_and_restates_nothing(
+    rig: Rig,
+) -> None:
+    """The hour is closed from many small archive files; the archive then merges them.
+    The next passes restate nothing, a rerun finds the same rows, and a very late event
+    afterwards still restates the hour."""
+
+    def small_files_only() -> ParquetArchiveWriter:
+        return ParquetArchiveWriter(
+            rig.archive_dir, flush_events=5, flush_interval_ms=0, compact_files=0
+        )
+
+    rig.new_archive = small_files_only  # type: ignore[method-assign]
+    worker = rig.worker()
+    for start in range(0, 90, 5):  # a flush per round: many files of the hour
+        rig.append([Ev(f"e{i}", "ad-1", HOUR + i * MINUTE_MS) for i in range(start, start + 5)])
+        rig.drain(worker)
+        rig.archive.flush()
+    rig.archive.flush()
+    settings = rig.settings
+    reader = ParquetArchiveReader(settings.archive_dir)
+    small = reader.files(HOUR, HOUR + HOUR_MS)
+    assert len(small) >= 8
+    now = HOUR + HOUR_MS + settings.allowed_lateness_ms + settings.close_delay_ms
+    [closed] = close_due_hours(settings, now)
+    final = FinalHours(settings.batch_dir)
+    rows, inputs = final.read(HOUR), final.inputs(HOUR)
+    assert closed.clicks == 60 and rows is not None
+
+    rig.archive.close()
+    compactor = ParquetArchiveWriter(settings.archive_dir, compact_grace_ms=0)
+    assert compactor.compact() >= len(small)
+    compactor.close()
+    rig.archive = rig.new_archive()
+    assert len(reader.files(HOUR, HOUR + HOUR_MS)) < len(small)
+    assert not any(path.exists() for path in small)  # no grace: deleted at once
+
+    assert close_due_hours(settings, now + 5 * MINUTE_MS) == []  # not restated for it
+    [rerun] = reconcile_hours(settings, [HOUR], reason="rerun over the compacted archive")
+    assert rerun.published is None  # the same rows as the version closed before
+    assert (rerun.clicks, rerun.events) == (closed.clicks, closed.events)
+    current = final.read(HOUR)
+    assert current is not None and current.equals(rows)
+    assert final.inputs(HOUR) == inputs  # the same flushes, in fewer files
+    worker = rig.worker()
+    rig.append([Ev("very-late", "ad-1", HOUR + 10 * MINUTE_MS)])
+    rig.drain(worker)
+    rig.archive.flush()
+    [restated] = close_due_hours(settings, now + 10 * MINUTE_MS)
+    assert restated.clicks == 61 and restated.published is not None
+
+
+def test_inputs_an_older_clickagg_recorded_as_file_names_are_read_as_flushes(rig: Rig) -> None:
+    rig.append([Ev(f"e{i}", "ad-1", HOUR + i * MINUTE_MS) for i in range(30)])
+    rig.drain(rig.worker())
+    rig.archive.flush()
+    settings = rig.settings
+    now = HOUR + HOUR_MS + settings.allowed_lateness_ms + settings.close_delay_ms
+    close_due_hours(settings, now)
+    final = FinalHours(settings.batch_dir)
+    flushes = final.inputs(HOUR)
+    assert flushes
+    names = [f"{seq:012d}.parquet" for seq in flushes]
+    (settings.batch_dir / hour_name(HOUR) / INPUTS).write_text(json.dumps(names))
+    assert final.inputs(HOUR) == flushes
+    assert close_due_hours(settings, now + MINUTE_MS) == []

@@ -12,13 +12,22 @@ from clickagg.archive.parquet import CORRECTIONS, ParquetArchiveReader, ParquetA
 
 
 def corrections_writer(
-    directory: Path, *, flush_events: int = 200_000, flush_interval_ms: int = 2_000
+    directory: Path,
+    *,
+    flush_events: int = 200_000,
+    flush_interval_ms: int = 2_000,
+    compact_files: int = 8,
+    compact_after_ms: int = 10 * 60_000,
+    compact_grace_ms: int = 60 * 60_000,
 ) -> ParquetArchiveWriter:
     return ParquetArchiveWriter(
         directory,
         flush_events=flush_events,
         flush_interval_ms=flush_interval_ms,
         layout=CORRECTIONS,
+        compact_files=compact_files,
+        compact_after_ms=compact_after_ms,
+        compact_grace_ms=compact_grace_ms,
     )
 
 

@@ -39,7 +39,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,6 +62,8 @@ from clickagg.disk import OutOfSpaceError, mentions_out_of_space
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR: Final = "_manifest"
+_MAINTENANCE_EVERY_S: Final = 5.0
+_READ_ATTEMPTS: Final = 3
 INDEX_DIR: Final = "_index"
 ROW_GROUP_ROWS: Final = 16_384  # small enough that a lookup reads little, big enough to scan
 _ROW_MASK: Final = (1 << 32) - 1
@@ -183,6 +185,10 @@ class _ManifestView:
     A checkpoint (``<seq>.checkpoint.json``) holds the whole state up to its seq; once it
     is published the writer deletes the manifests it covers, so the directory stays small
     and a reader starts from the newest checkpoint plus the manifests after it.
+
+    A compaction's manifest adds one file that holds the rows of several published files
+    of an hour (its ``sources``: the flushes that wrote them) and retires those files: from
+    then on they are not listed, and the writer deletes them after the grace period.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -190,6 +196,10 @@ class _ManifestView:
         self.last_seq = 0
         self.offsets: dict[int, int] = {}
         self.by_hour: dict[int, list[str]] = {}  # event hour -> published files, relative
+        self.live: set[str] = set()  # the files by_hour lists
+        self.rows: dict[str, int] = {}  # file -> rows, where a manifest said
+        self.sources: dict[str, list[int]] = {}  # compacted file -> the flushes it holds
+        self.retired: dict[str, tuple[int, int]] = {}  # file -> (event hour, retired at ms)
 
     def refresh(self) -> None:
         for _attempt in range(10):
@@ -225,25 +235,79 @@ class _ManifestView:
     def _load_checkpoint(self, body: dict[str, Any]) -> None:
         self.offsets = {int(p): int(end) for p, end in body["offsets"].items()}
         self.by_hour = {int(hour): list(paths) for hour, paths in body["by_hour"].items()}
+        self.live = {path for paths in self.by_hour.values() for path in paths}
+        # Checkpoints of an older clickagg have no rows, sources or retired files.
+        self.rows = {path: int(rows) for path, rows in body.get("rows", {}).items()}
+        self.sources = {path: list(seqs) for path, seqs in body.get("sources", {}).items()}
+        self.retired = {
+            path: (int(hour), int(at)) for path, (hour, at) in body.get("retired", {}).items()
+        }
         self.last_seq = int(body["seq"])
 
     def add(self, seq: int, body: dict[str, Any]) -> None:
         for key, (_, hi) in body["ranges"].items():
             self.offsets[int(key)] = hi
         for entry in body["files"]:
-            self.by_hour.setdefault(int(entry["hour_ms"]), []).append(entry["path"])
+            path = entry["path"]
+            self.by_hour.setdefault(int(entry["hour_ms"]), []).append(path)
+            self.live.add(path)
+            self.rows[path] = int(entry["rows"])
+            if "sources" in entry:
+                self.sources[path] = [int(s) for s in entry["sources"]]
+        gone: dict[int, set[str]] = {}
+        for entry in body.get("retired", []):
+            hour = int(entry["hour_ms"])
+            gone.setdefault(hour, set()).add(entry["path"])
+            self.retired[entry["path"]] = (hour, int(body["created_ms"]))
+        for hour, paths in gone.items():
+            self.by_hour[hour] = [p for p in self.by_hour.get(hour, []) if p not in paths]
+            self.live -= paths
         self.last_seq = seq
+
+    def forget(self, path: str) -> None:
+        """A retired file was deleted: nothing refers to it any more."""
+        self.retired.pop(path, None)
+        self.rows.pop(path, None)
+        self.sources.pop(path, None)
 
     def checkpoint(self) -> bytes:
         body = {
             "seq": self.last_seq,
             "offsets": {str(p): end for p, end in sorted(self.offsets.items())},
             "by_hour": {str(hour): paths for hour, paths in sorted(self.by_hour.items())},
+            "rows": self.rows,
+            "sources": self.sources,
+            "retired": {path: list(where) for path, where in self.retired.items()},
         }
         return json.dumps(body).encode()
 
     def paths(self, hour_ms: int) -> list[Path]:
         return [self.directory / path for path in self.by_hour.get(hour_ms, [])]
+
+    def flushes_of(self, relative: str) -> list[int]:
+        """The flushes whose rows a published (or retired) file holds: its own flush, or
+        for a compacted file, the flushes of the files it replaced."""
+        found = self.sources.get(relative)
+        return found if found is not None else [_seq_of(relative)]
+
+    def flushes(self, hour_ms: int) -> list[int]:
+        return sorted({s for path in self.by_hour.get(hour_ms, []) for s in self.flushes_of(path)})
+
+    def file_keys(self) -> npt.NDArray[np.uint64]:
+        """``event hour << 32 | seq`` of every published file and every retired one not
+        deleted yet: the index entries that may still be read."""
+        keys = [
+            (hour_ms // HOUR_MS) << 32 | _seq_of(path)
+            for hour_ms, paths in self.by_hour.items()
+            for path in paths
+        ]
+        keys += [(hour // HOUR_MS) << 32 | _seq_of(p) for p, (hour, _) in self.retired.items()]
+        return np.unique(np.array(keys, dtype=np.uint64))
+
+
+def _seq_of(relative: str) -> int:
+    """The seq in a data file's name (``hour=…/000000000042.parquet``)."""
+    return int(relative.rsplit("/", 1)[-1].split(".", 1)[0])
 
 
 def _index_runs(index_dir: Path) -> list[tuple[int, int, Path]]:
@@ -289,6 +353,10 @@ class ParquetArchiveWriter:
         merge_fan_in: int = 8,
         checkpoint_every: int = 256,
         layout: ArchiveLayout = DECISIONS,
+        compact_files: int = 8,
+        compact_after_ms: int = 10 * 60_000,
+        compact_grace_ms: int = HOUR_MS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = directory
         self.layout = layout
@@ -296,6 +364,16 @@ class ParquetArchiveWriter:
         self.flush_interval_ms = flush_interval_ms
         self.merge_fan_in = merge_fan_in
         self.checkpoint_every = checkpoint_every
+        # Compaction (see :meth:`compact`): 0 files turns it off.
+        self.compact_files = compact_files
+        self.compact_after_ms = compact_after_ms
+        self.compact_grace_ms = compact_grace_ms
+        # A merged file holds at most what a flush may: the disk reserve covers it.
+        self.compact_max_rows = 4 * flush_events
+        self._clock = clock
+        self._next_maintenance = 0.0
+        # A test's stand-in for a crash: called with each step's name (see _compact).
+        self._step: Callable[[str], None] = lambda step: None
         for sub in (MANIFEST_DIR, INDEX_DIR):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_writer(directory / MANIFEST_DIR / ".writer.lock")
@@ -310,7 +388,7 @@ class ParquetArchiveWriter:
         self._buffer_rows = 0
         self._buffer_since_ms: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive")
-        self._pending: Future[None] | None = None
+        self._pending: Future[Any] | None = None
         # A failed flush leaves a hole in what is published: nothing after it may be
         # published (a manifest's range end is the archived offset), so the writer stops.
         self._failed: BaseException | None = None
@@ -355,16 +433,31 @@ class ParquetArchiveWriter:
             self._buffer_since_ms = time.monotonic() * 1000
 
     def maybe_flush(self) -> None:
+        """Also starts the archive's maintenance (compaction, deleting retired files) in
+        the background now and then, when no flush is due or under way."""
         self._collect()
-        if not self._buffer_ranges:
-            return
         now_ms = time.monotonic() * 1000
         waited = now_ms - (self._buffer_since_ms or now_ms)
-        if self._buffer_rows < self.flush_events and waited < self.flush_interval_ms:
+        due = bool(self._buffer_ranges) and (
+            self._buffer_rows >= self.flush_events or waited >= self.flush_interval_ms
+        )
+        if not due:
+            self._maybe_maintain(now_ms / 1000)
             return
         if self._pending is not None and self._buffer_rows < 4 * self.flush_events:
             return  # one flush at a time; let the buffer grow a little meanwhile
         self._start_flush()
+
+    def compact(self) -> int:
+        """Compact every event hour that qualifies now, and delete the retired files whose
+        grace period is over; the number of files merged. What the background maintenance
+        does a piece at a time; tests and tools call it to have it done."""
+        self._wait()
+        self._check_not_failed()
+        merged = 0
+        while (done := self._maintain()) > 0:
+            merged += done
+        return merged
 
     def flush(self) -> None:
         if self._buffer_ranges:
@@ -417,6 +510,14 @@ class ParquetArchiveWriter:
                 "from what is published"
             ) from self._failed
 
+    def _maybe_maintain(self, now_s: float) -> None:
+        if self.compact_files <= 0 or self._pending is not None:
+            return
+        if now_s < self._next_maintenance:
+            return
+        self._next_maintenance = now_s + _MAINTENANCE_EVERY_S
+        self._pending = self._executor.submit(self._maintain)
+
     def _start_flush(self) -> None:
         self._wait()
         self._check_not_failed()
@@ -435,17 +536,7 @@ class ParquetArchiveWriter:
         for hour_ms, part in _split_by_hour(table):
             relative = f"{hour_dir(hour_ms)}/{_seq_name(seq)}.parquet"
             path = self.directory / relative
-            path.parent.mkdir(exist_ok=True)
-            _write_durably(
-                path,
-                lambda handle, part=part: pq.write_table(
-                    part,
-                    handle,
-                    compression="zstd",
-                    row_group_size=ROW_GROUP_ROWS,
-                    use_dictionary=list(self.layout.dictionary_columns),
-                ),
-            )
+            self._write_file(path, part)
             index_parts.append(_index_entries(part, seq, hour_ms))
             touched.add(path.parent)
             files.append({"path": relative, "hour_ms": hour_ms, "rows": part.num_rows})
@@ -524,6 +615,153 @@ class ParquetArchiveWriter:
         for path in (self.directory / MANIFEST_DIR).glob(".*.tmp"):
             path.unlink(missing_ok=True)
 
+    # -- compaction -----------------------------------------------------------------------
+
+    def _maintain(self) -> int:
+        """One piece of maintenance (on the archive thread, between flushes): delete the
+        retired files past their grace, then compact one group of small files; how many
+        files it merged (0: nothing to compact)."""
+        try:
+            self._delete_retired()
+            chosen = self._compaction_candidate()
+        except OSError as exc:  # maintenance is an optimization: the archive is whole
+            log.warning("archive maintenance failed: %s", exc)
+            return 0
+        if chosen is None:
+            return 0
+        hour_ms, paths = chosen
+        return len(paths) if self._compact(hour_ms, paths) else 0
+
+    def _compaction_candidate(self) -> tuple[int, list[str]] | None:
+        """The oldest event hour, settled (``compact_after`` past its end), with a run of
+        ``compact_files`` consecutive files that together hold at most
+        ``compact_max_rows``: that hour and that run (the first such, in flush order)."""
+        if self.compact_files <= 0:
+            return None
+        settled = self._clock() * 1000 - self.compact_after_ms
+        for hour_ms in sorted(self._view.by_hour):
+            paths = self._view.by_hour[hour_ms]
+            if hour_ms + HOUR_MS > settled or len(paths) < self.compact_files:
+                continue
+            run: list[str] = []
+            total = 0
+            for path in sorted(paths, key=_seq_of):
+                rows = self._rows(path)
+                if total + rows > self.compact_max_rows:
+                    if len(run) >= self.compact_files:
+                        return hour_ms, run
+                    run, total = [], 0
+                    if rows > self.compact_max_rows:
+                        continue  # big enough on its own
+                run.append(path)
+                total += rows
+            if len(run) >= self.compact_files:
+                return hour_ms, run
+        return None
+
+    def _rows(self, relative: str) -> int:
+        rows = self._view.rows.get(relative)
+        if rows is None:  # listed by an older clickagg's checkpoint: ask the file
+            rows = pq.ParquetFile(self.directory / relative).metadata.num_rows
+            self._view.rows[relative] = rows
+        return rows
+
+    def _compact(self, hour_ms: int, paths: list[str]) -> bool:
+        """Replace ``paths`` (published files of one event hour) by one file, in steps:
+
+        1. read their rows and sort them as the layout orders a scan;
+        2. write the merged file and its index run under the next seq, fsynced, as a flush
+           would (a crash before step 3 leaves them unpublished: the next writer deletes
+           them, and the small files stay published);
+        3. publish one manifest that adds the merged file and retires ``paths``: readers
+           that refresh from then on see the merged file instead, each row once; the
+           retired files stay readable for ``compact_grace`` (readers that listed them);
+        4. later, past the grace, delete them (:meth:`_delete_retired`; a crash before
+           that leaves them retired, and the next writer deletes them).
+
+        False if it failed before step 3 (nothing changed)."""
+        seq = self._seq + 1
+        relative = f"{hour_dir(hour_ms)}/{_seq_name(seq)}.parquet"
+        path = self.directory / relative
+        run_path = self.directory / INDEX_DIR / f"{_seq_name(seq)}-{_seq_name(seq)}.npy"
+        try:
+            table = pa.concat_tables(
+                [pq.read_table(self.directory / p, schema=self.layout.schema) for p in paths]
+            )
+            table = table.sort_by([(name, "ascending") for name in self.layout.sort_columns])
+            self._step("read")
+            self._write_file(path, table)
+            self._step("written")
+            run = _sorted_run([_index_entries(table, seq, hour_ms)])
+            _write_durably(run_path, lambda handle: np.save(handle, run))
+            _fsync_dir(path.parent)
+            _fsync_dir(run_path.parent)
+            self._step("indexed")
+        except Exception as exc:
+            # Nothing is published: take the files back and carry on without compacting
+            # (an optimization); a writer that cannot delete them stops, as after a failed
+            # flush, so that no later flush reuses the seq over leftovers.
+            try:
+                path.unlink(missing_ok=True)
+                run_path.unlink(missing_ok=True)
+            except OSError:
+                raise exc from None
+            log.warning("archive compaction of %s failed: %s", hour_dir(hour_ms), exc)
+            return False
+        sources = sorted({s for p in paths for s in self._view.flushes_of(p)})
+        manifest = {
+            "seq": seq,
+            "ranges": {},
+            "files": [
+                {"path": relative, "hour_ms": hour_ms, "rows": table.num_rows, "sources": sources}
+            ],
+            "retired": [{"path": p, "hour_ms": hour_ms} for p in paths],
+            "rows": 0,
+            "created_ms": int(self._clock() * 1000),
+        }
+        try:
+            self._seq = seq
+            self._publish_manifest(seq, json.dumps(manifest, indent=1).encode())
+            self._step("published")
+            self._view.add(seq, manifest)
+            if seq % self.checkpoint_every == 0:
+                self._checkpoint()
+        except BaseException as exc:
+            self._failed = exc  # published or not, this writer can no longer tell
+            raise
+        try:
+            self._merge_index_runs()
+        except OSError as exc:
+            log.warning("archive index merge failed: %s", exc)
+        self._delete_retired()
+        return True
+
+    def _delete_retired(self) -> None:
+        """Delete the retired files whose grace period is over."""
+        now_ms = self._clock() * 1000
+        due = [
+            path
+            for path, (_, retired_ms) in self._view.retired.items()
+            if now_ms - retired_ms >= self.compact_grace_ms
+        ]
+        for path in due:
+            (self.directory / path).unlink(missing_ok=True)
+            self._step("deleted")
+            self._view.forget(path)
+
+    def _write_file(self, path: Path, table: pa.Table) -> None:
+        path.parent.mkdir(exist_ok=True)
+        _write_durably(
+            path,
+            lambda handle: pq.write_table(
+                table,
+                handle,
+                compression="zstd",
+                row_group_size=ROW_GROUP_ROWS,
+                use_dictionary=list(self.layout.dictionary_columns),
+            ),
+        )
+
     def _merge_index_runs(self) -> None:
         """Merge ``merge_fan_in`` consecutive runs of one size tier into one run."""
         index_dir = self.directory / INDEX_DIR
@@ -539,6 +777,9 @@ class ParquetArchiveWriter:
                 continue
             chosen = [runs[i] for i in window]
             merged = np.concatenate([np.load(path) for _, _, path in chosen], axis=1)
+            # Entries of files that compaction retired and deleted are read by no one.
+            places = (merged[2] << np.uint64(32)) | (merged[1] >> np.uint64(32))
+            merged = merged[:, np.isin(places, self._view.file_keys())]
             order = np.argsort(merged[0], kind="stable")
             merged = np.ascontiguousarray(merged[:, order])
             name = f"{_seq_name(chosen[0][0])}-{_seq_name(chosen[-1][1])}.npy"
@@ -637,6 +878,14 @@ class ParquetArchiveReader:
     def lookup(self, event_id: str) -> list[dict[str, Any]]:
         """The layout's ``lookup_columns`` of every published row about ``event_id``, in
         the order they were published."""
+        for _attempt in range(_READ_ATTEMPTS - 1):
+            try:
+                return self._lookup(event_id)
+            except FileNotFoundError:
+                continue  # compacted and deleted under a stale listing: look again
+        return self._lookup(event_id)
+
+    def _lookup(self, event_id: str) -> list[dict[str, Any]]:
         with self._lock:
             self._view.refresh()
             found = []
@@ -649,6 +898,14 @@ class ParquetArchiveReader:
     def decisions(
         self, *, start_ms: int, end_ms: int, statuses: tuple[str, ...] | None = None
     ) -> pa.Table:
+        for _attempt in range(_READ_ATTEMPTS - 1):
+            try:
+                return self._decisions(start_ms, end_ms, statuses)
+            except FileNotFoundError:
+                continue  # compacted and deleted under a stale listing: list again
+        return self._decisions(start_ms, end_ms, statuses)
+
+    def _decisions(self, start_ms: int, end_ms: int, statuses: tuple[str, ...] | None) -> pa.Table:
         with self._lock:
             self._view.refresh()
             first = start_ms - start_ms % HOUR_MS
@@ -675,7 +932,8 @@ class ParquetArchiveReader:
 
     def files(self, start_ms: int, end_ms: int) -> list[Path]:
         """The published Parquet files of event hours overlapping [start_ms, end_ms): what
-        a batch engine (DuckDB, Spark) reads directly."""
+        a batch engine (DuckDB, Spark) reads directly. A compaction may retire them later;
+        they stay readable for the writer's ``compact_grace`` after that."""
         with self._lock:
             self._view.refresh()
             first = start_ms - start_ms % HOUR_MS
@@ -683,8 +941,36 @@ class ParquetArchiveReader:
                 path for hour in range(first, end_ms, HOUR_MS) for path in self._view.paths(hour)
             ]
 
+    def flushes(self, hour_ms: int) -> list[int]:
+        """The flushes whose decisions of the event hour are published, ascending: what
+        the hour holds, whichever files hold it (compaction merges files, not flushes)."""
+        with self._lock:
+            self._view.refresh()
+            return self._view.flushes(hour_ms)
+
+    def flushes_of(self, files: list[Path]) -> list[int]:
+        """The flushes whose decisions these files (as :meth:`files` listed them) hold,
+        ascending. A file retired so long ago that this reader no longer knows what it
+        replaced counts as its own seq."""
+        with self._lock:
+            return sorted(
+                {
+                    seq
+                    for path in files
+                    for seq in self._view.flushes_of(path.relative_to(self.directory).as_posix())
+                }
+            )
+
     def decisions_at(self, partition: int, start: int, end: int) -> pa.Table:
         """Scans every published file (a log repair's question, not a hot path)."""
+        for _attempt in range(_READ_ATTEMPTS - 1):
+            try:
+                return self._decisions_at(partition, start, end)
+            except FileNotFoundError:
+                continue  # compacted and deleted under a stale listing: list again
+        return self._decisions_at(partition, start, end)
+
+    def _decisions_at(self, partition: int, start: int, end: int) -> pa.Table:
         with self._lock:
             self._view.refresh()
             paths = [str(path) for hour in self._view.by_hour for path in self._view.paths(hour)]
@@ -736,9 +1022,10 @@ class ParquetArchiveReader:
         raise RuntimeError("archive index runs kept changing while being opened")
 
     def _read_row(self, seq: int, row: int, hour_ms: int) -> dict[str, Any] | None:
-        if seq > self._view.last_seq:
-            return None  # indexed by a flush that is not published (yet, or ever)
-        path = self.directory / hour_dir(hour_ms) / f"{_seq_name(seq)}.parquet"
+        relative = f"{hour_dir(hour_ms)}/{_seq_name(seq)}.parquet"
+        if relative not in self._view.live:
+            return None  # not published (yet, or ever), or retired by a compaction
+        path = self.directory / relative
         group = pq.ParquetFile(path).read_row_group(
             row // ROW_GROUP_ROWS, columns=list(self.layout.lookup_columns)
         )

@@ -7,8 +7,9 @@ allowed lateness), and the delay leaves the archive time to publish them. Hours 
 archived events, not closed yet and within ``close_lookback``, are closed oldest first.
 
 Very late events that arrive after an hour closed are restated the same way: every run
-records which of the hour's archive files it read (``FinalHours.record_inputs``), and a
-closed hour within the lookback whose archive has gained files since is reconciled again,
+records which of the archive's flushes of the hour it read (``FinalHours.record_inputs``;
+flushes, not files: the archive's compaction merges files without adding events), and a
+closed hour within the lookback whose archive has gained flushes since is reconciled again,
 which publishes a new version only if the rows change (a copy of an event already counted
 changes nothing; a very late event does). So are the closed hours whose rules' context
 (``RuleSet.lookback_ms``) holds such an hour: a late click at 10:59:55 makes one at
@@ -59,20 +60,20 @@ def restatable_hours(
     final: FinalHours,
     rules_lookback_ms: int = 0,
 ) -> list[int]:
-    """Closed hours within the lookback whose archive files are not the ones their latest
-    run read, and the closed hours whose rules' context holds one of those, oldest first.
-    A closed hour with no record of its inputs gets today's files recorded, not restated."""
+    """Closed hours within the lookback whose archived flushes are not the ones their
+    latest run read, and the closed hours whose rules' context holds one of those, oldest
+    first. A closed hour with no record of its inputs gets today's recorded, not restated."""
     due = due_hours(now_ms, settings, archived_hours=archive.event_hours())
     closed = [hour for hour in due if final.current(hour) is not None]
     changed = []
     for hour in closed:
-        files = sorted(f.name for f in archive.files(hour, hour + HOUR_MS))
+        flushes = archive.flushes(hour)
         recorded = final.inputs(hour)
         if recorded is None:
             # Closed before runs recorded their inputs (an older clickagg): take today's
-            # files as read. Restating it would re-bill an invoiced hour for no new event.
-            final.record_inputs(hour, files)
-        elif recorded != files:
+            # as read. Restating it would re-bill an invoiced hour for no new event.
+            final.record_inputs(hour, flushes)
+        elif recorded != flushes:
             changed.append(hour)
     return [
         hour

@@ -224,26 +224,29 @@ class FinalHours:
         os.replace(tmp, hdir / "report.parquet")
         _fsync_dir(hdir)
 
-    def record_inputs(self, hour_ms: int, archive_files: Sequence[str]) -> None:
-        """The hour's archive files (names) the latest run read: the closer restates a
-        closed hour when its archive holds files this list lacks (very late events)."""
+    def record_inputs(self, hour_ms: int, flushes: Sequence[int]) -> None:
+        """The archive flushes whose decisions of the hour the latest run read
+        (``ParquetArchiveReader.flushes_of``): the closer restates a closed hour when its
+        archive holds flushes this list lacks (very late events). Flushes, not file names:
+        a compaction merges an hour's files into a new one without adding a decision."""
         hdir = self.directory / hour_name(hour_ms)
         hdir.mkdir(parents=True, exist_ok=True)
         tmp = hdir / f".{INPUTS}.tmp"
-        tmp.write_text(json.dumps(sorted(archive_files)))
+        tmp.write_text(json.dumps(sorted(int(seq) for seq in flushes)))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, hdir / INPUTS)
         _fsync_dir(hdir)
 
-    def inputs(self, hour_ms: int) -> list[str] | None:
+    def inputs(self, hour_ms: int) -> list[int] | None:
         """What :meth:`record_inputs` recorded last; None before any run of this hour
-        recorded them."""
+        recorded them. An older clickagg recorded file names, ``<flush seq>.parquet``
+        (each file was one flush's then): they are read as those flushes."""
         try:
             names = json.loads((self.directory / hour_name(hour_ms) / INPUTS).read_text())
         except FileNotFoundError:
             return None
-        return [str(name) for name in names]
+        return sorted(n if isinstance(n, int) else int(str(n).split(".")[0]) for n in names)
 
     def read_report(self, hour_ms: int) -> pa.Table | None:
         try:

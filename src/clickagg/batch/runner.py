@@ -132,7 +132,9 @@ def reconcile_hours(
                             recent=recent,
                         )
                         runs.append(_publish(final, result, reason))
-                        final.record_inputs(hour_ms, _names_of_hour(files, hour_ms))
+                        final.record_inputs(
+                            hour_ms, archive.flushes_of(_files_of_hour(files, hour_ms))
+                        )
                         events += result.events
                         if progress is not None:
                             progress(
@@ -172,10 +174,10 @@ def _publish(final: FinalHours, result: HourResult, reason: str) -> HourRun:
     )
 
 
-def _names_of_hour(files: list[Path], hour_ms: int) -> list[str]:
-    """The names of the hour's own archive files among the period's."""
+def _files_of_hour(files: list[Path], hour_ms: int) -> list[Path]:
+    """The hour's own archive files among the period's."""
     directory = hour_dir(hour_ms)
-    return [f.name for f in files if f.parent.name == directory]
+    return [f for f in files if f.parent.name == directory]
 
 
 def _sum(table: pa.Table, column: str) -> int:

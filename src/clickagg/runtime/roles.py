@@ -45,6 +45,9 @@ def _parquet_writer(settings: Settings) -> ParquetArchiveWriter:
         settings.archive_dir,
         flush_events=settings.archive_flush_events,
         flush_interval_ms=settings.archive_flush_interval_ms,
+        compact_files=settings.archive_compact_files,
+        compact_after_ms=settings.archive_compact_after_ms,
+        compact_grace_ms=settings.archive_compact_grace_ms,
     )
 
 
@@ -78,6 +81,9 @@ CORRECTION_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {
         settings.corrections_dir,
         flush_events=settings.archive_flush_events,
         flush_interval_ms=settings.archive_flush_interval_ms,
+        compact_files=settings.archive_compact_files,
+        compact_after_ms=settings.archive_compact_after_ms,
+        compact_grace_ms=settings.archive_compact_grace_ms,
     ),
 }
 CORRECTION_READERS: Final[Mapping[str, Callable[[Settings], CorrectionReader]]] = {
