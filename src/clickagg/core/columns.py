@@ -193,15 +193,15 @@ class TextColumn(msgspec.Struct):
         """:meth:`concat` in plain Python: a group commit of single-event requests merges
         dozens of one-row columns per partition, where numpy's per-call costs (two calls
         per part) were most of the group's CPU."""
-        offsets = array("i", [0])
-        end = 0
-        for part, count in zip(parts, counts, strict=True):
-            if count == 1:
-                end += len(part.data)
-                offsets.append(end)
-            elif count:
-                offsets.extend([end + o for o in array("i", part.offsets)[1:]])
-                end += len(part.data)
+        if 0 not in counts and sum(counts) == len(counts):  # one row each: just lengths
+            offsets = array("i", accumulate([len(p.data) for p in parts], initial=0))
+        else:
+            offsets = array("i", [0])
+            end = 0
+            for part, count in zip(parts, counts, strict=True):
+                if count:
+                    offsets.extend([end + o for o in array("i", part.offsets)[1:]])
+                    end += len(part.data)
         valid = b""
         if any(p.valid for p in parts):
             valid = b"".join(
