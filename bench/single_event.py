@@ -9,10 +9,19 @@ on the same 2 cores as the server: its CPU share is reported.
 
 Targets, interleaved per repetition, each on a fresh process (clickagg: fresh data dir):
   clickagg   ``clickagg serve`` (uvicorn, uvloop, httptools; durable before 202)
+  base       the same, importing the src/ of ``--baseline REV`` (added when it is given)
+  batch      ``clickagg serve`` fed the same clicks as NDJSON ``POST /events/batch`` bodies
+             of ``--batch-events`` from ``--batch-connections`` keep-alive connections: what
+             one event costs when it is not alone (figures per event, not per request)
   bare-asgi  bench/bare_app.py:app under uvicorn with the same options (reads body, 202)
   starlette  bench/bare_app.py:starlette_app (a Starlette route, reads body, 202 JSON)
 
+"API µs/request" is the server process's CPU time (all its threads: event loop and group
+commit; /proc/<pid>/stat) over the measurement divided by the requests answered (events,
+for batch); the stream worker is a separate process and reported apart.
+
     .venv/bin/python bench/single_event.py [--connections 64] [--duration 8] [--repeat 3]
+        [--targets clickagg,base,batch] [--baseline REV]
         [--shape production|legacy] [--ads N] [--users N]
 """
 
@@ -27,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -160,8 +170,70 @@ def run_python_client(
     }
 
 
+def run_batches(
+    port: int, args: argparse.Namespace, duration: float, run_id: str
+) -> dict[str, Any]:
+    """NDJSON bodies of ``--batch-events`` clicks (the single-event load's fields, each
+    with a unique click_id) from ``--batch-connections`` threads for ``duration`` s."""
+    fields = Path(args.fields_file).read_text().splitlines() if args.fields_file else []
+    if not fields:  # legacy shape: one fixed tail
+        fields = [f'"ad_id":"ad-0001","advertiser_id":"adv-1","user_agent":"{UA}"}}']
+    deadline = time.perf_counter() + duration
+    lock = threading.Lock()
+    latencies: list[float] = []
+    totals = {"events": 0, "errors": 0}
+
+    def one(conn_id: int) -> None:
+        client = common.Client(port)
+        n = 0
+        try:
+            while time.perf_counter() < deadline:
+                now = int(time.time())
+                lines = []
+                for _ in range(args.batch_events):
+                    n += 1
+                    tail = fields[(n + conn_id * 7919) % len(fields)]
+                    lines.append(
+                        f'{{"click_id":"{run_id}-{conn_id}-{n}","event_type":"click",'
+                        f'"timestamp":{now},{tail}'
+                    )
+                body = ("\n".join(lines) + "\n").encode()
+                t = time.perf_counter()
+                status, data, _ = client.request(
+                    "POST", "/events/batch", body, "application/x-ndjson"
+                )
+                elapsed = time.perf_counter() - t
+                with lock:
+                    latencies.append(elapsed)
+                    if status == 202:
+                        totals["events"] += json.loads(data)["accepted"]
+                    else:
+                        totals["errors"] += 1
+        finally:
+            client.close()
+
+    t_cpu, t = time.process_time(), time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args.batch_connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t
+    return {
+        "requests": totals["events"],  # per event: the figures compare with one-event requests
+        "duration_us": wall * 1e6,
+        "status": totals["errors"],
+        "p50_us": common.percentile(latencies, 50) * 1e6,
+        "p90_us": common.percentile(latencies, 90) * 1e6,
+        "p99_us": common.percentile(latencies, 99) * 1e6,
+        "p999_us": common.percentile(latencies, 99.9) * 1e6,
+        "max_us": max(latencies) * 1e6,
+        "loadgen_cpu_s": time.process_time() - t_cpu,
+    }
+
+
 def make_server(target: str, env: dict[str, str], tmp: Path) -> common.ManagedProcess:
-    if target == "clickagg":
+    if target in ("clickagg", "base", "batch"):
         return common.ClickaggServer(partitions=8, env=env)
     port = common.free_port()
     app = {"bare-asgi": "bare_app:app", "starlette": "bare_app:starlette_app"}[target]
@@ -198,6 +270,8 @@ def measure(
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     load = run_wrk if args.client == "wrk" else run_python_client
+    if target == "batch":
+        load = run_batches
     server = make_server(target, env, tmp)
     spies: list[subprocess.Popen[bytes]] = []
     try:
@@ -230,6 +304,8 @@ def measure(
             common.stop_py_spy(spy)
         server.stop()
     seconds = result["duration_us"] / 1e6
+    per_request = seconds / max(1, result["requests"]) * 1e6  # µs of wall per request
+    cpu_us = {k: cpu.get(k, 0.0) * per_request for k in ("server", "worker")}
     cpu["loadgen"] = result["loadgen_cpu_s"] / seconds
     cpu["other_processes"] = max(0.0, cpu["other_processes"] - cpu["loadgen"])
     errors = sum(result.get(k, 0) for k in ("connect", "read", "write", "status", "timeout"))
@@ -245,6 +321,8 @@ def measure(
         "accepted_by_server_incl_warmup": accepted,
         "durable_wait_mean_ms": durable_mean_ms,
         "cpu": cpu,
+        "api_cpu_us": cpu_us["server"],
+        "worker_cpu_us": cpu_us["worker"],
     }
 
 
@@ -260,6 +338,13 @@ def main() -> None:
     )
     p.add_argument("--client", choices=["wrk", "python"], default=None)
     p.add_argument("--live-src", action="store_true", help="import the working tree")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure target 'base': clickagg serve importing the src/ of this commit",
+    )
+    p.add_argument("--batch-events", type=int, default=1000, help="events per batch body")
+    p.add_argument("--batch-connections", type=int, default=4)
     traffic_shapes.add_arguments(p)
     p.add_argument(
         "--py-spy",
@@ -283,10 +368,20 @@ def main() -> None:
             )
             args.fields_file = str(Path(tmp) / "click_fields.txt")
             Path(args.fields_file).write_text("\n".join(fields) + "\n")
-        run_all(args, snap, Path(tmp))
+        envs = {"": snap["env"]}
+        if args.baseline:
+            base_src = Path(tmp) / "baseline-src"
+            snap["code"]["baseline"] = common.freeze(base_src, args.baseline)
+            envs["base"] = dict(snap["env"])
+            envs["base"]["PYTHONPATH"] = str(base_src)
+            if "base" not in args.targets.split(","):
+                args.targets = "base," + args.targets
+        run_all(args, snap, envs, Path(tmp))
 
 
-def run_all(args: argparse.Namespace, snap: dict[str, Any], tmp: Path) -> None:
+def run_all(
+    args: argparse.Namespace, snap: dict[str, Any], envs: dict[str, dict[str, str]], tmp: Path
+) -> None:
     info = common.machine() | {"code": snap["code"]}
     common.print_machine(info)
     if args.py_spy is not None:
@@ -304,10 +399,11 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any], tmp: Path) -> None:
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
     for rep in range(args.repeat):
         for target in targets:
-            run = measure(target, args, snap["env"], tmp, rep)
+            run = measure(target, args, envs.get(target, envs[""]), tmp, rep)
             runs[target].append(run)
             print(
-                f"rep {rep + 1} {target:<10} {run['rps']:>9,.0f} req/s  p50 {run['p50_ms']:.2f} "
+                f"rep {rep + 1} {target:<10} {run['rps']:>9,.0f} req/s  API "
+                f"{run['api_cpu_us']:.0f} µs/req  p50 {run['p50_ms']:.2f} "
                 f"ms  p99 {run['p99_ms']:.2f} ms  errors {run['errors']}  cores: server "
                 f"{run['cpu']['server']:.2f} worker {run['cpu'].get('worker', 0):.2f} "
                 f"loadgen {run['cpu']['loadgen']:.2f} not-ours {run['cpu']['other_processes']:.2f}"
@@ -322,6 +418,8 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any], tmp: Path) -> None:
             "rps": common.summary([r["rps"] for r in rs]),
             "p50_ms": common.summary([r["p50_ms"] for r in rs]),
             "p99_ms": common.summary([r["p99_ms"] for r in rs]),
+            "api_cpu_us": common.summary([r["api_cpu_us"] for r in rs]),
+            "worker_cpu_us": common.summary([r["worker_cpu_us"] for r in rs]),
             "cpu_median": {
                 k: statistics.median(r["cpu"].get(k, 0.0) for r in rs)
                 for k in ("server", "worker", "loadgen", "other_processes", "machine_busy")
@@ -329,10 +427,11 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any], tmp: Path) -> None:
         }
         for t, rs in runs.items()
     }
-    base = summary.get("bare-asgi", summary[targets[0]])["rps"]["median"]
+    ref = "bare-asgi" if "bare-asgi" in summary else targets[0]
+    base = summary[ref]["rps"]["median"]
     print()
     common.print_table(
-        ["target", "req/s median", "min", "max", "vs bare-asgi", "p50 ms", "p99 ms"],
+        ["target", "req/s median", "min", "max", f"vs {ref}", "p50 ms", "p99 ms"],
         [
             [
                 t,
@@ -351,6 +450,33 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any], tmp: Path) -> None:
     common.print_table(
         ["cores used (median)", "server", "worker", "load generator", "not ours", "machine"],
         [[t, *(f"{s['cpu_median'][k]:.2f}" for k in s["cpu_median"])] for t, s in summary.items()],
+    )
+    print()
+    cpu_ref = "base" if "base" in summary else None
+    common.print_table(
+        [
+            "CPU per request (events for batch)",
+            "API µs median",
+            "min",
+            "max",
+            *([f"vs {cpu_ref}"] if cpu_ref else []),
+            "worker µs median",
+        ],
+        [
+            [
+                t,
+                f"{s['api_cpu_us']['median']:.1f}",
+                f"{s['api_cpu_us']['min']:.1f}",
+                f"{s['api_cpu_us']['max']:.1f}",
+                *(
+                    [f"{s['api_cpu_us']['median'] / summary[cpu_ref]['api_cpu_us']['median']:.3f}"]
+                    if cpu_ref
+                    else []
+                ),
+                f"{s['worker_cpu_us']['median']:.1f}",
+            ]
+            for t, s in summary.items()
+        ],
     )
     common.emit_json(
         {

@@ -245,6 +245,72 @@ def test_oversize_body_and_batch_are_413(client: TestClient) -> None:
     assert "1001" in response.json()["detail"]
 
 
+SINGLE_EVENT_BODIES = [
+    b'{"click_id": "same-answer-1", "ad_id": "ad-same", "timestamp": %d, "user_agent": "x"}',
+    b'{"ad_id": "ad-same", "timestamp": %d, "country": "de", "cost_micros": 7}',
+    b'{"click_id": "same-answer-2", "timestamp": %d}',  # no ad_id
+    b'{"click_id": "same-answer-3", "ad_id": "a", "timestamp": 5}',  # before 2000
+    b'{"ad_id": "a", "timestamp": %d, "event_type": "impression"}',  # wrong endpoint
+    b'{"ad_id": "a", "timestamp": "yesterday"}',
+    b'{"ad_id": "a", "timestamp": %d, "cost_micros": -1}',
+    b'{"ad_id": "a", "timestamp": ',  # truncated
+    b"[1, 2]",
+    b"   ",
+]
+
+
+def asgi_post(client: TestClient, path: str, messages: list[bytes]) -> tuple[int, Any, Any]:
+    """POST straight to the ASGI app, the body in the given ``http.request`` messages
+    (the HTTP test client always hands the app a body in one message)."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(b"content-type", b"application/json")],
+    }
+    pending = [
+        {"type": "http.request", "body": chunk, "more_body": n < len(messages) - 1}
+        for n, chunk in enumerate(messages)
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def call() -> None:
+        await client.app(scope, receive, send)  # type: ignore[arg-type]
+
+    assert client.portal is not None
+    client.portal.call(call)
+    start, body = sent
+    headers = dict(start["headers"])
+    assert int(headers[b"content-length"]) == len(body["body"])
+    return start["status"], headers[b"content-type"], msgspec.json.decode(body["body"])
+
+
+@pytest.mark.parametrize("template", SINGLE_EVENT_BODIES)
+def test_a_body_in_one_message_gets_the_answer_of_one_in_pieces(
+    client: TestClient, template: bytes
+) -> None:
+    """A single event's body comes in one ASGI message, which ``read_body`` takes without
+    the chunk loop; the same bytes in pieces go through the loop. The answer (status,
+    body, headers) must not depend on which, and must be what the HTTP client sees."""
+    body = template % NOW_S if b"%d" in template else template
+    whole = asgi_post(client, "/events/click", [body])
+    pieces = asgi_post(client, "/events/click", [body[i : i + 7] for i in range(0, len(body), 7)])
+    assert whole == pieces
+    status, _, answer = whole
+    over_http = client.post("/events/click", content=body)
+    assert (over_http.status_code, over_http.json()) == (status, answer)
+    if status == 202:
+        assert answer["accepted"] == 1 and answer["event_id"]
+    else:
+        assert status == 400 and answer["detail"], answer
+
+
 @pytest.mark.parametrize(
     ("params", "needle"),
     [

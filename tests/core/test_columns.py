@@ -172,3 +172,24 @@ def test_decode_reads_any_ipc_stream_of_the_schema_and_nothing_else() -> None:
         writer.write_batch(pa.record_batch([pa.array([1])], names=["x"]))
     with pytest.raises(FrameFormatError, match="unexpected schema"):
         columns.decode(other.getvalue().to_pybytes())
+
+
+@given(NULLABLE_TEXT)
+def test_a_one_row_column_is_the_one_element_list_column(value: str | None) -> None:
+    assert columns.TextColumn.of_one(value) == columns.TextColumn.of_list([value])
+
+
+@settings(max_examples=80)
+@given(st.lists(st.lists(NULLABLE_TEXT, max_size=4), min_size=1, max_size=12))
+def test_small_concat_is_the_numpy_concat(values: list[list[str | None]]) -> None:
+    """The plain-Python concat of a group of small requests (most of them one row, built
+    by ``of_one``) gives the same buffers as the numpy concat of large ones."""
+    parts = [
+        columns.TextColumn.of_one(part[0]) if len(part) == 1 else columns.TextColumn.of_list(part)
+        for part in values
+    ]
+    counts = [len(part) for part in values]
+    small = columns.TextColumn._concat_small(parts, counts)
+    assert small == columns.TextColumn._concat_numpy(parts, counts)
+    flat = [v for part in values for v in part]
+    assert small.array(len(flat)).to_pylist() == flat

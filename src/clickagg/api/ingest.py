@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clickagg.api.committer import Backpressure, DiskReserveError
 from clickagg.api.errors import ApiError, bad_request
@@ -40,16 +40,27 @@ def method_not_allowed(method: str, allow: str) -> ApiError:
     return ApiError(405, "method not allowed", detail, headers={"Allow": allow})
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise ApiError(
-                413, "payload too large", f"body is {int(value)} bytes; limit is {limit}"
-            )
+async def read_body(receive: Receive, declared_length: int | None, limit: int) -> bytes:
+    if declared_length is not None and declared_length > limit:
+        raise ApiError(
+            413, "payload too large", f"body is {declared_length} bytes; limit is {limit}"
+        )
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body: bytes = message.get("body", b"")  # the whole body in one message, as a
+        if len(body) > limit:  # single event's always is: no list, no join
+            raise ApiError(413, "payload too large", f"body exceeds {limit} bytes")
+    else:
+        body = await _read_chunks(message, receive, limit)
+    if not body.strip():
+        raise bad_request("empty body: send one JSON event", "empty body")
+    return body
+
+
+async def _read_chunks(message: Message, receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise bad_request("client disconnected before the body was complete")
         chunk = message.get("body", b"")
@@ -58,11 +69,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise ApiError(413, "payload too large", f"body exceeds {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    if not body.strip():
-        raise bad_request("empty body: send one JSON event", "empty body")
-    return body
+            return b"".join(chunks)
+        message = await receive()
 
 
 async def commit(state: AppState, batch: NormalizedBatch) -> None:
@@ -81,8 +89,10 @@ async def commit(state: AppState, batch: NormalizedBatch) -> None:
         raise ApiError(503, error, detail, headers={"Retry-After": RETRY_AFTER_S}) from None
     state.metrics.append_seconds.observe((state.clock.now_ms() - started) / 1000)
     clicks = sum(c.event_type.count(_CLICK_BYTE) for c in batch.by_partition.values())
-    state.metrics.accepted.labels("click").inc(clicks)
-    state.metrics.accepted.labels("impression").inc(batch.accepted - clicks)
+    if clicks:
+        state.metrics.accepted_clicks.inc(clicks)
+    if batch.accepted > clicks:
+        state.metrics.accepted_impressions.inc(batch.accepted - clicks)
 
 
 def _normalize(
@@ -185,11 +195,8 @@ class IngestRouter:
                 # an ingest path takes POST only (not the audit route's GET /events/{id})
                 raise method_not_allowed(scope["method"], "POST")
             state = self.state_of()
-            body = await read_body(scope, receive, state.settings.max_body_bytes)
-            content_type = ""
-            for name, value in scope["headers"]:
-                if name == b"content-type":
-                    content_type = value.decode("latin-1")
+            declared_length, content_type = _length_and_type(scope["headers"])
+            body = await read_body(receive, declared_length, state.settings.max_body_bytes)
             status, payload = await handler(state, body, content_type)
         except ApiError as exc:
             status = exc.status
@@ -198,7 +205,25 @@ class IngestRouter:
         except Exception:
             log.exception("ingest failed")
             status, payload = 500, {"error": "internal error", "detail": "see the server log"}
-        raw_headers = [(b"content-type", b"application/json")]
+        encoded = _encode(payload)
+        # a Content-Length spares the server chunked framing of a body it holds whole
+        raw_headers = [_JSON, (b"content-length", str(len(encoded)).encode())]
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": _encode(payload)})
+        await send({"type": "http.response.body", "body": encoded})
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+def _length_and_type(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str]:
+    """The declared Content-Length (when it is a number) and Content-Type, in one pass."""
+    length: int | None = None
+    content_type = ""
+    for name, value in headers:
+        if name == b"content-length":
+            if value.isdigit():
+                length = int(value)
+        elif name == b"content-type":
+            content_type = value.decode("latin-1")
+    return length, content_type

@@ -60,6 +60,9 @@ class IngestMetrics:
             registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+        # the children every accepted request increments, looked up once, not per request
+        self.accepted_clicks = self.accepted.labels("click")
+        self.accepted_impressions = self.accepted.labels("impression")
 
 
 @dataclass

@@ -444,18 +444,7 @@ def _normalize_one(
     partition = ids.partition_of(fp_low, partitions)
     user_id = _text(event.user_id)
     device, browser = _device_and_browser(event)
-    text = {
-        "event_id": event_id,
-        "ad_id": str(event.ad_id),
-        "advertiser_id": _text(event.advertiser_id),
-        "campaign_id": _text(event.campaign_id),
-        "user_id": user_id,
-        "ip": event.ip,
-        "user_agent": event.user_agent,
-        "country": event.country.upper() if event.country else None,
-        "device": device,
-        "browser": browser,
-    }
+    one = columns.TextColumn.of_one
     cols = EventColumns(
         count=1,
         fp_high=_U64.pack(fp_high),
@@ -465,7 +454,16 @@ def _normalize_one(
         received_ms=_I64.pack(now_ms),
         cost_micros=_I64.pack(-1 if event.cost_micros is None else event.cost_micros),
         user_hash=_U64.pack(ids.user_hash(user_id)),
-        **{name: columns.TextColumn.of_list([value]) for name, value in text.items()},
+        event_id=one(event_id),
+        ad_id=one(str(event.ad_id)),
+        advertiser_id=one(_text(event.advertiser_id)),
+        campaign_id=one(_text(event.campaign_id)),
+        user_id=one(user_id),
+        ip=one(event.ip),
+        user_agent=one(event.user_agent),
+        country=one(event.country.upper() if event.country else None),
+        device=one(device),
+        browser=one(browser),
     )
     return NormalizedBatch(
         by_partition={partition: cols},
