@@ -71,13 +71,16 @@ class ServeProcess:
                 env=env,
             )
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited {self.process.returncode}: {self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200 or not healthy:
-                    return
-            time.sleep(0.05)
+        # One client for the polls: ``httpx.get`` builds a client (an SSL context) per call,
+        # tens of ms of CPU taken from the server starting beside it, 20 times a second.
+        with httpx.Client(timeout=1) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"serve exited {self.process.returncode}: {self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(self.url + "/healthz").status_code == 200 or not healthy:
+                        return
+                time.sleep(0.05)
         self.kill9()
         raise RuntimeError(f"serve not healthy in {timeout_s}s: {self.log_tail()}")
 

@@ -30,6 +30,7 @@ from clickagg.config import Settings
 from clickagg.core import ids
 from clickagg.core.events import EARLIEST_MS, decode_one, normalize, timestamp_ms
 from clickagg.launcher import free_port
+from tests.e2e.server import http
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
@@ -44,7 +45,7 @@ class Live:
     clock: FixedClock
 
     def spec(self) -> dict[str, Any]:
-        response = httpx.get(self.url + "/openapi.json", timeout=10)
+        response = http.get(self.url + "/openapi.json", timeout=10)
         response.raise_for_status()
         document: dict[str, Any] = response.json()
         return document
@@ -71,7 +72,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+            if http.get(url + "/healthz", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -94,7 +95,7 @@ def test_every_route_answers_405_with_allow_to_other_methods(live: Live) -> None
         for method in METHODS:
             if method in allowed:
                 continue
-            response = httpx.request(method, live.url + path, timeout=10)
+            response = http.request(method, live.url + path, timeout=10)
             assert response.status_code == 405, (method, path, response.text)
             assert set(response.headers["allow"].split(", ")) == allowed, (method, path)
             if method != "HEAD":

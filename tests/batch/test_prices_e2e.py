@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from clickagg.core.windows import HOUR_MS
-from tests.e2e.server import ServeProcess, lag
+from tests.e2e.server import ServeProcess, http, lag
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +34,7 @@ def post(server: ServeProcess, prefix: str, ts_ms: int, n: int) -> None:
         {"event_type": "click", "event_id": f"{prefix}{i}", "ad_id": "ad-p", "timestamp": ts_ms}
         for i in range(n)
     ]
-    response = httpx.post(server.url + "/events/batch", json=batch, timeout=30)
+    response = http.post(server.url + "/events/batch", json=batch, timeout=30)
     assert response.status_code == 202 and response.json()["accepted"] == n
 
 
@@ -45,7 +44,7 @@ def spend(server: ServeProcess, start: int, end: int) -> int:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     params = {"ad_id": "ad-p", "start": start, "end": end, "granularity": "hour"}
-    rows = httpx.get(server.url + "/aggregates", params=params, timeout=30).json()
+    rows = http.get(server.url + "/aggregates", params=params, timeout=30).json()
     return sum(int(r["spend_micros"]) for r in rows)
 
 

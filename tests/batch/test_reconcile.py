@@ -180,7 +180,7 @@ def test_a_reconciliation_killed_mid_run_then_rerun_equals_an_uninterrupted_one(
     import sys
     import time
 
-    hours = 96
+    hours = 48
     for h in range(hours):
         rig.append(
             [Ev(f"k{h}-{i}", f"ad-{i % 4}", HOUR + h * HOUR_MS + i * 1000) for i in range(12)]

@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
-from tests.e2e.server import ServeProcess, lag
+from tests.e2e.server import ServeProcess, http, lag
 
 pytestmark = pytest.mark.slow
 
 
 def post(server: ServeProcess, events: list[dict[str, Any]]) -> None:
-    response = httpx.post(server.url + "/events/batch", json=events, timeout=30)
+    response = http.post(server.url + "/events/batch", json=events, timeout=30)
     assert response.status_code == 202 and response.json()["accepted"] == len(events)
 
 
@@ -34,7 +33,7 @@ def settle(server: ServeProcess, timeout_s: float = 60) -> None:
 
 def rows(server: ServeProcess, start: int, end: int, granularity: str) -> list[dict[str, Any]]:
     params = {"ad_id": "ad-1", "start": start, "end": end, "granularity": granularity}
-    response = httpx.get(server.url + "/aggregates", params=params, timeout=30)
+    response = http.get(server.url + "/aggregates", params=params, timeout=30)
     assert response.status_code == 200, response.text
     return list(response.json())
 
@@ -99,14 +98,14 @@ def test_a_reconciled_hour_is_served_final_and_restated(tmp_path: Path) -> None:
         assert [(r["clicks"], r["final"]) for r in restated] == [(37, True)]
 
         span = {"start": hour, "end": hour + HOUR_MS}
-        [row] = httpx.get(server.url + "/reconciliation", params=span, timeout=30).json()
+        [row] = http.get(server.url + "/reconciliation", params=span, timeout=30).json()
         assert (row["ad_id"], row["stream"]["clicks"], row["batch"]["clicks"]) == ("ad-1", 30, 37)
         assert row["difference"]["clicks"] == 7 == row["causes"]["late_clicks"]  # all late
-        [change] = httpx.get(server.url + "/billing/adjustments", params=span, timeout=30).json()
+        [change] = http.get(server.url + "/billing/adjustments", params=span, timeout=30).json()
         assert (change["ad_id"], change["clicks"], change["version"]) == ("ad-1", 2, 2)
         assert change["reason"] == "very late clicks"
         month = time.strftime("%Y-%m", time.gmtime(hour / 1000))
-        statement = httpx.get(
+        statement = http.get(
             f"{server.url}/billing/advertisers/unknown/statement", params={"month": month}
         ).json()  # the clicks named no advertiser
         assert statement["totals"]["clicks"] == 37 and statement["time_zone"] == "UTC"
@@ -167,7 +166,7 @@ def test_rollups_and_top_ads_are_final_where_reconciled(tmp_path: Path) -> None:
         settle(server)
 
         def get(path: str, **params: Any) -> Any:
-            response = httpx.get(server.url + path, params=params, timeout=30)
+            response = http.get(server.url + path, params=params, timeout=30)
             assert response.status_code == 200, response.text
             return response.json()
 
@@ -197,9 +196,9 @@ def test_rollups_and_top_ads_are_final_where_reconciled(tmp_path: Path) -> None:
             [("ad-1", 14), ("ad-2", 10), ("ad-3", 3)],
         )
         for bad in ("0", "1001", "²", "ten"):
-            response = httpx.get(server.url + "/ads/top", params={"limit": bad}, timeout=30)
+            response = http.get(server.url + "/ads/top", params={"limit": bad}, timeout=30)
             assert response.status_code == 400 and "limit" in response.json()["detail"]
-        response = httpx.get(server.url + "/ads/top", params={"by": "ctr"}, timeout=30)
+        response = http.get(server.url + "/ads/top", params={"by": "ctr"}, timeout=30)
         assert response.status_code == 400 and "by=" in response.json()["detail"]
     finally:
         server.kill9()

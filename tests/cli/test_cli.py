@@ -10,13 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner
 
 from clickagg.cli.main import main
 from clickagg.settings_loader import FLAGS
-from tests.e2e.server import ServeProcess
+from tests.e2e.server import ServeProcess, http
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ def test_serve_says_in_one_line_which_setting_is_wrong(
 def test_query_and_trace(server: ServeProcess) -> None:
     now = int(time.time())
     for copy in range(2):
-        response = httpx.post(
+        response = http.post(
             server.url + "/events/click",
             json={"click_id": "cli-1", "ad_id": "ad-cli", "timestamp": now, "country": "US"},
         )

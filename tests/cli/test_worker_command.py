@@ -8,9 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from clickagg.launcher import ServeProcess, stop_group
+from tests.e2e.server import http
 
 NOW_S = int(time.time())
 
@@ -31,7 +30,7 @@ def test_serve_without_worker_and_a_separate_worker_count_exactly(tmp_path: Path
             f'{{"event_type":"click","event_id":"w{n % 40}","ad_id":"ad-w","timestamp":{NOW_S}}}'
             for n in range(50)
         )
-        response = httpx.post(
+        response = http.post(
             server.url + "/events/batch",
             content=batch,
             headers={"content-type": "application/x-ndjson"},
@@ -41,7 +40,7 @@ def test_serve_without_worker_and_a_separate_worker_count_exactly(tmp_path: Path
         deadline = time.monotonic() + 90  # generous: a loaded 2-core box
         clicks = 0
         while time.monotonic() < deadline and clicks < 40:
-            rows = httpx.get(
+            rows = http.get(
                 server.url + "/aggregates", params={"ad_id": "ad-w", "last": "1h"}, timeout=10
             ).json()
             clicks = sum(r["clicks"] for r in rows)
@@ -49,7 +48,7 @@ def test_serve_without_worker_and_a_separate_worker_count_exactly(tmp_path: Path
         assert clicks == 40  # 10 copies deduplicated by the separate worker
         worker.send_signal(signal.SIGTERM)  # stops cleanly; the API then reports it gone
         assert worker.wait(timeout=30) == 0
-        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 503
+        assert http.get(server.url + "/healthz", timeout=10).status_code == 503
     finally:
         server.stop()
         if worker.poll() is None:

@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from clickagg.core.windows import HOUR_MS
-from tests.e2e.server import ServeProcess
+from tests.e2e.server import ServeProcess, http
 from tests.e2e.test_kill9 import post, wait_caught_up
 
 AD = "ad-admin"
@@ -44,7 +42,7 @@ def click(event_id: str, ts_ms: int, ip: str) -> dict[str, Any]:
 
 def rows(server: ServeProcess, span: tuple[int, int], **params: str) -> list[dict[str, Any]]:
     query = {"ad_id": AD, "start": span[0], "end": span[1], "granularity": "hour", **params}
-    response = httpx.get(server.url + "/aggregates", params=query, timeout=10)
+    response = http.get(server.url + "/aggregates", params=query, timeout=10)
     assert response.status_code == 200, response.text
     result: list[dict[str, Any]] = response.json()
     return result
@@ -84,7 +82,7 @@ def test_an_address_listed_over_http_invalidates_its_later_clicks(tmp_path: Path
     changes = tmp_path / "data" / "rules" / "changes.jsonl"
     try:
         wait_rule_changes(changes, 1)  # the rules the worker started with
-        response = httpx.post(
+        response = http.post(
             server.url + "/admin/blocklist",
             json={"cidrs": [LISTED], "reason": "click farm"},
             headers=AUTH,
@@ -92,7 +90,7 @@ def test_an_address_listed_over_http_invalidates_its_later_clicks(tmp_path: Path
         )
         assert response.status_code == 200, response.text
         assert response.json() == {"added": [f"{LISTED}/32"], "by": "e2e"}
-        [entry] = httpx.get(server.url + "/admin/blocklist", headers=AUTH, timeout=10).json()[
+        [entry] = http.get(server.url + "/admin/blocklist", headers=AUTH, timeout=10).json()[
             "entries"
         ]
         listed_ms = entry["since_ms"]
@@ -117,13 +115,13 @@ def test_an_address_listed_over_http_invalidates_its_later_clicks(tmp_path: Path
         }
         assert totals(server, span) == expected
         assert invalid_by_rule(server, span) == {"ip-blocklist": len(listed_later)}
-        fate = httpx.get(f"{server.url}/events/bad-0", timeout=10).json()
+        fate = http.get(f"{server.url}/events/bad-0", timeout=10).json()
         assert fate["reason"] == (
             f"ip-blocklist: blocklisted address: {LISTED} in blocklist {LISTED}/32"
         )
 
         # Removed: the address's clicks from then on are billed again; the flagged stay.
-        response = httpx.delete(
+        response = http.delete(
             f"{server.url}/admin/blocklist/{LISTED}%2F32", headers=AUTH, timeout=10
         )
         assert response.json() == {"removed": f"{LISTED}/32", "by": "e2e"}
@@ -154,7 +152,7 @@ def test_an_address_listed_over_http_invalidates_its_later_clicks(tmp_path: Path
             assert done.returncode == 0, done.stdout + done.stderr
         assert totals(server, span) == expected
         assert invalid_by_rule(server, span) == {"ip-blocklist": len(listed_later)}
-        reconciled = httpx.get(
+        reconciled = http.get(
             server.url + "/reconciliation",
             params={"ad_id": AD, "start": span[0], "end": span[1]},
             timeout=10,

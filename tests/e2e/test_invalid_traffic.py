@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 
-from tests.e2e.server import ServeProcess
+from tests.e2e.server import ServeProcess, http
 from tests.e2e.test_kill9 import post, wait_caught_up
 
 AD = "ad-givt"
@@ -62,7 +61,7 @@ def click(event_id: str, now_s: int, *, ua: str = BROWSER, ip: str = "192.0.2.10
 
 
 def totals(url: str, now_s: int) -> dict[str, int]:
-    rows = httpx.get(
+    rows = http.get(
         url + "/aggregates",
         params={"ad_id": AD, "start": now_s - 600, "end": now_s + 600, "granularity": "minute"},
         timeout=10,
@@ -75,7 +74,7 @@ def fate(url: str, event_id: str, timeout_s: float = 30) -> dict[str, Any]:
     """The audit trail of an event, once the archive has it."""
     deadline = time.monotonic() + timeout_s
     while True:
-        response = httpx.get(f"{url}/events/{event_id}", timeout=10)
+        response = http.get(f"{url}/events/{event_id}", timeout=10)
         if response.status_code == 200:
             body: dict[str, Any] = response.json()
             return body
@@ -111,7 +110,7 @@ def test_flagged_clicks_are_kept_with_their_reason_and_not_billed(tmp_path: Path
             "invalid_clicks": 5,
             "spend_micros": 5 * COST,
         }
-        by_rule = httpx.get(
+        by_rule = http.get(
             server.url + "/aggregates",
             params={
                 "ad_id": AD,

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clickagg.batch.runner import reconcile_hours
 from clickagg.cli.main import main
 from clickagg.config import Settings
-from tests.e2e.server import ServeProcess
+from tests.e2e.server import ServeProcess, http
 from tests.e2e.test_kill9 import post, wait_caught_up
 
 ADS = ("ad-k1", "ad-k2", "ad-k3", "ad-k4")
@@ -35,7 +35,7 @@ def minute_rows(url: str, ad: str, start_s: int, *, group_by: str | None = None)
     }
     if group_by:
         params["group_by"] = group_by
-    response = httpx.get(url + "/aggregates", params=params, timeout=10)
+    response = http.get(url + "/aggregates", params=params, timeout=10)
     response.raise_for_status()
     rows: list[Any] = response.json()
     return rows
@@ -131,7 +131,7 @@ def test_a_burst_is_corrected_in_the_stream_and_agrees_with_the_batch(tmp_path: 
                 by_reason[row["invalid_reason"]] += row["invalid_clicks"]
         assert by_reason == Counter({"ip-click-velocity": 300})
         for ad in ADS:
-            realtime = httpx.get(
+            realtime = http.get(
                 server.url + "/aggregates/realtime", params={"ad_id": ad, "window": "1h"}
             ).json()
             assert realtime["clicks"] == expected[(ad, "clicks")]

@@ -23,7 +23,7 @@ import pytest
 
 from clickagg.launcher import serve_command
 from clickagg.runtime.services import CLOSER_PID_FILE
-from tests.e2e.server import ServeProcess, lag
+from tests.e2e.server import ServeProcess, http, lag
 
 MINUTE_MS = 60_000
 
@@ -92,7 +92,7 @@ def post(url: str, batch: Batch) -> bool:
     """True when the server acknowledged (202) the batch."""
     try:
         body = b"\n".join(msgspec.json.encode(e) for e in batch)
-        response = httpx.post(
+        response = http.post(
             url + "/events/batch",
             content=body,
             timeout=10,
@@ -109,16 +109,20 @@ def post(url: str, batch: Batch) -> bool:
 def send_until_killed(
     server: ServeProcess,
     batches: list[Batch],
-    kill_after_s: float,
+    kill_after: int,
     threads: int = 3,
     kill: Callable[[], None] | None = None,
 ) -> tuple[set[int], set[int]]:
-    """Send batches from several threads; kill -9 the server (or call ``kill``)
-    meanwhile. Returns the batches acknowledged and the batches sent (acknowledged or not:
-    an unacknowledged batch may be durable all the same)."""
+    """Send batches from several threads; kill -9 the server (or call ``kill``) once
+    ``kill_after`` of them are acknowledged, the others in flight or still to send: a count,
+    not a time, so that however fast this machine answers the kill lands mid-stream.
+    Returns the batches acknowledged and the batches sent (acknowledged or not: an
+    unacknowledged batch may be durable all the same)."""
+    assert 0 < kill_after < len(batches)
     acked: set[int] = set()
     sent: set[int] = set()
     lock = threading.Lock()
+    enough = threading.Event()
     todo: Iterator[int] = iter(range(len(batches)))
 
     errors: list[BaseException] = []
@@ -139,11 +143,14 @@ def send_until_killed(
             if ok:
                 with lock:
                     acked.add(index)
+                    if len(acked) >= kill_after:
+                        enough.set()
 
     workers = [threading.Thread(target=sender) for _ in range(threads)]
     for worker in workers:
         worker.start()
-    time.sleep(kill_after_s)
+    while not enough.wait(timeout=0.1):
+        assert any(w.is_alive() for w in workers), errors or "every batch sent before the kill"
     (kill or server.kill9)()
     for worker in workers:
         worker.join(timeout=30)
@@ -152,10 +159,16 @@ def send_until_killed(
     return acked, sent
 
 
+def kill_point(rnd: random.Random, pending: int) -> int:
+    """After how many acknowledged batches to kill: up to 30 (what 0.2-1.0 s of sending
+    used to acknowledge on a slow client), and never the last half of what is pending."""
+    return rnd.randint(1, max(1, min(30, pending // 2)))
+
+
 def minute_counts(url: str, ads: set[str]) -> Counter[tuple[str, int, str]]:
     counts: Counter[tuple[str, int, str]] = Counter()
     for ad_id in ads:
-        rows = httpx.get(
+        rows = http.get(
             url + "/aggregates",
             params={"ad_id": ad_id, "granularity": "minute", "last": "1h"},
             timeout=10,
@@ -198,7 +211,7 @@ def assert_exact(
     reference = workload.reference()
     assert minute_counts(server.url, ads) == reference
     for ad_id in ads:  # real-time counters, refilled from the store after each restart
-        realtime = httpx.get(
+        realtime = http.get(
             f"{server.url}/aggregates/realtime",
             params={"ad_id": ad_id, "window": "1h"},
             timeout=10,
@@ -210,7 +223,7 @@ def assert_exact(
     if sample is not None:
         event_ids = random.Random(seed).sample(event_ids, k=min(sample, len(event_ids)))
     for event_id in event_ids:
-        traced = httpx.get(f"{server.url}/events/{event_id}", timeout=10)
+        traced = http.get(f"{server.url}/events/{event_id}", timeout=10)
         assert traced.status_code == 200, event_id
         body = traced.json()
         statuses = [copy["status"] for copy in body["copies"]]
@@ -236,7 +249,7 @@ def run_crash_cycles(tmp_path: Path, *, seed: int, events: int, kills: int) -> N
         acked, sent = ids_of([workload.warmup]), ids_of([workload.warmup])
         for _ in range(kills):
             done, tried = send_until_killed(
-                server, [batches[i] for i in pending], kill_after_s=rnd.uniform(0.2, 1.0)
+                server, [batches[i] for i in pending], kill_after=kill_point(rnd, len(pending))
             )
             acked += ids_of([batches[i] for n, i in enumerate(pending) if n in done])
             sent += ids_of([batches[i] for n, i in enumerate(pending) if n in tried])
@@ -323,7 +336,7 @@ def wait_healthy(server: ServeProcess, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(server.url + "/healthz", timeout=2).status_code == 200:
+            if http.get(server.url + "/healthz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -332,7 +345,7 @@ def wait_healthy(server: ServeProcess, timeout_s: float = 60) -> None:
 
 
 def worker_restarts(server: ServeProcess) -> int:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = http.get(server.url + "/metrics", timeout=10).text
     [line] = [line for line in text.splitlines() if line.startswith("clickagg_worker_restarts ")]
     return int(float(line.split()[1]))
 
@@ -348,19 +361,35 @@ def run_worker_kills(tmp_path: Path, *, seed: int, events: int, kills: int) -> N
     try:
         assert post(server.url, workload.warmup)
         wait_caught_up(server)
-        todo: Iterator[int] = iter(range(len(batches)))
-        lock = threading.Lock()
         errors: list[BaseException] = []
         killing = threading.Event()
         killing.set()
         pace_s = kills * 1.5 * 3 / len(batches)  # spread the sends over the kills
+        # The batches go out in kills + 1 shares, the next released by each kill: however
+        # fast this machine answers, clients post while every killed worker is down and
+        # restarting, not only before the first kill.
+        share = len(batches) // (kills + 1)
+        gate = threading.Condition()
+        progress = {"next": 0, "released": share}
+
+        def release(upto: int) -> None:
+            with gate:
+                progress["released"] = upto
+                gate.notify_all()
 
         def sender() -> None:
             while True:
-                with lock:
-                    index = next(todo, None)
-                if index is None:
-                    return
+                with gate:
+                    gate.wait_for(
+                        lambda: (
+                            progress["next"] < min(progress["released"], len(batches))
+                            or progress["next"] >= len(batches)
+                        )
+                    )
+                    index = progress["next"]
+                    if index >= len(batches):
+                        return
+                    progress["next"] += 1
                 try:
                     assert post(server.url, batches[index]), "the API process must stay up"
                 except BaseException as exc:
@@ -383,8 +412,10 @@ def run_worker_kills(tmp_path: Path, *, seed: int, events: int, kills: int) -> N
                     time.sleep(rnd.uniform(0.05, 0.5))  # while it streams
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
+                release(share * (n + 2))
         finally:
             killing.clear()
+            release(len(batches))
             for thread in senders:
                 thread.join(timeout=60)
         if errors:
@@ -443,7 +474,7 @@ def run_api_kills(tmp_path: Path, *, seed: int, events: int, kills: int) -> None
             done, tried = send_until_killed(
                 server,
                 [batches[i] for i in pending],
-                kill_after_s=rnd.uniform(0.2, 1.0),
+                kill_after=kill_point(rnd, len(pending)),
                 kill=lambda: kill_api_alone(server),
             )
             acked += ids_of([batches[i] for n, i in enumerate(pending) if n in done])

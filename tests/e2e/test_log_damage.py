@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from clickagg.core import ids
 from clickagg.log.integrity import HEADER, list_segments, seg_path
-from tests.e2e.server import ServeProcess, lag
+from tests.e2e.server import ServeProcess, http, lag
 
 pytestmark = pytest.mark.slow
 PARTITIONS = 4
@@ -35,7 +34,7 @@ def send(server: ServeProcess, batch: list[dict[str, Any]], size: int = 50) -> l
     acked: list[str] = []
     for i in range(0, len(batch), size):
         part = batch[i : i + size]
-        response = httpx.post(server.url + "/events/batch", json=part, timeout=30)
+        response = http.post(server.url + "/events/batch", json=part, timeout=30)
         assert response.status_code == 202, response.text
         acked += [e["event_id"] for e in part]
     return acked
@@ -55,7 +54,7 @@ def wait_counted(server: ServeProcess, timeout_s: float = 60) -> None:
 def metrics_text(server: ServeProcess, timeout_s: float = 60) -> str:
     """``/metrics`` once the worker answers (it starts beside a damaged partition)."""
     deadline = time.monotonic() + timeout_s
-    while (response := httpx.get(server.url + "/metrics", timeout=10)).status_code != 200:
+    while (response := http.get(server.url + "/metrics", timeout=10)).status_code != 200:
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.1)
     return response.text
@@ -63,7 +62,7 @@ def metrics_text(server: ServeProcess, timeout_s: float = 60) -> str:
 
 def clicks(server: ServeProcess) -> int:
     params = {"ad_id": "ad-1", "last": "1d", "granularity": "day"}
-    response = httpx.get(server.url + "/aggregates", params=params, timeout=30)
+    response = http.get(server.url + "/aggregates", params=params, timeout=30)
     response.raise_for_status()
     return sum(row["clicks"] for row in response.json())
 
@@ -103,7 +102,7 @@ def test_damage_to_counted_events_is_rebuilt_from_the_archive(server: ServeProce
     damage_a_middle_frame(server.data_dir)
 
     server.start(healthy=False)
-    health = httpx.get(server.url + "/healthz", timeout=10)
+    health = http.get(server.url + "/healthz", timeout=10)
     assert health.status_code == 503 and f"partition {DAMAGED} takes no events" in health.text
     metrics = metrics_text(server)
     assert f'clickagg_log_partition_damaged{{partition="{DAMAGED}"}} 1.0' in metrics
@@ -111,10 +110,10 @@ def test_damage_to_counted_events_is_rebuilt_from_the_archive(server: ServeProce
     assert recovery % DAMAGED in metrics
     refused = next(e for e in events("b", 50) if partition_of(e["event_id"]) == DAMAGED)
     taken = next(e for e in events("b", 50) if partition_of(e["event_id"]) != DAMAGED)
-    response = httpx.post(server.url + "/events/click", json=refused, timeout=10)
+    response = http.post(server.url + "/events/click", json=refused, timeout=10)
     assert response.status_code == 503 and "clickagg log repair" in response.text
     assert response.headers["Retry-After"]
-    response = httpx.post(server.url + "/events/click", json=taken, timeout=10)
+    response = http.post(server.url + "/events/click", json=taken, timeout=10)
     assert response.status_code == 202
     acked.append(taken["event_id"])
     server.stop()
@@ -135,7 +134,7 @@ def test_damage_to_counted_events_is_rebuilt_from_the_archive(server: ServeProce
     wait_counted(server)
     assert clicks(server) == len(acked)  # every acknowledged click, once
     for event_id in acked[::37]:
-        assert httpx.get(f"{server.url}/events/{event_id}", timeout=10).status_code == 200
+        assert http.get(f"{server.url}/events/{event_id}", timeout=10).status_code == 200
 
 
 def test_damage_to_unprocessed_events_names_exactly_what_was_lost(server: ServeProcess) -> None:

@@ -120,21 +120,19 @@ def _send_traffic(
 
 
 def _report(console: Console, url: str, sent: int, accepted: int, rejected: int) -> None:
-    metrics = httpx.get(url + "/metrics", timeout=10).text
     rows: list[tuple[str, dict[str, Any]]] = []
-    for n in range(50):
-        ad_id = f"ad-{n:04d}"
-        data = httpx.get(
-            url + "/aggregates",
-            params={"ad_id": ad_id, "last": "1h", "granularity": "day"},
-            timeout=10,
-        ).json()
-        if data:
-            total = {
-                key: sum(row[key] for row in data)
-                for key in ("clicks", "impressions", "spend_micros", "unique_users")
-            }
-            rows.append((ad_id, total))
+    with httpx.Client(timeout=10) as client:  # one client for the 51 queries, not one each
+        metrics = client.get(url + "/metrics").text
+        for n in range(50):
+            ad_id = f"ad-{n:04d}"
+            params = {"ad_id": ad_id, "last": "1h", "granularity": "day"}
+            data = client.get(url + "/aggregates", params=params).json()
+            if data:
+                total = {
+                    key: sum(row[key] for row in data)
+                    for key in ("clicks", "impressions", "spend_micros", "unique_users")
+                }
+                rows.append((ad_id, total))
     rows.sort(key=lambda item: -item[1]["clicks"])
     table = Table(title="Top ads, last hour (exactly-once, minute windows rolled up)")
     for name in ("ad", "clicks", "impressions", "CTR", "spend", "unique users"):
