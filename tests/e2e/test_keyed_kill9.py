@@ -16,10 +16,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.e2e.server import ServeProcess
+from tests.e2e.server import ServeProcess, http
 from tests.e2e.test_keyed_stage import ADS, BROWSER, BURST_IP, minute_rows
 from tests.e2e.test_kill9 import chaos_seeds, post, wait_caught_up, wait_healthy, worker_pid
 
@@ -160,7 +159,7 @@ def test_kill9_with_keyed_verdicts_in_flight_counts_each_click_once(
                 by_reason[row["invalid_reason"]] += row["invalid_clicks"]
         assert by_reason == Counter({"ip-click-velocity": BURST})
         for ad in ADS:
-            realtime = httpx.get(
+            realtime = http.get(
                 server.url + "/aggregates/realtime",
                 params={"ad_id": ad, "window": "1h"},
                 timeout=10,

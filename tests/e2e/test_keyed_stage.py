@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,7 +41,7 @@ def minute_rows(url: str, ad: str, start_s: int, *, group_by: str | None = None)
 
 
 def fate(url: str, event_id: str) -> Any:
-    response = httpx.get(f"{url}/events/{event_id}", timeout=10)
+    response = http.get(f"{url}/events/{event_id}", timeout=10)
     if response.status_code == 404:  # not archived yet
         return {"status": None}
     response.raise_for_status()
@@ -164,7 +163,7 @@ def test_a_burst_is_corrected_in_the_stream_and_agrees_with_the_batch(tmp_path: 
         # /metrics: stage 2 consumes every keyed record, and made the 300 corrections.
         def keyed_samples() -> dict[str, dict[str, float]]:
             samples: dict[str, dict[str, float]] = {}
-            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            metrics = http.get(server.url + "/metrics", timeout=10).text
             for family in text_string_to_metric_families(metrics):
                 for sample in family.samples:
                     if sample.name.startswith("clickagg_keyed_"):
