@@ -241,6 +241,7 @@ def corrections(keyed_offset: int, ts_ms: int) -> pa.Table:
             "spend_micros": [100],
             "corrected_at_ms": [ts_ms],
             "fp_high": [ids.fingerprint(ids.CLICK, event_id)[0]],
+            "previous_rule_id": [None],
         },
         schema=CORRECTION_SCHEMA,
     )

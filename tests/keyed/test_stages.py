@@ -452,6 +452,59 @@ def test_an_address_spreading_over_many_ads_is_corrected_as_the_batch_rule_flags
             rig.close()
 
 
+def test_a_click_whose_reason_moves_to_an_earlier_rule_keeps_both_verdicts_in_order(
+    tmp_path: Path,
+) -> None:
+    """Round 1: an address clicks 21 ads in one minute: the 21st is over the spread limit
+    and corrected under it. Round 2: 45 more clicks that minute take it over the velocity
+    limit, which comes first in the rules: the 21st click's reason moves to velocity
+    (counted once, corrected once) and the corrections archive keeps both, in order."""
+    ip, minute = "192.0.2.50", 3
+    first = [
+        Ev(
+            f"r1-{n}",
+            f"ad-r{n}",
+            T0 + minute * MINUTE_MS + n * 100,
+            ip=ip,
+            user_id=f"r1-{n}",
+            cost_micros=1_000,
+        )
+        for n in range(21)
+    ]
+    second = [
+        Ev(
+            f"r2-{n}",
+            "ad-r0",
+            T0 + minute * MINUTE_MS + 30_000 + n,
+            ip=ip,
+            user_id=f"r2-{n}",
+            cost_micros=1_000,
+        )
+        for n in range(45)
+    ]
+    ads = tuple(f"ad-r{n}" for n in range(21))
+    rig = KeyedRig(tmp_path, partitions=2, keyed_partitions=2)
+    try:
+        rig.send(first)
+        rig.run()
+        assert rig.counts(ads)[f"reason {SPREAD}"].total() == 1
+        rig.send(second)
+        rig.run()
+        rig.corrections.flush()
+        counts = rig.counts(ads)
+        assert counts["invalid_clicks"].total() == 66 and counts.get("clicks", Counter()) == {}
+        assert counts[f"reason {RULE}"].total() == 66
+        assert counts.get(f"reason {SPREAD}", Counter()).total() == 0
+        assert sum(x.corrections for x in rig.store.keyed_progress().values()) == 66
+    finally:
+        rig.close()
+    reader = ParquetCorrectionReader(tmp_path / "keyed" / "corrections")
+    moved = reader.corrections("r1-20")
+    assert [(c.rule_id, c.previous_rule_id) for c in moved] == [(SPREAD, None), (RULE, SPREAD)]
+    assert moved[0].spend_micros == moved[1].spend_micros > 0
+    assert [(c.rule_id, c.previous_rule_id) for c in reader.corrections("r1-3")] == [(RULE, None)]
+
+
 CRASH_POINTS = [
     "after-commit",  # stage 1 committed, keyed records not appended
     "keyed-before-sync",

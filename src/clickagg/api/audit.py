@@ -29,8 +29,9 @@ def _corrected_reason(c: Correction) -> str:
     return f"{c.rule_id}: {c.reason}: {c.evidence}"
 
 
-def _history(first: Fate, correction: Correction | None) -> list[dict[str, Any]]:
-    """The decisions about one copy, oldest first: the stream's, then the keyed stage's."""
+def _history(first: Fate, corrections: list[Correction]) -> list[dict[str, Any]]:
+    """The decisions about one copy, oldest first: the stream's, then the keyed stage's
+    (its correction, then any move of the reason to another rule)."""
     history: list[dict[str, Any]] = [
         {
             "stage": "stream",
@@ -40,7 +41,7 @@ def _history(first: Fate, correction: Correction | None) -> list[dict[str, Any]]
             "offset": first.offset,
         }
     ]
-    if correction is not None:
+    for correction in corrections:
         history.append(
             {
                 "stage": "keyed",
@@ -51,6 +52,7 @@ def _history(first: Fate, correction: Correction | None) -> list[dict[str, Any]]
                 "keyed_partition": correction.keyed_partition,
                 "keyed_offset": correction.keyed_offset,
                 "corrected_at": iso(correction.corrected_at_ms),
+                "previous_rule_id": correction.previous_rule_id,
             }
         )
     return history
@@ -63,19 +65,21 @@ async def event_fate(request: Request) -> Response:
         raise ApiError(400, "invalid request", "event id is longer than 256 characters")
     found: list[Fate] = await asyncio.to_thread(state.archive.fates, event_id)
     if found:
-        corrections: dict[tuple[int, int], Correction] = {}
+        corrections: dict[tuple[int, int], list[Correction]] = {}
         if state.corrections is not None:
             for c in await asyncio.to_thread(state.corrections.corrections, event_id):
-                corrections[(c.source_partition, c.source_offset)] = c
+                corrections.setdefault((c.source_partition, c.source_offset), []).append(c)
 
-        def correction_of(f: Fate) -> Correction | None:
+        def corrections_of(f: Fate) -> list[Correction]:
             if f.event_type != ids.EVENT_TYPES[ids.CLICK]:
-                return None
-            return corrections.get((f.partition, f.offset))
+                return []
+            return corrections.get((f.partition, f.offset), [])
 
         def final(f: Fate) -> tuple[str, str | None]:
-            c = correction_of(f)
-            return (f.status, f.reason) if c is None else (fates.INVALID, _corrected_reason(c))
+            latest = corrections_of(f)[-1:]  # in the order made: the last stands
+            if not latest:
+                return f.status, f.reason
+            return fates.INVALID, _corrected_reason(latest[0])
 
         first = found[0]
         status, reason = final(first)
@@ -99,7 +103,7 @@ async def event_fate(request: Request) -> Response:
                     }
                     for f in found
                 ],
-                "history": _history(first, correction_of(first)),
+                "history": _history(first, corrections_of(first)),
             }
         )
     if event_id in state.recent_rejections:

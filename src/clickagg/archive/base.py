@@ -54,6 +54,7 @@ class Correction:
     evidence: str
     spend_micros: int
     corrected_at_ms: int
+    previous_rule_id: str | None = None  # set: this moved the reason from that rule
 
 
 class ArchiveWriter(Protocol):
@@ -118,8 +119,9 @@ class CorrectionReader(Protocol):
         ...
 
     def corrections(self, event_id: str) -> list[Correction]:
-        """Every published correction of the click ``event_id`` (at most one per copy the
-        stream counted), in source (partition, offset) order."""
+        """Every published correction of the click ``event_id``, in source (partition,
+        offset) order: per copy the stream counted, its correction, then any move of its
+        reason to another rule, in the order they were made."""
         ...
 
     def close(self) -> None: ...

@@ -42,11 +42,22 @@ class ParquetCorrectionReader:
         return self._reader.archived_offsets()
 
     def corrections(self, event_id: str) -> list[Correction]:
-        found = {
-            (c.source_partition, c.source_offset): c
-            for c in (Correction(**values) for values in self._reader.lookup(event_id))
-        }
-        return [found[key] for key in sorted(found)]
+        by_copy: dict[tuple[int, int], dict[str | None, Correction]] = {}
+        for c in (Correction(**values) for values in self._reader.lookup(event_id)):
+            # one per (copy, previous rule): a compaction's replaced file may still be read
+            by_copy.setdefault((c.source_partition, c.source_offset), {})[c.previous_rule_id] = c
+        return [c for key in sorted(by_copy) for c in _chain(by_copy[key])]
 
     def close(self) -> None:
         self._reader.close()
+
+
+def _chain(by_previous: dict[str | None, Correction]) -> list[Correction]:
+    """A copy's corrections in the order they were made: the correction (no previous
+    rule), then each move from the rule that stood before it."""
+    chain: list[Correction] = []
+    current = by_previous.get(None)
+    while current is not None and len(chain) < len(by_previous):
+        chain.append(current)
+        current = by_previous.get(current.rule_id)
+    return chain

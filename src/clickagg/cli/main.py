@@ -343,9 +343,12 @@ def trace(event_id: str, url: str) -> None:
             + (f" ({first['reason']})" if first.get("reason") else "")
         )
         for later in history[1:]:
+            moved = later.get("previous_rule_id")
             click.echo(
                 f"  then: {later['status']} by the keyed stage at {later['corrected_at']} "
-                f"(rule {later['rule_id']}, keyed partition {later['keyed_partition']}, "
+                f"(rule {later['rule_id']}"
+                + (f", moved from rule {moved}" if moved else "")
+                + f", keyed partition {later['keyed_partition']}, "
                 f"offset {later['keyed_offset']})"
             )
             click.echo(f"  evidence: {later['evidence']}")

@@ -8,7 +8,8 @@ schema is a public format, like the decisions': plain Arrow types, Parquet on di
 
 What stage 2 hands over is its flagged clicks: the keyed log's records
 (``clickagg.core.keyed.RECORD_SCHEMA``) plus ``keyed_offset`` (where the record is in the
-keyed log), ``rule_id`` and ``evidence`` (what the rule saw, as text).
+keyed log), ``rule_id`` and ``evidence`` (what the rule saw, as text), and, where a click
+already corrected is named by another rule now, ``previous_rule_id``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ CORRECTION_SCHEMA = pa.schema(
         pa.field("corrected_at_ms", pa.int64(), nullable=False),
         # High half of the click's 128-bit fingerprint: the archive's id index.
         pa.field("fp_high", pa.uint64(), nullable=False),
+        # Null: the click's correction. Else a later verdict of an earlier rule moved the
+        # reason of a click already corrected under this rule (its counts untouched).
+        pa.field("previous_rule_id", pa.string()),
     ]
 )
 """One corrected click: which one (its id and both log places), by which rule and why."""
@@ -57,6 +61,8 @@ def correction_rows(
         return CORRECTION_SCHEMA.empty_table()
     frame = pl.from_arrow(flagged)
     assert isinstance(frame, pl.DataFrame)
+    if "previous_rule_id" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("previous_rule_id"))
     fp_high, _ = ids.fingerprints(frame["event_id"].to_list(), ids.CLICK)
     rules = pl.DataFrame(
         {"rule_id": list(reasons), "reason": list(reasons.values())},

@@ -212,7 +212,7 @@ class KeyedStage:
                     break
                 in_force = [spec for start, spec in specs if start <= at]
                 rules = rules_of(in_force[-1] if in_force else current)
-                verdicts = newly_corrected(self._consume(k, windows, at, cut, rules))
+                verdicts = self._consume(k, windows, at, cut, rules)
                 if at >= archived and verdicts.num_rows:
                     redo.append(self._correction_rows(k, verdicts, rules))
                 at = cut
@@ -275,8 +275,8 @@ class KeyedStage:
             verdicts = self._consume(k, windows, start, end, rules)
             minute, dimensions = correction_deltas(verdicts)
             fresh = newly_corrected(verdicts)
-            if fresh.num_rows:
-                corrected.append(self._correction_rows(k, fresh, rules))
+            if verdicts.num_rows:  # corrections, and moves of a corrected click's reason
+                corrected.append(self._correction_rows(k, verdicts, rules))
             commits.append(
                 KeyedCommit(
                     keyed_partition=k,
