@@ -76,7 +76,10 @@ def send_while_killing_workers(
     server: ServeProcess, batches: list[list[dict[str, Any]]], kills: int, rnd: random.Random
 ) -> None:
     """Post every batch (each must be acknowledged: the API process stays up) from two
-    threads, paced over the kills, while the worker process is SIGKILLed ``kills`` times."""
+    threads, paced over the kills, while the worker process is SIGKILLed ``kills`` times.
+    Unlike test_kill9's worker kills (batches released a share per kill), the sends run on
+    through each kill: a kill then lands while a minute's clicks are pending below the
+    limit in stage 2's windows, which is what a recovery that lost them would miscount."""
     todo = iter(range(len(batches)))
     lock = threading.Lock()
     errors: list[BaseException] = []
