@@ -509,6 +509,9 @@ def run(args: argparse.Namespace, snap: dict[str, Any]) -> None:
             and final.committed == sent.accepted + loaded["load_events"]
         )
         figures["exact"] = exact
+        if not exact["ok"]:
+            figures["diagnosis"] = diagnose_store(server.data_dir)
+            print(f"store diagnosis: {figures['diagnosis']}")
     finally:
         server.stop()
     assert exact is not None
@@ -525,6 +528,31 @@ def run(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     )
     if not exact["ok"]:
         raise SystemExit(1)
+
+
+def diagnose_store(data_dir: Path) -> dict[str, Any]:
+    """Where a store that over-counts holds the surplus: base keys held by more than one row
+    (a compaction applied twice), delta rows left, what compaction recorded."""
+    import duckdb
+
+    con = duckdb.connect(str(data_dir / "aggregates.duckdb"), read_only=True)
+    try:
+
+        def one(sql: str) -> Any:
+            return con.sql(sql).fetchall()[0][0]
+
+        return {
+            "agg_minute_keys_with_several_rows": one(
+                "SELECT count(*) FROM (SELECT ad_id, minute_ms, count(*) AS n FROM agg_minute "
+                "GROUP BY ALL HAVING n > 1)"
+            ),
+            "agg_minute_rows": one("SELECT count(*) FROM agg_minute"),
+            "delta_minute_rows": one("SELECT count(*) FROM delta_minute"),
+            "delta_minute_seqs": one("SELECT count(DISTINCT seq) FROM delta_minute"),
+            "delta_state": con.sql("SELECT * FROM delta_state").fetchall(),
+        }
+    finally:
+        con.close()
 
 
 def main() -> None:
