@@ -388,6 +388,54 @@ def test_commits_run_while_compactions_run(tmp_path: Path) -> None:
                 assert got == expected_rows(events, ad, T0, T0 + DAY_MS, size, group_by)
 
 
+def test_no_checkpoint_starts_inside_a_compaction_and_base_keys_stay_unique(
+    tmp_path: Path,
+) -> None:
+    """DuckDB's automatic checkpoint (a commit taking the WAL past its limit) could start
+    while a compaction's transaction was open, and the compaction's delete by rowid then
+    left base rows beside their merged replacements: keys held twice, counted twice (seen
+    at scale, reproduced with commits and compactions on two threads). The store turns
+    the automatic checkpoint off and checkpoints after each compaction with commits held
+    off: the WAL is folded into the file, and every base key has one row."""
+    path = tmp_path / "agg.duckdb"
+    with DuckDBStore(path) as store:
+        [(limit,)] = store._fetch("SELECT current_setting('wal_autocheckpoint')")
+        assert str(limit).endswith(("GiB", "TiB")), limit  # never by WAL size (1 TB)
+        stop = threading.Event()
+
+        def compact() -> None:
+            while not stop.is_set():
+                store.compact()
+
+        thread = threading.Thread(target=compact)
+        thread.start()
+        try:
+            for index in range(12):
+                store.commit(round_commit(index))
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+        store.compact()
+        for table, key in (
+            ("agg_minute", "ad_id, minute_ms, advertiser_id, campaign_id"),
+            ("agg_hour", "ad_id, hour_ms, advertiser_id, campaign_id"),
+            ("agg_minute_country", "ad_id, minute_ms, country"),
+            ("agg_hour_device", "ad_id, hour_ms, device"),
+        ):
+            [(twice,)] = store._fetch(
+                f"SELECT count(*) FROM (SELECT count(*) AS n FROM {table} GROUP BY {key} "
+                "HAVING n > 1)"
+            )
+            assert twice == 0, table
+        got = crash_answers(store)
+    wal = Path(f"{path}.wal")
+    assert not wal.exists() or wal.stat().st_size < 1_000_000  # checkpointed as it went
+    with DuckDBStore(tmp_path / "reference.duckdb") as reference:
+        for index in range(12):
+            reference.commit(round_commit(index))
+        assert crash_answers(reference) == got
+
+
 CRASH_COMPACTOR = textwrap.dedent(
     """
     import sys, time
