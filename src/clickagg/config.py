@@ -180,3 +180,8 @@ class Settings:
     @property
     def rpc_socket(self) -> Path:
         return self.data_dir / "worker.sock"
+
+    @property
+    def feed_socket(self) -> Path:
+        """Where the worker publishes its real-time counters' rounds (API replicas)."""
+        return self.data_dir / "feed.sock"

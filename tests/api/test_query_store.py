@@ -38,6 +38,7 @@ class FakeQueryStore:
         self.asked: list[tuple[str, dict[str, Any]]] = []
         self.failure: Exception | None = None
         self.closed = False
+        self.started = False
 
     def _ask(self, method: str, **kwargs: Any) -> None:
         self.asked.append((method, kwargs))
@@ -101,6 +102,9 @@ class FakeQueryStore:
     async def ping(self) -> bool:
         return self.failure is None
 
+    async def start(self) -> None:
+        self.started = True
+
     async def close(self) -> None:
         self.closed = True
 
@@ -112,7 +116,7 @@ def fake(tmp_path: Path) -> Iterator[tuple[TestClient, FakeQueryStore]]:
     settings = Settings(data_dir=tmp_path / "data", partitions=1)
     with TestClient(create_app(settings, manage_worker=False, query_store=typed)) as client:
         yield client, store
-    assert store.closed
+    assert store.started and store.closed
 
 
 def test_queries_are_answered_from_the_given_store(

@@ -147,6 +147,7 @@ def build_app(
             metrics=IngestMetrics(registry),
         )
         app.state.clickagg = state
+        await backends.queries.start()
         retention = asyncio.create_task(_retention_loop(state, writer))
         try:
             yield

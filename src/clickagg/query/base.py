@@ -279,6 +279,11 @@ class QueryStore(Protocol):
         """True when the store answers queries now; never raises."""
         ...
 
+    async def start(self) -> None:
+        """Begin any background work (e.g. following a feed) in the running event loop;
+        the app calls it once, before serving, and :meth:`close` when it stops."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -162,5 +162,8 @@ class ServingQueryStore:
     async def ping(self) -> bool:
         return await self.stream.ping()
 
+    async def start(self) -> None:
+        await self.stream.start()
+
     async def close(self) -> None:
         await self.stream.close()

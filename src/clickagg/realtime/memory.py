@@ -16,6 +16,18 @@ from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from clickagg.store.base import FencedError, Totals
 
 _CLICKS, _IMPRESSIONS, _SPEND, _INVALID = range(4)
+SUMS_SCHEMA = pa.schema(
+    [
+        pa.field("ad_id", pa.string()),
+        pa.field("minute_ms", pa.int64()),
+        pa.field("clicks", pa.int64()),
+        pa.field("impressions", pa.int64()),
+        pa.field("spend_micros", pa.int64()),
+        pa.field("invalid_clicks", pa.int64()),
+    ]
+)
+"""What the counters keep of a round's minute deltas (``MINUTE_SCHEMA``'s sums)."""
+SUM_COLUMNS = tuple(SUMS_SCHEMA.names)
 
 
 class InMemoryCounters:
@@ -31,9 +43,7 @@ class InMemoryCounters:
             return dict(self._offsets)
 
     def apply(self, minute_deltas: pa.Table, offsets: Mapping[int, tuple[int, int]]) -> bool:
-        columns = minute_deltas.select(
-            ["ad_id", "minute_ms", "clicks", "impressions", "spend_micros", "invalid_clicks"]
-        ).to_pydict()
+        columns = minute_deltas.select(list(SUM_COLUMNS)).to_pydict()
         rows = zip(*columns.values(), strict=True)
         with self._lock:
             if all(self._offsets.get(p, lo) >= hi for p, (lo, hi) in offsets.items()):
@@ -69,6 +79,22 @@ class InMemoryCounters:
                 self._newest_minute = newest
                 self._forget_before(newest - self.retain_ms)
         return True
+
+    def snapshot(self) -> tuple[pa.Table, dict[int, int]]:
+        """Every cell as rows of ``SUM_COLUMNS``, and the offsets they hold everything up
+        to, read together: another process's replica starts from exactly this state."""
+        columns: dict[str, list[object]] = {name: [] for name in SUM_COLUMNS}
+        with self._lock:
+            for ad_id, minutes in self._cells.items():
+                for minute, cell in minutes.items():
+                    columns["ad_id"].append(ad_id)
+                    columns["minute_ms"].append(minute)
+                    columns["clicks"].append(cell[_CLICKS])
+                    columns["impressions"].append(cell[_IMPRESSIONS])
+                    columns["spend_micros"].append(cell[_SPEND])
+                    columns["invalid_clicks"].append(cell[_INVALID])
+            offsets = dict(self._offsets)
+        return pa.table(columns, schema=SUMS_SCHEMA), offsets
 
     def _forget_before(self, minute_ms: int) -> None:
         for ad_id in list(self._cells):

@@ -20,8 +20,11 @@ from clickagg.config import Settings
 from clickagg.log.base import LogReader, LogWriter
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import QueryStore
+from clickagg.query.local_windows import LocalWindowsQueryStore
 from clickagg.realtime.base import RealtimeCounters
+from clickagg.realtime.feed import PublishingCounters
 from clickagg.realtime.memory import InMemoryCounters
+from clickagg.realtime.replica import CountersReplica
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import RpcQueryStore
 
@@ -63,11 +66,15 @@ COMMIT_STORES: Final[Mapping[str, Callable[[Settings], DuckDBStore]]] = {
     "duckdb": _open_duckdb,
 }
 QUERY_STORES: Final[Mapping[str, Callable[[Settings], QueryStore]]] = {
-    # the embedded store is read through the worker process that owns its file
-    "duckdb": lambda settings: RpcQueryStore(settings.rpc_socket),
+    # the embedded store is read through the worker process that owns its file; sliding
+    # windows from this process's replica of the worker's counters
+    "duckdb": lambda settings: LocalWindowsQueryStore(
+        RpcQueryStore(settings.rpc_socket), CountersReplica(settings.feed_socket)
+    ),
 }
 COUNTERS: Final[Mapping[str, Callable[[Settings], RealtimeCounters]]] = {
-    "memory": lambda settings: InMemoryCounters(),
+    # in the worker process, publishing every round to the API processes' replicas
+    "memory": lambda settings: PublishingCounters(InMemoryCounters()),
 }
 ARCHIVE_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {
     "parquet": _parquet_writer,

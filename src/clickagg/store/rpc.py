@@ -260,6 +260,9 @@ class RpcQueryStore(QueryStore):
         except (StoreUnavailable, QueryError):
             return False
 
+    async def start(self) -> None:
+        """Nothing to start: connections are opened on demand."""
+
     async def close(self) -> None:
         for _, writer in self._idle:
             writer.close()

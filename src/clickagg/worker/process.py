@@ -42,6 +42,7 @@ from clickagg.keyed.stage2 import KeyedStage, counter_key, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
+from clickagg.realtime.feed import FeedServer, PublishingCounters
 from clickagg.registry import AdRegistry
 from clickagg.runtime import roles
 from clickagg.store.base import AggregateStore
@@ -199,6 +200,13 @@ class _Session:
             )
             self.server.start()
             undo.callback(self.server.stop)
+            self.feed: FeedServer | None = None
+            # Counters kept in this process publish their rounds to the API process's
+            # replica (sliding windows answered there); a shared backend is read directly.
+            if isinstance(self.counters, PublishingCounters):
+                self.feed = FeedServer(settings.feed_socket, self.counters)
+                self.feed.start()
+                undo.callback(self.feed.stop)
             self.compactor = Compactor(
                 self.store,
                 interval_ms=settings.compact_interval_ms,
@@ -265,6 +273,8 @@ class _Session:
     def close(self) -> None:
         """After :meth:`stop_writing`: close what is left."""
         try:
+            if self.feed is not None:
+                self.feed.stop()
             self.server.stop()
         finally:
             try:

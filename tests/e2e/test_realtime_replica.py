@@ -1,0 +1,99 @@
+"""Sliding windows through the real server come from the API process's replica of the
+worker's counters: they are answered while the worker process is frozen (so they do not
+wait for its GIL), they are exact, and after a kill -9 of the worker the replica follows
+the new worker's counters exactly."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.server import ServeProcess, http
+from tests.e2e.test_kill9 import post, wait_caught_up, wait_healthy, worker_pid
+
+ADS = ("ad-r1", "ad-r2", "ad-r3")
+
+
+def clicks(prefix: str, n: int, now_s: int, rng: random.Random) -> list[dict[str, Any]]:
+    return [
+        {
+            "event_type": "click",
+            "event_id": f"{prefix}-{i}",
+            "ad_id": ADS[i % len(ADS)],
+            "user_id": f"u-{prefix}-{i}",
+            "timestamp": now_s - rng.randrange(300),
+            "cost_micros": 1_000,
+        }
+        for i in range(n)
+    ]
+
+
+def realtime(server: ServeProcess, ad: str, timeout_s: float = 10) -> dict[str, Any]:
+    response = http.get(
+        server.url + "/aggregates/realtime", params={"ad_id": ad, "window": "1h"}, timeout=timeout_s
+    )
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def wait_windows(server: ServeProcess, expected: Counter[str], timeout_s: float = 30) -> None:
+    """Until every ad's window equals ``expected`` (a window never exceeds it meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = Counter({ad: realtime(server, ad)["clicks"] for ad in ADS})
+        assert all(got[ad] <= expected[ad] for ad in ADS), (got, expected)
+        if got == expected:
+            return
+        assert time.monotonic() < deadline, (got, expected)
+        time.sleep(0.05)
+
+
+def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts(
+    tmp_path: Path,
+) -> None:
+    server = ServeProcess(tmp_path / "data", partitions=3)
+    server.start()
+    rng = random.Random(5)
+    now_s = int(time.time())
+    expected: Counter[str] = Counter()
+    try:
+        first = clicks("a", 300, now_s, rng)
+        for i in range(0, len(first), 100):
+            assert post(server.url, first[i : i + 100])
+        expected.update(e["ad_id"] for e in first)
+        wait_caught_up(server)
+        wait_windows(server, expected)
+
+        worker = worker_pid(server, not_one_of=[])
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            # Frozen worker: no query of it could be answered; the replica answers at once.
+            started = time.monotonic()
+            for ad in ADS:
+                assert realtime(server, ad, timeout_s=2)["clicks"] == expected[ad]
+            assert time.monotonic() - started < 2
+        finally:
+            os.kill(worker, signal.SIGCONT)
+
+        second = clicks("b", 240, now_s, rng)
+        assert post(server.url, second)
+        expected.update(e["ad_id"] for e in second)
+        wait_caught_up(server)
+        wait_windows(server, expected)
+
+        os.kill(worker, signal.SIGKILL)  # the replica must follow the next worker's counters
+        third = clicks("c", 90, now_s, rng)
+        assert post(server.url, third)  # accepted by the API process meanwhile
+        expected.update(e["ad_id"] for e in third)
+        worker_pid(server, not_one_of=[worker])
+        wait_healthy(server)
+        wait_caught_up(server)
+        wait_windows(server, expected)
+    finally:
+        server.stop()
