@@ -1,7 +1,7 @@
-"""Sliding windows through the real server come from the API process's replica of the
-worker's counters: they are answered while the worker process is frozen (so they do not
-wait for its GIL), they are exact, and after a kill -9 of the worker the replica follows
-the new worker's counters exactly."""
+"""Recent queries through the real server come from the API process's replica of the
+recent minutes: sliding windows and the last hour's minute rows are answered while the
+worker process is frozen (so they do not wait for its GIL), they are exact, and after a
+kill -9 of the worker the replica follows the new worker exactly."""
 
 from __future__ import annotations
 
@@ -42,6 +42,17 @@ def realtime(server: ServeProcess, ad: str, timeout_s: float = 10) -> dict[str, 
     return body
 
 
+def minute_rows(server: ServeProcess, ad: str, timeout_s: float = 10) -> list[dict[str, Any]]:
+    response = http.get(
+        server.url + "/aggregates",
+        params={"ad_id": ad, "granularity": "minute", "last": "1h"},
+        timeout=timeout_s,
+    )
+    response.raise_for_status()
+    rows: list[dict[str, Any]] = response.json()
+    return rows
+
+
 def wait_windows(server: ServeProcess, expected: Counter[str], timeout_s: float = 30) -> None:
     """Until every ad's window equals ``expected`` (a window never exceeds it meanwhile)."""
     deadline = time.monotonic() + timeout_s
@@ -70,6 +81,8 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
         wait_caught_up(server)
         wait_windows(server, expected)
 
+        rows = {ad: minute_rows(server, ad) for ad in ADS}
+        assert {ad: sum(r["clicks"] for r in rows[ad]) for ad in ADS} == expected
         worker = worker_pid(server, not_one_of=[])
         os.kill(worker, signal.SIGSTOP)
         try:
@@ -77,6 +90,7 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
             started = time.monotonic()
             for ad in ADS:
                 assert realtime(server, ad, timeout_s=2)["clicks"] == expected[ad]
+                assert minute_rows(server, ad, timeout_s=2) == rows[ad]
             assert time.monotonic() - started < 2
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -95,5 +109,9 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
         wait_healthy(server)
         wait_caught_up(server)
         wait_windows(server, expected)
+        for ad in ADS:  # minute rows too, unique users included (one user per click)
+            after = minute_rows(server, ad)
+            assert sum(r["clicks"] for r in after) == expected[ad]
+            assert sum(r["unique_users"] for r in after) == expected[ad]
     finally:
         server.stop()

@@ -1,6 +1,6 @@
-"""The counters' feed and the API process's replica: over a real Unix socket, the replica
-holds exactly the worker's counters, whenever it subscribed, and starts over after any
-break."""
+"""The worker's feed of committed minute rows and the API process's replica of the recent
+minutes: over a real Unix socket and a real store, the replica answers exactly what the
+store answers, whenever it subscribed, and starts over after any break."""
 
 from __future__ import annotations
 
@@ -12,81 +12,106 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pytest
 
+from clickagg.core import aggregate, hll
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from clickagg.realtime.feed import (
     ROUND,
     SNAPSHOT,
     FeedServer,
     PublishingCounters,
+    Snapshot,
     decode_frame,
     encode_frame,
 )
-from clickagg.realtime.memory import SUMS_SCHEMA, InMemoryCounters
-from clickagg.realtime.replica import CountersReplica
+from clickagg.realtime.memory import InMemoryCounters
+from clickagg.realtime.replica import MinutesReplica
+from clickagg.store.base import PartitionCommit
+from clickagg.store.duckdb_store import DuckDBStore
+from tests.conftest import Ev, frame_of
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
-ADS = [f"ad{i}" for i in range(20)]
+SINCE = T0 - 10 * MINUTE_MS
+ADS = [f"ad{i}" for i in range(12)]
+RANGES = [(0, 30), (0, 5), (12, 13), (29, 30), (3, 21)]
 
 
-def sums(rows: list[tuple[str, int, int, int]]) -> pa.Table:
+def sums(rows: list[tuple[str, int, int]]) -> pa.Table:
     return pa.table(
         {
-            "ad_id": [ad for ad, _, _, _ in rows],
-            "minute_ms": [minute for _, minute, _, _ in rows],
-            "clicks": [clicks for _, _, clicks, _ in rows],
-            "impressions": [imps for _, _, _, imps in rows],
-            "spend_micros": [clicks * 7 for _, _, clicks, _ in rows],
+            "ad_id": [ad for ad, _, _ in rows],
+            "minute_ms": [minute for _, minute, _ in rows],
+            "clicks": [clicks for _, _, clicks in rows],
+            "impressions": [0 for _ in rows],
+            "spend_micros": [clicks * 7 for _, _, clicks in rows],
             "invalid_clicks": [0 for _ in rows],
-        },
-        schema=SUMS_SCHEMA,
+        }
     )
 
 
-def random_round(rng: random.Random) -> pa.Table:
-    return sums(
-        [
-            (rng.choice(ADS), T0 + rng.randrange(30) * MINUTE_MS, rng.randrange(1, 9), 1)
-            for _ in range(rng.randrange(0, 40))
-        ]
+def round_commit(partition: int, start: int, events: list[Ev]) -> PartitionCommit:
+    frame = frame_of(events, partition=partition, base_offset=start)
+    kept = aggregate.with_minute_and_spend(frame.with_columns(invalid=pl.lit(False)), {})
+    minute, dimensions = aggregate.round_deltas(kept)
+    return PartitionCommit(
+        partition=partition,
+        from_offset=start,
+        to_offset=start + len(events),
+        minute_deltas=minute,
+        dimension_deltas=dimensions,
+        max_event_ms=T0,
+        watermark_ms=T0 - 5 * MINUTE_MS,
+        counted=len(events),
+        duplicates=0,
+        late=0,
+        invalid=0,
+        committed_at_ms=T0,
     )
 
 
-class Rounds:
-    """Applies random rounds over 4 partitions (offsets continuing) from a thread, like
-    the worker's stream loop."""
+class Worker:
+    """What the worker's stream loop does with a round: commit it to the store, then apply
+    it to the (publishing) counters. Random events over 4 partitions, 12 ads, 30 minutes,
+    a few hundred users (so that unique users are estimated from merged sketches)."""
 
-    def __init__(self, counters: PublishingCounters, seed: int) -> None:
-        self.counters = counters
+    def __init__(self, store: DuckDBStore, seed: int, *, max_queued: int = 4096) -> None:
+        self.store = store
+        self.counters = PublishingCounters(
+            InMemoryCounters(), snapshot=self.snapshot, max_queued=max_queued
+        )
         self.rng = random.Random(seed)
         self.next = dict.fromkeys(range(4), 0)
+        self.ids = 0
 
-    def apply(self, n: int) -> None:
+    def snapshot(self) -> Snapshot:
+        rows, committed, _ = self.store.recent_minutes(SINCE)
+        return rows, committed, SINCE
+
+    def rounds(self, n: int) -> None:
         for _ in range(n):
-            parts = self.rng.sample(range(4), self.rng.randrange(1, 5))
-            ranges = {}
-            for p in parts:
-                width = self.rng.randrange(0, 50)
-                ranges[p] = (self.next[p], self.next[p] + width)
-                self.next[p] += width
-            self.counters.apply(random_round(self.rng), ranges)
-
-
-def windows_of(window: Callable[..., object]) -> list[object]:
-    return [
-        window(ad_id=ad, start_ms=T0 + lo * MINUTE_MS, end_ms=T0 + hi * MINUTE_MS)
-        for ad in ADS
-        for lo, hi in ((0, 30), (0, 5), (12, 13), (29, 30))
-    ]
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+            commits = []
+            for p in self.rng.sample(range(4), self.rng.randrange(1, 5)):
+                events = []
+                for _ in range(self.rng.randrange(1, 30)):
+                    self.ids += 1
+                    events.append(
+                        Ev(
+                            f"e{self.ids}",
+                            self.rng.choice(ADS),
+                            T0 + self.rng.randrange(30 * MINUTE_MS),
+                            user_id=f"u{self.rng.randrange(300)}",
+                            cost_micros=1_000,
+                        )
+                    )
+                commits.append(round_commit(p, self.next[p], events))
+                self.next[p] += len(events)
+            self.store.commit_many(commits)
+            minute = pa.concat_tables([c.minute_deltas for c in commits])
+            ranges = {c.partition: (c.from_offset, c.to_offset) for c in commits}
+            self.counters.apply(minute, ranges)
 
 
 async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -96,113 +121,145 @@ async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-def socket_path(tmp_path: Path) -> Path:
-    return tmp_path / "feed.sock"
+def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 @pytest.fixture
-def feed(socket_path: Path) -> Iterator[tuple[PublishingCounters, FeedServer]]:
-    counters = PublishingCounters(InMemoryCounters())
-    server = FeedServer(socket_path, counters)
-    server.start()
-    yield counters, server
-    server.stop()
+def store(tmp_path: Path) -> Iterator[DuckDBStore]:
+    store = DuckDBStore(tmp_path / "agg.duckdb")
+    yield store
+    store.close()
 
 
 def test_a_frame_is_msgpack_and_arrow_and_reads_back() -> None:
-    table = sums([("a", T0, 3, 1), ("b", T0 + MINUTE_MS, 1, 0)])
-    frame = encode_frame(ROUND, {2: (10, 14), 0: (0, 3)}, table)
-    kind, ranges, back = decode_frame(frame[4:])
-    assert (kind, ranges) == (ROUND, {0: (0, 3), 2: (10, 14)})
-    assert back.equals(table)
+    table = sums([("a", T0, 3), ("b", T0 + MINUTE_MS, 1)])
+    frame = encode_frame(ROUND, {2: (10, 14), 0: (0, 3)}, table, since_ms=T0)
+    kind, ranges, since_ms, back = decode_frame(frame[4:])
+    assert (kind, ranges, since_ms) == (ROUND, {0: (0, 3), 2: (10, 14)}, T0)
+    assert back.drop_columns(["users"]).equals(table)
+    assert back["users"].null_count == 2  # sums only: no sketch
     assert int.from_bytes(frame[:4], "little") == len(frame) - 4
 
 
-def test_the_replica_equals_the_counters_whenever_it_subscribed(
-    feed: tuple[PublishingCounters, FeedServer], socket_path: Path
+def test_the_replica_answers_what_the_store_answers_whenever_it_subscribed(
+    store: DuckDBStore, tmp_path: Path
 ) -> None:
-    """Rounds are applied from a thread before, while and after the replica subscribes;
-    once the writer stops, every window of the replica equals the worker's."""
-    counters, _ = feed
-    rounds = Rounds(counters, seed=7)
-    rounds.apply(50)  # before the replica exists: in its snapshot
-    stop = threading.Event()
+    """Rounds are committed and applied from a thread, with compactions between them,
+    before, while and after the replica subscribes; once they stop, every minute row,
+    total and window of the replica equals the store's."""
+    worker = Worker(store, seed=7)
+    worker.rounds(10)  # before the replica exists: in its snapshot
+    store.compact()
+    server = FeedServer(tmp_path / "feed.sock", worker.counters)
+    server.start()
 
-    def keep_applying() -> None:
-        for _ in range(400):
-            if stop.is_set():
-                return
-            rounds.apply(1)
-            time.sleep(0.0005)
+    def keep_committing() -> None:
+        for i in range(30):
+            worker.rounds(1)
+            if i % 10 == 0:
+                store.compact()
 
     async def main() -> None:
-        replica = CountersReplica(socket_path)
-        writer = threading.Thread(target=keep_applying)
+        replica = MinutesReplica(tmp_path / "feed.sock")
+        writer = threading.Thread(target=keep_committing)
         writer.start()
         try:
             replica.start()
             await until(lambda: replica.live)
             await asyncio.to_thread(writer.join)
-            rounds.apply(20)
-            await until(lambda: replica.applied_offsets() == counters.applied_offsets())
-            assert windows_of(replica.window) == windows_of(counters.window)
-            assert replica.snapshots == 1
-            assert sum(w.clicks for w in windows_of(counters.window)) > 0  # type: ignore[attr-defined]
+            worker.rounds(5)
+            await until(lambda: replica.applied_offsets() == store.committed_offsets())
+            recent = replica.covering(T0)
+            assert recent is not None
+            assert replica.covering(SINCE - 1) is None  # not held whole: the worker's
+            checked_users = 0
+            for ad in ADS:
+                for lo, hi in RANGES:
+                    start, end = T0 + lo * MINUTE_MS, T0 + hi * MINUTE_MS
+                    rows = recent.minutes(ad_id=ad, start_ms=start, end_ms=end)
+                    assert rows == store.aggregates(
+                        ad_id=ad, start_ms=start, end_ms=end, granularity="minute"
+                    )
+                    totals = recent.totals(ad_id=ad, start_ms=start, end_ms=end)
+                    assert totals == store.totals(ad_id=ad, start_ms=start, end_ms=end)
+                    window = recent.window(ad_id=ad, start_ms=start, end_ms=end)
+                    assert window == store.totals(
+                        ad_id=ad, start_ms=start, end_ms=end, unique_users=False
+                    )
+                    checked_users += totals.unique_users
+            assert checked_users > 0
+            assert replica.snapshots == 1 and replica.rounds > 0
         finally:
-            stop.set()
             writer.join()
             await replica.close()
+            server.stop()
 
     asyncio.run(main())
 
 
 def test_a_reader_that_falls_behind_is_cut_off_and_the_writer_never_waits(
-    socket_path: Path,
+    tmp_path: Path,
 ) -> None:
-    counters = PublishingCounters(InMemoryCounters(), max_queued=3)
-    server = FeedServer(socket_path, counters)
+    counters = PublishingCounters(
+        InMemoryCounters(), snapshot=lambda: (sums([]), {}, SINCE), max_queued=3
+    )
+    server = FeedServer(tmp_path / "feed.sock", counters)
     server.start()
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    big = sums([(f"ad{i}", T0 + (i % 30) * MINUTE_MS, 1) for i in range(5_000)])
     try:
-        stalled.connect(str(socket_path))
+        stalled.connect(str(tmp_path / "feed.sock"))
         wait_until(lambda: counters.subscribers == 1)
-        rounds = Rounds(counters, seed=1)
         started = time.monotonic()
-        rounds.apply(200)  # never read: it would block a writer that waited
-        assert time.monotonic() - started < 5
-        wait_until(lambda: counters.subscribers == 0)
+        for i in range(200):  # never read: once the socket's buffer is full, frames queue
+            counters.apply(big, {0: (i, i + 1)})
+            if counters.subscribers == 0:
+                break
+        assert counters.subscribers == 0
+        assert time.monotonic() - started < 10  # the writer never waited for the reader
     finally:
         stalled.close()
         server.stop()
 
 
-def test_the_replica_starts_over_from_a_new_worker_and_answers_none_in_between(
-    socket_path: Path,
+def test_the_replica_starts_over_from_a_new_worker_and_answers_nothing_in_between(
+    tmp_path: Path,
 ) -> None:
+    def fixed(rows: pa.Table, offsets: dict[int, int]) -> Callable[[], Snapshot]:
+        return lambda: (rows, offsets, SINCE)
+
     async def main() -> None:
-        first = PublishingCounters(InMemoryCounters())
-        first.apply(sums([("ad0", T0, 5, 0)]), {0: (0, 5)})
-        server = FeedServer(socket_path, first)
+        first = PublishingCounters(
+            InMemoryCounters(), snapshot=fixed(sums([("ad0", T0, 5)]), {0: 5})
+        )
+        server = FeedServer(tmp_path / "feed.sock", first)
         server.start()
-        replica = CountersReplica(socket_path)
+        replica = MinutesReplica(tmp_path / "feed.sock")
         replica.start()
         try:
             await until(lambda: replica.live)
-            assert replica.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS) is not None
+            recent = replica.covering(T0)
+            assert recent is not None
+            assert recent.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS).clicks == 5
             server.stop()  # the worker went away
             await until(lambda: not replica.live)
-            assert replica.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS) is None
-            # the next worker refilled its counters from the store: a state of its own
-            second = PublishingCounters(InMemoryCounters())
-            second.apply(sums([("ad0", T0, 9, 0)]), {0: (0, 9)})
-            server = FeedServer(socket_path, second)
+            assert replica.covering(T0) is None
+            # the next worker: a state of its own
+            second = PublishingCounters(
+                InMemoryCounters(), snapshot=fixed(sums([("ad0", T0, 9)]), {0: 9})
+            )
+            server = FeedServer(tmp_path / "feed.sock", second)
             server.start()
             await until(lambda: replica.live)
-            second.apply(sums([("ad0", T0, 1, 0)]), {0: (9, 10)})
+            second.apply(sums([("ad0", T0, 1)]), {0: (9, 10)})
             await until(lambda: replica.applied_offsets() == {0: 10})
-            answer = replica.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS)
-            assert answer is not None and answer.clicks == 10
+            recent = replica.covering(T0)
+            assert recent is not None
+            assert recent.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS).clicks == 10
             assert replica.snapshots == 2
         finally:
             await replica.close()
@@ -212,12 +269,12 @@ def test_the_replica_starts_over_from_a_new_worker_and_answers_none_in_between(
 
 
 def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over(
-    socket_path: Path,
+    tmp_path: Path,
 ) -> None:
     """A feed with a gap (frames crafted here) is dropped: the replica reconnects and
     follows the next snapshot instead of serving counts with a hole."""
-    snapshot = encode_frame(SNAPSHOT, {0: (0, 5)}, sums([("ad0", T0, 5, 0)]))
-    gap = encode_frame(ROUND, {0: (7, 9)}, sums([("ad0", T0, 2, 0)]))
+    snapshot = encode_frame(SNAPSHOT, {0: (0, 5)}, sums([("ad0", T0, 5)]), SINCE)
+    gap = encode_frame(ROUND, {0: (7, 9)}, sums([("ad0", T0, 2)]))
     connections: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -230,13 +287,14 @@ def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over
         writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_unix_server(serve, str(socket_path))
-        replica = CountersReplica(socket_path)
+        server = await asyncio.start_unix_server(serve, str(tmp_path / "feed.sock"))
+        replica = MinutesReplica(tmp_path / "feed.sock")
         replica.start()
         try:
             await until(lambda: replica.snapshots == 2 and replica.live)
-            answer = replica.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS)
-            assert answer is not None and answer.clicks == 5
+            recent = replica.covering(T0)
+            assert recent is not None
+            assert recent.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS).clicks == 5
             assert replica.rounds == 0
         finally:
             await replica.close()
@@ -244,3 +302,17 @@ def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_recent_minutes_forget_beyond_their_span_and_say_so() -> None:
+    from clickagg.realtime.recent import RecentMinutes
+
+    recent = RecentMinutes(since_ms=T0, span_ms=10 * MINUTE_MS)
+    sketch = hll.union([])
+    rows = sums([("a", T0, 1), ("a", T0 + 30 * MINUTE_MS, 2)])
+    rows = rows.append_column("users", pa.array([sketch, None], pa.binary()))
+    assert recent.apply(rows, {0: (0, 2)})
+    assert not recent.apply(rows, {0: (0, 2)})  # a redo
+    assert not recent.covers(T0)  # T0 was forgotten: newest minute minus the span
+    assert recent.covers(T0 + 20 * MINUTE_MS)
+    assert recent.totals(ad_id="a", start_ms=T0, end_ms=T0 + HOUR_MS).clicks == 2

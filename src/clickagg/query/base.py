@@ -11,30 +11,33 @@ answer (its process is restarting, recovering or busy: retry later, a 503 over H
 :class:`QueryError` when it answered with an error. Every method is a read, so an adapter
 may retry one.
 
-Today's only adapter, ``clickagg.store.rpc.RpcQueryStore``, asks the worker process over
-a Unix socket (DuckDB admits one writing process): every query runs in a thread of the
-worker process, under the GIL the stream also needs. Measured (BENCHMARKS.md, "QueryStore
-split"): nearly all of a query's time is spent there, and the real-time window, whose work
-is microseconds, still waits tens of ms at p99 for the worker's GIL.
+The embedded adapter, ``clickagg.query.replicated.ReplicatedQueryStore``, answers from two
+places. ``clickagg.store.rpc.RpcQueryStore`` asks the worker process over a Unix socket
+(DuckDB admits one writing process): such a query runs in a thread of the worker process,
+under the GIL the stream also needs (BENCHMARKS.md, "QueryStore split": the real-time
+window, microseconds of work, waited tens of ms at p99 there). So the worker also feeds
+every committed round's per-ad minute rows to the API process
+(``clickagg.realtime.feed``), which keeps the last 70 minutes of every ad in memory
+(``clickagg.realtime.recent``) and answers sliding windows, minute rows without a
+breakdown and totals within that span itself.
 
-Next: a query store in the API process over immutable files plus pushed recent deltas.
+Next, for the rest (hour and day rows, breakdowns, roll-ups, top ads, older ranges): a
+query store in the API process over immutable files plus the pushed deltas.
 (1) Each background compaction already merges the deltas with ``seq`` in (previous cut,
 cut] into the base tables; the worker also writes that same merged batch (minute, hour and
 dimension rows: sums and sketches, all additive) as Parquet files, fsyncs them and
 publishes them by adding one manifest file naming them and their ``seq`` range, as the
 archive does; a later compaction rewrites many small files as one covering their union
-and a manifest that replaces them. (2) After each commit the worker pushes the round's
-deltas, tagged with the round's ``seq``, to the API process over the socket it already
-serves (the other direction), and on (re)connect resends every delta not yet published.
-(3) The API process's adapter answers with its own DuckDB connection: ``read_parquet`` of
-the manifest's files UNION ALL an Arrow table of the pushed deltas with ``seq`` above the
-manifest's cut (those at or below are dropped when the manifest arrives). Exactly once:
-every ``seq`` is summed from one side only (a file if ``seq`` <= cut, memory otherwise),
-the deltas are pushed only after their commit, and a resend is idempotent by ``seq``.
-Freshness is unchanged (a delta is queryable one push after its commit). The worker pays
-a Parquet write per compaction instead of every query, and the read-only files also let
-more API processes share the load. (A DuckDB replica file copied after each compaction
-was the alternative: simpler readers, but every copy rewrites the whole base.)
+and a manifest that replaces them. (2) The feed carries every round's deltas, all
+families, tagged with the round's ``seq``. (3) The API process's adapter answers with its
+own DuckDB connection: ``read_parquet`` of the manifest's files UNION ALL an Arrow table of
+the pushed deltas with ``seq`` above the manifest's cut (those at or below are dropped when
+the manifest arrives). Exactly once: every ``seq`` is summed from one side only. The
+worker pays a Parquet write per compaction instead of every query, and the read-only files
+also let more API processes share the load. What it costs: the file merges repeat the
+sketch unions the base compaction does (the dominant cost of compaction), on the same two
+cores. (A DuckDB replica file copied after each compaction was the alternative: simpler
+readers, but every copy rewrites the whole base.)
 """
 
 from __future__ import annotations

@@ -1,23 +1,25 @@
-"""The real-time counters' feed: the worker process publishes every round its counters
-apply, so that the API process keeps a replica and answers sliding windows itself.
+"""The worker's feed of committed minute rows: every round its counters apply, published
+on a Unix socket, so that the API process keeps the recent minutes of every ad in memory
+(``clickagg.realtime.recent``) and answers recent queries itself.
 
-Why: a window query is a sum over at most ~60 cells, microseconds of work, but asked of the
-worker process it waited for the stream's GIL (tens of ms at p99 under ingest, BENCHMARKS.md
-"QueryStore split"). A replica in the API process answers it without crossing to the worker.
+Why: a sliding window is a sum over at most ~60 cells, microseconds of work, and a minute
+query of the last hour little more; asked of the worker process they waited for the
+stream's GIL (tens of ms at p99 under ingest, BENCHMARKS.md "QueryStore split") and for a
+DuckDB scan of every ad's recent rows.
 
-Exactly once, by the counters' own fence: a subscriber first receives a snapshot of every
-cell with the offsets it holds everything up to (taken under the same lock that applies a
-round, so no round is half in it), then every round applied after it, in order, with its
-offset ranges. The replica applies the snapshot as ``{partition: (0, offset)}`` and each
-round as it came; :meth:`InMemoryCounters.apply` ignores a redo and refuses a gap, and a
-refused round makes the replica start over from a new snapshot. A subscriber that falls
-more than ``max_queued`` rounds behind is cut off and starts over too: the worker never
-waits for a reader.
+Exactly once, by the counters' fence (:func:`clickagg.realtime.memory.advance`): a
+subscriber first receives a snapshot, the store's minute rows from ``since_ms`` on with
+the offsets they hold everything up to (read in one transaction), then every round applied
+after it registered, in order, with its offset ranges. The replica applies the snapshot as
+``{partition: (0, offset)}`` and each round as it came: a redo is ignored, a gap refused,
+and a refused round makes it start over from a new snapshot. A subscriber that falls more
+than ``max_queued`` rounds behind is cut off and starts over too: the worker never waits
+for a reader.
 
-Wire format on a Unix socket: frames of a little-endian uint32 length and a msgpack array
-``[kind, [[partition, from, to], ...], arrow_ipc_stream]``, ``kind`` being ``"snapshot"``
-or ``"round"``, the Arrow table's columns ``SUM_COLUMNS``. A frame is readable with msgpack
-and pyarrow alone.
+Wire format: frames of a little-endian uint32 length and a msgpack array
+``[kind, [[partition, from, to], ...], since_ms, arrow_ipc_stream]``, ``kind`` being
+``"snapshot"`` or ``"round"``, the Arrow table's columns ``FEED_SCHEMA``. A frame is
+readable with msgpack and pyarrow alone.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 import pyarrow as pa
 
-from clickagg.realtime.memory import SUM_COLUMNS, InMemoryCounters
+from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.base import Totals
 
 log = logging.getLogger(__name__)
@@ -44,27 +46,50 @@ log = logging.getLogger(__name__)
 LENGTH = struct.Struct("<I")
 SNAPSHOT, ROUND = "snapshot", "round"
 Ranges = dict[int, tuple[int, int]]
+# A frame's columns: a minute row's key, sums and unique-user sketch (``MINUTE_SCHEMA``'s).
+FEED_SCHEMA = pa.schema(
+    [
+        pa.field("ad_id", pa.string()),
+        pa.field("minute_ms", pa.int64()),
+        pa.field("clicks", pa.int64()),
+        pa.field("impressions", pa.int64()),
+        pa.field("spend_micros", pa.int64()),
+        pa.field("invalid_clicks", pa.int64()),
+        pa.field("users", pa.binary()),
+    ]
+)
+# Where a subscriber starts: minute rows, the offsets they hold everything up to (the
+# counters' keys), and the first minute they hold whole.
+Snapshot = tuple[pa.Table, dict[int, int], int]
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(tuple[str, list[tuple[int, int, int]], bytes])
+_decoder = msgspec.msgpack.Decoder(tuple[str, list[tuple[int, int, int]], int, bytes])
 
 
-def encode_frame(kind: str, ranges: Mapping[int, tuple[int, int]], table: pa.Table) -> bytes:
+def _feed_columns(table: pa.Table) -> pa.Table:
+    if "users" not in table.schema.names:  # sums only (e.g. a refill): no sketch
+        table = table.append_column("users", pa.nulls(table.num_rows, pa.binary()))
+    return table.select(FEED_SCHEMA.names).cast(FEED_SCHEMA)
+
+
+def encode_frame(
+    kind: str, ranges: Mapping[int, tuple[int, int]], table: pa.Table, since_ms: int = 0
+) -> bytes:
     sink = pa.BufferOutputStream()
-    sums = table.select(list(SUM_COLUMNS))
-    with pa.ipc.new_stream(sink, sums.schema) as writer:
-        writer.write_table(sums)
+    rows = _feed_columns(table)
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
     listed = [[p, lo, hi] for p, (lo, hi) in sorted(ranges.items())]
-    body = _encoder.encode((kind, listed, sink.getvalue().to_pybytes()))
+    body = _encoder.encode((kind, listed, since_ms, sink.getvalue().to_pybytes()))
     return LENGTH.pack(len(body)) + body
 
 
-def decode_frame(body: bytes) -> tuple[str, Ranges, pa.Table]:
-    """A frame's body (without its length prefix)."""
-    kind, ranges, ipc = _decoder.decode(body)
+def decode_frame(body: bytes) -> tuple[str, Ranges, int, pa.Table]:
+    """A frame's body (without its length prefix): kind, ranges, since_ms, rows."""
+    kind, ranges, since_ms, ipc = _decoder.decode(body)
     with pa.ipc.open_stream(ipc) as reader:
         table = reader.read_all()
-    return kind, {p: (lo, hi) for p, lo, hi in ranges}, table
+    return kind, {p: (lo, hi) for p, lo, hi in ranges}, since_ms, table
 
 
 @dataclass(eq=False)
@@ -78,13 +103,26 @@ class Subscriber:
 class PublishingCounters:
     """The worker's :class:`RealtimeCounters`: in-process counters that also hand every
     round they apply to their subscribers (a frame encoded once per round, only while
-    someone subscribes)."""
+    someone subscribes).
 
-    def __init__(self, inner: InMemoryCounters, *, max_queued: int = 4096) -> None:
+    ``snapshot`` reads the committed state a new subscriber starts from (the store's minute
+    rows and offsets, in one transaction). It is read after the subscriber is registered:
+    a round committed before the read is in the snapshot, and if it is applied after the
+    registration its frame also reaches the subscriber, as a redo the fence ignores; a round
+    committed after the read is applied after it, so its frame reaches the subscriber."""
+
+    def __init__(
+        self,
+        inner: InMemoryCounters,
+        *,
+        snapshot: Callable[[], Snapshot],
+        max_queued: int = 4096,
+    ) -> None:
         self.inner = inner
         self.retain_ms = inner.retain_ms
+        self.snapshot = snapshot
         self.max_queued = max_queued
-        self._lock = threading.Lock()  # a round and a snapshot never interleave
+        self._lock = threading.Lock()  # the subscribers set, and the order of the frames
         self._subscribers: set[Subscriber] = set()
 
     def apply(self, minute_deltas: pa.Table, offsets: Mapping[int, tuple[int, int]]) -> bool:
@@ -107,12 +145,18 @@ class PublishingCounters:
         return self.inner.window(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
 
     def subscribe(self) -> tuple[bytes, Subscriber]:
-        """The snapshot frame and a subscriber that receives every round applied after it."""
+        """The snapshot frame and a subscriber that receives every round applied after
+        it was registered (see the class docstring for why that order is exact)."""
+        subscriber = Subscriber()
         with self._lock:
-            table, offsets = self.inner.snapshot()
-            subscriber = Subscriber()
             self._subscribers.add(subscriber)
-        return encode_frame(SNAPSHOT, {p: (0, o) for p, o in offsets.items()}, table), subscriber
+        try:
+            rows, offsets, since_ms = self.snapshot()
+        except BaseException:
+            self.unsubscribe(subscriber)
+            raise
+        ranges = {p: (0, o) for p, o in offsets.items()}
+        return encode_frame(SNAPSHOT, ranges, rows, since_ms), subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:

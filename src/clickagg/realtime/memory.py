@@ -16,18 +16,30 @@ from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from clickagg.store.base import FencedError, Totals
 
 _CLICKS, _IMPRESSIONS, _SPEND, _INVALID = range(4)
-SUMS_SCHEMA = pa.schema(
-    [
-        pa.field("ad_id", pa.string()),
-        pa.field("minute_ms", pa.int64()),
-        pa.field("clicks", pa.int64()),
-        pa.field("impressions", pa.int64()),
-        pa.field("spend_micros", pa.int64()),
-        pa.field("invalid_clicks", pa.int64()),
-    ]
-)
-"""What the counters keep of a round's minute deltas (``MINUTE_SCHEMA``'s sums)."""
-SUM_COLUMNS = tuple(SUMS_SCHEMA.names)
+# What the counters keep of a round's minute deltas (``MINUTE_SCHEMA``'s sums).
+SUM_COLUMNS = ("ad_id", "minute_ms", "clicks", "impressions", "spend_micros", "invalid_clicks")
+
+
+def advance(applied: dict[int, int], offsets: Mapping[int, tuple[int, int]]) -> bool:
+    """The sink fence of the round commit, shared by every in-memory copy of the counts:
+    move ``applied`` to the ends of ``offsets`` and return True when the round continues
+    every partition's applied offset (a partition never applied accepts any start); return
+    False, changing nothing, when every range is already applied (a redo); raise
+    FencedError, changing nothing, otherwise (a gap, or half applied)."""
+    if all(applied.get(p, lo) >= hi for p, (lo, hi) in offsets.items()):
+        return False
+    stale = {p: applied[p] for p, (lo, _) in offsets.items() if applied.get(p, lo) != lo}
+    if stale:
+        raise FencedError(
+            "; ".join(
+                f"partition {p}: counters hold up to {at}, deltas start at {offsets[p][0]}"
+                for p, at in stale.items()
+            ),
+            list(stale),
+        )
+    for p, (_, hi) in offsets.items():
+        applied[p] = hi
+    return True
 
 
 class InMemoryCounters:
@@ -46,23 +58,8 @@ class InMemoryCounters:
         columns = minute_deltas.select(list(SUM_COLUMNS)).to_pydict()
         rows = zip(*columns.values(), strict=True)
         with self._lock:
-            if all(self._offsets.get(p, lo) >= hi for p, (lo, hi) in offsets.items()):
+            if not advance(self._offsets, offsets):
                 return False  # a redo of what these counters already hold
-            stale = {
-                p: self._offsets[p]
-                for p, (lo, _) in offsets.items()
-                if self._offsets.get(p, lo) != lo
-            }
-            if stale:
-                raise FencedError(
-                    "; ".join(
-                        f"partition {p}: counters hold up to {at}, deltas start at {offsets[p][0]}"
-                        for p, at in stale.items()
-                    ),
-                    list(stale),
-                )
-            for p, (_, hi) in offsets.items():
-                self._offsets[p] = hi
             if minute_deltas.num_rows == 0:
                 return True
             for ad_id, minute, clicks, impressions, spend, invalid in rows:
@@ -79,22 +76,6 @@ class InMemoryCounters:
                 self._newest_minute = newest
                 self._forget_before(newest - self.retain_ms)
         return True
-
-    def snapshot(self) -> tuple[pa.Table, dict[int, int]]:
-        """Every cell as rows of ``SUM_COLUMNS``, and the offsets they hold everything up
-        to, read together: another process's replica starts from exactly this state."""
-        columns: dict[str, list[object]] = {name: [] for name in SUM_COLUMNS}
-        with self._lock:
-            for ad_id, minutes in self._cells.items():
-                for minute, cell in minutes.items():
-                    columns["ad_id"].append(ad_id)
-                    columns["minute_ms"].append(minute)
-                    columns["clicks"].append(cell[_CLICKS])
-                    columns["impressions"].append(cell[_IMPRESSIONS])
-                    columns["spend_micros"].append(cell[_SPEND])
-                    columns["invalid_clicks"].append(cell[_INVALID])
-            offsets = dict(self._offsets)
-        return pa.table(columns, schema=SUMS_SCHEMA), offsets
 
     def _forget_before(self, minute_ms: int) -> None:
         for ad_id in list(self._cells):

@@ -1,13 +1,13 @@
-"""The API process's replica of the worker's real-time counters, kept by the counters' feed
-(``clickagg.realtime.feed``): sliding windows answered in the API process, off the stream's
+"""The API process's replica of the recent minutes, kept by the worker's feed
+(``clickagg.realtime.feed``): recent queries answered in the API process, off the stream's
 GIL.
 
-It answers only while it follows a live feed: from its first snapshot until the
-connection breaks or a round does not continue its offsets. Otherwise :meth:`window`
-returns None and the caller asks the worker as before (which, while the worker is down,
-answers 503). So the replica never serves counts that another path would not have served,
-only sooner. After a break it reconnects, with a short backoff, and starts over from a new
-snapshot: a new worker process's counters are a new state.
+It answers only while it follows a live feed, from its first snapshot until the connection
+breaks or a round does not continue its offsets, and only ranges it holds whole. Otherwise
+:attr:`recent` is None and the caller asks the worker as before (which, while the worker
+is down, answers 503). So the replica never serves counts that the worker would not have
+served, only sooner. After a break it reconnects, with a short backoff, and starts over
+from a new snapshot (a new worker process is a new feed).
 """
 
 from __future__ import annotations
@@ -18,44 +18,39 @@ import logging
 from pathlib import Path
 
 from clickagg.realtime.feed import LENGTH, SNAPSHOT, decode_frame
-from clickagg.realtime.memory import InMemoryCounters
-from clickagg.store.base import FencedError, Totals
+from clickagg.realtime.recent import RecentMinutes
+from clickagg.store.base import FencedError
 
 log = logging.getLogger(__name__)
 
 
-class CountersReplica:
+class MinutesReplica:
     def __init__(
-        self,
-        path: Path,
-        *,
-        retain_ms: int | None = None,
-        min_backoff_s: float = 0.05,
-        max_backoff_s: float = 1.0,
+        self, path: Path, *, min_backoff_s: float = 0.05, max_backoff_s: float = 1.0
     ) -> None:
         self.path = path
-        self.retain_ms = retain_ms
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
-        self._counters: InMemoryCounters | None = None  # None: not following a feed
+        self._recent: RecentMinutes | None = None  # None: not following a feed
         self._task: asyncio.Task[None] | None = None
         self.snapshots = 0  # how many times it (re)started from a snapshot
         self.rounds = 0  # rounds applied since the process started
 
     @property
     def live(self) -> bool:
-        return self._counters is not None
+        return self._recent is not None
 
-    def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals | None:
-        """The sums over minutes in [start_ms, end_ms), or None while not following."""
-        counters = self._counters
-        if counters is None:
+    def covering(self, start_ms: int) -> RecentMinutes | None:
+        """The recent minutes, if the replica follows the feed and holds every minute from
+        ``start_ms`` on; else None."""
+        recent = self._recent
+        if recent is None or not recent.covers(start_ms):
             return None
-        return counters.window(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
+        return recent
 
     def applied_offsets(self) -> dict[int, int] | None:
-        counters = self._counters
-        return None if counters is None else counters.applied_offsets()
+        recent = self._recent
+        return None if recent is None else recent.applied_offsets()
 
     def start(self) -> None:
         if self._task is None:
@@ -67,7 +62,7 @@ class CountersReplica:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._counters = None
+        self._recent = None
 
     async def _run(self) -> None:
         backoff = self.min_backoff_s
@@ -84,7 +79,7 @@ class CountersReplica:
             except (OSError, EOFError, FencedError, ValueError) as exc:
                 log.info("counters feed broke (%s: %s); starting over", type(exc).__name__, exc)
             finally:
-                self._counters = None
+                self._recent = None
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
@@ -92,21 +87,19 @@ class CountersReplica:
 
     async def _follow(self, reader: asyncio.StreamReader) -> None:
         """Apply the snapshot, then every round, until the feed ends (EOFError)."""
-        counters: InMemoryCounters | None = None
+        recent: RecentMinutes | None = None
         while True:
             header = await reader.readexactly(LENGTH.size)
-            kind, ranges, table = decode_frame(await reader.readexactly(LENGTH.unpack(header)[0]))
-            if counters is None:
+            body = await reader.readexactly(LENGTH.unpack(header)[0])
+            kind, ranges, since_ms, rows = decode_frame(body)
+            if recent is None:
                 if kind != SNAPSHOT:
                     raise ValueError(f"the feed began with a {kind!r} frame, not a snapshot")
-                counters = (
-                    InMemoryCounters()
-                    if self.retain_ms is None
-                    else InMemoryCounters(retain_ms=self.retain_ms)
-                )
-                counters.apply(table, ranges)
-                self._counters = counters
+                recent = RecentMinutes(since_ms=since_ms)
+                # An hour of every ad's minutes: applied beside the event loop, not in it.
+                await asyncio.to_thread(recent.apply, rows, ranges)
+                self._recent = recent
                 self.snapshots += 1
             else:
-                counters.apply(table, ranges)
+                await asyncio.to_thread(recent.apply, rows, ranges)
                 self.rounds += 1

@@ -20,11 +20,10 @@ from clickagg.config import Settings
 from clickagg.log.base import LogReader, LogWriter
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import QueryStore
-from clickagg.query.local_windows import LocalWindowsQueryStore
+from clickagg.query.replicated import ReplicatedQueryStore
 from clickagg.realtime.base import RealtimeCounters
-from clickagg.realtime.feed import PublishingCounters
 from clickagg.realtime.memory import InMemoryCounters
-from clickagg.realtime.replica import CountersReplica
+from clickagg.realtime.replica import MinutesReplica
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import RpcQueryStore
 
@@ -66,15 +65,15 @@ COMMIT_STORES: Final[Mapping[str, Callable[[Settings], DuckDBStore]]] = {
     "duckdb": _open_duckdb,
 }
 QUERY_STORES: Final[Mapping[str, Callable[[Settings], QueryStore]]] = {
-    # the embedded store is read through the worker process that owns its file; sliding
-    # windows from this process's replica of the worker's counters
-    "duckdb": lambda settings: LocalWindowsQueryStore(
-        RpcQueryStore(settings.rpc_socket), CountersReplica(settings.feed_socket)
+    # the embedded store is read through the worker process that owns its file; recent
+    # minutes from this process's replica of them, fed by the worker
+    "duckdb": lambda settings: ReplicatedQueryStore(
+        RpcQueryStore(settings.rpc_socket), MinutesReplica(settings.feed_socket)
     ),
 }
 COUNTERS: Final[Mapping[str, Callable[[Settings], RealtimeCounters]]] = {
-    # in the worker process, publishing every round to the API processes' replicas
-    "memory": lambda settings: PublishingCounters(InMemoryCounters()),
+    # in the worker process, which also feeds them to the API process (worker/process.py)
+    "memory": lambda settings: InMemoryCounters(),
 }
 ARCHIVE_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {
     "parquet": _parquet_writer,

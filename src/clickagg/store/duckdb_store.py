@@ -1023,6 +1023,38 @@ class DuckDBStore:
         table: pa.Table = self._cursor().sql(_MINUTE_ROWS_SINCE, params=[since_ms]).to_arrow_table()
         return table
 
+    def recent_minutes(self, since_ms: int) -> tuple[pa.Table, dict[int, int], dict[int, int]]:
+        """Every per-ad minute row from ``since_ms`` on, base and deltas unmerged (sums and
+        sketches add up; ``MINUTE_SCHEMA``), with the partitions' committed offsets and the
+        keyed partitions' consumed offsets they hold everything up to, all read in ONE
+        snapshot: where a replica in another process starts from."""
+        cols = ", ".join(_ADS.columns)
+        cur = self._cursor()
+        with _out_of_space_as_oserror():
+            cur.execute("BEGIN")
+            try:
+                rows = cur.sql(
+                    f"SELECT {cols} FROM agg_minute WHERE minute_ms >= $since "
+                    f"UNION ALL SELECT {cols} FROM delta_minute WHERE minute_ms >= $since",
+                    params={"since": since_ms},
+                ).to_arrow_table()
+                offsets = cur.execute(
+                    'SELECT "partition", committed_offset FROM partition_offsets'
+                ).fetchall()
+                keyed = cur.execute(
+                    "SELECT keyed_partition, consumed_offset FROM keyed_offsets"
+                ).fetchall()
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")  # read only: nothing to lose, nothing to conflict
+        return (
+            rows,
+            {int(p): int(o) for p, o in offsets},
+            {int(k): int(o) for k, o in keyed},
+        )
+
     def partition_status(self) -> list[PartitionStatus]:
         rows = self._fetch(
             f'SELECT "partition", {_OFFSET_COLUMNS} FROM partition_offsets ORDER BY "partition"'

@@ -42,7 +42,9 @@ from clickagg.keyed.stage2 import KeyedStage, counter_key, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
-from clickagg.realtime.feed import FeedServer, PublishingCounters
+from clickagg.realtime.feed import FeedServer, PublishingCounters, Snapshot
+from clickagg.realtime.memory import InMemoryCounters
+from clickagg.realtime.recent import RECENT_SPAN_MS
 from clickagg.registry import AdRegistry
 from clickagg.runtime import roles
 from clickagg.store.base import AggregateStore
@@ -173,9 +175,17 @@ class _Session:
                 )
                 for p in range(self.reader.partitions)
             ]
-            self.counters = refill_counters(
+            self.counters: RealtimeCounters = refill_counters(
                 roles.counters(settings), self.store, now_ms=clock.now_ms()
             )
+            self.feed: FeedServer | None = None
+            # Counters kept in this process also feed every round to the API process,
+            # which answers recent queries itself; a shared backend is read directly.
+            if isinstance(self.counters, InMemoryCounters):
+                self.counters = PublishingCounters(
+                    self.counters, snapshot=functools.partial(feed_snapshot, self.store, clock)
+                )
+                self.feed = FeedServer(settings.feed_socket, self.counters)
             self.corrections: ArchiveWriter | None = None
             if keyed is not None:
                 self.corrections = roles.correction_writer(settings)
@@ -200,11 +210,7 @@ class _Session:
             )
             self.server.start()
             undo.callback(self.server.stop)
-            self.feed: FeedServer | None = None
-            # Counters kept in this process publish their rounds to the API process's
-            # replica (sliding windows answered there); a shared backend is read directly.
-            if isinstance(self.counters, PublishingCounters):
-                self.feed = FeedServer(settings.feed_socket, self.counters)
+            if self.feed is not None:
                 self.feed.start()
                 undo.callback(self.feed.stop)
             self.compactor = Compactor(
@@ -438,6 +444,16 @@ def refill_counters(
         {p: (0, offset) for p, offset in {**committed, **keyed}.items()},
     )
     return counters
+
+
+def feed_snapshot(store: DuckDBStore, clock: Clock) -> Snapshot:
+    """Where an API process's replica of the recent minutes starts: the store's minute rows
+    of the recent span with the offsets they hold (the keyed stage's corrections at its
+    consumed offsets, under the counters' keys), read in one transaction."""
+    since_ms = clock.now_ms() - RECENT_SPAN_MS
+    rows, committed, keyed = store.recent_minutes(since_ms)
+    offsets = {**committed, **{counter_key(k): offset for k, offset in keyed.items()}}
+    return rows, offsets, since_ms
 
 
 class Compactor:

@@ -1,11 +1,12 @@
-"""A :class:`QueryStore` that answers sliding windows from a replica in this process and
+"""A :class:`QueryStore` that answers recent queries from a replica in this process and
 everything else from the store it wraps.
 
-The embedded store answers from the worker process, under the stream's GIL; its real-time
-counters are replicated into the API process (``clickagg.realtime.replica``), so the most
-frequent dashboard query, a sliding window, needs no trip there. While the replica is not
-following the worker's counters (starting, or the worker restarting) the window is asked
-of the wrapped store, as before.
+The embedded store answers from the worker process, under the stream's GIL; the worker
+also feeds the recent minutes of every ad into the API process
+(``clickagg.realtime.replica``). Sliding windows, minute rows without a breakdown and
+totals over a range the replica holds whole are answered here, in microseconds; other
+queries, and every query while the replica is not following the worker (starting, or the
+worker restarting), are asked of the wrapped store, as before.
 """
 
 from __future__ import annotations
@@ -26,9 +27,21 @@ from clickagg.query.base import (
 )
 
 
-class WindowReplica(Protocol):
-    def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals | None:
-        """The counters' sums, or None while the replica cannot answer."""
+class RecentRows(Protocol):
+    """What the replica answers for a range it holds whole."""
+
+    def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals: ...
+
+    def totals(
+        self, *, ad_id: str, start_ms: int, end_ms: int, unique_users: bool = True
+    ) -> Totals: ...
+
+    def minutes(self, *, ad_id: str, start_ms: int, end_ms: int) -> list[AggregateRow]: ...
+
+
+class Replica(Protocol):
+    def covering(self, start_ms: int) -> RecentRows | None:
+        """The recent rows if they hold every minute from ``start_ms`` on, else None."""
         ...
 
     def start(self) -> None: ...
@@ -36,8 +49,8 @@ class WindowReplica(Protocol):
     async def close(self) -> None: ...
 
 
-class LocalWindowsQueryStore:
-    def __init__(self, store: QueryStore, replica: WindowReplica) -> None:
+class ReplicatedQueryStore:
+    def __init__(self, store: QueryStore, replica: Replica) -> None:
         self.store = store
         self.replica = replica
 
@@ -46,9 +59,9 @@ class LocalWindowsQueryStore:
         await self.store.start()
 
     async def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
-        local = self.replica.window(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
-        if local is not None:
-            return local
+        recent = self.replica.covering(start_ms)
+        if recent is not None:
+            return recent.window(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
         return await self.store.window(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
 
     async def aggregates(
@@ -60,6 +73,9 @@ class LocalWindowsQueryStore:
         granularity: Granularity,
         group_by: Dimension | None = None,
     ) -> list[AggregateRow]:
+        recent = self.replica.covering(start_ms)
+        if recent is not None and granularity == "minute" and group_by is None:
+            return recent.minutes(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
         return await self.store.aggregates(
             ad_id=ad_id,
             start_ms=start_ms,
@@ -71,6 +87,11 @@ class LocalWindowsQueryStore:
     async def totals(
         self, *, ad_id: str, start_ms: int, end_ms: int, unique_users: bool = True
     ) -> Totals:
+        recent = self.replica.covering(start_ms)
+        if recent is not None:
+            return recent.totals(
+                ad_id=ad_id, start_ms=start_ms, end_ms=end_ms, unique_users=unique_users
+            )
         return await self.store.totals(
             ad_id=ad_id, start_ms=start_ms, end_ms=end_ms, unique_users=unique_users
         )
