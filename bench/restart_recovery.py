@@ -318,15 +318,34 @@ def baseline_start(args: argparse.Namespace, env: dict[str, str]) -> list[float]
     return times
 
 
-def kill_idle(server: common.ClickaggServer, args: argparse.Namespace) -> dict[str, float]:
+@dataclass
+class Kill:
+    """perf_counter at the kill -9 of the worker, at a new worker process, at /healthz 200."""
+
+    at: float
+    worker_up: float
+    healthy: float
+
+
+def kill_worker(server: common.ClickaggServer, args: argparse.Namespace) -> Kill:
+    """kill -9 the worker process alone; return once the supervisor's new one is up and
+    the server answers /healthz 200 again."""
     pid = worker_pid(server)
     assert pid is not None, "no worker process"
     t0 = time.perf_counter()
     os.kill(pid, signal.SIGKILL)
     up = wait_worker(server, pid, args.timeout)
-    ok = wait_healthy(server.port, args.timeout)
+    return Kill(t0, up, wait_healthy(server.port, args.timeout))
+
+
+def kill_idle(server: common.ClickaggServer, args: argparse.Namespace) -> dict[str, float]:
+    kill = kill_worker(server, args)
     caught = wait_caught_up(server.port, args.timeout)
-    return {"worker_up_s": up - t0, "healthy_s": ok - t0, "caught_up_s": caught - t0}
+    return {
+        "worker_up_s": kill.worker_up - kill.at,
+        "healthy_s": kill.healthy - kill.at,
+        "caught_up_s": caught - kill.at,
+    }
 
 
 def kill_under_load(
@@ -350,12 +369,8 @@ def kill_under_load(
     pre = [s for _, s in samples]
     level = max(s.events for s in pre)
     archive_level = max(s.archive for s in pre)
-    pid = worker_pid(server)
-    assert pid is not None, "no worker process"
-    t0 = time.perf_counter()
-    os.kill(pid, signal.SIGKILL)
-    up = wait_worker(server, pid, args.timeout)
-    ok = wait_healthy(server.port, args.timeout)
+    kill = kill_worker(server, args)
+    t0 = kill.at
     back = archive_back = None
     peak = 0
     deadline = time.perf_counter() + args.timeout
@@ -384,8 +399,8 @@ def kill_under_load(
         "pre_kill_lag_median": statistics.median(s.events for s in pre),
         "pre_kill_archive_lag_max": archive_level,
         "lag_peak": peak,
-        "worker_up_s": up - t0,
-        "healthy_s": ok - t0,
+        "worker_up_s": kill.worker_up - t0,
+        "healthy_s": kill.healthy - t0,
         "lag_back_s": None if back is None else back - t0,
         "archive_lag_back_s": None if archive_back is None else archive_back - t0,
         "load_still_running_at_recovery": still_loaded,

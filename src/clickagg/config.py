@@ -84,6 +84,11 @@ class Settings:
     # soon after the connection opens or after the first byte of a kept-alive connection's
     # next request, or the connection is closed: trickling clients cannot hold sockets.
     header_timeout_ms: int = 10_000
+    # A request's body must arrive in full this soon after its headers, or it is answered
+    # 408 and its connection closed (closed only, if an answer was already on its way):
+    # a client trickling, or withholding, a body it declared cannot hold a socket and a
+    # request task. 16 MiB (the largest body) takes ~13 s at 10 Mbit/s.
+    body_timeout_ms: int = 30_000
     # An idle kept-alive connection is closed after this; ad servers reuse theirs.
     keep_alive_timeout_ms: int = 60_000
     # Beyond this many open connections a request is answered 503 (JSON, Retry-After) and
@@ -132,8 +137,8 @@ class Settings:
                 "dedup horizon must be at least allowed lateness + 1 minute, "
                 "or a late copy of a counted event could be counted again"
             )
-        if self.header_timeout_ms <= 0 or self.keep_alive_timeout_ms <= 0:
-            raise ValueError("header and keep-alive timeouts must be positive")
+        if min(self.header_timeout_ms, self.body_timeout_ms, self.keep_alive_timeout_ms) <= 0:
+            raise ValueError("header, body and keep-alive timeouts must be positive")
         if self.max_connections < 1:
             raise ValueError("max connections must be at least 1")
 

@@ -10,6 +10,12 @@ open (``limit_concurrency`` answers a plain-text 503). ``GuardedProtocol`` adds:
   ``header_timeout`` of the connection opening, or of the first byte of a kept-alive
   connection's next request; else the connection is closed (after the response in flight,
   if a request is being answered);
+* a body timeout: a request's body must arrive in full within ``body_timeout`` of its
+  headers; else it is answered ``408`` (the API's JSON error shape) and the connection
+  closed, or, if an answer was already sent or begun (a ``413`` sent before the body, say),
+  the connection is just closed. Without it a client that declares a body and trickles
+  it (every byte also cancels the keep-alive timer) or withholds it keeps its socket and
+  its request task for ever;
 * the keep-alive timeout from the settings (uvicorn's parameter takes whole seconds);
 * a connection cap: a request arriving while more than ``max_connections`` connections
   are open is answered ``503`` with the API's JSON error shape and ``Retry-After``, and its
@@ -43,6 +49,13 @@ WARN_EVERY_S = 10.0
 _BUSY_BODY = json.dumps(
     {"error": "busy", "detail": "too many open connections; retry on a new connection"}
 ).encode()
+_TIMEOUT_BODY = json.dumps(
+    {"error": "request timeout", "detail": "the request body did not arrive in time"}
+).encode()
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
 _BUSY_HEADERS = [
     (b"content-type", b"application/json"),
     (b"content-length", str(len(_BUSY_BODY)).encode()),
@@ -58,11 +71,12 @@ async def too_many_connections(scope: Any, receive: Any, send: Any) -> None:
 
 
 class GuardedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header timeout, the settings' keep-alive timeout
-    and a connection cap (see the module docstring). ``protocol_for`` makes a subclass
+    """uvicorn's httptools protocol with header and body timeouts, the settings' keep-alive
+    timeout and a connection cap (see the module docstring). ``protocol_for`` makes a subclass
     with the settings' values."""
 
     header_timeout_s: ClassVar[float] = 10.0
+    body_timeout_s: ClassVar[float] = 30.0
     keep_alive_timeout_s: ClassVar[float] = 60.0
     max_connections: ClassVar[int] = 4096
     _warned_at: ClassVar[float] = float("-inf")
@@ -80,6 +94,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.timeout_keep_alive = self.keep_alive_timeout_s  # type: ignore[assignment]
         self._served_app = self.app
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         # True from the end of a request (or the connection's start) until the next
         # request's headers are complete: bytes arriving then belong to a head.
         self._awaiting_head = True
@@ -92,6 +107,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._awaiting_head:
             self._arm_head_timer()  # after the keep-alive wait: the next head's first bytes
         super().data_received(data)
+        self._time_body()
 
     def on_message_begin(self) -> None:
         self._arm_head_timer()  # a pipelined head that began in the previous request's bytes
@@ -108,10 +124,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._awaiting_head = True
+        self._cancel_body_timer()
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def _warn_over_cap(self) -> None:
@@ -145,6 +163,42 @@ class GuardedProtocol(HttpToolsProtocol):
         else:  # a response is being sent: close once it is (as uvicorn's shutdown does)
             self.cycle.keep_alive = False
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._time_body()  # a pipelined request's task may just have started
+
+    def _time_body(self) -> None:
+        """Time the body of the request being served if the bytes parsed so far end inside
+        it: from the end of its headers, or, pipelined behind another request, from the
+        start of its task (its bytes are not read before). A body that comes with its
+        headers, as a single event's does, costs no timer."""
+        if (
+            self._body_timer is None
+            and not self._awaiting_head
+            and not self.pipeline
+            and self.cycle is not None
+            and not self.transport.is_closing()
+        ):
+            self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None:
+            return
+        if not cycle.response_started:
+            self.transport.write(_TIMEOUT_RESPONSE)
+            cycle.response_started = cycle.response_complete = True  # the app's answer is moot
+        # The app, waiting for the body, is told the client is gone (as on a lost connection).
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self.transport.close()
+
 
 def protocol_for(settings: Settings) -> type[GuardedProtocol]:
     """``GuardedProtocol`` with the settings' timeouts and cap (uvicorn instantiates the
@@ -152,6 +206,7 @@ def protocol_for(settings: Settings) -> type[GuardedProtocol]:
 
     class Configured(GuardedProtocol):
         header_timeout_s = settings.header_timeout_ms / 1000
+        body_timeout_s = settings.body_timeout_ms / 1000
         keep_alive_timeout_s = settings.keep_alive_timeout_ms / 1000
         max_connections = settings.max_connections
 

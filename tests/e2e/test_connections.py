@@ -1,10 +1,12 @@
 """Connection hygiene of the real ``clickagg serve``: clients trickling their headers, or
-sending nothing, are closed by the header timeout while ordinary requests go on; idle
+sending nothing, are closed by the header timeout while ordinary requests go on; clients
+trickling or withholding a body are answered 408 (or closed) by the body timeout; idle
 kept-alive connections are closed; over the connection cap a request is answered 503."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import selectors
 import socket
 import statistics
@@ -19,6 +21,7 @@ import pytest
 from tests.e2e.server import ServeProcess
 
 HEADER_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 3.0
 KEEP_ALIVE_S = 1.0
 TRICKLERS = 200
 SILENT = 50
@@ -33,6 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         data_dir,
         extra_env={
             "CLICKAGG_HEADER_TIMEOUT": f"{int(HEADER_TIMEOUT_S * 1000)}ms",
+            "CLICKAGG_BODY_TIMEOUT": f"{int(BODY_TIMEOUT_S * 1000)}ms",
             "CLICKAGG_KEEP_ALIVE_TIMEOUT": f"{int(KEEP_ALIVE_S * 1000)}ms",
         },
     )
@@ -182,6 +186,111 @@ def test_an_idle_kept_alive_connection_is_closed(server: ServeProcess) -> None:
         assert sock.recv(4096) == b"", "the server sent more than one answer"
         idle_for = time.monotonic() - idle_from
         assert KEEP_ALIVE_S - 0.2 <= idle_for <= KEEP_ALIVE_S + 3, idle_for
+
+
+def batch_head(length: int) -> bytes:
+    return (
+        b"POST /events/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-ndjson\r\nContent-Length: %d\r\n\r\n" % length
+    )
+
+
+def trickle_until_closed(sock: socket.socket, every_s: float | None) -> tuple[bytes, float]:
+    """Send one byte of body every ``every_s`` (None: nothing) until the server closes the
+    connection; return what it answered and how long after the call it closed (at most
+    ``BODY_TIMEOUT_S + 10`` s: a server that never closes fails the caller's bounds)."""
+    started = time.monotonic()
+    sock.settimeout(every_s or 0.5)
+    answer = b""
+    while time.monotonic() - started < BODY_TIMEOUT_S + 10:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            if every_s is not None:
+                with contextlib.suppress(OSError):  # closed: the next recv says so
+                    sock.send(b"x")
+            continue
+        except ConnectionResetError:
+            break
+        if chunk == b"":
+            break
+        answer += chunk
+    return answer, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_s", [0.5, None], ids=["trickled", "withheld"])
+def test_a_body_trickled_or_withheld_is_answered_408_after_the_body_timeout(
+    server: ServeProcess, every_s: float | None
+) -> None:
+    with connect(server) as sock:
+        sock.sendall(batch_head(1_000_000))  # then a byte every 0.5 s, or none
+        answer, closed_after = trickle_until_closed(sock, every_s)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in head.lower(), head
+    assert json.loads(body) == {
+        "error": "request timeout",
+        "detail": "the request body did not arrive in time",
+    }
+    assert BODY_TIMEOUT_S - 0.2 <= closed_after <= BODY_TIMEOUT_S + 3, closed_after
+    # The server still answers, on this connection's successor.
+    assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_body_still_trickling_after_an_early_answer_is_closed(server: ServeProcess) -> None:
+    """A declared body over ``max_body_bytes`` is answered 413 before it arrives; its bytes
+    then keep cancelling the keep-alive timer, so only the body timeout closes it."""
+    with connect(server) as sock:
+        sock.sendall(batch_head(1 << 30))
+        answer, closed_after = trickle_until_closed(sock, 0.25)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"HTTP/1.1 408" not in answer, answer  # the answer was already given
+    assert BODY_TIMEOUT_S - 0.2 <= closed_after <= BODY_TIMEOUT_S + 3, closed_after
+
+
+def answer_on(sock: socket.socket) -> bytes:
+    """One whole answer (headers and a Content-Length body) on a kept-alive connection."""
+    sock.settimeout(10)
+    answer = b""
+    while True:
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        if sep:
+            [length] = [
+                int(line.split(b":")[1])
+                for line in head.lower().split(b"\r\n")
+                if line.startswith(b"content-length:")
+            ]
+            if len(body) >= length:
+                return answer
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before the answer: {answer!r}"
+        answer += chunk
+
+
+@pytest.mark.slow
+def test_each_body_has_its_own_timeout_on_a_kept_alive_connection(server: ServeProcess) -> None:
+    """Two slow bodies one after another on one connection, each well within the body
+    timeout, together longer than it: both are accepted."""
+    now = int(time.time())
+    started = time.monotonic()
+    with connect(server) as sock:
+        for n in range(2):
+            clicks = [
+                {"event_type": "click", "click_id": f"slow-{n}-{k}", "ad_id": "ad-slow"}
+                for k in range(3)
+            ]
+            body = b"".join(json.dumps(c | {"timestamp": now}).encode() + b"\n" for c in clicks)
+            sock.sendall(batch_head(len(body)))
+            third = len(body) // 3
+            for piece in (body[:third], body[third : 2 * third], body[2 * third :]):
+                sock.sendall(piece)
+                time.sleep(BODY_TIMEOUT_S / 4)
+            answer = answer_on(sock)
+            assert answer.startswith(b"HTTP/1.1 202 "), answer
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["accepted"] == 3
+    assert time.monotonic() - started > BODY_TIMEOUT_S
 
 
 @pytest.mark.slow

@@ -146,8 +146,8 @@ def scan_segment(
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            scan = SegmentScan(base, 0, 0, base)
+        if size == 0:  # ``_walk`` then records an acknowledged end beyond ``base``
+            scan = _walk(memoryview(b""), 0, partition, base, acknowledged_end, next_base)
         else:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as buf:
                 scan = _walk(buf, size, partition, base, acknowledged_end, next_base)

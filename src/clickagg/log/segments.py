@@ -79,9 +79,13 @@ def _read_meta(log_dir: Path) -> int | None:
 
 
 def _map_durable(path: Path, partitions: int, writable: bool) -> tuple[mmap.mmap, memoryview]:
+    """The writer recreates a missing or short file as zeros: ends older than any data,
+    which recovery then takes from the segments (see ``SegmentLogWriter._recover``)."""
     size = 8 * partitions
-    with open(path, "r+b" if writable else "rb") as f:
+    flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
+    with open(os.open(path, flags, 0o644), "r+b" if writable else "rb") as f:
         if writable and os.fstat(f.fileno()).st_size < size:
+            log.warning("log recovery: %s is short or missing: ends taken from the data", path)
             f.truncate(size)
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
     # Native 8-byte aligned element stores: readers never see a half-updated end.
@@ -193,7 +197,15 @@ class SegmentLogWriter:
         """Only the last segment can hold a torn tail: a roll fsyncs the old segment before
         its successor exists, so every earlier segment is complete. A tail beyond the
         acknowledged end is cut (logged); damage below it is recorded, never cut, and the
-        partition takes no new events until repaired, so no offset is ever reused."""
+        partition takes no new events until repaired, so no offset is ever reused.
+
+        ``acknowledged`` comes from the ``durable`` file, which is never synced itself:
+        after a power loss it may be older than the data (every fsynced frame is kept, as
+        the scan walks every whole frame; only a damaged range between the stale and the
+        true end would pass for a torn tail) or newer than what survived (recorded as
+        damage). Whole frames written but never synced before a crash are kept too, so
+        the segment is synced before readers are shown them: were they lost to a power
+        loss after the worker counted them, their offsets could go to new events."""
         pdir = self._dir / f"p{p:04d}"
         pdir.mkdir(exist_ok=True)
         segs = list_segments(pdir) or [0]
@@ -217,7 +229,7 @@ class SegmentLogWriter:
                 log.warning("log recovery: %s", detail)
                 self.recoveries.append(Recovery(p, "torn_tail_truncated", detail))
                 os.ftruncate(fd, size)
-                os.fsync(fd)
+        os.fsync(fd)
         return _Partition(p, pdir, segs, fd, base, size, nxt, base, size, nxt)
 
     def damaged(self) -> Mapping[int, str]:
@@ -406,6 +418,7 @@ class _Cursor:
     fd: int
     pos: int
     next: int
+    segment: int  # the base offset naming the open segment
 
 
 class SegmentLogReader:
@@ -504,10 +517,11 @@ class SegmentLogReader:
     def _next_segment(self, partition: int, cur: _Cursor) -> bool:
         """At a segment's end the next frame starts the segment named by its offset, unless
         retention deleted it meanwhile: then go on at the oldest segment left, as read()
-        does for offsets below start_offset."""
+        does for offsets below start_offset. Never the open one again: a segment that ends
+        before the durable end (data lost) is damage, not a wait."""
         pdir = self._pdir(partition)
         for _ in range(3):
-            later = [b for b in list_segments(pdir) if b >= cur.next]
+            later = [b for b in list_segments(pdir) if b >= cur.next and b > cur.segment]
             if not later:
                 return False
             try:
@@ -515,31 +529,34 @@ class SegmentLogReader:
             except FileNotFoundError:
                 continue
             os.close(cur.fd)
-            cur.fd, cur.pos, cur.next = fd, 0, later[0]
+            cur.fd, cur.pos, cur.next, cur.segment = fd, 0, later[0], later[0]
             return True
         return False
 
     def _seek(self, partition: int, from_offset: int) -> _Cursor | None:
-        """Find the segment by name, then hop over whole frames reading headers only."""
+        """Find the segment by name, then hop over whole frames reading headers only.
+        ``from_offset`` is below the durable end: a log that ends before it lost data."""
         pdir = self._pdir(partition)
         for _ in range(3):  # a segment may vanish under retention between listing and open
             segs = list_segments(pdir)
             if not segs:
-                return None
+                gone = _Cursor(-1, 0, from_offset, from_offset)
+                raise self._damage(partition, gone, "every segment of the partition is gone")
             target = max(from_offset, segs[0])
             base = segs[bisect.bisect_right(segs, target) - 1]
             try:
                 fd = os.open(seg_path(pdir, base), os.O_RDONLY)
             except FileNotFoundError:
                 continue
-            cur = _Cursor(fd, 0, base)
+            cur = _Cursor(fd, 0, base, base)
             while True:
                 head = os.pread(cur.fd, _HSIZE, cur.pos)
                 if len(head) < _HSIZE:
                     if self._next_segment(partition, cur):
                         continue
+                    error = self._damage(partition, cur, "the log ends before the durable end")
                     os.close(cur.fd)
-                    return None
+                    raise error
                 length, _crc32, fbase, count = HEADER.unpack(head)
                 if fbase != cur.next:
                     error = self._damage(partition, cur, "a frame header names the wrong offset")

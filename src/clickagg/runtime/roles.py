@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Final, TypeVar
+from typing import Final, TypedDict, TypeVar
 
 from clickagg.archive.base import ArchiveReader, ArchiveWriter, CorrectionReader
 from clickagg.archive.corrections import ParquetCorrectionReader, corrections_writer
@@ -42,15 +42,30 @@ def _open_duckdb(settings: Settings, timeout_s: float = 30.0) -> DuckDBStore:
             time.sleep(0.2)
 
 
-def _parquet_writer(settings: Settings) -> ParquetArchiveWriter:
-    return ParquetArchiveWriter(
-        settings.archive_dir,
+class ArchiveWriterOptions(TypedDict):
+    """What the settings say about flushing and compacting an archive, for both of its
+    writers (decisions and corrections). A TypedDict, so that mypy checks these names
+    against each writer's keyword arguments where they are unpacked."""
+
+    flush_events: int
+    flush_interval_ms: int
+    compact_files: int
+    compact_after_ms: int
+    compact_grace_ms: int
+
+
+def archive_writer_options(settings: Settings) -> ArchiveWriterOptions:
+    return ArchiveWriterOptions(
         flush_events=settings.archive_flush_events,
         flush_interval_ms=settings.archive_flush_interval_ms,
         compact_files=settings.archive_compact_files,
         compact_after_ms=settings.archive_compact_after_ms,
         compact_grace_ms=settings.archive_compact_grace_ms,
     )
+
+
+def _parquet_writer(settings: Settings) -> ParquetArchiveWriter:
+    return ParquetArchiveWriter(settings.archive_dir, **archive_writer_options(settings))
 
 
 LOG_WRITERS: Final[Mapping[str, Callable[[Settings], LogWriter]]] = {
@@ -84,12 +99,7 @@ ARCHIVE_READERS: Final[Mapping[str, Callable[[Settings], ArchiveReader]]] = {
 # The keyed stage's corrections, kept by the archive's backend.
 CORRECTION_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {
     "parquet": lambda settings: corrections_writer(
-        settings.corrections_dir,
-        flush_events=settings.archive_flush_events,
-        flush_interval_ms=settings.archive_flush_interval_ms,
-        compact_files=settings.archive_compact_files,
-        compact_after_ms=settings.archive_compact_after_ms,
-        compact_grace_ms=settings.archive_compact_grace_ms,
+        settings.corrections_dir, **archive_writer_options(settings)
     ),
 }
 CORRECTION_READERS: Final[Mapping[str, Callable[[Settings], CorrectionReader]]] = {
