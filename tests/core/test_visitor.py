@@ -28,6 +28,7 @@ from clickagg.core.visitor import (
     visitor_records,
 )
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.keyed.snapshots import decode_visitor_windows, encode_windows
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
 # (user, ip, agent): by user, by address + agent, and one with no key (never judged)
@@ -303,3 +304,21 @@ def test_each_hour_starts_its_chains_where_the_batch_starts_them() -> None:
     assert "e6" in stream  # 2:00
     named = frame.with_columns(pl.lit("click").alias("event_type"))
     assert ruleset.rules[0].batch(named)[6] is None  # all at once, from 0:00
+
+
+def test_a_snapshot_keeps_what_was_decided_even_under_a_longer_horizon() -> None:
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    clicks = [Click(1, 0, T0 + s * 1000, True, 0) for s in (0, 10, 50, 55)]
+    frame = kept_frame(list(enumerate(clicks)), 0, {n: n for n in range(4)})
+    windows = VisitorWindows(horizon_ms=MINUTE_MS)
+    windows.consume(visitor_records(frame, 1)[0], rules)
+    tick = kept_frame([(9, Click(0, 0, T0 + MINUTE_MS + 52_000, True, 0))], 1, {9: 0})
+    first = windows.consume(visitor_records(tick, 1)[0], rules)
+    assert first["event_id"].to_pylist() == ["e1"]  # 55 s is not past the horizon yet
+    restored = decode_visitor_windows(encode_windows(windows), 10 * MINUTE_MS)
+    assert restored.decided_until_ms == windows.decided_until_ms
+    assert restored.high_water == windows.high_water
+    assert restored.kept().equals(windows.kept())
+    later = kept_frame([(10, Click(0, 0, T0 + 20 * MINUTE_MS, True, 0))], 1, {10: 1})
+    again = restored.consume(visitor_records(later, 1)[0], rules)
+    assert again["event_id"].to_pylist() == ["e3"]  # e1 is not decided twice

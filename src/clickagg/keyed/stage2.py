@@ -314,20 +314,20 @@ class KeyedStage:
             if at < archived < until:
                 cuts.add(archived)
             derived: list[pa.Table] = []
-            in_force_rules = family.rules_of(current)
+            reasons: dict[str, str] = {}  # each rule's reason as its range's spec says
             for cut in sorted(cuts):
                 if at >= until:
                     break
                 in_force = [spec for start, spec in specs if start <= at]
                 rules = family.rules_of(in_force[-1] if in_force else current)
-                in_force_rules = rules
                 verdicts = self._consume(k, windows, at, cut, rules)
                 if at >= archived and verdicts.num_rows:
                     derived.append(verdicts)
+                    reasons |= {rule.rule_id: rule.reason for rule in rules.rules}
                 at = cut
             if derived:
                 applied = self._as_applied(k, archived, pa.concat_tables(derived))
-                redo.append(self._correction_rows(k, applied, in_force_rules))
+                redo.append(self._correction_rows(k, applied, reasons))
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
             self.windows[k] = windows
@@ -376,10 +376,7 @@ class KeyedStage:
             verdicts.append(windows.consume(pa.concat_tables(parts), rules))
         return pa.concat_tables(verdicts)
 
-    def _correction_rows(
-        self, k: int, flagged: pa.Table, rules: KeyedRules | VisitorRules
-    ) -> pa.Table:
-        reasons = {rule.rule_id: rule.reason for rule in rules.rules}
+    def _correction_rows(self, k: int, flagged: pa.Table, reasons: Mapping[str, str]) -> pa.Table:
         return correction_rows(
             flagged,
             keyed_partition=self.family.key(k),
@@ -444,8 +441,9 @@ class KeyedStage:
                 },
             )
         if self.corrections is not None:
+            reasons = {rule.rule_id: rule.reason for rule in rules.rules}
             corrected = [
-                self._correction_rows(c.keyed_partition, table, rules)
+                self._correction_rows(c.keyed_partition, table, reasons)
                 for c, table in zip(commits, applied, strict=True)
                 if table.num_rows
             ]
