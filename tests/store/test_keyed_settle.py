@@ -212,3 +212,20 @@ def test_what_was_applied_is_kept_while_a_replay_may_need_it_and_settled_clicks_
     # A click settled by every family is forgotten: a verdict now would correct it again,
     # which is why a family's bound must be past any verdict it can still make.
     assert again.num_rows == 1
+
+
+def test_a_click_its_family_corrected_before_the_store_kept_them_is_not_corrected_again(
+    store: DuckDBStore,
+) -> None:
+    """A data dir of a build before ``keyed_corrected``: the IP family's windows know e1
+    stands under spread; velocity now moves it (counts untouched), not a new correction."""
+    commit = _commit("ip", [("e1", "ip-ad-spread")])
+    moved = commit.verdicts.set_column(  # type: ignore[union-attr]
+        commit.verdicts.schema.get_field_index("previous_rule_id"),  # type: ignore[union-attr]
+        VERDICT_SCHEMA.field("previous_rule_id"),
+        pa.array(["ip-velocity"], pa.string()),
+    )
+    [applied] = store.commit_keyed([KeyedCommit(**{**commit.__dict__, "verdicts": moved})])
+    assert applied["previous_rule_id"].to_pylist() == ["ip-velocity"]
+    clicks, invalid, spend, _ = _state(store)
+    assert (clicks, invalid, spend) == (2, 0, 1000)  # nothing corrected here

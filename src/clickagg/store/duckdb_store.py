@@ -604,11 +604,15 @@ def _settle(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> KeyedCommit:
     def ranked(column: str) -> pl.Expr:
         return pl.col(column).replace_strict(rank, default=gone, return_dtype=pl.Int64)
 
+    # A click its own family says it corrected before (``previous_rule_id``) stands under
+    # that rule where this table has no row: corrected by a build before the table.
+    own = pl.col("previous_rule_id").drop_nulls().first().over("event_id")
     frame = (
-        verdicts.drop("previous_rule_id", strict=False)
-        .with_row_index("_n")
+        verdicts.with_row_index("_n")
         .join(stored_frame.cast({"_stored": pl.String}), on="event_id", how="left")
         .sort("_n")
+        .with_columns(pl.coalesce("_stored", own).alias("_stored"))
+        .drop("previous_rule_id")
         .with_columns(
             ranked("rule_id").alias("_rank"),
             pl.when(pl.col("_stored").is_null())
