@@ -177,9 +177,10 @@ def winners(table: pa.Table, lookback_ms: int) -> list[dict[str, Any]]:
 
 def expected_invalid_clicks(table: pa.Table, lookback_ms: int) -> Counter[tuple[str, int]]:
     """Invalid clicks of the hour per (ad, minute) under the stream's verdicts and the
-    repeat-click rule alone: the winners from the lookback on, in time order (log order
-    for equal times), the visitor's counted click per ad carried along."""
-    seen = winners(table, lookback_ms)
+    repeat-click rule alone: the winners from the lookback on, in time order (event id
+    order for equal times, as the rule takes them), the visitor's counted click per ad
+    carried along."""
+    seen = sorted(winners(table, lookback_ms), key=lambda r: (r["ts_ms"], r["event_id"]))
     counted: dict[tuple[str, object], int] = {}
     out: Counter[tuple[str, int]] = Counter()
     for row in seen:

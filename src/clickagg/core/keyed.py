@@ -316,25 +316,12 @@ class KeyedWindows:
     def _accept(self, batch: pl.DataFrame) -> pl.DataFrame:
         """The batch's records that are neither copies nor too late; moves the high-water
         marks and the newest event time."""
-        if not batch.height:
-            return _STATE_SCHEMA.to_frame()
-        marks = pl.col("source_partition").replace_strict(
-            self.high_water, default=NO_OFFSET, return_dtype=pl.Int64
+        fresh, self.max_event_ms = accept(
+            batch, self.high_water, max_event_ms=self.max_event_ms, horizon_ms=self.horizon_ms
         )
-        before = pl.col("source_offset").cum_max().shift(1).over("source_partition")
-        fresh = batch.filter(pl.col("source_offset") > pl.max_horizontal(before, marks))
         if not fresh.height:
             return _STATE_SCHEMA.to_frame()
-        tops = fresh.group_by("source_partition").agg(pl.col("source_offset").max())
-        self.high_water.update(zip(*tops.get_columns(), strict=True))
-        late, self.max_event_ms = late_mask(
-            fresh["ts_ms"].to_numpy(),
-            max_event_ms=self.max_event_ms,
-            allowed_lateness_ms=self.horizon_ms,
-        )
-        accepted = fresh.filter(pl.Series(~late)).with_columns(
-            pl.lit(None, pl.String).alias("_rule")
-        )
+        accepted = fresh.with_columns(pl.lit(None, pl.String).alias("_rule"))
         return accepted.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
 
     def _forget(self, kept: pl.DataFrame, rules: KeyedRules) -> pl.DataFrame:
@@ -343,6 +330,32 @@ class KeyedWindows:
         if not kept.height or kept.select(pl.col("ts_ms").min()).item() >= since:
             return kept
         return kept.filter(pl.col("ts_ms") >= since)
+
+
+def accept(
+    batch: pl.DataFrame, high_water: dict[int, int], *, max_event_ms: int, horizon_ms: int
+) -> tuple[pl.DataFrame, int]:
+    """A keyed partition's records (in keyed-log order) that are neither copies (at or below
+    their source's high-water offset, or behind an earlier record of the same source) nor
+    more than ``horizon_ms`` older than the newest event time before them; moves
+    ``high_water`` (in place) and returns the new newest event time. Shared by both keyed
+    families: whichever the key, a source partition's records reach a keyed partition in
+    offset order, copies after the originals."""
+    if not batch.height:
+        return batch, max_event_ms
+    marks = pl.col("source_partition").replace_strict(
+        high_water, default=NO_OFFSET, return_dtype=pl.Int64
+    )
+    before = pl.col("source_offset").cum_max().shift(1).over("source_partition")
+    fresh = batch.filter(pl.col("source_offset") > pl.max_horizontal(before, marks))
+    if not fresh.height:
+        return fresh, max_event_ms
+    tops = fresh.group_by("source_partition").agg(pl.col("source_offset").max())
+    high_water.update(zip(*tops.get_columns(), strict=True))
+    late, max_event_ms = late_mask(
+        fresh["ts_ms"].to_numpy(), max_event_ms=max_event_ms, allowed_lateness_ms=horizon_ms
+    )
+    return fresh.filter(pl.Series(~late)), max_event_ms
 
 
 _JUDGED = ["ip", "ad_id", "ts_ms", "counted", "_rule"]

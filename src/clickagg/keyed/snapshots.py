@@ -13,26 +13,53 @@ taken ahead of what the store committed (the commit then lost) is never chosen.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from clickagg.core.keyed import KeyedWindows
+from clickagg.core.visitor import VisitorWindows
 
 _META_KEY = b"clickagg.keyed_windows"
 
 
-def encode_windows(windows: KeyedWindows) -> bytes:
+def encode_windows(windows: KeyedWindows | VisitorWindows) -> bytes:
+    """Either family's windows (the visitor family's also say up to where they decided)."""
     kept = windows.kept().to_arrow()
-    meta = {
+    meta: dict[str, object] = {
         "high_water": {str(p): o for p, o in sorted(windows.high_water.items())},
         "max_event_ms": windows.max_event_ms,
     }
+    if isinstance(windows, VisitorWindows):
+        meta["decided_until_ms"] = windows.decided_until_ms
     kept = kept.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, kept.schema) as stream:
         stream.write_table(kept)
     return bytes(sink.getvalue().to_pybytes())
+
+
+def _read(data: bytes) -> tuple[dict[str, Any], pl.DataFrame]:
+    table = pa.ipc.open_stream(data).read_all()
+    meta = json.loads((table.schema.metadata or {})[_META_KEY])
+    kept = pl.from_arrow(table.replace_schema_metadata(None))
+    assert isinstance(kept, pl.DataFrame)
+    return meta, kept
+
+
+def decode_visitor_windows(data: bytes, horizon_ms: int) -> VisitorWindows:
+    """The visitor family's windows of a snapshot (a longer horizon from now on decides no
+    click twice: ``decided_until_ms`` is saved, not derived)."""
+    meta, kept = _read(data)
+    decided = meta["decided_until_ms"]
+    return VisitorWindows.restore(
+        horizon_ms,
+        high_water={int(p): int(o) for p, o in meta["high_water"].items()},
+        max_event_ms=int(meta["max_event_ms"]),
+        decided_until_ms=None if decided is None else int(decided),
+        kept=kept,
+    )
 
 
 def decode_windows(data: bytes, horizon_ms: int) -> KeyedWindows:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -49,12 +49,24 @@ def retire_marker(marker_path: Path) -> None:
     marker_path.unlink(missing_ok=True)
 
 
+Records = Callable[[pl.DataFrame, int], dict[int, pa.Table]]
+"""A family's records of a round's kept events, by keyed partition (``keyed_records``,
+``clickagg.core.visitor.visitor_records``)."""
+
+
 class KeyedAppender:
-    def __init__(self, writer: LogWriter, marker_path: Path, committed: Mapping[int, int]) -> None:
+    def __init__(
+        self,
+        writer: LogWriter,
+        marker_path: Path,
+        committed: Mapping[int, int],
+        records: Records = keyed_records,
+    ) -> None:
         """``committed``: the store's committed offsets, where a marker starts the first
-        time (the keyed stage turned on for a data dir that already counted: what was
-        counted before is not re-derived)."""
+        time (the keyed stage turned on for a data dir that already counted, or a family
+        new to it: what was counted before is not re-derived)."""
         self.writer = writer
+        self.records = records
         self.marker_path = marker_path
         if marker_path.exists():
             stored = json.loads(marker_path.read_text())
@@ -89,7 +101,7 @@ class KeyedAppender:
                 schema={"partition": kept.schema["partition"], "_from": pl.Int64},
             )
             kept = kept.join(starts, on="partition").filter(pl.col("offset") >= pl.col("_from"))
-        for k, records in sorted(keyed_records(kept, self.writer.partitions).items()):
+        for k, records in sorted(self.records(kept, self.writer.partitions).items()):
             self.writer.append(k, encode_records(records), records.num_rows)
         self.writer.sync()
         for partition in fresh:
@@ -101,3 +113,19 @@ class KeyedAppender:
         temp = self.marker_path.with_suffix(".tmp")
         temp.write_text(json.dumps({str(p): o for p, o in sorted(self._next.items())}))
         os.replace(temp, self.marker_path)
+
+
+class KeyedAppenders:
+    """Both keyed families' appenders as one: a round is appended to each family's log
+    (each skips what its own marker says is durable), and recovery re-derives from the
+    oldest marker."""
+
+    def __init__(self, appenders: Sequence[KeyedAppender]) -> None:
+        self.appenders = tuple(appenders)
+
+    def next_offset(self, partition: int) -> int:
+        return min(a.next_offset(partition) for a in self.appenders)
+
+    def append(self, kept: pl.DataFrame, ranges: Mapping[int, tuple[int, int]]) -> None:
+        for appender in self.appenders:
+            appender.append(kept, ranges)

@@ -28,6 +28,15 @@ corrections of ``[archived, consumed)`` by replaying that range (verdicts are a 
 the keyed log and the recorded specs) and hands them to the archive: none is archived
 twice, none is missed.
 
+Two keyed families run this protocol side by side, each over its own keyed log with its
+own consumed offsets (:class:`Family`): the IP family (velocity, spread) and the visitor
+family (``repeat_click``, ``clickagg.core.visitor``). Step 3 hands the store the verdicts
+themselves, and the store settles them against every click either family corrected before
+(``AggregateStore.commit_keyed``): a click both families flag is corrected once, named by
+the earlier rule, whichever commits first. Steps 4 and 5 take what the store applied, and
+a recovery hands the archive the re-derived verdicts the store says it applied
+(``keyed_applied``), with the previous rule it applied them with.
+
 The rules may change between two steps (the rules file is re-read while the worker runs).
 Step 3 records, in the same transaction, the keyed spec the verdicts were made under
 whenever it differs from the previous one, so a recovery replays each consumed range with
@@ -38,22 +47,28 @@ here and in the store (``spec_json`` / ``rules_of``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock
+from clickagg.core import aggregate
 from clickagg.core.corrections import CORRECTION_SCHEMA, correction_rows
-from clickagg.core.keyed import KeyedRules, KeyedWindows, correction_deltas, corrections
+from clickagg.core.keyed import KeyedRules, KeyedWindows, correction_deltas
 from clickagg.core.rules.base import RuleSet
 from clickagg.core.rules.loading import RulesWatcher
+from clickagg.core.visitor import VisitorRules, VisitorWindows
 from clickagg.core.windows import MINUTE_MS
-from clickagg.keyed.snapshots import decode_windows, encode_windows
+from clickagg.keyed.snapshots import decode_visitor_windows, decode_windows, encode_windows
 from clickagg.keyed.stage1 import decode_records
 from clickagg.log.base import LogReader
 from clickagg.query.base import KeyedPartitionStatus, KeyedStatus
@@ -69,18 +84,91 @@ SNAPSHOT_RECORDS = 200_000
 SNAPSHOT_SECONDS = 30.0
 
 
-def counter_key(keyed_partition: int) -> int:
+class Windows(Protocol):
+    """What stage 2 needs of a family's state (``KeyedWindows``, ``VisitorWindows``)."""
+
+    high_water: dict[int, int]
+    max_event_ms: int
+
+    def consume(self, records: pa.Table, rules: Any) -> pa.Table: ...
+
+    def kept(self) -> pl.DataFrame: ...
+
+
+FAMILY_KEYS = 1024
+"""Keyed partitions per family in the counters' fence and the corrections archive: the
+visitor family's partition k is ``FAMILY_KEYS + k`` there (``keyed_partitions`` is at most
+this), the IP family's is k, so both share them without a collision."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One keyed family: the rules it applies, its state, where it stands in the store.
+    ``"ip"``: ``clickagg.core.keyed`` (velocity, spread; verdicts as soon as a limit is
+    passed). ``"visitor"``: ``clickagg.core.visitor`` (``repeat_click``; verdicts once a
+    click is past the horizon)."""
+
+    name: str
+    key_base: int
+
+    def key(self, keyed_partition: int) -> int:
+        """The partition's key in the corrections archive (and, negated, the counters)."""
+        return self.key_base + keyed_partition
+
+    def spec_json(self, ruleset: RuleSet) -> str:
+        """The family's rules in force, as the canonical JSON the store records."""
+        if self.name == "ip":
+            return KeyedRules.from_ruleset(ruleset).to_json()
+        return VisitorRules.from_ruleset(ruleset).to_json()
+
+    def rules_of(self, spec: str) -> KeyedRules | VisitorRules:
+        if self.name == "ip":
+            return KeyedRules() if spec == NO_SPEC else KeyedRules.from_json(spec)
+        return VisitorRules() if spec == NO_SPEC else VisitorRules.from_json(spec)
+
+    def windows(self, horizon_ms: int) -> Windows:
+        return KeyedWindows(horizon_ms) if self.name == "ip" else VisitorWindows(horizon_ms)
+
+    def decode(self, data: bytes, horizon_ms: int) -> Windows:
+        if self.name == "ip":
+            return decode_windows(data, horizon_ms)
+        return decode_visitor_windows(data, horizon_ms)
+
+    def settled_before(
+        self, windows: Mapping[int, Windows], rules: KeyedRules | VisitorRules, horizon_ms: int
+    ) -> int | None:
+        """No verdict of this family can still come for a click older than this: an IP
+        family's record is judged again only while records within the rules' reach of it
+        can still be accepted; a visitor family's click is decided once, below
+        ``decided_until_ms``. None: a partition has not decided anything yet."""
+        bounds: list[int] = []
+        for state in windows.values():
+            if isinstance(state, VisitorWindows):
+                if state.decided_until_ms is None:
+                    return None
+                bounds.append(state.decided_until_ms)
+            else:
+                assert isinstance(rules, KeyedRules)
+                bounds.append(state.max_event_ms - horizon_ms - rules.reach_ms)
+        return min(bounds, default=None)
+
+
+IP = Family("ip", 0)
+VISITOR = Family("visitor", FAMILY_KEYS)
+
+
+def counter_key(keyed_partition: int, family: Family = IP) -> int:
     """The real-time counters fence by partition number: keyed partitions take negative
-    ones, which no log partition has."""
-    return -1 - keyed_partition
+    ones, which no log partition has (the visitor family's below the IP family's)."""
+    return -1 - family.key(keyed_partition)
 
 
 NO_SPEC = "null"  # recorded by no release; read as no keyed rule
 
 
 def spec_json(ruleset: RuleSet) -> str:
-    """The keyed rules in force, as the canonical JSON the store records."""
-    return KeyedRules.from_ruleset(ruleset).to_json()
+    """The IP family's rules in force, as the canonical JSON the store records."""
+    return IP.spec_json(ruleset)
 
 
 def rules_of(spec: str) -> KeyedRules:
@@ -103,21 +191,28 @@ def count_by_rule(flagged: pa.Table) -> dict[str, int]:
     }
 
 
-def keyed_status(reader: LogReader, store: AggregateStore) -> KeyedStatus:
+def keyed_status(
+    reader: LogReader,
+    store: AggregateStore,
+    visitor_reader: LogReader | None = None,
+) -> KeyedStatus:
     """What ``/metrics`` shows of the keyed stage: per keyed partition its durable end and
-    what stage 2 consumed of it (the difference is its lag), and corrections per rule."""
-    progress = store.keyed_progress()
-    return KeyedStatus(
-        partitions=[
+    what stage 2 consumed of it (the difference is its lag), and corrections per rule. The
+    visitor family's partitions are numbered from ``FAMILY_KEYS`` (1024 + k), as in the
+    corrections archive."""
+    families = [(IP, reader)] + ([(VISITOR, visitor_reader)] if visitor_reader else [])
+    partitions = []
+    for family, log_reader in families:
+        progress = store.keyed_progress(family.name)
+        partitions += [
             KeyedPartitionStatus(
-                keyed_partition=k,
-                durable_end_offset=reader.durable_end(k),
+                keyed_partition=family.key(k),
+                durable_end_offset=log_reader.durable_end(k),
                 consumed_offset=progress[k].consumed_offset if k in progress else 0,
             )
-            for k in range(reader.partitions)
-        ],
-        corrections_by_rule=store.keyed_corrections_by_rule(),
-    )
+            for k in range(log_reader.partitions)
+        ]
+    return KeyedStatus(partitions=partitions, corrections_by_rule=store.keyed_corrections_by_rule())
 
 
 def keyed_horizon_ms(allowed_lateness_ms: int) -> int:
@@ -143,15 +238,19 @@ class KeyedStage:
         trim: Callable[[int, int], object] | None = None,
         snapshot_records: int = SNAPSHOT_RECORDS,
         snapshot_seconds: float = SNAPSHOT_SECONDS,
+        family: Family = IP,
     ) -> None:
         """``snapshots``: where stage 2 saves its windows now and then, so that recovery
         replays the keyed log from the newest usable one; ``trim(k, keep_from)`` then
         deletes keyed partition k's whole segments below ``keep_from`` (the keyed log
-        writer's retention), which recovery never needs again."""
+        writer's retention), which recovery never needs again. ``family``: which keyed
+        family this stage runs over its own keyed log (one stage per family; both share
+        the store, the counters and the corrections archive, under keys of their own)."""
         self.reader = reader
         self.store = store
         self.rules = rules
         self.clock = clock
+        self.family = family
         self.horizon_ms = keyed_horizon_ms(allowed_lateness_ms)
         self.batch_records = batch_records
         self.counters = counters
@@ -160,7 +259,7 @@ class KeyedStage:
         self.trim = trim
         self.snapshot_records = snapshot_records
         self.snapshot_seconds = snapshot_seconds
-        self.windows: dict[int, KeyedWindows] = {}
+        self.windows: dict[int, Windows] = {}
         self.consumed: dict[int, int] = {}
         # per keyed partition: (consumed offset, monotonic time) of the last snapshot
         self._snapshotted: dict[int, tuple[int, float]] = {}
@@ -171,19 +270,26 @@ class KeyedStage:
         consumed offset the store holds (verdicts made then are already committed), each
         range under the spec the store recorded for it (before the first record: the spec
         in force now, as for a store of a build that recorded none); hand the corrections
-        of the replayed range past the corrections archive's end to it again. The replay
+        of the replayed range past the corrections archive's end to it again: of the
+        verdicts re-derived, the ones the store applied then (``keyed_applied``: what
+        either family had corrected before decided which), as it applied them. The replay
         starts at the newest snapshot at or before both the consumed offset and the
         corrections archive's end, if there is one, else at the keyed log's start."""
-        progress = self.store.keyed_progress()
-        current = spec_json(self.rules.current())
+        family = self.family
+        progress = self.store.keyed_progress(family.name)
+        current = family.spec_json(self.rules.current())
         redo: list[pa.Table] = []
         ranges: dict[int, tuple[int, int]] = {}
         for k in range(self.reader.partitions):
             stored = progress.get(k)
             until = stored.consumed_offset if stored is not None else 0
             specs = list(stored.specs) if stored is not None else []
-            archived = self.corrections.next_offset(k) if self.corrections is not None else until
-            windows = KeyedWindows(self.horizon_ms)
+            archived = (
+                self.corrections.next_offset(family.key(k))
+                if self.corrections is not None
+                else until
+            )
+            windows = family.windows(self.horizon_ms)
             at = self.reader.start_offset(k)
             snapshot = (
                 self.snapshots.load_at_or_before(k, min(until, archived))
@@ -193,42 +299,60 @@ class KeyedStage:
             if snapshot is not None:
                 if snapshot[0] < at:
                     raise RuntimeError(
-                        f"keyed partition {k}: its snapshot at {snapshot[0]} is behind the "
-                        f"keyed log's start {at}: the records between are gone"
+                        f"{family.name} keyed partition {k}: its snapshot at {snapshot[0]} is "
+                        f"behind the keyed log's start {at}: the records between are gone"
                     )
-                at, windows = snapshot[0], decode_windows(snapshot[1], self.horizon_ms)
+                at, windows = snapshot[0], family.decode(snapshot[1], self.horizon_ms)
             self._snapshotted[k] = (at, time.monotonic())
             if archived > until or (archived < min(at, until)):
                 raise RuntimeError(
-                    f"keyed partition {k}: corrections are archived up to {archived}, the "
-                    f"store consumed up to {until} and the keyed log starts at {at}: the "
-                    "corrections between cannot be re-derived"
+                    f"{family.name} keyed partition {k}: corrections are archived up to "
+                    f"{archived}, the store consumed up to {until} and the keyed log starts at "
+                    f"{at}: the corrections between cannot be re-derived"
                 )
             cuts = {start for start, _ in specs if at < start < until} | {until}
             if at < archived < until:
                 cuts.add(archived)
+            derived: list[pa.Table] = []
+            reasons: dict[str, str] = {}  # each rule's reason as its range's spec says
             for cut in sorted(cuts):
                 if at >= until:
                     break
                 in_force = [spec for start, spec in specs if start <= at]
-                rules = rules_of(in_force[-1] if in_force else current)
+                rules = family.rules_of(in_force[-1] if in_force else current)
                 verdicts = self._consume(k, windows, at, cut, rules)
                 if at >= archived and verdicts.num_rows:
-                    redo.append(self._correction_rows(k, verdicts, rules))
+                    derived.append(verdicts)
+                    reasons |= {rule.rule_id: rule.reason for rule in rules.rules}
                 at = cut
+            if derived:
+                applied = self._as_applied(k, archived, pa.concat_tables(derived))
+                redo.append(self._correction_rows(k, applied, reasons))
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
             self.windows[k] = windows
             self.consumed[k] = until
             if archived < until:
-                ranges[k] = (archived, until)
+                ranges[family.key(k)] = (archived, until)
         if self.corrections is not None and ranges:
             rows = pa.concat_tables(redo) if redo else CORRECTION_SCHEMA.empty_table()
             self.corrections.append(rows, ranges)
             self.corrections.maybe_flush()
 
+    def _as_applied(self, k: int, from_offset: int, verdicts: pa.Table) -> pa.Table:
+        """Of verdicts re-derived from ``from_offset`` on, the ones the store applied, each
+        with the ``previous_rule_id`` it was applied with (a click's rule is applied at
+        most once: each move names an earlier rule)."""
+        applied = pl.from_arrow(self.store.keyed_applied(self.family.name, k, from_offset))
+        frame = pl.from_arrow(verdicts)
+        assert isinstance(applied, pl.DataFrame) and isinstance(frame, pl.DataFrame)
+        kept = frame.drop("previous_rule_id").join(
+            applied.cast(pl.String), on=["event_id", "rule_id"], how="inner", maintain_order="left"
+        )
+        return kept.select(verdicts.schema.names).to_arrow().cast(verdicts.schema)
+
     def _consume(
-        self, k: int, windows: KeyedWindows, lo: int, hi: int, rules: KeyedRules
+        self, k: int, windows: Windows, lo: int, hi: int, rules: KeyedRules | VisitorRules
     ) -> pa.Table:
         """Feed the records of keyed offsets [lo, hi) to ``windows``, each with its
         ``keyed_offset``, in one consume per read; their verdicts."""
@@ -238,8 +362,8 @@ class KeyedStage:
             frames = self.reader.read(k, at, min(self.batch_records, hi - at))
             if not frames:
                 raise RuntimeError(
-                    f"keyed partition {k}: the keyed log ends at {at} but the store "
-                    f"consumed up to {hi}"
+                    f"{self.family.name} keyed partition {k}: the keyed log ends at {at} but "
+                    f"the store consumed up to {hi}"
                 )
             parts = []
             for frame in frames:
@@ -252,20 +376,20 @@ class KeyedStage:
             verdicts.append(windows.consume(pa.concat_tables(parts), rules))
         return pa.concat_tables(verdicts)
 
-    def _correction_rows(self, k: int, flagged: pa.Table, rules: KeyedRules) -> pa.Table:
+    def _correction_rows(self, k: int, flagged: pa.Table, reasons: Mapping[str, str]) -> pa.Table:
         return correction_rows(
             flagged,
-            keyed_partition=k,
-            reasons={rule.rule_id: rule.reason for rule in rules.rules},
+            keyed_partition=self.family.key(k),
+            reasons=reasons,
             corrected_at_ms=self.clock.now_ms(),
         )
 
     def step(self) -> int:
         """Steps 1-5 over every keyed partition with new records; returns how many."""
-        spec = spec_json(self.rules.current())
-        rules = rules_of(spec)
+        ruleset = self.rules.current()
+        spec = self.family.spec_json(ruleset)
+        rules = self.family.rules_of(spec)
         commits: list[KeyedCommit] = []
-        corrected: list[pa.Table] = []
         for k, windows in self.windows.items():
             start = self.consumed[k]
             frames = self.reader.read(k, start, self.batch_records)
@@ -273,31 +397,32 @@ class KeyedStage:
                 continue
             end = frames[-1].end_offset
             verdicts = self._consume(k, windows, start, end, rules)
-            minute, dimensions = correction_deltas(verdicts)
-            fresh = newly_corrected(verdicts)
-            if verdicts.num_rows:  # corrections, and moves of a corrected click's reason
-                corrected.append(self._correction_rows(k, verdicts, rules))
             commits.append(
                 KeyedCommit(
                     keyed_partition=k,
                     from_offset=start,
                     to_offset=end,
                     high_water=dict(windows.high_water),
-                    minute_deltas=minute,
-                    dimension_deltas=dimensions,
-                    corrections=corrections(verdicts),
+                    # made by the store, of the verdicts it applies
+                    minute_deltas=aggregate.MINUTE_SCHEMA.empty_table(),
+                    dimension_deltas=aggregate.empty_dimension_deltas(),
+                    corrections=0,
                     committed_at_ms=self.clock.now_ms(),
                     spec_json=spec,
                     replay_from=self.reader.start_offset(k),
-                    corrections_by_rule=count_by_rule(fresh),
+                    family=self.family.name,
+                    verdicts=verdicts,
+                    rule_order=tuple(ruleset.ids),
                 )
             )
         if not commits:
             return 0
+        settled = self.family.settled_before(self.windows, rules, self.horizon_ms)
+        commits[0] = dataclasses.replace(commits[0], settled_before_ms=settled)
         try:
-            self.store.commit_keyed(commits)
+            applied = self.store.commit_keyed(commits)
         except FencedError as exc:
-            log.warning("keyed stage fenced (%s): recovering", exc)
+            log.warning("%s keyed stage fenced (%s): recovering", self.family.name, exc)
             self.recover()
             return 0
         except BaseException:
@@ -305,11 +430,23 @@ class KeyedStage:
             raise
         for c in commits:
             self.consumed[c.keyed_partition] = c.to_offset
-        ranges = {c.keyed_partition: (c.from_offset, c.to_offset) for c in commits}
+        ranges = {self.family.key(c.keyed_partition): (c.from_offset, c.to_offset) for c in commits}
         if self.counters is not None:
-            minute = pa.concat_tables([c.minute_deltas for c in commits])
-            self.counters.apply(minute, {counter_key(k): r for k, r in ranges.items()})
+            minute = pa.concat_tables([correction_deltas(table)[0] for table in applied])
+            self.counters.apply(
+                minute,
+                {
+                    counter_key(c.keyed_partition, self.family): (c.from_offset, c.to_offset)
+                    for c in commits
+                },
+            )
         if self.corrections is not None:
+            reasons = {rule.rule_id: rule.reason for rule in rules.rules}
+            corrected = [
+                self._correction_rows(c.keyed_partition, table, reasons)
+                for c, table in zip(commits, applied, strict=True)
+                if table.num_rows
+            ]
             rows = pa.concat_tables(corrected) if corrected else CORRECTION_SCHEMA.empty_table()
             self.corrections.append(rows, ranges)
             self.corrections.maybe_flush()
@@ -335,11 +472,13 @@ class KeyedStage:
             if consumed - last >= self.snapshot_records or (
                 consumed > last and now - at >= self.snapshot_seconds
             ):
-                self.snapshots.save(k, consumed, encode_windows(self.windows[k]))
+                state = self.windows[k]
+                assert isinstance(state, KeyedWindows | VisitorWindows)
+                self.snapshots.save(k, consumed, encode_windows(state))
                 self._snapshotted[k] = (consumed, now)
             if self.trim is not None:
                 published = (
-                    self.corrections.published_offset(k)
+                    self.corrections.published_offset(self.family.key(k))
                     if self.corrections is not None
                     else consumed
                 )
@@ -349,4 +488,4 @@ class KeyedStage:
 
     def applied_offsets(self) -> Mapping[int, int]:
         """Per counter key, the keyed offsets the store holds: refilled counters start here."""
-        return {counter_key(k): offset for k, offset in self.consumed.items()}
+        return {counter_key(k, self.family): offset for k, offset in self.consumed.items()}

@@ -73,6 +73,22 @@ class KeyedCommit:
     # Where a recovery's replay of the keyed log starts (its first retained offset): spec
     # records wholly before it are no longer needed.
     replay_from: int = 0
+    # Which keyed family: ``"ip"`` (keyed by address) or ``"visitor"`` (by user, or address
+    # and agent). Each has its own consumed offsets, high-water marks and specs, in its
+    # own tables (the IP family's are the tables of the builds before the second family).
+    family: str = "ip"
+    # The verdicts themselves (``clickagg.core.keyed.VERDICT_SCHEMA`` or the visitor
+    # family's, which share every column used): the store then settles them against the
+    # clicks either family corrected before (see ``commit_keyed``), makes the deltas of
+    # what it applies, and ignores ``minute_deltas``, ``dimension_deltas``,
+    # ``corrections`` and ``corrections_by_rule``.
+    verdicts: pa.Table | None = None
+    # Every rule id of the rule set, in its order: where two verdicts name one click, the
+    # earlier rule names it (a rule id not in it ranks after every one that is).
+    rule_order: tuple[str, ...] = ()
+    # No verdict of this commit's family will come for a click older than this (event
+    # time): the store forgets what it corrected before every family's bound.
+    settled_before_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,20 +123,33 @@ class AggregateStore(Protocol):
         transaction: all apply or none. Fixed per-transaction costs are paid once."""
         ...
 
-    def commit_keyed(self, commits: Sequence[KeyedCommit]) -> None:
+    def commit_keyed(self, commits: Sequence[KeyedCommit]) -> list[pa.Table]:
         """Apply keyed partitions' corrections, consumed offsets, high-water marks and the
         spec each commit was made under (when it changed) in ONE transaction, each only if
-        the partition's consumed offset is still ``from_offset`` (FencedError otherwise,
-        leaving the store untouched)."""
+        the partition's consumed offset (of the commit's family) is still ``from_offset``
+        (FencedError otherwise, leaving the store untouched).
+
+        A commit with ``verdicts`` is settled against every click either family corrected
+        before, in the same transaction, so that a click is corrected once whichever family
+        flags it first: a verdict on a click not corrected yet corrects it; one naming a
+        rule earlier in ``rule_order`` than the one it stands corrected under moves its
+        reason (``previous_rule_id`` set to that rule); any other is dropped. Returns, per
+        commit, the verdicts applied (empty for a commit without ``verdicts``)."""
+        ...
+
+    def keyed_applied(self, family: str, keyed_partition: int, from_offset: int) -> pa.Table:
+        """The verdicts the family's commits of the keyed partition from ``from_offset`` on
+        applied (event_id, rule_id, previous_rule_id, in the order applied): what a
+        recovery hands the corrections archive again, of the verdicts it re-derives."""
         ...
 
     def keyed_corrections_by_rule(self) -> dict[str, int]:
         """Clicks the keyed stage ever corrected, per rule id."""
         ...
 
-    def keyed_progress(self) -> dict[int, KeyedProgress]:
-        """Per keyed partition that ever committed: what stage 2 consumed so far, and the
-        specs its consumed ranges were judged under."""
+    def keyed_progress(self, family: str = "ip") -> dict[int, KeyedProgress]:
+        """Per keyed partition of the family that ever committed: what stage 2 consumed so
+        far, and the specs its consumed ranges were judged under."""
         ...
 
     def aggregates(

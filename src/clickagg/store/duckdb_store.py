@@ -60,6 +60,7 @@ row, never both. ``delta_state`` remembers the last compacted ``seq`` and ``roll
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import threading
 import time
@@ -70,11 +71,13 @@ from typing import Any, Final
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clickagg.core import hll
 from clickagg.core.aggregate import DIMENSIONS, OWNERS, UNKNOWN
+from clickagg.core.keyed import correction_deltas
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.disk import OutOfSpaceError, mentions_out_of_space
 from clickagg.store.base import (
@@ -197,7 +200,44 @@ _SCHEMA_DDL: Final = (
     """CREATE TABLE IF NOT EXISTS keyed_specs (
         keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
         spec_json VARCHAR NOT NULL)""",
+    # The visitor-keyed family's progress, in tables of its own (a data dir of a build
+    # before it gains them empty: the family starts where stage 1 starts appending to it).
+    """CREATE TABLE IF NOT EXISTS visitor_offsets (
+        keyed_partition INTEGER PRIMARY KEY, consumed_offset BIGINT NOT NULL,
+        corrections BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS visitor_high_water (
+        keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
+        source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
+    """CREATE TABLE IF NOT EXISTS visitor_specs (
+        keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
+        spec_json VARCHAR NOT NULL)""",
+    # Every click a keyed family corrected and the rule it stands corrected under now,
+    # whichever family: a second family's verdict on it is settled against this row.
+    # Clicks older than every family's settled bound are forgotten (no verdict comes).
+    """CREATE TABLE IF NOT EXISTS keyed_corrected (
+        event_id VARCHAR PRIMARY KEY, rule_id VARCHAR NOT NULL, ts_ms BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS keyed_settled (
+        family VARCHAR PRIMARY KEY, before_ms BIGINT NOT NULL)""",
+    # What each family's commits applied, by the commit's first keyed offset: a recovery
+    # hands the corrections archive exactly these again. Rows before the keyed log's first
+    # retained offset are deleted (a recovery never replays from before it).
+    """CREATE TABLE IF NOT EXISTS keyed_applied (
+        family VARCHAR NOT NULL, keyed_partition INTEGER NOT NULL,
+        from_offset BIGINT NOT NULL, seq INTEGER NOT NULL, event_id VARCHAR NOT NULL,
+        rule_id VARCHAR NOT NULL, previous_rule_id VARCHAR)""",
 )
+
+_FAMILY_TABLES: Final = {
+    "ip": ("keyed_offsets", "keyed_high_water", "keyed_specs"),
+    "visitor": ("visitor_offsets", "visitor_high_water", "visitor_specs"),
+}
+"""Per keyed family: its (offsets, high-water marks, specs) tables."""
+
+
+def _family_tables(family: str) -> tuple[str, str, str]:
+    if family not in _FAMILY_TABLES:
+        raise ValueError(f"unknown keyed family {family!r}")
+    return _FAMILY_TABLES[family]
 
 
 def _append_delta_sql(family: _Family) -> str:
@@ -519,18 +559,136 @@ def _record_spec(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> None:
     forget the specs of ranges before the keyed log's first retained offset (a replay
     starts there: only the spec in force at it is still needed)."""
     k = commit.keyed_partition
+    specs = _family_tables(commit.family)[2]
     [last] = cur.execute(
-        "SELECT arg_max(spec_json, from_offset) FROM keyed_specs WHERE keyed_partition = ?", [k]
+        f"SELECT arg_max(spec_json, from_offset) FROM {specs} WHERE keyed_partition = ?", [k]
     ).fetchall()
     if last[0] != commit.spec_json:
         cur.execute(
-            "INSERT INTO keyed_specs VALUES (?, ?, ?)", [k, commit.from_offset, commit.spec_json]
+            f"INSERT INTO {specs} VALUES (?, ?, ?)", [k, commit.from_offset, commit.spec_json]
         )
     cur.execute(
-        "DELETE FROM keyed_specs WHERE keyed_partition = $k AND from_offset < ("
-        "SELECT max(from_offset) FROM keyed_specs WHERE keyed_partition = $k "
+        f"DELETE FROM {specs} WHERE keyed_partition = $k AND from_offset < ("
+        f"SELECT max(from_offset) FROM {specs} WHERE keyed_partition = $k "
         "AND from_offset <= $start)",
         {"k": k, "start": commit.replay_from},
+    )
+    cur.execute(
+        "DELETE FROM keyed_applied WHERE family = ? AND keyed_partition = ? AND from_offset < ?",
+        [commit.family, k, commit.replay_from],
+    )
+
+
+def _settle(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> KeyedCommit:
+    """The commit with the deltas of what its verdicts change, given what either family
+    corrected before (``AggregateStore.commit_keyed``); records what it applied. The
+    verdicts are taken in their order, so several on one click in one commit (a family
+    re-attributing within itself) settle as they would one commit each."""
+    assert commit.verdicts is not None
+    verdicts = pl.from_arrow(commit.verdicts)
+    assert isinstance(verdicts, pl.DataFrame)
+    ids = pa.table({"event_id": verdicts["event_id"].unique().to_arrow()})
+    cur.register("_clickagg_ids", ids)
+    try:
+        stored = cur.sql(
+            "SELECT c.event_id, c.rule_id AS _stored FROM keyed_corrected c "
+            "JOIN _clickagg_ids USING (event_id)"
+        ).to_arrow_table()
+    finally:
+        cur.unregister("_clickagg_ids")
+    stored_frame = pl.from_arrow(stored)
+    assert isinstance(stored_frame, pl.DataFrame)
+    rank = {rule: i for i, rule in enumerate(commit.rule_order)}
+    gone, never = len(rank), len(rank) + 1  # a rule since gone; not corrected yet
+
+    def ranked(column: str) -> pl.Expr:
+        return pl.col(column).replace_strict(rank, default=gone, return_dtype=pl.Int64)
+
+    # A click its own family says it corrected before (``previous_rule_id``) stands under
+    # that rule where this table has no row: corrected by a build before the table.
+    own = pl.col("previous_rule_id").drop_nulls().first().over("event_id")
+    frame = (
+        verdicts.with_row_index("_n")
+        .join(stored_frame.cast({"_stored": pl.String}), on="event_id", how="left")
+        .sort("_n")
+        .with_columns(pl.coalesce("_stored", own).alias("_stored"))
+        .drop("previous_rule_id")
+        .with_columns(
+            ranked("rule_id").alias("_rank"),
+            pl.when(pl.col("_stored").is_null())
+            .then(pl.lit(never, pl.Int64))
+            .otherwise(ranked("_stored"))
+            .alias("_was"),
+        )
+    )
+    best_before = pl.min_horizontal("_was", pl.col("_rank").cum_min().shift(1).over("event_id"))
+    applied = (
+        frame.filter(pl.col("_rank") < best_before)
+        .with_columns(
+            pl.col("rule_id")
+            .shift(1)
+            .over("event_id")
+            .fill_null(pl.col("_stored"))
+            .alias("previous_rule_id")
+        )
+        .sort("_n")
+    )
+    table = applied.select(commit.verdicts.schema.names).to_arrow().cast(commit.verdicts.schema)
+    if applied.height:
+        final = applied.group_by("event_id").agg(pl.col("rule_id").last(), pl.col("ts_ms").last())
+        log = applied.select(
+            pl.lit(commit.family).alias("family"),
+            pl.lit(commit.keyed_partition, pl.Int32).alias("keyed_partition"),
+            pl.lit(commit.from_offset, pl.Int64).alias("from_offset"),
+            pl.int_range(pl.len(), dtype=pl.Int32).alias("seq"),
+            "event_id",
+            "rule_id",
+            "previous_rule_id",
+        )
+        cur.register("_clickagg_final", final.to_arrow())
+        cur.register("_clickagg_applied", log.to_arrow())
+        try:
+            cur.execute(
+                "INSERT INTO keyed_corrected SELECT event_id, rule_id, ts_ms "
+                "FROM _clickagg_final ON CONFLICT (event_id) DO UPDATE SET "
+                "rule_id = excluded.rule_id"
+            )
+            cur.execute("INSERT INTO keyed_applied SELECT * FROM _clickagg_applied")
+        finally:
+            cur.unregister("_clickagg_final")
+            cur.unregister("_clickagg_applied")
+    minute, dimensions = correction_deltas(table)
+    fresh = applied.filter(pl.col("previous_rule_id").is_null())
+    by_rule = fresh.group_by("rule_id").len()
+    return dataclasses.replace(
+        commit,
+        minute_deltas=minute,
+        dimension_deltas=dimensions,
+        corrections=fresh.height,
+        corrections_by_rule=dict(zip(by_rule["rule_id"], by_rule["len"], strict=True)),
+        verdicts=table,
+    )
+
+
+def _forget_settled(cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommit]) -> None:
+    """Record each family's settled bound, and forget the corrected clicks older than
+    every family's (no verdict can come for them any more). Both families run whenever the
+    keyed stage does (the visitor family with no rule in force still moves its bound)."""
+    bounds: dict[str, int] = {}
+    for c in commits:
+        if c.settled_before_ms is not None:
+            bounds[c.family] = min(bounds.get(c.family, c.settled_before_ms), c.settled_before_ms)
+    if not bounds:
+        return
+    cur.executemany(
+        "INSERT INTO keyed_settled AS s VALUES (?, ?) ON CONFLICT (family) DO UPDATE SET "
+        "before_ms = greatest(s.before_ms, excluded.before_ms)",
+        [[family, bound] for family, bound in sorted(bounds.items())],
+    )
+    # Only once every family has a bound: one that never committed may still judge anything.
+    cur.execute(
+        "DELETE FROM keyed_corrected WHERE ts_ms < (SELECT min(before_ms) FROM keyed_settled "
+        f"HAVING count(*) = {len(_FAMILY_TABLES)})"
     )
 
 
@@ -643,43 +801,57 @@ class DuckDBStore:
         with self._state_lock:
             self._pending_rows += appended
 
-    def commit_keyed(self, commits: Sequence[KeyedCommit]) -> None:
+    def commit_keyed(self, commits: Sequence[KeyedCommit]) -> list[pa.Table]:
         """The keyed stage's corrections, consumed offsets and high-water marks, in one
-        transaction (all or none), each fenced by its consumed offset; the corrections are
-        deltas like any round's (compaction merges them the same way)."""
+        transaction (all or none), each fenced by its family's consumed offset; the
+        corrections are deltas like any round's (compaction merges them the same way)."""
         if not commits:
-            return
-        keys = [c.keyed_partition for c in commits]
+            return []
+        keys = [(c.family, c.keyed_partition) for c in commits]
         if len(set(keys)) != len(keys):
             raise ValueError(f"a keyed partition appears twice in one commit: {keys}")
+        settled: list[KeyedCommit] = []
         with self._commit_lock:
             seq = self._last_seq + 1
-            self._transaction(lambda cur: self._apply_keyed(cur, commits, seq))
+            self._transaction(lambda cur: settled.extend(self._apply_keyed(cur, commits, seq)))
             self._last_seq = seq
         appended = sum(
             c.minute_deltas.num_rows + sum(t.num_rows for t in c.dimension_deltas.values())
-            for c in commits
+            for c in settled
         )
         with self._state_lock:
             self._pending_rows += appended
+        return [
+            done.verdicts
+            if asked.verdicts is not None and done.verdicts is not None
+            # a commit of deltas made by its caller: nothing settled here
+            else pa.table({})
+            for done, asked in zip(settled, commits, strict=True)
+        ]
 
     def _apply_keyed(
         self, cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommit], seq: int
-    ) -> None:
-        rows = cur.execute(
-            "SELECT keyed_partition, consumed_offset FROM keyed_offsets "
-            "WHERE keyed_partition IN (SELECT unnest(?))",
-            [[c.keyed_partition for c in commits]],
-        ).fetchall()
-        _fence(
-            dict(rows),
-            {c.keyed_partition: c.from_offset for c in commits},
-            "keyed partition {key}: consumed offset is {stored}, records were read from {read}",
-        )
+    ) -> list[KeyedCommit]:
+        for family in sorted({c.family for c in commits}):
+            offsets = _family_tables(family)[0]
+            mine = [c for c in commits if c.family == family]
+            rows = cur.execute(
+                f"SELECT keyed_partition, consumed_offset FROM {offsets} "
+                "WHERE keyed_partition IN (SELECT unnest(?))",
+                [[c.keyed_partition for c in mine]],
+            ).fetchall()
+            _fence(
+                dict(rows),
+                {c.keyed_partition: c.from_offset for c in mine},
+                f"{family} keyed partition {{key}}: consumed offset is {{stored}}, records "
+                "were read from {read}",
+            )
+        commits = [_settle(cur, c) if c.verdicts is not None else c for c in commits]
         _append_deltas(cur, commits, seq)
         for c in commits:
+            offsets, high_water, _ = _family_tables(c.family)
             cur.execute(
-                "INSERT INTO keyed_offsets AS k VALUES (?, ?, ?, ?) "
+                f"INSERT INTO {offsets} AS k VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (keyed_partition) DO UPDATE SET "
                 "consumed_offset = excluded.consumed_offset, "
                 "corrections = k.corrections + excluded.corrections, "
@@ -688,12 +860,13 @@ class DuckDBStore:
             )
             if c.high_water:
                 cur.executemany(
-                    "INSERT INTO keyed_high_water VALUES (?, ?, ?) "
+                    f"INSERT INTO {high_water} VALUES (?, ?, ?) "
                     "ON CONFLICT (keyed_partition, source_partition) DO UPDATE SET "
                     "source_offset = excluded.source_offset",
                     [[c.keyed_partition, p, o] for p, o in sorted(c.high_water.items())],
                 )
             _record_spec(cur, c)
+        _forget_settled(cur, commits)
         by_rule: dict[str, int] = {}
         for c in commits:
             for rule, n in c.corrections_by_rule.items():
@@ -704,24 +877,39 @@ class DuckDBStore:
                 "DO UPDATE SET corrections = r.corrections + excluded.corrections",
                 [[rule, n] for rule, n in sorted(by_rule.items())],
             )
+        return commits
+
+    def keyed_applied(self, family: str, keyed_partition: int, from_offset: int) -> pa.Table:
+        _family_tables(family)
+        return (
+            self._cursor()
+            .sql(
+                "SELECT event_id, rule_id, previous_rule_id FROM keyed_applied "
+                "WHERE family = $1 AND keyed_partition = $2 AND from_offset >= $3 "
+                "ORDER BY from_offset, seq",
+                params=[family, keyed_partition, from_offset],
+            )
+            .to_arrow_table()
+        )
 
     def keyed_corrections_by_rule(self) -> dict[str, int]:
         rows = self._fetch("SELECT rule_id, corrections FROM keyed_rule_corrections")
         return {str(rule): int(n) for rule, n in rows}
 
-    def keyed_progress(self) -> dict[int, KeyedProgress]:
+    def keyed_progress(self, family: str = "ip") -> dict[int, KeyedProgress]:
+        offsets_table, high_water, specs_table = _family_tables(family)
         offsets = self._fetch(
-            "SELECT keyed_partition, consumed_offset, corrections FROM keyed_offsets"
+            f"SELECT keyed_partition, consumed_offset, corrections FROM {offsets_table}"
         )
         marks = self._fetch(
-            "SELECT keyed_partition, source_partition, source_offset FROM keyed_high_water"
+            f"SELECT keyed_partition, source_partition, source_offset FROM {high_water}"
         )
         high: dict[int, dict[int, int]] = {}
         for k, p, o in marks:
             high.setdefault(int(k), {})[int(p)] = int(o)
         specs: dict[int, list[tuple[int, str]]] = {}
         for k, start, spec in self._fetch(
-            "SELECT keyed_partition, from_offset, spec_json FROM keyed_specs "
+            f"SELECT keyed_partition, from_offset, spec_json FROM {specs_table} "
             "ORDER BY keyed_partition, from_offset"
         ):
             specs.setdefault(int(k), []).append((int(start), str(spec)))

@@ -36,9 +36,11 @@ from types import FrameType
 from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
+from clickagg.core.keyed import keyed_records
+from clickagg.core.visitor import visitor_records
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
-from clickagg.keyed.stage1 import KeyedAppender, retire_marker
-from clickagg.keyed.stage2 import KeyedStage, counter_key, keyed_status
+from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders, retire_marker
+from clickagg.keyed.stage2 import IP, VISITOR, Family, KeyedStage, counter_key, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
@@ -137,30 +139,43 @@ class _Session:
             self.price_registry = AdRegistry.for_data_dir(settings.data_dir, settings.ads_file)
             self._prices_version = self.price_registry.version()
             cpc_micros = self.price_registry.book()
-            keyed: KeyedAppender | None = None
+            keyed: KeyedAppenders | None = None
             self._keyed_closers: list[Callable[[], None]] = []
-            self.keyed_stage: KeyedStage | None = None
+            self.keyed_stages: list[KeyedStage] = []
+            # Per family: its directory under keyed/ (the IP family's is keyed/ itself, as
+            # before the visitor family), its keyed log writer and reader.
+            family_dirs = {IP: settings.keyed_dir, VISITOR: settings.keyed_dir / "visitor"}
+            keyed_logs: dict[Family, tuple[SegmentLogWriter, SegmentLogReader]] = {}
             if settings.keyed_stage:
-                # No age or size to wait for: stage 2 trims whole segments below what a
-                # recovery could need (its snapshots and the corrections archive's end).
-                keyed_writer = SegmentLogWriter(
-                    settings.keyed_dir / "log",
-                    settings.keyed_partitions,
-                    segment_bytes=settings.segment_bytes,
-                    retention_ms=0,
-                    retention_bytes=0,
-                )
-                undo.callback(keyed_writer.close)
-                keyed = KeyedAppender(
-                    keyed_writer,
-                    settings.keyed_dir / "stage1.json",
-                    self.store.committed_offsets(),
-                )
-                keyed_reader = SegmentLogReader(settings.keyed_dir / "log")
-                undo.callback(keyed_reader.close)
-                self._keyed_closers = [keyed_reader.close, keyed_writer.close]
+                appenders = []
+                committed = self.store.committed_offsets()
+                for family, directory in family_dirs.items():
+                    # No age or size to wait for: stage 2 trims whole segments below what
+                    # a recovery could need (its snapshots and the corrections' end).
+                    keyed_writer = SegmentLogWriter(
+                        directory / "log",
+                        settings.keyed_partitions,
+                        segment_bytes=settings.segment_bytes,
+                        retention_ms=0,
+                        retention_bytes=0,
+                    )
+                    undo.callback(keyed_writer.close)
+                    appenders.append(
+                        KeyedAppender(
+                            keyed_writer,
+                            directory / "stage1.json",
+                            committed,
+                            records=keyed_records if family is IP else visitor_records,
+                        )
+                    )
+                    keyed_reader = SegmentLogReader(directory / "log")
+                    undo.callback(keyed_reader.close)
+                    self._keyed_closers += [keyed_reader.close, keyed_writer.close]
+                    keyed_logs[family] = (keyed_writer, keyed_reader)
+                keyed = KeyedAppenders(appenders)
             else:
-                retire_marker(settings.keyed_dir / "stage1.json")
+                for directory in family_dirs.values():
+                    retire_marker(directory / "stage1.json")
             self.workers = [
                 PartitionWorker(
                     p,
@@ -187,24 +202,32 @@ class _Session:
                 )
                 self.feed = FeedServer(settings.feed_socket, self.counters)
             self.corrections: ArchiveWriter | None = None
-            if keyed is not None:
-                self.corrections = roles.correction_writer(settings)
-                undo.callback(_close_quietly, self.corrections.close, "corrections writer")
-                self.keyed_stage = KeyedStage(
-                    keyed_reader,
-                    self.store,
-                    rules=rules_watcher(settings),
-                    clock=clock,
-                    allowed_lateness_ms=settings.allowed_lateness_ms,
-                    batch_records=settings.micro_batch_events,
-                    counters=self.counters,
-                    corrections=self.corrections,
-                    snapshots=SnapshotStore(settings.keyed_dir / "snapshots"),
-                    trim=functools.partial(_trim_keyed_log, keyed_writer, clock),
-                )
             status: Callable[[], KeyedStatus] | None = None
             if keyed is not None:
-                status = functools.partial(keyed_status, keyed_reader, self.store)
+                # One corrections archive for both families (the visitor family's keyed
+                # partitions are numbered from 1024 in it), one rules watcher.
+                self.corrections = roles.correction_writer(settings)
+                undo.callback(_close_quietly, self.corrections.close, "corrections writer")
+                watcher = rules_watcher(settings)
+                for family, (keyed_writer, keyed_reader) in keyed_logs.items():
+                    self.keyed_stages.append(
+                        KeyedStage(
+                            keyed_reader,
+                            self.store,
+                            rules=watcher,
+                            clock=clock,
+                            allowed_lateness_ms=settings.allowed_lateness_ms,
+                            batch_records=settings.micro_batch_events,
+                            counters=self.counters,
+                            corrections=self.corrections,
+                            snapshots=SnapshotStore(family_dirs[family] / "snapshots"),
+                            trim=functools.partial(_trim_keyed_log, keyed_writer, clock),
+                            family=family,
+                        )
+                    )
+                status = functools.partial(
+                    keyed_status, keyed_logs[IP][1], self.store, keyed_logs[VISITOR][1]
+                )
             self.server = QueryServer(
                 settings.rpc_socket, self.store, self.counters, keyed_status=status
             )
@@ -235,8 +258,8 @@ class _Session:
                 self.store.committed_offsets()
             self._reload_prices()
             processed = step_all(self.workers, self.store, self.counters)
-            if self.keyed_stage is not None:
-                processed += self.keyed_stage.step()
+            for stage in self.keyed_stages:
+                processed += stage.step()
             if processed:
                 backoff.succeeded()
             if processed >= SMALL_ROUND_EVENTS:
@@ -249,8 +272,8 @@ class _Session:
                 time.sleep(SMALL_ROUND_PAUSE_S)
                 continue
             self.archive.maybe_flush()  # a quiet stream still publishes what it decided
-            if self.keyed_stage is not None:
-                self.keyed_stage.maybe_flush()
+            for stage in self.keyed_stages:
+                stage.maybe_flush()
             idle_loops += 1
             if max_idle_loops is not None and idle_loops >= max_idle_loops:
                 return
@@ -437,7 +460,9 @@ def refill_counters(
     committed = store.committed_offsets()
     # The keyed stage's corrections are in the minute rows too: at its consumed offsets.
     keyed = {
-        counter_key(k): progress.consumed_offset for k, progress in store.keyed_progress().items()
+        counter_key(k, family): progress.consumed_offset
+        for family in (IP, VISITOR)
+        for k, progress in store.keyed_progress(family.name).items()
     }
     counters.apply(
         store.minute_rows_since(now_ms - counters.retain_ms),

@@ -43,7 +43,7 @@ from clickagg.core.prices import PriceBook
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.disk import is_out_of_space
-from clickagg.keyed.stage1 import KeyedAppender
+from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders
 from clickagg.log.base import CorruptFrameError, Frame, LogReader
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.store.base import AggregateStore, FencedError, PartitionCommit
@@ -116,7 +116,7 @@ class PartitionWorker:
         settings: Settings,
         clock: Clock,
         cpc_micros: PriceBook | Mapping[str, int] | None = None,
-        keyed: KeyedAppender | None = None,
+        keyed: KeyedAppender | KeyedAppenders | None = None,
     ) -> None:
         self.partition = partition
         self.keyed = keyed

@@ -30,7 +30,7 @@ CLICK = pl.col("event_type") == "click"
 IMPRESSION = pl.col("event_type") == "impression"
 
 
-def _visitor() -> pl.Expr:
+def visitor_key() -> pl.Expr:
     """The key of a visitor (null: unknown), ``u:<user>`` or ``a:<ip> <agent>``."""
     by_address = pl.concat_str(pl.lit("a:"), pl.col("ip"), pl.lit(" "), pl.col("user_agent"))
     return (
@@ -99,6 +99,55 @@ def anchored(group: np.ndarray, ts: np.ndarray, window_ms: int) -> np.ndarray:
     return anchor[:n]
 
 
+def repeat_evidence(frame: pl.DataFrame, window_ms: int, *, phase: str | None = None) -> pl.Series:
+    """``repeat_click``'s verdicts on a frame (evidence per row, null: not a repeat).
+
+    ``phase``: a column whose values start chains of their own, as if each value's rows
+    were a frame alone. The stream's visitor-keyed stage judges several hours in one call
+    this way, each hour's clicks with the context the batch gives that hour."""
+    ties = ["event_id"] if "event_id" in frame.columns else []
+    phases = [phase] if phase is not None else []
+    clicks = (
+        frame.with_row_index("_row")
+        .filter(CLICK)
+        .select(
+            "_row",
+            *phases,
+            visitor_key().alias("_key"),
+            _visitor_label().alias("_who"),
+            "ad_id",
+            "ts_ms",
+            *ties,
+        )
+        .filter(pl.col("_key").is_not_null() & pl.col("ad_id").is_not_null())
+        .sort(*phases, "_key", "ad_id", "ts_ms", *ties, maintain_order=True)
+    )
+    changed = pl.lit(False)
+    for key in [*phases, "_key", "ad_id"]:
+        changed = changed | (pl.col(key) != pl.col(key).shift())
+    clicks = clicks.with_columns(changed.fill_null(True).cum_sum().alias("_group"))
+    ts = clicks["ts_ms"].to_numpy()
+    is_anchor = anchored(clicks["_group"].to_numpy(), ts, window_ms)
+    position = np.arange(len(ts))
+    last_anchor = np.maximum.accumulate(np.where(is_anchor, position, 0))
+    repeats = clicks.with_columns(
+        pl.Series("_anchor_ts", ts[last_anchor] if len(ts) else ts),
+        pl.Series("_repeat", ~is_anchor),
+    ).filter(pl.col("_repeat"))
+    evidence = repeats.select(
+        pl.concat_str(
+            pl.col("_who"),
+            pl.lit(" clicked ad "),
+            pl.col("ad_id"),
+            pl.lit(" again "),
+            ((pl.col("ts_ms") - pl.col("_anchor_ts")) / 1000).round(3).cast(pl.String),
+            pl.lit(" s after its counted click at "),
+            _stamp("_anchor_ts"),
+        )
+    ).to_series()
+    return _scattered(frame.height, repeats["_row"], evidence)
+
+
 @register_kind("repeat_click")
 def repeat_click(spec: RuleSpec) -> FrameMatcher:
     """The 2nd and later clicks of one visitor on one ad within ``window_seconds`` of the
@@ -108,45 +157,19 @@ def repeat_click(spec: RuleSpec) -> FrameMatcher:
 
     Context: the chain of counted clicks starts at the first click within the lookback
     (``max(window, 1 h)`` before the hour); a visitor that never pauses a whole window for
-    that long may be counted in another phase than over all time."""
+    that long may be counted in another phase than over all time.
+
+    Clicks of equal time are taken in event id order where the frame has ids (the archive's
+    do): which of two simultaneous clicks is the counted one then depends on the clicks
+    alone, not on the log order the archive holds them in, which the number of partitions
+    changes (the stream's visitor-keyed stage, ``clickagg.core.visitor``, decides the
+    same)."""
     params = params_of(spec, RepeatParams)
     _positive(spec, window_seconds=params.window_seconds)
     window_ms = params.window_seconds * 1000
 
     def match(frame: pl.DataFrame) -> pl.Series:
-        clicks = (
-            frame.with_row_index("_row")
-            .filter(CLICK)
-            .select(
-                "_row", _visitor().alias("_key"), _visitor_label().alias("_who"), "ad_id", "ts_ms"
-            )
-            .filter(pl.col("_key").is_not_null() & pl.col("ad_id").is_not_null())
-            .sort("_key", "ad_id", "ts_ms", maintain_order=True)
-        )
-        changed = (pl.col("_key") != pl.col("_key").shift()) | (
-            pl.col("ad_id") != pl.col("ad_id").shift()
-        )
-        clicks = clicks.with_columns(changed.fill_null(True).cum_sum().alias("_group"))
-        ts = clicks["ts_ms"].to_numpy()
-        is_anchor = anchored(clicks["_group"].to_numpy(), ts, window_ms)
-        position = np.arange(len(ts))
-        last_anchor = np.maximum.accumulate(np.where(is_anchor, position, 0))
-        repeats = clicks.with_columns(
-            pl.Series("_anchor_ts", ts[last_anchor] if len(ts) else ts),
-            pl.Series("_repeat", ~is_anchor),
-        ).filter(pl.col("_repeat"))
-        evidence = repeats.select(
-            pl.concat_str(
-                pl.col("_who"),
-                pl.lit(" clicked ad "),
-                pl.col("ad_id"),
-                pl.lit(" again "),
-                ((pl.col("ts_ms") - pl.col("_anchor_ts")) / 1000).round(3).cast(pl.String),
-                pl.lit(" s after its counted click at "),
-                _stamp("_anchor_ts"),
-            )
-        ).to_series()
-        return _scattered(frame.height, repeats["_row"], evidence)
+        return repeat_evidence(frame, window_ms)
 
     return FrameMatcher(match, lookback_ms=max(window_ms, HOUR_MS))
 
@@ -277,7 +300,7 @@ def no_impression_click(spec: RuleSpec) -> FrameMatcher:
     window_ms = params.window_minutes * MINUTE_MS
 
     def match(frame: pl.DataFrame) -> pl.Series:
-        keyed_frame = frame.with_row_index("_row").with_columns(_visitor().alias("_key"))
+        keyed_frame = frame.with_row_index("_row").with_columns(visitor_key().alias("_key"))
         impressions = keyed_frame.filter(IMPRESSION & pl.col("ad_id").is_not_null())
         per_ad = impressions.group_by("ad_id").agg(pl.len().alias("_ad_impressions"))
         seen = (

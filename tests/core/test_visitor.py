@@ -1,0 +1,324 @@
+"""The visitor-keyed family's pure half against the batch: whatever the split of the same
+clicks into source partitions, rounds, keyed partitions and reads, with records appended
+twice, the stream flags exactly the clicks the batch's ``repeat_click`` flags hour by hour
+(with its lookback as context, as reconciliation judges them), with the same rule and the
+same evidence, and corrects each once."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clickagg.core import ids
+from clickagg.core.rules import RuleSet, RuleSpec, compile_rules
+from clickagg.core.visitor import (
+    VISITOR_RECORD_SCHEMA,
+    VISITOR_VERDICT_SCHEMA,
+    RepeatRule,
+    VisitorRules,
+    VisitorWindows,
+    visitor_partition,
+    visitor_records,
+)
+from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.keyed.snapshots import decode_visitor_windows, encode_windows
+
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
+# (user, ip, agent): by user, by address + agent, and one with no key (never judged)
+VISITORS = (
+    ("u1", "203.0.113.1", "UA"),
+    ("u2", None, None),
+    (None, "203.0.113.1", "UA"),
+    (None, "203.0.113.1", "Other"),
+    (None, "198.51.100.2", None),
+)
+JITTER_MS = 20 * MINUTE_MS  # how far out of event time order clicks arrive
+HORIZON_MS = 30 * MINUTE_MS  # more than the jitter: no click is too late
+
+
+@dataclass(frozen=True)
+class Click:
+    visitor: int
+    ad: int
+    ts_ms: int
+    counted: bool  # False: a stage-1 rule flagged it
+    jitter_ms: int
+
+
+clicks_strategy = st.lists(
+    st.builds(
+        Click,
+        visitor=st.integers(0, len(VISITORS) - 1),
+        ad=st.integers(0, 2),
+        # 3 h 20 min on a 4 min grid: equal times, hour edges and long chains happen often
+        ts_ms=st.integers(0, 50).map(lambda n: T0 + n * 4 * MINUTE_MS),
+        counted=st.sampled_from([True, True, True, False]),
+        jitter_ms=st.integers(0, JITTER_MS // MINUTE_MS).map(lambda n: n * MINUTE_MS),
+    ),
+    max_size=80,
+)
+SENTINEL = Click(0, 0, T0 + 10 * HOUR_MS, True, 0)  # moves the horizon past every click
+
+
+def kept_frame(
+    clicks: list[tuple[int, Click]], partition: int, offsets: dict[int, int]
+) -> pl.DataFrame:
+    """What stage 1's ``BatchOutcome.kept`` holds for a round of one source partition."""
+    rows = []
+    for number, click in clicks:
+        user, ip, agent = VISITORS[click.visitor]
+        rows.append(
+            {
+                "event_type": ids.CLICK,
+                "ip": ip,
+                "user_id": user,
+                "user_agent": agent,
+                "ad_id": f"ad-{click.ad}",
+                "advertiser_id": "adv",
+                "campaign_id": None,
+                "country": "US",
+                "device": None,
+                "browser": None,
+                "ts_ms": click.ts_ms,
+                "event_id": f"e{number}",
+                "partition": partition,
+                "offset": offsets[number],
+                "spend_micros": 1_000 + number,
+                "invalid": not click.counted,
+            }
+        )
+    schema = {
+        "event_type": pl.UInt8,
+        **dict.fromkeys(["ip", "user_id", "user_agent", "ad_id", "advertiser_id"], pl.String),
+        **dict.fromkeys(["campaign_id", "country", "device", "browser"], pl.String),
+        "ts_ms": pl.Int64,
+        "event_id": pl.String,
+        "partition": pl.Int64,
+        "offset": pl.Int64,
+        "spend_micros": pl.Int64,
+        "invalid": pl.Boolean,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def batch_verdicts(clicks: list[Click], ruleset: RuleSet, seed: int) -> dict[str, tuple[str, str]]:
+    """What reconciliation's ``invalid_reason`` says per flagged event id (rule, evidence):
+    each hour judged with every earlier click as context (the rule takes its own lookback
+    of it), the archive's rows in an arbitrary order."""
+    order = list(range(len(clicks)))
+    random.Random(seed).shuffle(order)
+    decisions = pl.DataFrame(
+        {
+            "event_type": ["click"] * len(order),
+            "event_id": [f"e{n}" for n in order],
+            "user_id": [VISITORS[clicks[n].visitor][0] for n in order],
+            "ip": [VISITORS[clicks[n].visitor][1] for n in order],
+            "user_agent": [VISITORS[clicks[n].visitor][2] for n in order],
+            "ad_id": [f"ad-{clicks[n].ad}" for n in order],
+            "ts_ms": [clicks[n].ts_ms for n in order],
+        },
+        schema={
+            **dict.fromkeys(["event_type", "event_id", "user_id", "ip", "user_agent"], pl.String),
+            "ad_id": pl.String,
+            "ts_ms": pl.Int64,
+        },
+    )
+    out: dict[str, tuple[str, str]] = {}
+    for hour in sorted({c.ts_ms - c.ts_ms % HOUR_MS for c in clicks}):
+        seen = decisions.filter(pl.col("ts_ms") < hour + HOUR_MS)
+        reasons = ruleset.batch_reasons(seen, hour)
+        for event_id, reason in zip(seen["event_id"], reasons, strict=True):
+            if reason is not None:
+                rule, _, evidence = reason.split(": ", 2)
+                out[event_id] = (rule, evidence)
+    return out
+
+
+def cuts(draw: st.DrawFn, n: int) -> list[int]:
+    return sorted(set(draw(st.lists(st.integers(0, n), max_size=6))))
+
+
+def pieces(n: int, at: list[int]) -> list[tuple[int, int]]:
+    bounds = [0, *at, n]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+REPEAT = RuleSpec("rep", "repeat_click", "repeat", {"window_seconds": 600})
+LONG = RuleSpec("long", "repeat_click", "long repeat", {"window_seconds": 5400})
+MID = RuleSpec("mid", "repeat_click", "mid repeat", {"window_seconds": 1500})
+
+
+@settings(max_examples=100, deadline=None)
+@given(drawn=clicks_strategy, keyed=st.sampled_from([1, 4, 16]), data=st.data())
+def test_the_stream_flags_what_the_batch_flags_hour_by_hour_whatever_the_split(
+    drawn: list[Click], keyed: int, data: st.DataObject
+) -> None:
+    specs = data.draw(st.sampled_from([[REPEAT], [LONG], [MID, REPEAT], [REPEAT, LONG, MID]]))
+    effective = data.draw(st.sampled_from([None, T0 + 90 * MINUTE_MS]))
+    specs = [RuleSpec(s.id, s.kind, s.reason, s.params, effective_from_ms=effective) for s in specs]
+    ruleset = RuleSet(compile_rules(specs))
+    rules = VisitorRules.from_ruleset(ruleset)
+    assert rules.ids == [s.id for s in specs]
+
+    # Arrival order: event time, each click up to JITTER_MS late.
+    clicks = [*drawn, SENTINEL]
+    arrival = sorted(range(len(drawn)), key=lambda n: drawn[n].ts_ms + drawn[n].jitter_ms)
+
+    sources = data.draw(st.integers(1, 3))
+    offsets: dict[int, int] = {}
+    per_source: Counter[int] = Counter()
+    for number in arrival:
+        offsets[number] = per_source[number % sources]
+        per_source[number % sources] += 1
+    logs: dict[int, list[pa.Table]] = {k: [] for k in range(keyed)}
+    appended: list[dict[int, pa.Table]] = []
+    for a, b in pieces(len(arrival), cuts(data.draw, len(arrival))):
+        rounds = [
+            visitor_records(kept_frame(chunk, p, offsets), keyed)
+            for p in range(sources)
+            if (chunk := [(n, clicks[n]) for n in arrival[a:b] if n % sources == p])
+        ]
+        appended += rounds
+        for round_ in rounds + data.draw(st.lists(st.sampled_from(appended), max_size=2)):
+            for k, table in round_.items():
+                logs[k].append(table)
+    # Last, a sentinel reaches every keyed partition (in production: the stream goes on).
+    for k in range(keyed):
+        tick = kept_frame([(len(drawn), SENTINEL)], sources + k, {len(drawn): 0})
+        logs[k].append(next(iter(visitor_records(tick, 1).values())))
+
+    # One source: the keyed log is in arrival order, JITTER_MS out of event time order at
+    # most, and the horizon decides clicks as the stream goes. Several: a round takes each
+    # source's clicks in turn, so the disorder is as long as a round; a horizon longer than
+    # all the clicks keeps every one of them (the sentinel decides them).
+    horizon = HORIZON_MS if sources == 1 else 4 * HOUR_MS
+    verdicts: list[pa.Table] = []
+    for tables in logs.values():
+        log = pa.concat_tables([VISITOR_RECORD_SCHEMA.empty_table(), *tables])
+        windows = VisitorWindows(horizon_ms=horizon)
+        for a, b in pieces(log.num_rows, cuts(data.draw, log.num_rows)):
+            verdicts.append(windows.consume(log.slice(a, b - a), rules))
+    stream: dict[str, tuple[str, str]] = {}
+    for row in pa.concat_tables([VISITOR_VERDICT_SCHEMA.empty_table(), *verdicts]).to_pylist():
+        assert row["counted"] and row["previous_rule_id"] is None
+        assert row["event_id"] not in stream  # each click decided once, copies or not
+        stream[row["event_id"]] = (row["rule_id"], row["evidence"])
+
+    batch = batch_verdicts(clicks, ruleset, data.draw(st.integers(0, 2**16)))
+    counted = {f"e{n}" for n, c in enumerate(drawn) if c.counted}
+    assert stream == {e: verdict for e, verdict in batch.items() if e in counted}
+
+
+@settings(max_examples=50, deadline=None)
+@given(drawn=clicks_strategy, data=st.data())
+def test_verdicts_do_not_depend_on_the_reads_even_past_the_horizon(
+    drawn: list[Click], data: st.DataObject
+) -> None:
+    """With a horizon shorter than the disorder, some records are too late: which ones, and
+    every verdict, depend on the records alone, not on where the reads cut the log."""
+    rules = VisitorRules.from_ruleset(RuleSet(compile_rules([REPEAT, MID])))
+    clicks = [*drawn, SENTINEL]
+    offsets = {n: n for n in range(len(clicks))}
+    log = visitor_records(kept_frame(list(enumerate(clicks)), 0, offsets), 1)[0]
+
+    def run(at: list[int]) -> tuple[list[tuple[str, str, str]], int, int | None]:
+        windows = VisitorWindows(horizon_ms=5 * MINUTE_MS)
+        out = [windows.consume(log.slice(a, b - a), rules) for a, b in pieces(log.num_rows, at)]
+        table = pa.concat_tables([VISITOR_VERDICT_SCHEMA.empty_table(), *out])
+        rows = zip(
+            *(table[c].to_pylist() for c in ("event_id", "rule_id", "evidence")), strict=True
+        )
+        return sorted(rows), windows.max_event_ms, windows.decided_until_ms
+
+    assert run(cuts(data.draw, log.num_rows)) == run([])
+
+
+def test_a_late_earlier_click_becomes_the_counted_one_before_any_verdict() -> None:
+    """20 s and 40 s arrive, then 0 s (window 30 s): judged on arrival, 20 s would count and
+    40 s be its repeat; with 0 s, 0 s and 40 s count and 20 s is the repeat. Nothing is
+    decided until the horizon has passed all three, so only 20 s is ever flagged."""
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    at = [20_000, 40_000, 0]
+    clicks = [Click(1, 0, T0 + s, True, 0) for s in at]
+    frame = kept_frame(list(enumerate(clicks)), 0, {0: 0, 1: 1, 2: 2})
+    windows = VisitorWindows(horizon_ms=MINUTE_MS)
+    first = windows.consume(visitor_records(frame[:2], 1)[0], rules)
+    late = windows.consume(visitor_records(frame[2:], 1)[0], rules)
+    assert first.num_rows == late.num_rows == 0  # undecided: within the horizon
+    tick = kept_frame([(9, Click(0, 0, T0 + 2 * MINUTE_MS, True, 0))], 1, {9: 0})
+    decided = windows.consume(visitor_records(tick, 1)[0], rules)
+    assert decided["event_id"].to_pylist() == ["e0"]
+    assert decided["evidence"].to_pylist() == [
+        "user u2 clicked ad ad-0 again 20.0 s after its counted click at 2023-11-14T22:00:00.000Z"
+    ]
+    assert windows.decided_until_ms == T0 + MINUTE_MS
+
+
+def test_equal_times_count_the_smaller_event_id_and_a_keyless_click_is_not_a_record() -> None:
+    clicks = [Click(1, 0, T0, True, 0), Click(1, 0, T0, True, 0), Click(4, 0, T0, True, 0)]
+    # e1 arrives first, e0 second: e0 is still the one that counts
+    frame = kept_frame([(1, clicks[1]), (0, clicks[0]), (2, clicks[2])], 0, {1: 0, 0: 1, 2: 2})
+    records = visitor_records(frame, 1)[0]
+    assert records["event_id"].to_pylist() == ["e1", "e0"]  # the keyless click is not sent
+    assert records["visitor"].to_pylist() == ["u:u2", "u:u2"]
+    windows = VisitorWindows(horizon_ms=MINUTE_MS)
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    windows.consume(records, rules)
+    tick = kept_frame([(9, Click(0, 0, T0 + 2 * MINUTE_MS, True, 0))], 1, {9: 0})
+    assert windows.consume(visitor_records(tick, 1)[0], rules)["event_id"].to_pylist() == ["e1"]
+
+
+def test_the_rules_in_force_as_a_recordable_value_and_a_stable_partition() -> None:
+    ruleset = RuleSet(compile_rules([MID, REPEAT]))
+    rules = VisitorRules.from_ruleset(ruleset)
+    assert VisitorRules.from_json(rules.to_json()) == rules
+    assert rules.lookback_ms == HOUR_MS
+    assert VisitorRules.from_ruleset(RuleSet(compile_rules([LONG]))).lookback_ms == 5_400_000
+    assert visitor_partition("u:u1", 16) == visitor_partition("u:u1", 16)
+    assert {visitor_partition(f"u:{n}", 4) for n in range(50)} == {0, 1, 2, 3}
+
+
+def test_each_hour_starts_its_chains_where_the_batch_starts_them() -> None:
+    """A click every 20 min for three hours, window 30 min: over all time 2:00 would count
+    (0:00, 0:40, 1:20, 2:00), but the batch judges 2:00's hour from 1:00 on (1:00, 1:40
+    count, 2:00 repeats 1:40), and so does the stream."""
+    spec = RuleSpec("rep", "repeat_click", "repeat", {"window_seconds": 1800})
+    ruleset = RuleSet(compile_rules([spec]))
+    rules = VisitorRules.from_ruleset(ruleset)
+    drawn = [Click(1, 0, T0 + n * 20 * MINUTE_MS, True, 0) for n in range(10)]
+    frame = kept_frame(list(enumerate(drawn)), 0, {n: n for n in range(10)})
+    windows = VisitorWindows(horizon_ms=HORIZON_MS)
+    verdicts = [windows.consume(visitor_records(frame[n : n + 1], 1)[0], rules) for n in range(10)]
+    tick = kept_frame([(99, Click(0, 0, T0 + 10 * HOUR_MS, True, 0))], 1, {99: 0})
+    verdicts.append(windows.consume(visitor_records(tick, 1)[0], rules))
+    table = pa.concat_tables(verdicts)
+    stream = dict(zip(table["event_id"].to_pylist(), table["rule_id"].to_pylist(), strict=True))
+    assert stream == {e: rule for e, (rule, _) in batch_verdicts(drawn, ruleset, 0).items()}
+    assert "e6" in stream  # 2:00
+    named = frame.with_columns(pl.lit("click").alias("event_type"))
+    assert ruleset.rules[0].batch(named)[6] is None  # all at once, from 0:00
+
+
+def test_a_snapshot_keeps_what_was_decided_even_under_a_longer_horizon() -> None:
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    clicks = [Click(1, 0, T0 + s * 1000, True, 0) for s in (0, 10, 50, 55)]
+    frame = kept_frame(list(enumerate(clicks)), 0, {n: n for n in range(4)})
+    windows = VisitorWindows(horizon_ms=MINUTE_MS)
+    windows.consume(visitor_records(frame, 1)[0], rules)
+    tick = kept_frame([(9, Click(0, 0, T0 + MINUTE_MS + 52_000, True, 0))], 1, {9: 0})
+    first = windows.consume(visitor_records(tick, 1)[0], rules)
+    assert first["event_id"].to_pylist() == ["e1"]  # 55 s is not past the horizon yet
+    restored = decode_visitor_windows(encode_windows(windows), 10 * MINUTE_MS)
+    assert restored.decided_until_ms == windows.decided_until_ms
+    assert restored.high_water == windows.high_water
+    assert restored.kept().equals(windows.kept())
+    later = kept_frame([(10, Click(0, 0, T0 + 20 * MINUTE_MS, True, 0))], 1, {10: 1})
+    again = restored.consume(visitor_records(later, 1)[0], rules)
+    assert again["event_id"].to_pylist() == ["e3"]  # e1 is not decided twice
