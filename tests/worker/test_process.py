@@ -9,12 +9,16 @@ from clickagg.archive.parquet import ParquetArchiveReader, ParquetArchiveWriter
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
+from clickagg.core.windows import HOUR_MS
+from clickagg.keyed.stage2 import IP, VISITOR, counter_key
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.store.duckdb_store import DuckDBStore
-from clickagg.worker.process import Compactor
+from clickagg.worker.process import Compactor, feed_snapshot
 from clickagg.worker.snapshots import SnapshotStore
 from clickagg.worker.stream import PartitionWorker, step_all
 from tests.conftest import Ev, build_columns
+from tests.contracts.test_roles import commit_of
+from tests.store.test_keyed_settle import _commit
 
 T0 = 1_700_000_000_000
 DAY = 86_400_000
@@ -110,3 +114,21 @@ def test_the_compactor_merges_deltas_in_the_background(tmp_path: Path) -> None:
         store.close()
         reader.close()
         writer.close()
+
+
+def test_the_feed_snapshot_holds_every_family_at_its_offsets(tmp_path: Path) -> None:
+    """A replica starts from the store's rows at the offsets they hold: the log partitions'
+    and, under the counters' keys, both keyed families' consumed offsets (a family left out
+    would take a correction it already holds, as a redo, a second time)."""
+    store = DuckDBStore(tmp_path / "agg.duckdb")
+    try:
+        t0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
+        store.commit_many([commit_of(0, 0, [Ev("a", "ad", t0), Ev("b", "ad", t0 + 1)])])
+        store.commit_keyed([_commit("ip", [], k=1), _commit("visitor", [], k=2)])
+        rows, offsets, since = feed_snapshot(store, FixedClock(t0 + 60_000))
+        assert offsets == {0: 2, counter_key(1, IP): 1, counter_key(2, VISITOR): 1}
+        assert counter_key(1, IP) != counter_key(1, VISITOR)
+        assert since < t0 and rows.num_rows >= 1
+        assert sum(rows["clicks"].to_pylist()) == 2
+    finally:
+        store.close()

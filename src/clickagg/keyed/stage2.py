@@ -263,6 +263,10 @@ class KeyedStage:
         self.consumed: dict[int, int] = {}
         # per keyed partition: (consumed offset, monotonic time) of the last snapshot
         self._snapshotted: dict[int, tuple[int, float]] = {}
+        # What the idle loop (every few ms) would otherwise redo each time: the trim bound
+        # each partition was last trimmed to, and the rules of the last rule set seen.
+        self._trimmed: dict[int, int] = {}
+        self._rules_of: tuple[object, str, KeyedRules | VisitorRules] | None = None
         self.recover()
 
     def recover(self) -> None:
@@ -387,8 +391,10 @@ class KeyedStage:
     def step(self) -> int:
         """Steps 1-5 over every keyed partition with new records; returns how many."""
         ruleset = self.rules.current()
-        spec = self.family.spec_json(ruleset)
-        rules = self.family.rules_of(spec)
+        if self._rules_of is None or self._rules_of[0] is not ruleset:
+            spec = self.family.spec_json(ruleset)
+            self._rules_of = (ruleset, spec, self.family.rules_of(spec))
+        _, spec, rules = self._rules_of
         commits: list[KeyedCommit] = []
         for k, windows in self.windows.items():
             start = self.consumed[k]
@@ -482,7 +488,11 @@ class KeyedStage:
                     if self.corrections is not None
                     else consumed
                 )
-                keep_from = self.snapshots.oldest_needed(k, min(consumed, published))
+                bound = min(consumed, published)
+                if self._trimmed.get(k) == bound:
+                    continue  # nothing new to trim below: no directory listing
+                self._trimmed[k] = bound
+                keep_from = self.snapshots.oldest_needed(k, bound)
                 if keep_from:
                     self.trim(k, keep_from)
 

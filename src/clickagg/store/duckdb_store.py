@@ -1211,11 +1211,13 @@ class DuckDBStore:
         table: pa.Table = self._cursor().sql(_MINUTE_ROWS_SINCE, params=[since_ms]).to_arrow_table()
         return table
 
-    def recent_minutes(self, since_ms: int) -> tuple[pa.Table, dict[int, int], dict[int, int]]:
+    def recent_minutes(
+        self, since_ms: int
+    ) -> tuple[pa.Table, dict[int, int], dict[str, dict[int, int]]]:
         """Every per-ad minute row from ``since_ms`` on, base and deltas unmerged (sums and
-        sketches add up; ``MINUTE_SCHEMA``), with the partitions' committed offsets and the
-        keyed partitions' consumed offsets they hold everything up to, all read in ONE
-        snapshot: where a replica in another process starts from."""
+        sketches add up; ``MINUTE_SCHEMA``), with the partitions' committed offsets and, per
+        keyed family, its keyed partitions' consumed offsets, which they hold everything up
+        to, all read in ONE snapshot: where a replica in another process starts from."""
         cols = ", ".join(_ADS.columns)
         cur = self._cursor()
         with _out_of_space_as_oserror():
@@ -1229,9 +1231,12 @@ class DuckDBStore:
                 offsets = cur.execute(
                     'SELECT "partition", committed_offset FROM partition_offsets'
                 ).fetchall()
-                keyed = cur.execute(
-                    "SELECT keyed_partition, consumed_offset FROM keyed_offsets"
-                ).fetchall()
+                keyed = {
+                    family: cur.execute(
+                        f"SELECT keyed_partition, consumed_offset FROM {tables[0]}"
+                    ).fetchall()
+                    for family, tables in _FAMILY_TABLES.items()
+                }
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
                     cur.execute("ROLLBACK")
@@ -1240,7 +1245,7 @@ class DuckDBStore:
         return (
             rows,
             {int(p): int(o) for p, o in offsets},
-            {int(k): int(o) for k, o in keyed},
+            {family: {int(k): int(o) for k, o in rows} for family, rows in keyed.items()},
         )
 
     def partition_status(self) -> list[PartitionStatus]:

@@ -477,7 +477,10 @@ def feed_snapshot(store: DuckDBStore, clock: Clock) -> Snapshot:
     consumed offsets, under the counters' keys), read in one transaction."""
     since_ms = clock.now_ms() - RECENT_SPAN_MS
     rows, committed, keyed = store.recent_minutes(since_ms)
-    offsets = {**committed, **{counter_key(k): offset for k, offset in keyed.items()}}
+    offsets = dict(committed)
+    for family in (IP, VISITOR):
+        for k, offset in keyed.get(family.name, {}).items():
+            offsets[counter_key(k, family)] = offset
     return rows, offsets, since_ms
 
 
