@@ -290,6 +290,16 @@ class Rep:
     healthz: Phase
     preloaded: int
     rpc: Phase | None = None
+    rss_mb: dict[str, float] = field(default_factory=dict)  # after the phases
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), MiB; 0 when it cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def one_rep(args: argparse.Namespace, env: dict[str, str], data: dict[str, Any], rep: int) -> Rep:
@@ -321,6 +331,7 @@ def one_rep(args: argparse.Namespace, env: dict[str, str], data: dict[str, Any],
                     args.conns,
                     common.CpuMeter(pids),
                 )
+            rss = {name: rss_mb(pid) for name, pid in pids.items() if name != "loader"}
         finally:
             stop.set()
             if proc is not None:
@@ -328,7 +339,7 @@ def one_rep(args: argparse.Namespace, env: dict[str, str], data: dict[str, Any],
                 if proc.is_alive():
                     proc.kill()
                     proc.join(timeout=10)
-    return Rep(phases["queries"], phases["healthz"], preloaded, phases.get("rpc"))
+    return Rep(phases["queries"], phases["healthz"], preloaded, phases.get("rpc"), rss)
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
@@ -435,7 +446,8 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
             f"{common.percentile(h.all_ms(), 99):.2f} ms, errors {h.errors}; cores (queries): "
             f"api {q.cpu.get('api', 0):.2f} worker {q.cpu.get('worker', 0):.2f} loader "
             f"{q.cpu.get('loader', 0):.2f} client {q.cpu.get('client', 0):.2f} machine "
-            f"{q.cpu.get('machine_busy', 0):.2f} not-ours {q.cpu.get('other_processes', 0):.2f}"
+            f"{q.cpu.get('machine_busy', 0):.2f} not-ours {q.cpu.get('other_processes', 0):.2f};"
+            " RSS MiB: " + ", ".join(f"{k} {v:,.0f}" for k, v in r.rss_mb.items())
         )
         if r.rpc is not None:
             print(
