@@ -78,3 +78,13 @@ def _no_hour_closer_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     turned an hour final mid-test would serve batch numbers where a test compares the
     stream's. Tests of the schedule turn it on (``CLICKAGG_CLOSE_INTERVAL``)."""
     monkeypatch.setenv("CLICKAGG_CLOSE_INTERVAL", "0")
+
+
+@pytest.fixture(autouse=True)
+def _short_worker_restart_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers a test starts restart a killed worker after 100 ms doubling to 400 ms, not
+    0.5 s doubling to 5 s: the kill -9 runs kill it eight times in a row, and the default
+    waits (27 s of such a run) check nothing those runs assert. The default backoff and its
+    doubling are tests/runtime/test_supervisor.py's."""
+    monkeypatch.setenv("CLICKAGG_WORKER_RESTART_BACKOFF", "100ms")
+    monkeypatch.setenv("CLICKAGG_WORKER_RESTART_MAX_BACKOFF", "400ms")

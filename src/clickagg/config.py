@@ -65,6 +65,13 @@ class Settings:
     close_delay_ms: int = 10 * MINUTE_MS
     close_lookback_ms: int = 2 * 24 * 60 * MINUTE_MS
     close_interval_ms: int = MINUTE_MS
+    # The API process restarts a worker (or closer) process that died after this, doubling
+    # the wait after each further death up to ``worker_restart_max_backoff`` (back to the
+    # first once a process has stayed up for 30 s): short, because every second without a
+    # worker is a second of staleness; long enough that a crash loop does not burn the CPU
+    # the API needs before the supervisor gives up on it (clickagg.runtime.supervisor).
+    worker_restart_backoff_ms: int = 500
+    worker_restart_max_backoff_ms: int = 5_000
     # Ingest refuses events (503) once free space on the data dir's filesystem is below
     # the smaller of these, so that the worker, which is not held to it, can always count
     # and archive what the log holds, compact and checkpoint. What it may write at once,
@@ -141,6 +148,8 @@ class Settings:
             raise ValueError("header, body and keep-alive timeouts must be positive")
         if self.max_connections < 1:
             raise ValueError("max connections must be at least 1")
+        if not 0 < self.worker_restart_backoff_ms <= self.worker_restart_max_backoff_ms:
+            raise ValueError("worker restart backoff must be positive and at most its max backoff")
 
     @property
     def log_dir(self) -> Path:

@@ -226,6 +226,7 @@ def test_any_interleaving_of_commits_and_compactions_answers_the_same(
     rng = random.Random(seed)
     applied: list[Ev] = []
     offsets = [0, 0]
+    want: tuple[object, ...] | None = None  # the answers of ``applied`` at once
     with DuckDBStore(":memory:") as store:
         for step, op in enumerate(ops):
             if op is None:
@@ -234,12 +235,15 @@ def test_any_interleaving_of_commits_and_compactions_answers_the_same(
                 store.commit(make_commit(part, offsets[part], offsets[part] + 1, chunk))
                 offsets[part] += 1
                 applied += chunk
+                want = None
             else:
                 store.compact(max_seq=None if op == 8 else op)
-            with DuckDBStore(":memory:") as once:
-                if applied:
-                    once.commit(make_commit(0, 0, 1, applied))
-                assert answers(store) == answers(once)
+            if want is None:  # a compaction applies nothing new: the same answers
+                with DuckDBStore(":memory:") as once:
+                    if applied:
+                        once.commit(make_commit(0, 0, 1, applied))
+                    want = answers(once)
+            assert answers(store) == want
 
 
 def test_compaction_and_commits_from_two_threads(tmp_path: Path) -> None:

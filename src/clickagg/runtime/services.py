@@ -26,9 +26,17 @@ class Services:
     closer's; restarts and failure are the workers' (what ingest and queries depend on)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.worker = WorkerSupervisor(settings)
+        first_s = settings.worker_restart_backoff_ms / 1000
+        max_s = settings.worker_restart_max_backoff_ms / 1000
+        self.worker = WorkerSupervisor(settings, first_backoff_s=first_s, max_backoff_s=max_s)
         self.closer = (
-            WorkerSupervisor(settings, target=_closer_main, name="clickagg-closer")
+            WorkerSupervisor(
+                settings,
+                first_backoff_s=first_s,
+                max_backoff_s=max_s,
+                target=_closer_main,
+                name="clickagg-closer",
+            )
             if settings.close_interval_ms > 0
             else None
         )

@@ -1,7 +1,8 @@
 """Starts the worker process and restarts it if it dies: a restart is not a crash.
 
-Restarts back off (0.5 s doubling to 5 s, back to 0.5 s once a worker has stayed up for
-30 s; short, because every second without a worker is a second of staleness), and a crash
+Restarts back off (by default 0.5 s doubling to 5 s, the ``worker_restart_backoff``
+settings; back to the first once a worker has stayed up for 30 s; short, because every
+second without a worker is a second of staleness), and a crash
 loop ends: after ``max_restarts`` restarts within ``window_s`` the
 supervisor stops restarting and says why (``failure``), which ``/healthz`` reports, rather
 than burning the CPU the API process needs on a worker that cannot start (a damaged store,
