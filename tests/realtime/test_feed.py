@@ -12,11 +12,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import polars as pl
 import pyarrow as pa
 import pytest
 
-from clickagg.core import aggregate, hll
+from clickagg.core import hll
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 from clickagg.realtime.feed import (
     ROUND,
@@ -29,9 +28,9 @@ from clickagg.realtime.feed import (
 )
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.realtime.replica import MinutesReplica
-from clickagg.store.base import PartitionCommit
 from clickagg.store.duckdb_store import DuckDBStore
-from tests.conftest import Ev, frame_of
+from tests.conftest import Ev
+from tests.contracts.test_roles import commit_of
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
 SINCE = T0 - 10 * MINUTE_MS
@@ -49,26 +48,6 @@ def sums(rows: list[tuple[str, int, int]]) -> pa.Table:
             "spend_micros": [clicks * 7 for _, _, clicks in rows],
             "invalid_clicks": [0 for _ in rows],
         }
-    )
-
-
-def round_commit(partition: int, start: int, events: list[Ev]) -> PartitionCommit:
-    frame = frame_of(events, partition=partition, base_offset=start)
-    kept = aggregate.with_minute_and_spend(frame.with_columns(invalid=pl.lit(False)), {})
-    minute, dimensions = aggregate.round_deltas(kept)
-    return PartitionCommit(
-        partition=partition,
-        from_offset=start,
-        to_offset=start + len(events),
-        minute_deltas=minute,
-        dimension_deltas=dimensions,
-        max_event_ms=T0,
-        watermark_ms=T0 - 5 * MINUTE_MS,
-        counted=len(events),
-        duplicates=0,
-        late=0,
-        invalid=0,
-        committed_at_ms=T0,
     )
 
 
@@ -106,7 +85,7 @@ class Worker:
                             cost_micros=1_000,
                         )
                     )
-                commits.append(round_commit(p, self.next[p], events))
+                commits.append(commit_of(p, self.next[p], events))
                 self.next[p] += len(events)
             self.store.commit_many(commits)
             minute = pa.concat_tables([c.minute_deltas for c in commits])
