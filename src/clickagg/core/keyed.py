@@ -32,7 +32,7 @@ judge a record older than that (stage 1 never sends one: it would be late there)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -84,15 +84,32 @@ def keyed_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
     clicks = kept.filter((pl.col("event_type") == ids.CLICK) & pl.col("ip").is_not_null())
     if clicks.is_empty():
         return {}
-    ips = clicks["ip"].unique().to_list()
+    return records_by_partition(
+        clicks, "ip", lambda ip: keyed_partition(ip, partitions), RECORD_SCHEMA, leading=10
+    )
+
+
+def records_by_partition(
+    clicks: pl.DataFrame,
+    key: str,
+    partition_of: Callable[[str], int],
+    schema: pa.Schema,
+    *,
+    leading: int,
+) -> dict[int, pa.Table]:
+    """A keyed family's records of ``clicks`` (``schema``: its first ``leading`` columns
+    as they are, then the source position, spend and whether stage 1 counted it), by the
+    partition ``partition_of`` gives each distinct ``key``, each in source offset order.
+    The key is hashed once per distinct value, not per click."""
+    values = clicks[key].unique().to_list()
     lookup = pl.DataFrame(
-        {"ip": ips, "_k": [keyed_partition(ip, partitions) for ip in ips]},
-        schema={"ip": pl.String, "_k": pl.Int64},
+        {key: values, "_k": [partition_of(v) for v in values]},
+        schema={key: pl.String, "_k": pl.Int64},
     )
     records = (
-        clicks.join(lookup, on="ip", how="left")
+        clicks.join(lookup, on=key, how="left")
         .select(
-            *(name for name in RECORD_SCHEMA.names[:10]),
+            *schema.names[:leading],
             pl.col("partition").cast(pl.Int32).alias("source_partition"),
             pl.col("offset").alias("source_offset"),
             pl.col("spend_micros").cast(pl.Int64),
@@ -102,7 +119,7 @@ def keyed_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
         .sort("source_partition", "source_offset")
     )
     return {
-        int(k): part.drop("_k").to_arrow().cast(RECORD_SCHEMA)
+        int(k): part.drop("_k").to_arrow().cast(schema)
         for (k,), part in records.partition_by("_k", as_dict=True, maintain_order=True).items()
     }
 

@@ -48,7 +48,7 @@ import pyarrow as pa
 import xxhash
 
 from clickagg.core import ids
-from clickagg.core.keyed import accept
+from clickagg.core.keyed import accept, records_by_partition
 from clickagg.core.rules.base import FrameMatcher, RuleSet, RuleSpec
 from clickagg.core.rules.behaviour import RepeatParams, repeat_click, repeat_evidence, visitor_key
 from clickagg.core.rules.registry import params_of
@@ -108,27 +108,13 @@ def visitor_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
     )
     if clicks.is_empty():
         return {}
-    visitors = clicks["visitor"].unique().to_list()
-    lookup = pl.DataFrame(
-        {"visitor": visitors, "_k": [visitor_partition(v, partitions) for v in visitors]},
-        schema={"visitor": pl.String, "_k": pl.Int64},
+    return records_by_partition(
+        clicks,
+        "visitor",
+        lambda visitor: visitor_partition(visitor, partitions),
+        VISITOR_RECORD_SCHEMA,
+        leading=12,
     )
-    records = (
-        clicks.join(lookup, on="visitor", how="left")
-        .select(
-            *VISITOR_RECORD_SCHEMA.names[:12],
-            pl.col("partition").cast(pl.Int32).alias("source_partition"),
-            pl.col("offset").alias("source_offset"),
-            pl.col("spend_micros").cast(pl.Int64),
-            (~pl.col("invalid")).alias("counted"),
-            "_k",
-        )
-        .sort("source_partition", "source_offset")
-    )
-    return {
-        int(k): part.drop("_k").to_arrow().cast(VISITOR_RECORD_SCHEMA)
-        for (k,), part in records.partition_by("_k", as_dict=True, maintain_order=True).items()
-    }
 
 
 REPEAT_KIND = "repeat_click"
