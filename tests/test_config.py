@@ -218,3 +218,11 @@ def test_print_config_says_the_admin_token_is_set_without_showing_it() -> None:
     assert "hunter2" not in text
     assert 'admin_token = "(set, not shown)"' in text
     assert 'admin_token = ""' in load_settings(environ={}).to_toml()
+
+
+def test_replica_hours_are_whole_hours_or_none() -> None:
+    env = {"CLICKAGG_REPLICA_HOURS": "2h"}
+    assert load_settings(environ=env).settings.replica_hours_ms == 2 * 3_600_000
+    assert load_settings(environ={"CLICKAGG_REPLICA_HOURS": "0"}).settings.replica_hours_ms == 0
+    with pytest.raises(ValueError, match="replica hours must be whole hours"):
+        Settings(replica_hours_ms=90 * 60_000)

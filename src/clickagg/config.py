@@ -96,6 +96,11 @@ class Settings:
     # a client trickling, or withholding, a body it declared cannot hold a socket and a
     # request task. 16 MiB (the largest body) takes ~13 s at 10 Mbit/s.
     body_timeout_ms: int = 30_000
+    # The API process keeps every ad's hour rows of this many hours (the current one
+    # included) in memory, fed by the worker, and answers hour and day rows of that span
+    # itself; 0: none (those queries go to the worker). Memory: up to ~4 KiB per busy
+    # (ad, hour), e.g. ~1 GiB for 10,000 ads that each see hundreds of users an hour.
+    replica_hours_ms: int = 26 * 60 * MINUTE_MS
     # An idle kept-alive connection is closed after this; ad servers reuse theirs.
     keep_alive_timeout_ms: int = 60_000
     # Beyond this many open connections a request is answered 503 (JSON, Retry-After) and
@@ -148,6 +153,8 @@ class Settings:
             raise ValueError("header, body and keep-alive timeouts must be positive")
         if self.max_connections < 1:
             raise ValueError("max connections must be at least 1")
+        if self.replica_hours_ms < 0 or self.replica_hours_ms % (60 * MINUTE_MS):
+            raise ValueError("replica hours must be whole hours (0: none)")
         if not 0 < self.worker_restart_backoff_ms <= self.worker_restart_max_backoff_ms:
             raise ValueError("worker restart backoff must be positive and at most its max backoff")
 

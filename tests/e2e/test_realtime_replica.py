@@ -1,7 +1,8 @@
 """Recent queries through the real server come from the API process's replica of the
-recent minutes: sliding windows and the last hour's minute rows are answered while the
-worker process is frozen (so they do not wait for its GIL), they are exact, and after a
-kill -9 of the worker the replica follows the new worker exactly."""
+recent minutes and hours: sliding windows, the last hour's minute rows and the last day's
+hour rows are answered while the worker process is frozen (so they do not wait for its
+GIL), they are exact, and after a kill -9 of the worker the replica follows the new worker
+exactly (its hours from the new worker's snapshot of the store's hour rows)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from tests.e2e.test_kill9 import post, wait_caught_up, wait_healthy, worker_pid
 ADS = ("ad-r1", "ad-r2", "ad-r3")
 
 
-def clicks(prefix: str, n: int, now_s: int, rng: random.Random) -> list[dict[str, Any]]:
+def clicks(
+    prefix: str, n: int, now_s: int, rng: random.Random, *, age_s: int = 0
+) -> list[dict[str, Any]]:
     return [
         {
             "event_type": "click",
             "event_id": f"{prefix}-{i}",
             "ad_id": ADS[i % len(ADS)],
             "user_id": f"u-{prefix}-{i}",
-            "timestamp": now_s - rng.randrange(300),
+            "timestamp": now_s - age_s - rng.randrange(300),
             "cost_micros": 1_000,
         }
         for i in range(n)
@@ -46,6 +49,17 @@ def minute_rows(server: ServeProcess, ad: str, timeout_s: float = 10) -> list[di
     response = http.get(
         server.url + "/aggregates",
         params={"ad_id": ad, "granularity": "minute", "last": "1h"},
+        timeout=timeout_s,
+    )
+    response.raise_for_status()
+    rows: list[dict[str, Any]] = response.json()
+    return rows
+
+
+def hour_rows(server: ServeProcess, ad: str, timeout_s: float = 10) -> list[dict[str, Any]]:
+    response = http.get(
+        server.url + "/aggregates",
+        params={"ad_id": ad, "granularity": "hour", "last": "1d"},
         timeout=timeout_s,
     )
     response.raise_for_status()
@@ -74,6 +88,12 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
     now_s = int(time.time())
     expected: Counter[str] = Counter()
     try:
+        # Clicks of three hours ago first (not late: nothing newer was seen yet), so that
+        # the last day's hour rows hold hours before the replica's minutes.
+        old = clicks("o", 60, now_s, rng, age_s=3 * 3600)
+        assert post(server.url, old)
+        earlier = Counter(e["ad_id"] for e in old)  # not in the last hour's windows
+        wait_caught_up(server)
         first = clicks("a", 300, now_s, rng)
         for i in range(0, len(first), 100):
             assert post(server.url, first[i : i + 100])
@@ -83,6 +103,9 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
 
         rows = {ad: minute_rows(server, ad) for ad in ADS}
         assert {ad: sum(r["clicks"] for r in rows[ad]) for ad in ADS} == expected
+        hours = {ad: hour_rows(server, ad) for ad in ADS}
+        assert {ad: sum(r["clicks"] for r in hours[ad]) for ad in ADS} == expected + earlier
+        assert all(len(hours[ad]) >= 2 for ad in ADS)
         worker = worker_pid(server, not_one_of=[])
         os.kill(worker, signal.SIGSTOP)
         try:
@@ -91,6 +114,7 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
             for ad in ADS:
                 assert realtime(server, ad, timeout_s=2)["clicks"] == expected[ad]
                 assert minute_rows(server, ad, timeout_s=2) == rows[ad]
+                assert hour_rows(server, ad, timeout_s=2) == hours[ad]
             assert time.monotonic() - started < 2
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -105,7 +129,7 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
         third = clicks("c", 90, now_s, rng)
         assert post(server.url, third)  # accepted by the API process meanwhile
         expected.update(e["ad_id"] for e in third)
-        worker_pid(server, not_one_of=[worker])
+        new_worker = worker_pid(server, not_one_of=[worker])
         wait_healthy(server)
         wait_caught_up(server)
         wait_windows(server, expected)
@@ -113,5 +137,15 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
             after = minute_rows(server, ad)
             assert sum(r["clicks"] for r in after) == expected[ad]
             assert sum(r["unique_users"] for r in after) == expected[ad]
+            by_hour = hour_rows(server, ad)
+            assert sum(r["clicks"] for r in by_hour) == expected[ad] + earlier[ad]
+            assert sum(r["unique_users"] for r in by_hour) == expected[ad] + earlier[ad]
+        os.kill(new_worker, signal.SIGSTOP)  # its hours came in the new worker's snapshot
+        try:
+            for ad in ADS:
+                by_hour = hour_rows(server, ad, timeout_s=2)
+                assert sum(r["clicks"] for r in by_hour) == expected[ad] + earlier[ad]
+        finally:
+            os.kill(new_worker, signal.SIGCONT)
     finally:
         server.stop()

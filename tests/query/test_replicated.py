@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from clickagg.core.windows import HOUR_MS
+from clickagg.core.windows import DAY_MS, HOUR_MS
 from clickagg.query.base import QueryStore, StoreUnavailable
 from clickagg.query.replicated import ReplicatedQueryStore
 from clickagg.realtime.feed import FeedServer, PublishingCounters, Snapshot
 from clickagg.realtime.memory import InMemoryCounters
-from clickagg.realtime.replica import MinutesReplica
+from clickagg.realtime.replica import RecentReplica
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer, RpcQueryStore
 from tests.store.test_rpc import SPAN, T0, commit_events
@@ -37,8 +37,8 @@ def test_windows_come_from_the_replica_while_it_follows_else_from_the_worker(
     store = DuckDBStore(tmp_path / "agg.duckdb")
 
     def snapshot() -> Snapshot:
-        rows, committed, _ = store.recent_minutes(T0)
-        return rows, committed, T0
+        recent = store.recent_minutes(T0, T0 - 2 * HOUR_MS)
+        return Snapshot(recent.minutes, recent.committed, T0, recent.hours, T0 - 2 * HOUR_MS)
 
     counters = PublishingCounters(InMemoryCounters(), snapshot=snapshot)
     commit_events(store, counters.inner)
@@ -47,7 +47,7 @@ def test_windows_come_from_the_replica_while_it_follows_else_from_the_worker(
     feed = FeedServer(tmp_path / "feed.sock", counters)
 
     async def scenario() -> None:
-        replica = MinutesReplica(tmp_path / "feed.sock")
+        replica = RecentReplica(tmp_path / "feed.sock")
         queries: QueryStore = ReplicatedQueryStore(RpcQueryStore(tmp_path / "q.sock"), replica)
         await queries.start()
         try:
@@ -58,14 +58,31 @@ def test_windows_come_from_the_replica_while_it_follows_else_from_the_worker(
             minutes = await queries.aggregates(ad_id="a", granularity="minute", **SPAN)
             totals = await queries.totals(ad_id="a", **SPAN)
             assert (len(minutes), totals.clicks, totals.unique_users) == (2, 3, 2)
+            hours = await queries.aggregates(
+                ad_id="a", granularity="hour", start_ms=T0 - HOUR_MS, end_ms=T0 + HOUR_MS
+            )
+            assert [(h.window_ms, h.clicks) for h in hours] == [(T0, 3)]  # "old" was late
             feed.start()
             await until(lambda: replica.live)
             rpc.stop()  # from now on only the replica can answer
             assert await queries.window(ad_id="a", **MINUTE) == window
             assert await queries.aggregates(ad_id="a", granularity="minute", **SPAN) == minutes
             assert await queries.totals(ad_id="a", **SPAN) == totals
+            assert (
+                await queries.aggregates(
+                    ad_id="a", granularity="hour", start_ms=T0 - HOUR_MS, end_ms=T0 + HOUR_MS
+                )
+                == hours
+            )
             for worker_only in (
-                queries.aggregates(ad_id="a", granularity="hour", **SPAN),
+                # hours before the replica's day, and days (the replica's hours begin
+                # after the UTC day does)
+                queries.aggregates(
+                    ad_id="a", granularity="hour", start_ms=T0 - 3 * HOUR_MS, end_ms=T0
+                ),
+                queries.aggregates(
+                    ad_id="a", granularity="day", start_ms=T0 - T0 % DAY_MS - 1, end_ms=T0
+                ),
                 queries.aggregates(ad_id="a", granularity="minute", group_by="country", **SPAN),
                 queries.totals(ad_id="a", start_ms=T0 - 1, end_ms=T0 + HOUR_MS),  # not held
             ):

@@ -27,7 +27,8 @@ from clickagg.realtime.feed import (
     encode_frame,
 )
 from clickagg.realtime.memory import InMemoryCounters
-from clickagg.realtime.replica import MinutesReplica
+from clickagg.realtime.recent import RecentAggregates
+from clickagg.realtime.replica import RecentReplica
 from clickagg.store.duckdb_store import DuckDBStore
 from tests.conftest import Ev
 from tests.contracts.test_roles import commit_of
@@ -56,8 +57,20 @@ class Worker:
     it to the (publishing) counters. Random events over 4 partitions, 12 ads, 30 minutes,
     a few hundred users (so that unique users are estimated from merged sketches)."""
 
-    def __init__(self, store: DuckDBStore, seed: int, *, max_queued: int = 4096) -> None:
+    def __init__(
+        self,
+        store: DuckDBStore,
+        seed: int,
+        *,
+        max_queued: int = 4096,
+        first_ms: int = T0,
+        span_ms: int = 30 * MINUTE_MS,
+        since_ms: int = SINCE,
+        hours_since_ms: int | None = None,
+    ) -> None:
         self.store = store
+        self.first_ms, self.span_ms = first_ms, span_ms
+        self.since_ms, self.hours_since_ms = since_ms, hours_since_ms
         self.counters = PublishingCounters(
             InMemoryCounters(), snapshot=self.snapshot, max_queued=max_queued
         )
@@ -66,8 +79,10 @@ class Worker:
         self.ids = 0
 
     def snapshot(self) -> Snapshot:
-        rows, committed, _ = self.store.recent_minutes(SINCE)
-        return rows, committed, SINCE
+        recent = self.store.recent_minutes(self.since_ms, self.hours_since_ms)
+        return Snapshot(
+            recent.minutes, recent.committed, self.since_ms, recent.hours, self.hours_since_ms
+        )
 
     def rounds(self, n: int) -> None:
         for _ in range(n):
@@ -80,7 +95,7 @@ class Worker:
                         Ev(
                             f"e{self.ids}",
                             self.rng.choice(ADS),
-                            T0 + self.rng.randrange(30 * MINUTE_MS),
+                            self.first_ms + self.rng.randrange(self.span_ms),
                             user_id=f"u{self.rng.randrange(300)}",
                             cost_micros=1_000,
                         )
@@ -117,8 +132,9 @@ def store(tmp_path: Path) -> Iterator[DuckDBStore]:
 def test_a_frame_is_msgpack_and_arrow_and_reads_back() -> None:
     table = sums([("a", T0, 3), ("b", T0 + MINUTE_MS, 1)])
     frame = encode_frame(ROUND, {2: (10, 14), 0: (0, 3)}, table, since_ms=T0)
-    kind, ranges, since_ms, back = decode_frame(frame[4:])
+    kind, ranges, since_ms, back, hours_since_ms, hours = decode_frame(frame[4:])
     assert (kind, ranges, since_ms) == (ROUND, {0: (0, 3), 2: (10, 14)}, T0)
+    assert hours_since_ms is None and hours is None  # a round carries no hours
     assert back.drop_columns(["users"]).equals(table)
     assert back["users"].null_count == 2  # sums only: no sketch
     assert int.from_bytes(frame[:4], "little") == len(frame) - 4
@@ -143,7 +159,7 @@ def test_the_replica_answers_what_the_store_answers_whenever_it_subscribed(
                 store.compact()
 
     async def main() -> None:
-        replica = MinutesReplica(tmp_path / "feed.sock")
+        replica = RecentReplica(tmp_path / "feed.sock")
         writer = threading.Thread(target=keep_committing)
         writer.start()
         try:
@@ -180,11 +196,85 @@ def test_the_replica_answers_what_the_store_answers_whenever_it_subscribed(
     asyncio.run(main())
 
 
+def test_the_replicas_hours_and_days_are_the_stores_whenever_it_subscribed(
+    store: DuckDBStore, tmp_path: Path
+) -> None:
+    """Events over five hours, the minutes before the snapshot's whole hour sent as hour
+    rows (the store's hour base, minutes not rolled up yet and deltas), then rounds and
+    compactions (which roll minutes up into hours) while the replica subscribes: every
+    hour and day row of the replica equals the store's, unique users included."""
+    first = T0 - 4 * HOUR_MS
+    worker = Worker(
+        store,
+        seed=11,
+        first_ms=first,
+        span_ms=4 * HOUR_MS + 30 * MINUTE_MS,
+        since_ms=T0 - HOUR_MS,
+        hours_since_ms=first,
+    )
+    worker.rounds(10)
+    store.compact()
+    worker.rounds(3)  # deltas not compacted at the snapshot
+    server = FeedServer(tmp_path / "feed.sock", worker.counters)
+    server.start()
+
+    def keep_committing() -> None:
+        for i in range(20):
+            worker.rounds(1)
+            if i % 7 == 0:
+                store.compact()
+
+    async def main() -> None:
+        replica = RecentReplica(tmp_path / "feed.sock")
+        writer = threading.Thread(target=keep_committing)
+        writer.start()
+        try:
+            replica.start()
+            await until(lambda: replica.live)
+            await asyncio.to_thread(writer.join)
+            await until(lambda: replica.applied_offsets() == store.committed_offsets())
+            assert replica.covering(first, "hour") is not None
+            assert replica.covering(first - 1, "hour") is not None  # rounded up to an hour
+            assert replica.covering(first - HOUR_MS, "hour") is None  # not held whole
+            day = T0 - T0 % (24 * HOUR_MS)  # the UTC day began before the hours held
+            assert day < first and replica.covering(day, "day") is None
+            hours = replica.covering(first, "hour")
+            assert hours is not None
+            checked = 0
+            for ad in ADS:
+                for lo, hi in [(0, 5), (1, 3), (0, 1), (4, 5), (2, 9)]:
+                    start, end = first + lo * HOUR_MS - 1, first + hi * HOUR_MS
+                    rows = hours.windows(ad_id=ad, start_ms=start, end_ms=end, granularity="hour")
+                    assert rows == store.aggregates(
+                        ad_id=ad, start_ms=start, end_ms=end, granularity="hour"
+                    )
+                    checked += len(rows)
+            assert checked > len(ADS) * 5
+            # day rows from the hours: a replica whose hours hold the whole (UTC) day
+            recent = RecentAggregates(since_ms=T0, hours_since_ms=day)
+            snap = store.recent_minutes(T0, day)
+            assert recent.apply(snap.minutes, {0: (0, 1)}, snap.hours)
+            for ad in ADS:
+                got = recent.windows(
+                    ad_id=ad, start_ms=day, end_ms=day + 24 * HOUR_MS, granularity="day"
+                )
+                want = store.aggregates(
+                    ad_id=ad, start_ms=day, end_ms=day + 24 * HOUR_MS, granularity="day"
+                )
+                assert got == want and want[0].unique_users > 0
+        finally:
+            writer.join()
+            await replica.close()
+            server.stop()
+
+    asyncio.run(main())
+
+
 def test_a_reader_that_falls_behind_is_cut_off_and_the_writer_never_waits(
     tmp_path: Path,
 ) -> None:
     counters = PublishingCounters(
-        InMemoryCounters(), snapshot=lambda: (sums([]), {}, SINCE), max_queued=3
+        InMemoryCounters(), snapshot=lambda: Snapshot(sums([]), {}, SINCE), max_queued=3
     )
     server = FeedServer(tmp_path / "feed.sock", counters)
     server.start()
@@ -209,7 +299,7 @@ def test_the_replica_starts_over_from_a_new_worker_and_answers_nothing_in_betwee
     tmp_path: Path,
 ) -> None:
     def fixed(rows: pa.Table, offsets: dict[int, int]) -> Callable[[], Snapshot]:
-        return lambda: (rows, offsets, SINCE)
+        return lambda: Snapshot(rows, offsets, SINCE)
 
     async def main() -> None:
         first = PublishingCounters(
@@ -217,7 +307,7 @@ def test_the_replica_starts_over_from_a_new_worker_and_answers_nothing_in_betwee
         )
         server = FeedServer(tmp_path / "feed.sock", first)
         server.start()
-        replica = MinutesReplica(tmp_path / "feed.sock")
+        replica = RecentReplica(tmp_path / "feed.sock")
         replica.start()
         try:
             await until(lambda: replica.live)
@@ -267,7 +357,7 @@ def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over
 
     async def main() -> None:
         server = await asyncio.start_unix_server(serve, str(tmp_path / "feed.sock"))
-        replica = MinutesReplica(tmp_path / "feed.sock")
+        replica = RecentReplica(tmp_path / "feed.sock")
         replica.start()
         try:
             await until(lambda: replica.snapshots == 2 and replica.live)
@@ -284,9 +374,7 @@ def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over
 
 
 def test_recent_minutes_forget_beyond_their_span_and_say_so() -> None:
-    from clickagg.realtime.recent import RecentMinutes
-
-    recent = RecentMinutes(since_ms=T0, span_ms=10 * MINUTE_MS)
+    recent = RecentAggregates(since_ms=T0, span_ms=10 * MINUTE_MS)
     sketch = hll.union([])
     rows = sums([("a", T0, 1), ("a", T0 + 30 * MINUTE_MS, 2)])
     rows = rows.append_column("users", pa.array([sketch, None], pa.binary()))

@@ -125,10 +125,17 @@ def test_the_feed_snapshot_holds_every_family_at_its_offsets(tmp_path: Path) -> 
         t0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
         store.commit_many([commit_of(0, 0, [Ev("a", "ad", t0), Ev("b", "ad", t0 + 1)])])
         store.commit_keyed([_commit("ip", [], k=1), _commit("visitor", [], k=2)])
-        rows, offsets, since = feed_snapshot(store, FixedClock(t0 + 60_000))
-        assert offsets == {0: 2, counter_key(1, IP): 1, counter_key(2, VISITOR): 1}
+        snap = feed_snapshot(store, FixedClock(t0 + 60_000))
+        assert snap.offsets == {0: 2, counter_key(1, IP): 1, counter_key(2, VISITOR): 1}
         assert counter_key(1, IP) != counter_key(1, VISITOR)
-        assert since < t0 and rows.num_rows >= 1
-        assert sum(rows["clicks"].to_pylist()) == 2
+        assert snap.since_ms < t0 and snap.minutes.num_rows >= 1
+        assert sum(snap.minutes["clicks"].to_pylist()) == 2
+        # the day of hours before the minutes, whole hours
+        assert snap.hours is not None and snap.hours_since_ms is not None
+        assert snap.since_ms % HOUR_MS == snap.hours_since_ms % HOUR_MS == 0
+        assert snap.hours_since_ms <= t0 - 24 * HOUR_MS < snap.since_ms
+        no_hours = feed_snapshot(store, FixedClock(t0 + 60_000), hours_ms=0)  # replica_hours 0
+        assert no_hours.hours is None and no_hours.hours_since_ms is None
+        assert no_hours.minutes.equals(snap.minutes)
     finally:
         store.close()

@@ -3,15 +3,16 @@ everything else from the store it wraps.
 
 The embedded store answers from the worker process, under the stream's GIL; the worker
 also feeds the recent minutes of every ad into the API process
-(``clickagg.realtime.replica``). Sliding windows, minute rows without a breakdown and
-totals over a range the replica holds whole are answered here, in microseconds; other
-queries, and every query while the replica is not following the worker (starting, or the
-worker restarting), are asked of the wrapped store, as before.
+(``clickagg.realtime.replica``): their minutes of the last 70 minutes and their hours of
+the last day. Sliding windows, minute, hour and day rows without a breakdown and totals
+over a range the replica holds whole are answered here, in microseconds; other queries,
+and every query while the replica is not following the worker (starting, or the worker
+restarting), are asked of the wrapped store, as before.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from clickagg.query.base import (
     AdTotals,
@@ -38,10 +39,15 @@ class RecentRows(Protocol):
 
     def minutes(self, *, ad_id: str, start_ms: int, end_ms: int) -> list[AggregateRow]: ...
 
+    def windows(
+        self, *, ad_id: str, start_ms: int, end_ms: int, granularity: Literal["hour", "day"]
+    ) -> list[AggregateRow]: ...
+
 
 class Replica(Protocol):
-    def covering(self, start_ms: int) -> RecentRows | None:
-        """The recent rows if they hold every minute from ``start_ms`` on, else None."""
+    def covering(self, start_ms: int, granularity: str = "minute") -> RecentRows | None:
+        """The recent rows if they hold every window of ``granularity`` from ``start_ms``
+        on, else None."""
         ...
 
     def start(self) -> None: ...
@@ -73,9 +79,14 @@ class ReplicatedQueryStore:
         granularity: Granularity,
         group_by: Dimension | None = None,
     ) -> list[AggregateRow]:
-        recent = self.replica.covering(start_ms)
-        if recent is not None and granularity == "minute" and group_by is None:
-            return recent.minutes(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
+        recent = None if group_by is not None else self.replica.covering(start_ms, granularity)
+        if recent is not None:
+            if granularity == "minute":
+                return recent.minutes(ad_id=ad_id, start_ms=start_ms, end_ms=end_ms)
+            if granularity in ("hour", "day"):
+                return recent.windows(
+                    ad_id=ad_id, start_ms=start_ms, end_ms=end_ms, granularity=granularity
+                )
         return await self.store.aggregates(
             ad_id=ad_id,
             start_ms=start_ms,

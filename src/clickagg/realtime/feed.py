@@ -16,10 +16,16 @@ and a refused round makes it start over from a new snapshot. A subscriber that f
 than ``max_queued`` rounds behind is cut off and starts over too: the worker never waits
 for a reader.
 
+A snapshot also carries the store's hour rows of the day before its minutes (from
+``hours_since_ms`` to ``since_ms``, whole hours), so the replica keeps every ad's hours of
+the last day too: it adds each round's minute rows to their hours as well.
+
 Wire format: frames of a little-endian uint32 length and a msgpack array
-``[kind, [[partition, from, to], ...], since_ms, arrow_ipc_stream]``, ``kind`` being
-``"snapshot"`` or ``"round"``, the Arrow table's columns ``FEED_SCHEMA``. A frame is
-readable with msgpack and pyarrow alone.
+``[kind, [[partition, from, to], ...], since_ms, minutes, hours_since_ms, hours]``,
+``kind`` being ``"snapshot"`` or ``"round"``, ``minutes`` and ``hours`` Arrow IPC streams
+of ``FEED_SCHEMA`` (an hour row's ``minute_ms`` holds its hour; a round has no hours:
+empty bytes, and ``hours_since_ms`` -1). A frame is readable with msgpack and pyarrow
+alone.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import pyarrow as pa
@@ -58,12 +65,32 @@ FEED_SCHEMA = pa.schema(
         pa.field("users", pa.binary()),
     ]
 )
-# Where a subscriber starts: minute rows, the offsets they hold everything up to (the
-# counters' keys), and the first minute they hold whole.
-Snapshot = tuple[pa.Table, dict[int, int], int]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Where a subscriber starts: minute rows from ``since_ms`` on, the offsets they hold
+    everything up to (the counters' keys) and, optionally, the hour rows of the hours in
+    [``hours_since_ms``, ``since_ms``)."""
+
+    minutes: pa.Table
+    offsets: dict[int, int]
+    since_ms: int
+    hours: pa.Table | None = None
+    hours_since_ms: int | None = None
+
+
+class Frame(NamedTuple):
+    kind: str
+    ranges: Ranges
+    since_ms: int
+    rows: pa.Table
+    hours_since_ms: int | None
+    hours: pa.Table | None
+
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(tuple[str, list[tuple[int, int, int]], int, bytes])
+_decoder = msgspec.msgpack.Decoder(tuple[str, list[tuple[int, int, int]], int, bytes, int, bytes])
 
 
 def _feed_columns(table: pa.Table) -> pa.Table:
@@ -72,24 +99,55 @@ def _feed_columns(table: pa.Table) -> pa.Table:
     return table.select(FEED_SCHEMA.names).cast(FEED_SCHEMA)
 
 
-def encode_frame(
-    kind: str, ranges: Mapping[int, tuple[int, int]], table: pa.Table, since_ms: int = 0
-) -> bytes:
+def _ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     rows = _feed_columns(table)
     with pa.ipc.new_stream(sink, rows.schema) as writer:
         writer.write_table(rows)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _table(ipc: bytes) -> pa.Table:
+    with pa.ipc.open_stream(ipc) as reader:
+        return reader.read_all()
+
+
+def encode_frame(
+    kind: str,
+    ranges: Mapping[int, tuple[int, int]],
+    table: pa.Table,
+    since_ms: int = 0,
+    *,
+    hours: pa.Table | None = None,
+    hours_since_ms: int | None = None,
+) -> bytes:
     listed = [[p, lo, hi] for p, (lo, hi) in sorted(ranges.items())]
-    body = _encoder.encode((kind, listed, since_ms, sink.getvalue().to_pybytes()))
+    with_hours = hours is not None and hours_since_ms is not None
+    body = _encoder.encode(
+        (
+            kind,
+            listed,
+            since_ms,
+            _ipc(table),
+            hours_since_ms if with_hours else -1,
+            _ipc(hours) if with_hours else b"",
+        )
+    )
     return LENGTH.pack(len(body)) + body
 
 
-def decode_frame(body: bytes) -> tuple[str, Ranges, int, pa.Table]:
-    """A frame's body (without its length prefix): kind, ranges, since_ms, rows."""
-    kind, ranges, since_ms, ipc = _decoder.decode(body)
-    with pa.ipc.open_stream(ipc) as reader:
-        table = reader.read_all()
-    return kind, {p: (lo, hi) for p, lo, hi in ranges}, since_ms, table
+def decode_frame(body: bytes) -> Frame:
+    """A frame's body (without its length prefix)."""
+    kind, ranges, since_ms, ipc, hours_since_ms, hours_ipc = _decoder.decode(body)
+    with_hours = hours_since_ms >= 0
+    return Frame(
+        kind=kind,
+        ranges={p: (lo, hi) for p, lo, hi in ranges},
+        since_ms=since_ms,
+        rows=_table(ipc),
+        hours_since_ms=hours_since_ms if with_hours else None,
+        hours=_table(hours_ipc) if with_hours else None,
+    )
 
 
 @dataclass(eq=False)
@@ -151,12 +209,20 @@ class PublishingCounters:
         with self._lock:
             self._subscribers.add(subscriber)
         try:
-            rows, offsets, since_ms = self.snapshot()
+            snap = self.snapshot()
         except BaseException:
             self.unsubscribe(subscriber)
             raise
-        ranges = {p: (0, o) for p, o in offsets.items()}
-        return encode_frame(SNAPSHOT, ranges, rows, since_ms), subscriber
+        ranges = {p: (0, o) for p, o in snap.offsets.items()}
+        frame = encode_frame(
+            SNAPSHOT,
+            ranges,
+            snap.minutes,
+            snap.since_ms,
+            hours=snap.hours,
+            hours_since_ms=snap.hours_since_ms,
+        )
+        return frame, subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:

@@ -1,10 +1,11 @@
-"""The recent minutes of every ad, in memory: what the API process answers itself.
+"""The recent minutes and hours of every ad, in memory: what the API process answers itself.
 
-A replica of the worker's per-ad minute rows for the last ``RECENT_SPAN_MS``: sums,
-unique-user sketches and owners, kept by the worker's feed (``clickagg.realtime.feed``).
-Dashboards ask mostly about the last hour; answering those queries here takes them off
-the worker process, whose GIL the stream needs, and a dict lookup plus a walk over at most
-~70 minute cells is far cheaper than a DuckDB scan of every ad's recent rows.
+A replica of the worker's per-ad minute rows for the last ``RECENT_SPAN_MS`` and hour rows
+for the last ``RECENT_HOURS_MS``: sums and unique-user sketches, kept by the worker's feed
+(``clickagg.realtime.feed``). Dashboards ask mostly about the last hour by minute and the
+last day by hour; answering those queries here takes them off the worker process, whose
+GIL the stream needs, and a dict lookup plus a walk over at most ~70 minute or ~26 hour
+cells is far cheaper than a DuckDB scan of every ad's recent rows.
 
 Exactness: the rows start from the store's own minute rows and offsets, read in one
 snapshot, and every round committed after it is added once (the counters' fence,
@@ -13,23 +14,30 @@ offsets. Unique users are DataSketches HLL unions of the same sketches the store
 (the estimate is the store's within the sketch's error bound; identical in the exact
 range, where most minute rows are). Minutes before ``complete_since_ms`` may be missing
 (before the snapshot, or forgotten): a range that starts earlier is not answered here.
+
+Hours: the snapshot's hour rows (the day before its minutes), then every minute row the
+snapshot and the rounds carry, added to its hour as well as to its minute. Hours before
+``hours_complete_since_ms`` (None: the snapshot had none) are not answered here.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Literal
 
 import pyarrow as pa
 
 from clickagg.core import hll
-from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
 from clickagg.realtime.memory import advance
 from clickagg.store.base import AggregateRow, Totals
 
 # The last hour that dashboards ask for, plus room for event times a little ahead of the
 # clock (the span is counted back from the newest minute seen).
 RECENT_SPAN_MS = HOUR_MS + 10 * MINUTE_MS
+# The last day by hour: 24 hours before the current one, plus one for event times ahead.
+RECENT_HOURS_MS = 26 * HOUR_MS
 _MERGE_AT = 16  # a cell's sketches are merged into one when it holds this many
 _COLUMNS = (
     "ad_id",
@@ -75,13 +83,51 @@ def _ceil(value: int, size: int) -> int:
     return -(-value // size) * size
 
 
-class RecentMinutes:
-    def __init__(self, *, since_ms: int, span_ms: int = RECENT_SPAN_MS) -> None:
+def _forget(cells: dict[str, dict[int, _Cell]], before_ms: int) -> None:
+    for ad_id in list(cells):
+        windows = cells[ad_id]
+        for start in [t for t in windows if t < before_ms]:
+            del windows[start]
+        if not windows:
+            del cells[ad_id]
+
+
+def _row(window_ms: int, cells: list[_Cell]) -> AggregateRow:
+    """One window's row from the cells it holds (one cell: its cached estimate)."""
+    if len(cells) == 1:
+        users = cells[0].unique_users()
+    else:
+        sketches = [sketch for cell in cells for sketch in cell.merged_sketches()]
+        users = hll.estimate(hll.union(sketches)) if sketches else 0
+    return AggregateRow(
+        window_ms=window_ms,
+        group=None,
+        clicks=sum(cell.clicks for cell in cells),
+        impressions=sum(cell.impressions for cell in cells),
+        spend_micros=sum(cell.spend_micros for cell in cells),
+        unique_users=users,
+        invalid_clicks=sum(cell.invalid_clicks for cell in cells),
+    )
+
+
+class RecentAggregates:
+    def __init__(
+        self,
+        *,
+        since_ms: int,
+        hours_since_ms: int | None = None,
+        span_ms: int = RECENT_SPAN_MS,
+        hours_span_ms: int = RECENT_HOURS_MS,
+    ) -> None:
         self.span_ms = span_ms
+        self.hours_span_ms = hours_span_ms
         self.complete_since_ms = since_ms  # every minute from here on is whole
+        self.hours_complete_since_ms = hours_since_ms  # likewise every hour; None: no hours
         self._cells: dict[str, dict[int, _Cell]] = {}
+        self._hours: dict[str, dict[int, _Cell]] = {}
         self._offsets: dict[int, int] = {}
         self._newest_minute = 0
+        self._newest_hour = 0
         self._lock = threading.Lock()
 
     def applied_offsets(self) -> dict[int, int]:
@@ -91,13 +137,25 @@ class RecentMinutes:
     def covers(self, start_ms: int) -> bool:
         return start_ms >= self.complete_since_ms
 
-    def apply(self, rows: pa.Table, offsets: Mapping[int, tuple[int, int]]) -> bool:
+    def covers_windows(self, start_ms: int, size_ms: int) -> bool:
+        """Whether windows of ``size_ms`` (an hour or a day) from ``start_ms`` on (rounded
+        up to the size, as the store does) are held whole."""
+        since = self.hours_complete_since_ms
+        return since is not None and _ceil(start_ms, size_ms) >= since
+
+    def apply(
+        self,
+        rows: pa.Table,
+        offsets: Mapping[int, tuple[int, int]],
+        hours: pa.Table | None = None,
+    ) -> bool:
         """Add minute rows (``MINUTE_SCHEMA``; owners unused, missing ``users``: none) of
-        the offset ranges ``offsets``, fenced like the counters. False: a redo."""
-        names = rows.schema.names
-        columns = [
-            rows[name].to_pylist() if name in names else [None] * rows.num_rows for name in _COLUMNS
-        ]
+        the offset ranges ``offsets``, fenced like the counters, to their minutes and their
+        hours; and the snapshot's ``hours`` (rows whose ``minute_ms`` is their hour) to
+        their hours. False: a redo."""
+        columns = _columns(rows)
+        hour_columns = None if hours is None else _columns(hours)
+        track_hours = self.hours_complete_since_ms is not None
         with self._lock:
             if not advance(self._offsets, offsets):
                 return False
@@ -105,34 +163,37 @@ class RecentMinutes:
             for ad_id, minute, clicks, impressions, spend, invalid, users in zip(
                 *columns, strict=True
             ):
-                minutes = self._cells.get(ad_id)
-                if minutes is None:
-                    minutes = self._cells[ad_id] = {}
-                cell = minutes.get(minute)
-                if cell is None:
-                    cell = minutes[minute] = _Cell()
-                cell.clicks += clicks
-                cell.impressions += impressions
-                cell.spend_micros += spend
-                cell.invalid_clicks += invalid
-                if users is not None:
-                    cell.add_sketch(users)
+                _add(self._cells, ad_id, minute, clicks, impressions, spend, invalid, users)
+                if track_hours:
+                    hour = minute - minute % HOUR_MS
+                    _add(self._hours, ad_id, hour, clicks, impressions, spend, invalid, users)
                 newest = max(newest, minute)
+            if hour_columns is not None:
+                for ad_id, hour, clicks, impressions, spend, invalid, users in zip(
+                    *hour_columns, strict=True
+                ):
+                    _add(self._hours, ad_id, hour, clicks, impressions, spend, invalid, users)
             if newest > self._newest_minute + MINUTE_MS:
                 self._forget_before(newest - self.span_ms)
                 self._newest_minute = newest
+            newest_hour = newest - newest % HOUR_MS
+            if track_hours and newest_hour > self._newest_hour:
+                self._forget_hours_before(newest_hour - self.hours_span_ms + HOUR_MS)
+                self._newest_hour = newest_hour
         return True
 
     def _forget_before(self, minute_ms: int) -> None:
         if minute_ms <= self.complete_since_ms:
             return
         self.complete_since_ms = minute_ms
-        for ad_id in list(self._cells):
-            minutes = self._cells[ad_id]
-            for minute in [m for m in minutes if m < minute_ms]:
-                del minutes[minute]
-            if not minutes:
-                del self._cells[ad_id]
+        _forget(self._cells, minute_ms)
+
+    def _forget_hours_before(self, hour_ms: int) -> None:
+        since = self.hours_complete_since_ms
+        if since is None or hour_ms <= since:
+            return
+        self.hours_complete_since_ms = hour_ms
+        _forget(self._hours, hour_ms)
 
     def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
         """The real-time counters' answer: sums over minutes in [start_ms, end_ms)."""
@@ -168,31 +229,71 @@ class RecentMinutes:
         """``QueryStore.aggregates`` by minute without ``group_by``: the rows of minutes
         starting in [start_ms, end_ms), the bounds rounded up to whole minutes as the
         store does."""
-        lo, hi = _ceil(start_ms, MINUTE_MS), _ceil(end_ms, MINUTE_MS)
-        found: list[tuple[int, int, int, int, int, int]] = []
         with self._lock:
-            for minute, cell in self._cells.get(ad_id, {}).items():
-                if lo <= minute < hi:
-                    found.append(
-                        (
-                            minute,
-                            cell.clicks,
-                            cell.impressions,
-                            cell.spend_micros,
-                            cell.invalid_clicks,
-                            cell.unique_users(),
-                        )
-                    )
-        found.sort(key=lambda row: row[0])
-        return [
-            AggregateRow(
-                window_ms=minute,
-                group=None,
-                clicks=clicks,
-                impressions=impressions,
-                spend_micros=spend,
-                unique_users=users,
-                invalid_clicks=invalid,
-            )
-            for minute, clicks, impressions, spend, invalid, users in found
-        ]
+            return [
+                _row(minute, [cell])
+                for minute, cell in _in_range(self._cells, ad_id, start_ms, end_ms, MINUTE_MS)
+            ]
+
+    def windows(
+        self,
+        *,
+        ad_id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: Literal["hour", "day"],
+    ) -> list[AggregateRow]:
+        """``QueryStore.aggregates`` by hour or day without ``group_by``: the rows of the
+        windows starting in [start_ms, end_ms), bounds rounded up to the window size."""
+        size = HOUR_MS if granularity == "hour" else DAY_MS
+        grouped: dict[int, list[_Cell]] = {}
+        with self._lock:
+            for hour, cell in _in_range(self._hours, ad_id, start_ms, end_ms, size):
+                grouped.setdefault(hour - hour % size, []).append(cell)
+            return [_row(window, cells) for window, cells in grouped.items()]
+
+
+_Columns = tuple[
+    list[str], list[int], list[int], list[int], list[int], list[int], list[bytes | None]
+]
+
+
+def _columns(rows: pa.Table) -> _Columns:
+    names = rows.schema.names
+    lists = [
+        rows[name].to_pylist() if name in names else [None] * rows.num_rows for name in _COLUMNS
+    ]
+    return tuple(lists)  # type: ignore[return-value]
+
+
+def _add(
+    cells: dict[str, dict[int, _Cell]],
+    ad_id: str,
+    start: int,
+    clicks: int,
+    impressions: int,
+    spend: int,
+    invalid: int,
+    users: bytes | None,
+) -> None:
+    windows = cells.get(ad_id)
+    if windows is None:
+        windows = cells[ad_id] = {}
+    cell = windows.get(start)
+    if cell is None:
+        cell = windows[start] = _Cell()
+    cell.clicks += clicks
+    cell.impressions += impressions
+    cell.spend_micros += spend
+    cell.invalid_clicks += invalid
+    if users is not None:
+        cell.add_sketch(users)
+
+
+def _in_range(
+    cells: dict[str, dict[int, _Cell]], ad_id: str, start_ms: int, end_ms: int, size: int
+) -> Iterator[tuple[int, _Cell]]:
+    """An ad's cells starting in [start_ms, end_ms) rounded up to ``size``, oldest first."""
+    lo, hi = _ceil(start_ms, size), _ceil(end_ms, size)
+    found = [(t, cell) for t, cell in cells.get(ad_id, {}).items() if lo <= t < hi]
+    return iter(sorted(found, key=lambda item: item[0]))

@@ -1,4 +1,4 @@
-"""The API process's replica of the recent minutes, kept by the worker's feed
+"""The API process's replica of the recent minutes and hours, kept by the worker's feed
 (``clickagg.realtime.feed``): recent queries answered in the API process, off the stream's
 GIL.
 
@@ -17,21 +17,29 @@ import contextlib
 import logging
 from pathlib import Path
 
+from clickagg.core.windows import DAY_MS, HOUR_MS
 from clickagg.realtime.feed import LENGTH, SNAPSHOT, decode_frame
-from clickagg.realtime.recent import RecentMinutes
+from clickagg.realtime.recent import RECENT_HOURS_MS, RecentAggregates
 from clickagg.store.base import FencedError
 
 log = logging.getLogger(__name__)
+_WINDOW_MS = {"hour": HOUR_MS, "day": DAY_MS}
 
 
-class MinutesReplica:
+class RecentReplica:
     def __init__(
-        self, path: Path, *, min_backoff_s: float = 0.05, max_backoff_s: float = 1.0
+        self,
+        path: Path,
+        *,
+        hours_span_ms: int = RECENT_HOURS_MS,
+        min_backoff_s: float = 0.05,
+        max_backoff_s: float = 1.0,
     ) -> None:
         self.path = path
+        self.hours_span_ms = hours_span_ms
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
-        self._recent: RecentMinutes | None = None  # None: not following a feed
+        self._recent: RecentAggregates | None = None  # None: not following a feed
         self._task: asyncio.Task[None] | None = None
         self.snapshots = 0  # how many times it (re)started from a snapshot
         self.rounds = 0  # rounds applied since the process started
@@ -40,13 +48,19 @@ class MinutesReplica:
     def live(self) -> bool:
         return self._recent is not None
 
-    def covering(self, start_ms: int) -> RecentMinutes | None:
-        """The recent minutes, if the replica follows the feed and holds every minute from
-        ``start_ms`` on; else None."""
+    def covering(self, start_ms: int, granularity: str = "minute") -> RecentAggregates | None:
+        """The recent rows, if the replica follows the feed and holds every window of
+        ``granularity`` from ``start_ms`` on; else None."""
         recent = self._recent
-        if recent is None or not recent.covers(start_ms):
+        if recent is None:
             return None
-        return recent
+        if granularity == "minute":
+            held = recent.covers(start_ms)
+        elif granularity in _WINDOW_MS:
+            held = recent.covers_windows(start_ms, _WINDOW_MS[granularity])
+        else:
+            held = False
+        return recent if held else None
 
     def applied_offsets(self) -> dict[int, int] | None:
         recent = self._recent
@@ -87,19 +101,23 @@ class MinutesReplica:
 
     async def _follow(self, reader: asyncio.StreamReader) -> None:
         """Apply the snapshot, then every round, until the feed ends (EOFError)."""
-        recent: RecentMinutes | None = None
+        recent: RecentAggregates | None = None
         while True:
             header = await reader.readexactly(LENGTH.size)
             body = await reader.readexactly(LENGTH.unpack(header)[0])
-            kind, ranges, since_ms, rows = decode_frame(body)
+            frame = decode_frame(body)
             if recent is None:
-                if kind != SNAPSHOT:
-                    raise ValueError(f"the feed began with a {kind!r} frame, not a snapshot")
-                recent = RecentMinutes(since_ms=since_ms)
-                # An hour of every ad's minutes: applied beside the event loop, not in it.
-                await asyncio.to_thread(recent.apply, rows, ranges)
+                if frame.kind != SNAPSHOT:
+                    raise ValueError(f"the feed began with a {frame.kind!r} frame, not a snapshot")
+                recent = RecentAggregates(
+                    since_ms=frame.since_ms,
+                    hours_since_ms=frame.hours_since_ms,
+                    hours_span_ms=self.hours_span_ms,
+                )
+                # A day of every ad's hours: applied beside the event loop, not in it.
+                await asyncio.to_thread(recent.apply, frame.rows, frame.ranges, frame.hours)
                 self._recent = recent
                 self.snapshots += 1
             else:
-                await asyncio.to_thread(recent.apply, rows, ranges)
+                await asyncio.to_thread(recent.apply, frame.rows, frame.ranges)
                 self.rounds += 1

@@ -23,7 +23,7 @@ from clickagg.query.base import QueryStore
 from clickagg.query.replicated import ReplicatedQueryStore
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.realtime.memory import InMemoryCounters
-from clickagg.realtime.replica import MinutesReplica
+from clickagg.realtime.replica import RecentReplica
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import RpcQueryStore
 
@@ -83,7 +83,8 @@ QUERY_STORES: Final[Mapping[str, Callable[[Settings], QueryStore]]] = {
     # the embedded store is read through the worker process that owns its file; recent
     # minutes from this process's replica of them, fed by the worker
     "duckdb": lambda settings: ReplicatedQueryStore(
-        RpcQueryStore(settings.rpc_socket), MinutesReplica(settings.feed_socket)
+        RpcQueryStore(settings.rpc_socket),
+        RecentReplica(settings.feed_socket, hours_span_ms=settings.replica_hours_ms),
     ),
 }
 COUNTERS: Final[Mapping[str, Callable[[Settings], RealtimeCounters]]] = {

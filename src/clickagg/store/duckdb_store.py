@@ -67,7 +67,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import duckdb
 import numpy as np
@@ -710,6 +710,15 @@ def _fence(stored: Mapping[Any, Any], read_from: Mapping[int, int], message: str
         )
 
 
+class RecentSnapshot(NamedTuple):
+    """What :meth:`DuckDBStore.recent_minutes` read in one transaction."""
+
+    minutes: pa.Table
+    hours: pa.Table | None
+    committed: dict[int, int]
+    keyed: dict[str, dict[int, int]]
+
+
 class DuckDBStore:
     """AggregateStore on a DuckDB file; safe to share between one writer and many readers."""
 
@@ -1211,14 +1220,18 @@ class DuckDBStore:
         table: pa.Table = self._cursor().sql(_MINUTE_ROWS_SINCE, params=[since_ms]).to_arrow_table()
         return table
 
-    def recent_minutes(
-        self, since_ms: int
-    ) -> tuple[pa.Table, dict[int, int], dict[str, dict[int, int]]]:
+    def recent_minutes(self, since_ms: int, hours_since_ms: int | None = None) -> RecentSnapshot:
         """Every per-ad minute row from ``since_ms`` on, base and deltas unmerged (sums and
         sketches add up; ``MINUTE_SCHEMA``), with the partitions' committed offsets and, per
         keyed family, its keyed partitions' consumed offsets, which they hold everything up
-        to, all read in ONE snapshot: where a replica in another process starts from."""
+        to, all read in ONE snapshot: where a replica in another process starts from.
+
+        With ``hours_since_ms`` (both bounds whole hours), also the rows of the hours in
+        [hours_since_ms, since_ms), ``minute_ms`` holding the hour: the hour base, the
+        minutes not rolled up yet and the deltas, each rolled to its hour, unmerged. The
+        hours end where the minute rows begin, so a minute is in exactly one of the two."""
         cols = ", ".join(_ADS.columns)
+        hour_cols = cols.replace("minute_ms", f"minute_ms - minute_ms % {HOUR_MS} AS minute_ms")
         cur = self._cursor()
         with _out_of_space_as_oserror():
             cur.execute("BEGIN")
@@ -1228,6 +1241,20 @@ class DuckDBStore:
                     f"UNION ALL SELECT {cols} FROM delta_minute WHERE minute_ms >= $since",
                     params={"since": since_ms},
                 ).to_arrow_table()
+                hours = None
+                if hours_since_ms is not None:
+                    if since_ms % HOUR_MS or hours_since_ms % HOUR_MS:
+                        raise ValueError("recent hours must start and end on whole hours")
+                    [(rolled,)] = cur.execute("SELECT max(rolled_ms) FROM delta_state").fetchall()
+                    hours = cur.sql(
+                        f"SELECT {cols.replace('minute_ms', 'hour_ms AS minute_ms')} "
+                        "FROM agg_hour WHERE hour_ms >= $lo AND hour_ms < $hi "
+                        f"UNION ALL SELECT {hour_cols} FROM agg_minute "
+                        "WHERE minute_ms >= $lo AND minute_ms < $hi AND minute_ms >= $rolled "
+                        f"UNION ALL SELECT {hour_cols} FROM delta_minute "
+                        "WHERE minute_ms >= $lo AND minute_ms < $hi",
+                        params={"lo": hours_since_ms, "hi": since_ms, "rolled": int(rolled)},
+                    ).to_arrow_table()
                 offsets = cur.execute(
                     'SELECT "partition", committed_offset FROM partition_offsets'
                 ).fetchall()
@@ -1242,10 +1269,11 @@ class DuckDBStore:
                     cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")  # read only: nothing to lose, nothing to conflict
-        return (
-            rows,
-            {int(p): int(o) for p, o in offsets},
-            {family: {int(k): int(o) for k, o in rows} for family, rows in keyed.items()},
+        return RecentSnapshot(
+            minutes=rows,
+            hours=hours,
+            committed={int(p): int(o) for p, o in offsets},
+            keyed={family: {int(k): int(o) for k, o in rows} for family, rows in keyed.items()},
         )
 
     def partition_status(self) -> list[PartitionStatus]:

@@ -38,6 +38,7 @@ from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
 from clickagg.core.keyed import keyed_records
 from clickagg.core.visitor import visitor_records
+from clickagg.core.windows import HOUR_MS, window_start
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders, retire_marker
 from clickagg.keyed.stage2 import IP, VISITOR, Family, KeyedStage, counter_key, keyed_status
@@ -46,7 +47,7 @@ from clickagg.query.base import KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
 from clickagg.realtime.feed import FeedServer, PublishingCounters, Snapshot
 from clickagg.realtime.memory import InMemoryCounters
-from clickagg.realtime.recent import RECENT_SPAN_MS
+from clickagg.realtime.recent import RECENT_HOURS_MS, RECENT_SPAN_MS
 from clickagg.registry import AdRegistry
 from clickagg.runtime import roles
 from clickagg.store.base import AggregateStore
@@ -198,7 +199,10 @@ class _Session:
             # which answers recent queries itself; a shared backend is read directly.
             if isinstance(self.counters, InMemoryCounters):
                 self.counters = PublishingCounters(
-                    self.counters, snapshot=functools.partial(feed_snapshot, self.store, clock)
+                    self.counters,
+                    snapshot=functools.partial(
+                        feed_snapshot, self.store, clock, hours_ms=settings.replica_hours_ms
+                    ),
                 )
                 self.feed = FeedServer(settings.feed_socket, self.counters)
             self.corrections: ArchiveWriter | None = None
@@ -471,17 +475,29 @@ def refill_counters(
     return counters
 
 
-def feed_snapshot(store: DuckDBStore, clock: Clock) -> Snapshot:
-    """Where an API process's replica of the recent minutes starts: the store's minute rows
-    of the recent span with the offsets they hold (the keyed stage's corrections at its
-    consumed offsets, under the counters' keys), read in one transaction."""
-    since_ms = clock.now_ms() - RECENT_SPAN_MS
-    rows, committed, keyed = store.recent_minutes(since_ms)
-    offsets = dict(committed)
+def feed_snapshot(store: DuckDBStore, clock: Clock, *, hours_ms: int = RECENT_HOURS_MS) -> Snapshot:
+    """Where an API process's replica starts: the store's minute rows of the recent span
+    (from a whole hour on) and the hour rows of the ``hours_ms`` (the current hour
+    included; 0: none) before them, with the offsets they hold (the keyed stage's
+    corrections at its consumed offsets, under the counters' keys), read in one
+    transaction."""
+    now = clock.now_ms()
+    since_ms = window_start(now - RECENT_SPAN_MS, HOUR_MS)
+    hours_since_ms = None
+    if hours_ms > 0:
+        hours_since_ms = min(window_start(now, HOUR_MS) - hours_ms + HOUR_MS, since_ms)
+    recent = store.recent_minutes(since_ms, hours_since_ms)
+    offsets = dict(recent.committed)
     for family in (IP, VISITOR):
-        for k, offset in keyed.get(family.name, {}).items():
+        for k, offset in recent.keyed.get(family.name, {}).items():
             offsets[counter_key(k, family)] = offset
-    return rows, offsets, since_ms
+    return Snapshot(
+        minutes=recent.minutes,
+        offsets=offsets,
+        since_ms=since_ms,
+        hours=recent.hours,
+        hours_since_ms=hours_since_ms,
+    )
 
 
 class Compactor:
