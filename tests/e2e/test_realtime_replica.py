@@ -45,26 +45,25 @@ def realtime(server: ServeProcess, ad: str, timeout_s: float = 10) -> dict[str, 
     return body
 
 
-def minute_rows(server: ServeProcess, ad: str, timeout_s: float = 10) -> list[dict[str, Any]]:
+def rows(
+    server: ServeProcess, ad: str, granularity: str, last: str, timeout_s: float = 10
+) -> list[dict[str, Any]]:
     response = http.get(
         server.url + "/aggregates",
-        params={"ad_id": ad, "granularity": "minute", "last": "1h"},
+        params={"ad_id": ad, "granularity": granularity, "last": last},
         timeout=timeout_s,
     )
     response.raise_for_status()
-    rows: list[dict[str, Any]] = response.json()
-    return rows
+    found: list[dict[str, Any]] = response.json()
+    return found
+
+
+def minute_rows(server: ServeProcess, ad: str, timeout_s: float = 10) -> list[dict[str, Any]]:
+    return rows(server, ad, "minute", "1h", timeout_s)
 
 
 def hour_rows(server: ServeProcess, ad: str, timeout_s: float = 10) -> list[dict[str, Any]]:
-    response = http.get(
-        server.url + "/aggregates",
-        params={"ad_id": ad, "granularity": "hour", "last": "1d"},
-        timeout=timeout_s,
-    )
-    response.raise_for_status()
-    rows: list[dict[str, Any]] = response.json()
-    return rows
+    return rows(server, ad, "hour", "1d", timeout_s)
 
 
 def wait_windows(server: ServeProcess, expected: Counter[str], timeout_s: float = 30) -> None:
@@ -101,8 +100,8 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
         wait_caught_up(server)
         wait_windows(server, expected)
 
-        rows = {ad: minute_rows(server, ad) for ad in ADS}
-        assert {ad: sum(r["clicks"] for r in rows[ad]) for ad in ADS} == expected
+        minutes = {ad: minute_rows(server, ad) for ad in ADS}
+        assert {ad: sum(r["clicks"] for r in minutes[ad]) for ad in ADS} == expected
         hours = {ad: hour_rows(server, ad) for ad in ADS}
         assert {ad: sum(r["clicks"] for r in hours[ad]) for ad in ADS} == expected + earlier
         assert all(len(hours[ad]) >= 2 for ad in ADS)
@@ -113,7 +112,7 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
             started = time.monotonic()
             for ad in ADS:
                 assert realtime(server, ad, timeout_s=2)["clicks"] == expected[ad]
-                assert minute_rows(server, ad, timeout_s=2) == rows[ad]
+                assert minute_rows(server, ad, timeout_s=2) == minutes[ad]
                 assert hour_rows(server, ad, timeout_s=2) == hours[ad]
             assert time.monotonic() - started < 2
         finally:

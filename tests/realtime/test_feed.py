@@ -5,11 +5,12 @@ store answers, whenever it subscribed, and starts over after any break."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -129,6 +130,37 @@ def store(tmp_path: Path) -> Iterator[DuckDBStore]:
     store.close()
 
 
+@contextlib.asynccontextmanager
+async def subscribed_while_committing(
+    worker: Worker, tmp_path: Path, *, rounds: int, compact_every: int
+) -> AsyncIterator[RecentReplica]:
+    """A replica that subscribed while ``rounds`` rounds were committed and applied from
+    another thread (compacting every ``compact_every``), once it holds them and 5 more."""
+    server = FeedServer(tmp_path / "feed.sock", worker.counters)
+    server.start()
+
+    def keep_committing() -> None:
+        for i in range(rounds):
+            worker.rounds(1)
+            if i % compact_every == 0:
+                worker.store.compact()
+
+    replica = RecentReplica(tmp_path / "feed.sock")
+    writer = threading.Thread(target=keep_committing)
+    writer.start()
+    try:
+        replica.start()
+        await until(lambda: replica.live)
+        await asyncio.to_thread(writer.join)
+        worker.rounds(5)
+        await until(lambda: replica.applied_offsets() == worker.store.committed_offsets())
+        yield replica
+    finally:
+        writer.join()
+        await replica.close()
+        server.stop()
+
+
 def test_a_frame_is_msgpack_and_arrow_and_reads_back() -> None:
     table = sums([("a", T0, 3), ("b", T0 + MINUTE_MS, 1)])
     frame = encode_frame(ROUND, {2: (10, 14), 0: (0, 3)}, table, since_ms=T0)
@@ -149,25 +181,11 @@ def test_the_replica_answers_what_the_store_answers_whenever_it_subscribed(
     worker = Worker(store, seed=7)
     worker.rounds(10)  # before the replica exists: in its snapshot
     store.compact()
-    server = FeedServer(tmp_path / "feed.sock", worker.counters)
-    server.start()
-
-    def keep_committing() -> None:
-        for i in range(30):
-            worker.rounds(1)
-            if i % 10 == 0:
-                store.compact()
 
     async def main() -> None:
-        replica = RecentReplica(tmp_path / "feed.sock")
-        writer = threading.Thread(target=keep_committing)
-        writer.start()
-        try:
-            replica.start()
-            await until(lambda: replica.live)
-            await asyncio.to_thread(writer.join)
-            worker.rounds(5)
-            await until(lambda: replica.applied_offsets() == store.committed_offsets())
+        async with subscribed_while_committing(
+            worker, tmp_path, rounds=30, compact_every=10
+        ) as replica:
             recent = replica.covering(T0)
             assert recent is not None
             assert replica.covering(SINCE - 1) is None  # not held whole: the worker's
@@ -188,10 +206,6 @@ def test_the_replica_answers_what_the_store_answers_whenever_it_subscribed(
                     checked_users += totals.unique_users
             assert checked_users > 0
             assert replica.snapshots == 1 and replica.rounds > 0
-        finally:
-            writer.join()
-            await replica.close()
-            server.stop()
 
     asyncio.run(main())
 
@@ -215,24 +229,11 @@ def test_the_replicas_hours_and_days_are_the_stores_whenever_it_subscribed(
     worker.rounds(10)
     store.compact()
     worker.rounds(3)  # deltas not compacted at the snapshot
-    server = FeedServer(tmp_path / "feed.sock", worker.counters)
-    server.start()
-
-    def keep_committing() -> None:
-        for i in range(20):
-            worker.rounds(1)
-            if i % 7 == 0:
-                store.compact()
 
     async def main() -> None:
-        replica = RecentReplica(tmp_path / "feed.sock")
-        writer = threading.Thread(target=keep_committing)
-        writer.start()
-        try:
-            replica.start()
-            await until(lambda: replica.live)
-            await asyncio.to_thread(writer.join)
-            await until(lambda: replica.applied_offsets() == store.committed_offsets())
+        async with subscribed_while_committing(
+            worker, tmp_path, rounds=20, compact_every=7
+        ) as replica:
             assert replica.covering(first, "hour") is not None
             assert replica.covering(first - 1, "hour") is not None  # rounded up to an hour
             assert replica.covering(first - HOUR_MS, "hour") is None  # not held whole
@@ -262,10 +263,6 @@ def test_the_replicas_hours_and_days_are_the_stores_whenever_it_subscribed(
                     ad_id=ad, start_ms=day, end_ms=day + 24 * HOUR_MS, granularity="day"
                 )
                 assert got == want and want[0].unique_users > 0
-        finally:
-            writer.join()
-            await replica.close()
-            server.stop()
 
     asyncio.run(main())
 
