@@ -5,8 +5,10 @@ production, the default: 10,000 Zipf ads, 1M users; or legacy: TrafficGenerator'
   ingest side, per request body: decode_many, normalize, then per group of --group bodies
     (as the group committer does) merge_columns + columns.encode, log append, log sync;
   worker side: the real ``PartitionWorker.step`` over the written log, its parts timed by
-    wrapping them on the instances: log read, frames_to_events, processor.process,
-    store.commit (broken down by SQL statement), snapshot.
+    wrapping them on the instances: log read, frames_to_events, processor.process (dedup,
+    lateness, rules), the round's aggregation (deltas and unique-user sketches),
+    store.commit (broken down by SQL statement), snapshot, archive; then one compaction of
+    every delta (the server's background compactions, paid here at the end).
 Run per micro-batch size (--micro-batch, comma-separated) on a fresh store, so the fixed
 cost per commit shows beside the cost per event. --cprofile adds cProfile's top functions.
 
@@ -190,6 +192,10 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
     clock = SystemClock()
     original_frames_to_events = stream.frames_to_events
     stream.frames_to_events = timed(original_frames_to_events, timings, "frames_to_events")
+    original_round_deltas = stream.aggregate.round_deltas
+    stream.aggregate.round_deltas = timed(  # type: ignore[method-assign]
+        original_round_deltas, timings, "aggregate (round deltas, sketches)"
+    )
     timed_store = _TimedStore(store, timings)
     transactions = processed = 0
     try:
@@ -223,8 +229,12 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
             if not any(done):
                 break
         archive.flush()  # what the background flushes cost, paid here at the end
+        t = time.perf_counter()  # what the background compactions cost, likewise
+        store.compact()
+        timings["compaction (background)"] += time.perf_counter() - t
     finally:
         stream.frames_to_events = original_frames_to_events
+        stream.aggregate.round_deltas = original_round_deltas  # type: ignore[method-assign]
         archive.close()
         store.close()
         reader.close()
@@ -363,8 +373,10 @@ def main() -> None:
                     "log read",
                     "frames_to_events",
                     "processor.process",
+                    "aggregate (round deltas, sketches)",
                     "store.commit",
                     *sql_keys,
+                    "compaction (background)",
                     "snapshot",
                     "archive.append",
                     "archive.flush",
