@@ -17,11 +17,14 @@ places. ``clickagg.store.rpc.RpcQueryStore`` asks the worker process over a Unix
 under the GIL the stream also needs (BENCHMARKS.md, "QueryStore split": the real-time
 window, microseconds of work, waited tens of ms at p99 there). So the worker also feeds
 every committed round's per-ad minute rows to the API process
-(``clickagg.realtime.feed``), which keeps the last 70 minutes of every ad in memory
-(``clickagg.realtime.recent``) and answers sliding windows, minute rows without a
-breakdown and totals within that span itself.
+(``clickagg.realtime.feed``), which keeps the last 70 minutes and 26 hours of every ad in
+memory (``clickagg.realtime.recent``) and answers sliding windows, minute, hour and day rows
+without a breakdown and totals within those spans itself.
 
-Next, for the rest (hour and day rows, breakdowns, roll-ups, top ads, older ranges): a
+Why not breakdowns, roll-ups and top ads the same way: those cells multiply (20 countries
+by every ad-hour, each with a sketch of up to 4 KiB) or need unions across many ads per
+query, Python work on the API's GIL that costs ingest what it saves the worker. Next, for
+the rest (breakdowns, roll-ups, top ads, older ranges): a
 query store in the API process over immutable files plus the pushed deltas.
 (1) Each background compaction already merges the deltas with ``seq`` in (previous cut,
 cut] into the base tables; the worker also writes that same merged batch (minute, hour and
