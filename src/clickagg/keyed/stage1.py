@@ -22,6 +22,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from clickagg.core import ids
 from clickagg.core.keyed import keyed_records
 from clickagg.log.base import LogWriter
 
@@ -39,6 +40,14 @@ def encode_records(records: pa.Table) -> bytes:
 
 def decode_records(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload).read_all()
+
+
+def _clicks(kept: pl.DataFrame) -> pl.DataFrame:
+    """The round's clicks: every family's records are of clicks only, and a round's kept
+    events are mostly impressions, so what follows works on a small fraction of them."""
+    if kept.is_empty():
+        return kept
+    return kept.filter(pl.col("event_type") == ids.CLICK)
 
 
 def retire_marker(marker_path: Path) -> None:
@@ -95,7 +104,11 @@ class KeyedAppender:
                 fresh[partition] = at
         if not fresh:
             return
-        if not kept.is_empty():
+        kept = _clicks(kept)
+        whole = fresh.keys() == ranges.keys() and all(
+            at == ranges[p][0] for p, at in fresh.items()
+        )  # the usual round: every range is new from its start, nothing to cut
+        if not kept.is_empty() and not whole:
             starts = pl.DataFrame(
                 {"partition": list(fresh), "_from": list(fresh.values())},
                 schema={"partition": kept.schema["partition"], "_from": pl.Int64},
@@ -127,5 +140,6 @@ class KeyedAppenders:
         return min(a.next_offset(partition) for a in self.appenders)
 
     def append(self, kept: pl.DataFrame, ranges: Mapping[int, tuple[int, int]]) -> None:
+        kept = _clicks(kept)  # once for every family
         for appender in self.appenders:
             appender.append(kept, ranges)
