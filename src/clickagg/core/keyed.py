@@ -32,12 +32,13 @@ judge a record older than that (stage 1 never sends one: it would be late there)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
+import polars_hash as plh
 import pyarrow as pa
 import xxhash
 
@@ -84,44 +85,39 @@ def keyed_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
     clicks = kept.filter((pl.col("event_type") == ids.CLICK) & pl.col("ip").is_not_null())
     if clicks.is_empty():
         return {}
-    return records_by_partition(
-        clicks, "ip", lambda ip: keyed_partition(ip, partitions), RECORD_SCHEMA, leading=10
-    )
+    return records_by_partition(clicks, "ip", partitions, RECORD_SCHEMA, leading=10)
 
 
 def records_by_partition(
     clicks: pl.DataFrame,
     key: str,
-    partition_of: Callable[[str], int],
+    partitions: int,
     schema: pa.Schema,
     *,
     leading: int,
 ) -> dict[int, pa.Table]:
     """A keyed family's records of ``clicks`` (``schema``: its first ``leading`` columns
     as they are, then the source position, spend and whether stage 1 counted it), by the
-    partition ``partition_of`` gives each distinct ``key``, each in source offset order.
-    The key is hashed once per distinct value, not per click."""
-    values = clicks[key].unique().to_list()
-    lookup = pl.DataFrame(
-        {key: values, "_k": [partition_of(v) for v in values]},
-        schema={key: pl.String, "_k": pl.Int64},
-    )
-    records = (
-        clicks.join(lookup, on=key, how="left")
-        .select(
-            *schema.names[:leading],
-            pl.col("partition").cast(pl.Int32).alias("source_partition"),
-            pl.col("offset").alias("source_offset"),
-            pl.col("spend_micros").cast(pl.Int64),
-            (~pl.col("invalid")).alias("counted"),
-            "_k",
-        )
-        .sort("source_partition", "source_offset")
-    )
+    keyed partition of their ``key`` (:func:`key_partitions`), each in source offset
+    order."""
+    records = clicks.select(
+        *schema.names[:leading],
+        pl.col("partition").cast(pl.Int32).alias("source_partition"),
+        pl.col("offset").alias("source_offset"),
+        pl.col("spend_micros").cast(pl.Int64),
+        (~pl.col("invalid")).alias("counted"),
+        key_partitions(key, partitions).alias("_k"),
+    ).sort("source_partition", "source_offset")
     return {
         int(k): part.drop("_k").to_arrow().cast(schema)
         for (k,), part in records.partition_by("_k", as_dict=True, maintain_order=True).items()
     }
+
+
+def key_partitions(column: str, partitions: int) -> pl.Expr:
+    """:func:`keyed_partition` of every key of ``column`` at once (the same xxh3-64 of the
+    UTF-8 bytes, vectorized: no Python call per click)."""
+    return (plh.col(column).nchash.xxh3_64() % partitions).cast(pl.Int64)
 
 
 VELOCITY_KIND = "ip_click_velocity"
