@@ -27,7 +27,8 @@ alternating commit and working tree (ABAB, --repeat pairs): both medians and the
 
     .venv/bin/python bench/e2e_throughput.py [--events 1000000] [--batch 10000]
         [--concurrency 8] [--repeat 3] [--shape production|legacy|production,legacy]
-        [--ads N] [--users N] [--baseline-commit [REV] | --rules-compare] [--py-spy OUTDIR]
+        [--ads N] [--users N] [--baseline-commit [REV] | --rules-compare]
+        [--py-spy OUTDIR [--py-spy-side tree|rules-off|rules-on]]
 """
 
 from __future__ import annotations
@@ -220,6 +221,13 @@ def main() -> None:
         "--py-spy-idle", action="store_true", help="with --py-spy: record idle threads too"
     )
     p.add_argument(
+        "--py-spy-side",
+        choices=("tree", "rules-off", "rules-on"),
+        default="tree",
+        help="with --py-spy: profile the tree as configured (default), or one side of "
+        "--rules-compare (its rules file and keyed stage)",
+    )
+    p.add_argument(
         "--live-src", action="store_true", help="import the working tree, not a frozen copy"
     )
     args = p.parse_args()
@@ -259,7 +267,11 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     common.print_machine(info)
     traffics = {shape: build_traffic(args, shape) for shape in shapes}
     if args.py_spy is not None:
-        run = one_run(traffics[shapes[0]], args, env, profile_dir=args.py_spy)
+        with tempfile.TemporaryDirectory(prefix="clickagg-rules-") as rules_dir:
+            side_env = env
+            if args.py_spy_side != "tree":
+                side_env = dict(rules_sides(env, Path(rules_dir)))[args.py_spy_side]
+            run = one_run(traffics[shapes[0]], args, side_env, profile_dir=args.py_spy)
         print(
             f"profiled run: accept {run['ingest_eps']:,.0f} ev/s, e2e {run['e2e_eps']:,.0f} ev/s; "
             f"stacks in {args.py_spy}/api.txt and worker.txt "
@@ -273,14 +285,8 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     rules_dir = None
     if args.rules_compare:
         rules_dir = tempfile.TemporaryDirectory(prefix="clickagg-rules-")
-        off, on = write_rules_files(Path(rules_dir.name))
         sides = [
-            ("rules-off", None, env | {"CLICKAGG_RULES_FILE": str(off)}),
-            (
-                "rules-on",
-                None,
-                env | {"CLICKAGG_RULES_FILE": str(on), "CLICKAGG_KEYED_STAGE": "true"},
-            ),
+            (label, None, side_env) for label, side_env in rules_sides(env, Path(rules_dir.name))
         ]
     tables = {shape: arrow_table(t) for shape, t in traffics.items()}
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -315,6 +321,16 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     if rules_dir is not None:
         rules_dir.cleanup()
     report(args, info, shapes, sides, runs, baselines)
+
+
+def rules_sides(env: dict[str, str], directory: Path) -> list[tuple[str, dict[str, str]]]:
+    """The two environments of --rules-compare: no rule at all, and every rule on (the
+    keyed stage included), their rules files written in ``directory``."""
+    off, on = write_rules_files(directory)
+    return [
+        ("rules-off", env | {"CLICKAGG_RULES_FILE": str(off)}),
+        ("rules-on", env | {"CLICKAGG_RULES_FILE": str(on), "CLICKAGG_KEYED_STAGE": "true"}),
+    ]
 
 
 def write_rules_files(directory: Path) -> tuple[Path, Path]:

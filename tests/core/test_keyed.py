@@ -25,6 +25,8 @@ from clickagg.core.keyed import (
     VelocityRule,
     correction_deltas,
     corrections,
+    key_partitions,
+    keyed_partition,
     keyed_records,
 )
 from clickagg.core.rules import RuleSet, RuleSpec, compile_rules
@@ -333,3 +335,14 @@ def test_the_rules_in_force_as_a_recordable_value() -> None:
         )
     )
     assert KeyedRules.from_ruleset(off) == KeyedRules()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=50), st.integers(1, 1024))
+def test_records_are_partitioned_as_keyed_partition_says_every_key_at_once(
+    keys: list[str], partitions: int
+) -> None:
+    """Stage 1 hashes a round's keys vectorized: the same partition as the one-key
+    definition, for any text (the bytes hashed are its UTF-8)."""
+    got = pl.DataFrame({"k": keys}).select(key_partitions("k", partitions)).to_series()
+    assert got.to_list() == [keyed_partition(k, partitions) for k in keys]

@@ -111,7 +111,7 @@ def visitor_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
     return records_by_partition(
         clicks,
         "visitor",
-        lambda visitor: visitor_partition(visitor, partitions),
+        partitions,
         VISITOR_RECORD_SCHEMA,
         leading=12,
     )

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
+from clickagg.core import ids
 from clickagg.core.keyed import keyed_records
 from clickagg.log.base import LogWriter
 
@@ -39,6 +41,14 @@ def encode_records(records: pa.Table) -> bytes:
 
 def decode_records(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload).read_all()
+
+
+def _clicks(kept: pl.DataFrame) -> pl.DataFrame:
+    """The round's clicks: every family's records are of clicks only, and a round's kept
+    events are mostly impressions, so what follows works on a small fraction of them."""
+    if kept.is_empty():
+        return kept
+    return kept.filter(pl.col("event_type") == ids.CLICK)
 
 
 def retire_marker(marker_path: Path) -> None:
@@ -83,6 +93,16 @@ class KeyedAppender:
         """Append the records of ``kept`` (fresh events of the source ranges ``ranges``,
         already committed to the store) from each source partition's marker on, sync, then
         move the markers to the ranges' ends. Ranges already appended are skipped."""
+        fresh = self.write(kept, ranges)
+        if fresh:
+            self.writer.sync()
+            self.synced(fresh, ranges)
+
+    def write(
+        self, kept: pl.DataFrame, ranges: Mapping[int, tuple[int, int]]
+    ) -> dict[int, int] | None:
+        """:meth:`append` up to the sync: the records written, not yet durable. Returns
+        where each source partition's fresh records started (None: nothing fresh)."""
         fresh: dict[int, int] = {}
         for partition, (lo, hi) in ranges.items():
             at = self.next_offset(partition)
@@ -94,8 +114,12 @@ class KeyedAppender:
             if hi > at:
                 fresh[partition] = at
         if not fresh:
-            return
-        if not kept.is_empty():
+            return None
+        kept = _clicks(kept)
+        whole = fresh.keys() == ranges.keys() and all(
+            at == ranges[p][0] for p, at in fresh.items()
+        )  # the usual round: every range is new from its start, nothing to cut
+        if not kept.is_empty() and not whole:
             starts = pl.DataFrame(
                 {"partition": list(fresh), "_from": list(fresh.values())},
                 schema={"partition": kept.schema["partition"], "_from": pl.Int64},
@@ -103,7 +127,10 @@ class KeyedAppender:
             kept = kept.join(starts, on="partition").filter(pl.col("offset") >= pl.col("_from"))
         for k, records in sorted(self.records(kept, self.writer.partitions).items()):
             self.writer.append(k, encode_records(records), records.num_rows)
-        self.writer.sync()
+        return fresh
+
+    def synced(self, fresh: Mapping[int, int], ranges: Mapping[int, tuple[int, int]]) -> None:
+        """After :meth:`write` and a sync of the writer: move the markers."""
         for partition in fresh:
             self._next[partition] = ranges[partition][1]
         self._write_marker()
@@ -127,5 +154,36 @@ class KeyedAppenders:
         return min(a.next_offset(partition) for a in self.appenders)
 
     def append(self, kept: pl.DataFrame, ranges: Mapping[int, tuple[int, int]]) -> None:
-        for appender in self.appenders:
-            appender.append(kept, ranges)
+        """Each family's :meth:`KeyedAppender.append`, their syncs side by side (a sync
+        waits on the disk, not the CPU: one family's need not wait for the other's). A
+        marker moves only once every family's records are durable: should a sync fail,
+        recovery appends both families' records again (copies, which stage 2 skips)."""
+        kept = _clicks(kept)  # once for every family
+        written = [(a, a.write(kept, ranges)) for a in self.appenders]
+        pending = [(a, fresh) for a, fresh in written if fresh]
+        _sync_all([a.writer for a, _ in pending])
+        for appender, fresh in pending:
+            appender.synced(fresh, ranges)
+
+
+def _sync_all(writers: Sequence[LogWriter]) -> None:
+    """Sync the writers concurrently (the last in this thread); raise the first failure."""
+    failures: list[BaseException] = []
+
+    def sync(writer: LogWriter) -> None:
+        try:
+            writer.sync()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=sync, args=(w,), name="keyed-sync") for w in writers[:-1]]
+    for thread in threads:
+        thread.start()
+    try:
+        if writers:
+            writers[-1].sync()
+    finally:
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]

@@ -554,28 +554,46 @@ def _out_of_space_as_oserror() -> Iterator[None]:
         raise
 
 
-def _record_spec(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> None:
-    """Record the commit's spec from its first offset if it is not the one in force, and
-    forget the specs of ranges before the keyed log's first retained offset (a replay
-    starts there: only the spec in force at it is still needed)."""
-    k = commit.keyed_partition
-    specs = _family_tables(commit.family)[2]
-    [last] = cur.execute(
-        f"SELECT arg_max(spec_json, from_offset) FROM {specs} WHERE keyed_partition = ?", [k]
-    ).fetchall()
-    if last[0] != commit.spec_json:
+def _record_specs(
+    cur: duckdb.DuckDBPyConnection, family: str, commits: Sequence[KeyedCommit]
+) -> None:
+    """Record each commit's spec from its first offset if it is not the one in force in its
+    keyed partition, and forget the specs of ranges before the keyed log's first retained
+    offset (a replay starts there: only the spec in force at it is still needed); likewise
+    what was applied before it. One family's commits (one per keyed partition), a few
+    statements for all of them: a round's statements cost per statement, not per row."""
+    if not commits:
+        return
+    specs = _family_tables(family)[2]
+    partitions = [c.keyed_partition for c in commits]
+    in_force = dict(
         cur.execute(
-            f"INSERT INTO {specs} VALUES (?, ?, ?)", [k, commit.from_offset, commit.spec_json]
+            f"SELECT keyed_partition, arg_max(spec_json, from_offset) FROM {specs} "
+            "WHERE keyed_partition IN (SELECT unnest(?)) GROUP BY keyed_partition",
+            [partitions],
+        ).fetchall()
+    )
+    changed = [c for c in commits if in_force.get(c.keyed_partition) != c.spec_json]
+    if changed:
+        cur.execute(
+            f"INSERT INTO {specs} SELECT unnest($k), unnest($at), unnest($spec)",
+            {
+                "k": [c.keyed_partition for c in changed],
+                "at": [c.from_offset for c in changed],
+                "spec": [c.spec_json for c in changed],
+            },
         )
+    starts = {"k": partitions, "start": [c.replay_from for c in commits]}
     cur.execute(
-        f"DELETE FROM {specs} WHERE keyed_partition = $k AND from_offset < ("
-        f"SELECT max(from_offset) FROM {specs} WHERE keyed_partition = $k "
-        "AND from_offset <= $start)",
-        {"k": k, "start": commit.replay_from},
+        f"DELETE FROM {specs} s USING (SELECT unnest($k) AS k, unnest($start) AS start) b "
+        f"WHERE s.keyed_partition = b.k AND s.from_offset < (SELECT max(from_offset) "
+        f"FROM {specs} WHERE keyed_partition = b.k AND from_offset <= b.start)",
+        starts,
     )
     cur.execute(
-        "DELETE FROM keyed_applied WHERE family = ? AND keyed_partition = ? AND from_offset < ?",
-        [commit.family, k, commit.replay_from],
+        "DELETE FROM keyed_applied a USING (SELECT unnest($k) AS k, unnest($start) AS start) b "
+        "WHERE a.family = $family AND a.keyed_partition = b.k AND a.from_offset < b.start",
+        starts | {"family": family},
     )
 
 
@@ -585,6 +603,15 @@ def _settle(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> KeyedCommit:
     verdicts are taken in their order, so several on one click in one commit (a family
     re-attributing within itself) settle as they would one commit each."""
     assert commit.verdicts is not None
+    if not commit.verdicts.num_rows:  # nothing to look up, apply or record
+        minute, dimensions = correction_deltas(commit.verdicts)
+        return dataclasses.replace(
+            commit,
+            minute_deltas=minute,
+            dimension_deltas=dimensions,
+            corrections=0,
+            corrections_by_rule={},
+        )
     verdicts = pl.from_arrow(commit.verdicts)
     assert isinstance(verdicts, pl.DataFrame)
     ids = pa.table({"event_id": verdicts["event_id"].unique().to_arrow()})
@@ -680,10 +707,10 @@ def _forget_settled(cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommi
             bounds[c.family] = min(bounds.get(c.family, c.settled_before_ms), c.settled_before_ms)
     if not bounds:
         return
-    cur.executemany(
-        "INSERT INTO keyed_settled AS s VALUES (?, ?) ON CONFLICT (family) DO UPDATE SET "
-        "before_ms = greatest(s.before_ms, excluded.before_ms)",
-        [[family, bound] for family, bound in sorted(bounds.items())],
+    cur.execute(
+        "INSERT INTO keyed_settled AS s SELECT unnest($family), unnest($bound) "
+        "ON CONFLICT (family) DO UPDATE SET before_ms = greatest(s.before_ms, excluded.before_ms)",
+        {"family": sorted(bounds), "bound": [bounds[f] for f in sorted(bounds)]},
     )
     # Only once every family has a bound: one that never committed may still judge anything.
     cur.execute(
@@ -857,34 +884,51 @@ class DuckDBStore:
             )
         commits = [_settle(cur, c) if c.verdicts is not None else c for c in commits]
         _append_deltas(cur, commits, seq)
-        for c in commits:
-            offsets, high_water, _ = _family_tables(c.family)
+        # One statement per table and family for all its commits: DuckDB costs about a
+        # millisecond per statement (an upsert per row of executemany is one each).
+        for family in sorted({c.family for c in commits}):
+            offsets, high_water, _ = _family_tables(family)
+            mine = [c for c in commits if c.family == family]
             cur.execute(
-                f"INSERT INTO {offsets} AS k VALUES (?, ?, ?, ?) "
+                f"INSERT INTO {offsets} AS k "
+                "SELECT unnest($k), unnest($to), unnest($corrections), unnest($at) "
                 "ON CONFLICT (keyed_partition) DO UPDATE SET "
                 "consumed_offset = excluded.consumed_offset, "
                 "corrections = k.corrections + excluded.corrections, "
                 "committed_at_ms = excluded.committed_at_ms",
-                [c.keyed_partition, c.to_offset, c.corrections, c.committed_at_ms],
+                {
+                    "k": [c.keyed_partition for c in mine],
+                    "to": [c.to_offset for c in mine],
+                    "corrections": [c.corrections for c in mine],
+                    "at": [c.committed_at_ms for c in mine],
+                },
             )
-            if c.high_water:
-                cur.executemany(
-                    f"INSERT INTO {high_water} VALUES (?, ?, ?) "
+            marks = [
+                (c.keyed_partition, p, o) for c in mine for p, o in sorted(c.high_water.items())
+            ]
+            if marks:
+                cur.execute(
+                    f"INSERT INTO {high_water} SELECT unnest($k), unnest($p), unnest($o) "
                     "ON CONFLICT (keyed_partition, source_partition) DO UPDATE SET "
                     "source_offset = excluded.source_offset",
-                    [[c.keyed_partition, p, o] for p, o in sorted(c.high_water.items())],
+                    {
+                        "k": [k for k, _, _ in marks],
+                        "p": [p for _, p, _ in marks],
+                        "o": [o for _, _, o in marks],
+                    },
                 )
-            _record_spec(cur, c)
+            _record_specs(cur, family, mine)
         _forget_settled(cur, commits)
         by_rule: dict[str, int] = {}
         for c in commits:
             for rule, n in c.corrections_by_rule.items():
                 by_rule[rule] = by_rule.get(rule, 0) + n
         if by_rule:
-            cur.executemany(
-                "INSERT INTO keyed_rule_corrections AS r VALUES (?, ?) ON CONFLICT (rule_id) "
-                "DO UPDATE SET corrections = r.corrections + excluded.corrections",
-                [[rule, n] for rule, n in sorted(by_rule.items())],
+            cur.execute(
+                "INSERT INTO keyed_rule_corrections AS r SELECT unnest($rule), unnest($n) "
+                "ON CONFLICT (rule_id) DO UPDATE SET "
+                "corrections = r.corrections + excluded.corrections",
+                {"rule": sorted(by_rule), "n": [by_rule[r] for r in sorted(by_rule)]},
             )
         return commits
 
