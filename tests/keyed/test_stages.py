@@ -24,7 +24,7 @@ from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError, retire_marker
 from clickagg.keyed.stage2 import KeyedStage, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
-from clickagg.store.base import KeyedProgress
+from clickagg.store.base import KeyedCommit, KeyedProgress
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.worker.process import refill_counters
 from clickagg.worker.snapshots import SnapshotStore
@@ -178,6 +178,8 @@ class KeyedRig:
         self.clock = FixedClock(T0 + 10 * MINUTE_MS)
         self.crash = crash or Crash()
         self.trimmed = 0  # keyed log segments deleted behind stage 2's snapshots
+        # (event id, rule id) -> the time of the keyed commit that applied that verdict
+        self.applied_at: dict[tuple[str, str], int] = {}
         self._open()
         self.start()
 
@@ -246,6 +248,16 @@ class KeyedRig:
             trim=self._trim,
             snapshot_records=KEYED_SNAPSHOT_RECORDS,
         )
+        commit_keyed = self.store.commit_keyed
+
+        def recording(commits: list[KeyedCommit]) -> list[pa.Table]:
+            applied = commit_keyed(commits)
+            for c, table in zip(commits, applied, strict=True):
+                for verdict in table.select(["event_id", "rule_id"]).to_pylist():
+                    self.applied_at[(verdict["event_id"], verdict["rule_id"])] = c.committed_at_ms
+            return applied
+
+        self.store.commit_keyed = recording  # type: ignore[method-assign]
         wrap = self.crash.wrap
         wrap(self.store, "commit_many", after="after-commit")
         wrap(self.appender, "append", after="after-keyed-append")
@@ -270,6 +282,7 @@ class KeyedRig:
         return deleted
 
     def restart(self) -> None:
+        self.clock.advance(1_000)  # a later process: a correction re-derived now keeps its time
         self.crash.armed = False
         self.archive.abandon()
         self.corrections.abandon()
@@ -352,7 +365,11 @@ def _run(
         result = rig.counts(), rig.realtime(), rig.store.keyed_progress()
     finally:
         rig.close()
-    return (*result, rig.corrected())
+    corrected = rig.corrected()
+    # Stamped with the time their verdict was applied, also when archived by a recovery.
+    for row in corrected.select(["event_id", "rule_id", "corrected_at_ms"]).to_pylist():
+        assert row["corrected_at_ms"] == rig.applied_at[(row["event_id"], row["rule_id"])], row
+    return (*result, corrected)
 
 
 def corrected_ids(events: list[Ev]) -> set[str]:

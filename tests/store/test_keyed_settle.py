@@ -113,7 +113,7 @@ def _state(store: DuckDBStore) -> tuple[int, int, int, dict[str, int]]:
 
 
 def _applied(store: DuckDBStore, family: str) -> list[tuple[str, str, str | None]]:
-    table = store.keyed_applied(family, 0, 0)
+    table = store.keyed_applied(family, 0, 0).select(["event_id", "rule_id", "previous_rule_id"])
     return list(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
 
 
@@ -229,3 +229,40 @@ def test_a_click_its_family_corrected_before_the_store_kept_them_is_not_correcte
     assert applied["previous_rule_id"].to_pylist() == ["ip-velocity"]
     clicks, invalid, spend, _ = _state(store)
     assert (clicks, invalid, spend) == (2, 0, 1000)  # nothing corrected here
+
+
+def test_a_file_without_applied_times_gains_the_column_and_reads_them_as_unknown(
+    tmp_path: Path,
+) -> None:
+    """keyed_applied of an earlier build had no applied_at_ms: opening the file adds it, its
+    rows read null (a recovery then stamps them with its own time), new rows their time."""
+    import dataclasses
+
+    import duckdb
+
+    path = tmp_path / "agg.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE keyed_applied (family VARCHAR NOT NULL, keyed_partition INTEGER NOT NULL, "
+        "from_offset BIGINT NOT NULL, seq INTEGER NOT NULL, event_id VARCHAR NOT NULL, "
+        "rule_id VARCHAR NOT NULL, previous_rule_id VARCHAR)"
+    )
+    con.execute("INSERT INTO keyed_applied VALUES ('ip', 0, 0, 0, 'old', 'r', NULL)")
+    con.close()
+    store = DuckDBStore(path)
+    try:
+        [row] = store.keyed_applied("ip", 0, 0).to_pylist()
+        assert row == {
+            "event_id": "old",
+            "rule_id": "r",
+            "previous_rule_id": None,
+            "applied_at_ms": None,
+        }
+        store.commit_keyed(
+            [dataclasses.replace(_commit("ip", [("e7", "ip-velocity")]), committed_at_ms=5_000)]
+        )
+        rows = store.keyed_applied("ip", 0, 0).to_pylist()
+        stamps = [(r["event_id"], r["applied_at_ms"]) for r in rows]
+        assert stamps == [("old", None), ("e7", 5_000)]
+    finally:
+        store.close()

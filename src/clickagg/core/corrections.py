@@ -56,7 +56,9 @@ def correction_rows(
     corrected_at_ms: int,
 ) -> pa.Table:
     """The correction rows of one keyed partition's flagged clicks, in their order;
-    ``reasons`` gives each rule id's reason text."""
+    ``reasons`` gives each rule id's reason text. A flagged click with an
+    ``applied_at_ms`` (when its verdict was applied, if known) is stamped with that time,
+    the others with ``corrected_at_ms``."""
     if flagged.num_rows == 0:
         return CORRECTION_SCHEMA.empty_table()
     frame = pl.from_arrow(flagged)
@@ -71,7 +73,11 @@ def correction_rows(
     rows = frame.join(rules, on="rule_id", how="left", maintain_order="left").with_columns(
         pl.lit(keyed_partition).alias("keyed_partition"),
         pl.col("reason").fill_null(""),
-        pl.lit(corrected_at_ms).alias("corrected_at_ms"),
+        (
+            pl.col("applied_at_ms").fill_null(corrected_at_ms)
+            if "applied_at_ms" in frame.columns
+            else pl.lit(corrected_at_ms)
+        ).alias("corrected_at_ms"),
         pl.Series("fp_high", fp_high, dtype=pl.UInt64),
     )
     return rows.select(CORRECTION_SCHEMA.names).to_arrow().cast(CORRECTION_SCHEMA)

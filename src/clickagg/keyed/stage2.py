@@ -331,7 +331,7 @@ class KeyedStage:
                 at = cut
             if derived:
                 applied = self._as_applied(k, archived, pa.concat_tables(derived))
-                redo.append(self._correction_rows(k, applied, reasons))
+                redo.append(self._correction_rows(k, applied, reasons, self.clock.now_ms()))
             if stored is not None:  # the store's marks win over a trimmed log's
                 windows.high_water.update(stored.high_water)
             self.windows[k] = windows
@@ -346,14 +346,20 @@ class KeyedStage:
     def _as_applied(self, k: int, from_offset: int, verdicts: pa.Table) -> pa.Table:
         """Of verdicts re-derived from ``from_offset`` on, the ones the store applied, each
         with the ``previous_rule_id`` it was applied with (a click's rule is applied at
-        most once: each move names an earlier rule)."""
+        most once: each move names an earlier rule) and when (``applied_at_ms``): the
+        corrections archive stamps them with their commit's time, not the recovery's."""
         applied = pl.from_arrow(self.store.keyed_applied(self.family.name, k, from_offset))
         frame = pl.from_arrow(verdicts)
         assert isinstance(applied, pl.DataFrame) and isinstance(frame, pl.DataFrame)
         kept = frame.drop("previous_rule_id").join(
-            applied.cast(pl.String), on=["event_id", "rule_id"], how="inner", maintain_order="left"
+            applied.cast({"event_id": pl.String, "rule_id": pl.String}),
+            on=["event_id", "rule_id"],
+            how="inner",
+            maintain_order="left",
         )
-        return kept.select(verdicts.schema.names).to_arrow().cast(verdicts.schema)
+        names = [*verdicts.schema.names, "applied_at_ms"]
+        schema = verdicts.schema.append(pa.field("applied_at_ms", pa.int64()))
+        return kept.select(names).to_arrow().cast(schema)
 
     def _consume(
         self, k: int, windows: Windows, lo: int, hi: int, rules: KeyedRules | VisitorRules
@@ -380,12 +386,11 @@ class KeyedStage:
             verdicts.append(windows.consume(pa.concat_tables(parts), rules))
         return pa.concat_tables(verdicts)
 
-    def _correction_rows(self, k: int, flagged: pa.Table, reasons: Mapping[str, str]) -> pa.Table:
+    def _correction_rows(
+        self, k: int, flagged: pa.Table, reasons: Mapping[str, str], at_ms: int
+    ) -> pa.Table:
         return correction_rows(
-            flagged,
-            keyed_partition=self.family.key(k),
-            reasons=reasons,
-            corrected_at_ms=self.clock.now_ms(),
+            flagged, keyed_partition=self.family.key(k), reasons=reasons, corrected_at_ms=at_ms
         )
 
     def step(self) -> int:
@@ -449,7 +454,7 @@ class KeyedStage:
         if self.corrections is not None:
             reasons = {rule.rule_id: rule.reason for rule in rules.rules}
             corrected = [
-                self._correction_rows(c.keyed_partition, table, reasons)
+                self._correction_rows(c.keyed_partition, table, reasons, c.committed_at_ms)
                 for c, table in zip(commits, applied, strict=True)
                 if table.num_rows
             ]

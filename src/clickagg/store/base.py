@@ -139,7 +139,8 @@ class AggregateStore(Protocol):
 
     def keyed_applied(self, family: str, keyed_partition: int, from_offset: int) -> pa.Table:
         """The verdicts the family's commits of the keyed partition from ``from_offset`` on
-        applied (event_id, rule_id, previous_rule_id, in the order applied): what a
+        applied (event_id, rule_id, previous_rule_id, applied_at_ms: the commit's time,
+        null if unknown; in the order applied): what a
         recovery hands the corrections archive again, of the verdicts it re-derives."""
         ...
 

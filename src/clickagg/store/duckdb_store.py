@@ -218,13 +218,16 @@ _SCHEMA_DDL: Final = (
         event_id VARCHAR PRIMARY KEY, rule_id VARCHAR NOT NULL, ts_ms BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS keyed_settled (
         family VARCHAR PRIMARY KEY, before_ms BIGINT NOT NULL)""",
-    # What each family's commits applied, by the commit's first keyed offset: a recovery
-    # hands the corrections archive exactly these again. Rows before the keyed log's first
-    # retained offset are deleted (a recovery never replays from before it).
+    # What each family's commits applied, by the commit's first keyed offset, and when: a
+    # recovery hands the corrections archive exactly these again, stamped with the time
+    # they were applied (null in rows of a build before the column: the recovery's time).
+    # Rows before the keyed log's first retained offset are deleted (a recovery never
+    # replays from before it).
     """CREATE TABLE IF NOT EXISTS keyed_applied (
         family VARCHAR NOT NULL, keyed_partition INTEGER NOT NULL,
         from_offset BIGINT NOT NULL, seq INTEGER NOT NULL, event_id VARCHAR NOT NULL,
-        rule_id VARCHAR NOT NULL, previous_rule_id VARCHAR)""",
+        rule_id VARCHAR NOT NULL, previous_rule_id VARCHAR, applied_at_ms BIGINT)""",
+    "ALTER TABLE keyed_applied ADD COLUMN IF NOT EXISTS applied_at_ms BIGINT",
 )
 
 _FAMILY_TABLES: Final = {
@@ -671,6 +674,7 @@ def _settle(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> KeyedCommit:
             "event_id",
             "rule_id",
             "previous_rule_id",
+            pl.lit(commit.committed_at_ms, pl.Int64).alias("applied_at_ms"),
         )
         cur.register("_clickagg_final", final.to_arrow())
         cur.register("_clickagg_applied", log.to_arrow())
@@ -680,7 +684,11 @@ def _settle(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> KeyedCommit:
                 "FROM _clickagg_final ON CONFLICT (event_id) DO UPDATE SET "
                 "rule_id = excluded.rule_id"
             )
-            cur.execute("INSERT INTO keyed_applied SELECT * FROM _clickagg_applied")
+            cur.execute(
+                "INSERT INTO keyed_applied (family, keyed_partition, from_offset, seq, "
+                "event_id, rule_id, previous_rule_id, applied_at_ms) "
+                "SELECT * FROM _clickagg_applied"
+            )
         finally:
             cur.unregister("_clickagg_final")
             cur.unregister("_clickagg_applied")
@@ -937,7 +945,7 @@ class DuckDBStore:
         return (
             self._cursor()
             .sql(
-                "SELECT event_id, rule_id, previous_rule_id FROM keyed_applied "
+                "SELECT event_id, rule_id, previous_rule_id, applied_at_ms FROM keyed_applied "
                 "WHERE family = $1 AND keyed_partition = $2 AND from_offset >= $3 "
                 "ORDER BY from_offset, seq",
                 params=[family, keyed_partition, from_offset],
