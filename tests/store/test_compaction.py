@@ -332,7 +332,7 @@ def test_commits_run_while_compactions_run(tmp_path: Path) -> None:
     while: commits overlap open compaction transactions (no lock between them), no commit
     fails, and every answer is exact at the end."""
     rng = random.Random(11)
-    n_rounds = 120
+    n_rounds = 60  # nearly every commit overlaps a compaction already (59 of 60)
     rounds = [random_events(rng, rng.randrange(20, 80), 3 * HOUR_MS) for _ in range(n_rounds)]
     stop = threading.Event()
     errors: list[BaseException] = []
