@@ -19,10 +19,10 @@ c. whole server: ``stop`` (SIGTERM, timed) then start on the same data dir; time
    the start to ``/healthz`` 200 and to lag 0.
 
 Baseline, in the same run before the load: a fresh server on an empty data dir, start to
-``/healthz`` 200 (median of 3). The data dir's size by component is printed after the bulk
-load and at the end. Last, the server is stopped and its minute rows are compared with the
-generator's ground truth (every row equal) and its event fates with the expected ones:
-nothing was lost or counted twice across the three restarts.
+``/healthz`` 200 (median of ``--baseline-starts``, 3). The data dir's size by component is
+printed after the bulk load and at the end. Last, the server is stopped and its minute rows
+are compared with the generator's ground truth (every row equal) and its event fates with
+the expected ones: nothing was lost or counted twice across the three restarts.
 
 The traffic is built in chunks of ``--chunk`` events (the generator's columns take ~2 GB
 per million events while it runs), each with its own seed (distinct ids) and its slice of
@@ -309,7 +309,7 @@ def start_timed(server: common.ClickaggServer) -> float:
 
 def baseline_start(args: argparse.Namespace, env: dict[str, str]) -> list[float]:
     times = []
-    for _ in range(3):
+    for _ in range(args.baseline_starts):
         server = common.ClickaggServer(partitions=args.partitions, env=env)
         try:
             times.append(start_timed(server))
@@ -446,7 +446,7 @@ def run(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     base = baseline_start(args, env)
     print(
         f"baseline: fresh server, empty data dir, start to /healthz 200: median "
-        f"{statistics.median(base):.2f} s ({min(base):.2f}-{max(base):.2f}, 3 starts)"
+        f"{statistics.median(base):.2f} s ({min(base):.2f}-{max(base):.2f}, {len(base)} starts)"
     )
 
     server = common.ClickaggServer(partitions=args.partitions, env=env)
@@ -582,12 +582,17 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=1_000_000, help="events generated at once")
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--baseline-starts", type=int, default=3, help="fresh-server starts of the baseline"
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="max seconds per wait")
     p.add_argument(
         "--live-src", action="store_true", help="import the working tree, not a frozen copy"
     )
     traffic_shapes.add_arguments(p)
     args = p.parse_args()
+    if args.baseline_starts < 1:
+        p.error("--baseline-starts: at least 1")
     if args.shape != "production":
         p.error("--shape: production only (the check needs its ground truth)")
     common.install_sigterm_handler()

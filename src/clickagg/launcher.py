@@ -116,12 +116,34 @@ def stop_group(process: subprocess.Popen[bytes], *, timeout_s: float = 30.0) -> 
     _wait_group_gone(process.pid)
 
 
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of the group is still running. Zombies do not count: the
+    server's children, orphaned by its kill, wait as zombies until the system's init
+    reaps them (in some containers a second or two later), holding no memory, files or
+    ports any more."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return True  # no /proc to tell zombies apart: any member counts
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _parent, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
 def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not _group_runs(pgid):
             return
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):

@@ -153,9 +153,16 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# The JVMs these tests start run for seconds: C1 alone compiles what they run, and the
+# serial collector keeps to one thread, without C2 and parallel-GC threads taking these
+# 2-core machines' cores from the work (the session and first reconciliation in half the
+# time). Results do not depend on either.
+FAST_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+
+
 @pytest.fixture(scope="module")
 def spark() -> Iterator[SparkSession]:
-    session = local_session()
+    session = local_session(extra={"spark.driver.extraJavaOptions": FAST_JVM})
     yield session
     stop_session(session)
 
@@ -373,6 +380,7 @@ def _spark_class(pyspark_home: Path, cls: str, *args: str, log: Path) -> subproc
         "SPARK_NO_DAEMONIZE": "1",
         # No REST submission server (it would listen on 6066 whatever the master's port).
         "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+        "SPARK_DAEMON_JAVA_OPTS": FAST_JVM,
     }
     with open(log, "wb") as out:
         return subprocess.Popen(
@@ -444,6 +452,8 @@ def test_spark_master_reconciles_on_a_cluster(
     hour = time.strftime("%Y-%m-%dT%H", time.gmtime(HOUR / 1000))
     args = ["reconcile", "--hour", hour, "--engine", "spark", "--spark-master", cluster.url]
     args += ["--spark-conf", "spark.executor.memory=512m"]
+    for jvm in ("driver", "executor"):
+        args += ["--spark-conf", f"spark.{jvm}.extraJavaOptions={FAST_JVM}"]
     args += ["--data-dir", str(tmp_path), "--partitions", "2", "--ads", str(settings.ads_file)]
     # Its own process, as from cron: the module's local session must not be borrowed.
     result = subprocess.run(
