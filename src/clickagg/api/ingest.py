@@ -8,7 +8,6 @@ Everything else of the API goes through Starlette (see ``app.py``).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -39,12 +38,9 @@ Handler = Callable[[AppState, bytes, str], Awaitable[tuple[int, dict[str, Any]]]
 # A batch body at least this large is decoded and validated in a thread, not on the event
 # loop: that is milliseconds of work for 1,000 events (tens for 10,000), during which every
 # query and single event on the loop would wait; from a thread the loop gets the GIL back
-# at least every switch interval. Smaller bodies cost less than the hand-off. ONE thread,
-# so batches are prepared one at a time as on the loop: the API process takes no more CPU
-# than before from the worker beside it (several threads would overlap the parts that
-# release the GIL and starve the worker on a 2-core box).
+# at least every switch interval, and the Arrow and polars parts release it. Smaller bodies
+# cost less than the hand-off.
 OFF_LOOP_BYTES = 64 * 1024
-_preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare")
 
 
 def method_not_allowed(method: str, allow: str) -> ApiError:
@@ -184,7 +180,7 @@ async def ingest_batch(state: AppState, body: bytes, content_type: str) -> tuple
     )
     try:
         if len(body) >= OFF_LOOP_BYTES:
-            events, batch = await asyncio.get_running_loop().run_in_executor(_preparer, prepare)
+            events, batch = await asyncio.to_thread(prepare)
         else:
             events, batch = prepare()
     except InvalidEvent as exc:
