@@ -7,8 +7,6 @@ Everything else of the API goes through Starlette (see ``app.py``).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,7 +17,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clickagg.api.committer import Backpressure, DiskReserveError
 from clickagg.api.errors import ApiError, bad_request
 from clickagg.api.state import AppState
-from clickagg.config import Settings
 from clickagg.core import ids
 from clickagg.core.events import (
     IncomingEvent,
@@ -35,12 +32,6 @@ RETRY_AFTER_S = "1"
 _CLICK_BYTE = ids.CLICK.to_bytes(1, "little")
 _encode = msgspec.json.Encoder().encode
 Handler = Callable[[AppState, bytes, str], Awaitable[tuple[int, dict[str, Any]]]]
-# A batch body at least this large is decoded and validated in a thread, not on the event
-# loop: that is milliseconds of work for 1,000 events (tens for 10,000), during which every
-# query and single event on the loop would wait; from a thread the loop gets the GIL back
-# at least every switch interval, and the Arrow and polars parts release it. Smaller bodies
-# cost less than the hand-off.
-OFF_LOOP_BYTES = 64 * 1024
 
 
 def method_not_allowed(method: str, allow: str) -> ApiError:
@@ -105,25 +96,17 @@ async def commit(state: AppState, batch: NormalizedBatch) -> None:
 
 
 def _normalize(
-    settings: Settings,
-    now_ms: int,
-    events: list[IncomingEvent | None],
-    default_type: int | None,
-    rejected: Any,
+    state: AppState, events: list[IncomingEvent | None], default_type: int | None, rejected: Any
 ) -> NormalizedBatch:
-    return normalize(
+    settings = state.settings
+    batch = normalize(
         events,
         default_type=default_type,
         partitions=settings.partitions,
-        now_ms=now_ms,
+        now_ms=state.clock.now_ms(),
         max_future_ms=settings.max_future_ms,
         rejected=rejected,
     )
-
-
-def _record_rejections(
-    state: AppState, events: list[IncomingEvent | None], batch: NormalizedBatch
-) -> None:
     for rejection in batch.rejected:
         event = events[rejection.index] if rejection.index < len(events) else None
         given = None if event is None else event.event_id or event.click_id or event.impression_id
@@ -131,21 +114,7 @@ def _record_rejections(
             state.remember_rejection(str(given), rejection.error)
     if batch.rejected:
         state.metrics.rejected.inc(len(batch.rejected))
-
-
-def _decode_and_normalize(
-    settings: Settings, now_ms: int, body: bytes, ndjson: bool
-) -> tuple[list[IncomingEvent | None], NormalizedBatch]:
-    """A batch body's events and their validated columns; pure, so that it can run in a
-    thread. Raises InvalidEvent (a body that is not a batch) or a 413."""
-    events, rejected = decode_many(body, ndjson=ndjson)
-    if len(events) > settings.max_batch_events:
-        raise ApiError(
-            413,
-            "batch too large",
-            f"{len(events)} events in one batch; the limit is {settings.max_batch_events}",
-        )
-    return events, _normalize(settings, now_ms, events, None, rejected)
+    return batch
 
 
 def single(event_type: int) -> Handler:
@@ -155,8 +124,7 @@ def single(event_type: int) -> Handler:
         except InvalidEvent as exc:
             state.metrics.rejected.inc()
             raise ApiError(400, "invalid event", str(exc)) from None
-        batch = _normalize(state.settings, state.clock.now_ms(), [event], event_type, None)
-        _record_rejections(state, [event], batch)
+        batch = _normalize(state, [event], event_type, None)
         if batch.rejected:
             raise ApiError(400, "invalid event", batch.rejected[0].error)
         await commit(state, batch)
@@ -170,23 +138,24 @@ def single(event_type: int) -> Handler:
 
 
 async def ingest_batch(state: AppState, body: bytes, content_type: str) -> tuple[int, Any]:
+    settings = state.settings
     ndjson = (
         "ndjson" in content_type
         or "jsonlines" in content_type
         or ("json" not in content_type and not body.lstrip().startswith(b"["))
     )
-    prepare = functools.partial(
-        _decode_and_normalize, state.settings, state.clock.now_ms(), body, ndjson
-    )
     try:
-        if len(body) >= OFF_LOOP_BYTES:
-            events, batch = await asyncio.to_thread(prepare)
-        else:
-            events, batch = prepare()
+        events, rejected = decode_many(body, ndjson=ndjson)
     except InvalidEvent as exc:
         state.metrics.rejected.inc()
         raise ApiError(400, "invalid batch", str(exc)) from None
-    _record_rejections(state, events, batch)
+    if len(events) > settings.max_batch_events:
+        raise ApiError(
+            413,
+            "batch too large",
+            f"{len(events)} events in one batch; the limit is {settings.max_batch_events}",
+        )
+    batch = _normalize(state, events, None, rejected)
     rejected_body = [{"index": r.index, "error": r.error} for r in batch.rejected]
     if batch.accepted == 0:
         raise ApiError(
