@@ -413,7 +413,9 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_log_partition_damaged",
         "clickagg_disk_free_bytes",
         "clickagg_disk_reserve_bytes",
+        "clickagg_store_up",
     }
+    assert samples["clickagg_store_up"] == {"": 1}
     partitions = {str(p) for p in range(4)}
     assert samples["clickagg_log_partition_damaged"] == dict.fromkeys(partitions, 0)
     assert samples["clickagg_events_accepted_total"]["click"] >= 1

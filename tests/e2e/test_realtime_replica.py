@@ -1,8 +1,9 @@
 """Recent queries through the real server come from the API process's replica of the
 recent minutes and hours: sliding windows, the last hour's minute rows and the last day's
 hour rows are answered while the worker process is frozen (so they do not wait for its
-GIL), they are exact, and after a kill -9 of the worker the replica follows the new worker
-exactly (its hours from the new worker's snapshot of the store's hour rows)."""
+GIL; a metrics scrape answers too, without the stream's figures), they are exact, and
+after a kill -9 of the worker the replica follows the new worker exactly (its hours from
+the new worker's snapshot of the store's hour rows)."""
 
 from __future__ import annotations
 
@@ -115,8 +116,18 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
                 assert minute_rows(server, ad, timeout_s=2) == minutes[ad]
                 assert hour_rows(server, ad, timeout_s=2) == hours[ad]
             assert time.monotonic() - started < 2
+            # A scrape still answers, after a bounded wait, without the stream's figures.
+            scrape = http.get(server.url + "/metrics", timeout=10)
+            assert scrape.status_code == 200
+            assert "\nclickagg_store_up 0.0\n" in scrape.text
+            assert "\nclickagg_worker_restarts 0.0\n" in scrape.text
+            assert "clickagg_partition_durable_end_offset{" in scrape.text
+            assert "clickagg_partition_committed_offset{" not in scrape.text  # not known
         finally:
             os.kill(worker, signal.SIGCONT)
+        scrape = http.get(server.url + "/metrics", timeout=10)
+        assert "\nclickagg_store_up 1.0\n" in scrape.text
+        assert "clickagg_partition_committed_offset{" in scrape.text
 
         second = clicks("b", 240, now_s, rng)
         assert post(server.url, second)

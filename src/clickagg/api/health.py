@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar
+from collections.abc import Awaitable
+from typing import ClassVar, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from clickagg.api.queries import answer
 from clickagg.api.state import state_of
 from clickagg.core.windows import NO_EVENT_MS
-from clickagg.query.base import KeyedStatus
+from clickagg.query.base import KeyedStatus, QueryError, StoreUnavailable
 
 
 class ConnectionRefusals:
@@ -69,11 +69,33 @@ def _keyed_metrics(status: KeyedStatus, registry: CollectorRegistry) -> None:
         corrections.labels(rule).inc(n)
 
 
+_T = TypeVar("_T")
+
+# A scrape waits at most this long for the store's figures. The worker may be busy (waiting
+# out a full disk, say, when the other figures matter most): without its answer the scrape
+# still exports everything the API process knows, with clickagg_store_up 0.
+STORE_WAIT_S = 2.0
+
+
+async def _from_store(query: Awaitable[_T]) -> _T | None:
+    try:
+        return await asyncio.wait_for(query, STORE_WAIT_S)
+    except (StoreUnavailable, QueryError, TimeoutError):
+        return None
+
+
 async def metrics(request: Request) -> Response:
     state = state_of(request)
-    statuses = await answer(state.queries.partition_status())
-    by_partition = {s.partition: s for s in statuses}
+    statuses = await _from_store(state.queries.partition_status())
+    by_partition = {s.partition: s for s in statuses or ()}
     registry = CollectorRegistry()
+    store_up = Gauge(
+        "clickagg_store_up",
+        "1 if the aggregate store (the worker) answered this scrape; 0: the per-partition "
+        "stream figures (committed offsets, lag, counts, keyed stage) are missing from it",
+        registry=registry,
+    )
+    store_up.set(0 if statuses is None else 1)
     gauges = {
         name: Gauge(f"clickagg_partition_{name}", help_text, ["partition"], registry=registry)
         for name, help_text in (
@@ -94,12 +116,14 @@ async def metrics(request: Request) -> Response:
     for partition in range(state.settings.partitions):
         label = str(partition)
         end = state.reader.durable_end(partition)
+        gauges["durable_end_offset"].labels(label).set(end)
+        gauges["archived_offset"].labels(label).set(archived.get(partition, 0))
+        if statuses is None:
+            continue  # not known: a committed offset of 0 would show all as lag
         status = by_partition.get(partition)
         committed = status.committed_offset if status else 0
-        gauges["durable_end_offset"].labels(label).set(end)
         gauges["committed_offset"].labels(label).set(committed)
         gauges["lag_events"].labels(label).set(max(0, end - committed))
-        gauges["archived_offset"].labels(label).set(archived.get(partition, 0))
         gauges["archive_lag_events"].labels(label).set(
             max(0, committed - archived.get(partition, 0))
         )
@@ -111,8 +135,10 @@ async def metrics(request: Request) -> Response:
         gauges["events_duplicate"].labels(label).set(status.duplicates)
         gauges["events_late"].labels(label).set(status.late)
         gauges["events_invalid"].labels(label).set(status.invalid)
-    if state.settings.keyed_stage:
-        _keyed_metrics(await answer(state.queries.keyed_status()), registry)
+    if state.settings.keyed_stage and statuses is not None:
+        keyed = await _from_store(state.queries.keyed_status())
+        if keyed is not None:
+            _keyed_metrics(keyed, registry)
     damaged = state.committer.writer.damaged()
     damaged_gauge = Gauge(
         "clickagg_log_partition_damaged",
