@@ -164,9 +164,15 @@ def test_a_store_that_cannot_answer_is_a_503(
 ) -> None:
     client, store = fake
     store.failure = failure
-    for path in ("/aggregates?ad_id=a", "/aggregates/realtime?ad_id=a", "/metrics"):
+    for path in ("/aggregates?ad_id=a", "/aggregates/realtime?ad_id=a"):
         response = client.get(path)
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"] == error
     assert client.get("/healthz").status_code == 503
+    # A scrape leaves the store's figures out and says so, rather than failing.
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert "\nclickagg_store_up 0.0\n" in metrics.text
+    assert "clickagg_partition_committed_offset{" not in metrics.text
+    assert "clickagg_partition_durable_end_offset{" in metrics.text

@@ -80,9 +80,14 @@ def test_a_worker_crash_is_never_a_500(tmp_path: Path) -> None:
         assert [r.status_code for r in answers] == [200] * len(answers), answers[0].text
         assert clicks_counted(client) == 5
 
-        # No worker at all: every query is a 503 JSON with Retry-After.
+        # No worker at all: every query is a 503 JSON with Retry-After; a metrics scrape
+        # answers what the API process knows, and says the store did not.
         client.portal.call(state.supervisor.stop)
         for response in round_of_queries():
+            if response.url.path == "/metrics":
+                assert response.status_code == 200, response.text
+                assert "\nclickagg_store_up 0.0\n" in response.text
+                continue
             assert response.status_code == 503, (response.status_code, response.text)
             assert response.headers["content-type"] == "application/json"
             assert response.headers["retry-after"] == "1"
