@@ -98,8 +98,9 @@ class Settings:
     body_timeout_ms: int = 30_000
     # The API process keeps every ad's hour rows of this many hours (the current one
     # included) in memory, fed by the worker, and answers hour and day rows of that span
-    # itself; 0: none (those queries go to the worker). Memory: up to ~4 KiB per busy
-    # (ad, hour), e.g. ~1 GiB for 10,000 ads that each see hundreds of users an hour.
+    # itself; 0: none (those queries go to the worker). Memory: ~2 KiB per busy closed
+    # (ad, hour), sealed as one compact sketch (the current and previous hours up to a
+    # few 4 KiB ones), e.g. ~0.6 GiB for 10,000 ads that each see hundreds of users an hour.
     replica_hours_ms: int = 26 * 60 * MINUTE_MS
     # An idle kept-alive connection is closed after this; ad servers reuse theirs.
     keep_alive_timeout_ms: int = 60_000

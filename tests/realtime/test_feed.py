@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -380,3 +381,34 @@ def test_recent_minutes_forget_beyond_their_span_and_say_so() -> None:
     assert not recent.covers(T0)  # T0 was forgotten: newest minute minus the span
     assert recent.covers(T0 + 20 * MINUTE_MS)
     assert recent.totals(ad_id="a", start_ms=T0, end_ms=T0 + HOUR_MS).clicks == 2
+
+
+def test_closed_cells_are_sealed_to_one_compact_sketch_with_the_same_answers() -> None:
+    """A busy minute's per-round sketches (HLL mode, 4 KiB each) are merged into one
+    compact sketch once the minute and its hour are closed: far fewer bytes held, the
+    same unique users."""
+    recent = RecentAggregates(since_ms=T0, hours_since_ms=T0 - HOUR_MS)
+    rounds = []
+    for r in range(10):
+        users = [f"u{r}-{i}" for i in range(500)]
+        [sketch] = hll.sketches_by_group_via_library(
+            np.zeros(len(users), np.int64), pa.array(users), 1
+        ).to_pylist()
+        rows = sums([("a", T0, 1)]).append_column("users", pa.array([sketch], pa.binary()))
+        assert recent.apply(rows, {0: (r, r + 1)})
+        rounds.append(sketch)
+    held = recent.sketch_bytes()
+    assert held >= 2 * 10 * 4_000  # every round's sketch, in its minute and in its hour
+    expected = hll.estimate(hll.union(rounds))
+    # The newest minute moves 65 minutes on: the minute is closed (and still held).
+    assert recent.apply(sums([("b", T0 + 65 * MINUTE_MS, 1)]), {0: (10, 11)})
+    assert recent.seal(10**9) == 0
+    assert recent.sketch_bytes() < held * 3 // 4
+    [minute] = recent.minutes(ad_id="a", start_ms=T0, end_ms=T0 + MINUTE_MS)
+    assert minute.unique_users == expected > 4_000
+    # Two hours on: its hour is closed too (the minute is forgotten by then).
+    assert recent.apply(sums([("b", T0 + 2 * HOUR_MS, 1)]), {0: (11, 12)})
+    assert recent.seal(10**9) == 0
+    assert recent.sketch_bytes() <= 2_200  # one compact sketch (HLL_4: 2 KiB, not 4)
+    [hour] = recent.windows(ad_id="a", start_ms=T0, end_ms=T0 + HOUR_MS, granularity="hour")
+    assert hour.unique_users == expected

@@ -509,6 +509,15 @@ def union_many(
     return pa.array(out, type=pa.binary())
 
 
+def compact(sketch: bytes) -> bytes:
+    """The same sketch in its smallest form (compact layout, HLL_4 registers): about half
+    the bytes of a busy HLL_8 sketch, for sketches kept in memory that rarely change again.
+    Unions and estimates are the same (the registers are); ~40 µs, so not per event."""
+    merger = datasketches.hll_union(LG_K)
+    merger.update(datasketches.hll_sketch.deserialize(sketch))
+    return bytes(merger.get_result(datasketches.HLL_4).serialize_compact())
+
+
 def estimate(sketch: bytes | None) -> int:
     """Distinct users counted by ``sketch``, rounded half up as Spark's ``hll_sketch_estimate``."""
     if sketch is None:

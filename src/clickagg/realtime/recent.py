@@ -23,6 +23,7 @@ snapshot and the rounds carry, added to its hour as well as to its minute. Hours
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
@@ -39,6 +40,11 @@ RECENT_SPAN_MS = HOUR_MS + 10 * MINUTE_MS
 # The last day by hour: 24 hours before the current one, plus one for event times ahead.
 RECENT_HOURS_MS = 26 * HOUR_MS
 _MERGE_AT = 16  # a cell's sketches are merged into one when it holds this many
+# Minutes this far behind the newest, and hours before the previous one, are sealed (one
+# compact sketch each; a late sketch may still arrive and is added as usual), at most
+# _SEAL_PER_APPLY cells per round so that no round holds the lock for long.
+_SEAL_AFTER_MS = 10 * MINUTE_MS
+_SEAL_PER_APPLY = 128
 _COLUMNS = (
     "ad_id",
     "minute_ms",
@@ -77,6 +83,14 @@ class _Cell:
             sketches = self.merged_sketches()
             self.users = hll.estimate(sketches[0]) if sketches else 0
         return self.users
+
+    def seal(self) -> None:
+        """Keep one compact sketch: a closed minute or hour rarely changes again, and the
+        per-round sketches of a busy one (up to 15, 4 KiB each) would otherwise stay."""
+        if self.sketches:
+            users = self.unique_users()  # merged first; the estimate stays the same
+            self.sketches = [hll.compact(self.sketches[0])]
+            self.users = users
 
 
 def _ceil(value: int, size: int) -> int:
@@ -128,6 +142,10 @@ class RecentAggregates:
         self._offsets: dict[int, int] = {}
         self._newest_minute = 0
         self._newest_hour = 0
+        # Cells to seal (hours?, ad, start), and where the next ones to queue begin.
+        self._unsealed: deque[tuple[bool, str, int]] = deque()
+        self._seal_minutes_from = since_ms - since_ms % MINUTE_MS
+        self._seal_hours_from = hours_since_ms
         self._lock = threading.Lock()
 
     def applied_offsets(self) -> dict[int, int]:
@@ -180,7 +198,54 @@ class RecentAggregates:
             if track_hours and newest_hour > self._newest_hour:
                 self._forget_hours_before(newest_hour - self.hours_span_ms + HOUR_MS)
                 self._newest_hour = newest_hour
+            self._queue_closed()
+            self._seal(_SEAL_PER_APPLY)
         return True
+
+    def _queue_closed(self) -> None:
+        """Queue the cells that closed since the last call (and any the snapshot held)."""
+        until = self._newest_minute - _SEAL_AFTER_MS
+        if until > self._seal_minutes_from:
+            self._queue(False, self._cells, self._seal_minutes_from, until, self.span_ms)
+            self._seal_minutes_from = until
+        hours_from = self._seal_hours_from
+        until = self._newest_hour - HOUR_MS
+        if hours_from is not None and until > hours_from:
+            self._queue(True, self._hours, hours_from, until, self.hours_span_ms)
+            self._seal_hours_from = until
+
+    def _queue(
+        self, hours: bool, cells: dict[str, dict[int, _Cell]], lo: int, hi: int, span: int
+    ) -> None:
+        """Queue the cells starting in [lo, hi), within the span held."""
+        size = HOUR_MS if hours else MINUTE_MS
+        starts = range(_ceil(max(lo, hi - span), size), hi, size)
+        for ad_id, windows in cells.items():
+            self._unsealed.extend((hours, ad_id, t) for t in starts if t in windows)
+
+    def sketch_bytes(self) -> int:
+        """Bytes of unique-user sketches held, minutes and hours (their bulk in memory)."""
+        with self._lock:
+            return sum(
+                len(sketch)
+                for cells in (self._cells, self._hours)
+                for windows in cells.values()
+                for cell in windows.values()
+                for sketch in cell.sketches
+            )
+
+    def seal(self, budget: int) -> int:
+        """Seal up to ``budget`` closed cells now; how many are still queued."""
+        with self._lock:
+            self._seal(budget)
+            return len(self._unsealed)
+
+    def _seal(self, budget: int) -> None:
+        for _ in range(min(budget, len(self._unsealed))):
+            hours, ad_id, start = self._unsealed.popleft()
+            cell = (self._hours if hours else self._cells).get(ad_id, {}).get(start)
+            if cell is not None:  # not forgotten meanwhile
+                cell.seal()
 
     def _forget_before(self, minute_ms: int) -> None:
         if minute_ms <= self.complete_since_ms:
