@@ -37,7 +37,7 @@ def test_windows_come_from_the_replica_while_it_follows_else_from_the_worker(
     store = DuckDBStore(tmp_path / "agg.duckdb")
 
     def snapshot() -> Snapshot:
-        recent = store.recent_minutes(T0, T0 - 2 * HOUR_MS)
+        recent = store.recent_rows(T0, T0 - 2 * HOUR_MS)
         return Snapshot(recent.minutes, recent.committed, T0, recent.hours, T0 - 2 * HOUR_MS)
 
     counters = PublishingCounters(InMemoryCounters(), snapshot=snapshot)

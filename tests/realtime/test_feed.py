@@ -81,7 +81,7 @@ class Worker:
         self.ids = 0
 
     def snapshot(self) -> Snapshot:
-        recent = self.store.recent_minutes(self.since_ms, self.hours_since_ms)
+        recent = self.store.recent_rows(self.since_ms, self.hours_since_ms)
         return Snapshot(
             recent.minutes, recent.committed, self.since_ms, recent.hours, self.hours_since_ms
         )
@@ -122,6 +122,13 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def held_clicks(replica: RecentReplica) -> int:
+    """Clicks of ad0 in minute T0 as the replica holds them (it must be following a feed)."""
+    recent = replica.covering(T0)
+    assert recent is not None
+    return recent.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS).clicks
 
 
 @pytest.fixture
@@ -254,7 +261,7 @@ def test_the_replicas_hours_and_days_are_the_stores_whenever_it_subscribed(
             assert checked > len(ADS) * 5
             # day rows from the hours: a replica whose hours hold the whole (UTC) day
             recent = RecentAggregates(since_ms=T0, hours_since_ms=day)
-            snap = store.recent_minutes(T0, day)
+            snap = store.recent_rows(T0, day)
             assert recent.apply(snap.minutes, {0: (0, 1)}, snap.hours)
             for ad in ADS:
                 got = recent.windows(
@@ -309,9 +316,7 @@ def test_the_replica_starts_over_from_a_new_worker_and_answers_nothing_in_betwee
         replica.start()
         try:
             await until(lambda: replica.live)
-            recent = replica.covering(T0)
-            assert recent is not None
-            assert recent.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS).clicks == 5
+            assert held_clicks(replica) == 5
             server.stop()  # the worker went away
             await until(lambda: not replica.live)
             assert replica.covering(T0) is None
@@ -324,9 +329,7 @@ def test_the_replica_starts_over_from_a_new_worker_and_answers_nothing_in_betwee
             await until(lambda: replica.live)
             second.apply(sums([("ad0", T0, 1)]), {0: (9, 10)})
             await until(lambda: replica.applied_offsets() == {0: 10})
-            recent = replica.covering(T0)
-            assert recent is not None
-            assert recent.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS).clicks == 10
+            assert held_clicks(replica) == 10
             assert replica.snapshots == 2
         finally:
             await replica.close()
@@ -359,9 +362,7 @@ def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over
         replica.start()
         try:
             await until(lambda: replica.snapshots == 2 and replica.live)
-            recent = replica.covering(T0)
-            assert recent is not None
-            assert recent.window(ad_id="ad0", start_ms=T0, end_ms=T0 + MINUTE_MS).clicks == 5
+            assert held_clicks(replica) == 5
             assert replica.rounds == 0
         finally:
             await replica.close()
@@ -371,7 +372,7 @@ def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over
     asyncio.run(main())
 
 
-def test_recent_minutes_forget_beyond_their_span_and_say_so() -> None:
+def test_recent_rows_forget_beyond_their_span_and_say_so() -> None:
     recent = RecentAggregates(since_ms=T0, span_ms=10 * MINUTE_MS)
     sketch = hll.union([])
     rows = sums([("a", T0, 1), ("a", T0 + 30 * MINUTE_MS, 2)])

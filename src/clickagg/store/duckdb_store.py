@@ -746,7 +746,7 @@ def _fence(stored: Mapping[Any, Any], read_from: Mapping[int, int], message: str
 
 
 class RecentSnapshot(NamedTuple):
-    """What :meth:`DuckDBStore.recent_minutes` read in one transaction."""
+    """What :meth:`DuckDBStore.recent_rows` read in one transaction."""
 
     minutes: pa.Table
     hours: pa.Table | None
@@ -1272,7 +1272,7 @@ class DuckDBStore:
         table: pa.Table = self._cursor().sql(_MINUTE_ROWS_SINCE, params=[since_ms]).to_arrow_table()
         return table
 
-    def recent_minutes(self, since_ms: int, hours_since_ms: int | None = None) -> RecentSnapshot:
+    def recent_rows(self, since_ms: int, hours_since_ms: int | None = None) -> RecentSnapshot:
         """Every per-ad minute row from ``since_ms`` on, base and deltas unmerged (sums and
         sketches add up; ``MINUTE_SCHEMA``), with the partitions' committed offsets and, per
         keyed family, its keyed partitions' consumed offsets, which they hold everything up

@@ -486,7 +486,7 @@ def feed_snapshot(store: DuckDBStore, clock: Clock, *, hours_ms: int = RECENT_HO
     hours_since_ms = None
     if hours_ms > 0:
         hours_since_ms = min(window_start(now, HOUR_MS) - hours_ms + HOUR_MS, since_ms)
-    recent = store.recent_minutes(since_ms, hours_since_ms)
+    recent = store.recent_rows(since_ms, hours_since_ms)
     offsets = dict(recent.committed)
     for family in (IP, VISITOR):
         for k, offset in recent.keyed.get(family.name, {}).items():
