@@ -19,6 +19,7 @@ import pytest
 
 from clickagg.core import hll
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.query.base import HeldCells
 from clickagg.realtime.feed import (
     ROUND,
     SNAPSHOT,
@@ -214,6 +215,10 @@ def test_the_replica_answers_what_the_store_answers_whenever_it_subscribed(
                     checked_users += totals.unique_users
             assert checked_users > 0
             assert replica.snapshots == 1 and replica.rounds > 0
+            status = replica.status()
+            assert status.live and (status.snapshots, status.rounds) == (1, replica.rounds)
+            assert status.held == walked(recent)
+            assert status.held["minute"].cells > 0 and status.held["minute"].sketch_bytes > 0
 
     asyncio.run(main())
 
@@ -317,9 +322,13 @@ def test_the_replica_starts_over_from_a_new_worker_and_answers_nothing_in_betwee
         try:
             await until(lambda: replica.live)
             assert held_clicks(replica) == 5
+            assert replica.status().held["minute"] == HeldCells(cells=1, sketch_bytes=0)
             server.stop()  # the worker went away
             await until(lambda: not replica.live)
             assert replica.covering(T0) is None
+            status = replica.status()  # not live: it holds nothing; what it did stays counted
+            assert (status.live, status.snapshots, status.rounds) == (False, 1, 0)
+            assert set(status.held.values()) == {HeldCells(0, 0)}
             # the next worker: a state of its own
             second = PublishingCounters(
                 InMemoryCounters(), snapshot=fixed(sums([("ad0", T0, 9)]), {0: 9})
@@ -331,6 +340,8 @@ def test_the_replica_starts_over_from_a_new_worker_and_answers_nothing_in_betwee
             await until(lambda: replica.applied_offsets() == {0: 10})
             assert held_clicks(replica) == 10
             assert replica.snapshots == 2
+            status = replica.status()
+            assert (status.live, status.snapshots, status.rounds) == (True, 2, 1)
         finally:
             await replica.close()
             server.stop()
@@ -370,6 +381,67 @@ def test_a_round_that_does_not_continue_the_offsets_makes_the_replica_start_over
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def walked(recent: RecentAggregates) -> dict[str, HeldCells]:
+    """What ``held()`` must say, counted the slow way: every cell and sketch walked."""
+    return {
+        granularity: HeldCells(
+            cells=sum(len(windows) for windows in cells.values()),
+            sketch_bytes=sum(
+                len(sketch)
+                for windows in cells.values()
+                for cell in windows.values()
+                for sketch in cell.sketches
+            ),
+        )
+        for granularity, cells in (("minute", recent._cells), ("hour", recent._hours))
+    }
+
+
+def test_what_the_recent_rows_hold_is_counted_as_cells_come_merge_seal_and_go(
+    store: DuckDBStore,
+) -> None:
+    """Rounds over a moving hour, from a snapshot with hours: cells are added, their
+    sketches merged (by queries too) and sealed, old minutes and hours forgotten; the
+    counts kept as they go are what walking every cell finds, after each round."""
+    worker = Worker(
+        store,
+        seed=3,
+        first_ms=T0 - 3 * HOUR_MS,
+        span_ms=HOUR_MS,
+        since_ms=T0 - 2 * HOUR_MS,
+        hours_since_ms=T0 - 3 * HOUR_MS,
+    )
+    worker.rounds(20)
+    store.compact()
+    snapshot, subscriber = worker.counters.subscribe()
+    frame = decode_frame(snapshot[4:])
+    assert frame.hours_since_ms is not None
+    recent = RecentAggregates(
+        since_ms=frame.since_ms,
+        hours_since_ms=frame.hours_since_ms,
+        span_ms=20 * MINUTE_MS,
+        hours_span_ms=2 * HOUR_MS,
+    )
+    assert recent.apply(frame.rows, frame.ranges, frame.hours)
+    assert recent.held() == walked(recent)
+    forgot = 0
+    for step in range(30):  # the hour of the events moves on 8 minutes a round
+        worker.first_ms += 8 * MINUTE_MS
+        worker.rounds(1)
+        frame = decode_frame(subscriber.frames.get_nowait()[4:])
+        before = recent.held()
+        assert recent.apply(frame.rows, frame.ranges)
+        if step % 7 == 0:  # a query merges a cell's sketches
+            recent.totals(ad_id=ADS[step % len(ADS)], start_ms=0, end_ms=T0 + 2 * HOUR_MS)
+        held = recent.held()
+        forgot += held["minute"].cells < before["minute"].cells
+        assert held == walked(recent)
+    assert recent.seal(10**9) == 0
+    assert recent.held() == walked(recent)
+    assert forgot > 0  # minutes were forgotten along the way
+    assert recent.held()["hour"].cells > 0 and recent.held()["hour"].sketch_bytes > 0
 
 
 def test_recent_rows_forget_beyond_their_span_and_say_so() -> None:

@@ -92,6 +92,26 @@ class KeyedStatus:
 
 
 @dataclass(frozen=True)
+class HeldCells:
+    """What the API process's replica of the recent rows holds of one granularity."""
+
+    cells: int  # (ad, minute) or (ad, hour) cells
+    sketch_bytes: int  # bytes of their unique-user sketches, the bulk of their memory
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """The replica of the recent rows (``clickagg.query.replicated``) as ``/metrics``
+    shows it: whether it follows the worker's feed, how often it started over from a
+    snapshot, the rounds it applied, and what it holds (nothing while not live)."""
+
+    live: bool
+    snapshots: int  # since the process started: one per (re)connection that got one
+    rounds: int  # rounds applied since the process started (redos it ignored are not)
+    held: dict[Literal["minute", "hour"], HeldCells]
+
+
+@dataclass(frozen=True)
 class AggregateRow:
     window_ms: int
     group: str | None  # the group_by dimension's value, None without group_by

@@ -23,6 +23,7 @@ from clickagg.query.base import (
     PartitionStatus,
     QueryStore,
     RankBy,
+    ReplicaStatus,
     RollupLevel,
     Totals,
 )
@@ -50,6 +51,10 @@ class Replica(Protocol):
         on, else None."""
         ...
 
+    def status(self) -> ReplicaStatus:
+        """Whether it follows the feed, and what it holds: cheap (a scrape reads it)."""
+        ...
+
     def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -63,6 +68,9 @@ class ReplicatedQueryStore:
     async def start(self) -> None:
         self.replica.start()
         await self.store.start()
+
+    def replica_status(self) -> ReplicaStatus:
+        return self.replica.status()
 
     async def window(self, *, ad_id: str, start_ms: int, end_ms: int) -> Totals:
         recent = self.replica.covering(start_ms)

@@ -25,12 +25,14 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Literal
 
 import pyarrow as pa
 
 from clickagg.core import hll
 from clickagg.core.windows import DAY_MS, HOUR_MS, MINUTE_MS
+from clickagg.query.base import HeldCells
 from clickagg.realtime.memory import advance
 from clickagg.store.base import AggregateRow, Totals
 
@@ -56,12 +58,33 @@ _COLUMNS = (
 )
 
 
-class _Cell:
-    __slots__ = ("clicks", "impressions", "invalid_clicks", "sketches", "spend_micros", "users")
+class _Tally:
+    """How many cells of one granularity are held and the bytes of their sketches, kept as
+    cells are added, merged, sealed and forgotten: ``/metrics`` reads them without walking
+    every cell (a day of hours is hundreds of thousands) under the lock queries take."""
+
+    __slots__ = ("cells", "sketch_bytes")
 
     def __init__(self) -> None:
+        self.cells = self.sketch_bytes = 0
+
+
+class _Cell:
+    __slots__ = (
+        "clicks",
+        "impressions",
+        "invalid_clicks",
+        "sketches",
+        "spend_micros",
+        "tally",
+        "users",
+    )
+
+    def __init__(self, tally: _Tally) -> None:
         self.clicks = self.impressions = self.spend_micros = self.invalid_clicks = 0
         self.sketches: list[bytes] = []
+        self.tally = tally
+        tally.cells += 1
         # The estimate of the sketches, kept until a new sketch arrives: a minute's sketch
         # stops changing once the minute is past, and a busy ad's (4 KiB, HLL mode) costs
         # tens of µs to merge and read, for each of the 60 minutes of every query.
@@ -69,14 +92,24 @@ class _Cell:
 
     def add_sketch(self, sketch: bytes) -> None:
         self.sketches.append(sketch)
+        self.tally.sketch_bytes += len(sketch)
         self.users = None
         if len(self.sketches) >= _MERGE_AT:
             self.merged_sketches()
 
     def merged_sketches(self) -> list[bytes]:
         if len(self.sketches) > 1:
-            self.sketches = [hll.union(self.sketches)]
+            self._replace_sketches([hll.union(self.sketches)])
         return self.sketches
+
+    def _replace_sketches(self, sketches: list[bytes]) -> None:
+        self.tally.sketch_bytes += _size(sketches) - _size(self.sketches)
+        self.sketches = sketches
+
+    def forget(self) -> None:
+        """Take the cell out of its tally (it is no longer held)."""
+        self.tally.cells -= 1
+        self.tally.sketch_bytes -= _size(self.sketches)
 
     def unique_users(self) -> int:
         if self.users is None:
@@ -89,8 +122,12 @@ class _Cell:
         per-round sketches of a busy one (up to 15, 4 KiB each) would otherwise stay."""
         if self.sketches:
             users = self.unique_users()  # merged first; the estimate stays the same
-            self.sketches = [hll.compact(self.sketches[0])]
+            self._replace_sketches([hll.compact(self.sketches[0])])
             self.users = users
+
+
+def _size(sketches: list[bytes]) -> int:
+    return sum(len(sketch) for sketch in sketches)
 
 
 def _ceil(value: int, size: int) -> int:
@@ -101,7 +138,7 @@ def _forget(cells: dict[str, dict[int, _Cell]], before_ms: int) -> None:
     for ad_id in list(cells):
         windows = cells[ad_id]
         for start in [t for t in windows if t < before_ms]:
-            del windows[start]
+            windows.pop(start).forget()
         if not windows:
             del cells[ad_id]
 
@@ -139,6 +176,7 @@ class RecentAggregates:
         self.hours_complete_since_ms = hours_since_ms  # likewise every hour; None: no hours
         self._cells: dict[str, dict[int, _Cell]] = {}
         self._hours: dict[str, dict[int, _Cell]] = {}
+        self._minute_tally, self._hour_tally = _Tally(), _Tally()
         self._offsets: dict[int, int] = {}
         self._newest_minute = 0
         self._newest_hour = 0
@@ -174,6 +212,8 @@ class RecentAggregates:
         columns = _columns(rows)
         hour_columns = None if hours is None else _columns(hours)
         track_hours = self.hours_complete_since_ms is not None
+        add_minute = partial(_add, self._cells, self._minute_tally)
+        add_hour = partial(_add, self._hours, self._hour_tally)
         with self._lock:
             if not advance(self._offsets, offsets):
                 return False
@@ -181,16 +221,16 @@ class RecentAggregates:
             for ad_id, minute, clicks, impressions, spend, invalid, users in zip(
                 *columns, strict=True
             ):
-                _add(self._cells, ad_id, minute, clicks, impressions, spend, invalid, users)
+                add_minute(ad_id, minute, clicks, impressions, spend, invalid, users)
                 if track_hours:
                     hour = minute - minute % HOUR_MS
-                    _add(self._hours, ad_id, hour, clicks, impressions, spend, invalid, users)
+                    add_hour(ad_id, hour, clicks, impressions, spend, invalid, users)
                 newest = max(newest, minute)
             if hour_columns is not None:
                 for ad_id, hour, clicks, impressions, spend, invalid, users in zip(
                     *hour_columns, strict=True
                 ):
-                    _add(self._hours, ad_id, hour, clicks, impressions, spend, invalid, users)
+                    add_hour(ad_id, hour, clicks, impressions, spend, invalid, users)
             if newest > self._newest_minute + MINUTE_MS:
                 self._forget_before(newest - self.span_ms)
                 self._newest_minute = newest
@@ -225,14 +265,17 @@ class RecentAggregates:
 
     def sketch_bytes(self) -> int:
         """Bytes of unique-user sketches held, minutes and hours (their bulk in memory)."""
+        held = self.held()
+        return held["minute"].sketch_bytes + held["hour"].sketch_bytes
+
+    def held(self) -> dict[Literal["minute", "hour"], HeldCells]:
+        """Cells held and the bytes of their sketches, by granularity: counted as they
+        change, so this costs nothing however many cells there are."""
         with self._lock:
-            return sum(
-                len(sketch)
-                for cells in (self._cells, self._hours)
-                for windows in cells.values()
-                for cell in windows.values()
-                for sketch in cell.sketches
-            )
+            return {
+                "minute": HeldCells(self._minute_tally.cells, self._minute_tally.sketch_bytes),
+                "hour": HeldCells(self._hour_tally.cells, self._hour_tally.sketch_bytes),
+            }
 
     def seal(self, budget: int) -> int:
         """Seal up to ``budget`` closed cells now; how many are still queued."""
@@ -333,6 +376,7 @@ def _columns(rows: pa.Table) -> _Columns:
 
 def _add(
     cells: dict[str, dict[int, _Cell]],
+    tally: _Tally,
     ad_id: str,
     start: int,
     clicks: int,
@@ -346,7 +390,7 @@ def _add(
         windows = cells[ad_id] = {}
     cell = windows.get(start)
     if cell is None:
-        cell = windows[start] = _Cell()
+        cell = windows[start] = _Cell(tally)
     cell.clicks += clicks
     cell.impressions += impressions
     cell.spend_micros += spend

@@ -16,8 +16,10 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import Literal
 
 from clickagg.core.windows import DAY_MS, HOUR_MS
+from clickagg.query.base import HeldCells, ReplicaStatus
 from clickagg.realtime.feed import LENGTH, SNAPSHOT, decode_frame
 from clickagg.realtime.recent import RECENT_HOURS_MS, RecentAggregates
 from clickagg.store.base import FencedError
@@ -42,7 +44,7 @@ class RecentReplica:
         self._recent: RecentAggregates | None = None  # None: not following a feed
         self._task: asyncio.Task[None] | None = None
         self.snapshots = 0  # how many times it (re)started from a snapshot
-        self.rounds = 0  # rounds applied since the process started
+        self.rounds = 0  # rounds applied since the process started (not redos)
 
     @property
     def live(self) -> bool:
@@ -61,6 +63,18 @@ class RecentReplica:
         else:
             held = False
         return recent if held else None
+
+    def status(self) -> ReplicaStatus:
+        """For ``/metrics``: counted as the feed goes, read without walking the cells."""
+        recent = self._recent
+        held: dict[Literal["minute", "hour"], HeldCells]
+        if recent is None:
+            held = {"minute": HeldCells(0, 0), "hour": HeldCells(0, 0)}
+        else:
+            held = recent.held()
+        return ReplicaStatus(
+            live=recent is not None, snapshots=self.snapshots, rounds=self.rounds, held=held
+        )
 
     def applied_offsets(self) -> dict[int, int] | None:
         recent = self._recent
@@ -119,5 +133,5 @@ class RecentReplica:
                 self._recent = recent
                 self.snapshots += 1
             else:
-                await asyncio.to_thread(recent.apply, frame.rows, frame.ranges)
-                self.rounds += 1
+                if await asyncio.to_thread(recent.apply, frame.rows, frame.ranges):
+                    self.rounds += 1
