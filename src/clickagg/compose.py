@@ -13,6 +13,7 @@ from clickagg.batch.published import FinalRowsReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.query.base import QueryStore
+from clickagg.query.replicated import ReplicatedQueryStore
 from clickagg.query.serving import ServingQueryStore
 from clickagg.registry import AdRegistry, AdvertiserRegistry
 from clickagg.runtime import roles
@@ -36,10 +37,14 @@ def create_app(
         final = FinalRowsReader(
             settings.batch_dir, advertisers=advertisers.current, ads=ads.entries
         )
+        stream = query_store or roles.query_store(settings)
+        # the replica of the recent rows, if the store has one, for /metrics
+        replica = stream.replica_status if isinstance(stream, ReplicatedQueryStore) else None
         return Backends(
             writer=roles.log_writer(settings),
             reader=roles.log_reader(settings),
-            queries=ServingQueryStore(query_store or roles.query_store(settings), final),
+            queries=ServingQueryStore(stream, final),
+            replica_status=replica,
             final=final,
             archive=roles.archive_reader(settings),
             corrections=roles.correction_reader(settings),

@@ -379,18 +379,29 @@ def test_unknown_event_is_404_with_a_reason(client: TestClient) -> None:
 
 
 def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
+    def scrape() -> dict[str, dict[str, float]]:
+        samples: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(client.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name.startswith("clickagg_") and not sample.name.endswith("_created"):
+                    labels = sample.labels
+                    label = labels.get("partition") or labels.get("event_type") or ""
+                    label = label or labels.get("granularity", "")
+                    if "le" not in labels:
+                        samples.setdefault(sample.name, {})[label] = sample.value
+        return samples
+
+    # Once the replica of the recent rows follows the worker, m-1 reaches it in a round.
+    wait_until(lambda: scrape()["clickagg_replica_live"] == {"": 1})
     response = client.post(
-        "/events/click", json={"click_id": "m-1", "ad_id": "ad-m", "timestamp": NOW_S}
+        "/events/click",
+        json={"click_id": "m-1", "ad_id": "ad-m", "user_id": "u-m", "timestamp": NOW_S},
     )
     partition = str(response.json()["partition"])
     fate(client, "m-1")
-    samples: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name.startswith("clickagg_") and not sample.name.endswith("_created"):
-                label = sample.labels.get("partition") or sample.labels.get("event_type", "")
-                if "le" not in sample.labels:
-                    samples.setdefault(sample.name, {})[label] = sample.value
+    samples = wait_until(
+        lambda: (found := scrape())["clickagg_replica_rounds_total"][""] >= 1 and found
+    )
     # the names dashboards, the demo and the e2e tests read
     assert set(samples) == {
         "clickagg_events_accepted_total",
@@ -414,6 +425,11 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
         "clickagg_disk_free_bytes",
         "clickagg_disk_reserve_bytes",
         "clickagg_store_up",
+        "clickagg_replica_live",
+        "clickagg_replica_snapshots_total",
+        "clickagg_replica_rounds_total",
+        "clickagg_replica_cells",
+        "clickagg_replica_sketch_bytes",
     }
     assert samples["clickagg_store_up"] == {"": 1}
     partitions = {str(p) for p in range(4)}
@@ -431,3 +447,11 @@ def test_metrics_expose_pipeline_counters(client: TestClient) -> None:
     for name in ("duplicate", "late", "invalid"):
         assert partition in samples[f"clickagg_partition_events_{name}"]
     assert samples["clickagg_worker_restarts"] == {"": 0}
+    # the replica of the recent rows follows the worker and holds m-1's minute and hour
+    assert samples["clickagg_replica_live"] == {"": 1}
+    assert samples["clickagg_replica_snapshots_total"] == {"": 1}
+    assert set(samples["clickagg_replica_cells"]) == {"minute", "hour"}
+    assert samples["clickagg_replica_cells"]["minute"] >= 1
+    assert samples["clickagg_replica_cells"]["hour"] >= 1
+    assert samples["clickagg_replica_sketch_bytes"]["minute"] > 0
+    assert samples["clickagg_replica_sketch_bytes"]["hour"] > 0

@@ -150,6 +150,7 @@ def test_queries_are_answered_from_the_given_store(
     assert client.get("/healthz").json() == {"status": "ok"}
     metrics = client.get("/metrics").text
     assert 'clickagg_partition_committed_offset{partition="0"} 5.0' in metrics
+    assert "clickagg_replica_" not in metrics  # a store without a replica: no such figures
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@ recent minutes and hours: sliding windows, the last hour's minute rows and the l
 hour rows are answered while the worker process is frozen (so they do not wait for its
 GIL; a metrics scrape answers too, without the stream's figures), they are exact, and
 after a kill -9 of the worker the replica follows the new worker exactly (its hours from
-the new worker's snapshot of the store's hour rows)."""
+the new worker's snapshot of the store's hour rows). ``/metrics`` shows the replica live,
+its rounds, snapshots and what it holds."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.server import ServeProcess, http
 from tests.e2e.test_kill9 import post, wait_caught_up, wait_healthy, worker_pid
@@ -67,6 +70,18 @@ def hour_rows(server: ServeProcess, ad: str, timeout_s: float = 10) -> list[dict
     return rows(server, ad, "hour", "1d", timeout_s)
 
 
+def replica_figures(server: ServeProcess) -> dict[str, float]:
+    """The replica's samples of a scrape, by name (and granularity, after a colon)."""
+    scrape = http.get(server.url + "/metrics", timeout=10)
+    scrape.raise_for_status()
+    return {
+        ":".join([sample.name, *sample.labels.values()]): sample.value
+        for family in text_string_to_metric_families(scrape.text)
+        for sample in family.samples
+        if sample.name.startswith("clickagg_replica_") and not sample.name.endswith("_created")
+    }
+
+
 def wait_windows(server: ServeProcess, expected: Counter[str], timeout_s: float = 30) -> None:
     """Until every ad's window equals ``expected`` (a window never exceeds it meanwhile)."""
     deadline = time.monotonic() + timeout_s
@@ -106,6 +121,13 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
         hours = {ad: hour_rows(server, ad) for ad in ADS}
         assert {ad: sum(r["clicks"] for r in hours[ad]) for ad in ADS} == expected + earlier
         assert all(len(hours[ad]) >= 2 for ad in ADS)
+        figures = replica_figures(server)  # the replica is live, and what it holds costs
+        assert figures["clickagg_replica_live"] == 1
+        assert figures["clickagg_replica_snapshots_total"] == 1
+        assert figures["clickagg_replica_rounds_total"] > 0
+        for granularity in ("minute", "hour"):
+            assert figures[f"clickagg_replica_cells:{granularity}"] >= len(ADS)
+            assert figures[f"clickagg_replica_sketch_bytes:{granularity}"] > 0
         worker = worker_pid(server, not_one_of=[])
         os.kill(worker, signal.SIGSTOP)
         try:
@@ -123,6 +145,7 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
             assert "\nclickagg_worker_restarts 0.0\n" in scrape.text
             assert "clickagg_partition_durable_end_offset{" in scrape.text
             assert "clickagg_partition_committed_offset{" not in scrape.text  # not known
+            assert "\nclickagg_replica_live 1.0\n" in scrape.text  # still following
         finally:
             os.kill(worker, signal.SIGCONT)
         scrape = http.get(server.url + "/metrics", timeout=10)
@@ -150,6 +173,9 @@ def test_windows_are_answered_by_the_replica_exactly_and_through_worker_restarts
             by_hour = hour_rows(server, ad)
             assert sum(r["clicks"] for r in by_hour) == expected[ad] + earlier[ad]
             assert sum(r["unique_users"] for r in by_hour) == expected[ad] + earlier[ad]
+        figures = replica_figures(server)  # it started over from the new worker's snapshot
+        assert figures["clickagg_replica_live"] == 1
+        assert figures["clickagg_replica_snapshots_total"] >= 2
         os.kill(new_worker, signal.SIGSTOP)  # its hours came in the new worker's snapshot
         try:
             for ad in ADS:

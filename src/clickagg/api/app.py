@@ -29,7 +29,7 @@ from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
 from clickagg.disk import DiskReserve
 from clickagg.log.base import LogReader, LogWriter
-from clickagg.query.base import FinalRows, QueryStore
+from clickagg.query.base import FinalRows, QueryStore, ReplicaStatus
 from clickagg.worker.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class Backends:
     supervisor: WorkerHandle | None = None  # started with the app, stopped with it
     final: FinalRows | None = None  # the batch layer's reconciled hours and reports
     corrections: CorrectionReader | None = None  # the keyed stage's, for the audit trail
+    # the query store's replica of the recent rows in this process, if it keeps one
+    replica_status: Callable[[], ReplicaStatus] | None = None
 
 
 async def _retention_loop(state: AppState, writer: LogWriter) -> None:
@@ -143,6 +145,7 @@ def build_app(
             corrections=backends.corrections,
             supervisor=supervisor,
             final=backends.final,
+            replica_status=backends.replica_status,
             registry=registry,
             metrics=IngestMetrics(registry),
         )

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from clickagg.api.state import state_of
 from clickagg.core.windows import NO_EVENT_MS
-from clickagg.query.base import KeyedStatus, QueryError, StoreUnavailable
+from clickagg.query.base import KeyedStatus, QueryError, ReplicaStatus, StoreUnavailable
 
 
 class ConnectionRefusals:
@@ -67,6 +67,45 @@ def _keyed_metrics(status: KeyedStatus, registry: CollectorRegistry) -> None:
     )
     for rule, n in sorted(status.corrections_by_rule.items()):
         corrections.labels(rule).inc(n)
+
+
+def _replica_metrics(status: ReplicaStatus, registry: CollectorRegistry) -> None:
+    """The API process's replica of the recent rows: whether recent queries are answered
+    here (live) or by the worker, and what the replica costs in memory."""
+    live = Gauge(
+        "clickagg_replica_live",
+        "1 while the replica of the recent rows follows the worker's feed (recent queries "
+        "answered in the API process); 0 while it waits for a worker and a new snapshot",
+        registry=registry,
+    )
+    live.set(1 if status.live else 0)
+    snapshots = Counter(
+        "clickagg_replica_snapshots",
+        "Snapshots the replica started from: one per (re)connection to a worker's feed",
+        registry=registry,
+    )
+    snapshots.inc(status.snapshots)
+    rounds = Counter(
+        "clickagg_replica_rounds",
+        "Committed rounds the replica applied from the feed after its snapshots",
+        registry=registry,
+    )
+    rounds.inc(status.rounds)
+    cells = Gauge(
+        "clickagg_replica_cells",
+        "(ad, minute) and (ad, hour) cells the replica holds (0 while not live)",
+        ["granularity"],
+        registry=registry,
+    )
+    sketch_bytes = Gauge(
+        "clickagg_replica_sketch_bytes",
+        "Bytes of unique-user sketches the replica holds, the bulk of its memory",
+        ["granularity"],
+        registry=registry,
+    )
+    for granularity, held in status.held.items():
+        cells.labels(granularity).set(held.cells)
+        sketch_bytes.labels(granularity).set(held.sketch_bytes)
 
 
 _T = TypeVar("_T")
@@ -162,6 +201,8 @@ async def metrics(request: Request) -> Response:
         registry=registry,
     )
     refused.inc(ConnectionRefusals.total)
+    if state.replica_status is not None:  # none kept (another store): no replica figures
+        _replica_metrics(state.replica_status(), registry)
     restarts = Gauge("clickagg_worker_restarts", "Worker process restarts", registry=registry)
     restarts.set(state.supervisor.restarts if state.supervisor else 0)
     reserve = state.committer.reserve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,7 +15,7 @@ from clickagg.archive.base import ArchiveReader, CorrectionReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.log.base import LogReader
-from clickagg.query.base import FinalRows, QueryStore
+from clickagg.query.base import FinalRows, QueryStore, ReplicaStatus
 
 
 class WorkerHandle(Protocol):
@@ -78,6 +79,7 @@ class AppState:
     metrics: IngestMetrics
     final: FinalRows | None = None
     corrections: CorrectionReader | None = None
+    replica_status: Callable[[], ReplicaStatus] | None = None  # None: no replica kept
     recent_rejections: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
     def remember_rejection(self, event_id: str, reason: str, limit: int = 10_000) -> None:
