@@ -15,8 +15,8 @@ import pytest
 
 from clickagg.core import ids
 from clickagg.core.visitor import visitor_records
-from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders
-from clickagg.keyed.stage2 import FAMILY_KEYS, VISITOR, KeyedStage, keyed_status
+from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders, Records
+from clickagg.keyed.stage2 import FAMILY_KEYS, VISITOR, Family, KeyedStage, keyed_status
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.worker.snapshots import SnapshotStore
 from clickagg.worker.stream import step_all
@@ -113,39 +113,43 @@ def reference(events: list[Ev]) -> dict[str, str]:
 
 
 class BothFamiliesRig(KeyedRig):
-    """The keyed rig with the visitor family beside the IP family, as the worker runs
-    them: one appender per family behind one, one stage each, one store, counters and
-    corrections archive. ``ip_paused``: the IP family's stage waits (its verdicts then
-    reach the store after the visitor family's)."""
+    """The keyed rig with a second family beside the IP family (the visitor family; the ad
+    family in ``test_ad_stage``), as the worker runs them: one appender per family behind
+    one, one stage each, one store, counters and corrections archive. ``ip_paused``: the IP
+    family's stage waits (its verdicts then reach the store after the other family's)."""
 
     ip_paused = False
+    family: Family = VISITOR
+    records: Records = staticmethod(visitor_records)
+    clicks_only = True
 
     def _open(self) -> None:
         super()._open()
         s = self.settings
-        directory = s.keyed_dir / "visitor"
-        self.visitor_writer = SegmentLogWriter(
+        directory = s.keyed_dir / self.family.name
+        self.family_writer = SegmentLogWriter(
             directory / "log",
             s.keyed_partitions,
             segment_bytes=KEYED_SEGMENT_BYTES,
             retention_ms=0,
             retention_bytes=0,
         )
-        self.visitor_reader = SegmentLogReader(directory / "log")
-        self.visitor_snapshots = SnapshotStore(directory / "snapshots")
-        visitor = KeyedAppender(
-            self.visitor_writer,
+        self.family_reader = SegmentLogReader(directory / "log")
+        self.family_snapshots = SnapshotStore(directory / "snapshots")
+        second = KeyedAppender(
+            self.family_writer,
             directory / "stage1.json",
             self.store.committed_offsets(),
-            records=visitor_records,
+            records=self.records,
+            clicks_only=self.clicks_only,
         )
         self.ip_appender = self.appender
-        self.appender = KeyedAppenders([self.ip_appender, visitor])  # type: ignore[assignment]
+        self.appender = KeyedAppenders([self.ip_appender, second])  # type: ignore[assignment]
 
     def start(self) -> None:
         super().start()
-        self.visitor_stage = KeyedStage(
-            self.visitor_reader,
+        self.family_stage = KeyedStage(
+            self.family_reader,
             self.store,
             rules=self.stage.rules,
             clock=self.clock,
@@ -153,31 +157,31 @@ class BothFamiliesRig(KeyedRig):
             batch_records=29,
             counters=self.counters,
             corrections=self.corrections,
-            snapshots=self.visitor_snapshots,
-            trim=self._visitor_trim,
+            snapshots=self.family_snapshots,
+            trim=self._family_trim,
             snapshot_records=KEYED_SNAPSHOT_RECORDS,
-            family=VISITOR,
+            family=self.family,
         )
         wrap = self.crash.wrap
-        wrap(self.visitor_writer, "sync", before="keyed-before-sync", after="keyed-after-sync")
-        wrap(self.visitor_reader, "read", after="keyed-after-read")
-        wrap(self.visitor_snapshots, "save", before="keyed-before-snapshot", after="keyed-snapshot")
+        wrap(self.family_writer, "sync", before="keyed-before-sync", after="keyed-after-sync")
+        wrap(self.family_reader, "read", after="keyed-after-read")
+        wrap(self.family_snapshots, "save", before="keyed-before-snapshot", after="keyed-snapshot")
 
-    def _visitor_trim(self, partition: int, keep_from: int) -> int:
-        deleted = self.visitor_writer.apply_retention(partition, keep_from=keep_from, now_ms=0)
+    def _family_trim(self, partition: int, keep_from: int) -> int:
+        deleted = self.family_writer.apply_retention(partition, keep_from=keep_from, now_ms=0)
         self.trimmed += deleted
         return deleted
 
     def restart(self) -> None:
-        self.visitor_reader.close()
-        self.visitor_writer.close()
+        self.family_reader.close()
+        self.family_writer.close()
         super().restart()
 
     def run(self) -> None:
         for _ in range(3000):
             try:
                 processed = step_all(self.workers, self.store, self.counters)
-                processed += self.visitor_stage.step()
+                processed += self.family_stage.step()
                 if not self.ip_paused:
                     processed += self.stage.step()
                 if processed == 0:
@@ -194,8 +198,8 @@ class BothFamiliesRig(KeyedRig):
 
     def close(self) -> None:
         super().close()
-        self.visitor_reader.close()
-        self.visitor_writer.close()
+        self.family_reader.close()
+        self.family_writer.close()
 
 
 def _run(
@@ -317,7 +321,7 @@ def test_keyed_status_covers_both_families(tmp_path: Path) -> None:
     try:
         rig.send(events)
         rig.run()
-        status = keyed_status(rig.keyed_reader, rig.store, rig.visitor_reader)
+        status = keyed_status(rig.keyed_reader, rig.store, rig.family_reader)
         assert [p.keyed_partition for p in status.partitions] == [0, 1, 1024, 1025]
         assert all(p.consumed_offset == p.durable_end_offset > 0 for p in status.partitions)
         assert status.corrections_by_rule[RULE] == LIMIT + 20

@@ -18,25 +18,34 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from clickagg.core.adkeyed import AdWindows
 from clickagg.core.keyed import KeyedWindows
 from clickagg.core.visitor import VisitorWindows
 
 _META_KEY = b"clickagg.keyed_windows"
 
 
-def encode_windows(windows: KeyedWindows | VisitorWindows) -> bytes:
-    """Either family's windows (the visitor family's also say up to where they decided)."""
+def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
+    """Any family's windows (the visitor and ad families' also say up to where they
+    decided; the ad family's counts follow its records as a second stream)."""
     kept = windows.kept().to_arrow()
     meta: dict[str, object] = {
         "high_water": {str(p): o for p, o in sorted(windows.high_water.items())},
         "max_event_ms": windows.max_event_ms,
     }
-    if isinstance(windows, VisitorWindows):
+    if isinstance(windows, VisitorWindows | AdWindows):
         meta["decided_until_ms"] = windows.decided_until_ms
     kept = kept.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    data = _ipc(kept)
+    if isinstance(windows, AdWindows):
+        return len(data).to_bytes(8, "little") + data + _ipc(windows.counts().to_arrow())
+    return data
+
+
+def _ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, kept.schema) as stream:
-        stream.write_table(kept)
+    with pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
     return bytes(sink.getvalue().to_pybytes())
 
 
@@ -59,6 +68,23 @@ def decode_visitor_windows(data: bytes, horizon_ms: int) -> VisitorWindows:
         max_event_ms=int(meta["max_event_ms"]),
         decided_until_ms=None if decided is None else int(decided),
         kept=kept,
+    )
+
+
+def decode_ad_windows(data: bytes, horizon_ms: int) -> AdWindows:
+    """The ad family's windows of a snapshot: its records, then its per-(ad, hour) counts."""
+    size = int.from_bytes(data[:8], "little")
+    meta, kept = _read(data[8 : 8 + size])
+    counts = pl.from_arrow(pa.ipc.open_stream(data[8 + size :]).read_all())
+    assert isinstance(counts, pl.DataFrame)
+    decided = meta["decided_until_ms"]
+    return AdWindows.restore(
+        horizon_ms,
+        high_water={int(p): int(o) for p, o in meta["high_water"].items()},
+        max_event_ms=int(meta["max_event_ms"]),
+        decided_until_ms=None if decided is None else int(decided),
+        kept=kept,
+        counts=counts,
     )
 
 

@@ -44,8 +44,9 @@ def decode_records(payload: bytes) -> pa.Table:
 
 
 def _clicks(kept: pl.DataFrame) -> pl.DataFrame:
-    """The round's clicks: every family's records are of clicks only, and a round's kept
-    events are mostly impressions, so what follows works on a small fraction of them."""
+    """The round's clicks: the IP and visitor families' records are of clicks only, and a
+    round's kept events are mostly impressions, so what follows works on a small fraction
+    of them (the ad family's take impressions too: ``clicks_only`` false)."""
     if kept.is_empty():
         return kept
     return kept.filter(pl.col("event_type") == ids.CLICK)
@@ -71,12 +72,20 @@ class KeyedAppender:
         marker_path: Path,
         committed: Mapping[int, int],
         records: Records = keyed_records,
+        *,
+        clicks_only: bool = True,
+        active: Callable[[], bool] | None = None,
     ) -> None:
         """``committed``: the store's committed offsets, where a marker starts the first
         time (the keyed stage turned on for a data dir that already counted, or a family
-        new to it: what was counted before is not re-derived)."""
+        new to it: what was counted before is not re-derived). ``clicks_only``: the
+        family's records are of clicks alone. ``active``: whether the family has a rule in
+        force now; while it has none, rounds append nothing and only move the marker (the
+        ad family, whose records are every event, costs nothing while its rules are off)."""
         self.writer = writer
         self.records = records
+        self.clicks_only = clicks_only
+        self.active = active
         self.marker_path = marker_path
         if marker_path.exists():
             stored = json.loads(marker_path.read_text())
@@ -115,7 +124,10 @@ class KeyedAppender:
                 fresh[partition] = at
         if not fresh:
             return None
-        kept = _clicks(kept)
+        if self.active is not None and not self.active():
+            return fresh  # nothing to write: the markers still move
+        if self.clicks_only:
+            kept = _clicks(kept)
         whole = fresh.keys() == ranges.keys() and all(
             at == ranges[p][0] for p, at in fresh.items()
         )  # the usual round: every range is new from its start, nothing to cut
@@ -143,7 +155,7 @@ class KeyedAppender:
 
 
 class KeyedAppenders:
-    """Both keyed families' appenders as one: a round is appended to each family's log
+    """The keyed families' appenders as one: a round is appended to each family's log
     (each skips what its own marker says is durable), and recovery re-derives from the
     oldest marker."""
 
@@ -158,8 +170,8 @@ class KeyedAppenders:
         waits on the disk, not the CPU: one family's need not wait for the other's). A
         marker moves only once every family's records are durable: should a sync fail,
         recovery appends both families' records again (copies, which stage 2 skips)."""
-        kept = _clicks(kept)  # once for every family
-        written = [(a, a.write(kept, ranges)) for a in self.appenders]
+        clicks = _clicks(kept)  # once for every family of clicks
+        written = [(a, a.write(clicks if a.clicks_only else kept, ranges)) for a in self.appenders]
         pending = [(a, fresh) for a, fresh in written if fresh]
         _sync_all([a.writer for a, _ in pending])
         for appender, fresh in pending:

@@ -62,13 +62,19 @@ import pyarrow.compute as pc
 from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock
 from clickagg.core import aggregate
+from clickagg.core.adkeyed import AdRules, AdWindows
 from clickagg.core.corrections import CORRECTION_SCHEMA, correction_rows
 from clickagg.core.keyed import KeyedRules, KeyedWindows, correction_deltas
 from clickagg.core.rules.base import RuleSet
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.visitor import VisitorRules, VisitorWindows
 from clickagg.core.windows import MINUTE_MS
-from clickagg.keyed.snapshots import decode_visitor_windows, decode_windows, encode_windows
+from clickagg.keyed.snapshots import (
+    decode_ad_windows,
+    decode_visitor_windows,
+    decode_windows,
+    encode_windows,
+)
 from clickagg.keyed.stage1 import decode_records
 from clickagg.log.base import LogReader
 from clickagg.query.base import KeyedPartitionStatus, KeyedStatus
@@ -85,7 +91,8 @@ SNAPSHOT_SECONDS = 30.0
 
 
 class Windows(Protocol):
-    """What stage 2 needs of a family's state (``KeyedWindows``, ``VisitorWindows``)."""
+    """What stage 2 needs of a family's state (``KeyedWindows``, ``VisitorWindows``,
+    ``AdWindows``)."""
 
     high_water: dict[int, int]
     max_event_ms: int
@@ -97,8 +104,11 @@ class Windows(Protocol):
 
 FAMILY_KEYS = 1024
 """Keyed partitions per family in the counters' fence and the corrections archive: the
-visitor family's partition k is ``FAMILY_KEYS + k`` there (``keyed_partitions`` is at most
-this), the IP family's is k, so both share them without a collision."""
+visitor family's partition k is ``FAMILY_KEYS + k`` there, the ad family's ``2 *
+FAMILY_KEYS + k`` (``keyed_partitions`` is at most this), the IP family's is k, so all
+share them without a collision."""
+
+FamilyRules = KeyedRules | VisitorRules | AdRules
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,8 @@ class Family:
     """One keyed family: the rules it applies, its state, where it stands in the store.
     ``"ip"``: ``clickagg.core.keyed`` (velocity, spread; verdicts as soon as a limit is
     passed). ``"visitor"``: ``clickagg.core.visitor`` (``repeat_click``; verdicts once a
-    click is past the horizon)."""
+    click is past the horizon). ``"ad"``: ``clickagg.core.adkeyed`` (``no_impression_click``,
+    ``ctr_spike``; verdicts once the click's hour is past the horizon)."""
 
     name: str
     key_base: int
@@ -117,25 +128,30 @@ class Family:
 
     def spec_json(self, ruleset: RuleSet) -> str:
         """The family's rules in force, as the canonical JSON the store records."""
-        if self.name == "ip":
-            return KeyedRules.from_ruleset(ruleset).to_json()
-        return VisitorRules.from_ruleset(ruleset).to_json()
+        return self.rules_type.from_ruleset(ruleset).to_json()
 
-    def rules_of(self, spec: str) -> KeyedRules | VisitorRules:
-        if self.name == "ip":
-            return KeyedRules() if spec == NO_SPEC else KeyedRules.from_json(spec)
-        return VisitorRules() if spec == NO_SPEC else VisitorRules.from_json(spec)
+    @property
+    def rules_type(self) -> type[KeyedRules] | type[VisitorRules] | type[AdRules]:
+        return {"ip": KeyedRules, "visitor": VisitorRules, "ad": AdRules}[self.name]
+
+    def rules_of(self, spec: str) -> FamilyRules:
+        kind = self.rules_type
+        return kind() if spec == NO_SPEC else kind.from_json(spec)
 
     def windows(self, horizon_ms: int) -> Windows:
-        return KeyedWindows(horizon_ms) if self.name == "ip" else VisitorWindows(horizon_ms)
+        if self.name == "ip":
+            return KeyedWindows(horizon_ms)
+        return VisitorWindows(horizon_ms) if self.name == "visitor" else AdWindows(horizon_ms)
 
     def decode(self, data: bytes, horizon_ms: int) -> Windows:
         if self.name == "ip":
             return decode_windows(data, horizon_ms)
-        return decode_visitor_windows(data, horizon_ms)
+        if self.name == "visitor":
+            return decode_visitor_windows(data, horizon_ms)
+        return decode_ad_windows(data, horizon_ms)
 
     def settled_before(
-        self, windows: Mapping[int, Windows], rules: KeyedRules | VisitorRules, horizon_ms: int
+        self, windows: Mapping[int, Windows], rules: FamilyRules, horizon_ms: int
     ) -> int | None:
         """No verdict of this family can still come for a click older than this: an IP
         family's record is judged again only while records within the rules' reach of it
@@ -143,7 +159,7 @@ class Family:
         ``decided_until_ms``. None: a partition has not decided anything yet."""
         bounds: list[int] = []
         for state in windows.values():
-            if isinstance(state, VisitorWindows):
+            if isinstance(state, VisitorWindows | AdWindows):
                 if state.decided_until_ms is None:
                     return None
                 bounds.append(state.decided_until_ms)
@@ -155,6 +171,8 @@ class Family:
 
 IP = Family("ip", 0)
 VISITOR = Family("visitor", FAMILY_KEYS)
+AD = Family("ad", 2 * FAMILY_KEYS)
+FAMILIES = (IP, VISITOR, AD)
 
 
 def counter_key(keyed_partition: int, family: Family = IP) -> int:
@@ -195,12 +213,14 @@ def keyed_status(
     reader: LogReader,
     store: AggregateStore,
     visitor_reader: LogReader | None = None,
+    ad_reader: LogReader | None = None,
 ) -> KeyedStatus:
     """What ``/metrics`` shows of the keyed stage: per keyed partition its durable end and
     what stage 2 consumed of it (the difference is its lag), and corrections per rule. The
-    visitor family's partitions are numbered from ``FAMILY_KEYS`` (1024 + k), as in the
-    corrections archive."""
-    families = [(IP, reader)] + ([(VISITOR, visitor_reader)] if visitor_reader else [])
+    visitor family's partitions are numbered from ``FAMILY_KEYS`` (1024 + k), the ad
+    family's from 2048, as in the corrections archive."""
+    others = [(VISITOR, visitor_reader), (AD, ad_reader)]
+    families = [(IP, reader), *((f, r) for f, r in others if r is not None)]
     partitions = []
     for family, log_reader in families:
         progress = store.keyed_progress(family.name)
@@ -266,7 +286,7 @@ class KeyedStage:
         # What the idle loop (every few ms) would otherwise redo each time: the trim bound
         # each partition was last trimmed to, and the rules of the last rule set seen.
         self._trimmed: dict[int, int] = {}
-        self._rules_of: tuple[object, str, KeyedRules | VisitorRules] | None = None
+        self._rules_of: tuple[object, str, FamilyRules] | None = None
         self.recover()
 
     def recover(self) -> None:
@@ -361,9 +381,7 @@ class KeyedStage:
         schema = verdicts.schema.append(pa.field("applied_at_ms", pa.int64()))
         return kept.select(names).to_arrow().cast(schema)
 
-    def _consume(
-        self, k: int, windows: Windows, lo: int, hi: int, rules: KeyedRules | VisitorRules
-    ) -> pa.Table:
+    def _consume(self, k: int, windows: Windows, lo: int, hi: int, rules: FamilyRules) -> pa.Table:
         """Feed the records of keyed offsets [lo, hi) to ``windows``, each with its
         ``keyed_offset``, in one consume per read; their verdicts."""
         verdicts: list[pa.Table] = []
@@ -484,7 +502,7 @@ class KeyedStage:
                 consumed > last and now - at >= self.snapshot_seconds
             ):
                 state = self.windows[k]
-                assert isinstance(state, KeyedWindows | VisitorWindows)
+                assert isinstance(state, KeyedWindows | VisitorWindows | AdWindows)
                 self.snapshots.save(k, consumed, encode_windows(state))
                 self._snapshotted[k] = (consumed, now)
             if self.trim is not None:

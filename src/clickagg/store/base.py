@@ -73,9 +73,10 @@ class KeyedCommit:
     # Where a recovery's replay of the keyed log starts (its first retained offset): spec
     # records wholly before it are no longer needed.
     replay_from: int = 0
-    # Which keyed family: ``"ip"`` (keyed by address) or ``"visitor"`` (by user, or address
-    # and agent). Each has its own consumed offsets, high-water marks and specs, in its
-    # own tables (the IP family's are the tables of the builds before the second family).
+    # Which keyed family: ``"ip"`` (keyed by address), ``"visitor"`` (by user, or address
+    # and agent) or ``"ad"`` (by ad). Each has its own consumed offsets, high-water marks
+    # and specs, in its own tables (the IP family's are the tables of the builds before
+    # the second family).
     family: str = "ip"
     # The verdicts themselves (``clickagg.core.keyed.VERDICT_SCHEMA`` or the visitor
     # family's, which share every column used): the store then settles them against the

@@ -211,6 +211,16 @@ _SCHEMA_DDL: Final = (
     """CREATE TABLE IF NOT EXISTS visitor_specs (
         keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
         spec_json VARCHAR NOT NULL)""",
+    # The ad-keyed family's progress likewise (no_impression_click, ctr_spike).
+    """CREATE TABLE IF NOT EXISTS ad_offsets (
+        keyed_partition INTEGER PRIMARY KEY, consumed_offset BIGINT NOT NULL,
+        corrections BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ad_high_water (
+        keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
+        source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
+    """CREATE TABLE IF NOT EXISTS ad_specs (
+        keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
+        spec_json VARCHAR NOT NULL)""",
     # Every click a keyed family corrected and the rule it stands corrected under now,
     # whichever family: a second family's verdict on it is settled against this row.
     # Clicks older than every family's settled bound are forgotten (no verdict comes).
@@ -233,6 +243,7 @@ _SCHEMA_DDL: Final = (
 _FAMILY_TABLES: Final = {
     "ip": ("keyed_offsets", "keyed_high_water", "keyed_specs"),
     "visitor": ("visitor_offsets", "visitor_high_water", "visitor_specs"),
+    "ad": ("ad_offsets", "ad_high_water", "ad_specs"),
 }
 """Per keyed family: its (offsets, high-water marks, specs) tables."""
 
@@ -707,8 +718,10 @@ def _settle(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> KeyedCommit:
 
 def _forget_settled(cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommit]) -> None:
     """Record each family's settled bound, and forget the corrected clicks older than
-    every family's (no verdict can come for them any more). Both families run whenever the
-    keyed stage does (the visitor family with no rule in force still moves its bound)."""
+    every family's (no verdict can come for them any more). The IP and visitor families
+    run whenever the keyed stage does (with no rule in force they still move their
+    bounds); the ad family commits only while one of its rules is in force (stage 1
+    appends it nothing otherwise), so its bound counts once it has one."""
     bounds: dict[str, int] = {}
     for c in commits:
         if c.settled_before_ms is not None:
@@ -720,10 +733,11 @@ def _forget_settled(cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommi
         "ON CONFLICT (family) DO UPDATE SET before_ms = greatest(s.before_ms, excluded.before_ms)",
         {"family": sorted(bounds), "bound": [bounds[f] for f in sorted(bounds)]},
     )
-    # Only once every family has a bound: one that never committed may still judge anything.
+    # Only once the IP and visitor families have a bound: one that never committed may
+    # still judge anything.
     cur.execute(
         "DELETE FROM keyed_corrected WHERE ts_ms < (SELECT min(before_ms) FROM keyed_settled "
-        f"HAVING count(*) = {len(_FAMILY_TABLES)})"
+        "HAVING count(*) FILTER (WHERE family IN ('ip', 'visitor')) = 2)"
     )
 
 

@@ -36,12 +36,23 @@ from types import FrameType
 from clickagg.archive.base import ArchiveWriter
 from clickagg.clock import Clock, SystemClock
 from clickagg.config import Settings
+from clickagg.core.adkeyed import AdRules, ad_records
 from clickagg.core.keyed import keyed_records
+from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.visitor import visitor_records
 from clickagg.core.windows import HOUR_MS, window_start
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
 from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders, retire_marker
-from clickagg.keyed.stage2 import IP, VISITOR, Family, KeyedStage, counter_key, keyed_status
+from clickagg.keyed.stage2 import (
+    AD,
+    FAMILIES,
+    IP,
+    VISITOR,
+    Family,
+    KeyedStage,
+    counter_key,
+    keyed_status,
+)
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
@@ -145,9 +156,14 @@ class _Session:
             self.keyed_stages: list[KeyedStage] = []
             # Per family: its directory under keyed/ (the IP family's is keyed/ itself, as
             # before the visitor family), its keyed log writer and reader.
-            family_dirs = {IP: settings.keyed_dir, VISITOR: settings.keyed_dir / "visitor"}
+            family_dirs = {
+                IP: settings.keyed_dir,
+                VISITOR: settings.keyed_dir / "visitor",
+                AD: settings.keyed_dir / "ad",
+            }
             keyed_logs: dict[Family, tuple[SegmentLogWriter, SegmentLogReader]] = {}
-            if settings.keyed_stage:
+            watcher = rules_watcher(settings) if settings.keyed_stage else None
+            if watcher is not None:
                 appenders = []
                 committed = self.store.committed_offsets()
                 for family, directory in family_dirs.items():
@@ -166,7 +182,11 @@ class _Session:
                             keyed_writer,
                             directory / "stage1.json",
                             committed,
-                            records=keyed_records if family is IP else visitor_records,
+                            records={IP: keyed_records, VISITOR: visitor_records}.get(
+                                family, ad_records
+                            ),
+                            clicks_only=family is not AD,
+                            active=_ad_rules_in_force(watcher) if family is AD else None,
                         )
                     )
                     keyed_reader = SegmentLogReader(directory / "log")
@@ -207,12 +227,12 @@ class _Session:
                 self.feed = FeedServer(settings.feed_socket, self.counters)
             self.corrections: ArchiveWriter | None = None
             status: Callable[[], KeyedStatus] | None = None
-            if keyed is not None:
-                # One corrections archive for both families (the visitor family's keyed
-                # partitions are numbered from 1024 in it), one rules watcher.
+            if keyed is not None and watcher is not None:
+                # One corrections archive for every family (the visitor family's keyed
+                # partitions are numbered from 1024 in it, the ad family's from 2048), one
+                # rules watcher.
                 self.corrections = roles.correction_writer(settings)
                 undo.callback(_close_quietly, self.corrections.close, "corrections writer")
-                watcher = rules_watcher(settings)
                 for family, (keyed_writer, keyed_reader) in keyed_logs.items():
                     self.keyed_stages.append(
                         KeyedStage(
@@ -230,7 +250,11 @@ class _Session:
                         )
                     )
                 status = functools.partial(
-                    keyed_status, keyed_logs[IP][1], self.store, keyed_logs[VISITOR][1]
+                    keyed_status,
+                    keyed_logs[IP][1],
+                    self.store,
+                    keyed_logs[VISITOR][1],
+                    keyed_logs[AD][1],
                 )
             self.server = QueryServer(
                 settings.rpc_socket, self.store, self.counters, keyed_status=status
@@ -455,6 +479,20 @@ def _parent_pid() -> int:
     return os.getppid()
 
 
+def _ad_rules_in_force(watcher: RulesWatcher) -> Callable[[], bool]:
+    """Whether the ad family has a rule in force now (its records are every event with an
+    ad: stage 1 appends them only then), decided once per rule set."""
+    seen: list[tuple[object, bool]] = []
+
+    def active() -> bool:
+        ruleset = watcher.current()
+        if not seen or seen[0][0] is not ruleset:
+            seen[:] = [(ruleset, bool(AdRules.from_ruleset(ruleset).rules))]
+        return seen[0][1]
+
+    return active
+
+
 def refill_counters(
     counters: RealtimeCounters, store: AggregateStore, *, now_ms: int
 ) -> RealtimeCounters:
@@ -465,7 +503,7 @@ def refill_counters(
     # The keyed stage's corrections are in the minute rows too: at its consumed offsets.
     keyed = {
         counter_key(k, family): progress.consumed_offset
-        for family in (IP, VISITOR)
+        for family in FAMILIES
         for k, progress in store.keyed_progress(family.name).items()
     }
     counters.apply(
@@ -488,7 +526,7 @@ def feed_snapshot(store: DuckDBStore, clock: Clock, *, hours_ms: int = RECENT_HO
         hours_since_ms = min(window_start(now, HOUR_MS) - hours_ms + HOUR_MS, since_ms)
     recent = store.recent_rows(since_ms, hours_since_ms)
     offsets = dict(recent.committed)
-    for family in (IP, VISITOR):
+    for family in FAMILIES:
         for k, offset in recent.keyed.get(family.name, {}).items():
             offsets[counter_key(k, family)] = offset
     return Snapshot(

@@ -351,6 +351,60 @@ class CtrSpikeParams(msgspec.Struct, forbid_unknown_fields=True):
     exclude: bool = False
 
 
+_HOUR = (pl.col("ts_ms") - pl.col("ts_ms") % HOUR_MS).alias("_hour")
+
+
+def ad_hour_counts(frame: pl.DataFrame) -> pl.DataFrame:
+    """Clicks (``_c``) and impressions (``_i``) per ad and UTC hour (``_hour``) of the events
+    given: what ``ctr_spike`` judges. The stream's ad-keyed stage keeps these counts, not the
+    events, for the baseline's day (``clickagg.core.adkeyed``)."""
+    return (
+        frame.filter(pl.col("ad_id").is_not_null())
+        .group_by("ad_id", _HOUR)
+        .agg(CLICK.sum().alias("_c"), IMPRESSION.sum().alias("_i"))
+        .sort("ad_id", "_hour")
+    )
+
+
+def ctr_spikes(counts: pl.DataFrame, params: CtrSpikeParams) -> pl.DataFrame:
+    """The (``ad_id``, ``_hour``) of ``counts`` (:func:`ad_hour_counts`, sorted by ad and
+    hour) whose CTR is a spike against the ad's baseline in ``counts``, with the evidence
+    (``_evidence``). One definition for both layers: the batch counts its frame, the stream
+    hands its kept counts."""
+    baseline = counts.rolling(
+        index_column="_hour",
+        period=f"{params.baseline_hours * HOUR_MS}i",
+        closed="left",
+        group_by="ad_id",
+    ).agg(pl.col("_c").sum().alias("_bc"), pl.col("_i").sum().alias("_bi"))
+    c, i = pl.col("_c").cast(pl.Float64), pl.col("_i").cast(pl.Float64)
+    bc, bi = pl.col("_bc").cast(pl.Float64) + 1, pl.col("_bi").cast(pl.Float64)
+    spikes = counts.join(baseline, on=["ad_id", "_hour"], how="left").filter(
+        (pl.col("_c") >= params.min_clicks)
+        & (pl.col("_bi") > 0)
+        & (c * bi > params.factor * bc * i)
+    )
+    return spikes.select(
+        "ad_id",
+        "_hour",
+        pl.concat_str(
+            pl.lit("ad "),
+            pl.col("ad_id"),
+            pl.lit(" hour "),
+            pl.from_epoch("_hour", time_unit="ms").dt.strftime("%Y-%m-%dT%HZ"),
+            pl.lit(": CTR "),
+            pl.col("_c").cast(pl.String),
+            pl.lit(" clicks / "),
+            pl.col("_i").cast(pl.String),
+            pl.lit(" impressions vs baseline "),
+            pl.col("_bc").cast(pl.String),
+            pl.lit(" / "),
+            pl.col("_bi").cast(pl.String),
+            pl.lit(f" over {params.baseline_hours} h (factor {params.factor:g})"),
+        ).alias("_evidence"),
+    )
+
+
 @register_kind("ctr_spike")
 def ctr_spike(spec: RuleSpec) -> FrameMatcher:
     """Every click of an ad in a UTC hour whose CTR (clicks / impressions, every event the
@@ -371,50 +425,12 @@ def ctr_spike(spec: RuleSpec) -> FrameMatcher:
     )
 
     def match(frame: pl.DataFrame) -> pl.Series:
-        hour = (pl.col("ts_ms") - pl.col("ts_ms") % HOUR_MS).alias("_hour")
-        counts = (
-            frame.filter(pl.col("ad_id").is_not_null())
-            .group_by("ad_id", hour)
-            .agg(CLICK.sum().alias("_c"), IMPRESSION.sum().alias("_i"))
-            .sort("ad_id", "_hour")
-        )
-        baseline = counts.rolling(
-            index_column="_hour",
-            period=f"{params.baseline_hours * HOUR_MS}i",
-            closed="left",
-            group_by="ad_id",
-        ).agg(pl.col("_c").sum().alias("_bc"), pl.col("_i").sum().alias("_bi"))
-        c, i = pl.col("_c").cast(pl.Float64), pl.col("_i").cast(pl.Float64)
-        bc, bi = pl.col("_bc").cast(pl.Float64) + 1, pl.col("_bi").cast(pl.Float64)
-        spikes = counts.join(baseline, on=["ad_id", "_hour"], how="left").filter(
-            (pl.col("_c") >= params.min_clicks)
-            & (pl.col("_bi") > 0)
-            & (c * bi > params.factor * bc * i)
-        )
-        text = spikes.select(
-            "ad_id",
-            "_hour",
-            pl.concat_str(
-                pl.lit("ad "),
-                pl.col("ad_id"),
-                pl.lit(" hour "),
-                pl.from_epoch("_hour", time_unit="ms").dt.strftime("%Y-%m-%dT%HZ"),
-                pl.lit(": CTR "),
-                pl.col("_c").cast(pl.String),
-                pl.lit(" clicks / "),
-                pl.col("_i").cast(pl.String),
-                pl.lit(" impressions vs baseline "),
-                pl.col("_bc").cast(pl.String),
-                pl.lit(" / "),
-                pl.col("_bi").cast(pl.String),
-                pl.lit(f" over {params.baseline_hours} h (factor {params.factor:g})"),
-            ).alias("_evidence"),
-        )
+        spikes = ctr_spikes(ad_hour_counts(frame), params)
         flagged = (
             frame.with_row_index("_row")
             .filter(CLICK)
-            .select("_row", "ad_id", hour)
-            .join(text, on=["ad_id", "_hour"], how="inner")
+            .select("_row", "ad_id", _HOUR)
+            .join(spikes, on=["ad_id", "_hour"], how="inner")
         )
         return _scattered(frame.height, flagged["_row"], flagged["_evidence"])
 

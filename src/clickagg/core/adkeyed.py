@@ -1,0 +1,388 @@
+"""The keyed stage's third family, keyed by *ad*: ``no_impression_click`` and ``ctr_spike``
+in the stream, each decided by the batch's own definition of the rule.
+
+Both rules judge a click by the other events of its ad: whether its visitor saw the ad
+before (and whether the ad's impressions are sent at all), and the ad's CTR in the click's
+hour against its own trailing baseline. One ad's events are spread over every partition of
+the log, so stage 1 appends every fresh event of an ad, impressions too, to a third
+internal log partitioned by a stable hash of the ad, and stage 2 judges there
+(:class:`AdWindows`). Appends are at-least-once and consumed idempotently, exactly as in
+the other families (``clickagg.core.keyed.accept``).
+
+Why a click is decided only once its whole hour is past the horizon. The batch judges an
+hour ``H`` with the events of ``[H - lookback, H + 1 h)`` (``clickagg.batch.reconcile``):
+``ctr_spike`` counts the whole hour's clicks and impressions, and ``no_impression_click``
+judges only ads with enough impressions among the events it sees, the whole hour's
+included. So hour ``H`` is decided when no record before ``H + 1 h`` can still be accepted:
+once the newest event time is past it by the horizon (the stream's allowed lateness plus
+slack). The verdict latency is therefore up to an hour plus the horizon (the other
+families': a step, or the horizon); a click is decided once and never re-attributed within
+this family, as in the visitor family.
+
+Exactness against the batch. The stream calls the batch's own matcher
+(``behaviour.no_impression_click``) on the same events (the ad's partition holds every
+event of the ad, and the rule looks at one ad at a time), and for ``ctr_spike`` the same
+spike definition (``behaviour.ctr_spikes``) over the same per-(ad, hour) counts: the state
+keeps the counts of the baseline's day, not its events. What the stream cannot match, as
+in the other families: events stage 1 dropped as late, which the batch counts.
+
+Cost. This family's log carries every event with an ad, impressions included (the other
+families carry clicks only), so stage 1 appends to it only while one of its rules is in
+force (``ad_records``' caller decides): turned on, a rule judges from the first whole hour
+whose context the stage holds. The state keeps ``window_minutes`` plus the undecided hours
+of raw events, and a day of per-(ad, hour) counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import polars as pl
+import pyarrow as pa
+
+from clickagg.core import ids
+from clickagg.core.keyed import accept, records_by_partition
+from clickagg.core.rules.base import RuleSet, RuleSpec, named_event_types
+from clickagg.core.rules.behaviour import (
+    CtrSpikeParams,
+    NoImpressionParams,
+    ctr_spikes,
+    no_impression_click,
+    visitor_key,
+)
+from clickagg.core.rules.registry import params_of
+from clickagg.core.windows import HOUR_MS, MINUTE_MS
+
+AD_RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("visitor", pa.string()),  # ``u:<user>``, ``a:<ip> <agent>``, null: unknown
+        pa.field("ip", pa.string()),
+        pa.field("user_id", pa.string()),
+        pa.field("user_agent", pa.string()),
+        pa.field("ad_id", pa.string(), nullable=False),
+        pa.field("advertiser_id", pa.string()),
+        pa.field("campaign_id", pa.string()),
+        pa.field("country", pa.string()),
+        pa.field("device", pa.string()),
+        pa.field("browser", pa.string()),
+        pa.field("ts_ms", pa.int64(), nullable=False),
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.uint8(), nullable=False),  # ``clickagg.core.ids`` codes
+        pa.field("source_partition", pa.int32(), nullable=False),
+        pa.field("source_offset", pa.int64(), nullable=False),
+        pa.field("spend_micros", pa.int64(), nullable=False),  # what stage 1 billed
+        # False: a stage-1 rule already flagged it (counted by the rules, not corrected)
+        pa.field("counted", pa.bool_(), nullable=False),
+    ]
+)
+"""One fresh event of an ad (click or impression), as the ad-keyed log carries it."""
+
+AD_VERDICT_SCHEMA = pa.schema(
+    [
+        *(f for f in AD_RECORD_SCHEMA if f.name != "event_type"),
+        pa.field("keyed_offset", pa.int64()),
+        pa.field("rule_id", pa.string(), nullable=False),
+        pa.field("evidence", pa.string(), nullable=False),
+        pa.field("previous_rule_id", pa.string()),  # always null here: decided once
+    ]
+)
+
+_STATE_SCHEMA = pl.Schema([*pl.Schema(AD_RECORD_SCHEMA).items(), ("keyed_offset", pl.Int64())])
+_COUNTS_SCHEMA = pl.Schema(
+    {"ad_id": pl.String, "_hour": pl.Int64, "_c": pl.UInt32, "_i": pl.UInt32}
+)
+
+
+def ad_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
+    """The records of a round's kept events (``BatchOutcome.kept``, clicks and impressions),
+    by ad-keyed partition, each in source offset order. Only events with an ad."""
+    events = kept.filter(pl.col("ad_id").is_not_null())
+    if events.is_empty():
+        return {}
+    return records_by_partition(
+        events.with_columns(visitor_key().alias("visitor")),
+        "ad_id",
+        partitions,
+        AD_RECORD_SCHEMA,
+        leading=13,
+    )
+
+
+NO_IMPRESSION_KIND = "no_impression_click"
+CTR_SPIKE_KIND = "ctr_spike"
+
+
+@dataclass(frozen=True)
+class NoImpressionRule:
+    """``no_impression_click`` as the ad-keyed stage applies it (a recordable value)."""
+
+    rule_id: str
+    reason: str
+    window_minutes: int
+    min_ad_impressions: int = 1
+    effective_from_ms: int | None = None
+    kind: ClassVar[str] = NO_IMPRESSION_KIND
+
+    @property
+    def lookback_ms(self) -> int:
+        return self.window_minutes * MINUTE_MS
+
+    def evidence(self, frame: pl.DataFrame) -> pl.Series:
+        """The batch's own matcher over ``frame`` (the events of an hour and its lookback)."""
+        params = {
+            "window_minutes": self.window_minutes,
+            "min_ad_impressions": self.min_ad_impressions,
+        }
+        spec = RuleSpec(self.rule_id, NO_IMPRESSION_KIND, self.reason, params)
+        return no_impression_click(spec)(named_event_types(frame))
+
+
+@dataclass(frozen=True)
+class CtrSpikeRule:
+    """``ctr_spike`` with ``exclude = true`` as the ad-keyed stage applies it. A spike only
+    reported for review (``exclude = false``, the default) corrects nothing: the batch
+    layer reports it (``review_clicks``)."""
+
+    rule_id: str
+    reason: str
+    factor: float
+    baseline_hours: int
+    min_clicks: int
+    effective_from_ms: int | None = None
+    kind: ClassVar[str] = CTR_SPIKE_KIND
+
+    @property
+    def params(self) -> CtrSpikeParams:
+        return CtrSpikeParams(self.factor, self.baseline_hours, self.min_clicks, exclude=True)
+
+
+AdRule = NoImpressionRule | CtrSpikeRule
+
+
+@dataclass(frozen=True)
+class AdRules:
+    """The ad-keyed rules in force, in the rule set's order (the first that flags a click
+    names it), as a recordable value (:meth:`to_json`)."""
+
+    rules: tuple[AdRule, ...] = ()
+
+    @classmethod
+    def from_ruleset(cls, ruleset: RuleSet) -> AdRules:
+        rules: list[AdRule] = []
+        for compiled in ruleset.rules:
+            spec = compiled.spec
+            if not spec.enabled:
+                continue
+            if spec.kind == NO_IMPRESSION_KIND:
+                p = params_of(spec, NoImpressionParams)
+                rules.append(
+                    NoImpressionRule(
+                        spec.id,
+                        spec.reason,
+                        p.window_minutes,
+                        p.min_ad_impressions,
+                        spec.effective_from_ms,
+                    )
+                )
+            elif spec.kind == CTR_SPIKE_KIND:
+                c = params_of(spec, CtrSpikeParams)
+                if c.exclude:
+                    rules.append(
+                        CtrSpikeRule(
+                            spec.id,
+                            spec.reason,
+                            c.factor,
+                            c.baseline_hours,
+                            c.min_clicks,
+                            spec.effective_from_ms,
+                        )
+                    )
+        return cls(tuple(rules))
+
+    @property
+    def ids(self) -> list[str]:
+        return [rule.rule_id for rule in self.rules]
+
+    @property
+    def events_ms(self) -> int:
+        """How far before an undecided hour the raw events its verdicts need lie."""
+        return max(
+            (r.lookback_ms for r in self.rules if isinstance(r, NoImpressionRule)),
+            default=HOUR_MS,
+        )
+
+    @property
+    def counts_ms(self) -> int:
+        """How far before an undecided hour the per-(ad, hour) counts its verdicts need lie."""
+        return max(
+            (r.baseline_hours * HOUR_MS for r in self.rules if isinstance(r, CtrSpikeRule)),
+            default=24 * HOUR_MS,
+        )
+
+    def to_json(self) -> str:
+        rules = [{"kind": rule.kind, **asdict(rule)} for rule in self.rules]
+        return json.dumps({"rules": rules}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> AdRules:
+        rules: list[AdRule] = []
+        for fields in json.loads(text)["rules"]:
+            kind = fields.pop("kind")
+            if kind == NO_IMPRESSION_KIND:
+                rules.append(NoImpressionRule(**fields))
+            elif kind == CTR_SPIKE_KIND:
+                rules.append(CtrSpikeRule(**fields))
+            else:
+                raise ValueError(f"ad rule {fields.get('rule_id')!r}: unknown kind {kind!r}")
+        return cls(tuple(rules))
+
+
+@dataclass
+class AdWindows:
+    """One ad-keyed partition's stage-2 state: a function of the records consumed and the
+    rules, so replaying the log up to the committed offset, in any chunks, rebuilds it.
+
+    ``decided_until_ms`` (a whole hour): every accepted click before it is decided, and no
+    record before it is accepted any more. ``_kept``: the raw records from the undecided
+    hours' lookback on; ``_counts``: clicks and impressions per (ad, hour) of every record
+    accepted, for the baseline's day before the undecided hours."""
+
+    horizon_ms: int
+    high_water: dict[int, int] = field(default_factory=dict)
+    max_event_ms: int = 0
+    decided_until_ms: int | None = None
+    _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
+    _counts: pl.DataFrame = field(default_factory=lambda: _COUNTS_SCHEMA.to_frame())
+
+    def consume(self, records: pa.Table | pl.DataFrame, rules: AdRules) -> pa.Table:
+        """Take records (``AD_RECORD_SCHEMA``) in log order; return the verdicts
+        (``AD_VERDICT_SCHEMA``) on the counted clicks of the hours this consume decides."""
+        batch = records if isinstance(records, pl.DataFrame) else pl.from_arrow(records)
+        assert isinstance(batch, pl.DataFrame)
+        if "keyed_offset" not in batch.columns:
+            batch = batch.with_columns(pl.lit(None, pl.Int64).alias("keyed_offset"))
+        fresh, self.max_event_ms = accept(
+            batch, self.high_water, max_event_ms=self.max_event_ms, horizon_ms=self.horizon_ms
+        )
+        if fresh.height:
+            fresh = fresh.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
+            self._kept = pl.concat([self._kept, fresh])
+            self._counts = _add_counts(self._counts, fresh)
+        if not self._kept.height:
+            return AD_VERDICT_SCHEMA.empty_table()
+        newest_closed = self.max_event_ms - self.horizon_ms
+        until = newest_closed - newest_closed % HOUR_MS
+        since = self.decided_until_ms
+        if since is not None and until <= since:
+            return AD_VERDICT_SCHEMA.empty_table()
+        self.decided_until_ms = until
+        first = self._kept.select(pl.col("ts_ms").min()).item()
+        start = first - first % HOUR_MS if since is None else since
+        verdicts = [self._judge_hour(hour, rules) for hour in range(start, until, HOUR_MS)]
+        self._forget(rules)
+        return pa.concat_tables([AD_VERDICT_SCHEMA.empty_table(), *verdicts])
+
+    def _judge_hour(self, hour_ms: int, rules: AdRules) -> pa.Table:
+        """The verdicts on hour ``hour_ms``'s counted clicks, the first rule that flags a
+        click naming it, each rule seeing what the batch gives it for that hour."""
+        ts = pl.col("ts_ms")
+        in_hour = self._kept.filter((ts >= hour_ms) & (ts < hour_ms + HOUR_MS))
+        clicks = in_hour.filter((pl.col("event_type") == ids.CLICK) & pl.col("counted"))
+        if not clicks.height or not rules.rules:
+            return AD_VERDICT_SCHEMA.empty_table()
+        flagged = pl.DataFrame(
+            schema={"event_id": pl.String, "rule_id": pl.String, "evidence": pl.String}
+        )
+        for rule in rules.rules:
+            if rule.effective_from_ms is not None and hour_ms + HOUR_MS <= rule.effective_from_ms:
+                continue
+            if isinstance(rule, NoImpressionRule):
+                frame = self._kept.filter(
+                    (ts >= hour_ms - rule.lookback_ms) & (ts < hour_ms + HOUR_MS)
+                )
+                said = rule.evidence(frame)
+                found = frame.select("event_id", "ts_ms", "event_type").with_columns(
+                    said.alias("evidence")
+                )
+            else:
+                lo = hour_ms - rule.baseline_hours * HOUR_MS
+                counts = self._counts.filter(
+                    (pl.col("_hour") >= lo) & (pl.col("_hour") <= hour_ms)
+                ).sort("ad_id", "_hour")
+                spikes = ctr_spikes(counts, rule.params).filter(pl.col("_hour") == hour_ms)
+                found = in_hour.select("event_id", "ts_ms", "event_type", "ad_id").join(
+                    spikes.select("ad_id", pl.col("_evidence").alias("evidence")),
+                    on="ad_id",
+                    how="left",
+                )
+            found = found.filter(
+                pl.col("evidence").is_not_null()
+                & (pl.col("event_type") == ids.CLICK)
+                & (ts >= hour_ms)
+                & (ts < hour_ms + HOUR_MS)
+            )
+            if rule.effective_from_ms is not None:
+                found = found.filter(ts >= rule.effective_from_ms)
+            found = found.select(
+                "event_id", pl.lit(rule.rule_id).alias("rule_id"), "evidence"
+            ).join(flagged, on="event_id", how="anti")
+            flagged = pl.concat([flagged, found])
+        verdicts = clicks.with_row_index("_at").join(flagged, on="event_id").sort("_at")
+        previous = pl.lit(None, pl.String).alias("previous_rule_id")
+        return (
+            verdicts.select(*AD_VERDICT_SCHEMA.names[:-1], previous)
+            .to_arrow()
+            .cast(AD_VERDICT_SCHEMA)
+        )
+
+    def kept(self) -> pl.DataFrame:
+        """The raw records kept (a snapshot saves them with :meth:`counts` and the marks)."""
+        return self._kept
+
+    def counts(self) -> pl.DataFrame:
+        return self._counts
+
+    @classmethod
+    def restore(
+        cls,
+        horizon_ms: int,
+        *,
+        high_water: dict[int, int],
+        max_event_ms: int,
+        decided_until_ms: int | None,
+        kept: pl.DataFrame,
+        counts: pl.DataFrame,
+    ) -> AdWindows:
+        return cls(
+            horizon_ms,
+            high_water=dict(high_water),
+            max_event_ms=max_event_ms,
+            decided_until_ms=decided_until_ms,
+            _kept=kept.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA),
+            _counts=counts.select(_COUNTS_SCHEMA.names()).cast(_COUNTS_SCHEMA),
+        )
+
+    def _forget(self, rules: AdRules) -> None:
+        """Raw records and counts no undecided hour's verdicts can reach."""
+        if self.decided_until_ms is None:
+            return
+        events_from = self.decided_until_ms - rules.events_ms
+        if self._kept.height and self._kept["ts_ms"].min() < events_from:  # type: ignore[operator]
+            self._kept = self._kept.filter(pl.col("ts_ms") >= events_from)
+        counts_from = self.decided_until_ms - rules.counts_ms
+        if self._counts.height and self._counts["_hour"].min() < counts_from:  # type: ignore[operator]
+            self._counts = self._counts.filter(pl.col("_hour") >= counts_from)
+
+
+def _add_counts(counts: pl.DataFrame, fresh: pl.DataFrame) -> pl.DataFrame:
+    """``counts`` plus the clicks and impressions of ``fresh`` records, per (ad, hour)."""
+    is_click = (pl.col("event_type") == ids.CLICK).cast(pl.UInt32)
+    is_impression = (pl.col("event_type") == ids.IMPRESSION).cast(pl.UInt32)
+    hour = (pl.col("ts_ms") - pl.col("ts_ms") % HOUR_MS).alias("_hour")
+    added = fresh.group_by("ad_id", hour).agg(
+        is_click.sum().alias("_c"), is_impression.sum().alias("_i")
+    )
+    both = pl.concat([counts, added.cast(_COUNTS_SCHEMA)])
+    return both.group_by("ad_id", "_hour").agg(pl.col("_c").sum(), pl.col("_i").sum())

@@ -1,0 +1,290 @@
+"""The ad-keyed family's pure half against the batch: whatever the split of the same events
+into source partitions, rounds, keyed partitions and reads, with records appended twice,
+the stream flags exactly the clicks the batch's ``no_impression_click`` and ``ctr_spike``
+(excluding) flag hour by hour, with the same rule and evidence, and corrects each once."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clickagg.core import ids
+from clickagg.core.adkeyed import (
+    AD_RECORD_SCHEMA,
+    AD_VERDICT_SCHEMA,
+    AdRules,
+    AdWindows,
+    CtrSpikeRule,
+    NoImpressionRule,
+    ad_records,
+)
+from clickagg.core.rules import RuleSet, RuleSpec, compile_rules
+from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.keyed.snapshots import decode_ad_windows, encode_windows
+
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
+VISITORS = (("u1", "203.0.113.1", "UA"), ("u2", None, None), (None, "203.0.113.1", "UA"))
+JITTER_MS = 20 * MINUTE_MS
+HORIZON_MS = 30 * MINUTE_MS
+
+NO_IMPRESSION = RuleSpec(
+    "no-imp",
+    "no_impression_click",
+    "no impression",
+    {"window_minutes": 20, "min_ad_impressions": 2},
+)
+SPIKE = RuleSpec(
+    "spike",
+    "ctr_spike",
+    "ctr spike",
+    {"factor": 1.5, "baseline_hours": 2, "min_clicks": 2, "exclude": True},
+)
+REVIEW_ONLY = RuleSpec(
+    "review", "ctr_spike", "review", {"factor": 1.5, "baseline_hours": 2, "min_clicks": 2}
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    visitor: int
+    ad: int
+    ts_ms: int
+    click: bool
+    counted: bool  # False: a stage-1 rule flagged it
+    jitter_ms: int
+
+
+events_strategy = st.lists(
+    st.builds(
+        Event,
+        visitor=st.integers(0, len(VISITORS) - 1),
+        ad=st.integers(0, 1),
+        # 4 h on a 5 min grid: equal times, hour edges and busy ad-hours happen often
+        ts_ms=st.integers(0, 47).map(lambda n: T0 + n * 5 * MINUTE_MS),
+        click=st.booleans(),
+        counted=st.sampled_from([True, True, True, False]),
+        jitter_ms=st.integers(0, JITTER_MS // MINUTE_MS).map(lambda n: n * MINUTE_MS),
+    ),
+    min_size=20,
+    max_size=150,
+)
+SENTINEL = Event(0, 0, T0 + 10 * HOUR_MS, True, True, 0)  # moves the horizon past everything
+
+
+def kept_frame(
+    events: list[tuple[int, Event]], partition: int, offsets: dict[int, int]
+) -> pl.DataFrame:
+    """What stage 1's ``BatchOutcome.kept`` holds for a round of one source partition."""
+    rows = []
+    for number, event in events:
+        user, ip, agent = VISITORS[event.visitor]
+        rows.append(
+            {
+                "event_type": ids.CLICK if event.click else ids.IMPRESSION,
+                "ip": ip,
+                "user_id": user,
+                "user_agent": agent,
+                "ad_id": f"ad-{event.ad}",
+                "advertiser_id": "adv",
+                "campaign_id": None,
+                "country": "US",
+                "device": None,
+                "browser": None,
+                "ts_ms": event.ts_ms,
+                "event_id": f"e{number}",
+                "partition": partition,
+                "offset": offsets[number],
+                "spend_micros": 1_000 + number if event.click else 0,
+                "invalid": event.click and not event.counted,
+            }
+        )
+    schema = {
+        "event_type": pl.UInt8,
+        **dict.fromkeys(["ip", "user_id", "user_agent", "ad_id", "advertiser_id"], pl.String),
+        **dict.fromkeys(["campaign_id", "country", "device", "browser"], pl.String),
+        "ts_ms": pl.Int64,
+        "event_id": pl.String,
+        "partition": pl.Int64,
+        "offset": pl.Int64,
+        "spend_micros": pl.Int64,
+        "invalid": pl.Boolean,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def batch_verdicts(events: list[Event], ruleset: RuleSet, seed: int) -> dict[str, tuple[str, str]]:
+    """What reconciliation's ``invalid_reason`` says per flagged event id (rule, evidence):
+    each hour judged with every earlier event as context, in an arbitrary order."""
+    order = list(range(len(events)))
+    random.Random(seed).shuffle(order)
+    decisions = pl.DataFrame(
+        {
+            "event_type": ["click" if events[n].click else "impression" for n in order],
+            "event_id": [f"e{n}" for n in order],
+            "user_id": [VISITORS[events[n].visitor][0] for n in order],
+            "ip": [VISITORS[events[n].visitor][1] for n in order],
+            "user_agent": [VISITORS[events[n].visitor][2] for n in order],
+            "ad_id": [f"ad-{events[n].ad}" for n in order],
+            "ts_ms": [events[n].ts_ms for n in order],
+        },
+        schema={
+            **dict.fromkeys(["event_type", "event_id", "user_id", "ip", "user_agent"], pl.String),
+            "ad_id": pl.String,
+            "ts_ms": pl.Int64,
+        },
+    )
+    out: dict[str, tuple[str, str]] = {}
+    for hour in sorted({e.ts_ms - e.ts_ms % HOUR_MS for e in events}):
+        seen = decisions.filter(pl.col("ts_ms") < hour + HOUR_MS)
+        reasons = ruleset.batch_reasons(seen, hour)
+        for event_id, reason in zip(seen["event_id"], reasons, strict=True):
+            if reason is not None:
+                rule, _, evidence = reason.split(": ", 2)
+                out[event_id] = (rule, evidence)
+    return out
+
+
+def cuts(draw: st.DrawFn, n: int) -> list[int]:
+    return sorted(set(draw(st.lists(st.integers(0, n), max_size=6))))
+
+
+def pieces(n: int, at: list[int]) -> list[tuple[int, int]]:
+    bounds = [0, *at, n]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+@settings(max_examples=100, deadline=None)
+@given(drawn=events_strategy, keyed=st.sampled_from([1, 4, 16]), data=st.data())
+def test_the_stream_flags_what_the_batch_flags_hour_by_hour_whatever_the_split(
+    drawn: list[Event], keyed: int, data: st.DataObject
+) -> None:
+    specs = data.draw(
+        st.sampled_from(
+            [[NO_IMPRESSION], [SPIKE], [NO_IMPRESSION, SPIKE], [SPIKE, NO_IMPRESSION, REVIEW_ONLY]]
+        )
+    )
+    effective = data.draw(st.sampled_from([None, T0 + 90 * MINUTE_MS]))
+    specs = [RuleSpec(s.id, s.kind, s.reason, s.params, effective_from_ms=effective) for s in specs]
+    ruleset = RuleSet(compile_rules(specs))
+    rules = AdRules.from_ruleset(ruleset)
+    assert rules.ids == [s.id for s in specs if s is not REVIEW_ONLY and s.id != "review"]
+
+    events = [*drawn, SENTINEL]
+    arrival = sorted(range(len(drawn)), key=lambda n: drawn[n].ts_ms + drawn[n].jitter_ms)
+    sources = data.draw(st.integers(1, 3))
+    offsets: dict[int, int] = {}
+    per_source: Counter[int] = Counter()
+    for number in arrival:
+        offsets[number] = per_source[number % sources]
+        per_source[number % sources] += 1
+    logs: dict[int, list[pa.Table]] = {k: [] for k in range(keyed)}
+    appended: list[dict[int, pa.Table]] = []
+    for a, b in pieces(len(arrival), cuts(data.draw, len(arrival))):
+        rounds = [
+            ad_records(kept_frame(chunk, p, offsets), keyed)
+            for p in range(sources)
+            if (chunk := [(n, events[n]) for n in arrival[a:b] if n % sources == p])
+        ]
+        appended += rounds
+        for round_ in rounds + data.draw(st.lists(st.sampled_from(appended), max_size=2)):
+            for k, table in round_.items():
+                logs[k].append(table)
+    for k in range(keyed):  # the stream goes on: a later event reaches every partition
+        tick = kept_frame([(len(drawn), SENTINEL)], sources + k, {len(drawn): 0})
+        logs[k].append(next(iter(ad_records(tick, 1).values())))
+
+    # One source: the log is JITTER_MS out of event time order at most. Several: a round
+    # takes each source's events in turn; a horizon longer than all of them keeps them all.
+    horizon = HORIZON_MS if sources == 1 else 5 * HOUR_MS
+    verdicts: list[pa.Table] = []
+    for tables in logs.values():
+        log = pa.concat_tables([AD_RECORD_SCHEMA.empty_table(), *tables])
+        windows = AdWindows(horizon_ms=horizon)
+        for a, b in pieces(log.num_rows, cuts(data.draw, log.num_rows)):
+            verdicts.append(windows.consume(log.slice(a, b - a), rules))
+    stream: dict[str, tuple[str, str]] = {}
+    for row in pa.concat_tables([AD_VERDICT_SCHEMA.empty_table(), *verdicts]).to_pylist():
+        assert row["counted"] and row["previous_rule_id"] is None
+        assert row["event_id"] not in stream  # each click decided once, copies or not
+        stream[row["event_id"]] = (row["rule_id"], row["evidence"])
+
+    judged = RuleSet(tuple(r for r in ruleset.rules if not r.review_only))
+    batch = batch_verdicts(events, judged, data.draw(st.integers(0, 2**16)))
+    counted = {f"e{n}" for n, e in enumerate(drawn) if e.click and e.counted}
+    assert stream == {e: verdict for e, verdict in batch.items() if e in counted}
+
+
+def test_both_rules_flag_crafted_traffic_with_their_evidence() -> None:
+    """An ad whose impressions are sent: a click after its visitor's impression counts, one
+    without is flagged; an ad without impressions is not judged. Two hours of baseline
+    CTR 1/4, then an hour of 6 clicks on 4 impressions (CTR 1.5 > 1.5 x (3+1)/8): every
+    click of that hour is flagged by the spike rule, named first."""
+    rules = AdRules.from_ruleset(RuleSet(compile_rules([SPIKE, NO_IMPRESSION])))
+    evs: list[tuple[int, Event]] = []
+
+    def add(visitor: int, ad: int, minute: int, click: bool) -> None:
+        evs.append((len(evs), Event(visitor, ad, T0 + minute * MINUTE_MS, click, True, 0)))
+
+    for hour in (0, 1):
+        for m in range(4):
+            add(0, 0, hour * 60 + m * 10, False)
+        add(0, 0, hour * 60 + 45, True)  # seen 15 min before: counts
+    add(1, 0, 100, True)  # no impression by u2: flagged
+    add(1, 1, 100, True)  # ad-1 sends no impressions: not judged
+    for m in range(4):
+        add(0, 0, 120 + m, False)
+    for m in range(6):
+        add(0, 0, 125 + m, True)
+    evs.append((len(evs), SENTINEL))
+    offsets = {n: n for n, _ in evs}
+    windows = AdWindows(horizon_ms=HORIZON_MS)
+    verdicts = windows.consume(ad_records(kept_frame(evs, 0, offsets), 1)[0], rules).to_pylist()
+    found = {v["event_id"]: (v["rule_id"], v["evidence"]) for v in verdicts}
+    assert set(found) == {"e10", *(f"e{n}" for n in range(16, 22))}
+    assert found["e10"] == ("no-imp", "user u2: no impression of ad ad-0 in the 20 min before")
+    rule, evidence = found["e16"]
+    assert rule == "spike"
+    assert evidence.startswith("ad ad-0 hour ")
+    assert ": CTR 6 clicks / 4 impressions vs baseline 3 / 8 over 2 h (factor 1.5)" in evidence
+
+
+def test_a_snapshot_restores_the_records_the_counts_and_what_was_decided() -> None:
+    rules = AdRules((NoImpressionRule("n", "r", 20, 1), CtrSpikeRule("s", "r", 2.0, 2, 2)))
+    assert AdRules.from_json(rules.to_json()) == rules
+    evs = [(n, Event(n % 3, n % 2, T0 + n * 7 * MINUTE_MS, n % 3 == 0, True, 0)) for n in range(40)]
+    records = ad_records(kept_frame(evs, 0, {n: n for n, _ in evs}), 1)[0]
+    windows = AdWindows(horizon_ms=HORIZON_MS)
+    windows.consume(records, rules)
+    restored = decode_ad_windows(encode_windows(windows), HORIZON_MS)
+    assert restored.decided_until_ms == windows.decided_until_ms
+    assert restored.high_water == windows.high_water
+    assert restored.max_event_ms == windows.max_event_ms
+    assert restored.kept().equals(windows.kept())
+    assert restored.counts().sort("ad_id", "_hour").equals(windows.counts().sort("ad_id", "_hour"))
+    # What was kept is what the rules still need: the undecided hours and 20 min before.
+    assert windows.decided_until_ms is not None
+    assert windows.kept()["ts_ms"].min() >= windows.decided_until_ms - 20 * MINUTE_MS
+
+
+def test_records_carry_every_event_of_an_ad_and_only_those() -> None:
+    evs = [(0, Event(0, 0, T0, True, True, 0)), (1, Event(1, 1, T0, False, True, 0))]
+    frame = kept_frame(evs, 0, {0: 0, 1: 1})
+    frame = pl.concat(
+        [frame, frame.slice(0, 1).with_columns(pl.lit(None, pl.String).alias("ad_id"))]
+    )
+    records = pa.concat_tables(ad_records(frame, 4).values())
+    assert sorted(records["event_type"].to_pylist()) == [ids.CLICK, ids.IMPRESSION]
+    assert records.schema == AD_RECORD_SCHEMA
+
+
+def test_an_unknown_kind_in_a_recorded_spec_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown kind"):
+        AdRules.from_json('{"rules":[{"kind":"nope","rule_id":"x"}]}')
