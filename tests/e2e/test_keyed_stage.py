@@ -173,8 +173,9 @@ def test_a_burst_is_corrected_in_the_stream_and_agrees_with_the_batch(tmp_path: 
             return samples
 
         deadline = time.monotonic() + 30
-        # Both families' partitions: the IP family's 0-2, the visitor family's 1024-1026.
-        caught_up = {str(k): 0 for k in (0, 1, 2, 1024, 1025, 1026)}
+        # Every family's partitions: the IP family's 0-2, the visitor family's 1024-1026,
+        # the ad family's 2048-2050 (empty: none of its rules is in force).
+        caught_up = {str(k): 0 for k in (0, 1, 2, 1024, 1025, 1026, 2048, 2049, 2050)}
         while (samples := keyed_samples())["clickagg_keyed_partition_lag_records"] != caught_up:
             assert time.monotonic() < deadline, samples
             time.sleep(0.1)
@@ -188,5 +189,154 @@ def test_a_burst_is_corrected_in_the_stream_and_agrees_with_the_batch(tmp_path: 
         final = per_minute(server.url, minute_s)
         assert all(is_final for *_, is_final in final.values())
         assert {k: v[:3] for k, v in final.items()} == {k: v[:3] for k, v in stream.items()}
+    finally:
+        server.stop()
+
+
+AD_RULES = """
+include_builtin = true
+
+[[rules]]
+id = "no-impression-click"
+kind = "no_impression_click"
+reason = "click without an impression"
+[rules.params]
+window_minutes = 30
+min_ad_impressions = 5
+
+[[rules]]
+id = "ctr-spike"
+kind = "ctr_spike"
+reason = "CTR far above the ad's baseline"
+[rules.params]
+factor = 3.0
+baseline_hours = 1
+min_clicks = 10
+exclude = true
+"""
+
+
+def test_the_ad_rules_correct_a_closed_hour_in_the_stream_as_the_batch_does(
+    tmp_path: Path,
+) -> None:
+    """Through the real worker: clicks with no impression of their ad, and an ad-hour whose
+    CTR spikes, two hours ago; once later events close that hour, the stream corrects them
+    (the ad family), and reconciling the hour with the same rules file changes nothing."""
+    data = tmp_path / "data"
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text(AD_RULES)
+    server = ServeProcess(
+        data,
+        partitions=4,
+        extra_env={
+            "CLICKAGG_KEYED_STAGE": "true",
+            "CLICKAGG_KEYED_PARTITIONS": "2",
+            "CLICKAGG_RULES_FILE": str(rules_file),
+            "CLICKAGG_CLOSE_INTERVAL": "0",
+        },
+    )
+    server.start()
+    try:
+        rng = random.Random(5)
+        now_s = int(time.time())
+        hour_s = now_s - now_s % 3600 - 2 * 3600  # the judged hour; its baseline before it
+        events: list[dict[str, Any]] = []
+
+        def event(kind: str, ad: str, at_s: float, user: str) -> None:
+            n = len(events)
+            events.append(
+                {
+                    "event_type": kind,
+                    "event_id": f"{kind[0]}{n}",
+                    "ad_id": ad,
+                    "user_id": user,
+                    "timestamp": round(at_s, 3),
+                    "ip": f"10.{n // 250}.{n % 250}.9",
+                    "user_agent": BROWSER,
+                    "cost_micros": 1_000,
+                }
+            )
+
+        for u in range(20):  # the baseline hour: ad-s seen 20 times, clicked twice
+            at = hour_s - 3600 + rng.uniform(0, 3000)
+            event("impression", "ad-s", at, f"b{u}")
+            if u % 10 == 0:
+                event("click", "ad-s", at + 60, f"b{u}")
+        for u in range(20):  # ad-n: seen, then clicked; and 4 clicks by users who saw nothing
+            at = hour_s + rng.uniform(0, 3000)
+            event("impression", "ad-n", at, f"n{u}")
+            event("click", "ad-n", at + 120, f"n{u}")
+        blind = [f"c{len(events) + i}" for i in range(4)]
+        for u in range(4):
+            event("click", "ad-n", hour_s + rng.uniform(0, 3500), f"blind{u}")
+        spike = []
+        for u in range(5):  # the spike: 15 clicks on 5 impressions, each clicker saw it
+            at = hour_s + rng.uniform(0, 2000)
+            event("impression", "ad-s", at, f"s{u}")
+            for j in range(3):
+                spike.append(f"c{len(events)}")
+                event("click", "ad-s", at + 60 * (j + 1), f"s{u}")
+        # In event time order, 5 minutes at a time, each caught up before the next: every
+        # partition's rounds then reach the keyed logs within the horizon of each other
+        # (as traffic stamped "now" does; two hours posted at once would not).
+        buckets: dict[int, list[dict[str, Any]]] = {}
+        for e in sorted(events, key=lambda e: e["timestamp"]):
+            buckets.setdefault(int(e["timestamp"]) // 300, []).append(e)
+        for bucket in buckets.values():
+            assert post(server.url, bucket)
+            wait_caught_up(server)
+        # Later clicks close the hour: their time is past its end by more than the horizon.
+        later = [
+            {**events[0], "event_id": f"later-{i}", "ad_id": ad, "timestamp": now_s - 30}
+            for i, ad in enumerate(["ad-n", "ad-s"] * 20)
+        ]
+        assert post(server.url, later)
+        wait_caught_up(server)
+
+        def by_reason() -> Counter[str]:
+            got: Counter[str] = Counter()
+            for ad in ("ad-n", "ad-s"):
+                params = {
+                    "ad_id": ad,
+                    "start": hour_s - 3600,
+                    "end": hour_s + 3600,
+                    "granularity": "hour",
+                    "group_by": "invalid_reason",
+                }
+                for row in http.get(server.url + "/aggregates", params=params).json():
+                    got[row["invalid_reason"]] += row["invalid_clicks"]
+            return got
+
+        want = Counter({"no-impression-click": len(blind), "ctr-spike": len(spike)})
+        deadline = time.monotonic() + 60
+        while (got := by_reason()) != want:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.2)
+        trail = fate(server.url, blind[0])
+        deadline = time.monotonic() + 30
+        while (trail := fate(server.url, blind[0]))["status"] != "invalid":
+            assert time.monotonic() < deadline, trail
+            time.sleep(0.1)
+        assert trail["reason"].startswith("no-impression-click: click without an impression: ")
+        assert trail["history"][-1]["stage"] == "keyed"
+
+        def hour_rows() -> dict[str, tuple[int, int, int]]:
+            rows = {}
+            for ad in ("ad-n", "ad-s"):
+                params = {
+                    "ad_id": ad,
+                    "start": hour_s,
+                    "end": hour_s + 3600,
+                    "granularity": "hour",
+                }
+                for row in http.get(server.url + "/aggregates", params=params).json():
+                    rows[ad] = (row["clicks"], row["invalid_clicks"], row["spend_micros"])
+            return rows
+
+        stream = hour_rows()
+        assert stream["ad-n"][:2] == (20, len(blind))
+        settings = Settings(data_dir=data, partitions=4, rules_file=rules_file)
+        reconcile_hours(settings, [hour_s * 1000], reason="test")
+        assert hour_rows() == stream
     finally:
         server.stop()
