@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from clickagg.core import aggregate
+from clickagg.core.adkeyed import AD_VERDICT_SCHEMA
 from clickagg.core.keyed import VERDICT_SCHEMA
 from clickagg.core.visitor import VISITOR_VERDICT_SCHEMA
 from clickagg.store.base import FencedError, KeyedCommit, PartitionCommit
@@ -82,7 +83,7 @@ def _verdicts(schema: pa.Schema, flagged: list[tuple[str, str]]) -> pa.Table:
 
 
 def _commit(family: str, flagged: list[tuple[str, str]], *, lo: int = 0, k: int = 0) -> KeyedCommit:
-    schema = VERDICT_SCHEMA if family == "ip" else VISITOR_VERDICT_SCHEMA
+    schema = {"ip": VERDICT_SCHEMA, "ad": AD_VERDICT_SCHEMA}.get(family, VISITOR_VERDICT_SCHEMA)
     return KeyedCommit(
         keyed_partition=k,
         from_offset=lo,
@@ -212,6 +213,28 @@ def test_what_was_applied_is_kept_while_a_replay_may_need_it_and_settled_clicks_
     # A click settled by every family is forgotten: a verdict now would correct it again,
     # which is why a family's bound must be past any verdict it can still make.
     assert again.num_rows == 1
+
+
+def test_the_ad_familys_bound_holds_back_forgetting_until_it_is_released(
+    store: DuckDBStore,
+) -> None:
+    """The ad family commits only while one of its rules is in force: a bound it recorded
+    then holds the corrected clicks until it is released (its rules gone), after which the
+    IP and visitor families' bounds alone decide."""
+    settle = {"settled_before_ms": MINUTE + 2_000}
+    store.commit_keyed([KeyedCommit(**{**_commit("ad", [("e1", "ctr-spike")]).__dict__})])
+    early = {"settled_before_ms": MINUTE}  # e1 (at MINUTE + 1 s) is not settled by it
+    store.commit_keyed([KeyedCommit(**{**_commit("ad", [], lo=1).__dict__, **early})])
+    for family in ("ip", "visitor"):
+        store.commit_keyed([KeyedCommit(**{**_commit(family, [], lo=0).__dict__, **settle})])
+    [kept] = store.commit_keyed([_commit("ip", [("e1", "ip-ad-spread")], lo=1)])
+    assert kept["previous_rule_id"].to_pylist() == ["ctr-spike"]  # still known: moved
+    store.release_settled("ad")
+    store.commit_keyed([KeyedCommit(**{**_commit("ip", [], lo=2).__dict__, **settle})])
+    [again] = store.commit_keyed([_commit("ip", [("e1", "ip-ad-spread")], lo=3)])
+    assert again["previous_rule_id"].to_pylist() == [None]  # forgotten: settled by both
+    with pytest.raises(ValueError, match="unknown keyed family"):
+        store.release_settled("nope")
 
 
 def test_a_click_its_family_corrected_before_the_store_kept_them_is_not_corrected_again(

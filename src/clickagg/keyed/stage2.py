@@ -287,6 +287,9 @@ class KeyedStage:
         # each partition was last trimmed to, and the rules of the last rule set seen.
         self._trimmed: dict[int, int] = {}
         self._rules_of: tuple[object, str, FamilyRules] | None = None
+        # Whether the store holds no settled bound of this family since its rules went
+        # (only a family that can be without rules while the stage runs: the ad family).
+        self._released = False
         self.recover()
 
     def recover(self) -> None:
@@ -445,7 +448,11 @@ class KeyedStage:
                 )
             )
         if not commits:
+            if not rules.rules and not self._released and self.family is AD:
+                self.store.release_settled(self.family.name)
+                self._released = True
             return 0
+        self._released = False
         settled = self.family.settled_before(self.windows, rules, self.horizon_ms)
         commits[0] = dataclasses.replace(commits[0], settled_before_ms=settled)
         try:

@@ -149,6 +149,12 @@ class AggregateStore(Protocol):
         """Clicks the keyed stage ever corrected, per rule id."""
         ...
 
+    def release_settled(self, family: str) -> None:
+        """The family has no rule in force and judges nothing: drop its settled bound, so a
+        bound it recorded while it had rules no longer keeps the store from forgetting the
+        clicks every other family is done with. Its next commit records a new one."""
+        ...
+
     def keyed_progress(self, family: str = "ip") -> dict[int, KeyedProgress]:
         """Per keyed partition of the family that ever committed: what stage 2 consumed so
         far, and the specs its consumed ranges were judged under."""

@@ -967,6 +967,13 @@ class DuckDBStore:
             .to_arrow_table()
         )
 
+    def release_settled(self, family: str) -> None:
+        _family_tables(family)  # a known family
+        with self._commit_lock:
+            self._transaction(
+                lambda cur: cur.execute("DELETE FROM keyed_settled WHERE family = ?", [family])
+            )
+
     def keyed_corrections_by_rule(self) -> dict[str, int]:
         rows = self._fetch("SELECT rule_id, corrections FROM keyed_rule_corrections")
         return {str(rule): int(n) for rule, n in rows}
