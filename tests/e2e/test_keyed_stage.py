@@ -4,7 +4,9 @@ counters included, and the batch layer's final rows for the hour then agree with
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +19,7 @@ from clickagg.batch.runner import reconcile_hours
 from clickagg.cli.main import main
 from clickagg.config import Settings
 from tests.e2e.server import ServeProcess, http
-from tests.e2e.test_kill9 import post, wait_caught_up
+from tests.e2e.test_kill9 import post, wait_caught_up, wait_healthy, worker_pid
 
 ADS = ("ad-k1", "ad-k2", "ad-k3", "ad-k4")
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0"
@@ -221,7 +223,9 @@ def test_the_ad_rules_correct_a_closed_hour_in_the_stream_as_the_batch_does(
 ) -> None:
     """Through the real worker: clicks with no impression of their ad, and an ad-hour whose
     CTR spikes, two hours ago; once later events close that hour, the stream corrects them
-    (the ad family), and reconciling the hour with the same rules file changes nothing."""
+    (the ad family), and reconciling the hour with the same rules file changes nothing.
+    The worker is killed (-9) halfway through the hour's events, and again right after the
+    events that close it (its verdicts in flight): each click is still corrected once."""
     data = tmp_path / "data"
     rules_file = tmp_path / "rules.toml"
     rules_file.write_text(AD_RULES)
@@ -282,15 +286,28 @@ def test_the_ad_rules_correct_a_closed_hour_in_the_stream_as_the_batch_does(
         buckets: dict[int, list[dict[str, Any]]] = {}
         for e in sorted(events, key=lambda e: e["timestamp"]):
             buckets.setdefault(int(e["timestamp"]) // 300, []).append(e)
-        for bucket in buckets.values():
+        killed: list[int] = []
+
+        def kill_worker() -> None:
+            pid = worker_pid(server, not_one_of=killed)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            worker_pid(server, not_one_of=killed)  # restarted by the supervisor
+            wait_healthy(server)
+
+        for n, bucket in enumerate(buckets.values()):
             assert post(server.url, bucket)
             wait_caught_up(server)
+            if n == len(buckets) // 2:
+                kill_worker()
         # Later clicks close the hour: their time is past its end by more than the horizon.
         later = [
             {**events[0], "event_id": f"later-{i}", "ad_id": ad, "timestamp": now_s - 30}
             for i, ad in enumerate(["ad-n", "ad-s"] * 20)
         ]
         assert post(server.url, later)
+        time.sleep(0.2)  # a round or two under way
+        kill_worker()
         wait_caught_up(server)
 
         def by_reason() -> Counter[str]:
