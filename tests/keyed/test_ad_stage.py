@@ -149,7 +149,13 @@ class AdFamilyRig(BothFamiliesRig):
 
 
 def _run(
-    root: Path, partitions: int, keyed: int, *, crash: Crash | None = None, rules: str = RULES
+    root: Path,
+    partitions: int,
+    keyed: int,
+    *,
+    crash: Crash | None = None,
+    rules: str = RULES,
+    at_once: bool = False,
 ) -> tuple[dict[str, Counter[Key]], Counter[str], pa.Table, AdFamilyRig]:
     rules_file = root / "rules.toml"
     rules_file.write_text(rules)
@@ -161,7 +167,8 @@ def _run(
         rules_file=rules_file,
     )
     try:
-        for chunk in ad_traffic():
+        chunks = ad_traffic()
+        for chunk in [[e for c in chunks[:-1] for e in c], chunks[-1]] if at_once else chunks:
             rig.send(chunk)
             rig.run()
         result = rig.counts(ADS), rig.realtime(ADS)
@@ -234,6 +241,23 @@ def test_a_crash_between_any_two_steps_changes_nothing(tmp_path: Path, point: st
     crash = Crash(point, at=3, times=4)
     counts, realtime, corrected, _ = _run(tmp_path, 4, 3, crash=crash)
     assert crash.fired >= 1
+    expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
+    check(counts, realtime, corrected, ad_traffic(), expected)
+
+
+@pytest.mark.parametrize("point", [None, "after-commit", "keyed-after-sync"])
+def test_a_backlog_spanning_hours_is_judged_whole_even_across_a_crash(
+    tmp_path: Path, point: str | None
+) -> None:
+    """The three hours in the log at once (a backlog): a partition's micro-batch spans far
+    more event time than the keyed horizon, and the partitions' batches do not end at the
+    same time. Rounds cut each partition's batch a minute past the furthest-behind one's
+    event clock (``stream.aligned``) and interleave a round's records by time, so no record
+    reaches a keyed log too late to be judged, also when a crash after the store commit
+    makes recovery re-derive a round's records."""
+    crash = Crash(point, at=2, times=3) if point else None
+    counts, realtime, corrected, _ = _run(tmp_path, 4, 2, crash=crash, at_once=True)
+    assert crash is None or crash.fired >= 1
     expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
     check(counts, realtime, corrected, ad_traffic(), expected)
 

@@ -98,16 +98,29 @@ def records_by_partition(
 ) -> dict[int, pa.Table]:
     """A keyed family's records of ``clicks`` (``schema``: its first ``leading`` columns
     as they are, then the source position, spend and whether stage 1 counted it), by the
-    keyed partition of their ``key`` (:func:`key_partitions`), each in source offset
-    order."""
-    records = clicks.select(
-        *schema.names[:leading],
-        pl.col("partition").cast(pl.Int32).alias("source_partition"),
-        pl.col("offset").alias("source_offset"),
-        pl.col("spend_micros").cast(pl.Int64),
-        (~pl.col("invalid")).alias("counted"),
-        key_partitions(key, partitions).alias("_k"),
-    ).sort("source_partition", "source_offset")
+    keyed partition of their ``key`` (:func:`key_partitions`).
+
+    Each source partition's records stay in offset order (stage 2 takes a source's records
+    in that order: ``accept``), and the sources are interleaved by event time: ordered by
+    the newest event time of their source up to them (a running maximum, which offset order
+    keeps), so no record follows records of other sources far newer than itself. Taken one
+    source after the other, a round that spans more event time than the keyed stage's
+    horizon (a backlog, a replay) would put a source's first records that far behind the
+    previous source's last, and stage 2 would leave them to the batch."""
+    records = (
+        clicks.select(
+            *schema.names[:leading],
+            pl.col("partition").cast(pl.Int32).alias("source_partition"),
+            pl.col("offset").alias("source_offset"),
+            pl.col("spend_micros").cast(pl.Int64),
+            (~pl.col("invalid")).alias("counted"),
+            key_partitions(key, partitions).alias("_k"),
+        )
+        .sort("source_partition", "source_offset")
+        .with_columns(pl.col("ts_ms").cum_max().over("source_partition").alias("_newest"))
+        .sort("_newest", "source_partition", "source_offset")
+        .drop("_newest")
+    )
     return {
         int(k): part.drop("_k").to_arrow().cast(schema)
         for (k,), part in records.partition_by("_k", as_dict=True, maintain_order=True).items()

@@ -15,7 +15,10 @@ Commit order, for one round over partitions p (this is the whole protocol):
 With the keyed stage on, step 4 is followed by appending the round's fresh clicks to the
 keyed log (``clickagg.keyed.stage1``), which keeps its own marker like the archive's
 offset: recovery re-derives ``[min(archived, keyed marker), committed)`` and hands each
-sink what it lacks.
+sink what it lacks. A round then takes each partition's events only up to a minute (event
+time) past the furthest-behind partition's (``aligned``): the keyed stage, which gathers
+the partitions' clicks of a key, must not receive one partition's records far behind
+another's.
 
 A crash before 3 loses nothing: the store still says ``from_offset`` and the restarted
 worker redoes the round. A crash after 3 loses nothing either: recovery loads the newest
@@ -32,6 +35,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -42,6 +46,7 @@ from clickagg.core import aggregate, columns
 from clickagg.core.prices import PriceBook
 from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
 from clickagg.core.rules.loading import RulesWatcher
+from clickagg.core.windows import MINUTE_MS
 from clickagg.disk import is_out_of_space
 from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders
 from clickagg.log.base import CorruptFrameError, Frame, LogReader
@@ -95,6 +100,14 @@ def rules_watcher(settings: Settings) -> RulesWatcher:
         )
         _RULES[key] = watcher
     return watcher
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A micro-batch read, not processed: its events, or where a lost range ends."""
+
+    events: pl.DataFrame = dataclasses.field(default_factory=columns.empty_frame)
+    lost_until: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +247,11 @@ class PartitionWorker:
         in-memory state is now ahead of the store: the caller must commit the result, or
         call :meth:`recover` before anything else.
         """
+        return self.process(self.read_pending(), deltas=deltas)
+
+    def read_pending(self) -> Pending | None:
+        """Step 1: the next durable micro-batch (decoded events, or the end of a range lost
+        from the log), without processing it: None when there is none."""
         if self.damage is not None:
             return None
         self._refresh_rules()
@@ -248,18 +266,33 @@ class PartitionWorker:
         if not frames:
             return None
         if frames[0].lost:
+            return Pending(lost_until=frames[0].end_offset)
+        return Pending(events=frames_to_events(_readable_run(frames), state.next_offset))
+
+    def process(self, pending: Pending | None, *, deltas: bool = True) -> Prepared | None:
+        """Step 2 for a batch :meth:`read_pending` read (or a prefix of its events)."""
+        if pending is None:
+            return None
+        if pending.lost_until is not None:
             log.error(
                 "partition %d: offsets [%d, %d) were lost from the log (repaired); skipping",
                 self.partition,
-                state.next_offset,
-                frames[0].end_offset,
+                self.processor.state.next_offset,
+                pending.lost_until,
             )
-            outcome = self.processor.skip_lost(frames[0].end_offset)
+            outcome = self.processor.skip_lost(pending.lost_until)
         else:
-            events = frames_to_events(_readable_run(frames), state.next_offset)
-            outcome = self.processor.process(events, deltas=deltas)
+            outcome = self.processor.process(pending.events, deltas=deltas)
         assert outcome is not None
         return Prepared(self._commit_of(outcome), outcome.kept, outcome.decisions)
+
+    def event_clock_ms(self, pending: Pending) -> int | None:
+        """How far in event time this partition is with ``pending`` taken up to its first
+        event: the newest event time it processed, or that first event's if later (None:
+        a lost range, which holds no events)."""
+        if pending.lost_until is not None or not pending.events.height:
+            return None
+        return max(self.processor.state.max_event_ms, int(pending.events["ts_ms"][0]))
 
     def set_prices(self, prices: PriceBook) -> None:
         """Price events processed from now on with ``prices`` (a changed registry)."""
@@ -311,6 +344,49 @@ class PartitionWorker:
             self._snapshots_skipped = False
 
 
+ALIGNMENT_MS = MINUTE_MS
+"""How far in event time a round lets one partition run ahead of the furthest-behind
+partition with events to take, when the keyed stage is on: less than the keyed stage's
+slack beyond the allowed lateness (its horizon is the lateness + 2 minutes)."""
+
+
+def aligned(
+    pending: list[tuple[PartitionWorker, Pending | None]],
+) -> list[tuple[PartitionWorker, Pending | None]]:
+    """Each partition's batch cut where its events pass ``ALIGNMENT_MS`` beyond the event
+    clock of the furthest-behind partition with events (a partition whose first event is
+    past it waits a round).
+
+    Why: the keyed stage gathers every partition's clicks of a key in one keyed partition,
+    and leaves to the batch a record that arrives more than its horizon behind the newest
+    there. Live traffic keeps the partitions' event clocks close, but a backlog (a replay,
+    a catch-up) lets a partition's round run hours ahead of another's; taken as they come,
+    the slower partition's records would reach the keyed logs too late. Cut this way, a
+    record is never more than the lateness + ``ALIGNMENT_MS`` behind any record before it,
+    and the furthest-behind partition always takes at least its first event (no stall). A
+    partition with nothing to read does not hold the others back; one that resumes after
+    being idle is behind on its own terms, as before. Events past the cut are read again
+    next round; live traffic, within a minute across partitions, is never cut."""
+    clocks = [
+        clock
+        for worker, item in pending
+        if item is not None and (clock := worker.event_clock_ms(item)) is not None
+    ]
+    if len(clocks) < 2:
+        return pending
+    bound = min(clocks) + ALIGNMENT_MS
+    out: list[tuple[PartitionWorker, Pending | None]] = []
+    for worker, item in pending:
+        if item is not None and item.lost_until is None:
+            ts = item.events["ts_ms"].to_numpy()
+            past = np.flatnonzero(ts > bound)
+            if len(past):
+                cut = int(past[0])
+                item = Pending(events=item.events.head(cut)) if cut else None
+        out.append((worker, item))
+    return out
+
+
 def step_all(
     workers: Sequence[PartitionWorker],
     store: AggregateStore,
@@ -320,7 +396,10 @@ def step_all(
     committed in ONE store transaction (step 3 for each), so per-transaction costs are paid
     once per round. On any failure the partitions of the round rebuild their state from the
     store and the log; a fenced partition does so and the round is simply lost."""
-    prepared = [(worker, worker.prepare(deltas=False)) for worker in workers]
+    pending = [(worker, worker.read_pending()) for worker in workers]
+    if any(worker.keyed is not None for worker in workers):
+        pending = aligned(pending)
+    prepared = [(worker, worker.process(item, deltas=False)) for worker, item in pending]
     batch = [(worker, item) for worker, item in prepared if item is not None]
     if not batch:
         return 0
