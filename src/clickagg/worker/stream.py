@@ -18,7 +18,10 @@ offset: recovery re-derives ``[min(archived, keyed marker), committed)`` and han
 sink what it lacks. A round then takes each partition's events only up to a minute (event
 time) past the furthest-behind partition's (``aligned``): the keyed stage, which gathers
 the partitions' clicks of a key, must not receive one partition's records far behind
-another's.
+another's. For the same reason the keyed records a recovery re-derives are held until the
+next round and appended for every recovered partition at once, before the round's own: one
+append interleaves its partitions' records by event time (``records_by_partition``), one
+partition after the other would not.
 
 A crash before 3 loses nothing: the store still says ``from_offset`` and the restarted
 worker redoes the round. A crash after 3 loses nothing either: recovery loads the newest
@@ -145,6 +148,9 @@ class PartitionWorker:
         self.damage: str | None = None
         self.rules = rules_watcher(settings)
         self._ruleset = self.rules.current()
+        # Keyed records a recovery re-derived, not appended yet (see the module docstring):
+        # kept events and their source range (``append_recovered``).
+        self.keyed_backlog: list[tuple[pl.DataFrame, tuple[int, int]]] = []
         self.processor = self._recover()
         self._last_snapshot_ms = clock.now_ms()
         self._snapshots_skipped = False
@@ -179,6 +185,7 @@ class PartitionWorker:
                 f"but the store committed only {committed}; the store lost committed data"
             )
         # Decisions from here on are re-derived: each sink takes only what it lacks.
+        self.keyed_backlog = []  # an earlier recovery's: re-derived again below
         resume = archived
         if self.keyed is not None:
             resume = min(resume, self.keyed.next_offset(self.partition))
@@ -232,7 +239,7 @@ class PartitionWorker:
                 ranges = {self.partition: (outcome.from_offset, outcome.to_offset)}
                 self.archive.append(outcome.decisions, ranges)
                 if self.keyed is not None:
-                    self.keyed.append(outcome.kept, ranges)
+                    self.keyed_backlog.append((outcome.kept, ranges[self.partition]))
         return replayed
 
     def _stall(self, why: str) -> None:
@@ -287,12 +294,13 @@ class PartitionWorker:
         return Prepared(self._commit_of(outcome), outcome.kept, outcome.decisions)
 
     def event_clock_ms(self, pending: Pending) -> int | None:
-        """How far in event time this partition is with ``pending`` taken up to its first
-        event: the newest event time it processed, or that first event's if later (None:
-        a lost range, which holds no events)."""
+        """How far in event time this partition would be with all of ``pending`` taken:
+        the newest event time it processed or read (None: a lost range, no events)."""
         if pending.lost_until is not None or not pending.events.height:
             return None
-        return max(self.processor.state.max_event_ms, int(pending.events["ts_ms"][0]))
+        newest = pending.events["ts_ms"].max()
+        assert isinstance(newest, int)
+        return max(self.processor.state.max_event_ms, newest)
 
     def set_prices(self, prices: PriceBook) -> None:
         """Price events processed from now on with ``prices`` (a changed registry)."""
@@ -344,6 +352,23 @@ class PartitionWorker:
             self._snapshots_skipped = False
 
 
+def append_recovered(workers: Sequence[PartitionWorker]) -> None:
+    """Append the keyed records every recovered partition re-derived, in ONE append (its
+    records interleaved by event time across partitions), before any round's own."""
+    backlog = [(w, kept, span) for w in workers for kept, span in w.keyed_backlog]
+    if not backlog:
+        return
+    keyed = backlog[0][0].keyed
+    assert keyed is not None
+    ranges: dict[int, tuple[int, int]] = {}
+    for worker, _, (lo, hi) in backlog:
+        start, _ = ranges.get(worker.partition, (lo, hi))
+        ranges[worker.partition] = (start, hi)  # a partition's spans follow each other
+    keyed.append(pl.concat([kept for _, kept, _ in backlog], how="vertical"), ranges)
+    for worker in workers:
+        worker.keyed_backlog = []
+
+
 ALIGNMENT_MS = MINUTE_MS
 """How far in event time a round lets one partition run ahead of the furthest-behind
 partition with events to take, when the keyed stage is on: less than the keyed stage's
@@ -353,20 +378,26 @@ slack beyond the allowed lateness (its horizon is the lateness + 2 minutes)."""
 def aligned(
     pending: list[tuple[PartitionWorker, Pending | None]],
 ) -> list[tuple[PartitionWorker, Pending | None]]:
-    """Each partition's batch cut where its events pass ``ALIGNMENT_MS`` beyond the event
-    clock of the furthest-behind partition with events (a partition whose first event is
-    past it waits a round).
+    """Each partition's batch cut where its events pass ``ALIGNMENT_MS`` beyond the
+    furthest-behind partition's event clock: the newest event time it would have with its
+    whole batch taken (a partition whose first event is past the cut waits a round).
 
     Why: the keyed stage gathers every partition's clicks of a key in one keyed partition,
-    and leaves to the batch a record that arrives more than its horizon behind the newest
-    there. Live traffic keeps the partitions' event clocks close, but a backlog (a replay,
-    a catch-up) lets a partition's round run hours ahead of another's; taken as they come,
-    the slower partition's records would reach the keyed logs too late. Cut this way, a
-    record is never more than the lateness + ``ALIGNMENT_MS`` behind any record before it,
-    and the furthest-behind partition always takes at least its first event (no stall). A
-    partition with nothing to read does not hold the others back; one that resumes after
-    being idle is behind on its own terms, as before. Events past the cut are read again
-    next round; live traffic, within a minute across partitions, is never cut."""
+    and leaves to the batch a record that arrives more than its horizon (the lateness + 2
+    minutes) behind the newest there. Live traffic keeps the partitions' event clocks
+    close, but a backlog (a replay, a catch-up) lets one partition's micro-batch end hours
+    of event time after another's; taken as they come, the slower partition's next records
+    would reach the keyed logs too late. Cut this way, every partition's event clock after
+    the round is at least the cut minus ``ALIGNMENT_MS`` (it took its whole batch, whose
+    newest event is at least the furthest-behind clock) or its next event is past the cut;
+    stage 1 keeps no event more than the lateness behind its partition's clock, so no
+    record of the next round is more than the lateness + ``ALIGNMENT_MS`` behind one of
+    this round's (within a round, ``records_by_partition`` interleaves by time). The
+    furthest-behind partition takes its whole batch, so a round moves as far as before
+    for it. A partition with nothing to read does not hold the others back; one that
+    resumes after being idle is behind on its own terms, as before. Events past the cut
+    are read again next round; live traffic, within a minute across partitions, is never
+    cut."""
     clocks = [
         clock
         for worker, item in pending
@@ -396,6 +427,7 @@ def step_all(
     committed in ONE store transaction (step 3 for each), so per-transaction costs are paid
     once per round. On any failure the partitions of the round rebuild their state from the
     store and the log; a fenced partition does so and the round is simply lost."""
+    append_recovered(workers)
     pending = [(worker, worker.read_pending()) for worker in workers]
     if any(worker.keyed is not None for worker in workers):
         pending = aligned(pending)
