@@ -86,6 +86,7 @@ class KeyedAppender:
         self.records = records
         self.clicks_only = clicks_only
         self.active = active
+        self.wrote = False  # whether the last write appended anything (to be synced)
         self.marker_path = marker_path
         if marker_path.exists():
             stored = json.loads(marker_path.read_text())
@@ -122,6 +123,7 @@ class KeyedAppender:
                 )
             if hi > at:
                 fresh[partition] = at
+        self.wrote = False
         if not fresh:
             return None
         if self.active is not None and not self.active():
@@ -139,6 +141,7 @@ class KeyedAppender:
             kept = kept.join(starts, on="partition").filter(pl.col("offset") >= pl.col("_from"))
         for k, records in sorted(self.records(kept, self.writer.partitions).items()):
             self.writer.append(k, encode_records(records), records.num_rows)
+            self.wrote = True
         return fresh
 
     def synced(self, fresh: Mapping[int, int], ranges: Mapping[int, tuple[int, int]]) -> None:
@@ -173,7 +176,7 @@ class KeyedAppenders:
         clicks = _clicks(kept)  # once for every family of clicks
         written = [(a, a.write(clicks if a.clicks_only else kept, ranges)) for a in self.appenders]
         pending = [(a, fresh) for a, fresh in written if fresh]
-        _sync_all([a.writer for a, _ in pending])
+        _sync_all([a.writer for a, _ in pending if a.wrote])  # nothing new: nothing to sync
         for appender, fresh in pending:
             appender.synced(fresh, ranges)
 
