@@ -120,7 +120,9 @@ def kept_frame(
     return pl.DataFrame(rows, schema=schema)
 
 
-def batch_verdicts(events: list[Event], ruleset: RuleSet, seed: int) -> dict[str, tuple[str, str]]:
+def batch_verdicts(
+    events: list[Event], ruleset: RuleSet, seed: int, *, review: bool = False
+) -> dict[str, tuple[str, str]]:
     """What reconciliation's ``invalid_reason`` says per flagged event id (rule, evidence):
     each hour judged with every earlier event as context, in an arbitrary order."""
     order = list(range(len(events)))
@@ -144,7 +146,7 @@ def batch_verdicts(events: list[Event], ruleset: RuleSet, seed: int) -> dict[str
     out: dict[str, tuple[str, str]] = {}
     for hour in sorted({e.ts_ms - e.ts_ms % HOUR_MS for e in events}):
         seen = decisions.filter(pl.col("ts_ms") < hour + HOUR_MS)
-        reasons = ruleset.batch_reasons(seen, hour)
+        reasons = (ruleset.batch_reviews if review else ruleset.batch_reasons)(seen, hour)
         for event_id, reason in zip(seen["event_id"], reasons, strict=True):
             if reason is not None:
                 rule, _, evidence = reason.split(": ", 2)
@@ -209,11 +211,13 @@ def test_the_stream_flags_what_the_batch_flags_hour_by_hour_whatever_the_split(
     # horizon decides as the stream goes and no record is too late.
     horizon = HORIZON_MS
     verdicts: list[pa.Table] = []
+    reviewed: Counter[str] = Counter()
     for tables in logs.values():
         log = pa.concat_tables([AD_RECORD_SCHEMA.empty_table(), *tables])
         windows = AdWindows(horizon_ms=horizon)
         for a, b in pieces(log.num_rows, cuts(data.draw, log.num_rows)):
             verdicts.append(windows.consume(log.slice(a, b - a), rules))
+            reviewed.update(windows.take_reviews())
     stream: dict[str, tuple[str, str]] = {}
     for row in pa.concat_tables([AD_VERDICT_SCHEMA.empty_table(), *verdicts]).to_pylist():
         assert row["counted"] and row["previous_rule_id"] is None
@@ -224,6 +228,15 @@ def test_the_stream_flags_what_the_batch_flags_hour_by_hour_whatever_the_split(
     batch = batch_verdicts(events, judged, data.draw(st.integers(0, 2**16)))
     counted = {f"e{n}" for n, e in enumerate(drawn) if e.click and e.counted}
     assert stream == {e: verdict for e, verdict in batch.items() if e in counted}
+    # The review-only rule's clicks: counted once each, as the batch's review hook flags
+    # them (its own rule set: a review verdict does not depend on the excluding rules).
+    for rule in ruleset.rules:
+        if rule.review_only:
+            alone = RuleSet((rule,))
+            flagged = batch_verdicts(events, alone, 0, review=True)
+            assert reviewed[rule.name] == len(set(flagged) & counted)
+        else:
+            assert rule.name not in reviewed
 
 
 def test_both_rules_flag_crafted_traffic_with_their_evidence() -> None:
@@ -231,7 +244,7 @@ def test_both_rules_flag_crafted_traffic_with_their_evidence() -> None:
     without is flagged; an ad without impressions is not judged. Two hours of baseline
     CTR 1/4, then an hour of 6 clicks on 4 impressions (CTR 1.5 > 1.5 x (3+1)/8): every
     click of that hour is flagged by the spike rule, named first."""
-    rules = AdRules.from_ruleset(RuleSet(compile_rules([SPIKE, NO_IMPRESSION])))
+    rules = AdRules.from_ruleset(RuleSet(compile_rules([SPIKE, NO_IMPRESSION, REVIEW_ONLY])))
     evs: list[tuple[int, Event]] = []
 
     def add(visitor: int, ad: int, minute: int, click: bool) -> None:
@@ -258,6 +271,9 @@ def test_both_rules_flag_crafted_traffic_with_their_evidence() -> None:
     assert rule == "spike"
     assert evidence.startswith("ad ad-0 hour ")
     assert ": CTR 6 clicks / 4 impressions vs baseline 3 / 8 over 2 h (factor 1.5)" in evidence
+    # The review-only rule flags the same hour: reported once, not corrected.
+    assert windows.take_reviews() == {"review": 6}
+    assert windows.take_reviews() == {}
 
 
 def test_a_snapshot_restores_the_records_the_counts_and_what_was_decided() -> None:

@@ -215,6 +215,15 @@ factor = 3.0
 baseline_hours = 1
 min_clicks = 10
 exclude = true
+
+[[rules]]
+id = "ctr-review"
+kind = "ctr_spike"
+reason = "CTR above the ad's baseline"
+[rules.params]
+factor = 2.0
+baseline_hours = 1
+min_clicks = 10
 """
 
 
@@ -351,6 +360,16 @@ def test_the_ad_rules_correct_a_closed_hour_in_the_stream_as_the_batch_does(
 
         stream = hour_rows()
         assert stream["ad-n"][:2] == (20, len(blind))
+        # The review-only rule flagged the spike too: reported once each, still corrected
+        # by the excluding rule (its billing untouched by the review).
+        metrics = http.get(server.url + "/metrics", timeout=10).text
+        reviews = {
+            sample.labels["rule_id"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "clickagg_keyed_review_clicks_total"
+        }
+        assert reviews == {"ctr-review": len(spike)}
         settings = Settings(data_dir=data, partitions=4, rules_file=rules_file)
         reconcile_hours(settings, [hour_s * 1000], reason="test")
         assert hour_rows() == stream

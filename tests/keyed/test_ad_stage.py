@@ -25,6 +25,7 @@ from tests.worker.test_stream import Crash
 
 NO_IMPRESSION = "no-impression-click"
 SPIKE = "ctr-spike"
+REVIEW = "ctr-review"  # review only: reported, billable
 AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36"
 ADS = ("ad-1", "ad-2", "ad-3")
 RULES = f"""
@@ -47,6 +48,15 @@ factor = 3.0
 baseline_hours = 2
 min_clicks = 10
 exclude = true
+
+[[rules]]
+id = "{REVIEW}"
+kind = "ctr_spike"
+reason = "CTR above the ad's baseline"
+[rules.params]
+factor = 2.0
+baseline_hours = 2
+min_clicks = 10
 """
 
 
@@ -146,6 +156,7 @@ class AdFamilyRig(BothFamiliesRig):
     family = AD
     records = staticmethod(ad_records)
     clicks_only = False
+    reviews: dict[str, int] | None = None  # the store's, once the traffic is through
 
 
 def _run(
@@ -172,6 +183,7 @@ def _run(
             rig.send(chunk)
             rig.run()
         result = rig.counts(ADS), rig.realtime(ADS)
+        rig.reviews = rig.store.keyed_reviews_by_rule()
     finally:
         rig.close()
     return (*result, rig.corrected(), rig)
@@ -213,7 +225,9 @@ def check(
 def test_clicks_without_impressions_and_a_ctr_spike_are_corrected_as_the_batch_flags_them(
     tmp_path: Path, partitions: int, keyed: int
 ) -> None:
-    counts, realtime, corrected, _ = _run(tmp_path, partitions, keyed)
+    counts, realtime, corrected, rig = _run(tmp_path, partitions, keyed)
+    # ad-3's spiking hour, once each: its 30 clicks stay corrected by the excluding rule
+    assert rig.reviews == {REVIEW: 30}
     expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
     # The test's premise: 3 blind clicks an hour on ad-1, ad-3's spiking hour, nothing else.
     assert Counter(expected.values()) == Counter({NO_IMPRESSION: 9, SPIKE: 30})
@@ -239,8 +253,9 @@ def test_clicks_without_impressions_and_a_ctr_spike_are_corrected_as_the_batch_f
 )
 def test_a_crash_between_any_two_steps_changes_nothing(tmp_path: Path, point: str) -> None:
     crash = Crash(point, at=3, times=4)
-    counts, realtime, corrected, _ = _run(tmp_path, 4, 3, crash=crash)
+    counts, realtime, corrected, rig = _run(tmp_path, 4, 3, crash=crash)
     assert crash.fired >= 1
+    assert rig.reviews == {REVIEW: 30}  # counted once, crashes or not
     expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
     check(counts, realtime, corrected, ad_traffic(), expected)
 

@@ -67,6 +67,15 @@ def _keyed_metrics(status: KeyedStatus, registry: CollectorRegistry) -> None:
     )
     for rule, n in sorted(status.corrections_by_rule.items()):
         corrections.labels(rule).inc(n)
+    reviews = Counter(
+        "clickagg_keyed_review_clicks",
+        "Clicks a review-only keyed rule flagged (e.g. an ad's CTR spike): still billed, "
+        "reported for review, by rule",
+        ["rule_id"],
+        registry=registry,
+    )
+    for rule, n in sorted(status.reviews_by_rule.items()):
+        reviews.labels(rule).inc(n)
 
 
 def _replica_metrics(status: ReplicaStatus, registry: CollectorRegistry) -> None:

@@ -95,6 +95,10 @@ _COUNTS_SCHEMA = pl.Schema(
 )
 
 
+def _review_only(rule: NoImpressionRule | CtrSpikeRule) -> bool:
+    return isinstance(rule, CtrSpikeRule) and not rule.exclude
+
+
 def ad_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
     """The records of a round's kept events (``BatchOutcome.kept``, clicks and impressions),
     by ad-keyed partition, each in source offset order. Only events with an ad."""
@@ -141,9 +145,10 @@ class NoImpressionRule:
 
 @dataclass(frozen=True)
 class CtrSpikeRule:
-    """``ctr_spike`` with ``exclude = true`` as the ad-keyed stage applies it. A spike only
-    reported for review (``exclude = false``, the default) corrects nothing: the batch
-    layer reports it (``review_clicks``)."""
+    """``ctr_spike`` as the ad-keyed stage applies it. ``exclude`` (``exclude = true``): its
+    clicks are corrected like any rule's; otherwise (the default) they are only counted
+    for review (``AdWindows.take_reviews``), billable, as the batch layer's
+    ``review_clicks``."""
 
     rule_id: str
     reason: str
@@ -151,11 +156,14 @@ class CtrSpikeRule:
     baseline_hours: int
     min_clicks: int
     effective_from_ms: int | None = None
+    exclude: bool = True
     kind: ClassVar[str] = CTR_SPIKE_KIND
 
     @property
     def params(self) -> CtrSpikeParams:
-        return CtrSpikeParams(self.factor, self.baseline_hours, self.min_clicks, exclude=True)
+        return CtrSpikeParams(
+            self.factor, self.baseline_hours, self.min_clicks, exclude=self.exclude
+        )
 
 
 AdRule = NoImpressionRule | CtrSpikeRule
@@ -188,22 +196,23 @@ class AdRules:
                 )
             elif spec.kind == CTR_SPIKE_KIND:
                 c = params_of(spec, CtrSpikeParams)
-                if c.exclude:
-                    rules.append(
-                        CtrSpikeRule(
-                            spec.id,
-                            spec.reason,
-                            c.factor,
-                            c.baseline_hours,
-                            c.min_clicks,
-                            spec.effective_from_ms,
-                        )
+                rules.append(
+                    CtrSpikeRule(
+                        spec.id,
+                        spec.reason,
+                        c.factor,
+                        c.baseline_hours,
+                        c.min_clicks,
+                        spec.effective_from_ms,
+                        exclude=c.exclude,
                     )
+                )
         return cls(tuple(rules))
 
     @property
     def ids(self) -> list[str]:
-        return [rule.rule_id for rule in self.rules]
+        """The rules that correct the clicks they flag (not those only reporting them)."""
+        return [rule.rule_id for rule in self.rules if not _review_only(rule)]
 
     @property
     def events_ms(self) -> int:
@@ -255,6 +264,16 @@ class AdWindows:
     decided_until_ms: int | None = None
     _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
     _counts: pl.DataFrame = field(default_factory=lambda: _COUNTS_SCHEMA.to_frame())
+    # Counted clicks of the hours decided since the last ``take_reviews``, per review-only
+    # rule that flagged them (they stay billable: reported, not corrected).
+    _reviews: dict[str, int] = field(default_factory=dict)
+
+    def take_reviews(self) -> dict[str, int]:
+        """The review-only rules' clicks of the hours decided since the last call: the
+        stage commits them with the verdicts of the same consumes (and a recovery, which
+        re-derives what was committed, drops them)."""
+        reviews, self._reviews = self._reviews, {}
+        return reviews
 
     def consume(self, records: pa.Table | pl.DataFrame, rules: AdRules) -> pa.Table:
         """Take records (``AD_RECORD_SCHEMA``) in log order; return the verdicts
@@ -325,6 +344,11 @@ class AdWindows:
             )
             if rule.effective_from_ms is not None:
                 found = found.filter(ts >= rule.effective_from_ms)
+            if _review_only(rule):
+                reviewed = found.join(clicks, on="event_id", how="semi").height
+                if reviewed:
+                    self._reviews[rule.rule_id] = self._reviews.get(rule.rule_id, 0) + reviewed
+                continue
             found = found.select(
                 "event_id", pl.lit(rule.rule_id).alias("rule_id"), "evidence"
             ).join(flagged, on="event_id", how="anti")

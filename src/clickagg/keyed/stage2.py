@@ -232,7 +232,11 @@ def keyed_status(
             )
             for k in range(log_reader.partitions)
         ]
-    return KeyedStatus(partitions=partitions, corrections_by_rule=store.keyed_corrections_by_rule())
+    return KeyedStatus(
+        partitions=partitions,
+        corrections_by_rule=store.keyed_corrections_by_rule(),
+        reviews_by_rule=store.keyed_reviews_by_rule(),
+    )
 
 
 def keyed_horizon_ms(allowed_lateness_ms: int) -> int:
@@ -348,6 +352,8 @@ class KeyedStage:
                 in_force = [spec for start, spec in specs if start <= at]
                 rules = family.rules_of(in_force[-1] if in_force else current)
                 verdicts = self._consume(k, windows, at, cut, rules)
+                if isinstance(windows, AdWindows):
+                    windows.take_reviews()  # committed with the verdicts they came with
                 if at >= archived and verdicts.num_rows:
                     derived.append(verdicts)
                     reasons |= {rule.rule_id: rule.reason for rule in rules.rules}
@@ -429,6 +435,7 @@ class KeyedStage:
                 continue
             end = frames[-1].end_offset
             verdicts = self._consume(k, windows, start, end, rules)
+            reviews = windows.take_reviews() if isinstance(windows, AdWindows) else {}
             commits.append(
                 KeyedCommit(
                     keyed_partition=k,
@@ -445,6 +452,7 @@ class KeyedStage:
                     family=self.family.name,
                     verdicts=verdicts,
                     rule_order=tuple(ruleset.ids),
+                    reviews_by_rule=reviews,
                 )
             )
         if not commits:

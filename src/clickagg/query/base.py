@@ -45,7 +45,7 @@ readers, but every copy rewrites the whole base.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 Granularity = Literal["minute", "hour", "day"]
@@ -89,6 +89,8 @@ class KeyedStatus:
 
     partitions: list[KeyedPartitionStatus]
     corrections_by_rule: dict[str, int]
+    # clicks review-only rules flagged (billable), per rule id
+    reviews_by_rule: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

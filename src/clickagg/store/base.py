@@ -87,6 +87,9 @@ class KeyedCommit:
     # Every rule id of the rule set, in its order: where two verdicts name one click, the
     # earlier rule names it (a rule id not in it ranks after every one that is).
     rule_order: tuple[str, ...] = ()
+    # Clicks a review-only rule flagged in the consumed range (billable, reported): added
+    # to the store's per-rule totals in the same transaction, so each is counted once.
+    reviews_by_rule: Mapping[str, int] = field(default_factory=dict)
     # No verdict of this commit's family will come for a click older than this (event
     # time): the store forgets what it corrected before every family's bound.
     settled_before_ms: int | None = None
@@ -147,6 +150,11 @@ class AggregateStore(Protocol):
 
     def keyed_corrections_by_rule(self) -> dict[str, int]:
         """Clicks the keyed stage ever corrected, per rule id."""
+        ...
+
+    def keyed_reviews_by_rule(self) -> dict[str, int]:
+        """Clicks the keyed stage's review-only rules ever flagged (still billable), per
+        rule id."""
         ...
 
     def release_settled(self, family: str) -> None:

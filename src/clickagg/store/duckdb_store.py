@@ -197,6 +197,9 @@ _SCHEMA_DDL: Final = (
     # replays the range with the verdicts it was committed with. No key: a handful of rows.
     """CREATE TABLE IF NOT EXISTS keyed_rule_corrections (
         rule_id VARCHAR PRIMARY KEY, corrections BIGINT NOT NULL)""",
+    # Clicks a review-only keyed rule flagged (billable, reported), per rule.
+    """CREATE TABLE IF NOT EXISTS keyed_rule_reviews (
+        rule_id VARCHAR PRIMARY KEY, clicks BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS keyed_specs (
         keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
         spec_json VARCHAR NOT NULL)""",
@@ -952,6 +955,16 @@ class DuckDBStore:
                 "corrections = r.corrections + excluded.corrections",
                 {"rule": sorted(by_rule), "n": [by_rule[r] for r in sorted(by_rule)]},
             )
+        reviews: dict[str, int] = {}
+        for c in commits:
+            for rule, n in c.reviews_by_rule.items():
+                reviews[rule] = reviews.get(rule, 0) + n
+        if reviews:
+            cur.execute(
+                "INSERT INTO keyed_rule_reviews AS r SELECT unnest($rule), unnest($n) "
+                "ON CONFLICT (rule_id) DO UPDATE SET clicks = r.clicks + excluded.clicks",
+                {"rule": sorted(reviews), "n": [reviews[r] for r in sorted(reviews)]},
+            )
         return commits
 
     def keyed_applied(self, family: str, keyed_partition: int, from_offset: int) -> pa.Table:
@@ -976,6 +989,10 @@ class DuckDBStore:
 
     def keyed_corrections_by_rule(self) -> dict[str, int]:
         rows = self._fetch("SELECT rule_id, corrections FROM keyed_rule_corrections")
+        return {str(rule): int(n) for rule, n in rows}
+
+    def keyed_reviews_by_rule(self) -> dict[str, int]:
+        rows = self._fetch("SELECT rule_id, clicks FROM keyed_rule_reviews")
         return {str(rule): int(n) for rule, n in rows}
 
     def keyed_progress(self, family: str = "ip") -> dict[int, KeyedProgress]:
