@@ -48,33 +48,24 @@ from clickagg.core.rules.base import RuleSet, RuleSpec, named_event_types
 from clickagg.core.rules.behaviour import (
     CtrSpikeParams,
     NoImpressionParams,
+    ad_hour_counts,
     ctr_spikes,
     no_impression_click,
     visitor_key,
 )
 from clickagg.core.rules.registry import params_of
+from clickagg.core.visitor import VISITOR_RECORD_SCHEMA
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
 
+_VISITOR_FIELDS = list(VISITOR_RECORD_SCHEMA)
+_AT_EVENT_ID = VISITOR_RECORD_SCHEMA.get_field_index("event_id") + 1
 AD_RECORD_SCHEMA = pa.schema(
     [
-        pa.field("visitor", pa.string()),  # ``u:<user>``, ``a:<ip> <agent>``, null: unknown
-        pa.field("ip", pa.string()),
-        pa.field("user_id", pa.string()),
-        pa.field("user_agent", pa.string()),
-        pa.field("ad_id", pa.string(), nullable=False),
-        pa.field("advertiser_id", pa.string()),
-        pa.field("campaign_id", pa.string()),
-        pa.field("country", pa.string()),
-        pa.field("device", pa.string()),
-        pa.field("browser", pa.string()),
-        pa.field("ts_ms", pa.int64(), nullable=False),
-        pa.field("event_id", pa.string(), nullable=False),
+        # the visitor may be unknown here (null): an impression without one still counts
+        _VISITOR_FIELDS[0].with_nullable(True),
+        *_VISITOR_FIELDS[1:_AT_EVENT_ID],
         pa.field("event_type", pa.uint8(), nullable=False),  # ``clickagg.core.ids`` codes
-        pa.field("source_partition", pa.int32(), nullable=False),
-        pa.field("source_offset", pa.int64(), nullable=False),
-        pa.field("spend_micros", pa.int64(), nullable=False),  # what stage 1 billed
-        # False: a stage-1 rule already flagged it (counted by the rules, not corrected)
-        pa.field("counted", pa.bool_(), nullable=False),
+        *_VISITOR_FIELDS[_AT_EVENT_ID:],
     ]
 )
 """One fresh event of an ad (click or impression), as the ad-keyed log carries it."""
@@ -264,6 +255,10 @@ class AdWindows:
     decided_until_ms: int | None = None
     _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
     _counts: pl.DataFrame = field(default_factory=lambda: _COUNTS_SCHEMA.to_frame())
+    # Rows of ``_counts`` when it was last summed to one row per (ad, hour): each consume
+    # appends its records' counts, summed again only once they have doubled or an hour is
+    # judged, not the whole day's on every consume.
+    _summed_rows: int = 0
     # Counted clicks of the hours decided since the last ``take_reviews``, per review-only
     # rule that flagged them (they stay billable: reported, not corrected).
     _reviews: dict[str, int] = field(default_factory=dict)
@@ -288,7 +283,10 @@ class AdWindows:
         if fresh.height:
             fresh = fresh.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
             self._kept = pl.concat([self._kept, fresh])
-            self._counts = _add_counts(self._counts, fresh)
+            added = ad_hour_counts(named_event_types(fresh)).cast(_COUNTS_SCHEMA)
+            self._counts = pl.concat([self._counts, added])
+            if self._counts.height > 2 * self._summed_rows:
+                self._sum_counts()
         if not self._kept.height:
             return AD_VERDICT_SCHEMA.empty_table()
         newest_closed = self.max_event_ms - self.horizon_ms
@@ -297,6 +295,7 @@ class AdWindows:
         if since is not None and until <= since:
             return AD_VERDICT_SCHEMA.empty_table()
         self.decided_until_ms = until
+        self._sum_counts()
         first = self._kept.select(pl.col("ts_ms").min()).item()
         start = first - first % HOUR_MS if since is None else since
         verdicts = [self._judge_hour(hour, rules) for hour in range(start, until, HOUR_MS)]
@@ -361,6 +360,13 @@ class AdWindows:
             .cast(AD_VERDICT_SCHEMA)
         )
 
+    def _sum_counts(self) -> None:
+        """One row per (ad, hour) in ``_counts`` (what ``ctr_spikes`` takes)."""
+        if self._counts.height > self._summed_rows:
+            sums = pl.col("_c").sum(), pl.col("_i").sum()
+            self._counts = self._counts.group_by("ad_id", "_hour").agg(*sums)
+            self._summed_rows = self._counts.height
+
     def kept(self) -> pl.DataFrame:
         """The raw records kept (a snapshot saves them with :meth:`counts` and the marks)."""
         return self._kept
@@ -398,15 +404,4 @@ class AdWindows:
         counts_from = self.decided_until_ms - rules.counts_ms
         if self._counts.height and self._counts["_hour"].min() < counts_from:  # type: ignore[operator]
             self._counts = self._counts.filter(pl.col("_hour") >= counts_from)
-
-
-def _add_counts(counts: pl.DataFrame, fresh: pl.DataFrame) -> pl.DataFrame:
-    """``counts`` plus the clicks and impressions of ``fresh`` records, per (ad, hour)."""
-    is_click = (pl.col("event_type") == ids.CLICK).cast(pl.UInt32)
-    is_impression = (pl.col("event_type") == ids.IMPRESSION).cast(pl.UInt32)
-    hour = (pl.col("ts_ms") - pl.col("ts_ms") % HOUR_MS).alias("_hour")
-    added = fresh.group_by("ad_id", hour).agg(
-        is_click.sum().alias("_c"), is_impression.sum().alias("_i")
-    )
-    both = pl.concat([counts, added.cast(_COUNTS_SCHEMA)])
-    return both.group_by("ad_id", "_hour").agg(pl.col("_c").sum(), pl.col("_i").sum())
+            self._summed_rows = self._counts.height  # summed just before the judging

@@ -173,6 +173,35 @@ def _delta_ddl(family: _Family) -> str:
     return f"CREATE TABLE IF NOT EXISTS {family.delta} ({cols})"
 
 
+_FAMILY_TABLES: Final = {
+    "ip": ("keyed_offsets", "keyed_high_water", "keyed_specs"),
+    "visitor": ("visitor_offsets", "visitor_high_water", "visitor_specs"),
+    "ad": ("ad_offsets", "ad_high_water", "ad_specs"),
+}
+"""Per keyed family: its (offsets, high-water marks, specs) tables."""
+
+
+def _family_ddl(offsets: str, high_water: str, specs: str) -> tuple[str, ...]:
+    """One keyed family's tables (a data dir of a build before a family gains its tables
+    empty: the family starts where stage 1 starts appending to it). Per keyed partition,
+    the keyed log offset consumed; per (keyed partition, source partition), the highest
+    source offset taken (idempotence); and the keyed rules' spec each range of a keyed
+    partition was judged under, a row when the spec changes (it applies from from_offset
+    to the next row's), so that a recovery replays the range with the verdicts it was
+    committed with (no key: a handful of rows)."""
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {offsets} (
+        keyed_partition INTEGER PRIMARY KEY, consumed_offset BIGINT NOT NULL,
+        corrections BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS {high_water} (
+        keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
+        source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
+        f"""CREATE TABLE IF NOT EXISTS {specs} (
+        keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
+        spec_json VARCHAR NOT NULL)""",
+    )
+
+
 _SCHEMA_DDL: Final = (
     *(_delta_ddl(f) for f in _FAMILIES),
     *(_base_ddl(f, f.minute, "minute_ms") for f in _FAMILIES),
@@ -184,46 +213,13 @@ _SCHEMA_DDL: Final = (
         max_event_ms BIGINT NOT NULL, watermark_ms BIGINT NOT NULL,
         counted BIGINT NOT NULL, duplicates BIGINT NOT NULL, late BIGINT NOT NULL,
         invalid BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
-    # The keyed stage's stage 2: per keyed partition, the keyed log offset consumed, and per
-    # (keyed partition, source partition) the highest source offset taken (idempotence).
-    """CREATE TABLE IF NOT EXISTS keyed_offsets (
-        keyed_partition INTEGER PRIMARY KEY, consumed_offset BIGINT NOT NULL,
-        corrections BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS keyed_high_water (
-        keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
-        source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
-    # The keyed rules' spec each range of a keyed partition was judged under: a row when
-    # the spec changes (it applies from from_offset to the next row's), so that a recovery
-    # replays the range with the verdicts it was committed with. No key: a handful of rows.
+    # The keyed stage's stage 2, per family (``_family_ddl``).
+    *(statement for tables in _FAMILY_TABLES.values() for statement in _family_ddl(*tables)),
     """CREATE TABLE IF NOT EXISTS keyed_rule_corrections (
         rule_id VARCHAR PRIMARY KEY, corrections BIGINT NOT NULL)""",
     # Clicks a review-only keyed rule flagged (billable, reported), per rule.
     """CREATE TABLE IF NOT EXISTS keyed_rule_reviews (
         rule_id VARCHAR PRIMARY KEY, clicks BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS keyed_specs (
-        keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
-        spec_json VARCHAR NOT NULL)""",
-    # The visitor-keyed family's progress, in tables of its own (a data dir of a build
-    # before it gains them empty: the family starts where stage 1 starts appending to it).
-    """CREATE TABLE IF NOT EXISTS visitor_offsets (
-        keyed_partition INTEGER PRIMARY KEY, consumed_offset BIGINT NOT NULL,
-        corrections BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS visitor_high_water (
-        keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
-        source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
-    """CREATE TABLE IF NOT EXISTS visitor_specs (
-        keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
-        spec_json VARCHAR NOT NULL)""",
-    # The ad-keyed family's progress likewise (no_impression_click, ctr_spike).
-    """CREATE TABLE IF NOT EXISTS ad_offsets (
-        keyed_partition INTEGER PRIMARY KEY, consumed_offset BIGINT NOT NULL,
-        corrections BIGINT NOT NULL, committed_at_ms BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS ad_high_water (
-        keyed_partition INTEGER NOT NULL, source_partition INTEGER NOT NULL,
-        source_offset BIGINT NOT NULL, PRIMARY KEY (keyed_partition, source_partition))""",
-    """CREATE TABLE IF NOT EXISTS ad_specs (
-        keyed_partition INTEGER NOT NULL, from_offset BIGINT NOT NULL,
-        spec_json VARCHAR NOT NULL)""",
     # Every click a keyed family corrected and the rule it stands corrected under now,
     # whichever family: a second family's verdict on it is settled against this row.
     # Clicks older than every family's settled bound are forgotten (no verdict comes).
@@ -242,13 +238,6 @@ _SCHEMA_DDL: Final = (
         rule_id VARCHAR NOT NULL, previous_rule_id VARCHAR, applied_at_ms BIGINT)""",
     "ALTER TABLE keyed_applied ADD COLUMN IF NOT EXISTS applied_at_ms BIGINT",
 )
-
-_FAMILY_TABLES: Final = {
-    "ip": ("keyed_offsets", "keyed_high_water", "keyed_specs"),
-    "visitor": ("visitor_offsets", "visitor_high_water", "visitor_specs"),
-    "ad": ("ad_offsets", "ad_high_water", "ad_specs"),
-}
-"""Per keyed family: its (offsets, high-water marks, specs) tables."""
 
 
 def _family_tables(family: str) -> tuple[str, str, str]:
