@@ -7,8 +7,11 @@ same evidence, and corrects each once."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import polars as pl
@@ -16,7 +19,7 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickagg.core import ids
+from clickagg.core import ids, visitor
 from clickagg.core.rules import RuleSet, RuleSpec, compile_rules
 from clickagg.core.visitor import (
     VISITOR_RECORD_SCHEMA,
@@ -141,6 +144,17 @@ def batch_verdicts(clicks: list[Click], ruleset: RuleSet, seed: int) -> dict[str
     return out
 
 
+@contextmanager
+def pruning(eagerly: bool) -> Iterator[None]:
+    """Chains pruned as soon as they may be (small frames never reach the usual bound)."""
+    usual = visitor.PRUNE_AT_ROWS
+    visitor.PRUNE_AT_ROWS = 0 if eagerly else usual
+    try:
+        yield
+    finally:
+        visitor.PRUNE_AT_ROWS = usual
+
+
 def cuts(draw: st.DrawFn, n: int) -> list[int]:
     return sorted(set(draw(st.lists(st.integers(0, n), max_size=6))))
 
@@ -202,11 +216,12 @@ def test_the_stream_flags_what_the_batch_flags_hour_by_hour_whatever_the_split(
     # horizon decides as the stream goes and no record is too late.
     horizon = HORIZON_MS
     verdicts: list[pa.Table] = []
-    for tables in logs.values():
-        log = pa.concat_tables([VISITOR_RECORD_SCHEMA.empty_table(), *tables])
-        windows = VisitorWindows(horizon_ms=horizon)
-        for a, b in pieces(log.num_rows, cuts(data.draw, log.num_rows)):
-            verdicts.append(windows.consume(log.slice(a, b - a), rules))
+    with pruning(data.draw(st.booleans())):
+        for tables in logs.values():
+            log = pa.concat_tables([VISITOR_RECORD_SCHEMA.empty_table(), *tables])
+            windows = VisitorWindows(horizon_ms=horizon)
+            for a, b in pieces(log.num_rows, cuts(data.draw, log.num_rows)):
+                verdicts.append(windows.consume(log.slice(a, b - a), rules))
     stream: dict[str, tuple[str, str]] = {}
     for row in pa.concat_tables([VISITOR_VERDICT_SCHEMA.empty_table(), *verdicts]).to_pylist():
         assert row["counted"] and row["previous_rule_id"] is None
@@ -239,7 +254,8 @@ def test_verdicts_do_not_depend_on_the_reads_even_past_the_horizon(
         )
         return sorted(rows), windows.max_event_ms, windows.decided_until_ms
 
-    assert run(cuts(data.draw, log.num_rows)) == run([])
+    with pruning(data.draw(st.booleans())):
+        assert run(cuts(data.draw, log.num_rows)) == run([])
 
 
 def test_a_late_earlier_click_becomes_the_counted_one_before_any_verdict() -> None:
@@ -324,3 +340,84 @@ def test_a_snapshot_keeps_what_was_decided_even_under_a_longer_horizon() -> None
     later = kept_frame([(10, Click(0, 0, T0 + 20 * MINUTE_MS, True, 0))], 1, {10: 1})
     again = restored.consume(visitor_records(later, 1)[0], rules)
     assert again["event_id"].to_pylist() == ["e3"]  # e1 is not decided twice
+
+
+def test_a_window_coming_into_force_judges_only_hours_whose_lookback_it_saw() -> None:
+    """A rule switched on while the stream runs has no chains before that: it leaves the
+    hours whose lookback began earlier to the batch (judged with clicks it never kept, a
+    verdict could be wrong either way) and judges the next ones exactly as the batch does."""
+    spec = RuleSpec("rep", "repeat_click", "repeat", {"window_seconds": 1800})
+    ruleset = RuleSet(compile_rules([spec]))
+    rules = VisitorRules.from_ruleset(ruleset)
+    # a click every 20 min for four hours: each hour has repeats the batch flags
+    drawn = [Click(1, 0, T0 + n * 20 * MINUTE_MS, True, 0) for n in range(12)]
+    frame = kept_frame(list(enumerate(drawn)), 0, {n: n for n in range(12)})
+    windows = VisitorWindows(horizon_ms=MINUTE_MS)
+    none = VisitorRules(())
+    early = [windows.consume(visitor_records(frame[n : n + 1], 1)[0], none) for n in range(2)]
+    assert all(t.num_rows == 0 for t in early)
+    switched_on_at = windows.decided_until_ms  # 20 min past 0:00, minus the horizon
+    assert switched_on_at == T0 + 19 * MINUTE_MS
+    later = [windows.consume(visitor_records(frame[n : n + 1], 1)[0], rules) for n in range(2, 12)]
+    tick = kept_frame([(99, Click(0, 0, T0 + 10 * HOUR_MS, True, 0))], 1, {99: 0})
+    later.append(windows.consume(visitor_records(tick, 1)[0], rules))
+    table = pa.concat_tables(later)
+    stream = set(table["event_id"].to_pylist())
+    batch = batch_verdicts(drawn, ruleset, 0)
+    # hour 0 (lookback from -1:00) and hour 1 (from 0:00) began before the switch: left
+    # to the batch; from hour 2 (lookback from 1:00) on, exactly the batch's verdicts
+    judged = {f"e{n}" for n in range(6, 12)}
+    assert stream == {e for e in batch if e in judged}
+    assert stream  # the later hours do have repeats
+    assert {f"e{n}" for n in range(6)} & set(batch)  # and so did the ones left
+
+
+def test_the_state_keeps_undecided_clicks_and_a_window_of_counted_ones() -> None:
+    """At a steady rate over hours the state holds the undecided clicks whole and, per
+    window and open hour, only the counted clicks a later click could still repeat."""
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    windows = VisitorWindows(horizon_ms=2 * MINUTE_MS)
+    step_ms = 5_000
+    n = 3 * HOUR_MS // step_ms  # three hours, one click every 5 s, 40 visitors, 2 ads
+    clicks = [Click(n % len(VISITORS), n % 2, T0 + n * step_ms, True, 0) for n in range(n)]
+    frame = kept_frame(list(enumerate(clicks)), 0, {i: i for i in range(n)})
+    with pruning(True):
+        for a in range(0, n, 60):
+            windows.consume(visitor_records(frame[a : a + 60], 1)[0], rules)
+            until = windows.decided_until_ms
+            assert until is not None
+            kept = windows.kept()
+            assert kept["ts_ms"].min() >= until  # nothing decided is kept whole
+            assert kept.height <= 2 * MINUTE_MS // step_ms + 60
+            _, anchors = windows.chains()
+            # pruned lazily: at most twice what a prune leaves, which is the last window
+            assert anchors.num_rows <= 2 * 2 * (30_000 // step_ms + 1) * 2 + 1
+    _, anchors = windows.chains()
+    assert anchors.num_rows > 0
+
+
+def test_a_snapshot_of_a_build_that_kept_decided_clicks_whole_restores() -> None:
+    """Such a snapshot is one Arrow stream of the kept clicks (decided ones too): it
+    restores with the undecided ones and no chains, so its windows judge afresh."""
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    clicks = [Click(1, 0, T0 + s * 1000, True, 0) for s in (0, 10, 50, 55, 200)]
+    frame = kept_frame(list(enumerate(clicks)), 0, {n: n for n in range(5)})
+    records = visitor_records(frame, 1)[0]
+    table = pl.from_arrow(records)
+    assert isinstance(table, pl.DataFrame)
+    kept = table.with_columns(pl.Series("keyed_offset", range(5), pl.Int64)).to_arrow()
+    meta = {"high_water": {"0": 4}, "max_event_ms": T0 + 200_000, "decided_until_ms": T0 + 52_000}
+    kept = kept.replace_schema_metadata({b"clickagg.keyed_windows": json.dumps(meta).encode()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, kept.schema) as stream:
+        stream.write_table(kept)
+    legacy = sink.getvalue().to_pybytes()
+    restored = decode_visitor_windows(legacy, MINUTE_MS)
+    assert restored.kept()["event_id"].to_list() == ["e3", "e4"]  # at or after 52 s
+    assert restored.chains()[0] == {}
+    assert restored.high_water == {0: 4}
+    tick = kept_frame([(9, Click(0, 0, T0 + 20 * MINUTE_MS, True, 0))], 1, {9: 0})
+    # 55 s would repeat 50 s, but the window starts at 52 s: its hour is left to the batch
+    assert restored.consume(visitor_records(tick, 1)[0], rules).num_rows == 0
+    again = decode_visitor_windows(encode_windows(restored), MINUTE_MS)
+    assert again.chains()[0] == {30_000: T0 + 52_000}

@@ -28,12 +28,23 @@ Exactness against the batch. The batch judges each closed hour ``H`` with the lo
 that never pauses for a whole window is phased per hour, not over all time. The stream
 decides each hour's clicks the same way, by calling the batch's own matcher on the same
 clicks (one definition: only what it is given differs), with clicks of equal time in event
-id order as the batch takes them. The state keeps, per visitor and ad, the clicks from the
-start of the hour of the oldest undecided click minus ``L``. Clicks a stage-1 rule flagged
-(``counted`` false) take part in the chains, as the batch counts every winner, but are not
-corrected again. What the stream cannot match: a click stage 1 dropped as late is billed by
-the batch (``late_counted``) and takes part in its chains, but never reaches this stage;
-the IP family has the same gap.
+id order as the batch takes them. Clicks a stage-1 rule flagged (``counted`` false) take
+part in the chains, as the batch counts every winner, but are not corrected again.
+
+What the state keeps. A chain's past says one thing about the clicks after it: the time of
+its last counted click (a repeat does not move it). So once clicks are decided, the state
+keeps, per window, hour phase, visitor and ad, only that time, and only while a later click
+could be its repeat (:class:`Chains`); the matcher is given that click (key, ad, time)
+standing in for the chain before it. The undecided clicks are kept whole. At 5,000 clicks/s
+the state was an hour and more of whole clicks (gigabytes); it is now the horizon's clicks
+and a window's counted keys.
+
+What the stream cannot match. A click stage 1 dropped as late is billed by the batch
+(``late_counted``) and takes part in its chains, but never reaches this stage; the IP family
+has the same gap. A window that comes into force while the stream runs (a rule switched on,
+or its window changed) has no chains before that: it judges the hours whose whole lookback
+it has seen, and leaves the one or two before them to the batch, which reconciliation
+closes with every click.
 """
 
 from __future__ import annotations
@@ -186,10 +197,105 @@ class VisitorRules:
         return cls(tuple(rules))
 
 
+_ANCHOR_SCHEMA = pl.Schema(
+    {"phase_ms": pl.Int64(), "visitor": pl.String(), "ad_id": pl.String(), "ts_ms": pl.Int64()}
+)
+ANCHOR_SCHEMA = pa.schema(
+    [
+        pa.field("window_ms", pa.int64(), nullable=False),
+        pa.field("phase_ms", pa.int64(), nullable=False),
+        pa.field("visitor", pa.string(), nullable=False),
+        pa.field("ad_id", pa.string(), nullable=False),
+        pa.field("ts_ms", pa.int64(), nullable=False),
+    ]
+)
+"""Every repeat window's chains as a snapshot saves them (:meth:`VisitorWindows.chains`)."""
+
+
+PRUNE_AT_ROWS = 4096
+"""Anchors a window holds, beyond twice what its last prune left, before it prunes again."""
+
+
+@dataclass
+class Chains:
+    """One repeat window's chains of counted clicks over the decided clicks: per phase (the
+    hour whose clicks it judges, ``phase_ms``) and visitor and ad, the time of the last
+    counted click, while a later click could still be its repeat. That is all a chain's
+    past says about the clicks still to decide (a repeat does not move the chain), so the
+    state is the clicks of one window, not of an hour and more.
+
+    ``start_ms``: where the chains begin (the decided bound when the window came into force;
+    None: the log's start). A phase whose lookback begins before it is not judged by this
+    window in the stream: its chains lack clicks the batch has (the batch judges it)."""
+
+    window_ms: int
+    start_ms: int | None
+    anchors: pl.DataFrame = field(default_factory=lambda: _ANCHOR_SCHEMA.to_frame())
+    _pruned_height: int = 0
+
+    @property
+    def lookback_ms(self) -> int:
+        return max(self.window_ms, HOUR_MS)
+
+    def advance(self, rows: pl.DataFrame, until_ms: int) -> tuple[np.ndarray, pl.Series]:
+        """Take the clicks decided now (``rows``: every accepted click below ``until_ms``
+        not taken before, with ``_at``), each in every phase whose frame holds it; return
+        the ``_at`` of those that repeat a counted click within their own hour's phase, and
+        their evidence, by the batch's own matcher."""
+        lookback = self.lookback_ms
+        ts = pl.col("ts_ms")
+        phase = ts - ts % HOUR_MS + pl.col("_k") * HOUR_MS
+        phased = (
+            rows.select("_at", "visitor", "ad_id", "ts_ms", "event_id", "user_id", "ip")
+            .join(pl.DataFrame({"_k": range(lookback // HOUR_MS + 2)}), how="cross")
+            .with_columns(phase.alias("phase_ms"))
+            .filter(pl.col("phase_ms") - lookback <= ts)
+            .drop("_k")
+        )
+        if self.start_ms is not None:
+            phased = phased.filter(pl.col("phase_ms") - lookback >= self.start_ms)
+        if not phased.height:
+            self._prune(until_ms)
+            return np.zeros(0, dtype=np.uint32), pl.Series("evidence", [], pl.String)
+        keys = ["phase_ms", "visitor", "ad_id"]
+        prior = (
+            self.anchors.join(phased.select(keys).unique(), on=keys, how="semi")
+            .group_by(keys)
+            .agg(ts.max())
+        )
+        frame = pl.concat([prior, phased], how="diagonal").with_columns(
+            pl.lit("click").alias("event_type")
+        )
+        said = repeat_evidence(frame, self.window_ms, phase="phase_ms", key="visitor")
+        real = frame["_at"].is_not_null()
+        counted = frame.filter(real & said.is_null())
+        self.anchors = pl.concat([self.anchors, counted.group_by(keys).agg(ts.max())])
+        self._prune(until_ms)
+        own_hour = frame["phase_ms"] == frame["ts_ms"] - frame["ts_ms"] % HOUR_MS
+        judged = real & said.is_not_null() & own_hour
+        return frame["_at"].filter(judged).to_numpy(), said.filter(judged)
+
+    def _prune(self, until_ms: int) -> None:
+        """Forget the counted clicks no later click can repeat (closed phases, or more than a
+        window before every undecided time); a forgotten one reads as no counted click,
+        which is what it is to the clicks left. Amortized: only once the anchors doubled."""
+        if self.anchors.height <= 2 * self._pruned_height + PRUNE_AT_ROWS:
+            return
+        self.anchors = self.anchors.filter(
+            (pl.col("phase_ms") + HOUR_MS > until_ms)
+            & (pl.col("ts_ms") > until_ms - self.window_ms)
+        )
+        self._pruned_height = self.anchors.height
+
+
 @dataclass
 class VisitorWindows:
     """One visitor-keyed partition's stage-2 state: a function of the records consumed and
     the rules, so replaying the log up to the committed offset, in any chunks, rebuilds it.
+
+    It keeps the undecided clicks whole (a verdict carries its record), and of the decided
+    ones only each repeat window's :class:`Chains`: at production rates an hour of whole
+    clicks was gigabytes, a window of counted clicks' keys is megabytes.
 
     ``decided_until_ms``: every accepted click before it is decided (and no record before it
     is accepted any more). Kept as a field, not derived from the newest event time, so a
@@ -200,6 +306,7 @@ class VisitorWindows:
     max_event_ms: int = 0
     decided_until_ms: int | None = None
     _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
+    _chains: dict[int, Chains] = field(default_factory=dict)
 
     def consume(self, records: pa.Table | pl.DataFrame, rules: VisitorRules) -> pa.Table:
         """Take records (``VISITOR_RECORD_SCHEMA``) in log order; return the verdicts
@@ -215,22 +322,35 @@ class VisitorWindows:
         if fresh.height:
             fresh = fresh.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
             self._kept = pl.concat([self._kept, fresh])
-        if not self._kept.height:
-            return VISITOR_VERDICT_SCHEMA.empty_table()
         since = self.decided_until_ms
+        if since is None and not self._kept.height:
+            return VISITOR_VERDICT_SCHEMA.empty_table()
         until = self.max_event_ms - self.horizon_ms
         if since is not None and until <= since:
             return VISITOR_VERDICT_SCHEMA.empty_table()
         self.decided_until_ms = until
-        ts = pl.col("ts_ms")
-        deciding = (ts < until) if since is None else (ts >= since) & (ts < until)
-        verdicts = _judge(self._kept, deciding, rules)
-        self._forget(rules)
-        return verdicts
+        windows = {rule.window_seconds * 1000 for rule in rules.rules}
+        self._chains = {
+            w: self._chains.get(w) or Chains(w, start_ms=since) for w in sorted(windows)
+        }
+        deciding = pl.col("ts_ms") < until
+        decided = self._kept.filter(deciding)
+        self._kept = self._kept.filter(~deciding)
+        return _judge(decided, rules, self._chains, until)
 
     def kept(self) -> pl.DataFrame:
-        """The records kept (what a snapshot saves, with the marks)."""
+        """The undecided records (what a snapshot saves, with the marks and :meth:`chains`)."""
         return self._kept
+
+    def chains(self) -> tuple[dict[int, int | None], pa.Table]:
+        """Each repeat window's start, and every window's anchors (``ANCHOR_SCHEMA``)."""
+        starts = {w: chains.start_ms for w, chains in self._chains.items()}
+        anchors = [
+            chains.anchors.select(pl.lit(w, pl.Int64).alias("window_ms"), pl.all())
+            for w, chains in self._chains.items()
+        ]
+        table = pl.concat(anchors).to_arrow() if anchors else ANCHOR_SCHEMA.empty_table()
+        return starts, table.cast(ANCHOR_SCHEMA)
 
     @classmethod
     def restore(
@@ -241,65 +361,56 @@ class VisitorWindows:
         max_event_ms: int,
         decided_until_ms: int | None,
         kept: pl.DataFrame,
+        starts: dict[int, int | None] | None = None,
+        anchors: pl.DataFrame | None = None,
     ) -> VisitorWindows:
+        """``starts`` None (a snapshot of a build that kept decided clicks whole): the
+        decided clicks it holds are dropped and every window starts at the decided bound,
+        judging the hours whose lookback it has seen whole."""
+        if decided_until_ms is not None:
+            kept = kept.filter(pl.col("ts_ms") >= decided_until_ms)
+        chains: dict[int, Chains] = {}
+        for w, start in (starts or {}).items():
+            mine = (
+                anchors.filter(pl.col("window_ms") == w).drop("window_ms")
+                if anchors is not None
+                else _ANCHOR_SCHEMA.to_frame()
+            )
+            chains[w] = Chains(w, start, mine.cast(_ANCHOR_SCHEMA))
         return cls(
             horizon_ms,
             high_water=dict(high_water),
             max_event_ms=max_event_ms,
             decided_until_ms=decided_until_ms,
             _kept=kept.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA),
+            _chains=chains,
         )
 
-    def _forget(self, rules: VisitorRules) -> None:
-        """Records no undecided click's chain can reach: before the hour of the oldest
-        undecided time, minus the longest lookback."""
-        if self.decided_until_ms is None or not self._kept.height:
-            return
-        start = self.decided_until_ms - self.decided_until_ms % HOUR_MS - rules.lookback_ms
-        if self._kept.select(pl.col("ts_ms").min()).item() < start:
-            self._kept = self._kept.filter(pl.col("ts_ms") >= start)
 
-
-def _judge(kept: pl.DataFrame, deciding: pl.Expr, rules: VisitorRules) -> pa.Table:
-    """The verdicts on the counted clicks ``deciding`` selects: per rule, its matcher over
-    the clicks of their visitors and ads, each hour of them as a phase of its own holding
-    the clicks from the hour minus the rule's lookback to the hour's end (the batch's frame
-    for that hour), the first rule in order that flags a click naming it."""
-    rows = kept.with_row_index("_at")
-    decided = rows.filter(deciding & pl.col("counted"))
+def _judge(
+    decided: pl.DataFrame, rules: VisitorRules, chains: dict[int, Chains], until_ms: int
+) -> pa.Table:
+    """The verdicts on the counted clicks just decided: per rule, its window's chains
+    advanced over them, the first rule in order that flags a click naming it."""
     if not decided.height or not rules.rules:
         return VISITOR_VERDICT_SCHEMA.empty_table()
-    hour = pl.col("ts_ms") - pl.col("ts_ms") % HOUR_MS
-    hours = decided.select(hour.unique().alias("_phase"))
-    chains = (
-        rows.join(decided.select("visitor", "ad_id").unique(), on=["visitor", "ad_id"], how="semi")
-        .with_columns(pl.lit("click").alias("event_type"))
-        .join(hours, how="cross")
-    )
-    is_decided = np.zeros(kept.height, dtype=np.bool_)
-    is_decided[decided["_at"].to_numpy()] = True
-    taken = np.zeros(kept.height, dtype=np.bool_)
+    rows = decided.with_row_index("_at")
+    said: dict[int, tuple[np.ndarray, pl.Series]] = {}
+    for w, window in chains.items():
+        said[w] = window.advance(rows, until_ms)
+    counted = rows["counted"].to_numpy()
+    ts = rows["ts_ms"].to_numpy()
+    taken = np.zeros(rows.height, dtype=np.bool_)
     found: list[pl.DataFrame] = []
     for rule in rules.rules:
-        phase = pl.col("_phase")
-        frame = chains.filter(
-            (pl.col("ts_ms") >= phase - rule.lookback_ms) & (pl.col("ts_ms") < phase + HOUR_MS)
-        )
-        said = repeat_evidence(frame, rule.window_seconds * 1000, phase="_phase")
-        at = frame["_at"].to_numpy()
-        ts = frame["ts_ms"].to_numpy()
-        flagged = (
-            said.is_not_null().to_numpy()
-            & is_decided[at]
-            & (ts - ts % HOUR_MS == frame["_phase"].to_numpy())  # judged in its own hour
-            & ~taken[at]
-        )
+        at, evidence = said[rule.window_seconds * 1000]
+        flagged = counted[at] & ~taken[at]
         if rule.effective_from_ms is not None:
-            flagged &= ts >= rule.effective_from_ms
+            flagged &= ts[at] >= rule.effective_from_ms
         taken[at[flagged]] = True
         found.append(
             pl.DataFrame(
-                {"_at": at[flagged], "evidence": said.filter(pl.Series(flagged))},
+                {"_at": at[flagged], "evidence": evidence.filter(pl.Series(flagged))},
                 schema={"_at": pl.UInt32, "evidence": pl.String},
             ).with_columns(pl.lit(rule.rule_id).alias("rule_id"))
         )

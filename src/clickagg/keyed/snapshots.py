@@ -23,6 +23,7 @@ from clickagg.core.keyed import KeyedWindows
 from clickagg.core.visitor import VisitorWindows
 
 _META_KEY = b"clickagg.keyed_windows"
+_IPC_MARKER = b"\xff\xff\xff\xff"  # how an Arrow IPC stream's first message starts
 
 
 def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
@@ -35,10 +36,16 @@ def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
     }
     if isinstance(windows, VisitorWindows | AdWindows):
         meta["decided_until_ms"] = windows.decided_until_ms
+    second: pa.Table | None = None
+    if isinstance(windows, VisitorWindows):
+        starts, second = windows.chains()
+        meta["chains"] = {str(w): start for w, start in sorted(starts.items())}
+    elif isinstance(windows, AdWindows):
+        second = windows.counts().to_arrow()
     kept = kept.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     data = _ipc(kept)
-    if isinstance(windows, AdWindows):
-        return len(data).to_bytes(8, "little") + data + _ipc(windows.counts().to_arrow())
+    if second is not None:
+        return len(data).to_bytes(8, "little") + data + _ipc(second)
     return data
 
 
@@ -59,15 +66,28 @@ def _read(data: bytes) -> tuple[dict[str, Any], pl.DataFrame]:
 
 def decode_visitor_windows(data: bytes, horizon_ms: int) -> VisitorWindows:
     """The visitor family's windows of a snapshot (a longer horizon from now on decides no
-    click twice: ``decided_until_ms`` is saved, not derived)."""
-    meta, kept = _read(data)
+    click twice: ``decided_until_ms`` is saved, not derived): its undecided records, then
+    its chains. A snapshot of a build that kept decided clicks whole is one stream alone
+    (it starts with the IPC stream's marker, never a length): it restores without chains."""
+    anchors: pl.DataFrame | None = None
+    if data[:4] == _IPC_MARKER:
+        meta, kept = _read(data)
+    else:
+        size = int.from_bytes(data[:8], "little")
+        meta, kept = _read(data[8 : 8 + size])
+        frame = pl.from_arrow(pa.ipc.open_stream(data[8 + size :]).read_all())
+        assert isinstance(frame, pl.DataFrame)
+        anchors = frame
     decided = meta["decided_until_ms"]
+    chains = meta.get("chains")
     return VisitorWindows.restore(
         horizon_ms,
         high_water={int(p): int(o) for p, o in meta["high_water"].items()},
         max_event_ms=int(meta["max_event_ms"]),
         decided_until_ms=None if decided is None else int(decided),
         kept=kept,
+        starts=None if chains is None else {int(w): start for w, start in chains.items()},
+        anchors=anchors,
     )
 
 

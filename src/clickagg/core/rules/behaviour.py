@@ -99,12 +99,18 @@ def anchored(group: np.ndarray, ts: np.ndarray, window_ms: int) -> np.ndarray:
     return anchor[:n]
 
 
-def repeat_evidence(frame: pl.DataFrame, window_ms: int, *, phase: str | None = None) -> pl.Series:
+def repeat_evidence(
+    frame: pl.DataFrame, window_ms: int, *, phase: str | None = None, key: str | None = None
+) -> pl.Series:
     """``repeat_click``'s verdicts on a frame (evidence per row, null: not a repeat).
 
     ``phase``: a column whose values start chains of their own, as if each value's rows
     were a frame alone. The stream's visitor-keyed stage judges several hours in one call
-    this way, each hour's clicks with the context the batch gives that hour."""
+    this way, each hour's clicks with the context the batch gives that hour.
+
+    ``key``: a column holding each row's visitor key already (``visitor_key``): the stream
+    stands a chain's counted click in for the clicks before it with only its key, ad and
+    time (a row no later click precedes, so never a repeat and never named)."""
     ties = ["event_id"] if "event_id" in frame.columns else []
     phases = [phase] if phase is not None else []
     clicks = (
@@ -113,7 +119,7 @@ def repeat_evidence(frame: pl.DataFrame, window_ms: int, *, phase: str | None = 
         .select(
             "_row",
             *phases,
-            visitor_key().alias("_key"),
+            (pl.col(key) if key is not None else visitor_key()).alias("_key"),
             _visitor_label().alias("_who"),
             "ad_id",
             "ts_ms",
