@@ -118,15 +118,20 @@ def _applied(store: DuckDBStore, family: str) -> list[tuple[str, str, str | None
     return list(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
 
 
+@pytest.mark.parametrize("together", [False, True])
 @pytest.mark.parametrize("visitor_first", [False, True])
 def test_a_click_both_families_flag_is_corrected_once_by_the_earlier_rule(
-    store: DuckDBStore, visitor_first: bool
+    store: DuckDBStore, visitor_first: bool, together: bool
 ) -> None:
+    """One commit each, or both in one (the worker's): settled in the commits' order."""
     ip = _commit("ip", [("e1", "ip-ad-spread")])
     visitor = _commit("visitor", [("e1", "repeat-click")])
     first, second = (visitor, ip) if visitor_first else (ip, visitor)
-    [applied_first] = store.commit_keyed([first])
-    [applied_second] = store.commit_keyed([second])
+    if together:
+        applied_first, applied_second = store.commit_keyed([first, second])
+    else:
+        [applied_first] = store.commit_keyed([first])
+        [applied_second] = store.commit_keyed([second])
 
     assert _state(store) == (1, 1, 500, {"ip-ad-spread": 1})
     assert applied_first["rule_id"].to_pylist() == [first.verdicts["rule_id"][0].as_py()]

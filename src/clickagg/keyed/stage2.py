@@ -37,6 +37,13 @@ the earlier rule, whichever commits first. Steps 4 and 5 take what the store app
 a recovery hands the archive the re-derived verdicts the store says it applied
 (``keyed_applied``), with the previous rule it applied them with.
 
+The worker steps its families together (:func:`step_stages`): each does steps 1 and 2,
+then every family's step 3 is ONE store transaction (its commits in the family order IP,
+visitor, ad: a click two of them flag is settled as if they had committed one after the
+other), then each does steps 4 and 5 with what the store applied of its own commits. A
+transaction that does not apply leaves every family's windows ahead of the store: each
+recovers.
+
 The rules may change between two steps (the rules file is re-read while the worker runs).
 Step 3 records, in the same transaction, the keyed spec the verdicts were made under
 whenever it differs from the previous one, so a recovery replays each consumed range with
@@ -50,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -246,6 +253,16 @@ def keyed_horizon_ms(allowed_lateness_ms: int) -> int:
     return allowed_lateness_ms + 2 * MINUTE_MS
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What :meth:`KeyedStage.prepare` made of one stage's new records: its commits, one
+    per keyed partition read (the first carries the family's settled bound), and each rule's
+    reason as the rules they were judged under say it."""
+
+    commits: tuple[KeyedCommit, ...]
+    reasons: Mapping[str, str]
+
+
 class KeyedStage:
     def __init__(
         self,
@@ -422,6 +439,13 @@ class KeyedStage:
 
     def step(self) -> int:
         """Steps 1-5 over every keyed partition with new records; returns how many."""
+        return step_stages([self])
+
+    def prepare(self) -> Prepared | None:
+        """Steps 1 and 2: read each keyed partition from its consumed offset and judge the
+        records; the commits of step 3 (None: no new record). The windows have then taken
+        records the store does not hold yet: :meth:`finish` once the commits are applied,
+        :meth:`recover` if they are not."""
         ruleset = self.rules.current()
         if self._rules_of is None or self._rules_of[0] is not ruleset:
             spec = self.family.spec_json(ruleset)
@@ -459,19 +483,18 @@ class KeyedStage:
             if not rules.rules and not self._released and self.family is AD:
                 self.store.release_settled(self.family.name)
                 self._released = True
-            return 0
+            return None
         self._released = False
         settled = self.family.settled_before(self.windows, rules, self.horizon_ms)
         commits[0] = dataclasses.replace(commits[0], settled_before_ms=settled)
-        try:
-            applied = self.store.commit_keyed(commits)
-        except FencedError as exc:
-            log.warning("%s keyed stage fenced (%s): recovering", self.family.name, exc)
-            self.recover()
-            return 0
-        except BaseException:
-            self.recover()
-            raise
+        reasons = {rule.rule_id: rule.reason for rule in rules.rules}
+        return Prepared(tuple(commits), reasons)
+
+    def finish(self, prepared: Prepared, applied: Sequence[pa.Table]) -> int:
+        """Steps 4 and 5, once the store applied ``prepared``'s commits (``applied``: what
+        it applied of each one's verdicts, as ``commit_keyed`` returns them); then the
+        windows' snapshots. Returns how many records the commits consumed."""
+        commits = prepared.commits
         for c in commits:
             self.consumed[c.keyed_partition] = c.to_offset
         ranges = {self.family.key(c.keyed_partition): (c.from_offset, c.to_offset) for c in commits}
@@ -485,9 +508,8 @@ class KeyedStage:
                 },
             )
         if self.corrections is not None:
-            reasons = {rule.rule_id: rule.reason for rule in rules.rules}
             corrected = [
-                self._correction_rows(c.keyed_partition, table, reasons, c.committed_at_ms)
+                self._correction_rows(c.keyed_partition, table, prepared.reasons, c.committed_at_ms)
                 for c, table in zip(commits, applied, strict=True)
                 if table.num_rows
             ]
@@ -537,3 +559,69 @@ class KeyedStage:
     def applied_offsets(self) -> Mapping[int, int]:
         """Per counter key, the keyed offsets the store holds: refilled counters start here."""
         return {counter_key(k, self.family): offset for k, offset in self.consumed.items()}
+
+
+def step_stages(stages: Sequence[KeyedStage]) -> int:
+    """Steps 1-5 of every stage (one per family, all over one store), with every family's
+    step 3 in ONE store transaction: each stage prepares its commits, the store applies all
+    of them or none (each fenced by its own family's consumed offset), then each stage
+    applies what the store applied to the counters and the corrections archive. The commits
+    go to the store in the stages' order, so a click two families flag in one step is
+    settled as if they had committed one after the other in that order (the worker's: IP,
+    visitor, ad). Returns how many records the stages consumed.
+
+    Commits that do not apply leave every stage that took part with windows ahead of the
+    store: each recovers, as one stage alone would (a fenced commit is logged and steps
+    nothing; any other error is raised once they have)."""
+    pending: list[tuple[KeyedStage, Prepared]] = []
+    try:
+        for stage in stages:
+            prepared = stage.prepare()
+            if prepared is not None:
+                pending.append((stage, prepared))
+    except BaseException:
+        _recover([stage for stage, _ in pending])
+        raise
+    if not pending:
+        return 0
+    store = pending[0][0].store
+    if any(stage.store is not store for stage, _ in pending):
+        raise ValueError("keyed stages stepped together must share one store")
+    commits = [c for _, prepared in pending for c in prepared.commits]
+    try:
+        applied = store.commit_keyed(commits)
+    except FencedError as exc:
+        names = ", ".join(stage.family.name for stage, _ in pending)
+        log.warning("keyed stages (%s) fenced (%s): recovering", names, exc)
+        _recover([stage for stage, _ in pending])
+        return 0
+    except BaseException:
+        _recover([stage for stage, _ in pending])
+        raise
+    done = 0
+    error: BaseException | None = None
+    at = 0
+    for stage, prepared in pending:
+        mine = applied[at : at + len(prepared.commits)]
+        at += len(prepared.commits)
+        try:
+            done += stage.finish(prepared, mine)
+        except BaseException as exc:
+            # The store holds every stage's commit: the others still finish theirs (as
+            # each would have, committing on its own), then the first error is raised.
+            error = error or exc
+    if error is not None:
+        raise error
+    return done
+
+
+def _recover(stages: Sequence[KeyedStage]) -> None:
+    """Recover each stage; the first recovery error is raised once every stage tried."""
+    error: BaseException | None = None
+    for stage in stages:
+        try:
+            stage.recover()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error

@@ -52,6 +52,7 @@ from clickagg.keyed.stage2 import (
     KeyedStage,
     counter_key,
     keyed_status,
+    step_stages,
 )
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.query.base import KeyedStatus
@@ -286,8 +287,8 @@ class _Session:
                 self.store.committed_offsets()
             self._reload_prices()
             processed = step_all(self.workers, self.store, self.counters)
-            for stage in self.keyed_stages:
-                processed += stage.step()
+            # every keyed family's commits in one store transaction
+            processed += step_stages(self.keyed_stages)
             if processed:
                 backoff.succeeded()
             if processed >= SMALL_ROUND_EVENTS:
