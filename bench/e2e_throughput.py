@@ -212,6 +212,12 @@ def main() -> None:
         help="run the tree with no rules and with every rule on, alternately, --repeat pairs",
     )
     p.add_argument(
+        "--ad-rules",
+        action="store_true",
+        help="with --rules-compare: the rules-on side also runs ctr_spike, one rule counting "
+        "for review and one excluding (the ad-keyed family appends every event)",
+    )
+    p.add_argument(
         "--py-spy",
         type=Path,
         metavar="OUTDIR",
@@ -270,7 +276,7 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="clickagg-rules-") as rules_dir:
             side_env = env
             if args.py_spy_side != "tree":
-                side_env = dict(rules_sides(env, Path(rules_dir)))[args.py_spy_side]
+                side_env = dict(rules_sides(env, Path(rules_dir), args.ad_rules))[args.py_spy_side]
             run = one_run(traffics[shapes[0]], args, side_env, profile_dir=args.py_spy)
         print(
             f"profiled run: accept {run['ingest_eps']:,.0f} ev/s, e2e {run['e2e_eps']:,.0f} ev/s; "
@@ -286,7 +292,8 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     if args.rules_compare:
         rules_dir = tempfile.TemporaryDirectory(prefix="clickagg-rules-")
         sides = [
-            (label, None, side_env) for label, side_env in rules_sides(env, Path(rules_dir.name))
+            (label, None, side_env)
+            for label, side_env in rules_sides(env, Path(rules_dir.name), args.ad_rules)
         ]
     tables = {shape: arrow_table(t) for shape, t in traffics.items()}
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -323,20 +330,24 @@ def run_all(args: argparse.Namespace, snap: dict[str, Any]) -> None:
     report(args, info, shapes, sides, runs, baselines)
 
 
-def rules_sides(env: dict[str, str], directory: Path) -> list[tuple[str, dict[str, str]]]:
+def rules_sides(
+    env: dict[str, str], directory: Path, ad_rules: bool = False
+) -> list[tuple[str, dict[str, str]]]:
     """The two environments of --rules-compare: no rule at all, and every rule on (the
     keyed stage included), their rules files written in ``directory``."""
-    off, on = write_rules_files(directory)
+    off, on = write_rules_files(directory, ad_rules)
     return [
         ("rules-off", env | {"CLICKAGG_RULES_FILE": str(off)}),
         ("rules-on", env | {"CLICKAGG_RULES_FILE": str(on), "CLICKAGG_KEYED_STAGE": "true"}),
     ]
 
 
-def write_rules_files(directory: Path) -> tuple[Path, Path]:
+def write_rules_files(directory: Path, ad_rules: bool = False) -> tuple[Path, Path]:
     """An empty rules file (no rule at all), and one with every rule: the built-in ones
     plus a blocklist of data-centre-sized CIDR lists in 211.0.0.0-223.255.255.255 and
-    2a00::/12, which the generator's addresses (11-210.x.x.x) never fall in."""
+    2a00::/12, which the generator's addresses (11-210.x.x.x) never fall in. ``ad_rules``:
+    also ``ctr_spike``, for review and excluding (not ``no_impression_click``: the
+    generator's clicks are not tied to impressions, so it would flag nearly all)."""
     rng = random.Random(11)
     v4 = []
     for _ in range(10_000):
@@ -355,8 +366,31 @@ def write_rules_files(directory: Path) -> tuple[Path, Path]:
         "include_builtin = true\n\n[[rules]]\n"
         'id = "datacenter-ip"\nkind = "ip_blocklist"\nreason = "data-centre address"\n'
         '[[rules.params.lists]]\nname = "datacenter"\nfile = "datacenter.txt"\n'
+        + (AD_RULES if ad_rules else "")
     )
     return off, on
+
+
+AD_RULES = """
+[[rules]]
+id = "ctr-review"
+kind = "ctr_spike"
+reason = "CTR above the ad's baseline"
+[rules.params]
+factor = 3.0
+baseline_hours = 1
+min_clicks = 10
+
+[[rules]]
+id = "ctr-spike"
+kind = "ctr_spike"
+reason = "CTR far above the ad's baseline"
+[rules.params]
+factor = 10.0
+baseline_hours = 1
+min_clicks = 10
+exclude = true
+"""
 
 
 def report(

@@ -162,14 +162,16 @@ class Family:
     ) -> int | None:
         """No verdict of this family can still come for a click older than this: an IP
         family's record is judged again only while records within the rules' reach of it
-        can still be accepted; a visitor family's click is decided once, below
-        ``decided_until_ms``. None: a partition has not decided anything yet."""
+        can still be accepted; a visitor or ad family's click is decided once, below
+        ``decided_until_ms``. A partition that has decided nothing yet settles nothing
+        (0): the store then forgets no corrected click, whichever family's it was. (No
+        bound would not do: the ad family, which commits only while its rules are in
+        force, counts only once it has one, so its first hour's verdicts would find the
+        clicks another family corrected forgotten, and correct them again.)"""
         bounds: list[int] = []
         for state in windows.values():
             if isinstance(state, VisitorWindows | AdWindows):
-                if state.decided_until_ms is None:
-                    return None
-                bounds.append(state.decided_until_ms)
+                bounds.append(state.decided_until_ms or 0)
             else:
                 assert isinstance(rules, KeyedRules)
                 bounds.append(state.max_event_ms - horizon_ms - rules.reach_ms)

@@ -713,7 +713,8 @@ def _forget_settled(cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommi
     every family's (no verdict can come for them any more). The IP and visitor families
     run whenever the keyed stage does (with no rule in force they still move their
     bounds); the ad family commits only while one of its rules is in force (stage 1
-    appends it nothing otherwise), so its bound counts once it has one."""
+    appends it nothing otherwise), so its bound counts once it has one: from its first
+    commit (0 until it has decided something, ``Family.settled_before``)."""
     bounds: dict[str, int] = {}
     for c in commits:
         if c.settled_before_ms is not None:
