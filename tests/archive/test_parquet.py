@@ -92,6 +92,27 @@ def test_published_decisions_are_read_back_by_hour_and_by_id(tmp_path: Path) -> 
     writer.close()
 
 
+def test_a_range_wider_than_the_archive_reads_the_hours_within_it(tmp_path: Path) -> None:
+    """A range of more hours than the archive holds (from 0, say) is answered from the
+    listed hours within it: the same files and decisions as the hours one by one."""
+    writer = writer_for(tmp_path)
+    for hour in range(4):
+        writer.append(
+            decisions(0, hour, 1, ts_ms=T0 + hour * HOUR_MS - hour), {0: (hour, hour + 1)}
+        )
+    writer.flush()
+    writer.close()
+    reader = ParquetArchiveReader(tmp_path)
+    for start, end in ((0, T0 + 2 * HOUR_MS), (T0 + HOUR_MS, 2 * T0), (0, T0), (0, 2 * T0)):
+        one_by_one = [T0 + h * HOUR_MS for h in range(4) if start <= T0 + h * HOUR_MS < end]
+        assert reader.files(start, end) == [
+            f for hour in one_by_one for f in reader.files(hour, hour + HOUR_MS)
+        ]
+        got = reader.decisions(start_ms=start, end_ms=end)["offset"].to_pylist()
+        assert got == [(hour - T0) // HOUR_MS for hour in one_by_one]
+    reader.close()
+
+
 def test_a_redo_is_dropped_and_a_gap_is_refused(tmp_path: Path) -> None:
     writer = writer_for(tmp_path)
     writer.append(decisions(0, 0, 5), {0: (0, 5)})

@@ -49,7 +49,8 @@ def spend(server: ServeProcess, start: int, end: int) -> int:
 
 
 def test_a_price_change_applies_from_its_time_on_in_stream_and_batch(tmp_path: Path) -> None:
-    server = ServeProcess(tmp_path / "data", partitions=2)
+    # At info, the worker logs each reload of the registry: the test waits for it.
+    server = ServeProcess(tmp_path / "data", partitions=2, extra_env={"CLICKAGG_LOG_LEVEL": "info"})
     try:
         server.start()
         cli(server, "ads", "set", "ad-p", "--cpc-micros", "100")
@@ -58,7 +59,11 @@ def test_a_price_change_applies_from_its_time_on_in_stream_and_batch(tmp_path: P
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(change / 1000))
         cli(server, "ads", "set", "ad-p", "--cpc-micros", "300", "--effective-from", when)
         change -= change % 1000  # the CLI's time has whole seconds
-        time.sleep(1.5)  # the worker notices the registry between rounds
+        # The worker notices the registry between rounds: both prices, before any click.
+        deadline = time.monotonic() + 30
+        while "prices reloaded: 2 entries" not in server.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the worker never reloaded the prices"
+            time.sleep(0.05)
         post(server, "before", change - 1_000, 4)  # priced 100 each
         post(server, "after", change + 1_000, 2)  # priced 300 each
         hour = change - change % HOUR_MS

@@ -113,6 +113,7 @@ def test_a_full_disk_pauses_ingest_and_counting_and_both_resume(
             "CLICKAGG_DISK_RESERVE_BYTES": f"{RESERVE_MIB}MiB",
             "CLICKAGG_DISK_RESERVE_PERCENT": "100",
             "CLICKAGG_SNAPSHOT_INTERVAL": "1s",
+            "CLICKAGG_LOG_LEVEL": "debug",  # the worker logs each retry of its backoff
         },
     )
     worker = None
@@ -145,7 +146,12 @@ def test_a_full_disk_pauses_ingest_and_counting_and_both_resume(
             fill(ballast)
             os.kill(worker, signal.SIGCONT)
             wait_for(lambda: "out of disk space" in server_log(server), 20, "a backoff")
-            time.sleep(3)  # a few backoff retries: none of them may end the process
+            # A few backoff retries (0.5 s, then 1 s): none of them may end the process.
+            wait_for(
+                lambda: "still out of disk space (retry 2 " in server_log(server),
+                20,
+                "two backoff retries",
+            )
             health = client.get("/healthz")
             assert health.status_code == 503
             assert any("disk space low" in p for p in health.json()["problems"])

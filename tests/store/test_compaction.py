@@ -505,32 +505,37 @@ def test_kill_9_mid_compaction_loses_or_duplicates_nothing(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     kills_while_compacting = 0
     compaction_s = 0.2
-    for round_ in range(3):  # later rounds also recover a crashed file
-        with subprocess.Popen(
-            [sys.executable, "-c", CRASH_COMPACTOR, str(path)],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        ) as proc:
-            assert proc.stdout is not None
-            compactions = 0
-            for line in proc.stdout:
-                word, value = line.split()
-                if word == "compacted":
-                    compaction_s = float(value)
-                    compactions += 1
-                elif compactions >= 1:  # it is compacting now: kill it part-way through
-                    time.sleep(random.uniform(0, compaction_s))
-                    os.kill(proc.pid, signal.SIGKILL)
-                    kills_while_compacting += 1
-                    break
-            proc.wait()
-        assert proc.returncode == -signal.SIGKILL, f"the compactor died on its own ({round_})"
-        with DuckDBStore(path) as store:
-            committed = store.committed_offsets()[0]
-            got = crash_answers(store)
-        with DuckDBStore(tmp_path / f"reference{round_}.duckdb") as reference:
-            for index in range(committed):
+    # The reference: the same rounds committed in order, without compactions or kills; each
+    # crash round adds the rounds the crashed file has committed since the one before.
+    with DuckDBStore(tmp_path / "reference.duckdb") as reference:
+        referenced = 0
+        for round_ in range(3):  # later rounds also recover a crashed file
+            with subprocess.Popen(
+                [sys.executable, "-c", CRASH_COMPACTOR, str(path)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            ) as proc:
+                assert proc.stdout is not None
+                compactions = 0
+                for line in proc.stdout:
+                    word, value = line.split()
+                    if word == "compacted":
+                        compaction_s = float(value)
+                        compactions += 1
+                    elif compactions >= 1:  # it is compacting now: kill it part-way through
+                        time.sleep(random.uniform(0, compaction_s))
+                        os.kill(proc.pid, signal.SIGKILL)
+                        kills_while_compacting += 1
+                        break
+                proc.wait()
+            assert proc.returncode == -signal.SIGKILL, f"the compactor died on its own ({round_})"
+            with DuckDBStore(path) as store:
+                committed = store.committed_offsets()[0]
+                got = crash_answers(store)
+            assert committed >= referenced  # nothing committed is lost to a later crash
+            for index in range(referenced, committed):
                 reference.commit(round_commit(index))
+            referenced = committed
             assert crash_answers(reference) == got, f"round {round_}: {committed} rounds"
     assert kills_while_compacting == 3

@@ -284,6 +284,14 @@ class _ManifestView:
     def paths(self, hour_ms: int) -> list[Path]:
         return [self.directory / path for path in self.by_hour.get(hour_ms, [])]
 
+    def hours(self, first_ms: int, end_ms: int) -> list[int]:
+        """The hours from ``first_ms`` (an hour's start) up to ``end_ms`` that may hold
+        files, ascending: the range's, or when it spans more hours than the listing holds
+        (a range from 0, say), the listed hours within it."""
+        if (end_ms - first_ms) // HOUR_MS <= len(self.by_hour):
+            return list(range(first_ms, end_ms, HOUR_MS))
+        return sorted(hour for hour in self.by_hour if first_ms <= hour < end_ms)
+
     def flushes_of(self, relative: str) -> list[int]:
         """The flushes whose rows a published (or retired) file holds: its own flush, or
         for a compacted file, the flushes of the files it replaced."""
@@ -911,7 +919,7 @@ class ParquetArchiveReader:
             first = start_ms - start_ms % HOUR_MS
             paths = [
                 str(path)
-                for hour in range(first, end_ms, HOUR_MS)
+                for hour in self._view.hours(first, end_ms)
                 for path in self._view.paths(hour)
             ]
         schema = self.layout.schema
@@ -938,7 +946,7 @@ class ParquetArchiveReader:
             self._view.refresh()
             first = start_ms - start_ms % HOUR_MS
             return [
-                path for hour in range(first, end_ms, HOUR_MS) for path in self._view.paths(hour)
+                path for hour in self._view.hours(first, end_ms) for path in self._view.paths(hour)
             ]
 
     def flushes(self, hour_ms: int) -> list[int]:
