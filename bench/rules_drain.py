@@ -11,7 +11,7 @@ No HTTP and no second process, so the CPU figure moves much less with the box's 
 end-to-end throughput does; the log is drained in full rounds (50,000 events per
 partition), as a backlogged worker would.
 
-    .venv/bin/python bench/rules_drain.py [--events 1000000] [--repeat 3]
+    .venv/bin/python bench/rules_drain.py [--events 1000000] [--repeat 3] [--ad-rules]
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main() -> None:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--ad-rules", action="store_true", help="rules-on also runs ctr_spike (the ad family)"
+    )
     traffic_shapes.add_arguments(p, multi=True)
     args = p.parse_args()
     traffic = traffic_shapes.build("production", args, args.events, 10_000, seed=args.seed)
@@ -45,7 +48,7 @@ def main() -> None:
         ingest_side(
             traffic.bodies, Settings(data_dir=template, partitions=8), 8, defaultdict(float)
         )
-        off, on = e2e_throughput.write_rules_files(root)
+        off, on = e2e_throughput.write_rules_files(root, args.ad_rules)
         runs: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for rep in range(args.repeat):
             for side, rules in (("rules-off", off), ("rules-on", on)):
