@@ -421,3 +421,29 @@ def test_a_snapshot_of_a_build_that_kept_decided_clicks_whole_restores() -> None
     assert restored.consume(visitor_records(tick, 1)[0], rules).num_rows == 0
     again = decode_visitor_windows(encode_windows(restored), MINUTE_MS)
     assert again.chains()[0] == {30_000: T0 + 52_000}
+
+
+def test_a_click_below_the_decided_bound_under_a_longer_horizon_is_not_decided() -> None:
+    """Restored under a longer horizon, the stage accepts a click older than its decided
+    bound. Deciding it would give a verdict below the bound the family settled (the store
+    may have forgotten that click's correction by then), and put it in chains whose counted
+    clicks it would precede: 35 s would read as a repeat of it, and 62 s, the batch's repeat
+    of 35 s, as counted. Neither decided nor a chain's click, it is left to the batch."""
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    clicks = [Click(1, 0, T0 + s * 1000, True, 0) for s in (0, 35, 20, 62)]
+    frame = kept_frame(list(enumerate(clicks)), 0, {n: n for n in range(4)})
+    windows = VisitorWindows(horizon_ms=MINUTE_MS)
+    windows.consume(visitor_records(frame[:2], 1)[0], rules)
+    tick = kept_frame([(9, Click(0, 0, T0 + 2 * MINUTE_MS, True, 0))], 1, {9: 0})
+    assert windows.consume(visitor_records(tick, 1)[0], rules).num_rows == 0  # both count
+    bound = windows.decided_until_ms
+    assert bound == T0 + MINUTE_MS
+    restored = decode_visitor_windows(encode_windows(windows), 10 * MINUTE_MS)
+    restored.consume(visitor_records(frame[2:], 1)[0], rules)  # 20 s: below the bound
+    later = kept_frame([(10, Click(0, 0, T0 + 20 * MINUTE_MS, True, 0))], 1, {10: 1})
+    decided = restored.consume(visitor_records(later, 1)[0], rules)
+    assert all(ts >= bound for ts in decided["ts_ms"].to_pylist())
+    assert decided["event_id"].to_pylist() == ["e3"]
+    assert decided["evidence"].to_pylist() == [
+        "user u2 clicked ad ad-0 again 27.0 s after its counted click at 2023-11-14T22:00:35.000Z"
+    ]
