@@ -41,10 +41,11 @@ and a window's counted keys.
 
 What the stream cannot match. A click stage 1 dropped as late is billed by the batch
 (``late_counted``) and takes part in its chains, but never reaches this stage; the IP family
-has the same gap. A window that comes into force while the stream runs (a rule switched on,
-or its window changed) has no chains before that: it judges the hours whose whole lookback
-it has seen, and leaves the one or two before them to the batch, which reconciliation
-closes with every click.
+has the same gap. So does a click older than the decided bound that a longer horizon after
+a restart accepts: the stage drops it (neither decided nor in a chain). A window that comes
+into force while the stream runs (a rule switched on, or its window changed) has no chains
+before that: it judges the hours whose whole lookback it has seen, and leaves the one or two
+before them to the batch, which reconciliation closes with every click.
 """
 
 from __future__ import annotations
@@ -319,10 +320,15 @@ class VisitorWindows:
         fresh, self.max_event_ms = accept(
             batch, self.high_water, max_event_ms=self.max_event_ms, horizon_ms=self.horizon_ms
         )
+        since = self.decided_until_ms
+        if since is not None and fresh.height:
+            # Only under a longer horizon than the one that decided up to ``since`` (after a
+            # restart): deciding such a click would be a verdict below the bound the family
+            # settled, and it would precede chains' counted clicks. Left to the batch.
+            fresh = fresh.filter(pl.col("ts_ms") >= since)
         if fresh.height:
             fresh = fresh.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
             self._kept = pl.concat([self._kept, fresh])
-        since = self.decided_until_ms
         if since is None and not self._kept.height:
             return VISITOR_VERDICT_SCHEMA.empty_table()
         until = self.max_event_ms - self.horizon_ms
