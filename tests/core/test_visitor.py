@@ -447,3 +447,36 @@ def test_a_click_below_the_decided_bound_under_a_longer_horizon_is_not_decided()
     assert decided["evidence"].to_pylist() == [
         "user u2 clicked ad ad-0 again 27.0 s after its counted click at 2023-11-14T22:00:35.000Z"
     ]
+
+
+def test_a_rule_whose_window_leaves_an_hour_to_the_batch_lets_no_later_rule_name_it() -> None:
+    """``mid`` (25 min) is switched on ahead of ``rep`` (10 min) while the stream runs: its
+    window leaves hour 1 (lookback from 0:00, before the switch) to the batch. The batch
+    names ``mid`` for 1:05, the first rule in order that flags it; the stream must not name
+    ``rep`` for it (nor anything: the hour is the batch's to close)."""
+    ruleset = RuleSet(compile_rules([MID, REPEAT]))
+    before = VisitorRules.from_ruleset(RuleSet(compile_rules([REPEAT])))
+    after = VisitorRules.from_ruleset(ruleset)
+    drawn = [Click(1, 0, T0 + m * MINUTE_MS, True, 0) for m in (10, 60, 65)]
+    frame = kept_frame(list(enumerate(drawn)), 0, {n: n for n in range(3)})
+    windows = VisitorWindows(horizon_ms=MINUTE_MS)
+    tick = kept_frame([(9, Click(0, 0, T0 + 12 * MINUTE_MS, True, 0))], 1, {9: 0})
+    verdicts = [
+        windows.consume(visitor_records(frame[:1], 1)[0], before),
+        windows.consume(visitor_records(tick, 1)[0], before),
+    ]
+    assert windows.decided_until_ms == T0 + 11 * MINUTE_MS  # mid comes into force here
+    verdicts.append(windows.consume(visitor_records(frame[1:], 1)[0], after))
+    end = kept_frame([(10, Click(0, 0, T0 + 10 * HOUR_MS, True, 0))], 1, {10: 1})
+    verdicts.append(windows.consume(visitor_records(end, 1)[0], after))
+    table = pa.concat_tables(verdicts)
+    batch = batch_verdicts(drawn, ruleset, 0)
+    assert batch["e2"][0] == "mid"
+    stream = dict(
+        zip(
+            table["event_id"].to_pylist(),
+            zip(table["rule_id"].to_pylist(), table["evidence"].to_pylist(), strict=True),
+            strict=True,
+        )
+    )
+    assert stream == {}
