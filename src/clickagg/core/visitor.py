@@ -276,6 +276,14 @@ class Chains:
         judged = real & said.is_not_null() & own_hour
         return frame["_at"].filter(judged).to_numpy(), said.filter(judged)
 
+    def leaves(self, ts: np.ndarray) -> np.ndarray:
+        """Which of these click times' hours this window does not judge in the stream (their
+        lookback begins before ``start_ms``): the batch's to close."""
+        if self.start_ms is None:
+            return np.zeros(len(ts), dtype=np.bool_)
+        left: np.ndarray = ts - ts % HOUR_MS - self.lookback_ms < self.start_ms
+        return left
+
     def _prune(self, until_ms: int) -> None:
         """Forget the counted clicks no later click can repeat (closed phases, or more than a
         window before every undecided time); a forgotten one reads as no counted click,
@@ -397,7 +405,9 @@ def _judge(
     decided: pl.DataFrame, rules: VisitorRules, chains: dict[int, Chains], until_ms: int
 ) -> pa.Table:
     """The verdicts on the counted clicks just decided: per rule, its window's chains
-    advanced over them, the first rule in order that flags a click naming it."""
+    advanced over them, the first rule in order that flags a click naming it. A click in an
+    hour that a rule in force for it leaves to the batch (its window came into force while
+    the stream ran) is named by no later rule either: the batch may name that rule."""
     if not decided.height or not rules.rules:
         return VISITOR_VERDICT_SCHEMA.empty_table()
     rows = decided.with_row_index("_at")
@@ -414,6 +424,10 @@ def _judge(
         if rule.effective_from_ms is not None:
             flagged &= ts[at] >= rule.effective_from_ms
         taken[at[flagged]] = True
+        left = chains[rule.window_seconds * 1000].leaves(ts)
+        if rule.effective_from_ms is not None:
+            left &= ts >= rule.effective_from_ms
+        taken |= left
         found.append(
             pl.DataFrame(
                 {"_at": at[flagged], "evidence": evidence.filter(pl.Series(flagged))},
