@@ -480,3 +480,93 @@ def test_a_rule_whose_window_leaves_an_hour_to_the_batch_lets_no_later_rule_name
         )
     )
     assert stream == {}
+
+
+RULE_SETS = (
+    VisitorRules((RepeatRule("rep", "repeat", 600),)),
+    VisitorRules((RepeatRule("long", "long repeat", 5400),)),
+    VisitorRules((RepeatRule("mid", "mid repeat", 1500), RepeatRule("rep", "repeat", 600))),
+    VisitorRules(()),
+    # two rules sharing a window, the first in force only from 1:30
+    VisitorRules(
+        (
+            RepeatRule("late", "late repeat", 600, T0 + 90 * MINUTE_MS),
+            RepeatRule("rep", "repeat", 600),
+            RepeatRule("long", "long repeat", 5400),
+        )
+    ),
+)
+
+
+# Few chains, many clicks each: a chain's counted click is often within a window of the
+# next click across a consume (what a snapshot must carry).
+dense_clicks = st.lists(
+    st.builds(
+        Click,
+        visitor=st.integers(0, 2),
+        ad=st.integers(0, 1),
+        ts_ms=st.integers(0, 100).map(lambda n: T0 + n * 2 * MINUTE_MS),
+        counted=st.sampled_from([True, True, True, False]),
+        jitter_ms=st.integers(0, JITTER_MS // MINUTE_MS).map(lambda n: n * MINUTE_MS),
+    ),
+    min_size=10,
+    max_size=80,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(drawn=dense_clicks, data=st.data())
+def test_a_snapshot_restored_between_any_consumes_gives_the_verdicts_of_an_unbroken_run(
+    drawn: list[Click], data: st.DataObject
+) -> None:
+    """Whatever the rules at each consume (switched on, off, back on, windows shared) and
+    wherever the stage is snapshotted and restored between consumes, every consume's
+    verdicts and the state at the end are those of the run that was never restored."""
+    clicks = [*drawn, SENTINEL]
+    arrival = sorted(range(len(clicks)), key=lambda n: clicks[n].ts_ms + clicks[n].jitter_ms)
+    offsets = {n: i for i, n in enumerate(arrival)}
+    frame = kept_frame([(n, clicks[n]) for n in arrival], 0, offsets)
+    log = visitor_records(frame, 1)[0]
+    at = data.draw(st.lists(st.integers(0, log.num_rows), max_size=12))
+    chunks = pieces(log.num_rows, sorted(set(at)))
+    rules = [data.draw(st.sampled_from(RULE_SETS[:3] + RULE_SETS[4:]))] * len(chunks)
+    if data.draw(st.booleans()):  # the rules change between consumes
+        rules = [data.draw(st.sampled_from(RULE_SETS)) for _ in chunks]
+    restores = data.draw(st.sets(st.integers(0, len(chunks)), min_size=1))
+
+    def run(restore_at: set[int]) -> tuple[list[list[dict[str, object]]], VisitorWindows]:
+        windows = VisitorWindows(horizon_ms=HORIZON_MS)
+        out = []
+        for n, ((a, b), in_force) in enumerate(zip(chunks, rules, strict=True)):
+            if n in restore_at:
+                windows = decode_visitor_windows(encode_windows(windows), HORIZON_MS)
+            out.append(windows.consume(log.slice(a, b - a), in_force).to_pylist())
+        if len(chunks) in restore_at:
+            windows = decode_visitor_windows(encode_windows(windows), HORIZON_MS)
+        return out, windows
+
+    with pruning(data.draw(st.booleans())):
+        unbroken, whole = run(set())
+        restored, again = run(restores)
+    assert restored == unbroken
+    assert again.decided_until_ms == whole.decided_until_ms
+    assert again.kept().equals(whole.kept())
+    assert again.chains()[0] == whole.chains()[0]
+    assert live_anchors(again) == live_anchors(whole)  # pruned at other times, maybe
+
+
+def live_anchors(windows: VisitorWindows) -> set[tuple[int, int, str, str, int]]:
+    """Each chain's counted click that a click still to decide could repeat."""
+    until = windows.decided_until_ms
+    _, anchors = windows.chains()
+    if until is None:
+        return set()
+    latest = (
+        pl.DataFrame(anchors)
+        .group_by("window_ms", "phase_ms", "visitor", "ad_id")
+        .agg(pl.col("ts_ms").max())
+        .filter(
+            (pl.col("phase_ms") + HOUR_MS > until) & (pl.col("ts_ms") > until - pl.col("window_ms"))
+        )
+    )
+    return set(latest.select("window_ms", "phase_ms", "visitor", "ad_id", "ts_ms").rows())
