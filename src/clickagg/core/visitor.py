@@ -41,10 +41,11 @@ and a window's counted keys.
 
 What the stream cannot match. A click stage 1 dropped as late is billed by the batch
 (``late_counted``) and takes part in its chains, but never reaches this stage; the IP family
-has the same gap. A window that comes into force while the stream runs (a rule switched on,
-or its window changed) has no chains before that: it judges the hours whose whole lookback
-it has seen, and leaves the one or two before them to the batch, which reconciliation
-closes with every click.
+has the same gap. So does a click older than the decided bound that a longer horizon after
+a restart accepts: the stage drops it (neither decided nor in a chain). A window that comes
+into force while the stream runs (a rule switched on, or its window changed) has no chains
+before that: it judges the hours whose whole lookback it has seen, and leaves the one or two
+before them to the batch, which reconciliation closes with every click.
 """
 
 from __future__ import annotations
@@ -275,6 +276,14 @@ class Chains:
         judged = real & said.is_not_null() & own_hour
         return frame["_at"].filter(judged).to_numpy(), said.filter(judged)
 
+    def leaves(self, ts: np.ndarray) -> np.ndarray:
+        """Which of these click times' hours this window does not judge in the stream (their
+        lookback begins before ``start_ms``): the batch's to close."""
+        if self.start_ms is None:
+            return np.zeros(len(ts), dtype=np.bool_)
+        left: np.ndarray = ts - ts % HOUR_MS - self.lookback_ms < self.start_ms
+        return left
+
     def _prune(self, until_ms: int) -> None:
         """Forget the counted clicks no later click can repeat (closed phases, or more than a
         window before every undecided time); a forgotten one reads as no counted click,
@@ -319,10 +328,15 @@ class VisitorWindows:
         fresh, self.max_event_ms = accept(
             batch, self.high_water, max_event_ms=self.max_event_ms, horizon_ms=self.horizon_ms
         )
+        since = self.decided_until_ms
+        if since is not None and fresh.height:
+            # Only under a longer horizon than the one that decided up to ``since`` (after a
+            # restart): deciding such a click would be a verdict below the bound the family
+            # settled, and it would precede chains' counted clicks. Left to the batch.
+            fresh = fresh.filter(pl.col("ts_ms") >= since)
         if fresh.height:
             fresh = fresh.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
             self._kept = pl.concat([self._kept, fresh])
-        since = self.decided_until_ms
         if since is None and not self._kept.height:
             return VISITOR_VERDICT_SCHEMA.empty_table()
         until = self.max_event_ms - self.horizon_ms
@@ -391,7 +405,9 @@ def _judge(
     decided: pl.DataFrame, rules: VisitorRules, chains: dict[int, Chains], until_ms: int
 ) -> pa.Table:
     """The verdicts on the counted clicks just decided: per rule, its window's chains
-    advanced over them, the first rule in order that flags a click naming it."""
+    advanced over them, the first rule in order that flags a click naming it. A click in an
+    hour that a rule in force for it leaves to the batch (its window came into force while
+    the stream ran) is named by no later rule either: the batch may name that rule."""
     if not decided.height or not rules.rules:
         return VISITOR_VERDICT_SCHEMA.empty_table()
     rows = decided.with_row_index("_at")
@@ -408,6 +424,10 @@ def _judge(
         if rule.effective_from_ms is not None:
             flagged &= ts[at] >= rule.effective_from_ms
         taken[at[flagged]] = True
+        left = chains[rule.window_seconds * 1000].leaves(ts)
+        if rule.effective_from_ms is not None:
+            left &= ts >= rule.effective_from_ms
+        taken |= left
         found.append(
             pl.DataFrame(
                 {"_at": at[flagged], "evidence": evidence.filter(pl.Series(flagged))},
