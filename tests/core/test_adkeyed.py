@@ -6,6 +6,7 @@ the stream flags exactly the clicks the batch's ``no_impression_click`` and ``ct
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ SPIKE = RuleSpec(
     "ctr_spike",
     "ctr spike",
     {"factor": 1.5, "baseline_hours": 2, "min_clicks": 2, "exclude": True},
+)
+NO_IMPRESSION_20_1 = RuleSpec(
+    "no-imp",
+    "no_impression_click",
+    "no impression",
+    {"window_minutes": 20, "min_ad_impressions": 1},
 )
 REVIEW_ONLY = RuleSpec(
     "review", "ctr_spike", "review", {"factor": 1.5, "baseline_hours": 2, "min_clicks": 2}
@@ -289,9 +296,122 @@ def test_a_snapshot_restores_the_records_the_counts_and_what_was_decided() -> No
     assert restored.max_event_ms == windows.max_event_ms
     assert restored.kept().equals(windows.kept())
     assert restored.counts().sort("ad_id", "_hour").equals(windows.counts().sort("ad_id", "_hour"))
-    # What was kept is what the rules still need: the undecided hours and 20 min before.
+    seen, again = windows.seen(), restored.seen()
+    assert seen is not None and again is not None and again.equals(seen)
+    assert restored.seen_from_ms == windows.seen_from_ms
+    # What is kept is what the rules still need: the undecided hours' clicks, and their
+    # impressions and those of the 20 min before, as visitor, ad and time.
     assert windows.decided_until_ms is not None
-    assert windows.kept()["ts_ms"].min() >= windows.decided_until_ms - 20 * MINUTE_MS
+    kept = windows.kept()
+    assert kept["ts_ms"].min() >= windows.decided_until_ms
+    assert set(kept["event_type"].to_list()) == {ids.CLICK}
+    assert seen.columns == ["visitor", "ad_id", "ts_ms"]
+    assert seen.height and seen["ts_ms"].min() >= windows.decided_until_ms - 20 * MINUTE_MS
+
+
+def test_with_ctr_spike_alone_no_impression_is_kept() -> None:
+    """Impressions are most events: ``ctr_spike`` needs only their per-(ad, hour) counts."""
+    rules = AdRules((CtrSpikeRule("s", "r", 2.0, 2, 2),))
+    evs = [(n, Event(n % 3, n % 2, T0 + n * 7 * MINUTE_MS, n % 3 == 0, True, 0)) for n in range(40)]
+    records = ad_records(kept_frame(evs, 0, {n: n for n, _ in evs}), 1)[0]
+    windows = AdWindows(horizon_ms=HORIZON_MS)
+    windows.consume(records, rules)
+    assert windows.seen() is None
+    assert set(windows.kept()["event_type"].to_list()) == {ids.CLICK}
+    counts = windows.counts()
+    since = counts["_hour"].min()
+    assert isinstance(since, int)
+    impressions = sum(1 for _, e in evs if not e.click and e.ts_ms >= since)
+    assert impressions and counts["_i"].sum() == impressions  # counted all the same
+    restored = decode_ad_windows(encode_windows(windows), HORIZON_MS)
+    assert restored.seen() is None and restored.kept().equals(windows.kept())
+
+
+def test_no_impression_coming_into_force_judges_the_hours_whose_window_it_has_seen() -> None:
+    """Switched on while the stream runs, ``no_impression_click`` has no impressions from
+    before: an hour whose window begins before the first impression it kept is left to the
+    batch (judged, a click whose impression was not kept would be flagged wrongly); the
+    next hours are judged as the batch judges them."""
+    spike = CtrSpikeRule("s", "r", 100.0, 1, 1_000)  # in force throughout, flags nothing
+    both = AdRules((NoImpressionRule("no-imp", "no impression", 20, 1), spike))
+    plan = [  # (visitor, minute, click): u1 = 0, u2 = 1, an address = 2
+        (0, 10, False),
+        (0, 12, True),
+        (0, 40, False),  # the last event before the rule: not kept
+        (0, 60, True),  # seen at 0:40, 20 min before: counts (the batch sees 0:40)
+        (2, 90, False),  # so that ad-0 has an impression in hour 1's frame
+        (1, 100, True),  # u2, never seen: flagged
+        (0, 130, False),
+        (0, 132, True),
+        (1, 160, True),  # flagged
+        (0, 190, False),
+        (0, 192, True),
+        (1, 220, True),  # flagged
+    ]
+    evs = [(n, Event(v, 0, T0 + m * MINUTE_MS, c, True, 0)) for n, (v, m, c) in enumerate(plan)]
+    evs.append((len(evs), SENTINEL))
+    records = ad_records(kept_frame(evs, 0, {n: n for n, _ in evs}), 1)[0]
+    windows = AdWindows(horizon_ms=10 * MINUTE_MS)
+    first = windows.consume(records.slice(0, 3), AdRules((spike,)))
+    assert first.num_rows == 0 and windows.seen() is None
+    verdicts = windows.consume(records.slice(3), both)
+    assert windows.seen_from_ms == T0 + 40 * MINUTE_MS + 1
+    flagged = set(verdicts["event_id"].to_pylist())
+    # hour 0 (window from -0:20) and hour 1 (from 0:40, the impression not kept) are left
+    # to the batch: judged, 1:00 would be flagged for want of the 0:40 impression
+    assert flagged == {"e8", "e11"}
+    batch = batch_verdicts([e for _, e in evs], RuleSet(compile_rules([NO_IMPRESSION_20_1])), 0)
+    assert {e for e in batch if e in {"e8", "e11"}} == flagged
+    assert "e5" in batch and "e3" not in batch  # what the hours left to it hold
+
+
+def test_a_snapshot_of_a_build_that_kept_every_raw_event_restores() -> None:
+    """Such a snapshot holds impressions and decided clicks among its records and ends with
+    the counts: its impressions become the kept impressions, its decided clicks are
+    dropped, and the next verdicts are those of an unbroken run."""
+    rules = AdRules((NoImpressionRule("n", "r", 20, 1), CtrSpikeRule("s", "r", 2.0, 2, 2)))
+    evs = [(n, Event(n % 3, n % 2, T0 + n * 7 * MINUTE_MS, n % 3 == 0, True, 0)) for n in range(40)]
+    evs.append((40, SENTINEL))
+    records = ad_records(kept_frame(evs, 0, {n: n for n, _ in evs}), 1)[0]
+    unbroken = AdWindows(horizon_ms=HORIZON_MS)
+    unbroken.consume(records.slice(0, 30), rules)
+    expected = unbroken.consume(records.slice(30), rules)
+    assert expected.num_rows  # the premise: the later hours have verdicts
+
+    windows = AdWindows(horizon_ms=HORIZON_MS)
+    windows.consume(records.slice(0, 30), rules)
+    assert windows.decided_until_ms is not None
+    frame = pl.from_arrow(records.slice(0, 30))
+    assert isinstance(frame, pl.DataFrame)
+    # what the previous build kept: every raw event from the decided bound - 20 min on
+    legacy_kept = (
+        frame.with_columns(pl.lit(None, pl.Int64).alias("keyed_offset"))
+        .filter(pl.col("ts_ms") >= windows.decided_until_ms - 20 * MINUTE_MS)
+        .to_arrow()
+    )
+    meta = {
+        "high_water": {str(p): o for p, o in windows.high_water.items()},
+        "max_event_ms": windows.max_event_ms,
+        "decided_until_ms": windows.decided_until_ms,
+    }
+    legacy_kept = legacy_kept.replace_schema_metadata(
+        {b"clickagg.keyed_windows": json.dumps(meta).encode()}
+    )
+    head = _ipc(legacy_kept)
+    legacy = len(head).to_bytes(8, "little") + head + _ipc(windows.counts().to_arrow())
+    restored = decode_ad_windows(legacy, HORIZON_MS)
+    assert restored.kept().equals(windows.kept())
+    seen = restored.seen()
+    assert seen is not None and restored.seen_from_ms is None
+    got = restored.consume(records.slice(30), rules)
+    assert got.to_pylist() == expected.to_pylist()
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def test_records_carry_every_event_of_an_ad_and_only_those() -> None:

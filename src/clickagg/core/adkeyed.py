@@ -29,8 +29,13 @@ in the other families: events stage 1 dropped as late, which the batch counts.
 Cost. This family's log carries every event with an ad, impressions included (the other
 families carry clicks only), so stage 1 appends to it only while one of its rules is in
 force (``ad_records``' caller decides): turned on, a rule judges from the first whole hour
-whose context the stage holds. The state keeps ``window_minutes`` plus the undecided hours
-of raw events, and a day of per-(ad, hour) counts.
+whose context the stage holds. The state keeps the undecided hours' clicks whole, a day of
+per-(ad, hour) counts (all ``ctr_spike`` needs of the impressions) and, only while
+``no_impression_click`` is in force, the impressions of its window and the undecided
+hours as their visitor, ad and time: impressions are most events, so with ``ctr_spike``
+alone none is kept. Turned on while the stream runs, ``no_impression_click`` judges the
+hours whose window starts after the first impression it kept; the hours before are left
+to the batch.
 """
 
 from __future__ import annotations
@@ -44,13 +49,13 @@ import pyarrow as pa
 
 from clickagg.core import ids
 from clickagg.core.keyed import accept, records_by_partition
-from clickagg.core.rules.base import RuleSet, RuleSpec, named_event_types
+from clickagg.core.rules.base import RuleSet, named_event_types
 from clickagg.core.rules.behaviour import (
     CtrSpikeParams,
     NoImpressionParams,
     ad_hour_counts,
     ctr_spikes,
-    no_impression_click,
+    no_impression_evidence,
     visitor_key,
 )
 from clickagg.core.rules.registry import params_of
@@ -81,6 +86,7 @@ AD_VERDICT_SCHEMA = pa.schema(
 )
 
 _STATE_SCHEMA = pl.Schema([*pl.Schema(AD_RECORD_SCHEMA).items(), ("keyed_offset", pl.Int64())])
+_SEEN_SCHEMA = pl.Schema({"visitor": pl.String(), "ad_id": pl.String(), "ts_ms": pl.Int64()})
 _COUNTS_SCHEMA = pl.Schema(
     {"ad_id": pl.String, "_hour": pl.Int64, "_c": pl.UInt32, "_i": pl.UInt32}
 )
@@ -125,13 +131,11 @@ class NoImpressionRule:
         return self.window_minutes * MINUTE_MS
 
     def evidence(self, frame: pl.DataFrame) -> pl.Series:
-        """The batch's own matcher over ``frame`` (the events of an hour and its lookback)."""
-        params = {
-            "window_minutes": self.window_minutes,
-            "min_ad_impressions": self.min_ad_impressions,
-        }
-        spec = RuleSpec(self.rule_id, NO_IMPRESSION_KIND, self.reason, params)
-        return no_impression_click(spec)(named_event_types(frame))
+        """The batch's own matcher over ``frame`` (an hour's clicks and the impressions of
+        it and its lookback, named event types, each with its ``visitor`` key)."""
+        return no_impression_evidence(
+            frame, self.window_minutes, self.min_ad_impressions, key="visitor"
+        )
 
 
 @dataclass(frozen=True)
@@ -206,11 +210,11 @@ class AdRules:
         return [rule.rule_id for rule in self.rules if not _review_only(rule)]
 
     @property
-    def events_ms(self) -> int:
-        """How far before an undecided hour the raw events its verdicts need lie."""
+    def seen_ms(self) -> int:
+        """How far before an undecided hour the impressions its verdicts need lie (0: no
+        rule needs impressions, only their counts)."""
         return max(
-            (r.lookback_ms for r in self.rules if isinstance(r, NoImpressionRule)),
-            default=HOUR_MS,
+            (r.lookback_ms for r in self.rules if isinstance(r, NoImpressionRule)), default=0
         )
 
     @property
@@ -245,9 +249,12 @@ class AdWindows:
     rules, so replaying the log up to the committed offset, in any chunks, rebuilds it.
 
     ``decided_until_ms`` (a whole hour): every accepted click before it is decided, and no
-    record before it is accepted any more. ``_kept``: the raw records from the undecided
-    hours' lookback on; ``_counts``: clicks and impressions per (ad, hour) of every record
-    accepted, for the baseline's day before the undecided hours."""
+    record before it is accepted any more. ``_kept``: the undecided hours' clicks, whole (a
+    verdict carries its record); ``_counts``: clicks and impressions per (ad, hour) of every
+    record accepted, for the baseline's day before the undecided hours; ``_seen``: while
+    ``no_impression_click`` is in force, the impressions of its window before the undecided
+    hours and of those hours, as (visitor, ad, time), complete from ``seen_from_ms`` (None:
+    from the first record) on."""
 
     horizon_ms: int
     high_water: dict[int, int] = field(default_factory=dict)
@@ -262,6 +269,8 @@ class AdWindows:
     # Counted clicks of the hours decided since the last ``take_reviews``, per review-only
     # rule that flagged them (they stay billable: reported, not corrected).
     _reviews: dict[str, int] = field(default_factory=dict)
+    _seen: pl.DataFrame | None = None  # None: impressions are not kept (no rule needs them)
+    seen_from_ms: int | None = None
 
     def take_reviews(self) -> dict[str, int]:
         """The review-only rules' clicks of the hours decided since the last call: the
@@ -277,18 +286,23 @@ class AdWindows:
         assert isinstance(batch, pl.DataFrame)
         if "keyed_offset" not in batch.columns:
             batch = batch.with_columns(pl.lit(None, pl.Int64).alias("keyed_offset"))
+        self._keep_impressions(rules.seen_ms > 0)
         fresh, self.max_event_ms = accept(
             batch, self.high_water, max_event_ms=self.max_event_ms, horizon_ms=self.horizon_ms
         )
         if fresh.height:
             fresh = fresh.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
-            self._kept = pl.concat([self._kept, fresh])
+            is_click = pl.col("event_type") == ids.CLICK
+            self._kept = pl.concat([self._kept, fresh.filter(is_click)])
+            if self._seen is not None:
+                seen = fresh.filter(~is_click).select(_SEEN_SCHEMA.names())
+                self._seen = pl.concat([self._seen, seen])
             added = ad_hour_counts(named_event_types(fresh)).cast(_COUNTS_SCHEMA)
             self._counts = pl.concat([self._counts, added])
             if self._counts.height > 2 * self._summed_rows:
                 self._sum_counts()
-        if not self._kept.height:
-            return AD_VERDICT_SCHEMA.empty_table()
+        if not self.max_event_ms:
+            return AD_VERDICT_SCHEMA.empty_table()  # no record accepted yet
         newest_closed = self.max_event_ms - self.horizon_ms
         until = newest_closed - newest_closed % HOUR_MS
         since = self.decided_until_ms
@@ -296,18 +310,33 @@ class AdWindows:
             return AD_VERDICT_SCHEMA.empty_table()
         self.decided_until_ms = until
         self._sum_counts()
-        first = self._kept.select(pl.col("ts_ms").min()).item()
-        start = first - first % HOUR_MS if since is None else since
+        if since is not None:
+            start = since
+        elif self._kept.height:
+            first = self._kept.select(pl.col("ts_ms").min()).item()
+            start = first - first % HOUR_MS
+        else:
+            start = until  # no click yet: no hour has a verdict or a review
         verdicts = [self._judge_hour(hour, rules) for hour in range(start, until, HOUR_MS)]
         self._forget(rules)
         return pa.concat_tables([AD_VERDICT_SCHEMA.empty_table(), *verdicts])
+
+    def _keep_impressions(self, wanted: bool) -> None:
+        """Start keeping impressions when a rule needs them (complete only for times after
+        every record accepted so far: an earlier one may have been dropped), stop when none
+        does."""
+        if wanted and self._seen is None:
+            self._seen = _SEEN_SCHEMA.to_frame()
+            self.seen_from_ms = self.max_event_ms + 1 if self.max_event_ms else None
+        elif not wanted and self._seen is not None:
+            self._seen, self.seen_from_ms = None, None
 
     def _judge_hour(self, hour_ms: int, rules: AdRules) -> pa.Table:
         """The verdicts on hour ``hour_ms``'s counted clicks, the first rule that flags a
         click naming it, each rule seeing what the batch gives it for that hour."""
         ts = pl.col("ts_ms")
         in_hour = self._kept.filter((ts >= hour_ms) & (ts < hour_ms + HOUR_MS))
-        clicks = in_hour.filter((pl.col("event_type") == ids.CLICK) & pl.col("counted"))
+        clicks = in_hour.filter(pl.col("counted"))
         if not clicks.height or not rules.rules:
             return AD_VERDICT_SCHEMA.empty_table()
         flagged = pl.DataFrame(
@@ -317,9 +346,17 @@ class AdWindows:
             if rule.effective_from_ms is not None and hour_ms + HOUR_MS <= rule.effective_from_ms:
                 continue
             if isinstance(rule, NoImpressionRule):
-                frame = self._kept.filter(
-                    (ts >= hour_ms - rule.lookback_ms) & (ts < hour_ms + HOUR_MS)
-                )
+                lo = hour_ms - rule.lookback_ms
+                if self._seen is None or (self.seen_from_ms is not None and lo < self.seen_from_ms):
+                    continue  # its impressions are not all here: the batch judges this hour
+                seen = self._seen.filter((ts >= lo) & (ts < hour_ms + HOUR_MS))
+                frame = pl.concat(
+                    [
+                        in_hour.select("visitor", "ad_id", "ts_ms", "event_id", "user_id", "ip"),
+                        seen.with_columns(pl.lit("impression").alias("event_type")),
+                    ],
+                    how="diagonal",
+                ).with_columns(pl.col("event_type").fill_null("click"))
                 said = rule.evidence(frame)
                 found = frame.select("event_id", "ts_ms", "event_type").with_columns(
                     said.alias("evidence")
@@ -330,14 +367,18 @@ class AdWindows:
                     (pl.col("_hour") >= lo) & (pl.col("_hour") <= hour_ms)
                 ).sort("ad_id", "_hour")
                 spikes = ctr_spikes(counts, rule.params).filter(pl.col("_hour") == hour_ms)
-                found = in_hour.select("event_id", "ts_ms", "event_type", "ad_id").join(
-                    spikes.select("ad_id", pl.col("_evidence").alias("evidence")),
-                    on="ad_id",
-                    how="left",
+                found = (
+                    in_hour.select("event_id", "ts_ms", "ad_id")
+                    .join(
+                        spikes.select("ad_id", pl.col("_evidence").alias("evidence")),
+                        on="ad_id",
+                        how="left",
+                    )
+                    .with_columns(pl.lit("click").alias("event_type"))
                 )
             found = found.filter(
                 pl.col("evidence").is_not_null()
-                & (pl.col("event_type") == ids.CLICK)
+                & (pl.col("event_type") == "click")
                 & (ts >= hour_ms)
                 & (ts < hour_ms + HOUR_MS)
             )
@@ -368,11 +409,16 @@ class AdWindows:
             self._summed_rows = self._counts.height
 
     def kept(self) -> pl.DataFrame:
-        """The raw records kept (a snapshot saves them with :meth:`counts` and the marks)."""
+        """The undecided clicks (a snapshot saves them with :meth:`counts`, :meth:`seen`
+        and the marks)."""
         return self._kept
 
     def counts(self) -> pl.DataFrame:
         return self._counts
+
+    def seen(self) -> pl.DataFrame | None:
+        """The impressions kept (None: none is, no rule in force needs them)."""
+        return self._seen
 
     @classmethod
     def restore(
@@ -384,23 +430,42 @@ class AdWindows:
         decided_until_ms: int | None,
         kept: pl.DataFrame,
         counts: pl.DataFrame,
+        seen: pl.DataFrame | None = None,
+        seen_from_ms: int | None = None,
     ) -> AdWindows:
+        """``kept`` may also hold impressions and decided clicks (a snapshot of a build
+        that kept every raw event of the lookback): its impressions become ``seen``,
+        complete for that lookback."""
+        kept = kept.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA)
+        impressions = kept.filter(pl.col("event_type") != ids.CLICK)
+        if impressions.height and seen is None:
+            seen, seen_from_ms = impressions.select(_SEEN_SCHEMA.names()), None
+        kept = kept.filter(pl.col("event_type") == ids.CLICK)
+        if decided_until_ms is not None:
+            kept = kept.filter(pl.col("ts_ms") >= decided_until_ms)
         return cls(
             horizon_ms,
             high_water=dict(high_water),
             max_event_ms=max_event_ms,
             decided_until_ms=decided_until_ms,
-            _kept=kept.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA),
+            _kept=kept,
             _counts=counts.select(_COUNTS_SCHEMA.names()).cast(_COUNTS_SCHEMA),
+            _seen=None if seen is None else seen.select(_SEEN_SCHEMA.names()).cast(_SEEN_SCHEMA),
+            seen_from_ms=seen_from_ms,
         )
 
     def _forget(self, rules: AdRules) -> None:
-        """Raw records and counts no undecided hour's verdicts can reach."""
+        """Decided clicks, and impressions and counts no undecided hour's verdicts can
+        reach."""
         if self.decided_until_ms is None:
             return
-        events_from = self.decided_until_ms - rules.events_ms
-        if self._kept.height and self._kept["ts_ms"].min() < events_from:  # type: ignore[operator]
-            self._kept = self._kept.filter(pl.col("ts_ms") >= events_from)
+        ts = pl.col("ts_ms")
+        if self._kept.height and self._kept["ts_ms"].min() < self.decided_until_ms:  # type: ignore[operator]
+            self._kept = self._kept.filter(ts >= self.decided_until_ms)
+        seen_from = self.decided_until_ms - rules.seen_ms
+        seen = self._seen
+        if seen is not None and seen.height and seen["ts_ms"].min() < seen_from:  # type: ignore[operator]
+            self._seen = seen.filter(ts >= seen_from)
         counts_from = self.decided_until_ms - rules.counts_ms
         if self._counts.height and self._counts["_hour"].min() < counts_from:  # type: ignore[operator]
             self._counts = self._counts.filter(pl.col("_hour") >= counts_from)

@@ -41,12 +41,23 @@ def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
         starts, second = windows.chains()
         meta["chains"] = {str(w): start for w, start in sorted(starts.items())}
     elif isinstance(windows, AdWindows):
-        second = windows.counts().to_arrow()
+        counts = _ipc(windows.counts().to_arrow())
+        seen = windows.seen()
+        meta["seen"] = seen is not None
+        meta["seen_from_ms"] = windows.seen_from_ms
+        kept = kept.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+        data = _ipc(kept)
+        tail = _ipc(seen.to_arrow()) if seen is not None else b""
+        return _sized(data) + _sized(counts) + tail
     kept = kept.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     data = _ipc(kept)
     if second is not None:
-        return len(data).to_bytes(8, "little") + data + _ipc(second)
+        return _sized(data) + _ipc(second)
     return data
+
+
+def _sized(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -92,12 +103,27 @@ def decode_visitor_windows(data: bytes, horizon_ms: int) -> VisitorWindows:
 
 
 def decode_ad_windows(data: bytes, horizon_ms: int) -> AdWindows:
-    """The ad family's windows of a snapshot: its records, then its per-(ad, hour) counts."""
+    """The ad family's windows of a snapshot: its undecided clicks, its per-(ad, hour)
+    counts, then the impressions it keeps, if any. A snapshot of a build that kept every raw
+    event (its metadata says nothing of ``seen``) has the counts last, and its impressions
+    among the records."""
     size = int.from_bytes(data[:8], "little")
     meta, kept = _read(data[8 : 8 + size])
-    counts = pl.from_arrow(pa.ipc.open_stream(data[8 + size :]).read_all())
+    rest = data[8 + size :]
+    seen: pl.DataFrame | None = None
+    if "seen" in meta:
+        counts_size = int.from_bytes(rest[:8], "little")
+        counts_data, tail = rest[8 : 8 + counts_size], rest[8 + counts_size :]
+        if meta["seen"]:
+            frame = pl.from_arrow(pa.ipc.open_stream(tail).read_all())
+            assert isinstance(frame, pl.DataFrame)
+            seen = frame
+    else:
+        counts_data = rest
+    counts = pl.from_arrow(pa.ipc.open_stream(counts_data).read_all())
     assert isinstance(counts, pl.DataFrame)
     decided = meta["decided_until_ms"]
+    seen_from = meta.get("seen_from_ms")
     return AdWindows.restore(
         horizon_ms,
         high_water={int(p): int(o) for p, o in meta["high_water"].items()},
@@ -105,6 +131,8 @@ def decode_ad_windows(data: bytes, horizon_ms: int) -> AdWindows:
         decided_until_ms=None if decided is None else int(decided),
         kept=kept,
         counts=counts,
+        seen=seen,
+        seen_from_ms=None if seen_from is None else int(seen_from),
     )
 
 

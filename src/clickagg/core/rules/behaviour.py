@@ -306,45 +306,58 @@ def no_impression_click(spec: RuleSpec) -> FrameMatcher:
     window_ms = params.window_minutes * MINUTE_MS
 
     def match(frame: pl.DataFrame) -> pl.Series:
-        keyed_frame = frame.with_row_index("_row").with_columns(visitor_key().alias("_key"))
-        impressions = keyed_frame.filter(IMPRESSION & pl.col("ad_id").is_not_null())
-        per_ad = impressions.group_by("ad_id").agg(pl.len().alias("_ad_impressions"))
-        seen = (
-            impressions.filter(pl.col("_key").is_not_null())
-            .select("_key", "ad_id", pl.col("ts_ms").alias("_seen_ms"))
-            .sort("_seen_ms")
-        )
-        clicks = (
-            keyed_frame.filter(CLICK & pl.col("_key").is_not_null())
-            .select("_row", "_key", _visitor_label().alias("_who"), "ad_id", "ts_ms")
-            .join(per_ad, on="ad_id", how="inner")
-            .filter(pl.col("_ad_impressions") >= params.min_ad_impressions)
-            .sort("ts_ms")
-        )
-        last = clicks.join_asof(
-            seen,
-            left_on="ts_ms",
-            right_on="_seen_ms",
-            by=["_key", "ad_id"],
-            strategy="backward",
-            check_sortedness=False,  # both sorted by time above; polars cannot tell with `by`
-        )
-        unseen = last.filter(
-            pl.col("_seen_ms").is_null() | (pl.col("ts_ms") - pl.col("_seen_ms") > window_ms)
-        )
-        before = pl.concat_str(pl.lit(" (last at "), _stamp("_seen_ms"), pl.lit(")"))
-        evidence = unseen.select(
-            pl.concat_str(
-                pl.col("_who"),
-                pl.lit(": no impression of ad "),
-                pl.col("ad_id"),
-                pl.lit(f" in the {params.window_minutes} min before"),
-                before.fill_null(""),
-            )
-        ).to_series()
-        return _scattered(frame.height, unseen["_row"], evidence)
+        return no_impression_evidence(frame, params.window_minutes, params.min_ad_impressions)
 
     return FrameMatcher(match, lookback_ms=window_ms)
+
+
+def no_impression_evidence(
+    frame: pl.DataFrame, window_minutes: int, min_ad_impressions: int, *, key: str | None = None
+) -> pl.Series:
+    """``no_impression_click``'s verdicts on a frame (evidence per row, null: not flagged).
+
+    ``key``: a column holding each row's visitor key already (``visitor_key``): the stream
+    keeps an impression as its key, ad and time only (never flagged, never named)."""
+    window_ms = window_minutes * MINUTE_MS
+    keyed_frame = frame.with_row_index("_row").with_columns(
+        (pl.col(key) if key is not None else visitor_key()).alias("_key")
+    )
+    impressions = keyed_frame.filter(IMPRESSION & pl.col("ad_id").is_not_null())
+    per_ad = impressions.group_by("ad_id").agg(pl.len().alias("_ad_impressions"))
+    seen = (
+        impressions.filter(pl.col("_key").is_not_null())
+        .select("_key", "ad_id", pl.col("ts_ms").alias("_seen_ms"))
+        .sort("_seen_ms")
+    )
+    clicks = (
+        keyed_frame.filter(CLICK & pl.col("_key").is_not_null())
+        .select("_row", "_key", _visitor_label().alias("_who"), "ad_id", "ts_ms")
+        .join(per_ad, on="ad_id", how="inner")
+        .filter(pl.col("_ad_impressions") >= min_ad_impressions)
+        .sort("ts_ms")
+    )
+    last = clicks.join_asof(
+        seen,
+        left_on="ts_ms",
+        right_on="_seen_ms",
+        by=["_key", "ad_id"],
+        strategy="backward",
+        check_sortedness=False,  # both sorted by time above; polars cannot tell with `by`
+    )
+    unseen = last.filter(
+        pl.col("_seen_ms").is_null() | (pl.col("ts_ms") - pl.col("_seen_ms") > window_ms)
+    )
+    before = pl.concat_str(pl.lit(" (last at "), _stamp("_seen_ms"), pl.lit(")"))
+    evidence = unseen.select(
+        pl.concat_str(
+            pl.col("_who"),
+            pl.lit(": no impression of ad "),
+            pl.col("ad_id"),
+            pl.lit(f" in the {window_minutes} min before"),
+            before.fill_null(""),
+        )
+    ).to_series()
+    return _scattered(frame.height, unseen["_row"], evidence)
 
 
 # -- an ad's CTR far above its own baseline ----------------------------------------------------
