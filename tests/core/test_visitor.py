@@ -570,3 +570,20 @@ def live_anchors(windows: VisitorWindows) -> set[tuple[int, int, str, str, int]]
         )
     )
     return set(latest.select("window_ms", "phase_ms", "visitor", "ad_id", "ts_ms").rows())
+
+
+def test_records_of_a_build_that_carried_the_user_agent_read_the_same() -> None:
+    """Such a log's records have a ``user_agent`` column more: taken by name, it is not
+    read, and the verdicts are the same."""
+    rules = VisitorRules((RepeatRule("rep", "repeat", 30),))
+    clicks = [Click(v, 0, T0 + s * 1000, True, 0) for v, s in ((2, 0), (2, 10), (3, 12))]
+    clicks.append(Click(0, 0, T0 + 5 * MINUTE_MS, True, 0))
+    frame = kept_frame(list(enumerate(clicks)), 0, {n: n for n in range(4)})
+    records = visitor_records(frame, 1)[0]
+    assert "user_agent" not in records.schema.names
+    older = records.append_column("user_agent", pa.array(["UA"] * records.num_rows))
+    got = [
+        VisitorWindows(horizon_ms=MINUTE_MS).consume(table, rules)["event_id"].to_pylist()
+        for table in (records, older)
+    ]
+    assert got[0] == got[1] == ["e1"]  # the same address and agent: one visitor

@@ -107,7 +107,7 @@ def ad_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
         "ad_id",
         partitions,
         AD_RECORD_SCHEMA,
-        leading=13,
+        leading=AD_RECORD_SCHEMA.get_field_index("source_partition"),
     )
 
 

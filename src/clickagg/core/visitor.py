@@ -71,7 +71,6 @@ VISITOR_RECORD_SCHEMA = pa.schema(
         pa.field("visitor", pa.string(), nullable=False),  # ``u:<user>`` or ``a:<ip> <agent>``
         pa.field("ip", pa.string()),
         pa.field("user_id", pa.string()),
-        pa.field("user_agent", pa.string()),
         pa.field("ad_id", pa.string(), nullable=False),
         pa.field("advertiser_id", pa.string()),
         pa.field("campaign_id", pa.string()),
@@ -87,7 +86,9 @@ VISITOR_RECORD_SCHEMA = pa.schema(
         pa.field("counted", pa.bool_(), nullable=False),
     ]
 )
-"""One fresh click with a visitor, as the visitor-keyed log carries it."""
+"""One fresh click with a visitor, as the visitor-keyed log carries it. No user agent: the
+visitor key holds it where it matters, and no verdict reads it (logs and snapshots of a
+build that carried it read the same: columns are taken by name)."""
 
 VISITOR_VERDICT_SCHEMA = pa.schema(
     [
@@ -125,7 +126,7 @@ def visitor_records(kept: pl.DataFrame, partitions: int) -> dict[int, pa.Table]:
         "visitor",
         partitions,
         VISITOR_RECORD_SCHEMA,
-        leading=12,
+        leading=VISITOR_RECORD_SCHEMA.get_field_index("source_partition"),
     )
 
 
