@@ -493,3 +493,20 @@ def test_rules_changing_between_consumes_never_flag_wrongly_and_restore_alike(
             decided.add(event_id)
             assert rule in rules.ids
             assert alone[rule].get(event_id) == (rule, row["evidence"])
+
+
+def test_a_window_widened_while_running_leaves_the_hours_it_has_not_kept_to_the_batch() -> None:
+    """The impressions before ``decided_until_ms - window`` are forgotten: widened from 20
+    to 60 min, ``no_impression_click`` must not judge an hour whose wider window reaches
+    them (judged, u1's 1:10 click would be flagged though it saw the ad at 0:25)."""
+    wide = RuleSpec("no-imp", "no_impression_click", "no impression", {"window_minutes": 60})
+    plan = [(0, 25, False), (2, 65, False), (0, 70, True), (2, 75, False), (2, 135, False)]
+    evs = [(n, Event(v, 0, T0 + m * MINUTE_MS, c, True, 0)) for n, (v, m, c) in enumerate(plan)]
+    records = ad_records(kept_frame(evs, 0, {n: n for n, _ in evs}), 1)[0]
+    windows = AdWindows(horizon_ms=10 * MINUTE_MS)
+    narrow = AdRules((NoImpressionRule("no-imp", "no impression", 20, 1),))
+    assert windows.consume(records.slice(0, 4), narrow).num_rows == 0
+    assert windows.decided_until_ms == T0 + HOUR_MS  # 1:00: impressions from 0:40 kept
+    verdicts = windows.consume(records.slice(4), AdRules.from_ruleset(_alone(wide)))
+    assert "e2" not in batch_verdicts([e for _, e in evs], _alone(wide), 0)
+    assert verdicts.num_rows == 0
