@@ -355,7 +355,9 @@ def test_no_impression_coming_into_force_judges_the_hours_whose_window_it_has_se
     first = windows.consume(records.slice(0, 3), AdRules((spike,)))
     assert first.num_rows == 0 and windows.seen() is None
     verdicts = windows.consume(records.slice(3), both)
-    assert windows.seen_from_ms == T0 + 40 * MINUTE_MS + 1
+    # kept from 0:40:00.001 on, then forgotten up to the decided bound's window
+    assert windows.decided_until_ms is not None
+    assert windows.seen_from_ms == windows.decided_until_ms - 20 * MINUTE_MS
     flagged = set(verdicts["event_id"].to_pylist())
     # hour 0 (window from -0:20) and hour 1 (from 0:40, the impression not kept) are left
     # to the batch: judged, 1:00 would be flagged for want of the 0:40 impression

@@ -254,7 +254,8 @@ class AdWindows:
     record accepted, for the baseline's day before the undecided hours; ``_seen``: while
     ``no_impression_click`` is in force, the impressions of its window before the undecided
     hours and of those hours, as (visitor, ad, time), complete from ``seen_from_ms`` (None:
-    from the first record) on."""
+    from the first record) on: the first time after every record accepted before it was
+    kept, raised as older impressions are forgotten."""
 
     horizon_ms: int
     high_water: dict[int, int] = field(default_factory=dict)
@@ -464,8 +465,12 @@ class AdWindows:
             self._kept = self._kept.filter(ts >= self.decided_until_ms)
         seen_from = self.decided_until_ms - rules.seen_ms
         seen = self._seen
-        if seen is not None and seen.height and seen["ts_ms"].min() < seen_from:  # type: ignore[operator]
-            self._seen = seen.filter(ts >= seen_from)
+        if seen is not None:
+            if seen.height and seen["ts_ms"].min() < seen_from:  # type: ignore[operator]
+                self._seen = seen.filter(ts >= seen_from)
+            # complete from here on only: a window widened later must not reach before it
+            if self.seen_from_ms is None or self.seen_from_ms < seen_from:
+                self.seen_from_ms = seen_from
         counts_from = self.decided_until_ms - rules.counts_ms
         if self._counts.height and self._counts["_hour"].min() < counts_from:  # type: ignore[operator]
             self._counts = self._counts.filter(pl.col("_hour") >= counts_from)
