@@ -272,6 +272,9 @@ class AdWindows:
     _reviews: dict[str, int] = field(default_factory=dict)
     _seen: pl.DataFrame | None = None  # None: impressions are not kept (no rule needs them)
     seen_from_ms: int | None = None
+    # The counts are whole from this hour on (None: from the first record): raised as older
+    # hours' counts are forgotten, so a baseline widened later does not reach before it.
+    counts_from_ms: int | None = None
 
     def take_reviews(self) -> dict[str, int]:
         """The review-only rules' clicks of the hours decided since the last call: the
@@ -343,13 +346,20 @@ class AdWindows:
         flagged = pl.DataFrame(
             schema={"event_id": pl.String, "rule_id": pl.String, "evidence": pl.String}
         )
+        left = False  # a correcting rule before could not judge this hour in the stream
         for rule in rules.rules:
             if rule.effective_from_ms is not None and hour_ms + HOUR_MS <= rule.effective_from_ms:
                 continue
+            if left and not _review_only(rule):
+                continue  # the batch may name that rule for any of these clicks
+            if not self._can_judge(rule, hour_ms):
+                # What it reads is not all here (it came into force, or reached further
+                # back, while the stream ran): the batch judges this hour for it.
+                left = left or not _review_only(rule)
+                continue
             if isinstance(rule, NoImpressionRule):
+                assert self._seen is not None  # kept while such a rule is in force
                 lo = hour_ms - rule.lookback_ms
-                if self._seen is None or (self.seen_from_ms is not None and lo < self.seen_from_ms):
-                    continue  # its impressions are not all here: the batch judges this hour
                 seen = self._seen.filter((ts >= lo) & (ts < hour_ms + HOUR_MS))
                 frame = pl.concat(
                     [
@@ -402,6 +412,14 @@ class AdWindows:
             .cast(AD_VERDICT_SCHEMA)
         )
 
+    def _can_judge(self, rule: AdRule, hour_ms: int) -> bool:
+        """Whether everything ``rule`` reads for ``hour_ms`` is in the state."""
+        if isinstance(rule, NoImpressionRule):
+            lo = hour_ms - rule.lookback_ms
+            return self._seen is not None and (self.seen_from_ms is None or lo >= self.seen_from_ms)
+        lo = hour_ms - rule.baseline_hours * HOUR_MS
+        return self.counts_from_ms is None or lo >= self.counts_from_ms
+
     def _sum_counts(self) -> None:
         """One row per (ad, hour) in ``_counts`` (what ``ctr_spikes`` takes)."""
         if self._counts.height > self._summed_rows:
@@ -433,6 +451,7 @@ class AdWindows:
         counts: pl.DataFrame,
         seen: pl.DataFrame | None = None,
         seen_from_ms: int | None = None,
+        counts_from_ms: int | None = None,
     ) -> AdWindows:
         """``kept`` may also hold impressions and decided clicks (a snapshot of a build
         that kept every raw event of the lookback): its impressions become ``seen``,
@@ -453,6 +472,7 @@ class AdWindows:
             _counts=counts.select(_COUNTS_SCHEMA.names()).cast(_COUNTS_SCHEMA),
             _seen=None if seen is None else seen.select(_SEEN_SCHEMA.names()).cast(_SEEN_SCHEMA),
             seen_from_ms=seen_from_ms,
+            counts_from_ms=counts_from_ms,
         )
 
     def _forget(self, rules: AdRules) -> None:
@@ -475,3 +495,5 @@ class AdWindows:
         if self._counts.height and self._counts["_hour"].min() < counts_from:  # type: ignore[operator]
             self._counts = self._counts.filter(pl.col("_hour") >= counts_from)
             self._summed_rows = self._counts.height  # summed just before the judging
+        if self.counts_from_ms is None or self.counts_from_ms < counts_from:
+            self.counts_from_ms = counts_from

@@ -45,6 +45,7 @@ def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
         seen = windows.seen()
         meta["seen"] = seen is not None
         meta["seen_from_ms"] = windows.seen_from_ms
+        meta["counts_from_ms"] = windows.counts_from_ms
         kept = kept.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
         data = _ipc(kept)
         tail = _ipc(seen.to_arrow()) if seen is not None else b""
@@ -124,6 +125,9 @@ def decode_ad_windows(data: bytes, horizon_ms: int) -> AdWindows:
     assert isinstance(counts, pl.DataFrame)
     decided = meta["decided_until_ms"]
     seen_from = meta.get("seen_from_ms")
+    # A snapshot of a build that did not record it kept whole hours of counts from its
+    # earliest one on (older ones were forgotten whole).
+    counts_from = meta.get("counts_from_ms", counts["_hour"].min() if counts.height else None)
     return AdWindows.restore(
         horizon_ms,
         high_water={int(p): int(o) for p, o in meta["high_water"].items()},
@@ -133,6 +137,7 @@ def decode_ad_windows(data: bytes, horizon_ms: int) -> AdWindows:
         counts=counts,
         seen=seen,
         seen_from_ms=None if seen_from is None else int(seen_from),
+        counts_from_ms=None if counts_from is None else int(counts_from),
     )
 
 
