@@ -61,8 +61,8 @@ import xxhash
 
 from clickagg.core import ids
 from clickagg.core.keyed import accept, records_by_partition
-from clickagg.core.rules.base import FrameMatcher, RuleSet, RuleSpec
-from clickagg.core.rules.behaviour import RepeatParams, repeat_click, repeat_evidence, visitor_key
+from clickagg.core.rules.base import RuleSet
+from clickagg.core.rules.behaviour import RepeatParams, repeat_evidence, visitor_key
 from clickagg.core.rules.registry import params_of
 from clickagg.core.windows import HOUR_MS
 
@@ -147,14 +147,13 @@ class RepeatRule:
     @property
     def lookback_ms(self) -> int:
         """The batch's context for an hour: where the chains of its clicks start."""
-        return max(self.window_seconds * 1000, HOUR_MS)
+        return repeat_lookback_ms(self.window_seconds * 1000)
 
-    def matcher(self) -> FrameMatcher:
-        """The batch's own matcher for this rule (one definition of the rule)."""
-        spec = RuleSpec(
-            self.rule_id, REPEAT_KIND, self.reason, {"window_seconds": self.window_seconds}
-        )
-        return repeat_click(spec)
+
+def repeat_lookback_ms(window_ms: int) -> int:
+    """How far before an hour the batch starts the chains of its clicks (``repeat_click``:
+    ``max(window, 1 h)``)."""
+    return max(window_ms, HOUR_MS)
 
 
 @dataclass(frozen=True)
@@ -181,7 +180,7 @@ class VisitorRules:
     @property
     def lookback_ms(self) -> int:
         """How far before an hour the clicks deciding its verdicts lie (an hour with no
-        rule in force: what the state keeps then)."""
+        rule in force)."""
         return max((rule.lookback_ms for rule in self.rules), default=HOUR_MS)
 
     def to_json(self) -> str:
@@ -237,7 +236,7 @@ class Chains:
 
     @property
     def lookback_ms(self) -> int:
-        return max(self.window_ms, HOUR_MS)
+        return repeat_lookback_ms(self.window_ms)
 
     def advance(self, rows: pl.DataFrame, until_ms: int) -> tuple[np.ndarray, pl.Series]:
         """Take the clicks decided now (``rows``: every accepted click below ``until_ms``

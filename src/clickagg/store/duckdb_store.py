@@ -734,6 +734,23 @@ def _forget_settled(cur: duckdb.DuckDBPyConnection, commits: Sequence[KeyedCommi
     )
 
 
+def _add_per_rule(
+    cur: duckdb.DuckDBPyConnection, table: str, column: str, counts: Sequence[Mapping[str, int]]
+) -> None:
+    """Add the commits' per-rule counts to ``table``'s running totals."""
+    totals: dict[str, int] = {}
+    for per_rule in counts:
+        for rule, n in per_rule.items():
+            totals[rule] = totals.get(rule, 0) + n
+    if totals:
+        rules = sorted(totals)
+        cur.execute(
+            f"INSERT INTO {table} AS r SELECT unnest($rule), unnest($n) "
+            f"ON CONFLICT (rule_id) DO UPDATE SET {column} = r.{column} + excluded.{column}",
+            {"rule": rules, "n": [totals[r] for r in rules]},
+        )
+
+
 def _ceil(value: int, size: int) -> int:
     return -(-value // size) * size
 
@@ -934,27 +951,10 @@ class DuckDBStore:
                 )
             _record_specs(cur, family, mine)
         _forget_settled(cur, commits)
-        by_rule: dict[str, int] = {}
-        for c in commits:
-            for rule, n in c.corrections_by_rule.items():
-                by_rule[rule] = by_rule.get(rule, 0) + n
-        if by_rule:
-            cur.execute(
-                "INSERT INTO keyed_rule_corrections AS r SELECT unnest($rule), unnest($n) "
-                "ON CONFLICT (rule_id) DO UPDATE SET "
-                "corrections = r.corrections + excluded.corrections",
-                {"rule": sorted(by_rule), "n": [by_rule[r] for r in sorted(by_rule)]},
-            )
-        reviews: dict[str, int] = {}
-        for c in commits:
-            for rule, n in c.reviews_by_rule.items():
-                reviews[rule] = reviews.get(rule, 0) + n
-        if reviews:
-            cur.execute(
-                "INSERT INTO keyed_rule_reviews AS r SELECT unnest($rule), unnest($n) "
-                "ON CONFLICT (rule_id) DO UPDATE SET clicks = r.clicks + excluded.clicks",
-                {"rule": sorted(reviews), "n": [reviews[r] for r in sorted(reviews)]},
-            )
+        _add_per_rule(
+            cur, "keyed_rule_corrections", "corrections", [c.corrections_by_rule for c in commits]
+        )
+        _add_per_rule(cur, "keyed_rule_reviews", "clicks", [c.reviews_by_rule for c in commits])
         return commits
 
     def keyed_applied(self, family: str, keyed_partition: int, from_offset: int) -> pa.Table:
