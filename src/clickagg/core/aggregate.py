@@ -62,6 +62,9 @@ DIMENSION_SCHEMAS: Mapping[str, pa.Schema] = {
 }
 
 
+_USER_RANK = "_user_rank"
+
+
 def _measure_exprs() -> list[pl.Expr]:
     is_click = pl.col("event_type") == ids.CLICK
     valid_click = is_click & ~pl.col("invalid")
@@ -75,8 +78,9 @@ def _measure_exprs() -> list[pl.Expr]:
         .cast(pl.Int64)
         .alias("spend_micros"),
         (is_click & pl.col("invalid")).sum().cast(pl.Int64).alias("invalid_clicks"),
-        # The row's distinct user ids, for its sketch (dropped once the sketches are built).
-        pl.col("user_id").drop_nulls().unique().alias("_user_ids"),
+        # The row's distinct users (their ranks, ``hll.rank_users``), for its sketch
+        # (dropped once the sketches are built).
+        pl.col(_USER_RANK).filter(pl.col(_USER_RANK) >= 0).unique().alias("_user_ranks"),
     ]
 
 
@@ -99,30 +103,38 @@ def empty_dimension_deltas() -> dict[str, pa.Table]:
     return {name: schema.empty_table() for name, schema in DIMENSION_SCHEMAS.items()}
 
 
-def _with_sketches(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
-    """``frame`` (sorted, with each row's distinct ``_user_ids``) with the ``users`` sketches:
-    row i is group i, so the (row, user) pairs come from one explode, no per-event Python."""
+def _with_sketches(frame: pl.DataFrame, schema: pa.Schema, coupons: np.ndarray) -> pa.Table:
+    """``frame`` (sorted, with each row's distinct ``_user_ranks``) with the ``users``
+    sketches: row i is group i, so the (row, user) pairs come from one explode, no
+    per-event Python."""
     pairs = frame.select(
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("g"), pl.col("_user_ids")
-    ).explode("_user_ids")
-    pairs = pairs.filter(pl.col("_user_ids").is_not_null())
-    sketches = hll.sketches_by_group(
-        pairs["g"].to_numpy().astype(np.int64, copy=False), pairs["_user_ids"], frame.height
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("g"), pl.col("_user_ranks")
+    ).explode("_user_ranks")
+    pairs = pairs.filter(pl.col("_user_ranks").is_not_null())
+    sketches = hll.sketches_by_ranked_group(
+        pairs["g"].to_numpy().astype(np.int64, copy=False),
+        pairs["_user_ranks"].to_numpy().astype(np.int64, copy=False),
+        coupons,
+        frame.height,
     )
-    table = frame.drop("_user_ids").to_arrow()
+    table = frame.drop("_user_ranks").to_arrow()
     return table.append_column("users", sketches).cast(schema)
 
 
 def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
     """The minute deltas and every dimension's deltas of ``counted`` (which has minute,
     spend, invalid), in one polars pass: the group-bys run in parallel. Each table's
-    sketches are built from its rows' distinct user ids (one group index per table)."""
+    sketches are built from its rows' distinct users, ranked and hashed once for all five
+    tables (``hll.rank_users``)."""
     missing = [
-        pl.lit(None, pl.String).alias(name)
-        for name in (*OWNERS, "user_id", "reason")
-        if name not in counted
+        pl.lit(None, pl.String).alias(name) for name in (*OWNERS, "reason") if name not in counted
     ]
-    lazy = counted.lazy().with_columns(missing)
+    users = hll.rank_users(
+        counted["user_id"]
+        if "user_id" in counted
+        else pl.Series([None] * counted.height, dtype=pl.String)
+    )
+    lazy = counted.lazy().with_columns(*missing, pl.Series(_USER_RANK, users.ranks))
     rule_id = pl.col("reason").str.split_exact(":", 1).struct.field("field_0")
     by_value = {
         **{name: (lazy, pl.col(name).fill_null(UNKNOWN)) for name in DIMENSIONS},
@@ -148,9 +160,9 @@ def round_deltas(counted: pl.DataFrame) -> tuple[pa.Table, dict[str, pa.Table]]:
     ]
     minute, *dims = pl.collect_all(plans)
     return (
-        _with_sketches(minute, MINUTE_SCHEMA),
+        _with_sketches(minute, MINUTE_SCHEMA, users.coupons),
         {
-            name: _with_sketches(frame, DIMENSION_SCHEMAS[name])
+            name: _with_sketches(frame, DIMENSION_SCHEMAS[name], users.coupons)
             for name, frame in zip(DIMENSIONS, dims, strict=True)
         },
     )

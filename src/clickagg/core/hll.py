@@ -45,16 +45,19 @@ go in (group, user) order so the same events always give the same bytes.
 
 How the bytes are built: :func:`sketches_by_group` makes no library call per user (one
 ``update`` per distinct (group, user), holding the GIL, was ~17 % of a worker's CPU). It
-hashes the whole user column at once (MurmurHash3_x64_128, seed 9001, over the UTF-8 bytes,
-as the library hashes a string; polars-hash), turns the hashes into coupons with numpy, and
-lays each group out as the library would have. HLL mode (over 384 distinct coupons): the
-register maxima, with the header of a union result (out of order, HIP 0, KxQ sums and zero
-count recomputed from the registers), needing no order at all. LIST mode (up to 7 coupons):
-the coupons in update order. SET mode (8 to 384): the library's open-addressing inserts and
-table growths replayed in update order for all groups at once, each numpy step one probe in
-every table. Only the LIST and SET groups' users are sorted. The per-user path stays as
-:func:`sketches_by_group_via_library`, the definition these bytes must equal; the tests hold
-the two equal, byte for byte.
+ranks the user ids (:func:`rank_users`: each id's place among the distinct ids in sorted
+order) and hashes each distinct id once (MurmurHash3_x64_128, seed 9001, over the UTF-8
+bytes, as the library hashes a string; polars-hash), turning the hashes into coupons with
+numpy; a worker round ranks its users once for all five tables it sketches
+(:func:`sketches_by_ranked_group`). The (group, rank) pairs sorted as integers are each
+group's users in the library path's update order, and each group is laid out as the
+library would have. HLL mode (over 384 distinct coupons): the register maxima, with the
+header of a union result (out of order, HIP 0, KxQ sums and zero count recomputed from the
+registers), needing no order at all. LIST mode (up to 7 coupons): the coupons in update
+order. SET mode (8 to 384): the library's open-addressing inserts and table growths
+replayed in update order for all groups at once, each numpy step one probe in every table.
+The per-user path stays as :func:`sketches_by_group_via_library`, the definition these
+bytes must equal; the tests hold the two equal, byte for byte.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import datasketches
 import numpy as np
@@ -148,29 +152,90 @@ def sketches_by_group(
     """
     group_index = np.asarray(group_index, dtype=np.int64)
     _check(group_index, len(users), groups)
-    events = (
-        pl.DataFrame({"g": group_index, "u": _series(users)})
-        .lazy()
-        .filter(pl.col("u").is_not_null() & (pl.col("u") != ""))
-        .with_columns(_digests("u"))
-        .collect()
+    ranked = rank_users(users)
+    has_user = ranked.ranks >= 0
+    return sketches_by_ranked_group(
+        group_index[has_user], ranked.ranks[has_user], ranked.coupons, groups
     )
+
+
+class RankedUsers(NamedTuple):
+    """A column of user ids as ranks among its distinct ids in sorted order, and each
+    rank's coupon: what :func:`sketches_by_ranked_group` takes.
+
+    Why ranks: a worker round builds the sketches of five tables (minute rows and four
+    breakdowns) from one column of users. Ranked once, each table finds its rows' distinct
+    users among integers, not strings, every user is hashed once, not once per table, and
+    sorting by rank is sorting by id, the order the library path updates in."""
+
+    ranks: npt.NDArray[np.int64]  # per event; -1 for a null or empty id
+    coupons: npt.NDArray[np.uint32]  # per rank
+
+
+def rank_users(users: pa.Array | pa.ChunkedArray | pl.Series) -> RankedUsers:
+    """Rank ``users`` (null and empty ids: -1) and hash each distinct id once."""
+    frame = pl.DataFrame({"u": _series(users).cast(pl.String)}).select(
+        pl.when(pl.col("u") != "").then(pl.col("u")).alias("u")
+    )
+    ranked = frame.select(
+        (pl.col("u").rank("dense").cast(pl.Int64) - 1).fill_null(-1).alias("rank")
+    )
+    distinct = (
+        frame.lazy().select(pl.col("u").drop_nulls().unique().sort()).with_columns(_digests("u"))
+    ).collect()
+    if not distinct.height:
+        return RankedUsers(ranked["rank"].to_numpy(), np.zeros(0, dtype=np.uint32))
+    low, high = _digest_halves(distinct["digest"])
+    return RankedUsers(ranked["rank"].to_numpy(), _coupons(low, high))
+
+
+def sketches_by_ranked_group(
+    group_index: npt.NDArray[np.int64],
+    ranks: npt.NDArray[np.int64],
+    coupons: npt.NDArray[np.uint32],
+    groups: int,
+) -> pa.BinaryArray:
+    """:func:`sketches_by_group` of users given as ranks (:func:`rank_users`): event ``i``
+    of group ``group_index[i]`` has the user of rank ``ranks[i]``, whose coupon is
+    ``coupons[ranks[i]]``. Pairs may repeat and come in any order."""
+    group_index = np.asarray(group_index, dtype=np.int64)
+    ranks = np.asarray(ranks, dtype=np.int64)
+    _check(group_index, len(ranks), groups)
+    if len(ranks) and (ranks.min() < 0 or ranks.max() >= len(coupons)):
+        raise ValueError(f"user ranks must lie in [0, {len(coupons)})")
+    # Distinct (group, rank) pairs, by group and then rank: each group's update order.
+    pairs = np.sort((group_index.astype(np.uint64) << np.uint64(32)) | ranks.astype(np.uint64))
+    pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))] if len(pairs) else pairs
+    pair_group = (pairs >> np.uint64(32)).astype(np.int64)
+    return _sketches_in_update_order(
+        pair_group, coupons[(pairs & np.uint64(0xFFFFFFFF)).astype(np.int64)], groups
+    )
+
+
+def _sketches_in_update_order(
+    pair_group: npt.NDArray[np.int64],
+    pair_coupons: npt.NDArray[np.uint32],
+    groups: int,
+) -> pa.BinaryArray:
+    """The sketches of (group, coupon) pairs sorted by group, each group's in update order.
+
+    HLL mode (over 384 distinct coupons): the register maxima, needing no order. LIST and
+    SET mode: each group's distinct coupons in update order, laid out as the library would
+    have."""
     blocks: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] = []
-    if events.height:
-        event_group = events["g"].to_numpy()
-        low, high = _digest_halves(events["digest"])
-        coupons = _coupons(low, high)
-        # Keyed by (group, coupon): a coupon seen before in its group changes nothing, in
-        # any mode, so the distinct keys give each group's coupon count and so its mode.
-        keys = (event_group.astype(np.uint64) << np.uint64(32)) | coupons
-        distinct = pl.Series(keys).unique().to_numpy()
-        counts = np.bincount((distinct >> np.uint64(32)).astype(np.int64), minlength=groups)
+    if len(pair_group):
+        # A coupon seen before in its group changes nothing, in any mode: the first of each
+        # (group, coupon) in update order is what the library inserts.
+        keys = (pair_group.astype(np.uint64) << np.uint64(32)) | pair_coupons
+        first = pl.Series(keys).is_first_distinct().to_numpy()
+        event_group, coupons = pair_group[first], pair_coupons[first]
+        counts = np.bincount(event_group, minlength=groups)
         in_list = (counts > 0) & (counts <= _MAX_LIST_COUPONS)
         in_hll = counts > EXACT_UP_TO
         in_set = (counts > _MAX_LIST_COUPONS) & ~in_hll
         small = in_list | in_set
         if small.any():
-            ordered = _coupons_in_update_order(events, keys, small[event_group])
+            ordered = coupons[small[event_group]]
             starts = np.zeros(groups, dtype=np.int64)
             starts[small] = np.cumsum(counts[small]) - counts[small]
             if in_list.any():
@@ -185,30 +250,6 @@ def sketches_by_group(
 
 def _series(users: pa.Array | pa.ChunkedArray | pl.Series) -> pl.Series:
     return users if isinstance(users, pl.Series) else pl.Series(users)
-
-
-def _coupons_in_update_order(
-    events: pl.DataFrame, keys: npt.NDArray[np.uint64], selected: npt.NDArray[np.bool_]
-) -> npt.NDArray[np.uint32]:
-    """The distinct coupons of the ``selected`` events' groups, by group, in update order.
-
-    The library path updates a sketch with its group's users sorted; a user's coupon counts
-    where the first user with that coupon comes. Only these (small) groups need the sort,
-    and each sorts alone (cheaper than one sort of all by group and user). Equal users have
-    equal keys, so how a sort orders them does not matter.
-    """
-    ordered = (
-        events.lazy()
-        .select("g", "u", pl.lit(pl.Series(keys)).alias("k"))
-        .filter(pl.lit(pl.Series(selected)))
-        .group_by("g")
-        .agg(pl.col("k").sort_by("u"))
-        .sort("g")
-        .explode("k")
-        .filter(pl.col("k").is_first_distinct())
-        .collect()
-    )
-    return (ordered["k"].to_numpy() & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def _digests(column: str) -> pl.Expr:
