@@ -56,9 +56,12 @@ class Settings:
     archive_compact_after_ms: int = 10 * MINUTE_MS
     archive_compact_grace_ms: int = 60 * MINUTE_MS
     # The worker process compacts the store's appended deltas in the background this often,
-    # or sooner once this many delta rows wait.
-    compact_interval_ms: int = 2_000
-    compact_delta_rows: int = 200_000
+    # or sooner once this many delta rows wait. A compaction rewrites every base row its
+    # deltas touch, busy rows in every compaction, so fewer, larger compactions cost less
+    # per event (at 2 s / 200,000 rows, compaction was ~30 % of the worker; BENCHMARKS.md,
+    # "Compacting less often"); queries stay exact either way (they read the deltas too).
+    compact_interval_ms: int = 10_000
+    compact_delta_rows: int = 1_000_000
     # The server closes each event hour by itself (``clickagg reconcile``'s code path) once
     # it is this long past the hour's end plus the allowed lateness, looking back at most
     # ``close_lookback`` for hours not closed yet, every ``close_interval`` (0: never).
@@ -76,7 +79,8 @@ class Settings:
     # the smaller of these, so that the worker, which is not held to it, can always count
     # and archive what the log holds, compact and checkpoint. What it may write at once,
     # at the benchmark's scale (10,000 ads, 1M users): a compaction rewrites every base
-    # row its up to 200,000 delta rows touch (sums and an HLL sketch of up to 4 KiB), and
+    # row its up to 1,000,000 delta rows touch (sums and an HLL sketch of up to 4 KiB; at
+    # most the keys of the minutes still within lateness, however many deltas), and
     # DuckDB's checkpoint writes the blocks it changed before freeing the old ones: up to
     # a couple of hundred MB; an archive flush of up to 4 x 200,000 decisions, ~45 MB of
     # Parquet (~55 bytes a decision) and ~20 MB of index run; a snapshot of a partition's
