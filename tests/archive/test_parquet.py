@@ -22,6 +22,7 @@ from clickagg.archive.parquet import (
     MANIFEST_DIR,
     ParquetArchiveReader,
     ParquetArchiveWriter,
+    _split_by_hour,
     hour_dir,
 )
 from clickagg.core import ids
@@ -281,3 +282,25 @@ def test_kill9_during_archiving_leaves_each_decision_once(tmp_path: Path) -> Non
     data_files = list(tmp_path.glob("hour=*/*"))
     assert all(not p.name.startswith(".") for p in data_files)
     assert len(data_files) == manifests  # one event hour per flush here
+
+
+@pytest.mark.parametrize("hours", [1, 2, 4, 5, 30])
+def test_a_flush_splits_by_event_hour_keeping_each_hours_rows_in_log_order(hours: int) -> None:
+    """One hour (no copy), a few (a filter each) or many (one sorted take): every row once,
+    in its hour's part, in the flush's order."""
+    rng = random.Random(hours)
+    count = 500
+    ts = [T0 + rng.randrange(hours) * HOUR_MS + rng.randrange(HOUR_MS) for _ in range(count)]
+    table = pa.table(
+        {"offset": pa.array(range(count), pa.int64()), "ts_ms": pa.array(ts, pa.int64())}
+    )
+    parts = list(_split_by_hour(table))
+    assert [hour for hour, _ in parts] == sorted({t - t % HOUR_MS for t in ts})
+    for hour, part in parts:
+        offsets = part["offset"].to_pylist()
+        assert offsets == sorted(offsets)
+        assert all(hour <= t < hour + HOUR_MS for t in part["ts_ms"].to_pylist())
+    assert sum(part.num_rows for _, part in parts) == count
+    assert sorted(o for _, part in parts for o in part["offset"].to_pylist()) == list(range(count))
+    if hours == 1:
+        assert parts[0][1] is table

@@ -821,9 +821,24 @@ def _rows_from(
 
 
 def _split_by_hour(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
-    """(event hour, its rows) in hour order; rows keep their (partition, offset) order."""
+    """(event hour, its rows) in hour order; rows keep their (partition, offset) order.
+
+    Most flushes hold one event hour: then the table is the hour's, no copy. A few hours
+    are a filter each, a sequential copy; a take of the whole table in hour order gathered
+    every string column row by row instead (300 ms of a 400,000-event flush's 700, one hour
+    or two). Many hours (old, late events) are one sorted take again, not a pass each."""
     ts = table["ts_ms"].to_numpy()
     hours = ts - ts % HOUR_MS
+    if not len(hours):
+        return
+    if bool((hours == hours[0]).all()):
+        yield int(hours[0]), table
+        return
+    distinct = np.unique(hours)
+    if len(distinct) <= _FILTERED_HOURS:
+        for hour in distinct.tolist():
+            yield int(hour), table.filter(pa.array(hours == hour))
+        return
     order = np.argsort(hours, kind="stable")
     ordered = table.take(pa.array(order))
     sorted_hours = hours[order]
@@ -831,8 +846,10 @@ def _split_by_hour(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
     starts = [0, *bounds.tolist()]
     ends = [*bounds.tolist(), len(sorted_hours)]
     for start, end in zip(starts, ends, strict=True):
-        if end > start:
-            yield int(sorted_hours[start]), ordered.slice(start, end - start)
+        yield int(sorted_hours[start]), ordered.slice(start, end - start)
+
+
+_FILTERED_HOURS: Final = 4
 
 
 def _index_entries(part: pa.Table, seq: int, hour_ms: int) -> npt.NDArray[np.uint64]:
