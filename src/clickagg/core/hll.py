@@ -226,9 +226,14 @@ def _sketches_in_update_order(
     if len(pair_group):
         # A coupon seen before in its group changes nothing, in any mode: the first of each
         # (group, coupon) in update order is what the library inserts.
+        # Two users share a coupon rarely (26 address bits): look for one with a sort.
         keys = (pair_group.astype(np.uint64) << np.uint64(32)) | pair_coupons
-        first = pl.Series(keys).is_first_distinct().to_numpy()
-        event_group, coupons = pair_group[first], pair_coupons[first]
+        ordered = np.sort(keys)
+        if bool((ordered[1:] == ordered[:-1]).any()):
+            first = pl.Series(keys).is_first_distinct().to_numpy()
+            event_group, coupons = pair_group[first], pair_coupons[first]
+        else:
+            event_group, coupons = pair_group, pair_coupons
         counts = np.bincount(event_group, minlength=groups)
         in_list = (counts > 0) & (counts <= _MAX_LIST_COUPONS)
         in_hll = counts > EXACT_UP_TO
