@@ -577,3 +577,19 @@ def test_a_baseline_widened_while_running_does_not_spike_on_forgotten_counts() -
     batch = batch_verdicts([e for _, e in evs], _alone(wide), 0)
     assert not any(int(e[1:]) >= split for e in batch)
     assert verdicts.num_rows == 0
+
+
+def test_a_context_mark_bounds_the_impressions_and_counts_and_survives_a_snapshot() -> None:
+    """After a gap the impressions and counts are complete from the mark on only: so is a
+    rule that comes into force later, and a snapshot keeps the mark."""
+    mark = T0 + 40 * MINUTE_MS
+    windows = AdWindows(HORIZON_MS)
+    windows.start_context(mark)
+    assert (windows.seen_from_ms, windows.counts_from_ms) == (None, mark)  # none kept yet
+    windows._keep_impressions(True)  # no_impression_click comes into force
+    assert windows.seen_from_ms == mark
+    restored = decode_ad_windows(encode_windows(windows), HORIZON_MS)
+    assert restored.context_from_ms == mark
+    assert (restored.seen_from_ms, restored.counts_from_ms) == (mark, mark)
+    restored.start_context(mark - HOUR_MS)  # an older mark moves nothing back
+    assert (restored.context_from_ms, restored.seen_from_ms) == (mark, mark)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -587,3 +588,39 @@ def test_records_of_a_build_that_carried_the_user_agent_read_the_same() -> None:
         for table in (records, older)
     ]
     assert got[0] == got[1] == ["e1"]  # the same address and agent: one visitor
+
+
+@pytest.mark.parametrize("snapshot_after_mark", [False, True])
+def test_a_context_mark_leaves_the_hours_reaching_into_the_gap_to_the_batch(
+    snapshot_after_mark: bool,
+) -> None:
+    """Records that follow a gap (the keyed stage started while the stream ran): a repeat
+    window judges only the hours whose lookback starts after the mark, with the window in
+    force from the start or coming into force later, across a snapshot too."""
+    spec = RuleSpec("rep", "repeat_click", "repeat", {"window_seconds": 1800})
+    ruleset = RuleSet(compile_rules([spec]))
+    rules = VisitorRules.from_ruleset(ruleset)
+    drawn = [Click(1, 0, T0 + n * 20 * MINUTE_MS, True, 0) for n in range(12)]
+    frame = kept_frame(list(enumerate(drawn)), 0, {n: n for n in range(12)})
+    batch = batch_verdicts(drawn, ruleset, 0)
+    tick = kept_frame([(99, Click(0, 0, T0 + 10 * HOUR_MS, True, 0))], 1, {99: 0})
+    for late_rule in (False, True):
+        windows = VisitorWindows(horizon_ms=MINUTE_MS)
+        # the log starts with e1 (e0, at 0:00, was counted before the stage started)
+        windows.start_context(T0 + 20 * MINUTE_MS + 1)
+        if snapshot_after_mark:
+            windows = decode_visitor_windows(encode_windows(windows), MINUTE_MS)
+            assert windows.context_from_ms == T0 + 20 * MINUTE_MS + 1
+        got = [
+            windows.consume(
+                visitor_records(frame[n : n + 1], 1)[0],
+                VisitorRules(()) if late_rule and n < 3 else rules,
+            )
+            for n in range(1, 12)
+        ]
+        got.append(windows.consume(visitor_records(tick, 1)[0], rules))
+        stream = set(pa.concat_tables(got)["event_id"].to_pylist())
+        # hours 0 and 1 look back to before 0:20: the batch's (e1, e2 and e3-e5 repeat
+        # e0's chain there); hour 2 (lookback from 1:00) on, the batch's verdicts exactly
+        assert stream == {e for e in batch if e in {f"e{n}" for n in range(6, 12)}}
+        assert stream

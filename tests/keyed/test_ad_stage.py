@@ -310,3 +310,38 @@ def test_without_its_rules_the_family_appends_nothing(tmp_path: Path) -> None:
         assert sum(appender.next_offset(p) for p in range(2)) > 0  # the marker moved
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("restart_after_switch", [False, True])
+def test_rules_switched_on_while_the_stream_runs_leave_the_hours_reaching_into_the_gap(
+    tmp_path: Path, restart_after_switch: bool
+) -> None:
+    """While the ad family's rules were off, stage 1 appended nothing (counted events the
+    keyed log misses). The first frame after that gap carries a context mark, and stage 2
+    judges no hour whose window or baseline reaches into the gap: a click whose impression
+    fell in it would be flagged, a baseline would lack its clicks. Later hours are judged
+    as the batch judges them. A restart right after the switch (the mark owed, or in the
+    log) changes nothing."""
+    (tmp_path / "rules.toml").write_text(RULES)
+    rig = AdFamilyRig(
+        tmp_path / "data", partitions=4, keyed_partitions=3, rules_file=tmp_path / "rules.toml"
+    )
+    switch = 3  # rounds of 12 minutes: the rules come on 36 minutes into the first hour
+    try:
+        for i, chunk in enumerate(rounds(ad_traffic())):
+            if i == switch and restart_after_switch:
+                rig.restart()
+            appender = rig.appender.appenders[1]  # type: ignore[attr-defined]
+            appender.active = lambda on=i >= switch: on
+            rig.send(chunk)
+            rig.run()
+        corrected = rig.corrected().to_pylist()
+    finally:
+        rig.close()
+    expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
+    for row in corrected:  # nothing the batch would not flag, under no other rule
+        assert expected.get(row["event_id"]) == row["rule_id"], row["event_id"]
+    # Hour 2's blind clicks look back to 1:30, after the gap: judged. Hours 0 and 1 reach
+    # into it, and so does hour 2's spike (its baseline is hours 0 and 1): the batch's.
+    blind = {e.event_id for c in ad_traffic() for e in c if e.user_id.startswith("blind2-")}
+    assert {row["event_id"] for row in corrected} == blind

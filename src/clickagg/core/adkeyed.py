@@ -48,7 +48,7 @@ import polars as pl
 import pyarrow as pa
 
 from clickagg.core import ids
-from clickagg.core.keyed import accept, records_by_partition
+from clickagg.core.keyed import accept, later_bound, records_by_partition
 from clickagg.core.rules.base import RuleSet, named_event_types
 from clickagg.core.rules.behaviour import (
     CtrSpikeParams,
@@ -275,6 +275,20 @@ class AdWindows:
     # The counts are whole from this hour on (None: from the first record): raised as older
     # hours' counts are forgotten, so a baseline widened later does not reach before it.
     counts_from_ms: int | None = None
+    # The records are complete from this event time on (None: from the log's start): the
+    # latest context mark. Neither the impressions nor the counts are complete before it.
+    context_from_ms: int | None = None
+
+    def start_context(self, from_ms: int) -> None:
+        """The records from here on follow a gap (stage 1 started while the stream ran, or
+        the family's rules were off): the impressions and counts are complete from
+        ``from_ms`` on only, so an hour whose window or baseline reaches into the gap is the
+        batch's (a click whose impression fell in it would be flagged, a baseline would
+        lack the gap's clicks)."""
+        self.context_from_ms = later_bound(self.context_from_ms, from_ms)
+        if self._seen is not None:
+            self.seen_from_ms = later_bound(self.seen_from_ms, from_ms)
+        self.counts_from_ms = later_bound(self.counts_from_ms, from_ms)
 
     def take_reviews(self) -> dict[str, int]:
         """The review-only rules' clicks of the hours decided since the last call: the
@@ -331,7 +345,9 @@ class AdWindows:
         does."""
         if wanted and self._seen is None:
             self._seen = _SEEN_SCHEMA.to_frame()
-            self.seen_from_ms = self.max_event_ms + 1 if self.max_event_ms else None
+            self.seen_from_ms = later_bound(
+                self.max_event_ms + 1 if self.max_event_ms else None, self.context_from_ms
+            )
         elif not wanted and self._seen is not None:
             self._seen, self.seen_from_ms = None, None
 
@@ -452,6 +468,7 @@ class AdWindows:
         seen: pl.DataFrame | None = None,
         seen_from_ms: int | None = None,
         counts_from_ms: int | None = None,
+        context_from_ms: int | None = None,
     ) -> AdWindows:
         """``kept`` may also hold impressions and decided clicks (a snapshot of a build
         that kept every raw event of the lookback): its impressions become ``seen``,
@@ -473,6 +490,7 @@ class AdWindows:
             _seen=None if seen is None else seen.select(_SEEN_SCHEMA.names()).cast(_SEEN_SCHEMA),
             seen_from_ms=seen_from_ms,
             counts_from_ms=counts_from_ms,
+            context_from_ms=context_from_ms,
         )
 
     def _forget(self, rules: AdRules) -> None:

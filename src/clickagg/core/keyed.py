@@ -284,6 +284,12 @@ class KeyedWindows:
     max_event_ms: int = 0
     _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
 
+    def start_context(self, from_ms: int) -> None:
+        """Records follow a gap (stage 1 started while the stream ran): nothing to do. The
+        IP rules count clicks (per minute, distinct ads in a window), so a gap can only hide
+        clicks from a count: a click flagged without them is flagged by the batch too, one
+        they would have flagged is left to the batch."""
+
     def consume(self, records: pa.Table | pl.DataFrame, rules: KeyedRules) -> pa.Table:
         """Take records (``RECORD_SCHEMA``) in keyed-log order; return the verdicts
         (``VERDICT_SCHEMA``, in the records' order): each counted click once when a rule
@@ -356,6 +362,14 @@ class KeyedWindows:
         if not kept.height or kept.select(pl.col("ts_ms").min()).item() >= since:
             return kept
         return kept.filter(pl.col("ts_ms") >= since)
+
+
+def later_bound(bound: int | None, other: int | None) -> int | None:
+    """The later of two "the records are complete from" event times (None: from the
+    log's start)."""
+    if bound is None:
+        return other
+    return bound if other is None else max(bound, other)
 
 
 def accept(

@@ -60,7 +60,7 @@ import pyarrow as pa
 import xxhash
 
 from clickagg.core import ids
-from clickagg.core.keyed import accept, records_by_partition
+from clickagg.core.keyed import accept, later_bound, records_by_partition
 from clickagg.core.rules.base import RuleSet
 from clickagg.core.rules.behaviour import RepeatParams, repeat_evidence, visitor_key
 from clickagg.core.rules.registry import params_of
@@ -316,6 +316,18 @@ class VisitorWindows:
     decided_until_ms: int | None = None
     _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
     _chains: dict[int, Chains] = field(default_factory=dict)
+    # The records are complete from this event time on (None: from the log's start):
+    # the latest context mark (``start_context``). No window's chains start before it.
+    context_from_ms: int | None = None
+
+    def start_context(self, from_ms: int) -> None:
+        """The records from here on follow a gap: every window's chains, and those of a
+        window that comes into force later, start at ``from_ms`` at the earliest, so an hour
+        whose lookback reaches into the gap is the batch's (a repeat of a click in the gap
+        would be missed, or a repeat taken for the first click)."""
+        self.context_from_ms = later_bound(self.context_from_ms, from_ms)
+        for chains in self._chains.values():
+            chains.start_ms = later_bound(chains.start_ms, from_ms)
 
     def consume(self, records: pa.Table | pl.DataFrame, rules: VisitorRules) -> pa.Table:
         """Take records (``VISITOR_RECORD_SCHEMA``) in log order; return the verdicts
@@ -345,7 +357,8 @@ class VisitorWindows:
         self.decided_until_ms = until
         windows = {rule.window_seconds * 1000 for rule in rules.rules}
         self._chains = {
-            w: self._chains.get(w) or Chains(w, start_ms=since) for w in sorted(windows)
+            w: self._chains.get(w) or Chains(w, start_ms=later_bound(since, self.context_from_ms))
+            for w in sorted(windows)
         }
         deciding = pl.col("ts_ms") < until
         decided = self._kept.filter(deciding)
@@ -377,6 +390,7 @@ class VisitorWindows:
         kept: pl.DataFrame,
         starts: dict[int, int | None] | None = None,
         anchors: pl.DataFrame | None = None,
+        context_from_ms: int | None = None,
     ) -> VisitorWindows:
         """``starts`` None (a snapshot of a build that kept decided clicks whole): the
         decided clicks it holds are dropped and every window starts at the decided bound,
@@ -398,6 +412,7 @@ class VisitorWindows:
             decided_until_ms=decided_until_ms,
             _kept=kept.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA),
             _chains=chains,
+            context_from_ms=context_from_ms,
         )
 
 

@@ -36,6 +36,7 @@ def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
     }
     if isinstance(windows, VisitorWindows | AdWindows):
         meta["decided_until_ms"] = windows.decided_until_ms
+        meta["context_from_ms"] = windows.context_from_ms
     second: pa.Table | None = None
     if isinstance(windows, VisitorWindows):
         starts, second = windows.chains()
@@ -100,6 +101,7 @@ def decode_visitor_windows(data: bytes, horizon_ms: int) -> VisitorWindows:
         kept=kept,
         starts=None if chains is None else {int(w): start for w, start in chains.items()},
         anchors=anchors,
+        context_from_ms=_optional_int(meta.get("context_from_ms")),
     )
 
 
@@ -138,7 +140,13 @@ def decode_ad_windows(data: bytes, horizon_ms: int) -> AdWindows:
         seen=seen,
         seen_from_ms=None if seen_from is None else int(seen_from),
         counts_from_ms=None if counts_from is None else int(counts_from),
+        context_from_ms=_optional_int(meta.get("context_from_ms")),
     )
+
+
+def _optional_int(value: int | None) -> int | None:
+    """A snapshot's optional time (absent in a build's before it: None)."""
+    return None if value is None else int(value)
 
 
 def decode_windows(data: bytes, horizon_ms: int) -> KeyedWindows:

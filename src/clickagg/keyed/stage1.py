@@ -32,7 +32,17 @@ class KeyedGapError(RuntimeError):
     """Records that do not continue the marker: appending them would lose the gap."""
 
 
-def encode_records(records: pa.Table) -> bytes:
+CONTEXT_KEY = b"clickagg.context_from_ms"
+"""A frame's schema metadata under this key: the keyed log holds every record of its
+family counted from this event time on, from this frame on (:func:`context_of`)."""
+
+
+def encode_records(records: pa.Table, context_from_ms: int | None = None) -> bytes:
+    """A frame of records; ``context_from_ms``: the frame is the first after a gap (the
+    stage started while the stream ran, or the family's rules were off), and the log is
+    complete from that event time on."""
+    if context_from_ms is not None:
+        records = records.replace_schema_metadata({CONTEXT_KEY: str(context_from_ms).encode()})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, records.schema) as stream:
         stream.write_table(records)
@@ -40,7 +50,14 @@ def encode_records(records: pa.Table) -> bytes:
 
 
 def decode_records(payload: bytes) -> pa.Table:
+    """A frame's records (its context mark, if any: :func:`context_of`)."""
     return pa.ipc.open_stream(payload).read_all()
+
+
+def context_of(records: pa.Table) -> int | None:
+    """The context mark a frame's records carry (:func:`encode_records`), if any."""
+    value = (records.schema.metadata or {}).get(CONTEXT_KEY)
+    return None if value is None else int(value)
 
 
 def _clicks(kept: pl.DataFrame) -> pl.DataFrame:
@@ -75,24 +92,40 @@ class KeyedAppender:
         *,
         clicks_only: bool = True,
         active: Callable[[], bool] | None = None,
+        newest_event_ms: int = 0,
     ) -> None:
         """``committed``: the store's committed offsets, where a marker starts the first
         time (the keyed stage turned on for a data dir that already counted, or a family
         new to it: what was counted before is not re-derived). ``clicks_only``: the
         family's records are of clicks alone. ``active``: whether the family has a rule in
         force now; while it has none, rounds append nothing and only move the marker (the
-        ad family, whose records are every event, costs nothing while its rules are off)."""
+        ad family, whose records are every event, costs nothing while its rules are off).
+        ``newest_event_ms``: the newest event time the store has counted.
+
+        Context marks: records counted and not appended (before the marker started, or
+        while the family was inactive) leave a gap, and stage 2 must not judge an hour
+        whose context reaches into it as if the log held everything (a repeat, or a click
+        whose impression fell in the gap, would be missing). So the first frame appended
+        to each keyed partition after a gap carries a mark (:func:`encode_records`): the
+        log is complete for event times after every event counted so far. A mark owed to a
+        partition that has no record yet waits, in the marker file, for its first one."""
         self.writer = writer
         self.records = records
         self.clicks_only = clicks_only
         self.active = active
         self.wrote = False  # whether the last write appended anything (to be synced)
         self.marker_path = marker_path
+        self._newest_ms = newest_event_ms
+        self._marked: list[int] = []  # keyed partitions the last write gave a mark
         if marker_path.exists():
             stored = json.loads(marker_path.read_text())
+            self._owed = {int(k): int(v) for k, v in stored.pop(_OWED, {}).items()}
+            self._gap = bool(stored.pop(_GAP, False))
             self._next = {int(p): int(o) for p, o in stored.items()}
         else:
             self._next = dict(committed)
+            self._owed = {}
+            self._gap = any(offset > 0 for offset in committed.values())
             self._write_marker()  # before any append: no marker now means never started
 
     def next_offset(self, partition: int) -> int:
@@ -124,12 +157,23 @@ class KeyedAppender:
             if hi > at:
                 fresh[partition] = at
         self.wrote = False
+        self._marked = []
         if not fresh:
             return None
-        if self.active is not None and not self.active():
-            return fresh  # nothing to write: the markers still move
         if self.clicks_only:
             kept = _clicks(kept)
+        if not kept.is_empty():
+            newest = kept["ts_ms"].max()
+            assert isinstance(newest, int)
+            self._newest_ms = max(self._newest_ms, newest)
+        if self.active is not None and not self.active():
+            self._gap = True  # counted, not appended
+            return fresh  # nothing to write: the markers still move
+        if self._gap:
+            # Every event counted before this round is at or before the newest seen (this
+            # round's included: a mark a little late leaves a little more to the batch).
+            self._owed = dict.fromkeys(range(self.writer.partitions), self._newest_ms + 1)
+            self._gap = False
         whole = fresh.keys() == ranges.keys() and all(
             at == ranges[p][0] for p, at in fresh.items()
         )  # the usual round: every range is new from its start, nothing to cut
@@ -140,21 +184,40 @@ class KeyedAppender:
             )
             kept = kept.join(starts, on="partition").filter(pl.col("offset") >= pl.col("_from"))
         for k, records in sorted(self.records(kept, self.writer.partitions).items()):
-            self.writer.append(k, encode_records(records), records.num_rows)
+            mark = self._owed.get(k)
+            self.writer.append(k, encode_records(records, mark), records.num_rows)
             self.wrote = True
+            if mark is not None:
+                self._marked.append(k)
         return fresh
 
     def synced(self, fresh: Mapping[int, int], ranges: Mapping[int, tuple[int, int]]) -> None:
-        """After :meth:`write` and a sync of the writer: move the markers."""
+        """After :meth:`write` and a sync of the writer: move the markers (and forget the
+        context marks now durable)."""
         for partition in fresh:
             self._next[partition] = ranges[partition][1]
+        for k in self._marked:
+            self._owed.pop(k, None)
+        self._marked = []
         self._write_marker()
 
     def _write_marker(self) -> None:
+        """The marker file: per source partition, the offset up to which records are
+        durable, and what a gap still owes (``_GAP``, ``_OWED``; a marker of a build before
+        them has neither: no gap)."""
         self.marker_path.parent.mkdir(parents=True, exist_ok=True)
         temp = self.marker_path.with_suffix(".tmp")
-        temp.write_text(json.dumps({str(p): o for p, o in sorted(self._next.items())}))
+        body: dict[str, object] = {str(p): o for p, o in sorted(self._next.items())}
+        if self._gap:
+            body[_GAP] = True
+        if self._owed:
+            body[_OWED] = {str(k): v for k, v in sorted(self._owed.items())}
+        temp.write_text(json.dumps(body))
         os.replace(temp, self.marker_path)
+
+
+_GAP = "gap"  # records were counted and not appended since the last marks were owed
+_OWED = "owed"  # keyed partition -> the context mark its next frame carries
 
 
 class KeyedAppenders:

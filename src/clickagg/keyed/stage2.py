@@ -82,7 +82,7 @@ from clickagg.keyed.snapshots import (
     decode_windows,
     encode_windows,
 )
-from clickagg.keyed.stage1 import decode_records
+from clickagg.keyed.stage1 import context_of, decode_records
 from clickagg.log.base import LogReader
 from clickagg.query.base import KeyedPartitionStatus, KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
@@ -105,6 +105,11 @@ class Windows(Protocol):
     max_event_ms: int
 
     def consume(self, records: pa.Table, rules: Any) -> pa.Table: ...
+
+    def start_context(self, from_ms: int) -> None:
+        """The records from here on follow a gap: the log holds every record of this
+        family from event time ``from_ms`` on, not before (``clickagg.keyed.stage1``)."""
+        ...
 
     def kept(self) -> pl.DataFrame: ...
 
@@ -421,15 +426,26 @@ class KeyedStage:
                     f"{self.family.name} keyed partition {k}: the keyed log ends at {at} but "
                     f"the store consumed up to {hi}"
                 )
-            parts = []
+            parts: list[pa.Table] = []
             for frame in frames:
                 records = decode_records(frame.payload)
+                mark = context_of(records)
+                if mark is not None and frame.base_offset >= at:
+                    # The records before the mark are judged as they came, the rest with
+                    # the gap's hours left to the batch: the mark applies at this record
+                    # however the log is read, so a replay decides exactly as the first run.
+                    if parts:
+                        verdicts.append(windows.consume(pa.concat_tables(parts), rules))
+                        parts = []
+                    windows.start_context(mark)
+                records = records.replace_schema_metadata(None)
                 offsets = np.arange(frame.base_offset, frame.base_offset + records.num_rows)
                 records = records.append_column("keyed_offset", pa.array(offsets, pa.int64()))
                 skip = max(0, at - frame.base_offset)
                 parts.append(records.slice(skip, max(0, hi - frame.base_offset - skip)))
                 at = min(frame.end_offset, hi)
-            verdicts.append(windows.consume(pa.concat_tables(parts), rules))
+            if parts:
+                verdicts.append(windows.consume(pa.concat_tables(parts), rules))
         return pa.concat_tables(verdicts)
 
     def _correction_rows(

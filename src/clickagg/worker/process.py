@@ -167,6 +167,8 @@ class _Session:
             if watcher is not None:
                 appenders = []
                 committed = self.store.committed_offsets()
+                # Where a keyed log that starts now is complete from (stage1's marks).
+                newest = max((s.max_event_ms for s in self.store.partition_status()), default=0)
                 for family, directory in family_dirs.items():
                     # No age or size to wait for: stage 2 trims whole segments below what
                     # a recovery could need (its snapshots and the corrections' end).
@@ -188,6 +190,7 @@ class _Session:
                             ),
                             clicks_only=family is not AD,
                             active=_ad_rules_in_force(watcher) if family is AD else None,
+                            newest_event_ms=newest,
                         )
                     )
                     keyed_reader = SegmentLogReader(directory / "log")
