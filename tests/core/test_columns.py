@@ -193,3 +193,30 @@ def test_small_concat_is_the_numpy_concat(values: list[list[str | None]]) -> Non
     assert small == columns.TextColumn._concat_numpy(parts, counts)
     flat = [v for part in values for v in part]
     assert small.array(len(flat)).to_pylist() == flat
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(st.integers(0, 4), ROW), max_size=40))
+def test_runs_cut_from_one_take_equal_a_build_per_run(
+    tagged: list[tuple[int, dict[str, Any]]],
+) -> None:
+    """``build_runs`` (one take per column, then slices) gives each run exactly the columns
+    ``build`` gives it alone: offsets rebased, data cut, a null mask only where the run
+    has a null."""
+    rows = [event for _, event in tagged]
+    keys = np.array([key for key, _ in tagged], dtype=np.int64)
+    numeric = {
+        name: np.array([event[name] for event in rows], dtype=dtype)
+        for name, dtype in columns.NUMERIC_COLUMNS.items()
+    }
+    text = {
+        name: pa.array([event[name] for event in rows], type=pa.string())
+        for name in columns.TEXT_COLUMNS
+    }
+    order = np.argsort(keys, kind="stable")
+    _, starts = np.unique(keys[order], return_index=True)
+    bounds = [*starts.tolist(), len(order)]
+    runs = columns.build_runs(numeric, text, order, bounds)
+    assert len(runs) == len(bounds) - 1
+    for n, run in enumerate(runs):
+        assert run == columns.build(numeric, text, order[bounds[n] : bounds[n + 1]])

@@ -286,6 +286,14 @@ def test_hostile_json_array() -> None:
         b'{"ad_id":"a","timestamp":5,"event_type":"click"}',
         b'{"ad_id":"a","timestamp":1800000000,"event_type":"click"}',
         b'{"ad_id":9,"timestamp":1700000000123,"event_type":"click","country":"de"}',
+        # device and browser: derived, given, half given, empty, with an empty agent
+        b'{"ad_id":"a","timestamp":1700000000,"user_agent":"Mozilla/5.0 (iPad; CPU OS 17_4)"}',
+        b'{"ad_id":"a","timestamp":1700000000,"user_agent":"Googlebot/2.1","device":"TV"}',
+        b'{"ad_id":"a","timestamp":1700000000,"user_agent":"Googlebot/2.1","browser":"B"}',
+        b'{"ad_id":"a","timestamp":1700000000,"user_agent":"Googlebot/2.1","device":""}',
+        b'{"ad_id":"a","timestamp":1700000000,"user_agent":"","device":"Phone"}',
+        b'{"ad_id":"a","timestamp":1700000000,"user_agent":""}',
+        b'{"ad_id":"a","timestamp":1700000000,"device":"X","browser":"Y"}',
     ],
 )
 def test_single_event_path_matches_the_batch_path(item: bytes, default_type: int | None) -> None:

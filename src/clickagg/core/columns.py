@@ -366,6 +366,45 @@ def build(
     return EventColumns(count=len(picked), **fields)
 
 
+def build_runs(
+    numeric: dict[str, npt.NDArray[Any]],
+    text: dict[str, pa.Array],
+    order: npt.NDArray[np.int64],
+    bounds: Sequence[int],
+) -> list[EventColumns]:
+    """Columns of the events at ``order[bounds[n]:bounds[n + 1]]``, one set per ``n``: the
+    same as :func:`build` of each run, but every column is reordered with ONE take and then
+    cut into runs by slicing its buffers. A batch split over 8 partitions took 8 takes per
+    text column before, and Arrow's fixed cost per take was most of the work."""
+    runs = range(len(bounds) - 1)
+    fields: list[dict[str, Any]] = [{} for _ in runs]
+    for name, values in numeric.items():
+        ordered = np.ascontiguousarray(values[order], dtype=NUMERIC_COLUMNS[name])
+        for n in runs:
+            fields[n][name] = ordered[bounds[n] : bounds[n + 1]].tobytes()
+    indices = pa.array(order)
+    for name, values in text.items():
+        taken = values.take(indices)  # a new array: its buffers start at row 0
+        _, offsets_buffer, data_buffer = taken.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int32, count=len(taken) + 1)
+        data = data_buffer.to_pybytes() if data_buffer is not None else b""
+        valid = None
+        if taken.null_count:
+            valid = taken.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8)
+        for n in runs:
+            lo, hi = bounds[n], bounds[n + 1]
+            start, end = int(offsets[lo]), int(offsets[hi])
+            run_valid = b""
+            if valid is not None and not valid[lo:hi].all():
+                run_valid = valid[lo:hi].tobytes()
+            fields[n][name] = TextColumn(
+                offsets=(offsets[lo : hi + 1] - np.int32(start)).tobytes(),
+                data=data[start:end],
+                valid=run_valid,
+            )
+    return [EventColumns(count=bounds[n + 1] - bounds[n], **fields[n]) for n in runs]
+
+
 def merge(parts: Sequence[EventColumns]) -> EventColumns:
     """Concatenate batches (several requests sharing one group commit): byte joins."""
     if len(parts) == 1:

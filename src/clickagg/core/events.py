@@ -180,6 +180,16 @@ def _text(value: Id | None) -> str | None:
     return None if value is None else str(value)
 
 
+_STR_OR_NONE = frozenset((str, type(None)))
+
+
+def _texts(values: list[Id | None]) -> list[str | None]:
+    """:func:`_text` of each value: no call per value when all are strings or null."""
+    if set(map(type, values)) <= _STR_OR_NONE:
+        return cast(list[str | None], values)
+    return [_text(v) for v in values]
+
+
 def event_id_of(event: IncomingEvent, event_type: int, ts_ms: int) -> str:
     """The event's own id, or a stable hash of its canonical payload when it has none."""
     given = event.event_id
@@ -242,7 +252,7 @@ def normalize(
     event_ids = _event_ids(valid, types, ts_ms)
     fp_high, fp_low = _fingerprints(event_ids, types)
     partition = (fp_low % np.uint64(partitions)).astype(np.int64)
-    user_ids = [_text(e.user_id) for e in valid]
+    user_ids = _texts([e.user_id for e in valid])
     devices, browsers = _devices_and_browsers(valid)
     numeric: dict[str, npt.NDArray[Any]] = {
         "fp_high": fp_high,
@@ -261,8 +271,8 @@ def normalize(
     text: dict[str, list[Any]] = {
         "event_id": event_ids,
         "ad_id": [e.ad_id if type(e.ad_id) is str else str(e.ad_id) for e in valid],
-        "advertiser_id": [_text(e.advertiser_id) for e in valid],
-        "campaign_id": [_text(e.campaign_id) for e in valid],
+        "advertiser_id": _texts([e.advertiser_id for e in valid]),
+        "campaign_id": _texts([e.campaign_id for e in valid]),
         "user_id": user_ids,
         "ip": [e.ip for e in valid],
         "user_agent": [e.user_agent for e in valid],
@@ -287,13 +297,15 @@ def split_by_partition(
     order = np.argsort(partition, kind="stable")
     present, starts = np.unique(partition[order], return_index=True)
     bounds = [*starts.tolist(), len(order)]
-    source: dict[str, pa.Array] | dict[str, list[Any]] = text
-    if len(partition) > SMALL_BATCH:
-        source = {name: pa.array(values, type=pa.string()) for name, values in text.items()}
-    return {
-        p: columns.build(numeric, source, order[bounds[n] : bounds[n + 1]])
-        for n, p in enumerate(present.tolist())
-    }
+    if len(partition) <= SMALL_BATCH:
+        return {
+            p: columns.build(numeric, text, order[bounds[n] : bounds[n + 1]])
+            for n, p in enumerate(present.tolist())
+        }
+    arrays = {name: pa.array(values, type=pa.string()) for name, values in text.items()}
+    return dict(
+        zip(present.tolist(), columns.build_runs(numeric, arrays, order, bounds), strict=True)
+    )
 
 
 def _event_types(
@@ -392,7 +404,18 @@ def _fingerprints(
 
 
 def _devices_and_browsers(valid: list[IncomingEvent]) -> tuple[list[Any], list[Any]]:
-    pairs = [_device_and_browser(e) for e in valid]
+    """:func:`_device_and_browser` of each event, with each distinct user agent parsed (a
+    cache lookup) once per batch: most events send neither device nor browser, and real
+    traffic repeats few agents."""
+    agents = {e.user_agent for e in valid if e.device is None and e.browser is None}
+    parsed = {agent: device_and_browser(agent) for agent in agents if agent}
+    unknown = (None, None)
+    pairs = [
+        parsed.get(e.user_agent, unknown)  # type: ignore[arg-type]
+        if e.device is None and e.browser is None
+        else _device_and_browser(e)
+        for e in valid
+    ]
     return [d for d, _ in pairs], [b for _, b in pairs]
 
 

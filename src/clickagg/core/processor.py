@@ -33,6 +33,7 @@ from clickagg.core import aggregate, columns, decisions, fates
 from clickagg.core.dedup import IdSet
 from clickagg.core.ids import CLICK, EVENT_TYPES
 from clickagg.core.prices import PriceBook
+from clickagg.core.rules.base import nulls
 from clickagg.core.windows import MINUTE_MS, NO_EVENT_MS, late_mask, minute_start
 
 
@@ -189,7 +190,7 @@ class PartitionProcessor:
         reasons = self._rule_reasons(events.filter(pl.Series(fresh)))
         invalid = np.zeros(len(fresh), dtype=np.bool_)
         invalid[np.flatnonzero(fresh)] = reasons.is_not_null().to_numpy()
-        reason_all = pl.Series("reason", [None] * len(fresh), dtype=pl.String)
+        reason_all = nulls("reason", len(fresh))
         if reasons.len():
             reason_all = reason_all.scatter(np.flatnonzero(fresh), reasons)
         status = np.where(
@@ -236,7 +237,7 @@ class PartitionProcessor:
         )
 
     def _rule_reasons(self, fresh: pl.DataFrame) -> pl.Series:
-        reasons = pl.Series("reason", [None] * fresh.height, dtype=pl.String)
+        reasons = nulls("reason", fresh.height)
         for rule in self.rules:
             flagged = rule.evaluate(fresh).cast(pl.String)
             named = pl.select(pl.concat_str(pl.lit(f"{rule.name}: "), flagged)).to_series()
