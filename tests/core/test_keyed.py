@@ -32,6 +32,7 @@ from clickagg.core.keyed import (
 from clickagg.core.rules import RuleSet, RuleSpec, compile_rules
 from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.keyed.snapshots import decode_windows, encode_windows
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
 IPS = ("203.0.113.1", "203.0.113.2", "198.51.100.3")
@@ -301,6 +302,41 @@ def test_a_later_verdict_of_an_earlier_rule_renames_a_click_without_correcting_i
         reasons.group_by(aggregate.REASON_DIMENSION).agg(pl.col("invalid_clicks").sum()).iter_rows()
     )
     assert by_rule == {"ip-click-velocity": 5}  # spread's two moved to velocity
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_after_a_gap_a_click_is_named_only_by_a_rule_the_batch_names_too(restore: bool) -> None:
+    """Clicks e0, e1 were counted before the keyed log started (a gap, marked from T0 + 2).
+    With them the batch's first rule (velocity, > 4 a minute) flags the whole minute;
+    without them the stream sees 4 clicks there, and only the second rule (spread) flags
+    e4 and e5. Naming them "spread" would be a reason the batch never gives: the stream
+    leaves them to the batch. A click whose every earlier rule has its context after the
+    gap is still judged (e7 ten minutes on: spread, as in the batch). The mark survives a
+    snapshot."""
+    ip = "198.51.100.9"
+    rows = [(ip, "ad-0", T0), (ip, "ad-0", T0 + 1)]  # e0, e1: in the gap
+    rows += [(ip, f"ad-{a}", T0 + 2 + i) for i, a in enumerate((1, 2, 3, 1))]  # e2..e5
+    later = T0 + 11 * MINUTE_MS
+    rows += [(ip, "ad-7", later), (ip, "ad-8", later + 1), (ip, "ad-9", later + 2)]  # e6..e8
+    specs = [
+        RuleSpec("velocity", "ip_click_velocity", "burst", {"max_clicks_per_minute": 4}),
+        RuleSpec("spread", "ip_ad_spread", "spread", {"max_ads": 2, "window_minutes": 10}),
+    ]
+    ruleset = RuleSet(tuple(compile_rules(specs)))
+    batch = batch_verdicts([Click(r[0], int(r[1][3:]), r[2], True) for r in rows], ruleset)
+    assert batch == {**{f"e{n}": "velocity" for n in range(6)}, "e8": "spread"}
+    rules = KeyedRules.from_ruleset(ruleset)
+    windows = KeyedWindows(horizon_ms=HOUR_MS)
+    windows.start_context(T0 + 2)  # what stage 2 does at the marked frame
+    got = [windows.consume(records(rows[2:6], first_offset=2), rules)]
+    if restore:
+        windows = decode_windows(encode_windows(windows), HOUR_MS)
+        assert windows.context_from_ms == T0 + 2
+    got.append(windows.consume(records(rows[6:], first_offset=6), rules))
+    stream = pa.concat_tables(got)
+    named = dict(zip(stream["event_id"].to_pylist(), stream["rule_id"].to_pylist(), strict=True))
+    assert named == {"e8": "spread"}
+    assert all(batch[event] == rule for event, rule in named.items())
 
 
 def test_copies_and_records_before_a_rule_takes_effect() -> None:

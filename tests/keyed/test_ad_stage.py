@@ -5,6 +5,7 @@ with none of its rules in force, the family's log stays empty."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -343,5 +344,37 @@ def test_rules_switched_on_while_the_stream_runs_leave_the_hours_reaching_into_t
         assert expected.get(row["event_id"]) == row["rule_id"], row["event_id"]
     # Hour 2's blind clicks look back to 1:30, after the gap: judged. Hours 0 and 1 reach
     # into it, and so does hour 2's spike (its baseline is hours 0 and 1): the batch's.
+    blind = {e.event_id for c in ad_traffic() for e in c if e.user_id.startswith("blind2-")}
+    assert {row["event_id"] for row in corrected} == blind
+
+
+def test_rules_switched_on_after_an_upgrade_from_a_build_without_marks(tmp_path: Path) -> None:
+    """The ad family's rules ship off: a build before the context marks moved its ad marker
+    every round and recorded no gap (its marker holds offsets only). Upgraded, with the
+    rules then switched on, the log misses everything counted before: its first frames
+    must carry a mark, or the stream flags clicks the batch counts."""
+    (tmp_path / "rules.toml").write_text(RULES)
+    rig = AdFamilyRig(
+        tmp_path / "data", partitions=4, keyed_partitions=3, rules_file=tmp_path / "rules.toml"
+    )
+    switch = 3
+    marker = tmp_path / "data" / "keyed" / "ad" / "stage1.json"
+    try:
+        for i, chunk in enumerate(rounds(ad_traffic())):
+            if i == switch:
+                stored = json.loads(marker.read_text())
+                earlier = {k: v for k, v in stored.items() if k.isdigit()}  # offsets only
+                marker.write_text(json.dumps(earlier))
+                rig.restart()  # the upgrade
+            appender = rig.appender.appenders[1]  # type: ignore[attr-defined]
+            appender.active = lambda on=i >= switch: on
+            rig.send(chunk)
+            rig.run()
+        corrected = rig.corrected().to_pylist()
+    finally:
+        rig.close()
+    expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
+    wrong = sorted(r["event_id"] for r in corrected if expected.get(r["event_id"]) != r["rule_id"])
+    assert not wrong, f"the stream corrected clicks the batch counts: {wrong}"
     blind = {e.event_id for c in ad_traffic() for e in c if e.user_id.startswith("blind2-")}
     assert {row["event_id"] for row in corrected} == blind

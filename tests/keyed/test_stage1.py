@@ -67,13 +67,13 @@ def test_a_log_started_mid_stream_marks_each_partitions_first_frame(tmp_path: Pa
     # every event counted so far is at or before 6,000 (this round's newest)
     assert marks(tmp_path) == {0: [6_001], 1: [6_001], 2: []}
     stored = json.loads((tmp_path / "stage1.json").read_text())
-    assert stored == {"0": 12, "owed": {"2": 6_001}}  # partition 2 has no record yet
+    assert stored == {"0": 12, "format": 2, "owed": {"2": 6_001}}  # 2 has no record yet
     first.writer.close()
     # a restart: the mark still owed goes with partition 2's first frame, and only there
     again = appender(tmp_path, {0: 12}, newest_event_ms=6_000)
     again.append(events(0, 12, [7_000, 7_500], [2, 0]), {0: (12, 14)})
     assert marks(tmp_path) == {0: [6_001, None], 1: [6_001], 2: [6_001]}
-    assert json.loads((tmp_path / "stage1.json").read_text()) == {"0": 14}
+    assert json.loads((tmp_path / "stage1.json").read_text()) == {"0": 14, "format": 2}
     again.writer.close()
 
 
@@ -91,7 +91,8 @@ def test_rounds_an_inactive_family_skips_make_its_next_frames_marked(tmp_path: P
     on = False
     family.append(events(0, 1, [9_000, 2_000], [0, 1]), {0: (1, 3)})  # counted, not appended
     assert family.next_offset(0) == 3
-    assert json.loads((tmp_path / "stage1.json").read_text()) == {"0": 3, "gap": True}
+    stored = json.loads((tmp_path / "stage1.json").read_text())
+    assert stored == {"0": 3, "format": 2, "gap": True}
     on = True
     family.append(events(0, 3, [8_000], [1]), {0: (3, 4)})
     # the skipped round's newest (9,000) bounds what the log misses
@@ -101,10 +102,16 @@ def test_rounds_an_inactive_family_skips_make_its_next_frames_marked(tmp_path: P
     family.writer.close()
 
 
-def test_a_marker_of_an_earlier_build_reads_as_no_gap(tmp_path: Path) -> None:
+def test_a_marker_of_an_earlier_build_reads_as_a_gap(tmp_path: Path) -> None:
+    """A build before the marks wrote only offsets, also while its ad family's rules were
+    off (appending nothing): its log may miss anything counted, so it is marked."""
     (tmp_path / "stage1.json").write_text(json.dumps({"0": 7}))
     resumed = appender(tmp_path, {0: 7}, newest_event_ms=9_000)
     assert resumed.next_offset(0) == 7
     resumed.append(events(0, 7, [9_500], [1]), {0: (7, 8)})
-    assert marks(tmp_path) == {0: [], 1: [None], 2: []}
+    assert marks(tmp_path) == {0: [], 1: [9_501], 2: []}
+    stored = json.loads((tmp_path / "stage1.json").read_text())
+    assert stored == {"0": 8, "format": 2, "owed": {"0": 9_501, "2": 9_501}}
+    resumed.append(events(0, 8, [9_600], [1]), {0: (8, 9)})  # once: its own marker has none
+    assert marks(tmp_path) == {0: [], 1: [9_501, None], 2: []}
     resumed.writer.close()

@@ -283,12 +283,18 @@ class KeyedWindows:
     high_water: dict[int, int] = field(default_factory=dict)
     max_event_ms: int = 0
     _kept: pl.DataFrame = field(default_factory=lambda: _STATE_SCHEMA.to_frame())
+    # The records are complete for event times from here on (None: from the log's start).
+    context_from_ms: int | None = None
 
     def start_context(self, from_ms: int) -> None:
-        """Records follow a gap (stage 1 started while the stream ran): nothing to do. The
-        IP rules count clicks (per minute, distinct ads in a window), so a gap can only hide
-        clicks from a count: a click flagged without them is flagged by the batch too, one
-        they would have flagged is left to the batch."""
+        """Records follow a gap (stage 1 started while the stream ran): complete only from
+        ``from_ms``. The IP rules count clicks (per minute, distinct ads in a window), so a
+        gap can only hide clicks from a count: a click a rule flags without them is flagged
+        by the batch too, and one they would have flagged is left to the batch. But the
+        gap can change WHICH rule names a click: an earlier rule in the set might flag it
+        with the gap's clicks. So a verdict naming a rule is given only when every earlier
+        rule's context for the click lies after the gap (:func:`_named_for_sure`)."""
+        self.context_from_ms = later_bound(self.context_from_ms, from_ms)
 
     def consume(self, records: pa.Table | pl.DataFrame, rules: KeyedRules) -> pa.Table:
         """Take records (``RECORD_SCHEMA``) in keyed-log order; return the verdicts
@@ -315,6 +321,9 @@ class KeyedWindows:
         rows = np.flatnonzero(touched)
         changed, first = _judge(kept.select(_JUDGED)[rows], rules)
         at, first = rows[changed], first[changed]
+        if self.context_from_ms is not None and len(at):
+            sure = _named_for_sure(kept["ts_ms"].to_numpy()[at], first, rules, self.context_from_ms)
+            at, first = at[sure], first[sure]
         rule_ids = pl.Series(rules.ids, dtype=pl.String).gather(first)
         verdicts = kept[at].select(
             *RECORD_SCHEMA.names,
@@ -335,7 +344,13 @@ class KeyedWindows:
 
     @classmethod
     def restore(
-        cls, horizon_ms: int, *, high_water: dict[int, int], max_event_ms: int, kept: pl.DataFrame
+        cls,
+        horizon_ms: int,
+        *,
+        high_water: dict[int, int],
+        max_event_ms: int,
+        kept: pl.DataFrame,
+        context_from_ms: int | None = None,
     ) -> KeyedWindows:
         """The windows a snapshot saved (:meth:`kept` and the marks)."""
         return cls(
@@ -343,6 +358,7 @@ class KeyedWindows:
             high_water=dict(high_water),
             max_event_ms=max_event_ms,
             _kept=kept.select(_STATE_SCHEMA.names()).cast(_STATE_SCHEMA),
+            context_from_ms=context_from_ms,
         )
 
     def _accept(self, batch: pl.DataFrame) -> pl.DataFrame:
@@ -430,6 +446,27 @@ def _judge(
         .to_numpy()
     )
     return judged["counted"].to_numpy() & hit & (first < was), first
+
+
+def _named_for_sure(
+    ts_ms: np.ndarray[Any, np.dtype[np.int64]],
+    first: np.ndarray[Any, np.dtype[np.int64]],
+    rules: KeyedRules,
+    context_from_ms: int,
+) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Which verdicts (clicks at ``ts_ms``, flagged first by rule ``first``) the batch gives
+    too when the records are complete only from ``context_from_ms``. The rule that flags
+    a click still flags it with more clicks (the rules count); an EARLIER rule might flag
+    it only with them, unless the clicks that decide its verdict all lie after the gap:
+    the click's UTC minute (velocity), the window up to and including it (spread)."""
+    sure = np.ones(len(ts_ms), dtype=np.bool_)
+    for index, rule in enumerate(rules.rules):
+        if isinstance(rule, SpreadRule):
+            context_start = ts_ms - rule.reach_ms
+        else:
+            context_start = ts_ms - ts_ms % MINUTE_MS
+        sure &= ~((first > index) & (context_start < context_from_ms))
+    return sure
 
 
 def _flags(kept: pl.DataFrame, rule: KeyedRule) -> np.ndarray[Any, np.dtype[np.bool_]]:

@@ -34,9 +34,9 @@ def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
         "high_water": {str(p): o for p, o in sorted(windows.high_water.items())},
         "max_event_ms": windows.max_event_ms,
     }
+    meta["context_from_ms"] = windows.context_from_ms
     if isinstance(windows, VisitorWindows | AdWindows):
         meta["decided_until_ms"] = windows.decided_until_ms
-        meta["context_from_ms"] = windows.context_from_ms
     second: pa.Table | None = None
     if isinstance(windows, VisitorWindows):
         starts, second = windows.chains()
@@ -161,4 +161,5 @@ def decode_windows(data: bytes, horizon_ms: int) -> KeyedWindows:
         high_water={int(p): int(o) for p, o in meta["high_water"].items()},
         max_event_ms=int(meta["max_event_ms"]),
         kept=kept,
+        context_from_ms=_optional_int(meta.get("context_from_ms")),
     )

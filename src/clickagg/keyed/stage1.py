@@ -120,7 +120,11 @@ class KeyedAppender:
         if marker_path.exists():
             stored = json.loads(marker_path.read_text())
             self._owed = {int(k): int(v) for k, v in stored.pop(_OWED, {}).items()}
-            self._gap = bool(stored.pop(_GAP, False))
+            # A marker of a build before the marks cannot say whether its log had a gap
+            # (the ad family's rules off, say, which is how they ship): assume one. The
+            # cost is one mark, that leaves the next hour or two to the batch.
+            earlier_build = stored.pop(_FORMAT, None) is None
+            self._gap = bool(stored.pop(_GAP, False)) or earlier_build
             self._next = {int(p): int(o) for p, o in stored.items()}
         else:
             self._next = dict(committed)
@@ -203,11 +207,13 @@ class KeyedAppender:
 
     def _write_marker(self) -> None:
         """The marker file: per source partition, the offset up to which records are
-        durable, and what a gap still owes (``_GAP``, ``_OWED``; a marker of a build before
-        them has neither: no gap)."""
+        durable, and what a gap still owes (``_GAP``, ``_OWED``). ``_FORMAT`` tells it from
+        a marker of a build before the marks (which has none of the three: read as a
+        gap)."""
         self.marker_path.parent.mkdir(parents=True, exist_ok=True)
         temp = self.marker_path.with_suffix(".tmp")
         body: dict[str, object] = {str(p): o for p, o in sorted(self._next.items())}
+        body[_FORMAT] = MARKER_FORMAT
         if self._gap:
             body[_GAP] = True
         if self._owed:
@@ -216,6 +222,8 @@ class KeyedAppender:
         os.replace(temp, self.marker_path)
 
 
+_FORMAT = "format"  # the marker's format: absent before the context marks
+MARKER_FORMAT = 2
 _GAP = "gap"  # records were counted and not appended since the last marks were owed
 _OWED = "owed"  # keyed partition -> the context mark its next frame carries
 
