@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from clickagg.core import aggregate, hll, ids
 from clickagg.core.decisions import DECISION_SCHEMA
-from clickagg.core.processor import PartitionProcessor, PartitionState
+from clickagg.core.prices import PriceBook
+from clickagg.core.processor import PartitionProcessor, PartitionState, outcomes
+from clickagg.core.rules.loading import load_rules
 from clickagg.core.windows import MINUTE_MS
 from tests.conftest import Ev, frame_of
 
@@ -232,3 +234,76 @@ def test_offsets_must_continue() -> None:
         assert "expected offset 1" in str(exc)
     else:
         raise AssertionError("a gap in offsets must be refused")
+
+
+AGENTS = [None, "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0", "curl/8.5.0", "Googlebot/2.1"]
+ROWS = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # partition
+        st.integers(0, 25),  # id: repeats are duplicates
+        st.integers(0, 12 * MINUTE_MS),  # time: some late behind the newest
+        st.sampled_from(AGENTS),
+        st.booleans(),  # click
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(ROWS, ROWS)
+def test_partitions_labelled_together_equal_each_labelled_alone(
+    first: list[tuple[int, int, int, str | None, bool]],
+    second: list[tuple[int, int, int, str | None, bool]],
+) -> None:
+    """A worker round labels its partitions in one pass (``outcomes``): every partition's
+    outcome (decisions, counts, kept events, deltas) is the one it gets on its own, with
+    rules that flag, duplicates and late events, over two rounds of state."""
+    ruleset = load_rules()
+    prices = PriceBook.of({"ad-1": 700})
+
+    def processors() -> list[PartitionProcessor]:
+        return [
+            PartitionProcessor(
+                PartitionState.empty(p),
+                allowed_lateness_ms=LATENESS,
+                dedup_horizon_ms=HORIZON,
+                cpc_micros=prices,
+                rules=ruleset.stream_rules,
+            )
+            for p in range(3)
+        ]
+
+    alone, together = processors(), processors()
+    offsets = [0, 0, 0]
+    for rows in (first, second):
+        frames = []
+        for p in range(3):
+            mine = [r for r in rows if r[0] == p]
+            events = [
+                Ev(
+                    f"e{i}",
+                    f"ad-{i % 2}",
+                    T0 + t,
+                    event_type=ids.CLICK if click else ids.IMPRESSION,
+                    user_id=f"u{i % 5}",
+                    country="DE",
+                    user_agent=agent,
+                )
+                for _, i, t, agent, click in mine
+            ]
+            frames.append(frame_of(events, partition=p, base_offset=offsets[p]))
+            offsets[p] += len(events)
+        expected = [alone[p].process(frames[p]) for p in range(3)]
+        decided = [together[p].decide(frames[p]) for p in range(3)]
+        got = outcomes(decided, rules=ruleset.stream_rules, prices=prices)
+        for want, have in zip(expected, got, strict=True):
+            assert want is not None
+            assert have.decisions.equals(want.decisions)
+            assert have.kept.equals(want.kept)
+            assert have.minute_deltas.equals(want.minute_deltas)
+            assert have.dimension_deltas.keys() == want.dimension_deltas.keys()
+            for name, table in want.dimension_deltas.items():
+                assert have.dimension_deltas[name].equals(table)
+            counts = ("counted", "duplicates", "late", "invalid", "max_event_ms", "watermark_ms")
+            for name in (*counts, "from_offset", "to_offset"):
+                assert getattr(have, name) == getattr(want, name), name

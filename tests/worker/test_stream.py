@@ -195,7 +195,7 @@ class Rig:
         wrap = self.crash.wrap
         wrap(self.reader, "read", after="after-read")
         for worker in self.workers:
-            wrap(worker, "process", after="after-process")
+            wrap(worker, "decide", after="after-process")
         wrap(self.store, "commit_many", before="before-commit", after="after-commit")
         wrap(self.store, "_apply", after="inside-commit")  # in the transaction, before COMMIT
         wrap(self.counters, "apply", after="after-counters")

@@ -91,6 +91,19 @@ class BatchOutcome:
     kept: pl.DataFrame  # counted and invalid events, with minute and spend: the deltas' input
 
 
+@dataclass(frozen=True)
+class Decided:
+    """A partition's events with what its state decided of them (:meth:`PartitionProcessor.decide`),
+    not labelled yet (:func:`outcomes`)."""
+
+    events: pl.DataFrame
+    from_offset: int
+    duplicate: npt.NDArray[np.bool_]
+    late: npt.NDArray[np.bool_]  # and not a duplicate
+    max_event_ms: int  # the partition's, after these events
+    watermark_ms: int
+
+
 class PartitionProcessor:
     def __init__(
         self,
@@ -124,6 +137,16 @@ class PartitionProcessor:
         ``deltas=False`` the outcome's delta tables are left empty and the caller aggregates
         ``kept`` itself (a worker round aggregates all its partitions in one pass).
         """
+        decided = self.decide(events)
+        if not emit:
+            return None
+        [outcome] = outcomes([decided], rules=self.rules, prices=self.prices, deltas=deltas)
+        return outcome
+
+    def decide(self, events: pl.DataFrame) -> Decided:
+        """The stateful half of :meth:`process`: which events are duplicates and which are
+        late, the state moved past them. :func:`outcomes` labels them (rules, prices,
+        decisions), for several partitions at once."""
         state = self.state
         count = events.height
         if count:
@@ -141,9 +164,14 @@ class PartitionProcessor:
         state.seen.expire_before(self._forget_before(new_max))
         from_offset = state.next_offset
         state.next_offset = from_offset + count
-        if not emit:
-            return None
-        return self._outcome(events, from_offset, duplicate, late, deltas)
+        return Decided(
+            events=events,
+            from_offset=from_offset,
+            duplicate=duplicate,
+            late=late & ~duplicate,
+            max_event_ms=state.max_event_ms,
+            watermark_ms=self.watermark_ms,
+        )
 
     def skip_lost(self, until: int, *, emit: bool = True) -> BatchOutcome | None:
         """Step over offsets ``[next_offset, until)`` that a log repair marked lost: no
@@ -153,7 +181,10 @@ class PartitionProcessor:
         if until < from_offset:
             raise ValueError(f"cannot skip back from {from_offset} to {until}")
         none = np.zeros(0, dtype=np.bool_)
-        outcome = self._outcome(columns.empty_frame(), from_offset, none, none, deltas=True)
+        nothing = Decided(
+            columns.empty_frame(), from_offset, none, none, state.max_event_ms, self.watermark_ms
+        )
+        [outcome] = outcomes([nothing], rules=self.rules, prices=self.prices, deltas=True)
         state.next_offset = until
         return dataclasses.replace(outcome, to_offset=until) if emit else None
 
@@ -176,70 +207,93 @@ class PartitionProcessor:
             )
         return duplicate
 
-    def _outcome(
-        self,
-        events: pl.DataFrame,
-        from_offset: int,
-        duplicate: npt.NDArray[np.bool_],
-        late: npt.NDArray[np.bool_],
-        deltas: bool,
-    ) -> BatchOutcome:
-        late = late & ~duplicate
-        fresh = ~duplicate & ~late
-        watermark_ms = self.watermark_ms
-        reasons = self._rule_reasons(events.filter(pl.Series(fresh)))
-        invalid = np.zeros(len(fresh), dtype=np.bool_)
-        invalid[np.flatnonzero(fresh)] = reasons.is_not_null().to_numpy()
-        reason_all = nulls("reason", len(fresh))
-        if reasons.len():
-            reason_all = reason_all.scatter(np.flatnonzero(fresh), reasons)
-        status = np.where(
-            duplicate,
-            fates.DUPLICATE,
-            np.where(late, fates.LATE, np.where(invalid, fates.INVALID, fates.COUNTED)),
-        )
-        labelled = events.with_columns(
-            pl.Series("status", status, dtype=pl.String),
-            pl.Series("invalid", invalid),
-            reason_all,
-            pl.col("event_type")
-            .replace_strict(dict(enumerate(EVENT_TYPES)), return_dtype=pl.String)
-            .alias("event_type_name"),
-        )
-        priced = aggregate.with_minute_and_spend(labelled, self.prices)
-        billed = (
-            pl.when((pl.col("status") == fates.COUNTED) & (pl.col("event_type") == CLICK))
-            .then(pl.col("spend_micros"))
-            .otherwise(0)
-        )
-        spend = priced.select(billed.cast(pl.Int64)).to_series()
-        kept = priced.filter(pl.Series(fresh))
+
+def outcomes(
+    decided: Sequence[Decided],
+    *,
+    rules: Sequence[Rule],
+    prices: PriceBook,
+    deltas: bool = True,
+) -> list[BatchOutcome]:
+    """Each partition's outcome of its decided events, labelled in ONE pass over all of
+    them: the rules, the prices and the decision records are polars queries whose fixed
+    cost (~0.2 ms each, a dozen per pass) a worker round paid once per partition before.
+    Stream rules judge each event on its own (their batch form must agree with them on any
+    split of the archive), so judging a round's partitions together gives each event the
+    verdict it would get alone. With ``deltas`` each outcome carries its own deltas."""
+    events = decided[0].events if len(decided) == 1 else pl.concat([d.events for d in decided])
+    duplicate = np.concatenate([d.duplicate for d in decided])
+    late = np.concatenate([d.late for d in decided])
+    fresh = ~duplicate & ~late
+    reasons = _rule_reasons(events.filter(pl.Series(fresh)), rules)
+    invalid = np.zeros(len(fresh), dtype=np.bool_)
+    invalid[np.flatnonzero(fresh)] = reasons.is_not_null().to_numpy()
+    reason_all = nulls("reason", len(fresh))
+    if reasons.len():
+        reason_all = reason_all.scatter(np.flatnonzero(fresh), reasons)
+    status = np.where(
+        duplicate,
+        fates.DUPLICATE,
+        np.where(late, fates.LATE, np.where(invalid, fates.INVALID, fates.COUNTED)),
+    )
+    labelled = events.with_columns(
+        pl.Series("status", status, dtype=pl.String),
+        pl.Series("invalid", invalid),
+        reason_all,
+        pl.col("event_type")
+        .replace_strict(dict(enumerate(EVENT_TYPES)), return_dtype=pl.String)
+        .alias("event_type_name"),
+    )
+    priced = aggregate.with_minute_and_spend(labelled, prices)
+    billed = (
+        pl.when((pl.col("status") == fates.COUNTED) & (pl.col("event_type") == CLICK))
+        .then(pl.col("spend_micros"))
+        .otherwise(0)
+    )
+    spend = priced.select(billed.cast(pl.Int64)).to_series()
+    kept = priced.filter(pl.Series(fresh))
+    records = decisions.decisions_table(labelled, spend)
+    results: list[BatchOutcome] = []
+    row = kept_row = 0
+    for part in decided:
+        n = part.events.height
+        rows = slice(row, row + n)
+        part_fresh = fresh[rows]
+        part_invalid = invalid[rows]
+        n_kept = int(np.count_nonzero(part_fresh))
+        part_kept = kept.slice(kept_row, n_kept)
         if deltas:
-            minute, dimensions = aggregate.round_deltas(kept)
+            minute, dimensions = aggregate.round_deltas(part_kept)
         else:
             minute, dimensions = (
                 aggregate.MINUTE_SCHEMA.empty_table(),
                 aggregate.empty_dimension_deltas(),
             )
-        return BatchOutcome(
-            from_offset=from_offset,
-            to_offset=from_offset + events.height,
-            minute_deltas=minute,
-            dimension_deltas=dimensions,
-            decisions=decisions.decisions_table(labelled, spend),
-            max_event_ms=self.state.max_event_ms,
-            watermark_ms=watermark_ms,
-            counted=int(np.count_nonzero(fresh & ~invalid)),
-            duplicates=int(np.count_nonzero(duplicate)),
-            late=int(np.count_nonzero(late)),
-            invalid=int(np.count_nonzero(invalid)),
-            kept=kept,
+        results.append(
+            BatchOutcome(
+                from_offset=part.from_offset,
+                to_offset=part.from_offset + n,
+                minute_deltas=minute,
+                dimension_deltas=dimensions,
+                decisions=records.slice(row, n),
+                max_event_ms=part.max_event_ms,
+                watermark_ms=part.watermark_ms,
+                counted=int(np.count_nonzero(part_fresh & ~part_invalid)),
+                duplicates=int(np.count_nonzero(part.duplicate)),
+                late=int(np.count_nonzero(part.late)),
+                invalid=int(np.count_nonzero(part_invalid)),
+                kept=part_kept,
+            )
         )
+        row += n
+        kept_row += n_kept
+    return results
 
-    def _rule_reasons(self, fresh: pl.DataFrame) -> pl.Series:
-        reasons = nulls("reason", fresh.height)
-        for rule in self.rules:
-            flagged = rule.evaluate(fresh).cast(pl.String)
-            named = pl.select(pl.concat_str(pl.lit(f"{rule.name}: "), flagged)).to_series()
-            reasons = reasons.fill_null(named)
-        return reasons
+
+def _rule_reasons(fresh: pl.DataFrame, rules: Sequence[Rule]) -> pl.Series:
+    reasons = nulls("reason", fresh.height)
+    for rule in rules:
+        flagged = rule.evaluate(fresh).cast(pl.String)
+        named = pl.select(pl.concat_str(pl.lit(f"{rule.name}: "), flagged)).to_series()
+        reasons = reasons.fill_null(named)
+    return reasons

@@ -47,7 +47,13 @@ from clickagg.clock import Clock
 from clickagg.config import Settings
 from clickagg.core import aggregate, columns
 from clickagg.core.prices import PriceBook
-from clickagg.core.processor import BatchOutcome, PartitionProcessor, PartitionState
+from clickagg.core.processor import (
+    BatchOutcome,
+    Decided,
+    PartitionProcessor,
+    PartitionState,
+    outcomes,
+)
 from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.windows import MINUTE_MS
 from clickagg.disk import is_out_of_space
@@ -291,6 +297,14 @@ class PartitionWorker:
         else:
             outcome = self.processor.process(pending.events, deltas=deltas)
         assert outcome is not None
+        return self.prepared(outcome)
+
+    def decide(self, events: pl.DataFrame) -> Decided:
+        """Step 2's stateful half for events :meth:`read_pending` read (``prepare_round``
+        labels them with the round's other partitions)."""
+        return self.processor.decide(events)
+
+    def prepared(self, outcome: BatchOutcome) -> Prepared:
         return Prepared(self._commit_of(outcome), outcome.kept, outcome.decisions)
 
     def event_clock_ms(self, pending: Pending) -> int | None:
@@ -350,6 +364,47 @@ class PartitionWorker:
         if self._snapshots_skipped:
             log.info("partition %d: snapshots resumed", self.partition)
             self._snapshots_skipped = False
+
+
+def prepare_round(
+    pending: Sequence[tuple[PartitionWorker, Pending | None]],
+) -> list[tuple[PartitionWorker, Prepared]]:
+    """Step 2 for every partition of a round: each partition's state decides its events
+    (duplicates, lateness), then the partitions that share their rules and prices are
+    labelled together (``processor.outcomes``: one pass of polars queries per round, not
+    per partition). In the order of ``pending``; partitions with nothing are left out."""
+    done: dict[int, Prepared] = {}
+    groups: dict[tuple[tuple[int, ...], int], list[tuple[int, PartitionWorker, Decided]]] = {}
+    books: list[PriceBook] = []  # the distinct price books (equal ones are one)
+    for index, (worker, item) in enumerate(pending):
+        if item is None:
+            continue
+        if item.lost_until is not None:
+            lost = worker.process(item, deltas=False)
+            assert lost is not None
+            done[index] = lost
+            continue
+        processor = worker.processor
+        book = next((b for b in books if _same_book(b, processor.prices)), None)
+        if book is None:
+            books.append(book := processor.prices)
+        key = (tuple(map(id, processor.rules)), id(book))
+        groups.setdefault(key, []).append((index, worker, worker.decide(item.events)))
+    for members in groups.values():
+        first = members[0][1].processor
+        labelled = outcomes(
+            [decided for _, _, decided in members],
+            rules=first.rules,
+            prices=first.prices,
+            deltas=False,
+        )
+        for (index, worker, _), outcome in zip(members, labelled, strict=True):
+            done[index] = worker.prepared(outcome)
+    return [(pending[index][0], done[index]) for index in sorted(done)]
+
+
+def _same_book(a: PriceBook, b: PriceBook) -> bool:
+    return a is b or a.table.equals(b.table)
 
 
 def append_recovered(workers: Sequence[PartitionWorker]) -> None:
@@ -431,8 +486,7 @@ def step_all(
     pending = [(worker, worker.read_pending()) for worker in workers]
     if any(worker.keyed is not None for worker in workers):
         pending = aligned(pending)
-    prepared = [(worker, worker.process(item, deltas=False)) for worker, item in pending]
-    batch = [(worker, item) for worker, item in prepared if item is not None]
+    batch = prepare_round(pending)
     if not batch:
         return 0
     try:
