@@ -6,6 +6,7 @@ counts."""
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -18,7 +19,7 @@ from clickagg.archive.parquet import CORRECTIONS, ParquetArchiveReader, ParquetA
 from clickagg.clock import FixedClock
 from clickagg.config import Settings
 from clickagg.core import columns, ids
-from clickagg.core.keyed import KeyedRules, VelocityRule
+from clickagg.core.keyed import KeyedRules, KeyedWindows, VelocityRule
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError, retire_marker
 from clickagg.keyed.stage2 import KeyedStage, keyed_status
@@ -581,6 +582,30 @@ def test_a_restart_starts_from_stage_twos_snapshot_behind_which_the_keyed_log_is
     for name in ("clicks", "spend_micros", "invalid_clicks", f"reason {RULE}"):
         assert counts.get(name, Counter()) == expected[name], name
     assert realtime == _sums(counts)
+
+
+def test_a_trimmed_keyed_log_without_its_snapshots_restarts_with_a_context_mark(
+    tmp_path: Path, traffic: list[Ev]
+) -> None:
+    """Stage 2's snapshots lost (deleted) after the keyed log was trimmed behind them: the
+    records before the log's start are gone, so each trimmed partition's windows start
+    with a context mark after the newest event counted, as after a gap (the batch closes
+    the hours that reach before it), instead of judging as if the log held everything."""
+    rig = KeyedRig(tmp_path, partitions=4, keyed_partitions=3)
+    try:
+        rig.send(traffic[: len(traffic) // 2])
+        rig.run()
+        starts = {k: rig.keyed_reader.start_offset(k) for k in range(3)}
+        assert any(starts.values())
+        shutil.rmtree(rig.settings.keyed_dir / "snapshots")
+        rig.restart()
+        newest = max(s.max_event_ms for s in rig.store.partition_status())
+        for k, start in starts.items():
+            windows = rig.stage.windows[k]
+            assert isinstance(windows, KeyedWindows)
+            assert windows.context_from_ms == (newest + 1 if start else None), k
+    finally:
+        rig.close()
 
 
 def test_records_appended_twice_are_consumed_once(tmp_path: Path, traffic: list[Ev]) -> None:

@@ -335,6 +335,7 @@ class KeyedStage:
         current = family.spec_json(self.rules.current())
         redo: list[pa.Table] = []
         ranges: dict[int, tuple[int, int]] = {}
+        newest_counted: int | None = None
         for k in range(self.reader.partitions):
             stored = progress.get(k)
             until = stored.consumed_offset if stored is not None else 0
@@ -358,6 +359,15 @@ class KeyedStage:
                         f"behind the keyed log's start {at}: the records between are gone"
                     )
                 at, windows = snapshot[0], family.decode(snapshot[1], self.horizon_ms)
+            elif at > 0:
+                # Trimmed below ``at`` with no snapshot to start from (the snapshots were
+                # lost or deleted): the records before are gone, as in a gap. They were all
+                # counted, so the log is complete after the newest event counted so far:
+                # a context mark there (conservative: the next hour or two to the batch).
+                if newest_counted is None:
+                    statuses = self.store.partition_status()
+                    newest_counted = max((st.max_event_ms for st in statuses), default=0)
+                windows.start_context(newest_counted + 1)
             self._snapshotted[k] = (at, time.monotonic())
             if archived > until or (archived < min(at, until)):
                 raise RuntimeError(
