@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -313,6 +315,43 @@ def test_without_its_rules_the_family_appends_nothing(tmp_path: Path) -> None:
         rig.close()
 
 
+SWITCH = 3  # rounds of 12 minutes: the rules come on 36 minutes into the first hour
+
+
+def corrected_with_rules_switched_on(
+    tmp_path: Path, at_switch: Callable[[AdFamilyRig], None]
+) -> list[dict[str, Any]]:
+    """Run the ad traffic with the ad family's rules off for the first ``SWITCH`` rounds,
+    calling ``at_switch`` before they come on; the corrections the stream made."""
+    (tmp_path / "rules.toml").write_text(RULES)
+    rig = AdFamilyRig(
+        tmp_path / "data", partitions=4, keyed_partitions=3, rules_file=tmp_path / "rules.toml"
+    )
+    try:
+        for i, chunk in enumerate(rounds(ad_traffic())):
+            if i == SWITCH:
+                at_switch(rig)
+            appender = rig.appender.appenders[1]  # type: ignore[attr-defined]
+            appender.active = lambda on=i >= SWITCH: on
+            rig.send(chunk)
+            rig.run()
+        return rig.corrected().to_pylist()
+    finally:
+        rig.close()
+
+
+def assert_only_what_the_batch_flags_after_the_gap(
+    corrected: list[dict[str, Any]], rules_file: Path
+) -> None:
+    expected = batch_reference(ad_traffic(), rules_file)
+    wrong = sorted(r["event_id"] for r in corrected if expected.get(r["event_id"]) != r["rule_id"])
+    assert not wrong, f"the stream corrected clicks the batch counts: {wrong}"
+    # Hour 2's blind clicks look back to 1:30, after the gap: judged. Hours 0 and 1 reach
+    # into it, and so does hour 2's spike (its baseline is hours 0 and 1): the batch's.
+    blind = {e.event_id for c in ad_traffic() for e in c if e.user_id.startswith("blind2-")}
+    assert {row["event_id"] for row in corrected} == blind
+
+
 @pytest.mark.parametrize("restart_after_switch", [False, True])
 def test_rules_switched_on_while_the_stream_runs_leave_the_hours_reaching_into_the_gap(
     tmp_path: Path, restart_after_switch: bool
@@ -323,29 +362,13 @@ def test_rules_switched_on_while_the_stream_runs_leave_the_hours_reaching_into_t
     fell in it would be flagged, a baseline would lack its clicks. Later hours are judged
     as the batch judges them. A restart right after the switch (the mark owed, or in the
     log) changes nothing."""
-    (tmp_path / "rules.toml").write_text(RULES)
-    rig = AdFamilyRig(
-        tmp_path / "data", partitions=4, keyed_partitions=3, rules_file=tmp_path / "rules.toml"
-    )
-    switch = 3  # rounds of 12 minutes: the rules come on 36 minutes into the first hour
-    try:
-        for i, chunk in enumerate(rounds(ad_traffic())):
-            if i == switch and restart_after_switch:
-                rig.restart()
-            appender = rig.appender.appenders[1]  # type: ignore[attr-defined]
-            appender.active = lambda on=i >= switch: on
-            rig.send(chunk)
-            rig.run()
-        corrected = rig.corrected().to_pylist()
-    finally:
-        rig.close()
-    expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
-    for row in corrected:  # nothing the batch would not flag, under no other rule
-        assert expected.get(row["event_id"]) == row["rule_id"], row["event_id"]
-    # Hour 2's blind clicks look back to 1:30, after the gap: judged. Hours 0 and 1 reach
-    # into it, and so does hour 2's spike (its baseline is hours 0 and 1): the batch's.
-    blind = {e.event_id for c in ad_traffic() for e in c if e.user_id.startswith("blind2-")}
-    assert {row["event_id"] for row in corrected} == blind
+
+    def at_switch(rig: AdFamilyRig) -> None:
+        if restart_after_switch:
+            rig.restart()
+
+    corrected = corrected_with_rules_switched_on(tmp_path, at_switch)
+    assert_only_what_the_batch_flags_after_the_gap(corrected, tmp_path / "rules.toml")
 
 
 def test_rules_switched_on_after_an_upgrade_from_a_build_without_marks(tmp_path: Path) -> None:
@@ -353,28 +376,12 @@ def test_rules_switched_on_after_an_upgrade_from_a_build_without_marks(tmp_path:
     every round and recorded no gap (its marker holds offsets only). Upgraded, with the
     rules then switched on, the log misses everything counted before: its first frames
     must carry a mark, or the stream flags clicks the batch counts."""
-    (tmp_path / "rules.toml").write_text(RULES)
-    rig = AdFamilyRig(
-        tmp_path / "data", partitions=4, keyed_partitions=3, rules_file=tmp_path / "rules.toml"
-    )
-    switch = 3
     marker = tmp_path / "data" / "keyed" / "ad" / "stage1.json"
-    try:
-        for i, chunk in enumerate(rounds(ad_traffic())):
-            if i == switch:
-                stored = json.loads(marker.read_text())
-                earlier = {k: v for k, v in stored.items() if k.isdigit()}  # offsets only
-                marker.write_text(json.dumps(earlier))
-                rig.restart()  # the upgrade
-            appender = rig.appender.appenders[1]  # type: ignore[attr-defined]
-            appender.active = lambda on=i >= switch: on
-            rig.send(chunk)
-            rig.run()
-        corrected = rig.corrected().to_pylist()
-    finally:
-        rig.close()
-    expected = batch_reference(ad_traffic(), tmp_path / "rules.toml")
-    wrong = sorted(r["event_id"] for r in corrected if expected.get(r["event_id"]) != r["rule_id"])
-    assert not wrong, f"the stream corrected clicks the batch counts: {wrong}"
-    blind = {e.event_id for c in ad_traffic() for e in c if e.user_id.startswith("blind2-")}
-    assert {row["event_id"] for row in corrected} == blind
+
+    def upgrade(rig: AdFamilyRig) -> None:
+        stored = json.loads(marker.read_text())
+        marker.write_text(json.dumps({k: v for k, v in stored.items() if k.isdigit()}))
+        rig.restart()
+
+    corrected = corrected_with_rules_switched_on(tmp_path, upgrade)
+    assert_only_what_the_batch_flags_after_the_gap(corrected, tmp_path / "rules.toml")
