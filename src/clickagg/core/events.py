@@ -411,7 +411,7 @@ def _devices_and_browsers(valid: list[IncomingEvent]) -> tuple[list[Any], list[A
     parsed = {agent: device_and_browser(agent) for agent in agents if agent}
     unknown = (None, None)
     pairs = [
-        parsed.get(e.user_agent, unknown)  # type: ignore[arg-type]
+        parsed.get(e.user_agent or "", unknown)
         if e.device is None and e.browser is None
         else _device_and_browser(e)
         for e in valid

@@ -33,8 +33,8 @@ def encode_windows(windows: KeyedWindows | VisitorWindows | AdWindows) -> bytes:
     meta: dict[str, object] = {
         "high_water": {str(p): o for p, o in sorted(windows.high_water.items())},
         "max_event_ms": windows.max_event_ms,
+        "context_from_ms": windows.context_from_ms,
     }
-    meta["context_from_ms"] = windows.context_from_ms
     if isinstance(windows, VisitorWindows | AdWindows):
         meta["decided_until_ms"] = windows.decided_until_ms
     second: pa.Table | None = None

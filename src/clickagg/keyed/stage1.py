@@ -26,6 +26,7 @@ import pyarrow as pa
 from clickagg.core import ids
 from clickagg.core.keyed import keyed_records
 from clickagg.log.base import LogWriter
+from clickagg.store.base import AggregateStore
 
 
 class KeyedGapError(RuntimeError):
@@ -67,6 +68,12 @@ def _clicks(kept: pl.DataFrame) -> pl.DataFrame:
     if kept.is_empty():
         return kept
     return kept.filter(pl.col("event_type") == ids.CLICK)
+
+
+def newest_counted_ms(store: AggregateStore) -> int:
+    """The newest event time the store has counted (0: none): a keyed log that starts now,
+    or restarts without what came before, is complete after it (its context mark)."""
+    return max((status.max_event_ms for status in store.partition_status()), default=0)
 
 
 def retire_marker(marker_path: Path) -> None:

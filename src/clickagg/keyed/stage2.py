@@ -82,7 +82,7 @@ from clickagg.keyed.snapshots import (
     decode_windows,
     encode_windows,
 )
-from clickagg.keyed.stage1 import context_of, decode_records
+from clickagg.keyed.stage1 import context_of, decode_records, newest_counted_ms
 from clickagg.log.base import LogReader
 from clickagg.query.base import KeyedPartitionStatus, KeyedStatus
 from clickagg.realtime.base import RealtimeCounters
@@ -365,8 +365,7 @@ class KeyedStage:
                 # counted, so the log is complete after the newest event counted so far:
                 # a context mark there (conservative: the next hour or two to the batch).
                 if newest_counted is None:
-                    statuses = self.store.partition_status()
-                    newest_counted = max((st.max_event_ms for st in statuses), default=0)
+                    newest_counted = newest_counted_ms(self.store)
                 windows.start_context(newest_counted + 1)
             self._snapshotted[k] = (at, time.monotonic())
             if archived > until or (archived < min(at, until)):

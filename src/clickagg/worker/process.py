@@ -42,7 +42,12 @@ from clickagg.core.rules.loading import RulesWatcher
 from clickagg.core.visitor import visitor_records
 from clickagg.core.windows import HOUR_MS, window_start
 from clickagg.disk import Space, is_out_of_space, reserve_for, space
-from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders, retire_marker
+from clickagg.keyed.stage1 import (
+    KeyedAppender,
+    KeyedAppenders,
+    newest_counted_ms,
+    retire_marker,
+)
 from clickagg.keyed.stage2 import (
     AD,
     FAMILIES,
@@ -168,7 +173,7 @@ class _Session:
                 appenders = []
                 committed = self.store.committed_offsets()
                 # Where a keyed log that starts now is complete from (stage1's marks).
-                newest = max((s.max_event_ms for s in self.store.partition_status()), default=0)
+                newest = newest_counted_ms(self.store)
                 for family, directory in family_dirs.items():
                     # No age or size to wait for: stage 2 trims whole segments below what
                     # a recovery could need (its snapshots and the corrections' end).
