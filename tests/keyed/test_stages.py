@@ -21,8 +21,15 @@ from clickagg.config import Settings
 from clickagg.core import columns, ids
 from clickagg.core.keyed import KeyedRules, KeyedWindows, VelocityRule
 from clickagg.core.windows import MINUTE_MS
-from clickagg.keyed.stage1 import KeyedAppender, KeyedGapError, retire_marker
+from clickagg.keyed.stage1 import (
+    KeyedAppender,
+    KeyedGapError,
+    context_of,
+    decode_records,
+    retire_marker,
+)
 from clickagg.keyed.stage2 import KeyedStage, keyed_status
+from clickagg.log.base import Frame
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.store.base import KeyedCommit, KeyedProgress
@@ -40,6 +47,7 @@ LIMIT = 60  # the built-in rule's max_clicks_per_minute
 RULE = "ip-click-velocity"
 MAX_ADS, SPREAD_MS = 20, 10 * MINUTE_MS  # the built-in ip-ad-spread rule's
 SPREAD = "ip-ad-spread"
+SPREAD_ADS = tuple(f"ad-s{n}" for n in range(30))  # spread_traffic's
 BOT = "curl/8.0"  # the built-in non-browser-client rule flags it in stage 1
 
 
@@ -162,6 +170,7 @@ class KeyedRig:
         keyed_partitions: int,
         crash: Crash | None = None,
         rules_file: Path | None = None,
+        batch_records: int = 29,
     ) -> None:
         self.root = root
         self.settings = Settings(
@@ -178,6 +187,7 @@ class KeyedRig:
         )
         self.clock = FixedClock(T0 + 10 * MINUTE_MS)
         self.crash = crash or Crash()
+        self.batch_records = batch_records  # stage 2's records per read
         self.trimmed = 0  # keyed log segments deleted behind stage 2's snapshots
         # (event id, rule id) -> the time of the keyed commit that applied that verdict
         self.applied_at: dict[tuple[str, str], int] = {}
@@ -242,7 +252,7 @@ class KeyedRig:
             rules=rules_watcher(self.settings),
             clock=self.clock,
             allowed_lateness_ms=self.settings.allowed_lateness_ms,
-            batch_records=29,
+            batch_records=self.batch_records,
             counters=self.counters,
             corrections=self.corrections,
             snapshots=self.keyed_snapshots,
@@ -294,6 +304,13 @@ class KeyedRig:
         self.keyed_writer.close()
         self._open()
         self.start()
+
+    def run_stream(self) -> None:
+        """Stage 1 alone (the workers), until the log is drained: stage 2 reads nothing."""
+        for _ in range(3000):
+            if step_all(self.workers, self.store, self.counters) == 0:
+                return
+        raise AssertionError("the workers did not drain")
 
     def run(self) -> None:
         for _ in range(3000):
@@ -606,6 +623,110 @@ def test_a_trimmed_keyed_log_without_its_snapshots_restarts_with_a_context_mark(
             assert windows.context_from_ms == (newest + 1 if start else None), k
     finally:
         rig.close()
+
+
+def _marked_mid_read(root: Path, traffic: list[Ev], *, batch_records: int, crash: bool) -> tuple:
+    """A third of the traffic through both stages; two more thirds through stage 1 alone,
+    with a gap before the last (every keyed partition's next frame carries a mark); then
+    stage 2 over all of it, optionally crashing once its commit is in the store (the
+    recovery replays from the snapshot taken in the first third)."""
+    rig = KeyedRig(
+        root,
+        partitions=4,
+        keyed_partitions=3,
+        batch_records=batch_records,
+        crash=Crash("keyed-after-commit", times=1),
+    )
+    try:
+        rig.crash.armed = False
+        third = len(traffic) // 3
+        rig.send(traffic[:third])
+        rig.run()
+        snapshots = {k: rig.stage._snapshotted[k][0] for k in range(3)}
+        rig.send(traffic[third : 2 * third])
+        rig.run_stream()
+        rig.appender._gap = True  # what a family inactive for a round leaves
+        rig.send(traffic[2 * third :])
+        rig.run_stream()
+        reads: list[list[bool]] = []  # per read: which of its frames carry a mark
+        real = rig.keyed_reader.read
+
+        def read(k: int, at: int, most: int) -> list[Frame]:
+            frames = real(k, at, most)
+            reads.append([context_of(decode_records(f.payload)) is not None for f in frames])
+            return frames
+
+        rig.keyed_reader.read = read  # type: ignore[method-assign]
+        rig.crash.rearm()
+        rig.crash.armed = crash
+        try:
+            for _ in range(1000):  # one step in one read; a frame a step otherwise
+                if not rig.stage.step():
+                    break
+        except CrashError:
+            rig.restart()  # the recovery replays the read that crossed the mark
+            assert all(rig.stage._snapshotted[k][0] == snapshots[k] for k in range(3))
+        assert rig.crash.fired == int(crash)
+        assert rig.stage.consumed == {k: rig.keyed_reader.durable_end(k) for k in range(3)}
+        windows = {
+            k: (
+                w.kept().sort(w.kept().columns).rows(),
+                w.high_water,
+                w.max_event_ms,
+                w.context_from_ms,
+            )
+            for k, w in rig.stage.windows.items()
+            if isinstance(w, KeyedWindows)
+        }
+        marks = {k: state[3] for k, state in windows.items()}
+        rig.run()
+        rig.corrections.flush()
+        # Each click's standing rule (reads of other sizes may pass through a later rule
+        # first, then correct to the earlier one: the verdicts differ, not where they end).
+        corrected: dict[str, str] = {}
+        named_spread: set[str] = set()  # every click a spread verdict was applied to
+        for r in rig.corrected().select(["event_id", "rule_id"]).to_pylist():
+            if corrected.get(r["event_id"]) != RULE:
+                corrected[r["event_id"]] = r["rule_id"]
+            if r["rule_id"] == SPREAD:
+                named_spread.add(r["event_id"])
+        return rig.counts(SPREAD_ADS), corrected, windows, marks, reads, named_spread
+    finally:
+        rig.close()
+
+
+def test_a_context_mark_inside_one_read_applies_from_its_frame_also_in_a_replay(
+    tmp_path: Path,
+) -> None:
+    """Stage 2 reads many keyed frames at once. A context mark on a frame in the middle of
+    a read applies from that frame on: the records before it in the same read are judged
+    with their whole context, as when read frame by frame, and a recovery that replays
+    the read from a snapshot taken before it rebuilds the same windows. (Spread traffic:
+    after a mark a spread click is not named, as velocity, the earlier rule, might flag
+    it with the gap's clicks.)"""
+    traffic = spread_traffic()
+    by_frame = _marked_mid_read(tmp_path / "a", traffic, batch_records=1, crash=False)
+    one_read = _marked_mid_read(tmp_path / "b", traffic, batch_records=10_000, crash=False)
+    replayed = _marked_mid_read(tmp_path / "c", traffic, batch_records=10_000, crash=True)
+    assert all(not any(marked[1:]) for marked in by_frame[4])  # a frame per read
+    assert any(any(marked[1:]) for marked in one_read[4])  # a mark inside a read
+    for run in (one_read, replayed):
+        assert run[:4] == by_frame[:4]
+    marks = by_frame[3]
+    assert all(mark is not None for mark in marks.values())
+    # The clicks of the third before the marks were judged with their whole context:
+    # spread named some of them (velocity then took them over: the standing rule). A
+    # spread click after the marks is not named (velocity might flag it with the gap's
+    # clicks); the batch decides it.
+    third = len(traffic) // 3
+    first_sent: dict[str, int] = {}  # the traffic holds copies: a click counts where first sent
+    for n, e in enumerate(traffic):
+        first_sent.setdefault(e.event_id, n // third)
+    second = {event_id for event_id, part in first_sent.items() if part == 1}
+    last = {event_id for event_id, part in first_sent.items() if part >= 2}
+    for run in (by_frame, one_read, replayed):
+        named_spread = run[5]
+        assert named_spread & second and not named_spread & last
 
 
 def test_records_appended_twice_are_consumed_once(tmp_path: Path, traffic: list[Ev]) -> None:

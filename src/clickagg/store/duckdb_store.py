@@ -638,8 +638,11 @@ def _settle(cur: duckdb.DuckDBPyConnection, commit: KeyedCommit) -> KeyedCommit:
         return pl.col(column).replace_strict(rank, default=gone, return_dtype=pl.Int64)
 
     # A click its own family says it corrected before (``previous_rule_id``) stands under
-    # that rule where this table has no row: corrected by a build before the table.
-    own = pl.col("previous_rule_id").drop_nulls().first().over("event_id")
+    # that rule where this table has no row: corrected by a build before the table. Only
+    # the click's first verdict here says so: a later one's previous rule may be an
+    # earlier verdict of this same commit (a read split by a context mark), not applied
+    # yet, and taking it as applied would re-attribute a click never subtracted.
+    own = pl.col("previous_rule_id").first().over("event_id")
     frame = (
         verdicts.with_row_index("_n")
         .join(stored_frame.cast({"_stored": pl.String}), on="event_id", how="left")
