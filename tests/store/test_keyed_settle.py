@@ -52,7 +52,11 @@ def _counted(events: list[str]) -> PartitionCommit:
     )
 
 
-def _verdicts(schema: pa.Schema, flagged: list[tuple[str, str]]) -> pa.Table:
+def _verdicts(
+    schema: pa.Schema, flagged: list[tuple[str, str]], previous: dict[int, str] | None = None
+) -> pa.Table:
+    """One verdict per (event id, rule); ``previous`` gives the family's own earlier rule
+    of the verdict at that position (what its windows say the click stood under)."""
     rows = []
     for offset, (event_id, rule) in enumerate(flagged):
         rows.append(
@@ -76,13 +80,20 @@ def _verdicts(schema: pa.Schema, flagged: list[tuple[str, str]]) -> pa.Table:
                 "keyed_offset": offset,
                 "rule_id": rule,
                 "evidence": f"{rule} saw it",
-                "previous_rule_id": None,
+                "previous_rule_id": (previous or {}).get(offset),
             }
         )
     return pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
 
 
-def _commit(family: str, flagged: list[tuple[str, str]], *, lo: int = 0, k: int = 0) -> KeyedCommit:
+def _commit(
+    family: str,
+    flagged: list[tuple[str, str]],
+    *,
+    lo: int = 0,
+    k: int = 0,
+    previous: dict[int, str] | None = None,
+) -> KeyedCommit:
     schema = {"ip": VERDICT_SCHEMA, "ad": AD_VERDICT_SCHEMA}.get(family, VISITOR_VERDICT_SCHEMA)
     return KeyedCommit(
         keyed_partition=k,
@@ -94,7 +105,7 @@ def _commit(family: str, flagged: list[tuple[str, str]], *, lo: int = 0, k: int 
         corrections=0,
         committed_at_ms=0,
         family=family,
-        verdicts=_verdicts(schema, flagged),
+        verdicts=_verdicts(schema, flagged, previous),
         rule_order=ORDER,
         spec_json=family,
     )
@@ -179,6 +190,23 @@ def test_several_verdicts_on_one_click_in_one_commit_settle_in_order(store: Duck
         ("ip-ad-spread", "ip-velocity"),
     ]
     assert _state(store) == (1, 1, 500, {"ip-ad-spread": 1})
+
+
+def test_a_verdict_that_moves_a_click_flagged_earlier_in_the_same_commit_keeps_it_corrected(
+    store: DuckDBStore,
+) -> None:
+    """One read of the IP family names e1 twice: spread first, then (past a context mark)
+    velocity, whose verdict says e1 already stands under spread. Only the first verdict of
+    a click says what stood before this commit: the spread verdict corrects e1, the
+    velocity verdict then changes nothing (spread is the earlier rule). Reading the second
+    verdict's ``previous_rule_id`` as the click's state before the commit skipped the
+    correction and left e1 billable."""
+    flagged = [("e1", "ip-ad-spread"), ("e1", "ip-velocity")]
+    [applied] = store.commit_keyed([_commit("ip", flagged, previous={1: "ip-ad-spread"})])
+    assert applied["rule_id"].to_pylist() == ["ip-ad-spread"]
+    assert applied["previous_rule_id"].to_pylist() == [None]
+    assert _state(store) == (1, 1, 500, {"ip-ad-spread": 1})
+    assert store.keyed_corrections_by_rule() == {"ip-ad-spread": 1}
 
 
 def test_a_fenced_commit_settles_nothing_and_each_family_fences_its_own_offsets(
