@@ -479,6 +479,8 @@ def test_queries_run_while_commits_land(store: DuckDBStore) -> None:
             done.set()
 
     def read() -> None:
+        """Each commit adds one click and moves the offset by one in one transaction, so
+        reads in this order can only see: totals <= the device breakdown <= the offset."""
         try:
             last, last_users = -1, -1
             while not done.is_set():
@@ -492,8 +494,10 @@ def test_queries_run_while_commits_land(store: DuckDBStore) -> None:
                     granularity="hour",
                     group_by="device",
                 )
-                assert sum(r.clicks for r in rows) >= 0
-                assert store.committed_offsets().get(0, 0) >= 0
+                assert {r.group for r in rows} <= {"mobile"}
+                by_device = sum(r.clicks for r in rows)
+                offset = store.committed_offsets().get(0, 0)
+                assert t.clicks <= by_device <= offset <= n_commits
                 time.sleep(0.002)  # an RPC server, not a busy loop: let the writer run
         except BaseException as exc:
             errors.append(exc)
@@ -628,8 +632,14 @@ def _one_click_commit(partition: int, from_offset: int, to_offset: int) -> Parti
 
 
 def test_totals_without_users_skips_the_sketch_but_not_the_sums(tmp_path: Path) -> None:
+    """The commit carries users (a sketch), so a skipped sketch shows: 2 users, then 0."""
+    events = [
+        Ev("ad", T0, user="u1", cost_micros=250),
+        Ev("ad", T0 + 1_000, user="u2", cost_micros=250),
+        Ev("ad", T0, click=False),
+    ]
     with DuckDBStore(tmp_path / "t.duckdb") as store:
-        store.commit(_one_click_commit(0, 0, 1))
+        store.commit(make_commit(0, 0, 3, events))
         full = store.totals(ad_id="ad", start_ms=0, end_ms=10**13)
         fast = store.totals(ad_id="ad", start_ms=0, end_ms=10**13, unique_users=False)
         assert (fast.clicks, fast.impressions, fast.spend_micros) == (
@@ -637,7 +647,9 @@ def test_totals_without_users_skips_the_sketch_but_not_the_sums(tmp_path: Path) 
             full.impressions,
             full.spend_micros,
         )
-        assert full.clicks == 1 and fast.unique_users == 0
+        assert (full.clicks, full.impressions, full.unique_users) == (2, 1, 2)
+        assert full.spend_micros == 500
+        assert fast.unique_users == 0
 
 
 def _keyed(k: int, lo: int, hi: int, spec: str, *, replay_from: int = 0) -> KeyedCommit:
