@@ -7,7 +7,11 @@ Protocols and the registry's factories only, never an adapter's own API.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import polars as pl
@@ -15,12 +19,19 @@ import pyarrow as pa
 import pytest
 
 from clickagg.archive.base import ArchiveGapError
+from clickagg.clock import SystemClock
 from clickagg.config import Settings
 from clickagg.core import aggregate, columns, ids
 from clickagg.core.decisions import DECISION_SCHEMA
 from clickagg.core.windows import HOUR_MS, MINUTE_MS
+from clickagg.query.base import QueryStore, StoreUnavailable, Totals
+from clickagg.realtime.feed import FeedServer, PublishingCounters
+from clickagg.realtime.memory import InMemoryCounters
 from clickagg.runtime import roles
 from clickagg.store.base import FencedError, PartitionCommit
+from clickagg.store.duckdb_store import DuckDBStore
+from clickagg.store.rpc import QueryServer
+from clickagg.worker.process import feed_snapshot, refill_counters
 from tests.conftest import Ev, build_columns, frame_of
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
@@ -197,3 +208,178 @@ def test_unknown_backends_are_named(tmp_path: Path) -> None:
         bad = dataclasses.replace(settings_for(tmp_path), **{field: "nope"})
         with pytest.raises(ValueError, match=f"unknown {role} backend 'nope': choose one of"):
             roles.check(bad)
+
+
+# -- query store ----------------------------------------------------------------------
+
+
+class EmbeddedServing:
+    """What serves the embedded ``duckdb`` query store: the worker process's query server
+    and feed over its store and counters (``clickagg.worker.process``), started, stopped
+    and restarted here as a worker is. A backend whose queries need no server beside the
+    commit store (PostgreSQL) would serve with a no-op."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: DuckDBStore | None = None
+
+    def start(self) -> None:
+        settings = self.settings
+        self.store = store = roles.commit_store(settings)
+        inner = refill_counters(roles.counters(settings), store, now_ms=SystemClock().now_ms())
+        assert isinstance(inner, InMemoryCounters)
+        self.counters = PublishingCounters(
+            inner,
+            snapshot=functools.partial(
+                feed_snapshot, store, SystemClock(), hours_ms=settings.replica_hours_ms
+            ),
+        )
+        self.feed = FeedServer(settings.feed_socket, self.counters)
+        self.server = QueryServer(settings.rpc_socket, store, self.counters)
+        self.server.start()
+        self.feed.start()
+
+    def commit(self, commits: list[PartitionCommit]) -> None:
+        """A worker round: the fenced store commit, then the counters with its offsets."""
+        assert self.store is not None
+        self.store.commit_many(commits)
+        minute = pa.concat_tables([c.minute_deltas for c in commits])
+        self.counters.apply(minute, {c.partition: (c.from_offset, c.to_offset) for c in commits})
+
+    def stop(self) -> None:
+        assert self.store is not None
+        self.server.stop()
+        self.feed.stop()
+        self.store.close()
+        self.store = None
+
+
+SERVING = {"duckdb": EmbeddedServing}
+
+
+def test_every_query_store_has_its_serving_side_here() -> None:
+    assert set(SERVING) == set(roles.QUERY_STORES)
+
+
+def expected_totals(events: list[Ev]) -> Totals:
+    clicks = [e for e in events if e.event_type == ids.CLICK]
+    return Totals(
+        clicks=len(clicks),
+        impressions=len(events) - len(clicks),
+        spend_micros=sum(e.cost_micros for e in clicks),
+        unique_users=len({e.user_id for e in events if e.user_id}),
+        invalid_clicks=0,
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
+    """The replica follows the feed: what a round committed shows within moments."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("backend", sorted(roles.QUERY_STORES))
+def test_query_store_answers_what_was_committed_and_survives_a_restart(
+    tmp_path: Path, backend: str
+) -> None:
+    """Recent minutes (which the embedded adapter answers from its replica) and old ones
+    (from the store) alike; a new round shows; after a restart of the serving side every
+    query answers, on connections opened before it too; while it is down, a query is a
+    StoreUnavailable at worst, never another error."""
+    settings = settings_for(tmp_path, store_backend=backend)
+    recent = (int(time.time() * 1000) // MINUTE_MS - 2) * MINUTE_MS
+    hour = recent - recent % HOUR_MS
+    spans = {"old": (T0, T0 + HOUR_MS), "recent": (hour, hour + HOUR_MS)}
+
+    def events_at(t: int, tag: str) -> list[Ev]:
+        return [
+            Ev(f"{tag}1", "ad1", t + 1_000, user_id="u1", country="US", cost_micros=300),
+            Ev(f"{tag}2", "ad1", t + 2_000, user_id="u2", country="DE", cost_micros=500),
+            Ev(f"{tag}3", "ad1", t + 3_000, ids.IMPRESSION, user_id="u1", country="US"),
+        ]
+
+    by_span = {"old": events_at(T0, "o"), "recent": events_at(recent, "r")}
+    later = [Ev("late1", "ad1", recent + 4_000, user_id="u3", country="US", cost_micros=200)]
+    serving = SERVING[backend](settings)
+    serving.start()
+    serving.commit([commit_of(0, 0, by_span["old"]), commit_of(1, 0, by_span["recent"])])
+
+    async def matches(queries: QueryStore, span: str, events: list[Ev]) -> bool:
+        start, end = spans[span]
+        want = expected_totals(events)
+        if await queries.totals(ad_id="ad1", start_ms=start, end_ms=end) != want:
+            return False
+        [hour_row] = await queries.aggregates(
+            ad_id="ad1", start_ms=start, end_ms=end, granularity="hour"
+        )
+        minutes = await queries.aggregates(
+            ad_id="ad1", start_ms=start, end_ms=end, granularity="minute"
+        )
+        by_country = await queries.aggregates(
+            ad_id="ad1", start_ms=start, end_ms=end, granularity="hour", group_by="country"
+        )
+        # The real-time counters hold the last hour or so (a sliding window's span).
+        window = await queries.window(ad_id="ad1", start_ms=start, end_ms=end)
+        in_window = (window.clicks, window.spend_micros)
+        countries = {e.country for e in events}
+        return (
+            (hour_row.window_ms, hour_row.clicks, hour_row.unique_users)
+            == (start, want.clicks, want.unique_users)
+            and [(m.window_ms, m.clicks, m.impressions) for m in minutes]
+            == [(events[0].ts_ms - events[0].ts_ms % MINUTE_MS, want.clicks, want.impressions)]
+            and {(r.group, r.clicks) for r in by_country}
+            == {
+                (c, sum(e.country == c and e.event_type == ids.CLICK for e in events))
+                for c in countries
+            }
+            and in_window == ((want.clicks, want.spend_micros) if span == "recent" else (0, 0))
+        )
+
+    async def eight_old_totals(queries: QueryStore) -> list[Totals | BaseException]:
+        span = {"ad_id": "ad1", "start_ms": spans["old"][0], "end_ms": spans["old"][1]}
+        return await asyncio.gather(
+            *(queries.totals(**span) for _ in range(8)), return_exceptions=True
+        )
+
+    async def scenario() -> None:
+        queries = roles.query_store(settings)
+        await queries.start()
+        try:
+            await eventually(queries.ping)
+            for span, events in by_span.items():
+                await eventually(functools.partial(matches, queries, span, events))
+            top = await queries.top_ads(start_ms=T0, end_ms=hour + HOUR_MS)
+            assert [(t.ad_id, t.clicks) for t in top] == [("ad1", 4)]
+            statuses = await queries.partition_status()
+            assert {(s.partition, s.committed_offset) for s in statuses} == {(0, 3), (1, 3)}
+
+            serving.commit([commit_of(1, 3, later)])  # a new round shows
+            recent_now = [*by_span["recent"], *later]
+            await eventually(functools.partial(matches, queries, "recent", recent_now))
+
+            # Eight at once, so that an adapter with a pool holds several connections;
+            # then a quick restart (the supervisor's): every query answers.
+            old = expected_totals(by_span["old"])
+            assert await eight_old_totals(queries) == [old] * 8
+            serving.stop()
+            serving.start()
+            assert await eight_old_totals(queries) == [old] * 8
+
+            # Down for a while: StoreUnavailable at worst; then back, the same answers.
+            serving.stop()
+            for answer in await eight_old_totals(queries):
+                assert isinstance(answer, StoreUnavailable) or answer == old, answer
+            assert await queries.ping() is False
+            serving.start()
+            await eventually(queries.ping)
+            await eventually(functools.partial(matches, queries, "old", by_span["old"]))
+            await eventually(functools.partial(matches, queries, "recent", recent_now))
+        finally:
+            await queries.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if serving.store is not None:
+            serving.stop()
