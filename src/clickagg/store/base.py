@@ -112,7 +112,14 @@ class CompactionResult:
     seconds: float
 
 
-class AggregateStore(Protocol):
+class CommitSink(Protocol):
+    """The fenced round commit: what the stream needs of a store, and all it may assume.
+
+    A round's deltas and every partition's new offset land in one transaction, each
+    conditional on the partition's previous offset, so a stale owner (a worker that was
+    replaced, a replay) is refused whole and a crash leaves the round either applied or
+    not. The real-time counters are the second fenced sink (``RealtimeCounters.apply``)."""
+
     def committed_offsets(self) -> dict[int, int]:
         """Committed offset per partition that has ever committed (others start at 0)."""
         ...
@@ -126,6 +133,14 @@ class AggregateStore(Protocol):
         """Like :meth:`commit` for several partitions (each at most once) in ONE
         transaction: all apply or none. Fixed per-transaction costs are paid once."""
         ...
+
+    def close(self) -> None: ...
+
+
+class AggregateStore(CommitSink, Protocol):
+    """A commit sink that also keeps the keyed stage's corrections and answers reads: the
+    embedded store, which the worker process owns and queries (the API process reads it
+    through ``clickagg.query``)."""
 
     def commit_keyed(self, commits: Sequence[KeyedCommit]) -> list[pa.Table]:
         """Apply keyed partitions' corrections, consumed offsets, high-water marks and the
@@ -219,5 +234,3 @@ class AggregateStore(Protocol):
         ...
 
     def partition_status(self) -> list[PartitionStatus]: ...
-
-    def close(self) -> None: ...

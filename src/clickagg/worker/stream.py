@@ -60,7 +60,7 @@ from clickagg.disk import is_out_of_space
 from clickagg.keyed.stage1 import KeyedAppender, KeyedAppenders
 from clickagg.log.base import CorruptFrameError, Frame, LogReader
 from clickagg.realtime.base import RealtimeCounters
-from clickagg.store.base import AggregateStore, FencedError, PartitionCommit
+from clickagg.store.base import CommitSink, FencedError, PartitionCommit
 from clickagg.worker.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class PartitionWorker:
         partition: int,
         *,
         reader: LogReader,
-        store: AggregateStore,
+        store: CommitSink,
         archive: ArchiveWriter,
         snapshots: SnapshotStore,
         settings: Settings,
@@ -475,7 +475,7 @@ def aligned(
 
 def step_all(
     workers: Sequence[PartitionWorker],
-    store: AggregateStore,
+    store: CommitSink,
     counters: RealtimeCounters | None = None,
 ) -> int:
     """One round: every partition with new events prepares a batch, and all of them are
