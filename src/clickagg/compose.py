@@ -9,6 +9,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp
 
 from clickagg.api.app import Backends, build_app
+from clickagg.api.state import AppState
 from clickagg.batch.published import FinalRowsReader
 from clickagg.clock import Clock
 from clickagg.config import Settings
@@ -17,6 +18,7 @@ from clickagg.query.replicated import ReplicatedQueryStore
 from clickagg.query.serving import ServingQueryStore
 from clickagg.registry import AdRegistry, AdvertiserRegistry
 from clickagg.runtime import roles
+from clickagg.runtime.maintenance import retention_loop
 from clickagg.runtime.services import Services
 
 
@@ -49,6 +51,18 @@ def create_app(
             archive=roles.archive_reader(settings),
             corrections=roles.correction_reader(settings),
             supervisor=Services(settings) if manage_worker else None,
+            maintenance=maintain,
+        )
+
+    async def maintain(state: AppState) -> None:
+        """Log retention, in this process: it owns the log writer."""
+        await retention_loop(
+            state.settings,
+            queries=state.queries,
+            archive=state.archive,
+            writer=state.committer.writer,
+            writer_lock=state.committer.writer_lock,
+            clock=state.clock,
         )
 
     return build_app(settings, open_embedded, clock=clock)

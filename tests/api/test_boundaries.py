@@ -82,3 +82,11 @@ def test_api_reads_aggregates_through_the_query_store_only() -> None:
     for path in API_DIR.glob("*.py"):
         imported = imported_modules(path)
         assert not {m for m in imported if m.startswith("clickagg.store")}, path.name
+
+
+def test_api_leaves_the_stream_and_maintenance_to_other_packages() -> None:
+    """HTTP only: the stream's shell (``worker``) and what runs beside serving (retention,
+    in ``runtime.maintenance``, handed to the app by the composition root) stay out."""
+    for path in API_DIR.glob("*.py"):
+        imported = imported_modules(path)
+        assert not {m for m in imported if m.startswith("clickagg.worker")}, path.name

@@ -1,5 +1,5 @@
 """The ASGI application: routes, error handlers, and the lifespan that owns the log writer
-and the worker process.
+and starts what the composition root hands it (the worker supervisor, maintenance).
 
 It runs on the roles' Protocols only (log writer and reader, query store, archive reader):
 the composition root, ``clickagg.compose``, opens the backends that implement them."""
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -30,10 +29,6 @@ from clickagg.config import Settings
 from clickagg.disk import DiskReserve
 from clickagg.log.base import LogReader, LogWriter
 from clickagg.query.base import FinalRows, QueryStore, ReplicaStatus
-from clickagg.worker.snapshots import SnapshotStore
-
-log = logging.getLogger(__name__)
-RETENTION_INTERVAL_S = 60.0
 
 
 async def openapi_document(request: Request) -> Response:
@@ -84,31 +79,9 @@ class Backends:
     corrections: CorrectionReader | None = None  # the keyed stage's, for the audit trail
     # the query store's replica of the recent rows in this process, if it keeps one
     replica_status: Callable[[], ReplicaStatus] | None = None
-
-
-async def _retention_loop(state: AppState, writer: LogWriter) -> None:
-    """Drop old segments, never one a restart could still need to replay: the worker
-    rebuilds its state from a snapshot at or before the archive's offset, which is at or
-    before the store's."""
-    snapshots = SnapshotStore(state.settings.snapshot_dir)
-    while True:
-        await asyncio.sleep(RETENTION_INTERVAL_S)
-        try:
-            statuses = await state.queries.partition_status()
-        except Exception as exc:
-            log.warning("retention skipped: %s", exc)
-            continue
-        archived = await asyncio.to_thread(state.archive.archived_offsets)
-        for status in statuses:
-            needed = min(status.committed_offset, archived.get(status.partition, 0))
-            keep_from = snapshots.oldest_needed(status.partition, needed)
-            async with state.committer.writer_lock:
-                await asyncio.to_thread(
-                    writer.apply_retention,
-                    status.partition,
-                    keep_from=keep_from,
-                    now_ms=state.clock.now_ms(),
-                )
+    # background work of the process that owns the log (retention), run from start to
+    # stop: the composition root's, given the app's state once it is up
+    maintenance: Callable[[AppState], Coroutine[None, None, None]] | None = None
 
 
 def build_app(
@@ -151,13 +124,16 @@ def build_app(
         )
         app.state.clickagg = state
         await backends.queries.start()
-        retention = asyncio.create_task(_retention_loop(state, writer))
+        maintenance: asyncio.Task[None] | None = None
+        if backends.maintenance is not None:
+            maintenance = asyncio.create_task(backends.maintenance(state), name="maintenance")
         try:
             yield
         finally:
-            retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retention
+            if maintenance is not None:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
             await committer.stop()
             if supervisor is not None:
                 await supervisor.stop()
