@@ -27,7 +27,7 @@ from pathlib import Path
 import e2e_throughput
 import traffic_shapes
 from clickagg.config import Settings
-from clickagg.worker import process
+from clickagg.runtime import worker as process
 from stage_breakdown import ingest_side
 
 

@@ -175,7 +175,7 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
     """Drain the log with the real worker code; return (events, store transactions).
 
     With ``stream.step_all`` (one transaction per round over all partitions) that is what
-    runs, as in worker.process; otherwise each PartitionWorker.step commits on its own."""
+    runs, as in runtime.worker; otherwise each PartitionWorker.step commits on its own."""
     reader = SegmentLogReader(settings.log_dir)
     store = DuckDBStore(settings.store_path)
     if hasattr(store, "_cursor"):

@@ -8,7 +8,7 @@ reserve: it refuses new events (503) once free space falls below :func:`reserve_
 the worker, which is not held to the reserve, has that room to count and archive what
 the log already holds, compact and checkpoint. Should the disk fill anyway (another
 program, a reserve too small), the worker backs off and retries instead of crashing
-(``worker/process.py``): every write it makes is fenced by offsets and re-derivable.
+(``runtime/worker.py``): every write it makes is fenced by offsets and re-derivable.
 """
 
 from __future__ import annotations

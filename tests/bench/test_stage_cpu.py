@@ -33,7 +33,7 @@ def frame(func: str, path: str) -> str:
 def test_a_background_owner_takes_its_whole_stack(stage_cpu: ModuleType) -> None:
     """The compactor's sketch unions are compaction, not the stream's aggregation."""
     stack = [
-        frame("Compactor._run", "clickagg/worker/process.py"),
+        frame("Compactor._run", "clickagg/runtime/worker.py"),
         frame("DuckDBStore.compact", "clickagg/store/duckdb_store.py"),
         frame("union_many", "clickagg/core/hll.py"),
     ]

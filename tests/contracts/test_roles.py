@@ -28,10 +28,10 @@ from clickagg.query.base import QueryStore, StoreUnavailable, Totals
 from clickagg.realtime.feed import FeedServer, PublishingCounters
 from clickagg.realtime.memory import InMemoryCounters
 from clickagg.runtime import roles
+from clickagg.runtime.worker import feed_snapshot, refill_counters
 from clickagg.store.base import FencedError, PartitionCommit
 from clickagg.store.duckdb_store import DuckDBStore
 from clickagg.store.rpc import QueryServer
-from clickagg.worker.process import feed_snapshot, refill_counters
 from tests.conftest import Ev, build_columns, frame_of
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
@@ -215,7 +215,7 @@ def test_unknown_backends_are_named(tmp_path: Path) -> None:
 
 class EmbeddedServing:
     """What serves the embedded ``duckdb`` query store: the worker process's query server
-    and feed over its store and counters (``clickagg.worker.process``), started, stopped
+    and feed over its store and counters (``clickagg.runtime.worker``), started, stopped
     and restarted here as a worker is. A backend whose queries need no server beside the
     commit store (PostgreSQL) would serve with a no-op."""
 

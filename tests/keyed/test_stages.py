@@ -32,9 +32,9 @@ from clickagg.keyed.stage2 import KeyedStage, keyed_status
 from clickagg.log.base import Frame
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
+from clickagg.runtime.worker import refill_counters
 from clickagg.store.base import KeyedCommit, KeyedProgress
 from clickagg.store.duckdb_store import DuckDBStore
-from clickagg.worker.process import refill_counters
 from clickagg.worker.snapshots import SnapshotStore
 from clickagg.worker.stream import PartitionWorker, rules_watcher, step_all
 from tests.conftest import Ev, build_columns

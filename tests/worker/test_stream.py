@@ -22,8 +22,8 @@ from clickagg.log.base import LOST_MAGIC, PartitionDamagedError
 from clickagg.log.integrity import recorded_damage
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
 from clickagg.realtime.memory import InMemoryCounters
+from clickagg.runtime.worker import refill_counters
 from clickagg.store.duckdb_store import DuckDBStore
-from clickagg.worker.process import refill_counters
 from clickagg.worker.snapshots import SnapshotStore
 from clickagg.worker.stream import PartitionWorker, frames_to_events, step_all
 from tests.conftest import Ev, build_columns
@@ -177,7 +177,7 @@ class Rig:
     # -- a whole worker process, crashing --------------------------------------------------
 
     def start(self) -> None:
-        """What ``worker.process.run`` does on start: every partition's worker recovers,
+        """What ``runtime.worker.run`` does on start: every partition's worker recovers,
         then the counters are refilled from the store; then the crash points are wired."""
         self.workers = [
             PartitionWorker(

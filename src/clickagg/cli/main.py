@@ -191,7 +191,7 @@ def serve(config_file: Path | None, print_config: bool, no_worker: bool, **flags
 def worker(config_file: Path | None, print_config: bool, **flags: object) -> None:
     """Run the stream workers alone, in the foreground, on a data dir that `clickagg serve
     --no-worker` (or nothing) serves over HTTP. Stops on SIGTERM or Ctrl-C."""
-    from clickagg.worker.process import run
+    from clickagg.runtime.worker import run
 
     settings = _resolve_settings(config_file, print_config, flags)
     if settings is None:

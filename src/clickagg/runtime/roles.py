@@ -88,7 +88,7 @@ QUERY_STORES: Final[Mapping[str, Callable[[Settings], QueryStore]]] = {
     ),
 }
 COUNTERS: Final[Mapping[str, Callable[[Settings], RealtimeCounters]]] = {
-    # in the worker process, which also feeds them to the API process (worker/process.py)
+    # in the worker process, which also feeds them to the API process (runtime/worker.py)
     "memory": lambda settings: InMemoryCounters(),
 }
 ARCHIVE_WRITERS: Final[Mapping[str, Callable[[Settings], ArchiveWriter]]] = {

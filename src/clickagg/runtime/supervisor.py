@@ -8,7 +8,7 @@ supervisor stops restarting and says why (``failure``), which ``/healthz`` repor
 than burning the CPU the API process needs on a worker that cannot start (a damaged store,
 a missing ad registry). Ingest keeps answering meanwhile: what it accepts waits in the
 durable log. A full disk is not among these: the worker waits it out without exiting
-(``worker/process.py``), so it never counts towards the limit.
+(``runtime/worker.py``), so it never counts towards the limit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from clickagg.config import Settings
-from clickagg.worker import process as worker_process
+from clickagg.runtime import worker as worker_process
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from clickagg.config import Settings
 from clickagg.core import columns, ids
 from clickagg.disk import Space
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
+from clickagg.runtime import worker as process
+from clickagg.runtime.worker import Compactor, DiskBackoff
 from clickagg.store.duckdb_store import DuckDBStore
-from clickagg.worker import process
-from clickagg.worker.process import Compactor, DiskBackoff
 from clickagg.worker.snapshots import SnapshotStore
 from clickagg.worker.stream import PartitionWorker, step_all
 from tests.conftest import Ev, build_columns

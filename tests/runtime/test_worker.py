@@ -12,8 +12,8 @@ from clickagg.core import columns, ids
 from clickagg.core.windows import HOUR_MS
 from clickagg.keyed.stage2 import IP, VISITOR, counter_key
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
+from clickagg.runtime.worker import Compactor, feed_snapshot
 from clickagg.store.duckdb_store import DuckDBStore
-from clickagg.worker.process import Compactor, feed_snapshot
 from clickagg.worker.snapshots import SnapshotStore
 from clickagg.worker.stream import PartitionWorker, step_all
 from tests.conftest import Ev, build_columns

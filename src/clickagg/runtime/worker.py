@@ -1,5 +1,6 @@
-"""The worker process: every partition's worker, plus the query server of the embedded store
-and its background compaction.
+"""The worker process (``clickagg worker``, or supervised by ``clickagg serve``): its main
+loop over every partition's worker (``clickagg.worker.stream``), plus the query server of
+the embedded store and its background compaction.
 
 It runs in a process of its own so stream work uses the second core while the API process
 handles HTTP. It is started (and restarted after a crash) by the API process.

@@ -1,5 +1,5 @@
 """The keyed stage turned on for a data dir that already counted: a real worker session
-(``worker/process.py``) passes the store's newest event time to stage 1, so the keyed
+(``runtime/worker.py``) passes the store's newest event time to stage 1, so the keyed
 logs' first frames are marked complete only after everything counted before."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from clickagg.core import columns
 from clickagg.core.windows import MINUTE_MS
 from clickagg.keyed.stage1 import context_of, decode_records
 from clickagg.log.segments import SegmentLogReader, SegmentLogWriter
-from clickagg.worker.process import DiskBackoff, _Session
+from clickagg.runtime.worker import DiskBackoff, _Session
 from tests.conftest import Ev, build_columns
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % MINUTE_MS
