@@ -5,7 +5,8 @@ production, the default: 10,000 Zipf ads, 1M users; or legacy: TrafficGenerator'
   ingest side, per request body: decode_many, normalize, then per group of --group bodies
     (as the group committer does) merge_columns + columns.encode, log append, log sync;
   worker side: the real ``PartitionWorker.step`` over the written log, its parts timed by
-    wrapping them on the instances: log read, frames_to_events, processor.process (dedup,
+    wrapping them on the instances: log read, frames_to_events, decide (dedup, lateness),
+    outcomes (rules, prices, decision records; processor.process in builds before both: dedup,
     lateness, rules), the round's aggregation (deltas and unique-user sketches),
     store.commit (broken down by SQL statement), snapshot, archive; then one compaction of
     every delta (the server's background compactions, paid here at the end).
@@ -196,6 +197,12 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
     stream.aggregate.round_deltas = timed(  # type: ignore[method-assign]
         original_round_deltas, timings, "aggregate (round deltas, sketches)"
     )
+    # Since 0004a79 a round is decided per partition (PartitionWorker.decide: dedup,
+    # lateness) and labelled once (processor.outcomes: rules, prices, decision records);
+    # before, PartitionProcessor.process did both per partition.
+    original_outcomes = getattr(stream, "outcomes", None)
+    if original_outcomes is not None:
+        stream.outcomes = timed(original_outcomes, timings, "rules, prices, decisions (outcomes)")
     timed_store = _TimedStore(store, timings)
     transactions = processed = 0
     try:
@@ -213,7 +220,10 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
         ]
         for w in workers:
             w.reader = _TimedReader(reader, timings)  # type: ignore[assignment]
-            w.processor.process = timed(w.processor.process, timings, "processor.process")  # type: ignore[method-assign]
+            if hasattr(w, "decide"):
+                w.decide = timed(w.decide, timings, "dedup, lateness (decide)")  # type: ignore[method-assign]
+            else:
+                w.processor.process = timed(w.processor.process, timings, "processor.process")  # type: ignore[method-assign]
             w.store = timed_store  # type: ignore[assignment]
             for name in ("maybe_snapshot", "_maybe_snapshot"):
                 if hasattr(w, name):
@@ -235,6 +245,8 @@ def worker_side(settings: Settings, timings: dict[str, float]) -> tuple[int, int
     finally:
         stream.frames_to_events = original_frames_to_events
         stream.aggregate.round_deltas = original_round_deltas  # type: ignore[method-assign]
+        if original_outcomes is not None:
+            stream.outcomes = original_outcomes
         archive.close()
         store.close()
         reader.close()
@@ -372,7 +384,15 @@ def main() -> None:
                 [
                     "log read",
                     "frames_to_events",
-                    "processor.process",
+                    *(
+                        name
+                        for name in (
+                            "processor.process",  # builds before 0004a79
+                            "dedup, lateness (decide)",
+                            "rules, prices, decisions (outcomes)",
+                        )
+                        if name in timings
+                    ),
                     "aggregate (round deltas, sketches)",
                     "store.commit",
                     *sql_keys,
