@@ -30,8 +30,10 @@ MINUTE_MS = 60_000
 
 def chaos_seeds(*seeds: int) -> list[int]:
     """The seeds of a repeated kill -9 family: the first in CI's bounded form, every one
-    with ``CLICKAGG_CHAOS=full`` (each seed is another random schedule of kills)."""
-    return list(seeds) if os.environ.get("CLICKAGG_CHAOS") == "full" else list(seeds[:1])
+    with ``CHAOS=full`` (each seed is another random schedule of kills). Not a
+    ``CLICKAGG_*`` name: the servers these tests start inherit the environment, and a
+    server refuses a ``CLICKAGG_*`` variable that names no setting."""
+    return list(seeds) if os.environ.get("CHAOS") == "full" else list(seeds[:1])
 
 
 Batch = list[dict[str, Any]]
